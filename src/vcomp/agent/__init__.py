@@ -1,0 +1,1 @@
+"""The volunteer agent: simulated TPM, sandbox and execution modes."""

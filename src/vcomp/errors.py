@@ -1,0 +1,69 @@
+"""The one error hierarchy of vcomp.
+
+Every layer raises a subclass of :class:`VcompError`, so callers can catch one
+type at a boundary (a datagram handler, a CLI command) and never see a stray
+KeyError or a library's private exception.
+"""
+
+from __future__ import annotations
+
+
+class VcompError(Exception):
+    """Base class of every error vcomp raises on purpose."""
+
+
+class ConfigError(VcompError):
+    """A configuration file, key file or command-line value is unusable."""
+
+
+class ProtocolError(VcompError):
+    """A peer broke the wire protocol."""
+
+
+class DecodeError(ProtocolError):
+    """Bytes that are not a valid packet, body or frame."""
+
+
+class LimitExceeded(DecodeError):
+    """A length or count is above its documented bound."""
+
+
+class CryptoError(ProtocolError):
+    """Record protection or key exchange failed."""
+
+
+class AuthenticationFailed(CryptoError):
+    """An AEAD tag or signature did not verify."""
+
+
+class ReplayDetected(CryptoError):
+    """A packet number was already seen or is older than the replay window."""
+
+
+class KeyExhausted(CryptoError):
+    """The session key reached its usage limit; the session must end."""
+
+
+class AttestationError(VcompError):
+    """A quote was rejected; ``reason`` says which check failed."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class TransferFailed(ProtocolError):
+    """Reliable delivery gave up (retry limit reached or peer unreachable)."""
+
+
+class SessionClosed(ProtocolError):
+    """The session ended (idle expiry, key exhausted, peer error)."""
+
+
+class SandboxError(VcompError):
+    """The sandbox could not be set up or the job broke the domain interface."""
+
+
+class StoreError(VcompError):
+    """The job store refused an operation or is inconsistent."""

@@ -1,0 +1,1 @@
+"""The organisation server: job store, scheduler and UDP endpoint."""
