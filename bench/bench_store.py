@@ -1,0 +1,180 @@
+"""Job store throughput: group-committed results, and lease+record dispatch cycles.
+
+Prints a table. Every counted result is durably committed (synchronous=FULL, WAL).
+
+    python bench/bench_store.py [--quick] [--json PATH] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import platform
+import sqlite3
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from vcomp.server.commit import GroupCommitter
+from vcomp.server.store import Lease, LeaseRequest, OutcomeKind, ResultSubmission
+from vcomp.server.store_sqlite import SqliteStore
+
+LEASE_SECONDS = 600.0
+
+
+@dataclass
+class Row:
+    scenario: str
+    concurrency: int
+    operations: int
+    seconds: float
+    per_second: float
+    commits: int
+    per_commit: float
+
+
+def enroll(store: SqliteStore, name: str) -> str:
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return store.enroll_agent(hashlib.sha256(der).hexdigest(), pem, name).agent_id
+
+
+def fresh_store(
+    workdir: Path, label: str, n_jobs: int, n_agents: int
+) -> tuple[SqliteStore, list[str]]:
+    store = SqliteStore(workdir / f"{label}.db")
+    store.add_app("tiny", "python", io.BytesIO(b"def main(x): return x"))
+    agents = [enroll(store, f"sim-{i}") for i in range(n_agents)]
+    store.create_batch("tiny", (b"%d" % i for i in range(n_jobs)))
+    return store, agents
+
+
+def tiny_result(lease: Lease) -> ResultSubmission:
+    return ResultSubmission(
+        lease.job_id, lease.attempt, lease.agent_id, output=b"r%d" % lease.index, cpu_ms=1
+    )
+
+
+async def bench_results(workdir: Path, submitters: int, n_results: int) -> Row:
+    """N coroutines each submit results one after another; all share one committer."""
+    store, [agent] = fresh_store(workdir, f"results-{submitters}", n_results, 1)
+    leases: list[Lease] = []
+    while len(leases) < n_results:
+        got = store.lease_many([LeaseRequest(agent, 0.0, LEASE_SECONDS)] * 1000)
+        leases.extend(g for g in got if g is not None)
+    work = iter(leases)
+    committer = GroupCommitter(store)
+
+    async def submitter() -> None:
+        for lease in work:
+            outcome = await committer.submit_result(tiny_result(lease))
+            assert outcome.kind is OutcomeKind.ACCEPTED
+
+    start = time.perf_counter()
+    await asyncio.gather(*(submitter() for _ in range(submitters)))
+    elapsed = time.perf_counter() - start
+    await committer.close()
+    store.close()
+    done = committer.results_committed
+    return Row(
+        "results via GroupCommitter", submitters, done, elapsed, done / elapsed,
+        committer.commits, done / max(committer.commits, 1),
+    )  # fmt: skip
+
+
+async def bench_dispatch(workdir: Path, agents: int, n_jobs: int) -> Row:
+    """Simulated agents loop lease -> record; every lease and result is committed."""
+    store, agent_ids = fresh_store(workdir, f"dispatch-{agents}", n_jobs, agents)
+    committer = GroupCommitter(store)
+    cycles = 0
+
+    async def agent(agent_id: str) -> None:
+        nonlocal cycles
+        while (lease := await committer.lease(agent_id, 0.0, LEASE_SECONDS)) is not None:
+            outcome = await committer.submit_result(tiny_result(lease))
+            assert outcome.kind is OutcomeKind.ACCEPTED
+            cycles += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(agent(a) for a in agent_ids))
+    elapsed = time.perf_counter() - start
+    await committer.close()
+    store.close()
+    return Row(
+        "lease+record cycles", agents, cycles, elapsed, cycles / elapsed,
+        committer.commits, cycles / max(committer.commits, 1),
+    )  # fmt: skip
+
+
+def bench_unbatched(workdir: Path, n_jobs: int) -> Row:
+    """Reference: one thread, one lease transaction and one result transaction per job."""
+    store, [agent] = fresh_store(workdir, "unbatched", n_jobs, 1)
+    start = time.perf_counter()
+    cycles = 0
+    while (lease := store.lease_next(agent, 0.0, LEASE_SECONDS)) is not None:
+        store.record_results([tiny_result(lease)])
+        cycles += 1
+    elapsed = time.perf_counter() - start
+    store.close()
+    return Row(
+        "lease+record, no group commit", 1, cycles, elapsed, cycles / elapsed, 2 * cycles, 0.5
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts (CI smoke run)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--dir", type=Path, help="where the databases go (default: a temp dir)")
+    args = parser.parse_args()
+    scale = 0.1 if args.quick else 1.0
+
+    def n(count: int) -> int:
+        return max(50, int(count * scale))
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        workdir = Path(tmp)
+        for submitters, count in ((1, 1000), (10, 5000), (100, 20000), (1000, 40000)):
+            rows.append(asyncio.run(bench_results(workdir, submitters, n(count))))
+        rows.append(bench_unbatched(workdir, n(1000)))
+        for agents, count in ((10, 10000), (100, 20000), (1000, 40000)):
+            rows.append(asyncio.run(bench_dispatch(workdir, agents, n(count))))
+        where = str(workdir)
+
+    header = (
+        f"{'scenario':<32}{'conc':>6}{'ops':>8}{'seconds':>9}{'ops/s':>10}"
+        f"{'commits':>9}{'ops/commit':>11}"
+    )
+    print(f"job store on {where} (SQLite {sqlite3.sqlite_version}, WAL, synchronous=FULL)")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.scenario:<32}{r.concurrency:>6}{r.operations:>8}{r.seconds:>9.2f}"
+            f"{r.per_second:>10.0f}{r.commits:>9}{r.per_commit:>11.1f}"
+        )
+    best = max(r.per_second for r in rows if r.scenario == "lease+record cycles")
+    print(f"dispatch ceiling from the store: {best:.0f} tiny jobs/s (target for the server: 2000)")
+    if args.json:
+        meta = {"sqlite": sqlite3.sqlite_version, "python": platform.python_version(),
+                "quick": args.quick}  # fmt: skip
+        args.json.write_text(
+            json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

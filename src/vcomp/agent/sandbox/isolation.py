@@ -1,0 +1,204 @@
+"""Child-side isolation steps: namespaces, mounts, identity, limits, descriptors, signals.
+
+Each step raises OSError with the kernel's reason; the launcher turns that into a
+reported protection status. Nothing here runs in the agent process itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import resource
+import signal
+from dataclasses import dataclass
+
+from vcomp.agent.sandbox.libc import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+    LAST_CAPABILITY,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    PR_CAPBSET_DROP,
+    mount,
+    prctl,
+    sethostname,
+    unshare,
+)
+from vcomp.agent.sandbox.policy import JobLimits
+
+NAMESPACES: tuple[tuple[str, int], ...] = (
+    ("mount_namespace", CLONE_NEWNS),
+    ("pid_namespace", CLONE_NEWPID),
+    ("net_namespace", CLONE_NEWNET),
+    ("ipc_namespace", CLONE_NEWIPC),
+    ("uts_namespace", CLONE_NEWUTS),
+)
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+HIDDEN_TMPFS = "size=64k,nr_inodes=64,mode=755"
+
+
+def unshare_namespaces(flags: list[tuple[str, int]]) -> dict[str, str | None]:
+    """Enter new namespaces; name -> None if entered, else the reason it failed.
+
+    All at once first (a new user namespace then owns the others), else one by one.
+    """
+    combined = 0
+    for _, flag in flags:
+        combined |= flag
+    try:
+        unshare(combined)
+        return {name: None for name, _ in flags}
+    except OSError:
+        pass
+    result: dict[str, str | None] = {}
+    for name, flag in flags:
+        try:
+            unshare(flag)
+            result[name] = None
+        except OSError as exc:
+            result[name] = f"unshare: {exc.strerror}"
+    return result
+
+
+def write_id_maps(inner_uid: int, outer_uid: int, inner_gid: int, outer_gid: int) -> None:
+    """Map one uid and one gid into the user namespace this process just created."""
+    with contextlib.suppress(FileNotFoundError):
+        _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{inner_uid} {outer_uid} 1\n")
+    _write("/proc/self/gid_map", f"{inner_gid} {outer_gid} 1\n")
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def drop_identity(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+@dataclass(frozen=True, slots=True)
+class MountResult:
+    proc_mounted: bool
+    hidden: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+def setup_mounts(
+    *, new_proc: bool, hidden: list[str], reexpose: list[str], hostname: str | None
+) -> MountResult:
+    """Make mounts private, mount a fresh /proc, cover ``hidden`` with empty tmpfs.
+
+    ``reexpose`` paths lying under a hidden directory are bind-mounted back, so the
+    interpreter under e.g. /root stays reachable while the rest of /root is gone.
+    """
+    mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    if new_proc:
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    done: list[str] = []
+    missing: list[str] = []
+    for path in sorted(hidden, key=lambda p: p.count("/")):
+        if not os.path.lexists(path) or os.path.islink(path):
+            missing.append(path)
+            continue
+        if os.path.isdir(path):
+            _cover_dir(path, [r for r in reexpose if _is_under(r, path)])
+        else:
+            mount("/dev/null", path, None, MS_BIND, None)
+        done.append(path)
+    if hostname is not None:
+        sethostname(hostname)
+    return MountResult(new_proc, tuple(done), tuple(missing))
+
+
+def _is_under(path: str, parent: str) -> bool:
+    return path != parent and path.startswith(parent.rstrip("/") + "/")
+
+
+def _cover_dir(path: str, keep: list[str]) -> None:
+    flags = MS_NOSUID | MS_NODEV
+    if not keep:  # one mount instead of mount + remount
+        mount("tmpfs", path, "tmpfs", flags | MS_RDONLY, HIDDEN_TMPFS)
+        return
+    fds = []
+    for inner in keep:
+        with contextlib.suppress(OSError):
+            fds.append((inner, os.open(inner, os.O_PATH | os.O_CLOEXEC)))
+    try:
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, HIDDEN_TMPFS)
+        for inner, fd in fds:
+            os.makedirs(inner, mode=0o755, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", inner, None, MS_BIND | MS_REC, None)
+        mount(None, path, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    finally:
+        for _, fd in fds:
+            os.close(fd)
+
+
+def set_rlimits(limits: JobLimits) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+
+
+def drop_capabilities() -> int:
+    """Empty the bounding and ambient sets; returns how many capabilities were dropped."""
+    with contextlib.suppress(OSError):
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    dropped = 0
+    for cap in range(LAST_CAPABILITY + 1):
+        try:
+            prctl(PR_CAPBSET_DROP, cap)
+            dropped += 1
+        except OSError:
+            pass
+    return dropped
+
+
+def arrange_fds(targets: dict[int, int], extras: list[int]) -> list[int]:
+    """Install ``targets`` (wanted fd -> current fd), keep ``extras`` close-on-exec,
+    close everything else. Returns the new numbers of ``extras``.
+    """
+    high = {want: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 32) for want, fd in targets.items()}
+    high_extras = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 32) for fd in extras]
+    os.closerange(0, 32)
+    for want, fd in high.items():
+        os.dup2(fd, want, inheritable=True)
+    low_extras = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 6) for fd in high_extras]
+    first_free = max([5, *targets, *low_extras]) + 1
+    os.closerange(first_free, 0x7FFFFFFF)
+    return low_extras
+
+
+def reset_signals() -> None:
+    """Undo what the agent's interpreter did to signals (SIGPIPE ignored, handlers, mask)."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            if signal.getsignal(sig) is not signal.SIG_DFL:
+                signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+NEW_USER = CLONE_NEWUSER

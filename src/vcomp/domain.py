@@ -1,0 +1,171 @@
+"""Framing of the domain interface between the agent and a job (spec: protocol/spec/domain.md).
+
+A frame is one type byte, a u32 big-endian payload length, then the payload. The
+agent sends one START; the job answers with PROGRESS frames and one RESULT or ERROR.
+
+Standard library only: the guest SDK ships this module into the sandbox, where it is
+imported at every job start. So it avoids costly imports (dataclasses alone pulls in
+inspect and re, ~10 ms): Frame is a small hand-written value class.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vcomp.errors import SandboxError
+
+START = 0x01  # agent -> job: the input bytes
+RESULT = 0x02  # job -> agent: the output bytes
+PROGRESS = 0x03  # job -> agent: u32 BE millionths of completion, 0..1_000_000
+ERROR = 0x04  # job -> agent: UTF-8 text, at most MAX_ERROR_BYTES
+
+FRAME_NAMES = {START: "START", RESULT: "RESULT", PROGRESS: "PROGRESS", ERROR: "ERROR"}
+JOB_FRAME_TYPES = frozenset({RESULT, PROGRESS, ERROR})
+AGENT_FRAME_TYPES = frozenset({START})
+
+HEADER_SIZE = 5
+MAX_ERROR_BYTES = 4096
+PROGRESS_SCALE = 1_000_000
+MAX_PAYLOAD = 0xFFFF_FFFF
+
+_HEADER = struct.Struct(">BI")
+
+
+class DomainProtocolError(SandboxError):
+    """Bytes on a domain pipe that are not a valid frame (type, size or value)."""
+
+
+class FrameTooLarge(DomainProtocolError):
+    """A frame's declared length is above its bound (the job's output cap for RESULT)."""
+
+
+class Frame:
+    """One decoded frame (immutable)."""
+
+    __slots__ = ("payload", "type")
+    type: int
+    payload: bytes
+
+    def __init__(self, type: int, payload: bytes) -> None:
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "payload", payload)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Frame is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.type, self.payload) == (other.type, other.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.payload))
+
+    def __repr__(self) -> str:
+        return f"Frame({self.name}, {len(self.payload)} bytes)"
+
+    @property
+    def name(self) -> str:
+        return FRAME_NAMES.get(self.type, f"0x{self.type:02x}")
+
+
+def encode_frame(frame_type: int, payload: bytes) -> bytes:
+    if frame_type not in FRAME_NAMES:
+        raise DomainProtocolError(f"unknown frame type 0x{frame_type:02x}")
+    if len(payload) > MAX_PAYLOAD:
+        raise DomainProtocolError(f"payload of {len(payload)} bytes does not fit a u32 length")
+    return _HEADER.pack(frame_type, len(payload)) + payload
+
+
+def encode_start(data: bytes) -> bytes:
+    return encode_frame(START, data)
+
+
+def encode_result(data: bytes) -> bytes:
+    return encode_frame(RESULT, data)
+
+
+def encode_progress(fraction: float) -> bytes:
+    """Encode a completion fraction; values outside [0, 1] are clamped, NaN is refused."""
+    if fraction != fraction:  # NaN
+        raise DomainProtocolError("progress fraction is NaN")
+    millionths = round(min(1.0, max(0.0, fraction)) * PROGRESS_SCALE)
+    return encode_frame(PROGRESS, millionths.to_bytes(4, "big"))
+
+
+def encode_error(text: str) -> bytes:
+    """Encode an error message, truncated to MAX_ERROR_BYTES on a character boundary."""
+    data = text.encode("utf-8", "replace")
+    if len(data) > MAX_ERROR_BYTES:
+        data = data[:MAX_ERROR_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    return encode_frame(ERROR, data)
+
+
+def decode_progress(payload: bytes) -> float:
+    if len(payload) != 4:
+        raise DomainProtocolError(f"PROGRESS payload must be 4 bytes, got {len(payload)}")
+    value = int.from_bytes(payload, "big")
+    if value > PROGRESS_SCALE:
+        raise DomainProtocolError(f"PROGRESS value {value} is above {PROGRESS_SCALE}")
+    return value / PROGRESS_SCALE
+
+
+def decode_error(payload: bytes) -> str:
+    return payload.decode("utf-8", "replace")
+
+
+class FrameDecoder:
+    """Incremental decoder. Every length is checked against its bound before buffering.
+
+    ``max_payload`` bounds RESULT and START payloads (the job's output cap on the agent
+    side). ``allowed`` is the set of frame types the peer may send.
+    """
+
+    def __init__(self, max_payload: int, allowed: frozenset[int] = JOB_FRAME_TYPES) -> None:
+        if not 0 <= max_payload <= MAX_PAYLOAD:
+            raise ValueError(f"max_payload must be in [0, {MAX_PAYLOAD}]")
+        self._max_payload = max_payload
+        self._allowed = allowed
+        self._buffer = bytearray()
+        self._need: tuple[int, int] | None = None  # (type, length) of the frame in progress
+        self.bytes_received = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered for a frame that is not complete yet (0 at a frame boundary)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self.bytes_received += len(data)
+        self._buffer += data
+        frames: list[Frame] = []
+        while True:
+            if self._need is None:
+                if len(self._buffer) < HEADER_SIZE:
+                    return frames
+                frame_type, length = _HEADER.unpack_from(self._buffer)
+                self._check_header(frame_type, length)
+                del self._buffer[:HEADER_SIZE]
+                self._need = (frame_type, length)
+            frame_type, length = self._need
+            if len(self._buffer) < length:
+                return frames
+            payload = bytes(self._buffer[:length])
+            del self._buffer[:length]
+            self._need = None
+            if frame_type == PROGRESS:
+                decode_progress(payload)
+            frames.append(Frame(frame_type, payload))
+
+    def _check_header(self, frame_type: int, length: int) -> None:
+        if frame_type not in self._allowed:
+            raise DomainProtocolError(f"unexpected frame type 0x{frame_type:02x}")
+        if frame_type == PROGRESS:
+            limit = 4
+        elif frame_type == ERROR:
+            limit = MAX_ERROR_BYTES
+        else:
+            limit = self._max_payload
+        if length > limit:
+            name = FRAME_NAMES[frame_type]
+            raise FrameTooLarge(f"{name} frame of {length} bytes exceeds {limit}")

@@ -1,0 +1,489 @@
+"""The agent's side of one session, as a sans-I/O state machine.
+
+Drive it with :meth:`AgentSession.receive_datagram`, :meth:`handle_timer` and
+:meth:`datagrams_to_send`; read what happened with :meth:`next_event`. The
+application supplies a ``quote`` callable (the simulated TPM) and feeds results
+back with :meth:`submit_result`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from enum import Enum
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from vcomp.errors import AuthenticationFailed, CryptoError, DecodeError, SessionClosed
+from vcomp.protocol import events as ev
+from vcomp.protocol import handshake as hs
+from vcomp.protocol import limits
+from vcomp.protocol.channel import SecureChannel, clip_text
+from vcomp.protocol.messages import (
+    Ack,
+    Attest,
+    Challenge,
+    Code,
+    End,
+    Error,
+    ErrorCode,
+    Hello,
+    Key,
+    Ready,
+    Reject,
+    Reset,
+    Result,
+    Retry,
+    Start,
+    decode_body,
+    encode_body,
+)
+from vcomp.protocol.record import Direction
+from vcomp.protocol.wire import HEADER_LEN, Flag, PacketType, pack_header, unpack_header
+
+QuoteFn = Callable[[bytes, Sequence[int]], tuple[bytes, bytes, list[bytes]]]
+"""(extra_data, pcrs) -> (TPMS_ATTEST, TPMT_SIGNATURE, PCR values)."""
+
+HANDSHAKE_RETRY = 1.0
+HANDSHAKE_TRIES = 6
+MAX_RETRIES_PER_HANDSHAKE = 3
+
+
+class AgentState(Enum):
+    START = "start"
+    HELLO_SENT = "hello_sent"
+    COOKIE_SENT = "cookie_sent"
+    ATTEST_SENT = "attest_sent"
+    READY = "ready"
+    RECEIVING = "receiving"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class _Inbound:
+    """A job being received: bounded buffer sized from START."""
+
+    def __init__(self, start: Start) -> None:
+        self.start = start
+        self.expected = start.code_size + start.input_size
+        self.buffer = bytearray(self.expected)
+        self.received = 0
+
+
+class AgentSession:
+    def __init__(
+        self,
+        *,
+        agent_id: bytes,
+        pinned_server: bytes,
+        quote: QuoteFn,
+        now: float,
+        max_job_bytes: int = limits.MAX_CODE_SIZE + limits.MAX_INPUT_SIZE,
+        ephemeral: tuple[rsa.RSAPrivateKey, bytes] | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.agent_id = agent_id
+        self._pinned = pinned_server
+        self._quote = quote
+        self._max_job_bytes = max_job_bytes
+        self._ephemeral = ephemeral
+        self._random = random_bytes
+        self.state = AgentState.START
+        self.session_id = 0
+        self._nonce = random_bytes(32)
+        self._cookie = b""
+        self._retries_seen = 0
+        self._next_pn = 0
+        self._out: deque[bytes] = deque()
+        self._events: deque[ev.Event] = deque()
+        self._retry_at: float | None = None
+        self._tries = 0
+        self._last_handshake: bytes = b""
+        self._hello_dgram = b""
+        self._challenge_dgram = b""
+        self._attest_dgram = b""
+        self.channel: SecureChannel | None = None
+        self._inbound: _Inbound | None = None
+        self._running: tuple[int, int] | None = None
+        self._now = now
+
+    # ---- application API -----------------------------------------------------
+
+    def connect(self, now: float) -> None:
+        self._send_hello(now)
+
+    def next_event(self) -> ev.Event | None:
+        return self._events.popleft() if self._events else None
+
+    def submit_result(
+        self,
+        *,
+        job: int,
+        attempt: int,
+        status: str,
+        output: bytes,
+        detail: str = "",
+        cpu_ms: int = 0,
+        wall_ms: int = 0,
+    ) -> None:
+        """Queue a result (a fresh one or a spooled one after reconnect)."""
+        ch = self.channel
+        if ch is None or self.state is AgentState.CLOSED:
+            raise SessionClosed("no established session to send the result on")
+        digest = hashlib.sha256(output).digest()
+        total = len(output)
+        view = memoryview(output)
+        chunk = limits.DEFAULT_CHUNK
+        for offset in range(0, total, chunk):
+            ch.send_reliable(
+                Result(
+                    job=job,
+                    attempt=attempt,
+                    offset=offset,
+                    total=total,
+                    data=bytes(view[offset : offset + chunk]),
+                    fin=False,
+                )
+            )
+        # The summary travels alone so it always fits one datagram.
+        ch.send_reliable(
+            Result(
+                job=job,
+                attempt=attempt,
+                offset=total,
+                total=total,
+                data=b"",
+                fin=True,
+                sha256=digest,
+                status=clip_text(status, limits.MAX_STATUS),
+                detail=clip_text(detail, limits.MAX_TEXT),
+                cpu_ms=min(max(cpu_ms, 0), 0xFFFFFFFF),
+                wall_ms=min(max(wall_ms, 0), 0xFFFFFFFF),
+            )
+        )
+        if self._running == (job, attempt):
+            self._running = None
+            self.state = AgentState.READY
+
+    def close(self, reason: str, now: float) -> None:
+        """Leave politely: the server learns at once instead of at idle expiry."""
+        if self.channel is not None:
+            notice = Error(
+                seq=0,
+                epoch=0,
+                code=ErrorCode.AGENT_SHUTDOWN,
+                message=clip_text(reason, limits.MAX_TEXT),
+            )
+            self.channel.close(reason, ErrorCode.AGENT_SHUTDOWN, notice, now)
+        self._finish(reason, ErrorCode.AGENT_SHUTDOWN)
+
+    # ---- handshake -----------------------------------------------------------
+
+    def _plain(self, ptype: PacketType, body: bytes, session_id: int) -> bytes:
+        pn = self._next_pn
+        self._next_pn += 1
+        return pack_header(ptype, Flag(0), session_id, pn, len(body)) + body
+
+    def _send_hello(self, now: float) -> None:
+        hello = Hello(versions=(1,), agent=self.agent_id, nonce=self._nonce, cookie=self._cookie)
+        body = encode_body(hello)
+        # Pad so the whole datagram reaches the anti-amplification minimum.
+        short = limits.MIN_HELLO_DATAGRAM - (HEADER_LEN + len(body))
+        if short > 0:
+            hello = Hello(
+                versions=(1,),
+                agent=self.agent_id,
+                nonce=self._nonce,
+                cookie=self._cookie,
+                pad=bytes(short + 8),
+            )
+            body = encode_body(hello)
+        dgram = self._plain(PacketType.HELLO, body, 0)
+        self._hello_dgram = dgram
+        self.state = AgentState.COOKIE_SENT if self._cookie else AgentState.HELLO_SENT
+        self._send_handshake(dgram, now, fresh=True)
+
+    def _send_handshake(self, dgram: bytes, now: float, *, fresh: bool) -> None:
+        if fresh:
+            self._tries = 0
+        self._tries += 1
+        self._last_handshake = dgram
+        self._out.append(dgram)
+        self._retry_at = now + HANDSHAKE_RETRY * (2 ** (self._tries - 1))
+
+    def _on_retry(self, body: bytes, now: float) -> None:
+        # A second RETRY is legitimate (the cookie expired or our address
+        # changed), but a bounded number of them, so a forger cannot loop us.
+        if self.state not in (AgentState.HELLO_SENT, AgentState.COOKIE_SENT):
+            return
+        if self._retries_seen >= MAX_RETRIES_PER_HANDSHAKE:
+            return
+        retry = decode_body(PacketType.RETRY, body)
+        assert isinstance(retry, Retry)
+        self._retries_seen += 1
+        self._cookie = retry.cookie
+        self._send_hello(now)
+
+    def _on_challenge(self, dgram: bytes, session_id: int, body: bytes, now: float) -> None:
+        if self.state is not AgentState.COOKIE_SENT:
+            return
+        challenge = decode_body(PacketType.CHALLENGE, body)
+        assert isinstance(challenge, Challenge)
+        if self._ephemeral is None:
+            self._ephemeral = hs.generate_ephemeral()
+        _, spki = self._ephemeral
+        extra = hashlib.sha256(challenge.nonce + spki).digest()
+        quote, signature, pcr_values = self._quote(extra, challenge.pcrs)
+        attest = Attest(
+            ephemeral=spki, quote=quote, signature=signature, pcr_values=tuple(pcr_values)
+        )
+        self.session_id = session_id
+        self._challenge_dgram = dgram
+        self._attest_dgram = self._plain(PacketType.ATTEST, encode_body(attest), session_id)
+        self.state = AgentState.ATTEST_SENT
+        self._send_handshake(self._attest_dgram, now, fresh=True)
+
+    def _on_key(self, body: bytes, now: float) -> None:
+        if self.state is not AgentState.ATTEST_SENT or self._ephemeral is None:
+            return
+        key = decode_body(PacketType.KEY, body)
+        assert isinstance(key, Key)
+        message = hs.transcript(
+            hello=self._hello_dgram,
+            challenge=self._challenge_dgram,
+            attest=self._attest_dgram,
+            session_id=self.session_id,
+            wrapped=key.wrapped,
+            server_key=key.server_key,
+        )
+        try:
+            hs.verify_server(
+                pinned_fingerprint=self._pinned,
+                server_key=key.server_key,
+                signature=key.signature,
+                message=message,
+            )
+            session_key = hs.unwrap_session_key(self._ephemeral[0], key.wrapped)
+        except (AuthenticationFailed, CryptoError) as exc:
+            self._events.append(ev.Rejected(ErrorCode.SERVER_KEY_MISMATCH, str(exc)))
+            self._finish(str(exc), ErrorCode.SERVER_KEY_MISMATCH)
+            return
+        self._ephemeral = None
+        self._retry_at = None
+        self.channel = SecureChannel(
+            session_id=self.session_id,
+            key=session_key,
+            send=Direction.AGENT_TO_SERVER,
+            first_packet_number=self._next_pn,
+            window=key.window,
+            now=now,
+            idle_timeout=key.idle_timeout_ms / 1000,
+        )
+        self.channel.send_reliable(Ready(seq=0, epoch=0, slots=1))
+        self.state = AgentState.READY
+        self._events.append(ev.Connected(self.session_id))
+
+    def _on_reject(self, body: bytes) -> None:
+        if self.state not in (
+            AgentState.COOKIE_SENT,
+            AgentState.ATTEST_SENT,
+            AgentState.HELLO_SENT,
+        ):
+            return
+        reject = decode_body(PacketType.REJECT, body)
+        assert isinstance(reject, Reject)
+        # REJECT is unauthenticated: it only ends this attempt, it proves nothing.
+        self._events.append(ev.Rejected(reject.code, reject.reason))
+        self._finish(f"rejected by server: {reject.reason}", reject.code)
+
+    # ---- datagrams -----------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        if self.state is AgentState.CLOSED:
+            return
+        try:
+            header = unpack_header(data)
+        except DecodeError:
+            return
+        try:
+            if header.flags & Flag.ENCRYPTED:
+                if self.channel is None or header.session_id != self.session_id:
+                    return
+                for message in self.channel.receive(header, data, now) or ():
+                    self._on_message(message, now)
+                self._check_channel()
+                return
+            body = data[HEADER_LEN:]
+            ptype = header.ptype
+            if ptype is PacketType.RETRY and header.session_id == 0:
+                self._on_retry(body, now)
+            elif ptype is PacketType.CHALLENGE:
+                self._on_challenge(data, header.session_id, body, now)
+            elif ptype is PacketType.KEY and header.session_id == self.session_id:
+                self._on_key(body, now)
+            elif ptype is PacketType.REJECT:
+                self._on_reject(body)
+        except DecodeError:
+            return  # unauthenticated garbage: drop
+
+    def _on_message(self, message: object, now: float) -> None:
+        ch = self.channel
+        assert ch is not None
+        if isinstance(message, Start):
+            self._on_start(message)
+        elif isinstance(message, Code):
+            self._on_code(message)
+        elif isinstance(message, End):
+            self._on_end(message)
+        elif isinstance(message, Reset):
+            if ch.accept_reset(message.epoch):
+                self._abort_inbound("reset by server")
+                if self._running is not None:
+                    job, attempt = self._running
+                    self._running = None
+                    self._events.append(ev.JobAborted(job, attempt, "reset by server"))
+                ch.send_reliable(Ready(seq=0, epoch=0, slots=1))
+                self.state = AgentState.READY
+                self._events.append(ev.ResetReceived(message.epoch))
+        elif isinstance(message, Ack):
+            for job, attempt in message.committed:
+                self._events.append(ev.ResultCommitted(job, attempt))
+        elif isinstance(message, Error):
+            self._finish(f"server error {message.code}: {message.message}", message.code)
+        else:
+            ch.close(f"server sent {type(message).__name__}, which only agents send", 1)
+
+    def _on_start(self, start: Start) -> None:
+        assert self.channel is not None
+        if self.state is not AgentState.READY:
+            self._refuse(start.job, start.attempt, ErrorCode.PROTOCOL_VIOLATION, "busy")
+            return
+        total = start.code_size + start.input_size
+        if total > self._max_job_bytes:
+            self._refuse(
+                start.job,
+                start.attempt,
+                ErrorCode.JOB_TOO_LARGE,
+                f"job is {total} bytes, this agent accepts at most {self._max_job_bytes}",
+            )
+            return
+        self._inbound = _Inbound(start)
+        self.state = AgentState.RECEIVING
+
+    def _on_code(self, code: Code) -> None:
+        inb = self._inbound
+        if inb is None or (code.job, code.attempt) != (inb.start.job, inb.start.attempt):
+            return
+        end = code.offset + len(code.data)
+        if end > inb.expected:
+            self._refuse_inbound(ErrorCode.SIZE_MISMATCH, "CODE beyond the size in START")
+            return
+        inb.buffer[code.offset : end] = code.data
+        inb.received += len(code.data)
+
+    def _on_end(self, end: End) -> None:
+        inb = self._inbound
+        if inb is None or (end.job, end.attempt) != (inb.start.job, inb.start.attempt):
+            return
+        start = inb.start
+        if end.total != inb.expected or inb.received != inb.expected:
+            self._refuse_inbound(
+                ErrorCode.SIZE_MISMATCH,
+                f"START said {inb.expected} bytes, END said {end.total}, got {inb.received}",
+            )
+            return
+        code = bytes(inb.buffer[: start.code_size])
+        data = bytes(inb.buffer[start.code_size :])
+        if not hmac.compare_digest(hashlib.sha256(code).digest(), start.code_sha256):
+            self._refuse_inbound(ErrorCode.HASH_MISMATCH, "code SHA-256 differs from START")
+            return
+        if not hmac.compare_digest(hashlib.sha256(data).digest(), start.input_sha256):
+            self._refuse_inbound(ErrorCode.HASH_MISMATCH, "input SHA-256 differs from START")
+            return
+        self._inbound = None
+        self.state = AgentState.RUNNING
+        self._running = (start.job, start.attempt)
+        desc = ev.JobDescription(
+            job=start.job,
+            attempt=start.attempt,
+            kind=start.kind,
+            code_size=start.code_size,
+            code_sha256=start.code_sha256,
+            input_size=start.input_size,
+            input_sha256=start.input_sha256,
+            cpu_seconds=start.cpu_seconds,
+            memory_bytes=start.memory_bytes,
+            wall_seconds=start.wall_seconds,
+            output_bytes=start.output_bytes,
+        )
+        self._events.append(ev.JobReceived(desc, code, data))
+
+    def _refuse(self, job: int, attempt: int, code: ErrorCode, message: str) -> None:
+        assert self.channel is not None
+        self.channel.send_reliable(
+            Error(code=code, message=clip_text(message, limits.MAX_TEXT), job=job, attempt=attempt)
+        )
+
+    def _refuse_inbound(self, code: ErrorCode, message: str) -> None:
+        inb = self._inbound
+        assert inb is not None
+        self._refuse(inb.start.job, inb.start.attempt, code, message)
+        self._abort_inbound(message)
+        self.state = AgentState.READY
+
+    def _abort_inbound(self, reason: str) -> None:
+        if self._inbound is not None:
+            start = self._inbound.start
+            self._inbound = None
+            self._events.append(ev.JobAborted(start.job, start.attempt, reason))
+
+    # ---- timers and output ---------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        if self.state is AgentState.CLOSED:
+            return None
+        if self.channel is not None:
+            return self.channel.timer()
+        return self._retry_at
+
+    def handle_timer(self, now: float) -> None:
+        if self.state is AgentState.CLOSED:
+            return
+        if self.channel is not None:
+            self.channel.handle_timer(now)
+            self._check_channel()
+            return
+        if self._retry_at is not None and now >= self._retry_at:
+            if self._tries >= HANDSHAKE_TRIES:
+                self._events.append(ev.Rejected(ErrorCode.TRANSFER_FAILED, "server unreachable"))
+                self._finish("handshake timed out: server unreachable", ErrorCode.TRANSFER_FAILED)
+                return
+            self._send_handshake(self._last_handshake, now, fresh=False)
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        out = list(self._out)
+        self._out.clear()
+        if self.channel is not None:
+            out.extend(self.channel.datagrams_to_send(now))
+            self._check_channel()
+        return out
+
+    def _check_channel(self) -> None:
+        ch = self.channel
+        if ch is not None and ch.close_reason is not None and self.state is not AgentState.CLOSED:
+            self._finish(ch.close_reason, ch.close_code)
+
+    def _finish(self, reason: str, code: int) -> None:
+        if self.state is AgentState.CLOSED:
+            return
+        self._abort_inbound(reason)
+        if self.channel is not None:
+            self.channel.close(reason, code)
+        self._running = None
+        self._ephemeral = None
+        self.state = AgentState.CLOSED
+        self._retry_at = None
+        self._events.append(ev.SessionClosed(self.session_id, reason, int(code)))

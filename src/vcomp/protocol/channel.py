@@ -1,0 +1,348 @@
+"""The established session: record protection, anti-replay and reliable streams.
+
+Both sides use one :class:`SecureChannel` once the session key exists. It turns
+authenticated datagrams into in-order messages, and queued messages into
+encrypted datagrams, with acknowledgements, retransmission, keepalive, idle
+expiry and the RESET epoch handled here so the session machines stay small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import replace
+from typing import Any, TypeVar, cast
+
+from vcomp.errors import (
+    AuthenticationFailed,
+    DecodeError,
+    KeyExhausted,
+    ReplayDetected,
+    TransferFailed,
+)
+from vcomp.protocol import limits
+from vcomp.protocol.messages import (
+    Ack,
+    Message,
+    Ping,
+    Pong,
+    Reset,
+    decode_body,
+    encode_body,
+)
+from vcomp.protocol.record import Direction, RecordKey
+from vcomp.protocol.reliability import ReliableReceiver, ReliableSender
+from vcomp.protocol.replay import ReplayWindow
+from vcomp.protocol.rtt import RttEstimator
+from vcomp.protocol.wire import HEADER_LEN, Flag, Header, pack_header
+
+TAG_LEN = 16
+RESET_RETRY_LIMIT = 8
+
+M = TypeVar("M", bound=Message)
+
+
+def clip_text(text: str, max_bytes: int) -> str:
+    """Shorten ``text`` so its UTF-8 form fits ``max_bytes`` (bounds are in bytes)."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[:max_bytes].decode("utf-8", "ignore")
+
+
+def _stamp(message: M, seq: int, epoch: int) -> M:
+    """A copy of a reliable message with its stream position filled in."""
+    stamped: M = cast(Any, replace)(message, seq=seq, epoch=epoch)
+    return stamped
+
+
+class SecureChannel:
+    """One direction pair of an established session (see PROTOCOL.md)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: int,
+        key: bytes,
+        send: Direction,
+        first_packet_number: int,
+        window: int,
+        now: float,
+        idle_timeout: float = limits.IDLE_TIMEOUT,
+        keepalive: float = limits.KEEPALIVE_INTERVAL,
+        max_retries: int = 12,
+    ) -> None:
+        self.session_id = session_id
+        self._key = RecordKey(key, send=send)
+        self._replay = ReplayWindow()
+        self._next_pn = first_packet_number
+        self._window = window
+        self._max_retries = max_retries
+        self._idle_timeout = idle_timeout
+        self._keepalive = keepalive
+        self._last_received = now
+        self._last_sent = now
+        self._outbox: deque[bytes] = deque()
+        self.epoch = 0
+        self._pending_reset: Reset | None = None
+        self._reset_pn = -1
+        self._reset_deadline = 0.0
+        self._reset_tries = 0
+        self._ping_token = 0
+        self._ping_outstanding = False
+        self.close_reason: str | None = None
+        self.close_code = 0
+        self._new_streams()
+
+    def __repr__(self) -> str:
+        return f"SecureChannel(session_id={self.session_id:#x}, epoch={self.epoch})"
+
+    def _new_streams(self) -> None:
+        # A RESET keeps what we learnt about the path.
+        rtt = self._sender.rtt if hasattr(self, "_sender") else RttEstimator()
+        self._sender: ReliableSender[Message] = ReliableSender(
+            window=self._window, rtt=rtt, max_retries=self._max_retries
+        )
+        self._receiver: ReliableReceiver[Message] = ReliableReceiver(
+            ack_every=1 if self._window == 1 else 2
+        )
+        self._send_seq = 0
+
+    # ---- sending -------------------------------------------------------------
+
+    @property
+    def next_seq(self) -> int:
+        return self._send_seq
+
+    @property
+    def queue_space(self) -> int:
+        return self._sender.queue_space
+
+    @property
+    def send_idle(self) -> bool:
+        """Nothing queued or unacknowledged in our reliable stream."""
+        return self._sender.idle and self._pending_reset is None
+
+    @property
+    def in_flight(self) -> int:
+        return self._sender.in_flight
+
+    @property
+    def queued(self) -> int:
+        """Messages queued but not yet sent once."""
+        return self._sender.queued
+
+    def send_reliable(self, message: Message) -> int:
+        """Queue a message whose ``seq``/``epoch`` this channel fills in."""
+        seq = self._send_seq
+        message = _stamp(message, seq, self.epoch)
+        pushed = self._sender.push(message)
+        assert pushed == seq
+        self._send_seq += 1
+        return seq
+
+    def send_unreliable(self, message: Message, now: float) -> None:
+        self._emit(message, now)
+
+    def start_reset(self, reason: str, now: float) -> int:
+        """Begin a new epoch: our stream restarts and RESET is sent until acked."""
+        self.epoch += 1
+        self._new_streams()
+        self._pending_reset = Reset(epoch=self.epoch, reason=clip_text(reason, limits.MAX_TEXT))
+        self._reset_tries = 0
+        self._send_reset(now)
+        return self.epoch
+
+    def accept_reset(self, epoch: int) -> bool:
+        """Peer side of RESET: adopt ``epoch`` once. False if it is not newer."""
+        if epoch <= self.epoch:
+            return False
+        self.epoch = epoch
+        self._new_streams()
+        return True
+
+    def _send_reset(self, now: float) -> None:
+        assert self._pending_reset is not None
+        self._reset_pn = self._emit(self._pending_reset, now)
+        self._reset_tries += 1
+        rto = self._sender.rto
+        self._reset_deadline = now + rto * (2 ** min(self._reset_tries - 1, 6))
+
+    def _emit(self, message: Message, now: float) -> int:
+        pn = self._next_pn
+        self._next_pn = pn + 1
+        body = encode_body(message)
+        header = pack_header(
+            message.ptype, Flag.ENCRYPTED, self.session_id, pn, len(body) + TAG_LEN
+        )
+        self._outbox.append(header + self._key.seal(header, pn, body))
+        self._last_sent = now
+        return pn
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        if self.close_reason is not None:
+            # A closing notice may still be queued; nothing else leaves.
+            out = list(self._outbox)
+            self._outbox.clear()
+            return out
+        if self._receiver.should_ack_now(now):
+            self._send_ack(now)
+        while True:
+            nxt = self._sender.next_to_send(now)
+            if nxt is None:
+                break
+            seq, message = nxt
+            try:
+                pn = self._emit(message, now)
+            except KeyExhausted:
+                self._close("session key usage limit reached", 30)
+                return []
+            self._sender.on_sent(seq, pn, now)
+        out = list(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def _send_ack(self, now: float, committed: tuple[tuple[int, int], ...] = ()) -> None:
+        ranges, delay = self._receiver.build_ack(now)
+        if not ranges and not committed:
+            return
+        if not ranges:
+            # An ACK must name at least one range; repeat the newest packet we saw.
+            ranges = [(max(self._replay.highest, 0), max(self._replay.highest, 0))]
+        self._emit(
+            Ack(
+                ranges=tuple(ranges),
+                delay_us=min(int(delay * 1e6), 0xFFFFFFFF),
+                committed=committed,
+            ),
+            now,
+        )
+
+    def send_committed(self, entries: list[tuple[int, int]], now: float) -> None:
+        """The final ACK: tell the agent these results are durable."""
+        for i in range(0, len(entries), limits.MAX_COMMITTED):
+            self._send_ack(now, tuple(entries[i : i + limits.MAX_COMMITTED]))
+
+    # ---- receiving -----------------------------------------------------------
+
+    def receive(self, header: Header, datagram: bytes, now: float) -> list[Message] | None:
+        """Authenticate one datagram; return messages for the session machine.
+
+        Forged, replayed and stale packets are dropped silently: None means the
+        datagram did not authenticate (so it must not move the peer's address).
+        """
+        if self.close_reason is not None:
+            return None
+        pn = header.packet_number
+        try:
+            self._replay.check(pn)
+            plaintext = self._key.open(datagram[:HEADER_LEN], pn, datagram[HEADER_LEN:])
+        except (ReplayDetected, AuthenticationFailed):
+            return None
+        except KeyExhausted:
+            self._close("too many forged packets", 30)
+            return None
+        self._replay.update(pn)
+        self._last_received = now
+        self._ping_outstanding = False
+        try:
+            message = decode_body(header.ptype, plaintext)
+        except DecodeError as exc:
+            self._close(f"peer sent an undecodable {header.ptype.name}: {exc}", 1)
+            return []
+        return self._dispatch(pn, message, now)
+
+    def _dispatch(self, pn: int, message: Message, now: float) -> list[Message]:
+        if isinstance(message, Ack):
+            self._on_ack(message, now)
+            self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
+            return [message] if message.committed else []
+        if isinstance(message, Ping):
+            self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
+            self._emit(Pong(token=message.token), now)
+            return []
+        if isinstance(message, Pong):
+            self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
+            return []
+        if isinstance(message, Reset):
+            self._receiver.on_packet(pn, None, None, now, ack_eliciting=True)
+            return [message]
+        seq: Any = getattr(message, "seq", None)
+        epoch: Any = getattr(message, "epoch", None)
+        if seq is None or epoch is None:
+            self._close(f"{type(message).__name__} must travel in the reliable stream", 1)
+            return []
+        if epoch != self.epoch:
+            # A future epoch must not be acked (the peer would think it delivered).
+            if epoch < self.epoch:
+                self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
+            return []
+        self._receiver.on_packet(pn, seq, message, now)
+        return self._receiver.pop()
+
+    def _on_ack(self, ack: Ack, now: float) -> None:
+        ranges = [(lo, hi) for lo, hi in ack.ranges]
+        if self._pending_reset is not None and any(lo <= self._reset_pn <= hi for lo, hi in ranges):
+            self._pending_reset = None
+        self._sender.on_ack(ranges, ack.delay_us / 1e6, now)
+
+    # ---- timers --------------------------------------------------------------
+
+    def timer(self) -> float | None:
+        if self.close_reason is not None:
+            return None
+        candidates = [self._last_received + self._idle_timeout]
+        if not self._ping_outstanding:
+            candidates.append(max(self._last_received, self._last_sent) + self._keepalive)
+        for t in (self._sender.timer(), self._receiver.ack_deadline()):
+            if t is not None:
+                candidates.append(t)
+        if self._pending_reset is not None:
+            candidates.append(self._reset_deadline)
+        return min(candidates)
+
+    def handle_timer(self, now: float) -> None:
+        if self.close_reason is not None:
+            return
+        if now >= self._last_received + self._idle_timeout:
+            self._close("idle timeout: no authenticated packet from the peer", 31)
+            return
+        if self._pending_reset is not None and now >= self._reset_deadline:
+            if self._reset_tries >= RESET_RETRY_LIMIT:
+                self._close("RESET was never acknowledged", 40)
+                return
+            self._send_reset(now)
+        t = self._sender.timer()
+        if t is not None and now >= t:
+            try:
+                self._sender.on_timeout(now)
+            except TransferFailed as exc:
+                self._close(str(exc), 40)
+                return
+        if (
+            now >= max(self._last_received, self._last_sent) + self._keepalive
+            and not self._ping_outstanding
+        ):
+            self._ping_token += 1
+            self._ping_outstanding = True
+            self._emit(Ping(token=self._ping_token), now)
+
+    def _close(self, reason: str, code: int) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+            self.close_code = code
+
+    def close(
+        self, reason: str, code: int, notice: Message | None = None, now: float = 0.0
+    ) -> None:
+        """End the session; ``notice`` (an ERROR) is sent once, best effort."""
+        if self.close_reason is not None:
+            return
+        if notice is not None:
+            with contextlib.suppress(KeyExhausted):
+                self._emit(_stamp(notice, self._send_seq, self.epoch), now)
+        self._close(reason, code)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return dict(self._sender.stats)

@@ -1,0 +1,529 @@
+"""Reliable, in-order delivery over an unreliable datagram path (sans-I/O).
+
+The engine knows two kinds of numbers (protocol/spec/reliability.md):
+
+* a **sequence number** (seq) is an item's position in one direction's reliable
+  stream: 0, 1, 2, ... Each item keeps its seq for its whole life.
+* a **packet number** (pn) names one transmission. The session gives every
+  datagram a new, larger pn, retransmissions included, so an ACK of a pn
+  identifies exactly one transmission (no retransmission ambiguity).
+
+:class:`ReliableSender` maps pns back to seqs, detects loss the QUIC way
+(packet and time thresholds, RFC 9002) plus an RFC 6298 retransmission timer,
+and gives up with :class:`~vcomp.errors.TransferFailed` after ``max_retries``
+timeouts of one item. :class:`ReliableReceiver` buffers out-of-order items,
+suppresses duplicates, and decides when to send an ACK of packet-number ranges.
+
+Nothing here does I/O or reads a clock: ``now`` is always passed in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from heapq import heappop, heappush
+from itertools import islice
+from typing import Generic, TypeVar
+
+from vcomp.errors import LimitExceeded, TransferFailed
+from vcomp.protocol.ranges import RangeSet
+from vcomp.protocol.rtt import RttEstimator
+
+T = TypeVar("T")
+
+PACKET_THRESHOLD = 3
+"""A packet is lost once a packet sent this many packet numbers later is acked."""
+PROBE_COUNT = 2
+"""Oldest unacked items resent when the retransmission timer expires."""
+
+_MISSING = object()
+
+
+class _Retry:
+    """Retransmission history of one seq (only kept for seqs that needed one)."""
+
+    __slots__ = ("first_sent", "sends", "timeouts")
+
+    def __init__(self, first_sent: float) -> None:
+        self.first_sent = first_sent
+        self.sends = 1
+        self.timeouts = 0
+
+
+class ReliableSender(Generic[T]):
+    """The sending half of one reliable stream.
+
+    Drive it like this: :meth:`push` items; while :meth:`next_to_send` returns
+    ``(seq, item)``, put the item in a datagram with a fresh packet number and
+    call :meth:`on_sent`; feed every ACK to :meth:`on_ack`; call :meth:`on_timeout`
+    when ``now >= timer()``.
+
+    ``window`` bounds the span of the stream in flight: a new seq is sent only
+    while ``seq < lowest unacked seq + window``. Window 1 is stop-and-wait, and
+    a receiver buffering ``window`` items past its next expected seq never has
+    to drop anything.
+    """
+
+    __slots__ = (
+        "_base",
+        "_largest_acked",
+        "_largest_sent",
+        "_loss_time",
+        "_n_lost",
+        "_n_retransmitted",
+        "_n_sent",
+        "_n_timeouts",
+        "_next_new",
+        "_queue",
+        "_retry",
+        "_rto_start",
+        "_rtx",
+        "_rtx_set",
+        "_sent",
+        "_unacked",
+        "max_queue",
+        "max_retries",
+        "rtt",
+        "window",
+    )
+
+    def __init__(
+        self,
+        *,
+        window: int = 64,
+        max_retries: int = 8,
+        max_queue: int = 4096,
+        rtt: RttEstimator | None = None,
+    ) -> None:
+        if window < 1 or max_queue < 1 or max_retries < 0:
+            raise ValueError("need window >= 1, max_queue >= 1 and max_retries >= 0")
+        self.window = window
+        self.max_retries = max_retries
+        self.max_queue = max_queue
+        self.rtt = rtt if rtt is not None else RttEstimator()
+        self._queue: deque[T] = deque()  # pushed, never sent; _queue[0] has seq _next_new
+        self._next_new = 0
+        self._base = 0  # lowest seq not yet acked
+        self._unacked: dict[int, T] = {}  # handed out, not acked; in seq order
+        self._sent: dict[int, tuple[int, float]] = {}  # pn -> (seq, sent at); in pn order
+        self._rtx: list[int] = []  # heap of seqs to resend, lowest first
+        self._rtx_set: set[int] = set()
+        self._retry: dict[int, _Retry] = {}
+        self._largest_sent = -1
+        self._largest_acked = -1
+        self._loss_time: float | None = None
+        self._rto_start: float | None = None
+        self._n_sent = 0
+        self._n_retransmitted = 0
+        self._n_lost = 0
+        self._n_timeouts = 0
+
+    # ---- queue -----------------------------------------------------------------
+
+    @property
+    def queue_space(self) -> int:
+        """How many more items :meth:`push` accepts right now."""
+        return self.max_queue - len(self._queue)
+
+    def push(self, item: T) -> int:
+        """Queue ``item``; return its seq. Raises LimitExceeded if the queue is full."""
+        queue = self._queue
+        if len(queue) >= self.max_queue:
+            raise LimitExceeded(f"send queue full ({self.max_queue} items waiting)")
+        queue.append(item)
+        return self._next_new + len(queue) - 1
+
+    # ---- sending ---------------------------------------------------------------
+
+    def next_to_send(self, now: float) -> tuple[int, T] | None:
+        """The next item to transmit: retransmissions first, then new items.
+
+        The item is taken: pass its seq to :meth:`on_sent` with the packet number
+        it went out under before asking again.
+        """
+        rtx = self._rtx
+        while rtx:
+            seq = heappop(rtx)
+            self._rtx_set.discard(seq)
+            if seq not in self._unacked:
+                continue  # acked while it waited
+            self._retry[seq].sends += 1
+            self._n_retransmitted += 1
+            return seq, self._unacked[seq]
+        if self._queue:
+            seq = self._next_new
+            if seq - self._base < self.window:
+                item = self._queue.popleft()
+                self._next_new = seq + 1
+                self._unacked[seq] = item
+                return seq, item
+        return None
+
+    def on_sent(self, seq: int, packet_number: int, now: float) -> None:
+        """Record that ``seq`` left in packet ``packet_number`` at ``now``."""
+        if packet_number <= self._largest_sent:
+            raise ValueError(f"packet number {packet_number} does not increase")
+        if not 0 <= seq < self._next_new:
+            raise ValueError(f"seq {seq} was never handed out by next_to_send")
+        self._largest_sent = packet_number
+        self._sent[packet_number] = (seq, now)
+        self._n_sent += 1
+        if self._rto_start is None:
+            self._rto_start = now
+
+    # ---- acknowledgements ------------------------------------------------------
+
+    def on_ack(self, ranges: Sequence[tuple[int, int]], ack_delay: float, now: float) -> list[int]:
+        """Process an ACK of inclusive packet-number ranges; return newly acked seqs.
+
+        The peer chooses every value here: unknown, repeated, reversed or huge
+        ranges only ever match packets we actually have in flight.
+        """
+        sent = self._sent
+        if not sent:
+            return []
+        floor = next(iter(sent))  # oldest packet in flight
+        ceiling = self._largest_sent
+        unacked = self._unacked
+        missing = _MISSING
+        newly: list[int] = []
+        largest_pn = -1
+        largest_time = 0.0
+        for lo, hi in ranges:
+            if lo < floor:
+                lo = floor
+            if hi > ceiling:
+                hi = ceiling
+            if lo > hi:
+                continue
+            # Walk whichever is shorter: the range or the packets in flight.
+            pns = range(lo, hi + 1) if hi - lo < len(sent) else [p for p in sent if lo <= p <= hi]
+            for pn in pns:
+                record = sent.pop(pn, None)
+                if record is None:
+                    continue
+                if pn > largest_pn:
+                    largest_pn = pn
+                    largest_time = record[1]
+                seq = record[0]
+                if unacked.pop(seq, missing) is not missing:
+                    newly.append(seq)
+        if largest_pn < 0:
+            return newly
+        if largest_pn > self._largest_acked:
+            # Every pn is one transmission, so this sample is unambiguous (no Karn).
+            self._largest_acked = largest_pn
+            self.rtt.on_sample(now - largest_time, ack_delay)
+        if newly:
+            if self._retry:
+                for seq in newly:
+                    self._retry.pop(seq, None)
+            # unacked is in seq order (seqs enter it in order and never re-enter).
+            self._base = next(iter(unacked)) if unacked else self._next_new
+            # RFC 6298 (5.2, 5.3): new data acked restarts the timer or stops it.
+            self._rto_start = now if unacked else None
+        # Loss detection only has work if a packet older than the largest acked
+        # is still in flight, or a time-threshold deadline was pending.
+        if self._loss_time is not None or (sent and next(iter(sent)) < self._largest_acked):
+            self._detect_loss(now)
+        return newly
+
+    def _detect_loss(self, now: float) -> None:
+        """Declare lost what the packet or time threshold says (RFC 9002, 6.1)."""
+        self._loss_time = None
+        largest_acked = self._largest_acked
+        sent = self._sent
+        if largest_acked < 0 or not sent:
+            return
+        loss_delay = self.rtt.loss_delay()
+        lost: list[int] = []
+        # pns and send times both increase in insertion order, so the lost
+        # packets are a prefix of it.
+        for pn, (_, sent_at) in sent.items():
+            if pn > largest_acked:
+                break
+            # The same expression decides "lost" and sets the timer, so a timer
+            # firing at exactly loss_time always finds the packet lost.
+            lost_at = sent_at + loss_delay
+            if largest_acked - pn >= PACKET_THRESHOLD or lost_at <= now:
+                lost.append(pn)
+            else:
+                self._loss_time = lost_at
+                break
+        for pn in lost:
+            seq, sent_at = sent.pop(pn)
+            self._n_lost += 1
+            if seq in self._unacked:
+                self._queue_retransmit(seq, sent_at)
+
+    def _queue_retransmit(self, seq: int, first_sent: float) -> _Retry:
+        info = self._retry.get(seq)
+        if info is None:
+            # First retransmission: the lost packet was the seq's first transmission.
+            info = self._retry[seq] = _Retry(first_sent)
+        if seq not in self._rtx_set:
+            self._rtx_set.add(seq)
+            heappush(self._rtx, seq)
+        return info
+
+    # ---- timers ----------------------------------------------------------------
+
+    def timer(self) -> float | None:
+        """The earliest deadline (time-threshold loss or RTO), or None."""
+        deadline = self._loss_time
+        start = self._rto_start
+        if start is not None:
+            rto_at = start + self.rtt.rto
+            if deadline is None or rto_at < deadline:
+                deadline = rto_at
+        return deadline
+
+    def on_timeout(self, now: float) -> None:
+        """Handle the deadline from :meth:`timer` (calling early does nothing).
+
+        Raises TransferFailed when an item's retransmission timer expired more
+        than ``max_retries`` times.
+        """
+        if self._loss_time is not None and now >= self._loss_time:
+            self._detect_loss(now)
+            return
+        start = self._rto_start
+        if start is None or now < start + self.rtt.rto:
+            return
+        if not self._unacked:
+            self._rto_start = None
+            return
+        rto = self.rtt.rto
+        self.rtt.on_timeout()
+        self._n_timeouts += 1
+        self._rto_start = now
+        for seq in list(islice(self._unacked, PROBE_COUNT)):
+            info = self._retry.get(seq)
+            if info is None:
+                info = self._queue_retransmit(seq, self._first_sent(seq, now))
+            else:
+                self._queue_retransmit(seq, info.first_sent)
+            info.timeouts += 1
+            if info.timeouts > self.max_retries:
+                raise TransferFailed(
+                    f"reliable stream item seq {seq} was not acknowledged after "
+                    f"{info.sends} transmissions over {now - info.first_sent:.3f} s "
+                    f"({info.timeouts} retransmission timeouts, last RTO {rto:.3f} s, "
+                    f"max_retries={self.max_retries}): the peer is unreachable or the "
+                    f"path drops everything"
+                )
+
+    def _first_sent(self, seq: int, now: float) -> float:
+        times = [sent_at for s, sent_at in self._sent.values() if s == seq]
+        return min(times) if times else now
+
+    # ---- state -----------------------------------------------------------------
+
+    @property
+    def rto(self) -> float:
+        return self.rtt.rto
+
+    @property
+    def in_flight(self) -> int:
+        """Packets sent and neither acknowledged nor declared lost."""
+        return len(self._sent)
+
+    @property
+    def unacked(self) -> int:
+        """Items handed out for sending and not yet acknowledged."""
+        return len(self._unacked)
+
+    @property
+    def queued(self) -> int:
+        """Items pushed and never sent."""
+        return len(self._queue)
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next :meth:`push` returns."""
+        return self._next_new + len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing unacknowledged."""
+        return not self._queue and not self._unacked
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {
+            "packets_sent": self._n_sent,
+            "retransmissions": self._n_retransmitted,
+            "packets_acked": self._n_sent - len(self._sent) - self._n_lost,
+            "items_acked": self._next_new - len(self._unacked),
+            "packets_lost": self._n_lost,
+            "timeouts": self._n_timeouts,
+            "srtt": self.rtt.srtt if self.rtt.srtt is not None else 0.0,
+            "rto": self.rtt.rto,
+        }
+
+
+class ReliableReceiver(Generic[T]):
+    """The receiving half of one reliable stream.
+
+    Feed every authenticated packet of the session to :meth:`on_packet` (data or
+    not: all packet numbers are acknowledged), collect in-order items with
+    :meth:`pop`, and send :meth:`build_ack` whenever :meth:`should_ack_now`.
+
+    At most ``max_buffer`` items are held (buffered out of order plus ready and
+    not yet popped). An item beyond that is dropped and its packet number is
+    *not* recorded, so the sender sees it unacknowledged and sends it again
+    later; acknowledging it would lose it for good.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_deadline",
+        "_expected",
+        "_largest_pn",
+        "_largest_time",
+        "_n_delivered",
+        "_n_dropped",
+        "_n_duplicates",
+        "_pending",
+        "_ready",
+        "_received",
+        "ack_every",
+        "max_ack_delay",
+        "max_buffer",
+        "max_ranges",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_buffer: int = 1024,
+        ack_every: int = 2,
+        max_ack_delay: float = 0.005,
+        max_ranges: int = 64,
+    ) -> None:
+        if max_buffer < 1 or ack_every < 1 or max_ranges < 1 or max_ack_delay < 0:
+            raise ValueError("need max_buffer, ack_every, max_ranges >= 1, max_ack_delay >= 0")
+        self.max_buffer = max_buffer
+        self.ack_every = ack_every
+        self.max_ack_delay = max_ack_delay
+        self.max_ranges = max_ranges
+        self._received = RangeSet(max_ranges)
+        self._expected = 0  # next seq to move to _ready
+        self._buffer: dict[int, T] = {}  # seqs > _expected that arrived early
+        self._ready: list[T] = []
+        self._largest_pn = -1
+        self._largest_time = 0.0
+        self._pending = 0  # ack-eliciting packets since the last ACK
+        self._deadline: float | None = None
+        self._n_duplicates = 0
+        self._n_dropped = 0
+        self._n_delivered = 0
+
+    def on_packet(
+        self,
+        packet_number: int,
+        seq: int | None,
+        item: T | None,
+        now: float,
+        ack_eliciting: bool = True,
+    ) -> None:
+        """Record packet ``packet_number``; buffer ``item`` if it carries stream ``seq``."""
+        immediate = False
+        if seq is not None:
+            if item is None:
+                raise ValueError("a packet with a seq must carry an item")
+            expected = self._expected
+            ready = self._ready
+            if seq == expected and not self._buffer and len(ready) < self.max_buffer:
+                ready.append(item)
+                self._expected = expected + 1
+            elif seq < expected or seq in self._buffer:
+                self._n_duplicates += 1
+                immediate = True  # our ACK was probably lost: resend it now
+            elif seq >= expected - len(ready) + self.max_buffer:
+                self._n_dropped += 1
+                return
+            else:
+                self._buffer[seq] = item
+                if seq == expected:
+                    self._drain()
+        largest = self._largest_pn
+        if packet_number == largest + 1:
+            self._received.add(packet_number)
+            self._largest_pn = packet_number
+            self._largest_time = now
+        elif not self._received.add(packet_number):
+            immediate = True  # duplicate packet
+        elif packet_number > largest:
+            # A gap: something before it is missing. Tell the sender at once so
+            # its packet threshold fires (fast retransmit). Not for the first pn.
+            immediate = immediate or largest >= 0
+            self._largest_pn = packet_number
+            self._largest_time = now
+        else:
+            immediate = True  # reordered: fills a gap
+        if ack_eliciting:
+            pending = self._pending + 1
+            self._pending = pending
+            if immediate or pending >= self.ack_every:
+                self._deadline = now
+            elif self._deadline is None:
+                self._deadline = now + self.max_ack_delay
+
+    def _drain(self) -> None:
+        buffer = self._buffer
+        ready = self._ready
+        expected = self._expected
+        while expected in buffer:
+            ready.append(buffer.pop(expected))
+            expected += 1
+        self._expected = expected
+
+    def pop(self) -> list[T]:
+        """Items now deliverable in order (each exactly once)."""
+        ready = self._ready
+        if not ready:
+            return []
+        self._ready = []
+        self._n_delivered += len(ready)
+        return ready
+
+    def ack_deadline(self) -> float | None:
+        """When an ACK is due (may be in the past), or None if none is owed."""
+        return self._deadline
+
+    def should_ack_now(self, now: float) -> bool:
+        deadline = self._deadline
+        return deadline is not None and now >= deadline
+
+    def build_ack(self, now: float) -> tuple[list[tuple[int, int]], float]:
+        """Received packet numbers as descending inclusive ranges, and the ack delay.
+
+        The delay is the time since the largest packet number arrived. Building
+        an ACK clears the pending state: the caller is expected to send it.
+        """
+        self._pending = 0
+        self._deadline = None
+        ranges = self._received.descending(self.max_ranges)
+        if not ranges:
+            return ranges, 0.0
+        delay = now - self._largest_time
+        return ranges, delay if delay > 0.0 else 0.0
+
+    @property
+    def expected_seq(self) -> int:
+        """The next seq to become ready."""
+        return self._expected
+
+    @property
+    def buffered(self) -> int:
+        """Items held: out of order plus ready and not yet popped."""
+        return len(self._buffer) + len(self._ready)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {
+            "duplicates": self._n_duplicates,
+            "dropped_over_buffer": self._n_dropped,
+            "items_delivered": self._n_delivered,
+        }

@@ -1,0 +1,249 @@
+"""The server's front door: stateless cookies, the session table and timers.
+
+One :class:`ServerEndpoint` serves every agent on one UDP socket. Before an
+agent proves its address by echoing a cookie, the endpoint keeps nothing and
+does no public-key work, and it answers each HELLO (itself padded to at least
+1200 bytes) with one smaller datagram, so it cannot be used to amplify.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import Counter, deque
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vcomp.errors import DecodeError
+from vcomp.protocol import events as ev
+from vcomp.protocol import limits
+from vcomp.protocol.attestation import NonceBook
+from vcomp.protocol.cookie import CookieJar
+from vcomp.protocol.messages import ErrorCode, Hello, Reject, Retry, decode_body, encode_body
+from vcomp.protocol.server_session import ServerSession, ServerState
+from vcomp.protocol.trust import TrustPolicy
+from vcomp.protocol.wire import HEADER_LEN, Flag, PacketType, pack_header, unpack_header
+
+Address = tuple[str, int]
+CodeSource = Callable[[int, int, int, int], bytes]
+"""(job, attempt, offset, length) -> that slice of code || input.
+
+The application reads it from its store; the endpoint asks only for what the
+window can take, so a job is never held in memory whole.
+"""
+
+
+class ServerEndpoint:
+    def __init__(
+        self,
+        *,
+        signing_key: Ed25519PrivateKey,
+        trust: TrustPolicy,
+        code_source: CodeSource,
+        now: float,
+        window: int = 64,
+        max_sessions: int = 100_000,
+        idle_timeout: float = limits.IDLE_TIMEOUT,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._signing_key = signing_key
+        self._trust = trust
+        self._code_source = code_source
+        self._window = window
+        self._max_sessions = max_sessions
+        self._idle_timeout = idle_timeout
+        self._random = random_bytes
+        self._cookies = CookieJar(now, random_bytes=random_bytes)
+        self._nonces = NonceBook(max_outstanding=max_sessions)
+        self.sessions: dict[int, ServerSession] = {}
+        self._pending: dict[tuple[Address, bytes], int] = {}
+        self._events: deque[ev.Event] = deque()
+        self._out: deque[tuple[bytes, Address]] = deque()
+        self._dirty: set[int] = set()
+        self._timers: list[tuple[float, int]] = []
+        self._timer_of: dict[int, float] = {}
+        self.counters: Counter[str] = Counter()
+
+    # ---- input ---------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, address: Address, now: float) -> None:
+        self.counters["datagrams_in"] += 1
+        try:
+            header = unpack_header(data)
+        except DecodeError:
+            self.counters["dropped_malformed"] += 1
+            return
+        if header.session_id == 0:
+            if header.ptype is PacketType.HELLO and not header.flags:
+                self._on_hello(data, address, now)
+            else:
+                self.counters["dropped_unexpected"] += 1
+            return
+        session = self.sessions.get(header.session_id)
+        if session is None:
+            self.counters["dropped_unknown_session"] += 1
+            return
+        if header.flags & Flag.ENCRYPTED:
+            session.on_encrypted(header, data, address, now)
+        elif header.ptype is PacketType.ATTEST and address == session.address:
+            before = session.public_key_ops
+            session.on_attest(data, now)
+            self.counters["public_key_ops"] += session.public_key_ops - before
+        else:
+            self.counters["dropped_unexpected"] += 1
+            return
+        self._touch(session)
+
+    def _on_hello(self, data: bytes, address: Address, now: float) -> None:
+        if len(data) < limits.MIN_HELLO_DATAGRAM:
+            self.counters["dropped_short_hello"] += 1
+            return
+        try:
+            hello = decode_body(PacketType.HELLO, data[HEADER_LEN:])
+        except DecodeError:
+            self.counters["dropped_malformed"] += 1
+            return
+        assert isinstance(hello, Hello)
+        if 1 not in hello.versions:
+            self._reply(
+                PacketType.REJECT,
+                Reject(code=ErrorCode.UNSUPPORTED_VERSION, reason="this server speaks version 1"),
+                address,
+            )
+            return
+        if not hello.cookie or not self._cookies.check(hello.cookie, address, hello.nonce, now):
+            if hello.cookie:
+                self.counters["cookie_invalid"] += 1
+            self.counters["retry_sent"] += 1
+            cookie = self._cookies.issue(address, hello.nonce, now)
+            self._reply(PacketType.RETRY, Retry(cookie=cookie), address)
+            return
+        key = (address, hello.nonce)
+        existing = self._pending.get(key)
+        if existing is not None and existing in self.sessions:
+            self.sessions[existing].resend_challenge()
+            self._touch(self.sessions[existing])
+            return
+        if len(self.sessions) >= self._max_sessions:
+            self.counters["rejected_busy"] += 1
+            self._reply(
+                PacketType.REJECT, Reject(code=ErrorCode.BUSY, reason="server full"), address
+            )
+            return
+        session_id = self._new_session_id()
+        session = ServerSession(
+            session_id=session_id,
+            address=address,
+            agent_id=hello.agent,
+            hello=data,
+            signing_key=self._signing_key,
+            trust=self._trust,
+            nonces=self._nonces,
+            window=self._window,
+            now=now,
+            random_bytes=self._random,
+            events=self._events,
+            idle_timeout=self._idle_timeout,
+        )
+        self.sessions[session_id] = session
+        self._pending[key] = session_id
+        self.counters["sessions_created"] += 1
+        self._touch(session)
+
+    def _new_session_id(self) -> int:
+        while True:
+            sid = int.from_bytes(self._random(8), "big")
+            if sid and sid not in self.sessions:
+                return sid
+
+    def _reply(self, ptype: PacketType, message: Retry | Reject, address: Address) -> None:
+        body = encode_body(message)
+        self._out.append((pack_header(ptype, Flag(0), 0, 0, len(body)) + body, address))
+
+    # ---- application API -----------------------------------------------------
+
+    def session(self, session_id: int) -> ServerSession | None:
+        return self.sessions.get(session_id)
+
+    def touch(self, session_id: int) -> None:
+        """Call after feeding a session through its own API (start_job, ...)."""
+        session = self.sessions.get(session_id)
+        if session is not None:
+            self._touch(session)
+
+    def next_event(self) -> ev.Event | None:
+        return self._events.popleft() if self._events else None
+
+    # ---- timers and output ---------------------------------------------------
+
+    def _touch(self, session: ServerSession) -> None:
+        self._dirty.add(session.session_id)
+        self._schedule(session)
+
+    def _schedule(self, session: ServerSession) -> None:
+        t = session.get_timer()
+        sid = session.session_id
+        if t is None:
+            return
+        current = self._timer_of.get(sid)
+        if current is None or t < current:
+            self._timer_of[sid] = t
+            heapq.heappush(self._timers, (t, sid))
+
+    def get_timer(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> None:
+        due_sessions: list[ServerSession] = []
+        while self._timers and self._timers[0][0] <= now:
+            t, sid = heapq.heappop(self._timers)
+            if self._timer_of.get(sid) != t:
+                continue
+            del self._timer_of[sid]
+            session = self.sessions.get(sid)
+            if session is not None:
+                due_sessions.append(session)
+        # Rescheduling waits for datagrams_to_send: some deadlines (a pending
+        # ACK) only move once output has been produced.
+        for session in due_sessions:
+            due = session.get_timer()
+            if due is not None and due <= now:
+                session.handle_timer(now)
+            self._dirty.add(session.session_id)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        out = list(self._out)
+        self._out.clear()
+        for sid in list(self._dirty):
+            session = self.sessions.get(sid)
+            if session is None:
+                continue
+            self._pump(session, now)
+            address = session.address
+            out.extend((d, address) for d in session.datagrams_to_send(now))
+            if session.state is ServerState.CLOSED:
+                self._forget(session)
+            else:
+                self._schedule(session)
+        self._dirty.clear()
+        return out
+
+    def _pump(self, session: ServerSession, now: float) -> None:
+        while (want := session.code_wanted()) is not None:
+            job = session.current_job
+            assert job is not None
+            offset, length = want
+            data = self._code_source(job[0], job[1], offset, length)
+            if len(data) != length:
+                session.close("job code is shorter than announced", ErrorCode.INTERNAL, now)
+                return
+            session.supply_code(data)
+
+    def _forget(self, session: ServerSession) -> None:
+        self.sessions.pop(session.session_id, None)
+        self._timer_of.pop(session.session_id, None)
+        self.counters["sessions_closed"] += 1
+        for key, sid in list(self._pending.items()):
+            if sid == session.session_id:
+                del self._pending[key]

@@ -1,0 +1,468 @@
+"""The server's side of one session, from the validated HELLO onwards.
+
+Created by :class:`vcomp.protocol.server_endpoint.ServerEndpoint` only after the
+agent echoed a valid cookie. It challenges the agent, checks the quote against
+the in-memory :class:`TrustPolicy`, shares the key, then moves jobs out and
+results in. Code is pulled from the application chunk by chunk
+(:meth:`code_wanted` / :meth:`supply_code`), so the server never holds a whole
+job in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import deque
+from collections.abc import Callable
+from enum import Enum
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vcomp.errors import AttestationError, CryptoError, DecodeError
+from vcomp.protocol import events as ev
+from vcomp.protocol import handshake as hs
+from vcomp.protocol import limits
+from vcomp.protocol.attestation import NonceBook
+from vcomp.protocol.channel import SecureChannel, clip_text
+from vcomp.protocol.messages import (
+    Ack,
+    Attest,
+    Challenge,
+    Code,
+    End,
+    Error,
+    ErrorCode,
+    Key,
+    Message,
+    Ready,
+    Reject,
+    Result,
+    Start,
+    decode_body,
+    encode_body,
+)
+from vcomp.protocol.record import Direction
+from vcomp.protocol.trust import TrustPolicy
+from vcomp.protocol.wire import HEADER_LEN, Flag, Header, PacketType, pack_header
+
+REQUESTED_PCRS = (17, 18)
+MAX_OPEN_UPLOADS = 8
+
+
+class ServerState(Enum):
+    CHALLENGED = "challenged"
+    KEYED = "keyed"
+    IDLE = "idle"
+    SENDING_JOB = "sending_job"
+    RUNNING = "running"
+    COMMITTING = "committing"
+    RESETTING = "resetting"
+    CLOSED = "closed"
+
+
+class _Outbound:
+    def __init__(self, desc: ev.JobDescription) -> None:
+        self.desc = desc
+        self.total = desc.code_size + desc.input_size
+        self.offset = 0
+        self.end_sent = False
+        self.delivered = False
+
+
+class _Upload:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.next_offset = 0
+        self.hasher = hashlib.sha256()
+
+
+class ServerSession:
+    def __init__(
+        self,
+        *,
+        session_id: int,
+        address: tuple[str, int],
+        agent_id: bytes,
+        hello: bytes,
+        signing_key: Ed25519PrivateKey,
+        trust: TrustPolicy,
+        nonces: NonceBook,
+        window: int,
+        now: float,
+        random_bytes: Callable[[int], bytes],
+        events: deque[ev.Event],
+        idle_timeout: float = limits.IDLE_TIMEOUT,
+    ) -> None:
+        self.session_id = session_id
+        self.address = address
+        self.agent_id = agent_id
+        self._hello = hello
+        self._signing_key = signing_key
+        self._trust = trust
+        self._nonces = nonces
+        self._window = window
+        self._random = random_bytes
+        self._events = events
+        self._idle_timeout = idle_timeout
+        self.state = ServerState.CHALLENGED
+        self._next_pn = 0
+        self._out: deque[bytes] = deque()
+        self._nonce = nonces.issue(now, random_bytes)
+        challenge = Challenge(nonce=self._nonce, pcrs=REQUESTED_PCRS)
+        self._challenge = self._plain(PacketType.CHALLENGE, encode_body(challenge))
+        self._attest: bytes | None = None
+        self._key_dgram: bytes | None = None
+        self._created = now
+        self.channel: SecureChannel | None = None
+        self._job: _Outbound | None = None
+        self._uploads: dict[tuple[int, int], _Upload] = {}
+        self.public_key_ops = 0
+        self.close_reason: str | None = None
+        self._out.append(self._challenge)
+
+    def __repr__(self) -> str:
+        return f"ServerSession({self.session_id:#x}, {self.state.value})"
+
+    def _plain(self, ptype: PacketType, body: bytes) -> bytes:
+        pn = self._next_pn
+        self._next_pn += 1
+        return pack_header(ptype, Flag(0), self.session_id, pn, len(body)) + body
+
+    # ---- handshake -----------------------------------------------------------
+
+    def resend_challenge(self) -> None:
+        if self.state is ServerState.CHALLENGED:
+            self._out.append(self._challenge)
+
+    def on_attest(self, datagram: bytes, now: float) -> None:
+        if self.state is not ServerState.CHALLENGED:
+            # A retransmitted ATTEST: repeat the same KEY, never a second key.
+            if self._key_dgram is not None and datagram == self._attest:
+                self._out.append(self._key_dgram)
+            return
+        try:
+            attest = decode_body(PacketType.ATTEST, datagram[HEADER_LEN:])
+        except DecodeError as exc:
+            self._reject("malformed_attest", str(exc))
+            return
+        assert isinstance(attest, Attest)
+        self.public_key_ops += 1
+        try:
+            self._trust.verify(
+                agent_id=self.agent_id,
+                quote=attest.quote,
+                signature=attest.signature,
+                pcr_values=attest.pcr_values,
+                server_nonce=self._nonce,
+                ephemeral_spki_der=attest.ephemeral,
+                nonce_book=self._nonces,
+                now=now,
+                requested_pcrs=REQUESTED_PCRS,
+            )
+            session_key = self._random(hs.SESSION_KEY_LEN)
+            wrapped = hs.wrap_session_key(attest.ephemeral, session_key)
+        except AttestationError as exc:
+            self._reject(exc.reason, exc.detail)
+            return
+        except CryptoError as exc:
+            self._reject("bad_ephemeral_key", str(exc))
+            return
+        self._attest = datagram
+        server_key = hs.raw_public(self._signing_key)
+        message = hs.transcript(
+            hello=self._hello,
+            challenge=self._challenge,
+            attest=datagram,
+            session_id=self.session_id,
+            wrapped=wrapped,
+            server_key=server_key,
+        )
+        key = Key(
+            wrapped=wrapped,
+            server_key=server_key,
+            signature=hs.sign_transcript(self._signing_key, message),
+            window=self._window,
+            idle_timeout_ms=int(self._idle_timeout * 1000),
+        )
+        self._key_dgram = self._plain(PacketType.KEY, encode_body(key))
+        self._out.append(self._key_dgram)
+        self.channel = SecureChannel(
+            session_id=self.session_id,
+            key=session_key,
+            send=Direction.SERVER_TO_AGENT,
+            first_packet_number=self._next_pn,
+            window=self._window,
+            now=now,
+            idle_timeout=self._idle_timeout,
+        )
+        self.state = ServerState.KEYED
+
+    def _reject(self, reason: str, detail: str) -> None:
+        body = encode_body(
+            Reject(code=ErrorCode.ATTESTATION_FAILED, reason=clip_text(reason, limits.MAX_TEXT))
+        )
+        self._out.append(self._plain(PacketType.REJECT, body))
+        self._events.append(ev.HandshakeRejected(self.agent_id, self.address, reason, detail))
+        self._close(f"attestation failed: {reason}", ErrorCode.ATTESTATION_FAILED, emit=False)
+
+    # ---- established ---------------------------------------------------------
+
+    def on_encrypted(
+        self, header: Header, datagram: bytes, address: tuple[str, int], now: float
+    ) -> None:
+        ch = self.channel
+        if ch is None or self.state is ServerState.CLOSED:
+            return
+        messages = ch.receive(header, datagram, now)
+        if messages is None:
+            return
+        if address != self.address:
+            self.address = address  # NAT rebinding, proven by the AEAD tag
+        for message in messages:
+            self._on_message(message, now)
+        self.poll()
+
+    def _on_message(self, message: Message, now: float) -> None:
+        ch = self.channel
+        assert ch is not None
+        if isinstance(message, Ready):
+            if self.state is ServerState.KEYED:
+                self._events.append(
+                    ev.SessionEstablished(self.session_id, self.agent_id, self.address)
+                )
+            if self.state is ServerState.RESETTING:
+                self._events.append(ev.ResetDone(self.session_id, message.epoch))
+            if self.state in (ServerState.KEYED, ServerState.RESETTING):
+                self.state = ServerState.IDLE
+                self._job = None
+                self._events.append(ev.AgentIdle(self.session_id))
+        elif isinstance(message, Result):
+            self._on_result(message)
+        elif isinstance(message, Error):
+            self._on_error(message)
+        elif isinstance(message, Ack):
+            pass  # agents never commit anything
+        else:
+            self._violation(f"agent sent {type(message).__name__}, which only servers send", now)
+
+    def _on_result(self, r: Result) -> None:
+        key = (r.job, r.attempt)
+        up = self._uploads.get(key)
+        if up is None:
+            if r.offset != 0:
+                return  # the start of this upload was in a previous epoch
+            if len(self._uploads) >= MAX_OPEN_UPLOADS:
+                return
+            up = self._uploads[key] = _Upload(r.total)
+        if r.total != up.total or r.offset != up.next_offset:
+            del self._uploads[key]
+            return
+        if r.offset + len(r.data) > up.total:
+            del self._uploads[key]
+            return
+        up.hasher.update(r.data)
+        up.next_offset += len(r.data)
+        if r.data:
+            self._events.append(
+                ev.ResultChunk(self.session_id, r.job, r.attempt, r.offset, r.total, r.data)
+            )
+        if not r.fin:
+            return
+        del self._uploads[key]
+        assert r.sha256 is not None
+        if up.next_offset != up.total or not hmac.compare_digest(up.hasher.digest(), r.sha256):
+            self._events.append(
+                ev.JobRefused(
+                    self.session_id,
+                    r.job,
+                    r.attempt,
+                    ErrorCode.HASH_MISMATCH,
+                    "result size or SHA-256 does not match its chunks",
+                )
+            )
+            return
+        if self._job is not None and (self._job.desc.job, self._job.desc.attempt) == key:
+            self.state = ServerState.COMMITTING
+        self._events.append(
+            ev.ResultComplete(
+                session_id=self.session_id,
+                agent_id=self.agent_id,
+                job=r.job,
+                attempt=r.attempt,
+                total=up.total,
+                sha256=r.sha256,
+                status=r.status or "",
+                detail=r.detail or "",
+                cpu_ms=r.cpu_ms or 0,
+                wall_ms=r.wall_ms or 0,
+            )
+        )
+
+    def _on_error(self, e: Error) -> None:
+        if e.job is not None and e.attempt is not None:
+            current = self._job is not None and (self._job.desc.job, self._job.desc.attempt) == (
+                e.job,
+                e.attempt,
+            )
+            self._events.append(ev.JobRefused(self.session_id, e.job, e.attempt, e.code, e.message))
+            if current:
+                self._job = None
+                self.state = ServerState.IDLE
+                self._events.append(ev.AgentIdle(self.session_id))
+            return
+        self._close(f"agent closed the session: {e.message}", e.code)
+
+    def _violation(self, reason: str, now: float) -> None:
+        notice = Error(
+            seq=0,
+            epoch=0,
+            code=ErrorCode.PROTOCOL_VIOLATION,
+            message=clip_text(reason, limits.MAX_TEXT),
+        )
+        if self.channel is not None:
+            self.channel.close(reason, ErrorCode.PROTOCOL_VIOLATION, notice, now)
+        self._close(reason, ErrorCode.PROTOCOL_VIOLATION)
+
+    # ---- application API -----------------------------------------------------
+
+    def start_job(self, desc: ev.JobDescription) -> None:
+        if self.state is not ServerState.IDLE or self.channel is None:
+            raise RuntimeError(f"session {self.session_id:#x} is {self.state.value}, not idle")
+        self._job = _Outbound(desc)
+        self.channel.send_reliable(
+            Start(
+                seq=0,
+                epoch=0,
+                job=desc.job,
+                attempt=desc.attempt,
+                kind=desc.kind,
+                code_size=desc.code_size,
+                code_sha256=desc.code_sha256,
+                input_size=desc.input_size,
+                input_sha256=desc.input_sha256,
+                cpu_seconds=desc.cpu_seconds,
+                memory_bytes=desc.memory_bytes,
+                wall_seconds=desc.wall_seconds,
+                output_bytes=desc.output_bytes,
+            )
+        )
+        self.state = ServerState.SENDING_JOB
+        self.poll()
+
+    def code_wanted(self) -> tuple[int, int] | None:
+        """(offset, length) of the next chunk of code||input to supply, if any."""
+        job, ch = self._job, self.channel
+        if job is None or ch is None or self.state is not ServerState.SENDING_JOB:
+            return None
+        if job.offset >= job.total:
+            return None
+        # Keep only about a window's worth queued beyond what is in flight.
+        if ch.queue_space <= 0 or ch.queued >= max(2 * self._window, 8):
+            return None
+        return job.offset, min(limits.DEFAULT_CHUNK, job.total - job.offset)
+
+    def supply_code(self, data: bytes) -> None:
+        job, ch = self._job, self.channel
+        assert job is not None and ch is not None
+        if not data or job.offset + len(data) > job.total:
+            raise ValueError("supplied chunk does not fit the job")
+        d = job.desc
+        ch.send_reliable(
+            Code(seq=0, epoch=0, job=d.job, attempt=d.attempt, offset=job.offset, data=data)
+        )
+        job.offset += len(data)
+        self.poll()
+
+    def confirm_committed(self, entries: list[tuple[int, int]], now: float) -> None:
+        """The final ACK for durable results; frees the agent for the next job."""
+        if self.channel is None or self.state is ServerState.CLOSED:
+            return
+        self.channel.send_committed(entries, now)
+        if (
+            self._job is not None
+            and (self._job.desc.job, self._job.desc.attempt) in entries
+            and self.state in (ServerState.COMMITTING, ServerState.RUNNING)
+        ):
+            self._job = None
+            self.state = ServerState.IDLE
+            self._events.append(ev.AgentIdle(self.session_id))
+
+    def reset(self, reason: str, now: float) -> None:
+        if self.channel is None or self.state in (ServerState.CLOSED, ServerState.CHALLENGED):
+            return
+        self.channel.start_reset(reason, now)
+        self._uploads.clear()
+        self._job = None
+        self.state = ServerState.RESETTING
+
+    def close(self, reason: str, code: int, now: float) -> None:
+        if self.channel is not None:
+            notice = Error(seq=0, epoch=0, code=code, message=clip_text(reason, limits.MAX_TEXT))
+            self.channel.close(reason, code, notice, now)
+        self._close(reason, code)
+
+    @property
+    def current_job(self) -> tuple[int, int] | None:
+        return None if self._job is None else (self._job.desc.job, self._job.desc.attempt)
+
+    # ---- progress, timers, output --------------------------------------------
+
+    def poll(self) -> None:
+        """Advance job-transfer bookkeeping after any input."""
+        job, ch = self._job, self.channel
+        if job is None or ch is None:
+            return
+        if self.state is ServerState.SENDING_JOB:
+            if job.offset >= job.total and not job.end_sent:
+                d = job.desc
+                ch.send_reliable(End(seq=0, epoch=0, job=d.job, attempt=d.attempt, total=job.total))
+                job.end_sent = True
+            if job.end_sent and ch.send_idle and not job.delivered:
+                job.delivered = True
+                self.state = ServerState.RUNNING
+                self._events.append(
+                    ev.JobDelivered(self.session_id, job.desc.job, job.desc.attempt)
+                )
+
+    def get_timer(self) -> float | None:
+        if self.state is ServerState.CLOSED:
+            return None
+        if self.channel is not None:
+            return self.channel.timer()
+        return self._created + limits.HANDSHAKE_GIVE_UP
+
+    def handle_timer(self, now: float) -> None:
+        if self.state is ServerState.CLOSED:
+            return
+        if self.channel is None:
+            if now >= self._created + limits.HANDSHAKE_GIVE_UP:
+                self._close("handshake not completed in time", ErrorCode.IDLE_TIMEOUT)
+            return
+        self.channel.handle_timer(now)
+        self._check_channel()
+        self.poll()
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        out = list(self._out)
+        self._out.clear()
+        if self.channel is not None:
+            out.extend(self.channel.datagrams_to_send(now))
+            self._check_channel()
+            self.poll()
+        return out
+
+    def _check_channel(self) -> None:
+        ch = self.channel
+        if ch is not None and ch.close_reason is not None and self.state is not ServerState.CLOSED:
+            self._close(ch.close_reason, ch.close_code)
+
+    def _close(self, reason: str, code: int, *, emit: bool = True) -> None:
+        if self.state is ServerState.CLOSED:
+            return
+        self.state = ServerState.CLOSED
+        self.close_reason = reason
+        self._uploads.clear()
+        if self.channel is not None:
+            self.channel.close(reason, code)
+        if emit:
+            self._events.append(ev.SessionClosed(self.session_id, reason, int(code)))

@@ -1,0 +1,198 @@
+"""Group commit: one writer thread, many results per fsync.
+
+The server must not ACK a result before its transaction is durable, and an fsync per
+result would cap the dispatch rate at the disk's sync rate. :class:`GroupCommitter` owns
+the one thread that writes to the store. Whatever arrived while the previous commit was
+running goes into the next transaction together, so many results share one fsync:
+under load the group grows by itself, and a lone result still commits at once.
+
+Within one group, results are recorded first (one transaction), then leases are handed
+out (one transaction), then :meth:`GroupCommitter.run` calls execute one by one in
+arrival order. A ``run`` call therefore sees every result and lease submitted before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from vcomp.errors import StoreError
+from vcomp.server.store import Lease, LeaseRequest, RecordOutcome, ResultSubmission, Store
+
+__all__ = ["GroupCommitter"]
+
+T = TypeVar("T")
+
+_Kind = Literal["result", "lease", "run", "stop"]
+
+
+@dataclass(slots=True)
+class _Request:
+    kind: _Kind
+    payload: Any
+    future: asyncio.Future[Any] | None
+    loop: asyncio.AbstractEventLoop | None
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled; the commit happened regardless
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class GroupCommitter:
+    """Serialises store writes on one thread and batches results into group commits."""
+
+    def __init__(self, store: Store, *, max_group: int = 4096, name: str = "vcomp-store") -> None:
+        if max_group < 1:
+            raise ValueError("max_group must be at least 1")
+        self._store = store
+        self._max_group = max_group
+        self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._closing = False
+        self._stopped: asyncio.Future[None] | None = None
+        self.commits = 0  # write transactions issued for results and leases
+        self.results_committed = 0
+        self.leases_committed = 0
+        self.groups = 0
+        self.largest_group = 0
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ asyncio side
+
+    async def submit_result(self, submission: ResultSubmission) -> RecordOutcome:
+        """Resolve once the transaction holding this result has committed."""
+        outcome: RecordOutcome = await self._submit("result", submission)
+        return outcome
+
+    async def lease(self, agent_id: str, now: float, lease_seconds: float) -> Lease | None:
+        """``Store.lease_next``, batched with other lease requests into one commit."""
+        lease: Lease | None = await self._submit(
+            "lease", LeaseRequest(agent_id, now, lease_seconds)
+        )
+        return lease
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run any store call on the writer thread (so one thread owns the writes)."""
+        result: T = await self._submit("run", (fn, args))
+        return result
+
+    async def _submit(self, kind: _Kind, payload: Any) -> Any:
+        if self._closing:
+            raise StoreError("the group committer is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Request(kind, payload, future, loop))
+        return await future
+
+    async def close(self) -> None:
+        """Stop taking work, finish everything already submitted, stop the thread."""
+        if self._stopped is None:
+            self._closing = True
+            loop = asyncio.get_running_loop()
+            self._stopped = loop.create_future()
+            self._queue.put(_Request("stop", None, self._stopped, loop))
+        await asyncio.shield(self._stopped)
+        self._thread.join()
+
+    async def __aenter__(self) -> GroupCommitter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _work(self) -> None:
+        while True:
+            group = [self._queue.get()]  # block for the first request ...
+            while len(group) < self._max_group:  # ... then take all that queued up meanwhile
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self.groups += 1
+            self.largest_group = max(self.largest_group, len(group))
+            if self._run_group(group):
+                return
+
+    def _run_group(self, group: list[_Request]) -> bool:
+        results: list[_Request] = []
+        leases: list[_Request] = []
+        for request in group:
+            if request.kind == "result":
+                results.append(request)
+            elif request.kind == "lease":
+                leases.append(request)
+            else:
+                self._flush(results, leases)
+                results, leases = [], []
+                if request.kind == "stop":
+                    # Nothing can follow "stop": _submit refuses work once closing is set
+                    # and requests are only made on the event loop.
+                    self._reply(request, None, None)
+                    return True
+                fn, args = request.payload
+                try:
+                    value = fn(*args)
+                except Exception as exc:
+                    self._reply(request, None, exc)
+                else:
+                    self._reply(request, value, None)
+        self._flush(results, leases)
+        return False
+
+    def _flush(self, results: list[_Request], leases: list[_Request]) -> None:
+        if results:
+            try:
+                outcomes = self._store.record_results([r.payload for r in results])
+            except Exception as exc:
+                for request in results:
+                    self._reply(request, None, exc)
+            else:
+                self.commits += 1
+                self.results_committed += len(results)
+                for request, outcome in zip(results, outcomes, strict=True):
+                    self._reply(request, outcome, None)
+        if leases:
+            try:
+                granted = self._store.lease_many([r.payload for r in leases])
+            except StoreError:
+                # One bad request (say, an unknown agent) must not fail its neighbours:
+                # retry them one by one so each caller gets its own answer.
+                for request in leases:
+                    self._lease_alone(request)
+            except Exception as exc:
+                for request in leases:
+                    self._reply(request, None, exc)
+            else:
+                self.commits += 1
+                self.leases_committed += sum(lease is not None for lease in granted)
+                for request, lease in zip(leases, granted, strict=True):
+                    self._reply(request, lease, None)
+
+    def _lease_alone(self, request: _Request) -> None:
+        try:
+            (lease,) = self._store.lease_many([request.payload])
+        except Exception as exc:
+            self._reply(request, None, exc)
+        else:
+            self.commits += 1
+            self.leases_committed += lease is not None
+            self._reply(request, lease, None)
+
+    @staticmethod
+    def _reply(request: _Request, value: Any, error: BaseException | None) -> None:
+        if request.future is None or request.loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            request.loop.call_soon_threadsafe(_settle, request.future, value, error)

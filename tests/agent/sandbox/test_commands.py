@@ -1,0 +1,71 @@
+"""`vcomp-agent doctor` and `vcomp-agent sandbox-run`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vcomp.agent.sandbox.commands import doctor, minimum_missing, sandbox_run
+from vcomp.agent.sandbox.outcome import EXIT_CODES, OutcomeKind, Protection
+
+from .conftest import EXAMPLES
+
+
+def test_doctor_lists_protections_and_passes_here() -> None:
+    out = io.StringIO()
+    assert doctor(out) == 0
+    text = out.getvalue()
+    for name in ("rlimits", "seccomp", "landlock", "pid_namespace", "unprivileged_uid"):
+        assert name in text
+    assert "minimum guarantees present" in text
+
+
+def test_minimum_missing() -> None:
+    prots = [Protection("rlimits", "active"), Protection("unprivileged_uid", "failed", "x")]
+    assert minimum_missing(prots) == [
+        "cleared_environment",
+        "process_tree_kill",
+        "unprivileged_uid",
+    ]
+
+
+def test_sandbox_run_writes_result_and_one_json_line(tmp_path: Path) -> None:
+    data = tmp_path / "in.json"
+    data.write_text('{"points": 1000, "seed": 1}')
+    out, err = io.BytesIO(), io.StringIO()
+    code = sandbox_run(EXAMPLES / "pi.py", kind="python", input_path=data, stdout=out, stderr=err)
+    assert code == 0
+    assert json.loads(out.getvalue())["points"] == 1000
+    (line,) = err.getvalue().splitlines()
+    summary = json.loads(line)
+    assert summary["kind"] == "ok" and summary["protections"]["rlimits"] == "active"
+
+
+def test_sandbox_run_exit_code_per_outcome(tmp_path: Path) -> None:
+    program = tmp_path / "sleepy.py"
+    program.write_text("import time\ntime.sleep(30)\n")
+    code = sandbox_run(
+        program,
+        kind="python",
+        input_path=None,
+        wall_seconds=0.5,
+        stdout=io.BytesIO(),
+        stderr=io.StringIO(),
+    )
+    assert code == EXIT_CODES[OutcomeKind.WALL_TIMEOUT]
+
+
+def test_cli_commands_exist() -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3] / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from vcomp.agent.cli import main; main()", "sandbox-run", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert "14 wall_timeout" in proc.stdout

@@ -1,0 +1,472 @@
+"""Every escape and abuse attempt of issue 4, each followed by a normal job.
+
+The jobs report what they tried; the tests check both the job's view and the host's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vcomp.agent.sandbox import JobLimits, OutcomeKind, Sandbox
+from vcomp.domain import encode_frame, encode_result
+
+from .conftest import LIMITS, assert_still_works, job, processes_with, run_python
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests set up root-owned files")
+
+SHORT = dataclasses.replace(LIMITS, wall_seconds=3.0)
+
+
+def attempts(outcome_result: bytes | None) -> dict[str, str]:
+    assert outcome_result is not None
+    data: dict[str, str] = json.loads(outcome_result)
+    return data
+
+
+TRY = """
+def attempt(name, fn):
+    try:
+        fn()
+        results[name] = "succeeded"
+    except BaseException as exc:
+        results[name] = type(exc).__name__ + ":" + str(getattr(exc, "errno", ""))
+"""
+
+
+@pytest.fixture
+def agent_state() -> Iterator[Path]:
+    """A fake agent state dir outside every default-hidden path, open to everyone by
+    mode bits, so only the sandbox stands between the job and its files.
+    """
+    root = Path("/var/lib") / f"vcomp-test-{secrets.token_hex(4)}"
+    (root / "tpm").mkdir(parents=True)
+    os.chmod(root, 0o777)
+    os.chmod(root / "tpm", 0o777)
+    key = root / "agent_key.pem"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"-----BEGIN PRIVATE KEY-----\nsecret\n")
+    os.close(fd)
+    (root / "tpm" / "state.json").write_text('{"seed": "secret"}')
+    os.chmod(root / "tpm" / "state.json", 0o644)  # readable by mode bits on purpose
+    yield root
+    shutil.rmtree(root)
+
+
+async def test_fork_bomb_is_capped_by_nproc_even_as_root(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(SHORT, max_processes=16)
+    outcome = await run_python(
+        sandbox,
+        job("""
+children = 0
+try:
+    while children < 1000:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        children += 1
+except OSError as exc:
+    return json.dumps({"children": children, "errno": exc.errno}).encode()
+return json.dumps({"children": children}).encode()
+"""),
+        limits=limits,
+    )
+    assert outcome.kind is OutcomeKind.OK, outcome
+    report = json.loads(outcome.result or b"{}")
+    assert report["children"] < 16
+    assert report["errno"] == 11  # EAGAIN from RLIMIT_NPROC
+    assert processes_with("<vcomp-bootstrap>") == []
+    await assert_still_works(sandbox)
+
+
+async def test_true_fork_bomb_is_contained(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(SHORT, max_processes=32, wall_seconds=2.0)
+    outcome = await run_python(
+        sandbox,
+        job("""
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+"""),
+        limits=limits,
+    )
+    assert outcome.kind in (OutcomeKind.WALL_TIMEOUT, OutcomeKind.CPU_LIMIT), outcome
+    assert processes_with("<vcomp-bootstrap>") == []
+    await assert_still_works(sandbox)
+
+
+async def test_memory_bomb(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(SHORT, memory_bytes=256 << 20)
+    outcome = await run_python(
+        sandbox,
+        job("""
+hog = []
+while True:
+    hog.append(bytearray(8 << 20))
+"""),
+        limits=limits,
+    )
+    assert outcome.kind is OutcomeKind.MEMORY_LIMIT, outcome
+    await assert_still_works(sandbox)
+
+
+async def test_infinite_loop_hits_cpu_limit(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(LIMITS, cpu_seconds=1, wall_seconds=20)
+    outcome = await run_python(sandbox, job("while True:\n    pass"), limits=limits)
+    assert outcome.kind is OutcomeKind.CPU_LIMIT, outcome
+    assert outcome.cpu_seconds >= 0.9  # clock-tick rounding
+    await assert_still_works(sandbox)
+
+
+async def test_cpu_burn_over_many_processes_hits_tree_cpu_limit(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(LIMITS, cpu_seconds=2, wall_seconds=20)
+    outcome = await run_python(
+        sandbox,
+        job("""
+for _ in range(4):
+    if os.fork() == 0:
+        while True:
+            pass
+while True:
+    time.sleep(1)
+"""),
+        limits=limits,
+    )
+    assert outcome.kind is OutcomeKind.CPU_LIMIT, outcome
+    assert processes_with("<vcomp-bootstrap>") == []
+    await assert_still_works(sandbox)
+
+
+async def test_sleep_beyond_wall_limit(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(LIMITS, wall_seconds=1.0)
+    outcome = await run_python(sandbox, job("time.sleep(60)"), limits=limits)
+    assert outcome.kind is OutcomeKind.WALL_TIMEOUT, outcome
+    assert outcome.wall_seconds < 10
+    await assert_still_works(sandbox)
+
+
+async def test_silence_beyond_idle_limit(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(LIMITS, idle_seconds=0.5)
+    outcome = await run_python(sandbox, job("progress(0.1)\ntime.sleep(60)"), limits=limits)
+    assert outcome.kind is OutcomeKind.IDLE_TIMEOUT, outcome
+    assert outcome.progress == pytest.approx(0.1)
+    await assert_still_works(sandbox)
+
+
+async def test_writes_outside_the_work_dir_fail(sandbox: Sandbox, agent_state: Path) -> None:
+    token = secrets.token_hex(6)
+    home = Path(os.path.expanduser("~"))
+    targets = {
+        "tmp": f"/tmp/vcomp-escape-{token}",
+        "home": str(home / f"vcomp-escape-{token}"),
+        "state": str(agent_state / f"vcomp-escape-{token}"),
+        "tpm": str(agent_state / "tpm" / "state.json"),
+        "work_root": str(sandbox.work_root / f"vcomp-escape-{token}"),
+    }
+    code = job(
+        TRY
+        + """
+results = {}
+targets = json.loads(data)
+for name, path in targets.items():
+    attempt(name, lambda: open(path, "ab").write(b"pwned"))
+attempt("own_dir", lambda: open("inside.txt", "wb").write(b"fine"))
+return json.dumps(results).encode()
+"""
+    )
+    outcome = await run_python(sandbox, code, json.dumps(targets).encode())
+    assert outcome.kind is OutcomeKind.OK, outcome
+    results = attempts(outcome.result)
+    assert results.pop("own_dir") == "succeeded"
+    assert all(r != "succeeded" for r in results.values()), results
+    for name, path in targets.items():
+        if name != "tpm":
+            assert not os.path.exists(path), path
+    assert json.loads((agent_state / "tpm" / "state.json").read_text()) == {"seed": "secret"}
+    await assert_still_works(sandbox)
+
+
+async def test_reading_the_agent_key_and_tpm_state_fails(
+    sandbox: Sandbox, agent_state: Path
+) -> None:
+    targets = {
+        "key": str(agent_state / "agent_key.pem"),
+        "tpm_state": str(agent_state / "tpm" / "state.json"),
+        "passwd_shadow": "/etc/shadow",
+    }
+    code = job(
+        TRY
+        + """
+results = {}
+for name, path in json.loads(data).items():
+    attempt(name, lambda: open(path, "rb").read())
+attempt("list_state", lambda: os.listdir(os.path.dirname(json.loads(data)["key"])))
+return json.dumps(results).encode()
+"""
+    )
+    outcome = await run_python(sandbox, code, json.dumps(targets).encode())
+    assert outcome.kind is OutcomeKind.OK, outcome
+    results = attempts(outcome.result)
+    assert all(r != "succeeded" for r in results.values()), results
+    await assert_still_works(sandbox)
+
+
+async def test_hidden_state_dir_is_empty_inside(tmp_path: Path, agent_state: Path) -> None:
+    # Without Landlock, so that the mount alone is what keeps the files out of sight.
+    sandbox = Sandbox(work_root=tmp_path / "work", hidden_paths=[agent_state], use_landlock=False)
+    code = job("return json.dumps(os.listdir(data.decode())).encode()")
+    outcome = await run_python(sandbox, code, str(agent_state).encode())
+    assert outcome.kind is OutcomeKind.OK, outcome
+    assert json.loads(outcome.result or b"") == []
+
+
+async def test_network_is_unreachable(sandbox: Sandbox) -> None:
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(4)
+        tcp.setblocking(False)
+        udp.bind(("127.0.0.1", 0))
+        udp.setblocking(False)
+        ports = {"tcp": tcp.getsockname()[1], "udp": udp.getsockname()[1]}
+        code = job(
+            TRY
+            + """
+results = {}
+ports = json.loads(data)
+attempt("tcp", lambda: socket.create_connection(("127.0.0.1", ports["tcp"]), timeout=1))
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"leak", ("127.0.0.1", ports["udp"]))
+attempt("udp", udp)
+attempt("ipv6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+attempt("raw", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
+attempt("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW))
+attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close())
+return json.dumps(results).encode()
+"""
+        )
+        outcome = await run_python(sandbox, code, json.dumps(ports).encode())
+        assert outcome.kind is OutcomeKind.OK, outcome
+        results = attempts(outcome.result)
+        assert results.pop("unix") == "succeeded"  # local socketpairs stay allowed
+        assert all(r != "succeeded" for r in results.values()), results
+        with pytest.raises(BlockingIOError):
+            tcp.accept()
+        with pytest.raises(BlockingIOError):
+            udp.recvfrom(64)
+    finally:
+        tcp.close()
+        udp.close()
+    await assert_still_works(sandbox)
+
+
+async def test_ptrace_on_the_parent_and_agent_fails(sandbox: Sandbox) -> None:
+    code = job("""
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+for name, pid in (("parent", os.getppid()), ("agent", int(data)), ("self_child", 1)):
+    rc = libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+    out[name] = [rc, ctypes.get_errno()]
+rc = libc.ptrace(0, 0, None, None)  # PTRACE_TRACEME
+out["traceme"] = [rc, ctypes.get_errno()]
+return json.dumps(out).encode()
+""")
+    outcome = await run_python(sandbox, code, str(os.getpid()).encode())
+    assert outcome.kind is OutcomeKind.OK, outcome
+    for name, (rc, err) in json.loads(outcome.result or b"").items():
+        assert rc == -1 and err == 1, (name, rc, err)  # EPERM from seccomp
+    status = Path(f"/proc/{os.getpid()}/status").read_text()
+    assert "TracerPid:\t0" in status
+    await assert_still_works(sandbox)
+
+
+async def test_signalling_the_agent_fails(sandbox: Sandbox) -> None:
+    received: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda s, _f: received.append(s))
+        for sig in (signal.SIGUSR1, signal.SIGTERM)
+    }
+    try:
+        code = job(
+            TRY
+            + """
+results = {}
+agent = int(data)
+attempt("usr1", lambda: os.kill(agent, signal.SIGUSR1))
+attempt("term", lambda: os.kill(agent, signal.SIGTERM))
+attempt("group", lambda: os.killpg(os.getpgid(0), signal.SIGUSR1) if False else None)
+attempt("broadcast", lambda: os.kill(-1, signal.SIGTERM))
+return json.dumps(results).encode()
+"""
+        )
+        outcome = await run_python(sandbox, code, str(os.getpid()).encode())
+        await asyncio.sleep(0.1)
+        assert outcome.kind is OutcomeKind.OK, outcome
+        results = attempts(outcome.result)
+        assert results["usr1"] != "succeeded" and results["term"] != "succeeded", results
+        assert received == []
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    await assert_still_works(sandbox)
+
+
+DAEMON = """
+token = data.decode()
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.write(w, b"x")
+        os.execv("/bin/sleep", ["sleep-" + token, "300"])
+    os._exit(0)
+os.wait()
+os.read(r, 1)
+time.sleep(0.2)
+return b"left a daemon"
+"""
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["pid-namespace", "subreaper-sweep"])
+async def test_daemonised_grandchild_does_not_survive(tmp_path: Path, namespaces: bool) -> None:
+    python = None
+    if not namespaces:
+        # Without a mount namespace the job's uid must reach the interpreter by itself;
+        # the agent's may sit in root's 0700 home, so take the system one.
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        if python is None:
+            pytest.skip("no system python3 that uid 65534 can run")
+    sandbox = Sandbox(work_root=tmp_path / "work", namespaces=namespaces, python=python)
+    token = secrets.token_hex(8)
+    outcome = await run_python(sandbox, job(DAEMON), token.encode())
+    assert outcome.kind is OutcomeKind.OK, outcome
+    assert processes_with(f"sleep-{token}") == []
+    await assert_still_works(sandbox)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+async def test_flooding_the_logs_ends_the_job(sandbox: Sandbox, stream: str) -> None:
+    limits = dataclasses.replace(SHORT, log_bytes=64 << 10)
+    code = job(f"""
+chunk = b"x" * 65536
+while True:
+    sys.{stream}.buffer.write(chunk)
+""")
+    outcome = await run_python(sandbox, code, limits=limits)
+    assert outcome.kind is OutcomeKind.OUTPUT_TOO_LARGE, outcome
+    assert 0 < len(getattr(outcome, f"{stream}_tail")) <= 64 << 10 + 65536
+    await assert_still_works(sandbox)
+
+
+async def test_result_over_the_output_cap(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(SHORT, output_bytes=1000)
+    outcome = await run_python(sandbox, job("return b'x' * 1001"), limits=limits)
+    assert outcome.kind is OutcomeKind.OUTPUT_TOO_LARGE, outcome
+    await assert_still_works(sandbox)
+
+
+MALFORMED = {
+    "unknown type": (encode_frame(0x01, b"")[:0] + b"\x7f\x00\x00\x00\x01x", "PROTOCOL"),
+    "START from the job": (b"\x01\x00\x00\x00\x00", "PROTOCOL"),
+    "progress above one": (b"\x03\x00\x00\x00\x04" + (2_000_000).to_bytes(4, "big"), "PROTOCOL"),
+    "progress wrong size": (b"\x03\x00\x00\x00\x02ab", "PROTOCOL"),
+    "huge declared length": (b"\x02\xff\xff\xff\xff", "OUTPUT"),
+    "frame after RESULT": (encode_result(b"a") + encode_result(b"b"), "PROTOCOL"),
+    "truncated frame": (b"\x02\x00\x00\x00\x10abc", "PROTOCOL"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+async def test_malformed_frames(sandbox: Sandbox, name: str) -> None:
+    frames, expected = MALFORMED[name]
+    code = (
+        f"import os, time\nos.write(4, {frames!r})\n"
+        + (
+            "os._exit(0)\n"
+            if name in ("truncated frame", "frame after RESULT")
+            else "time.sleep(30)\n"
+        )
+    ).encode()
+    outcome = await run_python(sandbox, code, limits=SHORT)
+    kind = (
+        OutcomeKind.PROTOCOL_VIOLATION if expected == "PROTOCOL" else OutcomeKind.OUTPUT_TOO_LARGE
+    )
+    assert outcome.kind is kind, outcome
+    assert outcome.wall_seconds < 2.5
+    await assert_still_works(sandbox)
+
+
+SETUID_HELPER = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) { printf("%d", (int)geteuid()); return 0; }
+"""
+
+
+async def test_setuid_binary_gives_no_privilege(tmp_path: Path) -> None:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed; cannot build the set-user-ID helper")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "euid.c").write_text(SETUID_HELPER)
+    helper = tools / "euid"
+    subprocess.run([gcc, "-o", str(helper), str(tools / "euid.c")], check=True)
+    os.chown(helper, 0, 0)
+    os.chmod(helper, 0o4755)
+    assert os.stat(helper).st_mode & stat.S_ISUID
+    os.chmod(tools, 0o755)
+    sandbox = Sandbox(work_root=tmp_path / "work", read_paths=[tools])
+    code = job(
+        TRY
+        + """
+results = {}
+def run_it(path):
+    results[path] = subprocess.run([path], capture_output=True).stdout.decode()
+for path in (data.decode(), "/usr/bin/passwd"):
+    attempt("exec:" + path, lambda: run_it(path))
+results["own_euid"] = str(os.geteuid())
+return json.dumps(results).encode()
+"""
+    )
+    outcome = await run_python(sandbox, code, str(helper).encode())
+    assert outcome.kind is OutcomeKind.OK, outcome
+    results = attempts(outcome.result)
+    assert results[str(helper)] == results["own_euid"] != "0", results
+    await assert_still_works(sandbox)
+
+
+async def test_limits_are_per_job_not_shared(sandbox: Sandbox) -> None:
+    """A job that nearly exhausts its process budget leaves the next job a full one."""
+    limits = dataclasses.replace(SHORT, max_processes=8)
+    spawn = job("""
+n = 0
+for _ in range(5):
+    if os.fork() == 0:
+        time.sleep(30)
+        os._exit(0)
+    n += 1
+return str(n).encode()
+""")
+    for _ in range(2):
+        outcome = await run_python(sandbox, spawn, limits=limits)
+        assert outcome.kind is OutcomeKind.OK and outcome.result == b"5", outcome
+
+
+_ = JobLimits

@@ -1,0 +1,106 @@
+"""The seccomp filter: both builders, loaded in a forked child, deny what they should."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+
+import pytest
+
+from vcomp.agent.sandbox import seccomp
+from vcomp.agent.sandbox.libc import MACHINE, install_seccomp_program, set_no_new_privs
+
+from .conftest import in_child
+
+HAVE_LIBSECCOMP = seccomp.libseccomp_version() is not None
+needs_table = pytest.mark.skipif(
+    MACHINE not in seccomp.SYSCALL_NUMBERS, reason=f"no syscall table for {MACHINE}"
+)
+
+
+@pytest.mark.skipif(not HAVE_LIBSECCOMP, reason="libseccomp is not installed")
+@needs_table
+def test_hand_table_matches_libseccomp() -> None:
+    for name, number in seccomp.SYSCALL_NUMBERS[MACHINE].items():
+        assert seccomp.resolve_with_libseccomp(name) == number, name
+
+
+def test_both_architectures_cover_every_denied_call() -> None:
+    for table in seccomp.SYSCALL_NUMBERS.values():
+        assert set(seccomp.DENIED_SYSCALLS) <= set(table)
+        assert len(seccomp.assemble_program("aarch64")) % 8 == 0
+
+
+def test_unknown_architecture_is_reported() -> None:
+    with pytest.raises(seccomp.SeccompUnavailable):
+        seccomp.assemble_program("mips")
+
+
+def _probe_under(program: bytes) -> dict[str, object]:
+    set_no_new_privs()
+    install_seccomp_program(program)
+    libc = ctypes.CDLL(None, use_errno=True)
+    out: dict[str, object] = {}
+
+    def errno_of(fn: object) -> int:
+        try:
+            fn()  # type: ignore[operator]
+        except OSError as exc:
+            return exc.errno or -1
+        return 0
+
+    out["inet"] = errno_of(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    out["inet6"] = errno_of(lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+    out["unix"] = errno_of(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close())
+    out["socketpair"] = errno_of(lambda: [s.close() for s in socket.socketpair()])
+    out["ptrace"] = libc.ptrace(16, os.getppid(), None, None), ctypes.get_errno()
+    out["unshare"] = libc.unshare(0x10000000), ctypes.get_errno()
+    out["mount"] = libc.mount(b"none", b"/mnt", b"tmpfs", 0, None), ctypes.get_errno()
+    out["keyctl"] = libc.syscall(seccomp.SYSCALL_NUMBERS[MACHINE]["keyctl"], 0), ctypes.get_errno()
+    pid = os.fork()  # plain fork (clone without namespace flags) still works
+    if pid == 0:
+        os._exit(7)
+    out["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return out
+
+
+def _check(result: object) -> None:
+    assert isinstance(result, dict)
+    assert result["inet"] == errno.EPERM
+    assert result["inet6"] == errno.EPERM
+    assert result["unix"] == 0
+    assert result["socketpair"] == 0
+    for name in ("ptrace", "unshare", "mount", "keyctl"):
+        assert result[name] == [-1, errno.EPERM], name
+    assert result["fork"] == 7
+
+
+@needs_table
+def test_fallback_filter_denies_and_allows() -> None:
+    _check(in_child(lambda: _probe_under(seccomp.assemble_program(MACHINE))))
+
+
+@pytest.mark.skipif(not HAVE_LIBSECCOMP, reason="libseccomp is not installed")
+def test_libseccomp_filter_denies_and_allows() -> None:
+    built = seccomp.build_program()
+    assert built.builder == "libseccomp"
+    _check(in_child(lambda: _probe_under(built.program)))
+
+
+@needs_table
+def test_clone3_falls_back_to_enosys() -> None:
+    def probe() -> int:
+        set_no_new_privs()
+        install_seccomp_program(seccomp.assemble_program(MACHINE))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall(435, None, 0)
+        return ctypes.get_errno()
+
+    assert in_child(probe) == errno.ENOSYS
+
+
+def test_malformed_program_is_refused() -> None:
+    with pytest.raises(OSError):
+        install_seccomp_program(b"\x00" * 7)

@@ -1,0 +1,265 @@
+"""Agent and server session machines end to end through the seeded simulator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.netsim import LinkConfig, Network
+from tests.protocol.sessionsim import (
+    AgentApp,
+    Identity,
+    ServerApp,
+    SimJob,
+    job_output,
+    make_agent,
+    make_identity,
+    make_trust,
+)
+from vcomp.protocol import events as ev
+from vcomp.protocol import handshake as hs
+from vcomp.protocol.agent_session import AgentState
+from vcomp.protocol.server_session import ServerState
+from vcomp.protocol.wire import Flag, PacketType, unpack_header
+
+
+@pytest.fixture(scope="module")
+def identity(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    return make_identity(tmp_path_factory.mktemp("tpm"))
+
+
+def jobs(n: int, code_size: int = 5000, input_size: int = 3000) -> list[SimJob]:
+    return [
+        SimJob(job=i + 1, attempt=1, code=os.urandom(code_size), data=os.urandom(input_size))
+        for i in range(n)
+    ]
+
+
+def pair(identity: Identity, *, window: int = 64, **agent_kw: object) -> tuple[ServerApp, AgentApp]:
+    server = ServerApp(signing_key=identity.signing_key, trust=make_trust(identity), window=window)
+    agent = AgentApp(make_agent(identity, **agent_kw))  # type: ignore[arg-type]
+    return server, agent
+
+
+def test_handshake_then_jobs_on_a_clean_link(identity: Identity) -> None:
+    server, agent = pair(identity)
+    server.queue.extend(jobs(3))
+    expected = {(j.job, j.attempt): job_output(j.code, j.data) for j in server.queue}
+    net = Network(server, agent, seed=1)
+    net.run(lambda: len(agent.of_type(ev.ResultCommitted)) == 3, timeout=60)
+    assert server.results == expected
+    assert agent.session.state is AgentState.READY
+    established = server.of_type(ev.SessionEstablished)
+    assert len(established) == 1 and established[0].agent_id == identity.tpm.agent_id
+    assert server.endpoint.counters["retry_sent"] == 1
+
+
+@pytest.mark.parametrize("window", [1, 64])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_jobs_survive_loss_duplication_reordering_and_corruption(
+    identity: Identity, window: int, seed: int
+) -> None:
+    link = LinkConfig(
+        delay=0.002, loss=0.2, duplicate=0.05, reorder=0.1, reorder_delay=0.01, corrupt=0.02
+    )
+    server, agent = pair(identity, window=window)
+    server.queue.extend(jobs(2, code_size=30_000, input_size=10_000))
+    expected = {(j.job, j.attempt): job_output(j.code, j.data) for j in server.queue}
+    net = Network(server, agent, a_to_b=link, b_to_a=link, seed=seed)
+    net.run(lambda: len(agent.of_type(ev.ResultCommitted)) >= 2, timeout=600)
+    assert server.results == expected
+    assert all(count == 1 for count in server.commit_count.values())
+    assert [e.description.job for e in agent.received] == [1, 2]
+
+
+def test_wrong_pinned_key_refuses_the_session_and_runs_nothing(identity: Identity) -> None:
+    other = hs.key_fingerprint(hs.raw_public(Ed25519PrivateKey.generate()))
+    server, agent = pair(identity, pinned=other)
+    server.queue.extend(jobs(1))
+    net = Network(server, agent, seed=2)
+    net.run(lambda: agent.session.state is AgentState.CLOSED, timeout=60)
+    rejected = agent.of_type(ev.Rejected)
+    assert rejected and "pinned" in rejected[0].reason
+    assert agent.received == []
+
+
+@pytest.mark.parametrize(
+    ("enrolled", "allowed", "reason"),
+    [(False, True, "unknown_key"), (True, False, "measurement_not_allowed")],
+)
+def test_untrusted_agents_get_no_code(
+    identity: Identity, enrolled: bool, allowed: bool, reason: str
+) -> None:
+    trust = make_trust(identity, enrolled=enrolled, allowed=allowed)
+    server = ServerApp(signing_key=identity.signing_key, trust=trust)
+    server.queue.extend(jobs(1))
+    agent = AgentApp(make_agent(identity))
+    net = Network(server, agent, seed=5)
+    net.run(lambda: agent.session.state is AgentState.CLOSED, timeout=60)
+    rejected = server.of_type(ev.HandshakeRejected)
+    assert [r.reason for r in rejected] == [reason]
+    assert agent.received == []
+    assert not server.endpoint.sessions
+
+
+def test_replayed_packets_have_no_effect(identity: Identity) -> None:
+    server, agent = pair(identity)
+    server.queue.extend(jobs(1))
+    captured: list[tuple[int, bytes]] = []
+
+    def capture(direction: int, datagram: bytes) -> bytes:
+        captured.append((direction, datagram))
+        return datagram
+
+    net = Network(server, agent, seed=6, tamper=capture)
+    net.run(lambda: len(agent.of_type(ev.ResultCommitted)) == 1, timeout=60)
+    net.tamper = None
+    for direction, datagram in captured:
+        net.inject(direction, datagram)
+    net.run(timeout=5)
+    assert len(agent.received) == 1
+    assert server.commit_count == {(1, 1): 1}
+    assert len(server.of_type(ev.ResultComplete)) == 1
+
+
+def test_a_reflected_packet_has_no_effect(identity: Identity) -> None:
+    server, agent = pair(identity)
+    server.queue.extend(jobs(1))
+    from_server: list[bytes] = []
+    net = Network(
+        server,
+        agent,
+        seed=7,
+        tamper=lambda d, data: (from_server.append(data) if d == 0 else None) or data,
+    )
+    net.run(lambda: len(agent.of_type(ev.ResultCommitted)) == 1, timeout=60)
+    net.tamper = None
+    before = len(server.events)
+    for data in from_server:
+        net.inject(1, data)  # server's own datagrams sent back to it
+    net.run(timeout=5)
+    assert [type(e) for e in server.events[before:]] == []
+
+
+def test_every_single_bit_flip_in_an_encrypted_packet_is_dropped(identity: Identity) -> None:
+    server, agent = pair(identity)
+    server.queue.extend(jobs(1))
+    net = Network(server, agent, seed=8)
+    net.run(lambda: agent.session.state is AgentState.READY, timeout=60)
+    sid = agent.session.session_id
+    session = server.endpoint.session(sid)
+    assert session is not None and session.channel is not None
+    # Let the job flow, keeping one encrypted agent->server datagram.
+    kept: list[bytes] = []
+
+    def keep(direction: int, data: bytes) -> bytes:
+        if direction == 1 and unpack_header(data).flags & Flag.ENCRYPTED and not kept:
+            kept.append(data)
+        return data
+
+    net.tamper = keep
+    net.run(lambda: len(agent.of_type(ev.ResultCommitted)) == 1, timeout=60)
+    assert kept
+    datagram = kept[0]
+    events_before = len(server.events)
+    for bit in range(len(datagram) * 8):
+        flipped = bytearray(datagram)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        server.endpoint.receive_datagram(bytes(flipped), server.address, net.now)
+    server.endpoint.datagrams_to_send(net.now)
+    assert server.endpoint.next_event() is None
+    assert len(server.events) == events_before
+    assert session.state is not ServerState.CLOSED
+
+
+def test_reset_during_code_transfer_returns_the_agent_to_ready(identity: Identity) -> None:
+    server, agent = pair(identity, window=4)
+    big = SimJob(job=7, attempt=1, code=os.urandom(200_000), data=b"in")
+    server.queue.append(big)
+    net = Network(server, agent, seed=9)
+    net.run(
+        lambda: agent.session.state is AgentState.RECEIVING,
+        timeout=60,
+    )
+    sid = agent.session.session_id
+    session = server.endpoint.session(sid)
+    assert session is not None
+    session.reset("operator asked", net.now)
+    server.endpoint.touch(sid)
+    net.run(lambda: bool(server.of_type(ev.ResetDone)), timeout=60)
+    aborted = agent.of_type(ev.JobAborted)
+    assert [(a.job, a.attempt) for a in aborted] == [(7, 1)]
+    # The same job, as a new attempt, then goes through on the new epoch.
+    server.queue.append(SimJob(job=7, attempt=2, code=big.code, data=big.data))
+    net.run(lambda: (7, 2) in server.results, timeout=120)
+    assert server.results[(7, 2)] == job_output(big.code, big.data)
+    assert agent.received[-1].description.attempt == 2
+
+
+def test_hello_flood_without_cookie_creates_no_state(identity: Identity) -> None:
+    server = ServerApp(signing_key=identity.signing_key, trust=make_trust(identity))
+    agent = make_agent(identity)
+    agent.connect(0.0)
+    hello = agent.datagrams_to_send(0.0)[0]
+    assert len(hello) >= 1200
+    for port in range(1000, 3000):
+        server.endpoint.receive_datagram(hello, ("127.0.0.9", port), 0.1)
+    replies = server.endpoint.datagrams_to_send(0.1)
+    assert len(replies) == 2000
+    assert all(len(d) < len(hello) for d, _ in replies)
+    assert {unpack_header(d).ptype for d, _ in replies} == {PacketType.RETRY}
+    assert server.endpoint.sessions == {}
+    assert server.endpoint.counters["public_key_ops"] == 0
+    # A HELLO that is too short is not answered at all.
+    server.endpoint.receive_datagram(hello[:600], ("127.0.0.9", 1), 0.2)
+    assert server.endpoint.datagrams_to_send(0.2) == []
+
+
+def test_forged_cookie_is_not_accepted(identity: Identity) -> None:
+    server = ServerApp(signing_key=identity.signing_key, trust=make_trust(identity))
+    agent = AgentApp(make_agent(identity))
+    # The agent's address changes between RETRY and the second HELLO: the cookie
+    # was bound to the first address, so the server sends a new RETRY instead.
+    addresses = iter([("127.0.0.3", 1), ("127.0.0.4", 2), ("127.0.0.4", 2)])
+
+    class Moving(ServerApp):
+        pass
+
+    def receive(datagram: bytes, now: float) -> None:
+        server.endpoint.receive_datagram(datagram, next(addresses, ("127.0.0.4", 2)), now)
+
+    server.receive = receive  # type: ignore[method-assign]
+    net = Network(server, agent, seed=10)
+    net.run(lambda: agent.session.state is AgentState.READY, timeout=60)
+    assert server.endpoint.counters["cookie_invalid"] == 1
+
+
+def test_idle_sessions_expire_on_both_sides(identity: Identity) -> None:
+    server, agent = pair(identity)
+    net = Network(server, agent, seed=11)
+    net.run(lambda: agent.session.state is AgentState.READY, timeout=60)
+    # Keepalives hold the session open while both sides are reachable.
+    net.run(timeout=200)
+    assert agent.session.state is AgentState.READY
+    assert len(server.endpoint.sessions) == 1
+    # Cut both directions: each side closes on its own idle timer.
+    net.tamper = lambda d, data: None
+    net.run(
+        lambda: agent.session.state is AgentState.CLOSED and not server.endpoint.sessions,
+        timeout=200,
+    )
+    closed = agent.of_type(ev.SessionClosed)
+    assert closed and "idle" in closed[0].reason
+
+
+def test_unused_paths_are_quiet(tmp_path: Path) -> None:
+    # Garbage to a fresh server produces nothing and no state.
+    identity = make_identity(tmp_path)
+    server = ServerApp(signing_key=identity.signing_key, trust=make_trust(identity))
+    for size in (0, 1, 23, 24, 100, 1472, 1500):
+        server.endpoint.receive_datagram(os.urandom(size), ("127.0.0.5", 9), 0.0)
+    assert server.endpoint.datagrams_to_send(0.0) == []
+    assert server.endpoint.sessions == {}

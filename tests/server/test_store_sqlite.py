@@ -1,0 +1,828 @@
+"""SqliteStore: every operation against a real SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from vcomp.errors import StoreError
+from vcomp.server.store import (
+    AppKind,
+    AttemptState,
+    CandidateResult,
+    JobState,
+    Lease,
+    LeaseRequest,
+    OutcomeKind,
+    ResultSubmission,
+)
+from vcomp.server.store_sqlite import SCHEMA_VERSION, SqliteStore
+
+# --------------------------------------------------------------------------- helpers
+
+
+def new_agent_key() -> tuple[str, str]:
+    """(agent id, AK public PEM). EC keys are fast; the store only hashes the SPKI."""
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return hashlib.sha256(der).hexdigest(), pem
+
+
+def enroll(store: SqliteStore, name: str) -> str:
+    agent_id, pem = new_agent_key()
+    return store.enroll_agent(agent_id, pem, name).agent_id
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "store.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def agents(store: SqliteStore) -> list[str]:
+    return [enroll(store, f"agent-{i}") for i in range(4)]
+
+
+@pytest.fixture
+def app(store: SqliteStore) -> str:
+    store.add_app("pi", "python", io.BytesIO(b"print('pi')"))
+    return "pi"
+
+
+def ok(lease: Lease, output: bytes = b"42", **kw: object) -> ResultSubmission:
+    return ResultSubmission(
+        lease.job_id,
+        lease.attempt,
+        lease.agent_id,
+        output=output,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def lease(store: SqliteStore, agent: str, now: float = 0.0, seconds: float = 30.0) -> Lease:
+    got = store.lease_next(agent, now, seconds)
+    assert got is not None
+    return got
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_wal_mode_foreign_keys_and_idempotent_migrations(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with SqliteStore(path) as s:
+        assert s.journal_mode() == "wal"
+        assert s.schema_version() == SCHEMA_VERSION
+    with SqliteStore(path) as s:  # reopening applies nothing twice
+        assert s.schema_version() == SCHEMA_VERSION
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert raw.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+    raw.close()
+
+
+def test_foreign_keys_are_enforced(store: SqliteStore) -> None:
+    conn = store._conn()
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO reset_requests (agent_id, requested_at) VALUES ('nope', 0)")
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    SqliteStore(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE schema_version SET version = 999")
+    raw.commit()
+    raw.close()
+    with pytest.raises(StoreError, match="newer"):
+        SqliteStore(path)
+
+
+def test_memory_database_is_refused() -> None:
+    with pytest.raises(StoreError, match="file path"):
+        SqliteStore(":memory:")
+
+
+# --------------------------------------------------------------------------- apps
+
+
+def test_app_versions_and_jobs_keep_their_version(store: SqliteStore, agents: list[str]) -> None:
+    v1 = store.add_app("sim", AppKind.EXEC, io.BytesIO(b"one"))
+    batch = store.create_batch("sim", [b"x"])
+    v2 = store.add_app("sim", "exec", io.BytesIO(b"two!"))
+    assert (v1.version, v2.version) == (1, 2)
+    assert store.get_app("sim") == v2
+    assert store.get_app("sim", 1) == v1
+    assert store.get_app_by_id(v1.app_id) == v1
+    assert [a.version for a in store.list_apps()] == [1, 2]
+    assert v2.sha256 == hashlib.sha256(b"two!").digest() and v2.size == 4
+    granted = lease(store, agents[0])
+    assert granted.batch_id == batch and granted.app == v1
+    assert store.read_code_chunk(granted.app.app_id, 0, 100) == b"one"
+
+
+def test_app_errors(store: SqliteStore, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="kind"):
+        store.add_app("x", "java", io.BytesIO(b""))
+    with pytest.raises(StoreError, match="app name"):
+        store.add_app("../evil", "python", io.BytesIO(b""))
+    with pytest.raises(StoreError, match="unknown app"):
+        store.get_app("missing")
+    with pytest.raises(StoreError, match="cannot read"):
+        store.add_app("x", "python", tmp_path / "missing.py")
+    with pytest.raises(StoreError, match="ended after 3 of 10"):
+        store.add_app("x", "python", io.BytesIO(b"abc"), size=10)
+    with pytest.raises(StoreError, match="longer"):
+        store.add_app("x", "python", io.BytesIO(b"abcdef"), size=3)
+    assert store.list_apps() == []  # failed adds leave nothing behind
+
+
+def test_big_code_blob_streams_in_and_out_in_chunks(store: SqliteStore, tmp_path: Path) -> None:
+    size = 20 << 20
+    rng = random.Random(7)
+    path = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        for _ in range(size // (1 << 20)):
+            block = rng.randbytes(1 << 20)
+            digest.update(block)
+            f.write(block)
+
+    tracemalloc.start()
+    try:
+        app = store.add_app("big", "exec", path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 << 20, f"add_app held {peak} bytes of Python memory"
+    assert app.size == size and app.sha256 == digest.digest()
+
+    # CODE-sized sequential chunks reassemble to the same bytes ...
+    reread = hashlib.sha256()
+    with store.open_code(app.app_id) as reader:
+        assert reader.size == size and reader.sha256 == digest.digest()
+        for offset in range(0, size, 1200):
+            reread.update(reader.read(offset, 1200))
+        assert reader.read(size, 1200) == b""
+        with pytest.raises(StoreError):
+            reader.read(size + 1, 1)
+    assert reread.digest() == digest.digest()
+    # ... and random ranges (retransmissions) match the file.
+    with path.open("rb") as f, store.open_code(app.app_id) as reader:
+        for _ in range(200):
+            offset = rng.randrange(size)
+            f.seek(offset)
+            assert reader.read(offset, 1200) == f.read(1200)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_create_batch_validation(store: SqliteStore, app: str) -> None:
+    with pytest.raises(StoreError, match="quorum"):
+        store.create_batch(app, [b"x"], replicas=2, quorum=3)
+    with pytest.raises(StoreError, match="at least one input"):
+        store.create_batch(app, [])
+    with pytest.raises(StoreError, match="not bytes"):
+        store.create_batch(app, ["text"])  # type: ignore[list-item]
+    with pytest.raises(StoreError, match="max_attempts"):
+        store.create_batch(app, [b"x"], max_attempts=0)
+    with pytest.raises(StoreError, match="cpu_seconds"):
+        store.create_batch(app, [b"x"], cpu_seconds=float("nan"))
+    with pytest.raises(StoreError, match="unknown app"):
+        store.create_batch("nope", [b"x"])
+    with pytest.raises(StoreError, match="unknown batch"):
+        store.get_batch(12345)
+    assert store.list_batches() == []
+
+
+def test_batch_jobs_and_input_reads(store: SqliteStore, app: str) -> None:
+    inputs = [f"input {i}".encode() * (i + 1) for i in range(5)]
+    batch_id = store.create_batch(app, iter(inputs), replicas=3, quorum=2, max_attempts=2)
+    batch = store.get_batch(batch_id)
+    assert (batch.n_jobs, batch.replicas, batch.quorum, batch.attempt_budget) == (5, 3, 2, 6)
+    for i, data in enumerate(inputs):
+        job = store.get_job_by_index(batch_id, i)
+        assert job.state is JobState.QUEUED and job.pending == 3
+        assert job.input_sha256 == hashlib.sha256(data).digest()
+        assert store.read_input_chunk(job.job_id, 0, 1 << 20) == data
+        assert store.read_input_chunk(job.job_id, 3, 4) == data[3:7]
+    with pytest.raises(StoreError, match="unknown job"):
+        store.get_job(999)
+
+
+# --------------------------------------------------------------------------- leasing
+
+
+def test_lease_and_record_records_origin(store: SqliteStore, app: str, agents: list[str]) -> None:
+    batch_id = store.create_batch(app, [b"a", b"b"], cpu_seconds=5, output_bytes=100)
+    first = lease(store, agents[0], now=100.0, seconds=30.0)
+    assert (first.index, first.attempt, first.deadline) == (0, 1, 130.0)
+    assert first.limits.cpu_seconds == 5 and first.limits.output_bytes == 100
+    assert store.get_job(first.job_id).state is JobState.LEASED
+    [outcome] = store.record_results([ok(first, b"A", cpu_ms=12, wall_ms=34, received_at=101.0)])
+    assert outcome.kind is OutcomeKind.ACCEPTED and outcome.durable
+    assert outcome.job_state is JobState.DONE
+    [stored] = store.list_results(first.job_id)
+    assert (stored.agent_id, stored.attempt, stored.cpu_ms, stored.wall_ms) == (
+        agents[0],
+        1,
+        12,
+        34,
+    )
+    assert stored.received_at == 101.0 and stored.counted
+    with store.open_output(first.job_id, 1) as reader:
+        assert reader.read(0, 10) == b"A"
+    [attempt] = store.list_attempts(first.job_id)
+    assert attempt.state is AttemptState.SUCCEEDED and attempt.agent_id == agents[0]
+    assert store.get_job(first.job_id).canonical_attempt == 1
+    assert store.batch_status(batch_id).done == 1
+
+
+def test_lease_none_when_nothing_queued_and_unknown_agent(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    assert store.lease_next(agents[0], 0.0, 10.0) is None
+    store.create_batch(app, [b"x"])
+    with pytest.raises(StoreError, match="unknown agent"):
+        store.lease_next("ab" * 32, 0.0, 10.0)
+    with pytest.raises(StoreError, match="lease_seconds"):
+        store.lease_next(agents[0], 0.0, 0.0)
+    assert store.get_job_by_index(1, 0).attempts == 0  # nothing half-done
+
+
+def test_lease_many_serves_each_request_in_order(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"1", b"2", b"3"])
+    got = store.lease_many([LeaseRequest(a, 0.0, 10.0) for a in agents])
+    assert [g.index if g else None for g in got] == [0, 1, 2, None]
+
+
+def test_expiry_requeues_then_max_attempts_fails_with_reason(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], max_attempts=3)
+    for attempt in (1, 2, 3):
+        granted = lease(store, agents[0], now=attempt * 100.0, seconds=10.0)
+        assert granted.attempt == attempt
+        assert store.expire_leases(attempt * 100.0 + 9.0) == []  # not yet
+        [expired] = store.expire_leases(attempt * 100.0 + 10.0)
+        assert (expired.job_id, expired.attempt) == (granted.job_id, attempt)
+        expected = JobState.QUEUED if attempt < 3 else JobState.FAILED
+        assert expired.job_state is expected
+    job = store.get_job(granted.job_id)
+    assert job.state is JobState.FAILED and job.attempts == 3
+    assert job.reason is not None and "3 attempts" in job.reason and "lease expired" in job.reason
+    assert store.lease_next(agents[0], 1000.0, 10.0) is None
+    states = [a.state for a in store.list_attempts(job.job_id)]
+    assert states == [AttemptState.EXPIRED] * 3
+
+
+def test_release_requeues_at_once_and_counts(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], max_attempts=2)
+    first = lease(store, agents[0])
+    assert store.release_lease(first.job_id, first.attempt, "RESET by admin")
+    assert not store.release_lease(first.job_id, first.attempt, "again")  # stale: no-op
+    job = store.get_job(first.job_id)
+    assert job.state is JobState.QUEUED and job.reason == "released: RESET by admin"
+    second = lease(store, agents[0])
+    assert second.attempt == 2
+    assert store.release_lease(second.job_id, 2, "transfer failed")
+    job = store.get_job(first.job_id)
+    assert job.state is JobState.FAILED and "transfer failed" in (job.reason or "")
+    with pytest.raises(StoreError, match="no attempt 9"):
+        store.release_lease(first.job_id, 9, "x")
+
+
+def test_renew_extends_only_the_live_lease(store: SqliteStore, app: str, agents: list[str]) -> None:
+    store.create_batch(app, [b"x"])
+    first = lease(store, agents[0], now=0.0, seconds=10.0)
+    assert store.renew_lease(first.job_id, 1, 8.0, 10.0) == 18.0
+    assert store.expire_leases(15.0) == []  # the renewal held
+    assert len(store.expire_leases(18.0)) == 1
+    second = lease(store, agents[1], now=20.0, seconds=10.0)
+    assert store.renew_lease(first.job_id, 1, 21.0, 10.0) is None  # stale attempt
+    assert store.list_attempts(first.job_id)[1].deadline == 30.0  # untouched
+    store.record_results([ok(second)])
+    assert store.renew_lease(second.job_id, 2, 22.0, 10.0) is None  # job done
+
+
+def test_replicas_go_to_distinct_agents(store: SqliteStore, app: str, agents: list[str]) -> None:
+    store.create_batch(app, [b"x"], replicas=3, quorum=2)
+    a0 = lease(store, agents[0])
+    assert store.lease_next(agents[0], 0.0, 10.0) is None  # never two replicas to one agent
+    a1 = lease(store, agents[1])
+    a2 = lease(store, agents[2])
+    assert {a0.agent_id, a1.agent_id, a2.agent_id} == set(agents[:3])
+    assert (a0.attempt, a1.attempt, a2.attempt) == (1, 2, 3)
+    assert store.get_job(a0.job_id).state is JobState.LEASED
+    assert store.lease_next(agents[3], 0.0, 10.0) is None  # all slots out
+    # An agent whose replica expired may take the job again; one with a result may not.
+    store.record_results([ok(a1)])
+    store.expire_leases(1000.0)
+    again = store.lease_many([LeaseRequest(a, 1000.0, 10.0) for a in agents])
+    assert agents[1] not in {g.agent_id for g in again if g}
+
+
+# --------------------------------------------------------------------------- replication
+
+
+def test_quorum_agreement_picks_canonical(store: SqliteStore, app: str, agents: list[str]) -> None:
+    store.create_batch(app, [b"x"], replicas=3, quorum=2)
+    r = [lease(store, a) for a in agents[:3]]
+    [o1] = store.record_results([ok(r[0], b"same")])
+    assert o1.job_state is JobState.LEASED
+    [o2] = store.record_results([ok(r[1], b"same")])
+    assert o2.job_state is JobState.DONE
+    job = store.get_job(r[0].job_id)
+    assert job.canonical_attempt == r[0].attempt and job.disagreements == 0
+    # The third replica arrives after the decision: kept as evidence, changes nothing.
+    [o3] = store.record_results([ok(r[2], b"different")])
+    assert o3.kind is OutcomeKind.EVIDENCE and o3.durable
+    assert store.get_job(r[0].job_id).canonical_attempt == r[0].attempt
+    assert not store.list_results(r[0].job_id)[2].counted
+
+
+def test_disagreement_is_recorded_and_more_replicas_issued(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    batch_id = store.create_batch(app, [b"x"], replicas=2, quorum=2, max_attempts=2)
+    r0, r1 = lease(store, agents[0]), lease(store, agents[1])
+    store.record_results([ok(r0, b"honest")])
+    [outcome] = store.record_results([ok(r1, b"forged")])
+    assert outcome.job_state is JobState.QUEUED  # a tie-breaker is wanted
+    job = store.get_job(r0.job_id)
+    assert job.disagreements == 1 and job.pending == 1
+    assert store.lease_next(agents[0], 0.0, 10.0) is None  # both already answered
+    r2 = lease(store, agents[2])
+    [outcome] = store.record_results([ok(r2, b"honest")])
+    assert outcome.job_state is JobState.DONE
+    job = store.get_job(r0.job_id)
+    assert job.canonical_attempt == r0.attempt
+    [record] = store.iter_results(batch_id)
+    assert record.result is not None and record.result.agent_id == agents[0]
+    assert store.batch_status(batch_id).disagreements == 1
+
+
+def test_disagreement_until_budget_runs_out_fails(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], replicas=2, quorum=2, max_attempts=1)
+    r0, r1 = lease(store, agents[0]), lease(store, agents[1])
+    store.record_results([ok(r0, b"one"), ok(r1, b"two")])
+    job = store.get_job(r0.job_id)
+    assert job.state is JobState.FAILED
+    assert job.reason is not None and job.reason.startswith("no quorum")
+    assert job.disagreements == 1
+
+
+def test_custom_comparator(tmp_path: Path) -> None:
+    def close_enough(a: CandidateResult, b: CandidateResult) -> bool:
+        return abs(float(a.read()) - float(b.read())) < 0.01
+
+    with SqliteStore(tmp_path / "s.db", comparator=close_enough) as s:
+        s.add_app("pi", "python", io.BytesIO(b""))
+        a, b = enroll(s, "a"), enroll(s, "b")
+        s.create_batch("pi", [b"x"], replicas=2)
+        la, lb = lease(s, a), lease(s, b)
+        s.record_results([ok(la, b"3.1415"), ok(lb, b"3.1422")])
+        assert s.get_job(la.job_id).state is JobState.DONE
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_duplicate_result_is_recorded_once(store: SqliteStore, app: str, agents: list[str]) -> None:
+    store.create_batch(app, [b"x"])
+    granted = lease(store, agents[0])
+    first, second = store.record_results([ok(granted), ok(granted)])
+    assert first.kind is OutcomeKind.ACCEPTED
+    assert second.kind is OutcomeKind.DUPLICATE and second.durable
+    [third] = store.record_results([ok(granted, b"other")])
+    assert third.kind is OutcomeKind.DUPLICATE
+    assert len(store.list_results(granted.job_id)) == 1
+
+
+def test_stale_attempt_never_overwrites_the_winner(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"])
+    old = lease(store, agents[0], now=0.0, seconds=10.0)
+    store.expire_leases(10.0)
+    new = lease(store, agents[1], now=11.0, seconds=10.0)  # reassigned
+    [stale] = store.record_results([ok(old, b"late")])
+    assert stale.kind is OutcomeKind.EVIDENCE and stale.job_state is JobState.LEASED
+    assert store.get_job(old.job_id).state is JobState.LEASED
+    [fresh] = store.record_results([ok(new, b"fresh")])
+    assert fresh.kind is OutcomeKind.ACCEPTED and fresh.job_state is JobState.DONE
+    assert store.get_job(old.job_id).canonical_attempt == new.attempt
+    assert not store.release_lease(old.job_id, old.attempt, "x")
+    results = {r.attempt: r.counted for r in store.list_results(old.job_id)}
+    assert results == {old.attempt: False, new.attempt: True}
+
+
+def test_late_result_counts_if_job_not_yet_reassigned(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"])
+    old = lease(store, agents[0], now=0.0, seconds=10.0)
+    store.expire_leases(10.0)  # requeued, nobody took it yet
+    [late] = store.record_results([ok(old)])
+    assert late.kind is OutcomeKind.LATE and late.job_state is JobState.DONE
+    assert store.lease_next(agents[1], 11.0, 10.0) is None
+
+
+def test_error_status_requeues_then_fails_with_reason(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], max_attempts=2)
+    first = lease(store, agents[0])
+    [o] = store.record_results([ResultSubmission(first.job_id, 1, agents[0], "crashed", error="x")])
+    assert o.kind is OutcomeKind.ACCEPTED and o.job_state is JobState.QUEUED
+    second = lease(store, agents[1])
+    [o] = store.record_results(
+        [ResultSubmission(second.job_id, 2, agents[1], "timeout", error="wall clock 120 s")]
+    )
+    assert o.job_state is JobState.FAILED
+    job = store.get_job(first.job_id)
+    assert job.reason is not None and "timeout: wall clock 120 s" in job.reason
+    assert [a.state for a in store.list_attempts(job.job_id)] == [AttemptState.ERRORED] * 2
+
+
+def test_wrong_agent_and_unknown_attempt_are_rejected(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"])
+    granted = lease(store, agents[0])
+    impostor = ResultSubmission(granted.job_id, granted.attempt, agents[1], output=b"x")
+    unknown = ResultSubmission(granted.job_id, 7, agents[0], output=b"x")
+    both = ResultSubmission(granted.job_id, 1, agents[0], output=b"x", upload=None, cpu_ms=-1)
+    o1, o2, o3, o4 = store.record_results([impostor, unknown, both, ok(granted)])
+    assert (o1.kind, o2.kind, o3.kind) == (OutcomeKind.REJECTED,) * 3
+    assert not o1.durable and "another agent" in o1.detail
+    assert "no attempt 7" in o2.detail and "cpu_ms" in o3.detail
+    assert o4.kind is OutcomeKind.ACCEPTED  # the bad neighbours did not spoil the group
+
+
+def test_inline_output_over_the_limit_fails_the_attempt(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], output_bytes=4, max_attempts=1)
+    granted = lease(store, agents[0])
+    [o] = store.record_results([ok(granted, b"12345")])
+    assert o.kind is OutcomeKind.ACCEPTED and o.job_state is JobState.FAILED
+    [stored] = store.list_results(granted.job_id)
+    assert stored.status == "output_too_large"
+    with store.open_output(granted.job_id, granted.attempt) as reader:
+        assert reader.read(0, 100) == b""  # not kept
+
+
+def test_inline_checksum_mismatch_is_rejected(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"])
+    granted = lease(store, agents[0])
+    [o] = store.record_results([ok(granted, b"abc", output_sha256=b"\0" * 32)])
+    assert o.kind is OutcomeKind.REJECTED and "sha256" in o.detail
+    assert not store.result_exists(granted.job_id, granted.attempt)
+
+
+# --------------------------------------------------------------------------- staged uploads
+
+
+def staged(store: SqliteStore, granted: Lease, data: bytes, chunk: int = 1200) -> ResultSubmission:
+    handle = store.begin_result_upload(granted.job_id, granted.attempt, len(data))
+    for offset in range(0, len(data), chunk):
+        store.write_result_chunk(handle, offset, memoryview(data)[offset : offset + chunk])
+    return ResultSubmission(
+        granted.job_id,
+        granted.attempt,
+        granted.agent_id,
+        upload=handle,
+        output_size=len(data),
+        output_sha256=hashlib.sha256(data).digest(),
+    )
+
+
+def test_staged_upload_round_trip(store: SqliteStore, app: str, agents: list[str]) -> None:
+    store.create_batch(app, [b"x"], output_bytes=8 << 20)
+    granted = lease(store, agents[0])
+    data = random.Random(1).randbytes(3 << 20)
+    sub = staged(store, granted, data, chunk=64 << 10)
+    [o] = store.record_results([sub])
+    assert o.kind is OutcomeKind.ACCEPTED and o.job_state is JobState.DONE
+    [stored] = store.list_results(granted.job_id)
+    assert stored.output_size == len(data)
+    assert stored.output_sha256 == hashlib.sha256(data).digest()
+    with store.open_output(granted.job_id, granted.attempt) as reader:
+        got = b"".join(reader.read(off, 1 << 20) for off in range(0, len(data), 1 << 20))
+    assert got == data
+    # The handle is spent; a resend of the same result is a duplicate.
+    with pytest.raises(StoreError, match="unknown or finished upload"):
+        store.write_result_chunk(sub.upload, 0, b"x")  # type: ignore[arg-type]
+    [again] = store.record_results([staged(store, granted, data, chunk=1 << 20)])
+    assert again.kind is OutcomeKind.DUPLICATE
+    assert store._conn().execute("SELECT COUNT(*) FROM uploads").fetchone()[0] == 0
+
+
+def test_staged_upload_checks_sha_size_and_completeness(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], output_bytes=1 << 20)
+    granted = lease(store, agents[0])
+    data = b"result!" * 1000
+
+    bad_sha = replace(staged(store, granted, data), output_sha256=b"\1" * 32)
+    bad_size = replace(staged(store, granted, data), output_size=len(data) + 1)
+    handle = store.begin_result_upload(granted.job_id, granted.attempt, len(data))
+    store.write_result_chunk(handle, 0, data[:100])
+    incomplete = ResultSubmission(
+        granted.job_id, granted.attempt, agents[0], upload=handle,
+        output_sha256=hashlib.sha256(data).digest(),
+    )  # fmt: skip
+    outcomes = store.record_results([bad_sha, bad_size, incomplete])
+    assert [o.kind for o in outcomes] == [OutcomeKind.REJECTED] * 3
+    assert "sha256 mismatch" in outcomes[0].detail
+    assert "size mismatch" in outcomes[1].detail
+    assert "incomplete" in outcomes[2].detail
+    assert not store.result_exists(granted.job_id, granted.attempt)
+    conn = store._conn()
+    assert conn.execute("SELECT COUNT(*) FROM uploads").fetchone()[0] == 0  # discarded
+    assert conn.execute("SELECT COUNT(*) FROM blobs WHERE sha256 IS NULL").fetchone()[0] == 0
+    [good] = store.record_results([staged(store, granted, data)])
+    assert good.kind is OutcomeKind.ACCEPTED
+
+
+def test_finish_upload_hashes_before_the_commit(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], output_bytes=1 << 20)
+    granted = lease(store, agents[0])
+    data = random.Random(2).randbytes(300_000)
+    sub = staged(store, granted, data)
+    assert sub.upload is not None and sub.output_sha256 is not None
+    store.finish_upload(sub.upload, sub.output_sha256)
+    with pytest.raises(StoreError, match="already finished"):
+        store.write_result_chunk(sub.upload, 0, b"x")  # sealed bytes cannot change
+    [o] = store.record_results([sub])
+    assert o.kind is OutcomeKind.ACCEPTED
+    with store.open_output(granted.job_id, granted.attempt) as reader:
+        assert reader.read(1000, 5000) == data[1000:6000]
+
+    store.create_batch(app, [b"y"], output_bytes=1 << 20)
+    other = lease(store, agents[1])
+    bad = staged(store, other, data)
+    assert bad.upload is not None
+    with pytest.raises(StoreError, match="sha256 mismatch"):
+        store.finish_upload(bad.upload, b"\0" * 32)
+    with pytest.raises(StoreError, match="unknown or finished"):
+        store.finish_upload(bad.upload, hashlib.sha256(data).digest())  # discarded
+    half = store.begin_result_upload(other.job_id, other.attempt, 10)
+    store.write_result_chunk(half, 0, b"12345")
+    with pytest.raises(StoreError, match="incomplete"):
+        store.finish_upload(half, b"\0" * 32)
+
+
+def test_upload_bounds(store: SqliteStore, app: str, agents: list[str]) -> None:
+    store.create_batch(app, [b"x"], output_bytes=1000)
+    granted = lease(store, agents[0])
+    with pytest.raises(StoreError, match="exceeds the job's limit"):
+        store.begin_result_upload(granted.job_id, granted.attempt, 1001)
+    with pytest.raises(StoreError, match="no attempt"):
+        store.begin_result_upload(granted.job_id, 5, 10)
+    handle = store.begin_result_upload(granted.job_id, granted.attempt, 10)
+    with pytest.raises(StoreError, match="outside"):
+        store.write_result_chunk(handle, 8, b"abc")
+    with pytest.raises(StoreError, match="outside"):
+        store.write_result_chunk(handle, -1, b"a")
+    store.discard_upload(handle)
+    with pytest.raises(StoreError, match="unknown or finished"):
+        store.write_result_chunk(handle, 0, b"a")
+    leftover = store.begin_result_upload(granted.job_id, granted.attempt, 10)
+    assert store.discard_stale_uploads(before=0.0) == 0
+    assert store.discard_stale_uploads(before=float("inf")) == 1
+    with pytest.raises(StoreError, match="unknown or finished"):
+        store.write_result_chunk(leftover, 0, b"a")
+
+
+# --------------------------------------------------------------------------- agents & misc
+
+
+def test_agents(store: SqliteStore) -> None:
+    agent_id, pem = new_agent_key()
+    record = store.enroll_agent(agent_id.upper(), pem, "lab-1")
+    assert record.agent_id == agent_id and record.name == "lab-1"
+    assert store.enroll_agent(agent_id, pem, "lab-renamed").name == "lab-renamed"
+    other_id, other_pem = new_agent_key()
+    with pytest.raises(StoreError, match="SHA-256"):
+        store.enroll_agent(other_id, pem, "liar")
+    with pytest.raises(StoreError, match="PEM"):
+        store.enroll_agent(other_id, "not a key", "x")
+    with pytest.raises(StoreError, match="64 hex"):
+        store.enroll_agent("abc", other_pem, "x")
+    assert [a.agent_id for a in store.list_agents()] == [agent_id]
+    assert store.find_agent(other_id) is None
+    with pytest.raises(StoreError, match="unknown agent"):
+        store.get_agent(other_id)
+
+    assert store.get_agent_clock(agent_id) is None
+    store.set_agent_clock(agent_id, (1 << 64) - 5, 3, 4)
+    clock = store.get_agent_clock(agent_id)
+    assert clock is not None and (clock.clock, clock.reset_count, clock.restart_count) == (
+        (1 << 64) - 5,
+        3,
+        4,
+    )
+    with pytest.raises(StoreError, match="unknown agent"):
+        store.set_agent_clock(other_id, 1, 0, 0)
+    store.touch_agent(agent_id, 123.0, "10.0.0.7:4000")
+    seen = store.get_agent(agent_id)
+    assert (seen.last_seen, seen.address) == (123.0, "10.0.0.7:4000")
+
+
+def test_measurement_allowlist(store: SqliteStore) -> None:
+    m = store.allow_measurement("sha256:17=aa;18=bb", "release 0.1")
+    assert store.is_measurement_allowed(m.text)
+    store.allow_measurement("sha256:17=aa;18=bb", "renamed")
+    assert [(x.text, x.note) for x in store.list_measurements()] == [(m.text, "renamed")]
+    store.remove_measurement(m.text)
+    assert not store.is_measurement_allowed(m.text)
+    with pytest.raises(StoreError, match="no such measurement"):
+        store.remove_measurement(m.text)
+    with pytest.raises(StoreError, match="non-empty"):
+        store.allow_measurement("  ")
+
+
+def test_reset_requests(store: SqliteStore, agents: list[str]) -> None:
+    store.request_reset(agents[1])
+    store.request_reset(agents[0])
+    store.request_reset(agents[1])
+    assert store.take_reset_requests() == [agents[1], agents[0]]
+    assert store.take_reset_requests() == []
+    with pytest.raises(StoreError, match="unknown agent"):
+        store.request_reset("00" * 32)
+
+
+def test_status_and_iter_results(store: SqliteStore, app: str, agents: list[str]) -> None:
+    batch_id = store.create_batch(app, [b"a", b"b", b"c"], max_attempts=1)
+    l0, l1, _ = (lease(store, a) for a in agents[:3])
+    store.record_results([ok(l0, b"zero")])
+    store.release_lease(l1.job_id, l1.attempt, "gone")
+    status = store.status()
+    assert status.agents == 4
+    assert status.jobs == {
+        JobState.QUEUED: 0,
+        JobState.LEASED: 1,
+        JobState.DONE: 1,
+        JobState.FAILED: 1,
+    }
+    [batch] = status.batches
+    assert (batch.total, batch.done, batch.failed, batch.leased) == (3, 1, 1, 1)
+    assert not batch.finished and batch.app_name == app
+    records = list(store.iter_results(batch_id))
+    assert [r.index for r in records] == [0, 1, 2]
+    assert records[0].result is not None and records[0].result.output_size == 4
+    assert records[0].input_sha256 == hashlib.sha256(b"a").digest()
+    assert records[1].state is JobState.FAILED and records[1].result is None
+    assert "gone" in (records[1].reason or "")
+    with pytest.raises(StoreError, match="unknown batch"):
+        list(store.iter_results(99))
+
+
+def test_iter_results_pages_through_large_batches(store: SqliteStore, app: str) -> None:
+    batch_id = store.create_batch(app, (str(i).encode() for i in range(700)))
+    assert [r.index for r in store.iter_results(batch_id)] == list(range(700))
+
+
+def test_batch_deadline_fails_unfinished_jobs(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    batch_id = store.create_batch(app, [b"a", b"b"], deadline=50.0)
+    lease(store, agents[0], now=10.0)
+    assert store.lease_next(agents[1], 50.0, 10.0) is None  # past the deadline
+    store.expire_leases(50.0)
+    status = store.batch_status(batch_id)
+    assert status.failed == 2 and status.finished
+    assert store.get_job_by_index(batch_id, 1).reason == "batch deadline passed"
+
+
+def test_threads_never_double_lease(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SqliteStore(path)
+    store.add_app("pi", "python", io.BytesIO(b""))
+    workers = [enroll(store, f"w{i}") for i in range(4)]
+    store.create_batch("pi", [b"%d" % i for i in range(200)])
+    granted: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def work(agent: str) -> None:
+        while (got := store.lease_next(agent, 0.0, 60.0)) is not None:
+            store.record_results([ok(got)])
+            with lock:
+                granted.append((got.job_id, got.attempt))
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 200 and len(set(granted)) == 200
+    assert store.status().jobs[JobState.DONE] == 200
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.get_app("pi")
+
+
+# --------------------------------------------------------------------------- durability
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from vcomp.server.store import ResultSubmission
+    from vcomp.server.store_sqlite import SqliteStore
+
+    store = SqliteStore(sys.argv[1])
+    agent = sys.argv[2]
+    while True:
+        leases = [store.lease_next(agent, 0.0, 3600.0) for _ in range(5)]
+        leases = [lease for lease in leases if lease is not None]
+        if not leases:
+            break
+        subs = [
+            ResultSubmission(l.job_id, l.attempt, agent, output=b"out-%d" % l.job_id)
+            for l in leases
+        ]
+        store.record_results(subs)
+        for l in leases:
+            print("committed", l.job_id, l.attempt, flush=True)
+    print("exhausted", flush=True)
+    """
+)
+
+
+def test_committed_results_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    with SqliteStore(path) as setup:
+        setup.add_app("pi", "python", io.BytesIO(b""))
+        agent = enroll(setup, "victim")
+        setup.create_batch("pi", [b"%d" % i for i in range(20_000)])
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), agent],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stdout is not None
+    committed: list[tuple[int, int]] = []
+    for line in child.stdout:
+        word, job_text, attempt_text = line.split()
+        assert word == "committed"
+        committed.append((int(job_text), int(attempt_text)))
+        if len(committed) == 200:
+            os.kill(child.pid, signal.SIGKILL)
+            break
+    # Lines already in the pipe were printed after their commit as well.
+    committed += [
+        (int(line.split()[1]), int(line.split()[2]))
+        for line in child.stdout
+        if line.startswith("committed")
+    ]
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    with SqliteStore(path) as reopened:
+        for job_id, attempt in committed:
+            [result] = reopened.list_results(job_id)
+            assert (result.attempt, result.agent_id) == (attempt, agent)
+            with reopened.open_output(job_id, attempt) as reader:
+                assert reader.read(0, 100) == b"out-%d" % job_id
+            assert reopened.get_job(job_id).state is JobState.DONE

@@ -1,0 +1,110 @@
+"""The domain-interface framing (vcomp.domain)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vcomp.domain import (
+    AGENT_FRAME_TYPES,
+    ERROR,
+    MAX_ERROR_BYTES,
+    PROGRESS,
+    RESULT,
+    START,
+    DomainProtocolError,
+    Frame,
+    FrameDecoder,
+    FrameTooLarge,
+    decode_progress,
+    encode_error,
+    encode_frame,
+    encode_progress,
+    encode_result,
+    encode_start,
+)
+from vcomp.errors import SandboxError
+
+
+def test_wire_layout_is_type_then_u32_be_length() -> None:
+    assert encode_result(b"abc") == b"\x02\x00\x00\x00\x03abc"
+    assert encode_start(b"") == b"\x01\x00\x00\x00\x00"
+    assert encode_progress(0.5) == b"\x03\x00\x00\x00\x04" + (500_000).to_bytes(4, "big")
+
+
+def test_errors_are_sandbox_errors() -> None:
+    assert issubclass(DomainProtocolError, SandboxError)
+    assert issubclass(FrameTooLarge, DomainProtocolError)
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8), st.integers(min_value=1, max_value=17))
+def test_decoder_reassembles_any_split(payloads: list[bytes], step: int) -> None:
+    stream = b"".join(encode_result(p) for p in payloads)
+    decoder = FrameDecoder(300)
+    frames: list[Frame] = []
+    for i in range(0, len(stream), step):
+        frames += decoder.feed(stream[i : i + step])
+    assert [f.payload for f in frames] == payloads
+    assert all(f.type == RESULT for f in frames)
+    assert decoder.pending == 0
+
+
+def test_progress_round_trip_and_clamping() -> None:
+    (frame,) = FrameDecoder(10).feed(encode_progress(0.25))
+    assert decode_progress(frame.payload) == 0.25
+    assert decode_progress(FrameDecoder(10).feed(encode_progress(7.0))[0].payload) == 1.0
+    assert decode_progress(FrameDecoder(10).feed(encode_progress(-1.0))[0].payload) == 0.0
+    with pytest.raises(DomainProtocolError):
+        encode_progress(float("nan"))
+
+
+def test_oversize_is_refused_from_the_header_alone() -> None:
+    decoder = FrameDecoder(100)
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(b"\x02\x00\x00\x00\x65")  # 101 > 100, before any payload arrives
+    with pytest.raises(FrameTooLarge):
+        FrameDecoder(1 << 20).feed(b"\x04" + (MAX_ERROR_BYTES + 1).to_bytes(4, "big"))
+    with pytest.raises(FrameTooLarge):
+        FrameDecoder(1 << 20).feed(b"\x03\x00\x00\x00\x05")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x7f\x00\x00\x00\x00",  # unknown type
+        b"\x00\x00\x00\x00\x00",
+        b"\x01\x00\x00\x00\x00",  # START is not a job frame
+        b"\x03\x00\x00\x00\x04" + (1_000_001).to_bytes(4, "big"),  # progress above 1
+        b"\x03\x00\x00\x00\x02\x00\x00",  # progress of the wrong size
+    ],
+)
+def test_malformed_frames_raise(data: bytes) -> None:
+    with pytest.raises(DomainProtocolError):
+        FrameDecoder(1 << 20).feed(data)
+
+
+def test_allowed_types_are_per_direction() -> None:
+    agent_side = FrameDecoder(10, allowed=AGENT_FRAME_TYPES)
+    assert agent_side.feed(encode_start(b"in")) == [Frame(START, b"in")]
+    with pytest.raises(DomainProtocolError):
+        agent_side.feed(encode_result(b""))
+
+
+def test_error_text_is_truncated_on_a_character_boundary() -> None:
+    frame = encode_error("é" * 5000)
+    assert frame[0] == ERROR
+    length = int.from_bytes(frame[1:5], "big")
+    assert length <= MAX_ERROR_BYTES
+    assert frame[5:].decode("utf-8") == "é" * (length // 2)
+
+
+def test_encode_refuses_unknown_types() -> None:
+    with pytest.raises(DomainProtocolError):
+        encode_frame(0x09, b"")
+    assert encode_frame(PROGRESS, b"\x00" * 4)[0] == PROGRESS
+
+
+def test_frame_names() -> None:
+    assert Frame(RESULT, b"").name == "RESULT"
+    assert Frame(0x55, b"").name == "0x55"

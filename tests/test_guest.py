@@ -1,0 +1,109 @@
+"""The guest SDK, run as a real process speaking fds 3 and 4, outside the sandbox."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vcomp.domain import ERROR, PROGRESS, RESULT, Frame, FrameDecoder, decode_progress, encode_start
+from vcomp.guest import EXIT_ERROR, EXIT_NO_MEMORY, EXIT_OK
+
+
+def run_guest(
+    body: str, data: bytes, *, close_input_early: bool = False
+) -> tuple[int, list[Frame]]:
+    code = "from vcomp.guest import run\n" + textwrap.dedent(body)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+
+    def wire() -> None:
+        # Move the pipe ends to fds 3 and 4 without clobbering each other.
+        a = fcntl.fcntl(in_r, fcntl.F_DUPFD, 10)
+        b = fcntl.fcntl(out_w, fcntl.F_DUPFD, 10)
+        os.dup2(a, 3)
+        os.dup2(b, 4)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        preexec_fn=wire,
+        close_fds=False,  # fds 3 and 4 are made in preexec_fn; others are non-inheritable
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(in_r)
+    os.close(out_w)
+    message = encode_start(data)
+    os.write(in_w, message[:3] if close_input_early else message)
+    os.close(in_w)
+    decoder = FrameDecoder(1 << 20)
+    frames: list[Frame] = []
+    while chunk := os.read(out_r, 65536):
+        frames += decoder.feed(chunk)
+    os.close(out_r)
+    return proc.wait(timeout=30), frames
+
+
+def test_handler_result_and_progress() -> None:
+    status, frames = run_guest(
+        """
+        def handler(data, progress):
+            progress(0.25)
+            progress(1.0)
+            return data[::-1]
+        run(handler)
+        """,
+        b"abc",
+    )
+    assert status == EXIT_OK
+    assert [f.type for f in frames] == [PROGRESS, PROGRESS, RESULT]
+    assert decode_progress(frames[0].payload) == 0.25
+    assert frames[-1].payload == b"cba"
+
+
+def test_exception_becomes_error_frame_and_status_1() -> None:
+    status, frames = run_guest(
+        """
+        def handler(data, progress):
+            raise ValueError("bad input " + data.decode())
+        run(handler)
+        """,
+        b"xyz",
+    )
+    assert status == EXIT_ERROR
+    assert frames == [Frame(ERROR, b"ValueError: bad input xyz")]
+
+
+def test_non_bytes_result_is_an_error() -> None:
+    status, frames = run_guest("run(lambda data, progress: 'text')", b"")
+    assert status == EXIT_ERROR
+    assert frames[0].type == ERROR and b"TypeError" in frames[0].payload
+
+
+def test_memory_error_has_its_own_status() -> None:
+    status, frames = run_guest(
+        """
+        def handler(data, progress):
+            raise MemoryError()
+        run(handler)
+        """,
+        b"",
+    )
+    assert status == EXIT_NO_MEMORY
+    assert frames[0].type == ERROR
+
+
+def test_truncated_start_is_reported() -> None:
+    status, frames = run_guest("run(lambda d, p: d)", b"hello", close_input_early=True)
+    assert status == EXIT_ERROR
+    assert b"START" in frames[0].payload
+
+
+@pytest.mark.parametrize("size", [0, 1, 200_000])
+def test_input_sizes(size: int) -> None:
+    status, frames = run_guest("run(lambda d, p: str(len(d)).encode())", b"z" * size)
+    assert status == EXIT_OK
+    assert frames[-1].payload == str(size).encode()
