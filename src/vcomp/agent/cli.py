@@ -1,21 +1,188 @@
-"""``vcomp-agent``: the volunteer's command line."""
+"""``vcomp-agent``: the volunteer's command line.
+
+Commands that use the agent's home find it through ``--config`` (the directory or its
+agent.toml), else ``$VCOMP_AGENT_HOME``, else ``~/.vcomp-agent``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import click
 
 from vcomp import __version__
+from vcomp.agent.config import (
+    CONFIG_FILE,
+    AgentConfig,
+    default_agent_home,
+    init_agent_home,
+    load_agent_config,
+    resolve_server_key,
+)
+from vcomp.agent.modes import MODE_KINDS
 from vcomp.errors import VcompError
 
+EXIT_ERROR = 1
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-@click.group()
+
+class _Cli(click.Group):
+    """A group that turns vcomp's own errors into one ``error: ...`` line and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (VcompError, OSError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+def config_option(f: _F) -> _F:
+    option = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Agent home directory or its agent.toml "
+        "[default: $VCOMP_AGENT_HOME, else ~/.vcomp-agent].",
+    )
+    return option(f)
+
+
+def load_config(config_path: Path | None) -> AgentConfig:
+    return load_agent_config(default_agent_home() if config_path is None else config_path)
+
+
+@click.group(cls=_Cli)
 @click.version_option(__version__, prog_name="vcomp-agent")
 def main() -> None:
-    """Run a vcomp volunteer agent on this machine."""
+    """Run a vcomp volunteer agent on this machine.
+
+    Start with `vcomp-agent init DIR`, hand the printed lines to the organisation,
+    then run `vcomp-agent join --config DIR`.
+    """
+
+
+# ---------------------------------------------------------------------- home
+
+
+def _print_identity(config: AgentConfig) -> None:
+    from vcomp.agent.enrolment import format_enrolment
+    from vcomp.agent.measure import golden_measurement
+    from vcomp.agent.tpm import SimulatedTpm
+
+    tpm = SimulatedTpm.open(config.tpm_dir)
+    click.echo(f"agent home: {config.home}")
+    click.echo(f"agent id:   {tpm.agent_id.hex()}")
+    click.echo("enrolment line (the organisation runs: vcomp-server enroll LINE):")
+    click.echo(format_enrolment(tpm, config.name))
+    click.echo("golden measurement (vcomp-server allow-measurement TEXT):")
+    click.echo(golden_measurement(config.policy()).format())
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="Name shown to the organisation [default: this host's name].")
+@click.option("--server", default="", help="The organisation's server, HOST:PORT.")
+@click.option(
+    "--server-key",
+    default="",
+    metavar="FINGERPRINT|FILE",
+    help="The server key to pin: its 64-hex fingerprint or the server's server.pub.",
+)
+@click.option("--force", is_flag=True, help="Rewrite agent.toml in a non-empty DIR; keeps the TPM.")
+def init(directory: Path, name: str | None, server: str, server_key: str, force: bool) -> None:
+    """Create an agent home in DIRECTORY.
+
+    Writes agent.toml, the simulated TPM (the agent's identity), spool/ and work/, and
+    prints the enrolment line and the golden measurement to hand to the organisation.
+    """
+    config = init_agent_home(
+        directory, name=name, server=server, server_key=server_key, force=force
+    )
+    _print_identity(config)
+    if not (config.server and config.server_key):
+        click.echo(
+            f"Before joining, set server and server_key in {config.config_path} "
+            "or pass --server and --server-key to join.",
+            err=True,
+        )
+
+
+@main.command()
+@config_option
+def enrolment(config_path: Path | None) -> None:
+    """Print this agent's enrolment line again.
+
+    Also prints the agent id and the golden measurement, as init did.
+    """
+    _print_identity(load_config(config_path))
+
+
+@main.command()
+@config_option
+def measure(config_path: Path | None) -> None:
+    """Print this install's golden measurement.
+
+    PCR 17 measures the agent's code, PCR 18 its sandbox policy.
+    """
+    from vcomp.agent.measure import golden_measurement
+
+    click.echo(golden_measurement(load_config(config_path).policy()).format())
+
+
+@main.command()
+@config_option
+@click.option("--server", metavar="HOST:PORT", help="Override server in agent.toml.")
+@click.option("--server-key", metavar="FINGERPRINT|FILE", help="Override server_key.")
+@click.option("--mode", type=click.Choice(MODE_KINDS), help="Override mode.")
+@click.option("--cpu-percent", type=click.IntRange(1, 100), help="For --mode throttle.")
+@click.option("--core", type=click.IntRange(min=0), help="For --mode dedicated.")
+@click.option("--cores", type=click.IntRange(1, 1024), help="Concurrent jobs.")
+def join(
+    config_path: Path | None,
+    server: str | None,
+    server_key: str | None,
+    mode: str | None,
+    cpu_percent: int | None,
+    core: int | None,
+    cores: int | None,
+) -> None:
+    """Run jobs for the organisation until SIGINT or SIGTERM.
+
+    Refuses to start without a server and a pinned server key, and refuses any
+    session in which the server cannot prove that key.
+    """
+    config = load_config(config_path)
+    changes: dict[str, Any] = {}
+    if server is not None:
+        changes["server"] = server.strip()
+    if server_key is not None:
+        changes["server_key"] = resolve_server_key(server_key)
+    for key, value in (("mode", mode), ("cpu_percent", cpu_percent), ("core", core)):
+        if value is not None:
+            changes[key] = value
+    if cores is not None:
+        changes["cores"] = cores
+    effective_mode = mode or config.mode
+    if cpu_percent is not None and effective_mode != "throttle":
+        raise click.UsageError("--cpu-percent applies to --mode throttle")
+    if core is not None and effective_mode != "dedicated":
+        raise click.UsageError("--core applies to --mode dedicated")
+    config = dataclasses.replace(config, **changes)
+    config.server_address()  # both raise a ConfigError saying what is missing
+    config.server_fingerprint()
+
+    from vcomp.agent.runtime import join as run_agent
+
+    run_agent(config)
+
+
+# ---------------------------------------------------------------------- tools
 
 
 @main.command()
@@ -27,27 +194,50 @@ def main() -> None:
     "--state",
     "state_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Simulated TPM state directory [default: $VCOMP_AGENT_HOME/tpm].",
+    help="Simulated TPM state directory [default: the agent home's tpm/].",
 )
-@click.option("--policy", "policy_file", type=click.File("rb"), help="Sandbox policy, JSON.")
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.File("rb"),
+    help="Sandbox policy, JSON [default: the agent home's policy, else {}].",
+)
+@config_option
 def quote(
-    qualifying_hex: str, out_dir: Path, state_dir: Path | None, policy_file: BinaryIO | None
+    qualifying_hex: str,
+    out_dir: Path,
+    state_dir: Path | None,
+    policy_file: BinaryIO | None,
+    config_path: Path | None,
 ) -> None:
-    """Measured launch, then write a quote for tpm2_checkquote into OUT."""
+    """Write a quote for tpm2_checkquote into OUT.
+
+    Does the measured launch first.
+
+    Uses the agent home's TPM and policy when the home has an agent.toml (always with
+    --config); --state and --policy override them.
+    """
     from vcomp.agent.measure import measured_launch
     from vcomp.agent.tpm import SimulatedTpm, default_state_dir, write_quote_files
 
     try:
         qualifying_data = bytes.fromhex(qualifying_hex)
-        policy = json.load(policy_file) if policy_file else {}
+        policy_override = json.load(policy_file) if policy_file else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    try:
-        tpm = SimulatedTpm.open(state_dir or default_state_dir())
-        measured_launch(tpm, policy)
-        write_quote_files(tpm, qualifying_data, out_dir)
-    except VcompError as exc:
-        raise click.ClickException(str(exc)) from None
+    home = default_agent_home() if config_path is None else config_path
+    config = None
+    if config_path is not None or (home / CONFIG_FILE).is_file():
+        config = load_agent_config(home)
+    if policy_override is not None:
+        policy = policy_override
+    else:
+        policy = config.policy() if config is not None else {}
+    if state_dir is None:
+        state_dir = config.tpm_dir if config is not None else default_state_dir()
+    tpm = SimulatedTpm.open(state_dir)
+    measured_launch(tpm, policy)
+    write_quote_files(tpm, qualifying_data, out_dir)
     click.echo(f"quote written to {out_dir}; pcr list sha256:17,18")
 
 
@@ -105,18 +295,19 @@ def sandbox_run(
     from vcomp.agent.modes import parse_mode
     from vcomp.agent.sandbox.commands import sandbox_run as run_job
 
-    try:
-        execution_mode = parse_mode(mode, cpu_percent=cpu_percent, core=core)
-        code = run_job(
-            program,
-            kind="exec" if kind == "exec" else "python",
-            input_path=input_path,
-            cpu_seconds=cpu_seconds,
-            memory_bytes=memory,
-            wall_seconds=wall,
-            idle_seconds=idle,
-            mode=execution_mode,
-        )
-    except VcompError as exc:
-        raise click.ClickException(str(exc)) from None
+    execution_mode = parse_mode(mode, cpu_percent=cpu_percent, core=core)
+    code = run_job(
+        program,
+        kind="exec" if kind == "exec" else "python",
+        input_path=input_path,
+        cpu_seconds=cpu_seconds,
+        memory_bytes=memory,
+        wall_seconds=wall,
+        idle_seconds=idle,
+        mode=execution_mode,
+    )
     raise SystemExit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -9,7 +9,6 @@ expiry and the RESET epoch handled here so the session machines stay small.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -23,12 +22,19 @@ from vcomp.errors import (
 from vcomp.protocol import limits
 from vcomp.protocol.messages import (
     Ack,
+    Code,
+    End,
+    Error,
     Message,
     Ping,
     Pong,
+    Ready,
     Reset,
+    Result,
+    Start,
     decode_body,
     encode_body,
+    with_sequence,
 )
 from vcomp.protocol.record import Direction, RecordKey
 from vcomp.protocol.reliability import ReliableReceiver, ReliableSender
@@ -41,6 +47,12 @@ RESET_RETRY_LIMIT = 8
 
 M = TypeVar("M", bound=Message)
 
+# Types whose seq/epoch are always ints: the per-packet paths skip the generic checks.
+_STREAM_TYPES: frozenset[type[Message]] = frozenset({Ready, Start, Code, End, Result})
+_SEQUENCED_TYPES: frozenset[type[Message]] = _STREAM_TYPES | {Error}
+_with_sequence: Any = with_sequence  # typed per call site below
+_ENCRYPTED = Flag.ENCRYPTED
+
 
 def clip_text(text: str, max_bytes: int) -> str:
     """Shorten ``text`` so its UTF-8 form fits ``max_bytes`` (bounds are in bytes)."""
@@ -52,6 +64,10 @@ def clip_text(text: str, max_bytes: int) -> str:
 
 def _stamp(message: M, seq: int, epoch: int) -> M:
     """A copy of a reliable message with its stream position filled in."""
+    if type(message) in _SEQUENCED_TYPES:
+        # Same result as replace() (which re-validates every field) for a fraction.
+        fast: M = _with_sequence(message, seq, epoch)
+        return fast
     stamped: M = cast(Any, replace)(message, seq=seq, epoch=epoch)
     return stamped
 
@@ -82,7 +98,7 @@ class SecureChannel:
         self._keepalive = keepalive
         self._last_received = now
         self._last_sent = now
-        self._outbox: deque[bytes] = deque()
+        self._outbox: list[bytes] = []  # handed out whole by datagrams_to_send
         self.epoch = 0
         self._pending_reset: Reset | None = None
         self._reset_pn = -1
@@ -172,9 +188,7 @@ class SecureChannel:
         pn = self._next_pn
         self._next_pn = pn + 1
         body = encode_body(message)
-        header = pack_header(
-            message.ptype, Flag.ENCRYPTED, self.session_id, pn, len(body) + TAG_LEN
-        )
+        header = pack_header(message.ptype, _ENCRYPTED, self.session_id, pn, len(body) + TAG_LEN)
         self._outbox.append(header + self._key.seal(header, pn, body))
         self._last_sent = now
         return pn
@@ -182,8 +196,8 @@ class SecureChannel:
     def datagrams_to_send(self, now: float) -> list[bytes]:
         if self.close_reason is not None:
             # A closing notice may still be queued; nothing else leaves.
-            out = list(self._outbox)
-            self._outbox.clear()
+            out = self._outbox
+            self._outbox = []
             return out
         if self._receiver.should_ack_now(now):
             self._send_ack(now)
@@ -198,8 +212,8 @@ class SecureChannel:
                 self._close("session key usage limit reached", 30)
                 return []
             self._sender.on_sent(seq, pn, now)
-        out = list(self._outbox)
-        self._outbox.clear()
+        out = self._outbox
+        self._outbox = []
         return out
 
     def _send_ack(self, now: float, committed: tuple[tuple[int, int], ...] = ()) -> None:
@@ -253,6 +267,31 @@ class SecureChannel:
         return self._dispatch(pn, message, now)
 
     def _dispatch(self, pn: int, message: Message, now: float) -> list[Message]:
+        seq: Any
+        epoch: Any
+        if type(message) in _STREAM_TYPES:
+            # The per-data-packet path: these always carry int seq and epoch.
+            stream: Any = message
+            seq, epoch = stream.seq, stream.epoch
+        else:
+            handled = self._dispatch_other(pn, message, now)
+            if handled is not None:
+                return handled
+            seq = getattr(message, "seq", None)
+            epoch = getattr(message, "epoch", None)
+            if seq is None or epoch is None:
+                self._close(f"{type(message).__name__} must travel in the reliable stream", 1)
+                return []
+        if epoch != self.epoch:
+            # A future epoch must not be acked (the peer would think it delivered).
+            if epoch < self.epoch:
+                self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
+            return []
+        self._receiver.on_packet(pn, seq, message, now)
+        return self._receiver.pop()
+
+    def _dispatch_other(self, pn: int, message: Message, now: float) -> list[Message] | None:
+        """ACK, PING, PONG and RESET; None for anything that claims the stream."""
         if isinstance(message, Ack):
             self._on_ack(message, now)
             self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
@@ -267,21 +306,10 @@ class SecureChannel:
         if isinstance(message, Reset):
             self._receiver.on_packet(pn, None, None, now, ack_eliciting=True)
             return [message]
-        seq: Any = getattr(message, "seq", None)
-        epoch: Any = getattr(message, "epoch", None)
-        if seq is None or epoch is None:
-            self._close(f"{type(message).__name__} must travel in the reliable stream", 1)
-            return []
-        if epoch != self.epoch:
-            # A future epoch must not be acked (the peer would think it delivered).
-            if epoch < self.epoch:
-                self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
-            return []
-        self._receiver.on_packet(pn, seq, message, now)
-        return self._receiver.pop()
+        return None
 
     def _on_ack(self, ack: Ack, now: float) -> None:
-        ranges = [(lo, hi) for lo, hi in ack.ranges]
+        ranges = ack.ranges  # validated when decoded; on_ack only reads it
         if self._pending_reset is not None and any(lo <= self._reset_pn <= hi for lo, hi in ranges):
             self._pending_reset = None
         self._sender.on_ack(ranges, ack.delay_us / 1e6, now)
@@ -291,15 +319,25 @@ class SecureChannel:
     def timer(self) -> float | None:
         if self.close_reason is not None:
             return None
-        candidates = [self._last_received + self._idle_timeout]
+        # The earliest of the deadlines below (asked after every flush: no list, no min()).
+        last_received = self._last_received
+        deadline = last_received + self._idle_timeout
         if not self._ping_outstanding:
-            candidates.append(max(self._last_received, self._last_sent) + self._keepalive)
-        for t in (self._sender.timer(), self._receiver.ack_deadline()):
-            if t is not None:
-                candidates.append(t)
-        if self._pending_reset is not None:
-            candidates.append(self._reset_deadline)
-        return min(candidates)
+            last_sent = self._last_sent
+            keepalive_at = (last_sent if last_sent > last_received else last_received) + (
+                self._keepalive
+            )
+            if keepalive_at < deadline:
+                deadline = keepalive_at
+        t = self._sender.timer()
+        if t is not None and t < deadline:
+            deadline = t
+        t = self._receiver.ack_deadline()
+        if t is not None and t < deadline:
+            deadline = t
+        if self._pending_reset is not None and self._reset_deadline < deadline:
+            deadline = self._reset_deadline
+        return deadline
 
     def handle_timer(self, now: float) -> None:
         if self.close_reason is not None:

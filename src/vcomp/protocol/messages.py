@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from enum import IntEnum
 from itertools import pairwise
-from typing import ClassVar, Final, TypeAlias, TypeVar, get_args
+from typing import Any, ClassVar, Final, TypeAlias, TypeVar, get_args
 
 import msgpack
 
@@ -430,6 +430,20 @@ class Code(_Body):
         ("data", _bin(1, limits.MAX_CHUNK)),
     )
 
+    def __init__(
+        self, *, seq: int = 0, epoch: int = 0, job: int, attempt: int, offset: int, data: bytes
+    ) -> None:
+        # Written out (dataclass keeps it): the generated frozen __init__ goes through
+        # object.__setattr__ per field and costs about twice as much, once per chunk.
+        _set_code_seq(self, seq)
+        _set_code_epoch(self, epoch)
+        _set_code_job(self, job)
+        _set_code_attempt(self, attempt)
+        _set_code_offset(self, offset)
+        _set_code_data(self, data)
+        if not _code_ok(seq, epoch, job, attempt, offset, data):
+            self.__post_init__()  # names the failure, or accepts int subclasses
+
     def __post_init__(self) -> None:
         # CODE is checked once per packet: one inline test on the fast path; the
         # generic checks run only to name the failure.
@@ -579,6 +593,20 @@ class Ack(_Body):
         ("committed", _array(_pair(_u64, _u32), 0, limits.MAX_COMMITTED)),
     )
 
+    def __init__(
+        self,
+        *,
+        ranges: tuple[tuple[int, int], ...],
+        delay_us: int,
+        committed: tuple[tuple[int, int], ...] = (),
+    ) -> None:
+        # Written out for the same reason as Code.__init__ (one ACK per two packets).
+        _set_ack_ranges(self, ranges)
+        _set_ack_delay_us(self, delay_us)
+        _set_ack_committed(self, committed)
+        if not _ack_ok(ranges, delay_us, committed):
+            _validate(self)
+
     def __post_init__(self) -> None:
         # One ACK per two data packets: plain loops first, named errors only on failure.
         if not _ack_ok(self.ranges, self.delay_us, self.committed):
@@ -719,7 +747,13 @@ _new: Final = object.__new__
 _CODE: Final = PacketType.CODE  # enum attribute look-ups are slow on the hot path
 _MAX_CHUNK: Final = limits.MAX_CHUNK
 _MAX_PLAINTEXT_BODY: Final = limits.MAX_PLAINTEXT_BODY
+_ACK: Final = PacketType.ACK
+_FIXMAP_OF_3: Final = 0x83
 _FIXMAP_OF_6: Final = 0x86
+# The per-datagram fast paths below rely on these bounds being the generic ones.
+assert Code._max_body == Ack._max_body == _MAX_PLAINTEXT_BODY
+assert Code._min_body == Ack._min_body == 1
+assert not Code._omit_if_none and not Ack._omit_if_none
 _FIXMAP_FIRST: Final = 0x80
 _FIXMAP_LAST: Final = 0x8F
 _MAP16: Final = 0xDE
@@ -731,6 +765,32 @@ def encode_body(message: Message) -> bytes:
     A HELLO too short for the anti-amplification minimum is sent as
     :func:`pad_hello` of itself, so an unpadded HELLO can never leave.
     """
+    # One CODE or ACK per datagram: their maps inline, no layout look-up (same bytes
+    # as _to_map; both types have only the maximum size).
+    body: bytes
+    if type(message) is Code:
+        body = _pack(
+            {
+                "seq": message.seq,
+                "epoch": message.epoch,
+                "job": message.job,
+                "attempt": message.attempt,
+                "offset": message.offset,
+                "data": message.data,
+            }
+        )
+    elif type(message) is Ack:
+        body = _pack(
+            {"ranges": message.ranges, "delay_us": message.delay_us, "committed": message.committed}
+        )
+    else:
+        return _encode_other(message)
+    if len(body) > _MAX_PLAINTEXT_BODY:
+        raise LimitExceeded(f"{type(message).__name__} body of {len(body)} bytes is too large")
+    return body
+
+
+def _encode_other(message: Message) -> bytes:
     layout = _BY_CLASS[type(message)]
     body: bytes = _pack(message._to_map())
     if len(body) > layout.max_body:
@@ -808,6 +868,48 @@ def _decode_code(body: bytes) -> Code | None:
     return message
 
 
+_set_ack_ranges = Ack.__dict__["ranges"].__set__
+_set_ack_delay_us = Ack.__dict__["delay_us"].__set__
+_set_ack_committed = Ack.__dict__["committed"].__set__
+
+
+def _decode_ack(body: bytes) -> Ack | None:
+    """The per-ACK path: a well-formed ACK body, or None to take the generic path.
+
+    Same contract as :func:`_decode_code`: it accepts exactly what the generic
+    path accepts for a three-key map, and leaves every error to that path.
+    """
+    if not body or body[0] != _FIXMAP_OF_3 or len(body) > _MAX_PLAINTEXT_BODY:
+        return None
+    try:
+        obj = _unpackb(
+            body,
+            use_list=False,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=_MAX_BIN,
+            max_str_len=_MAX_STR,
+            max_array_len=_MAX_ARRAY,
+            max_map_len=_MAX_MAP,
+            max_ext_len=0,
+        )
+    except Exception:  # the generic path reports it
+        return None
+    if type(obj) is not dict or len(obj) != 3:
+        return None
+    try:
+        ranges, delay_us, committed = obj["ranges"], obj["delay_us"], obj["committed"]
+    except KeyError:
+        return None
+    if not _ack_ok(ranges, delay_us, committed):
+        return None
+    message: Ack = _new(Ack)
+    _set_ack_ranges(message, ranges)
+    _set_ack_delay_us(message, delay_us)
+    _set_ack_committed(message, committed)
+    return message
+
+
 def decode_body(ptype: PacketType | int, body: bytes) -> Message:
     """Decode and validate the body of a packet of type ``ptype``.
 
@@ -817,6 +919,10 @@ def decode_body(ptype: PacketType | int, body: bytes) -> Message:
         code = _decode_code(body)
         if code is not None:
             return code
+    elif ptype is _ACK:
+        ack = _decode_ack(body)
+        if ack is not None:
+            return ack
     layout = _BY_TYPE.get(ptype)
     if layout is None:
         raise DecodeError(f"unknown packet type {ptype!r}")
@@ -878,10 +984,22 @@ def with_sequence(message: Sequenced, seq: int, epoch: int) -> Sequenced:
     Same result as ``dataclasses.replace(message, seq=seq, epoch=epoch)`` at a
     fraction of the cost; the other fields were validated when ``message`` was built.
     """
-    _validate_field(type(message), "seq", _u64, seq)
-    _validate_field(type(message), "epoch", _u32, epoch)
     cls = type(message)
+    if not (type(seq) is int and type(epoch) is int and 0 <= seq <= U64 and 0 <= epoch <= U32):
+        # Off the fast path: int subclasses pass here, anything else is named.
+        _validate_field(cls, "seq", _u64, seq)
+        _validate_field(cls, "epoch", _u32, epoch)
     copy: Sequenced = _new(cls)
+    if cls is Code:
+        # Once per CODE packet sent: the six slots directly (Any: no isinstance cost).
+        code: Any = message
+        _set_code_seq(copy, seq)
+        _set_code_epoch(copy, epoch)
+        _set_code_job(copy, code.job)
+        _set_code_attempt(copy, code.attempt)
+        _set_code_offset(copy, code.offset)
+        _set_code_data(copy, code.data)
+        return copy
     for name, setter in _BY_CLASS[cls].setters:
         if name == "seq":
             setter(copy, seq)

@@ -181,16 +181,14 @@ class RecordKey:
         counted: it never reached the cipher.
         """
         aead = self._aead
-        if aead is None:
-            raise CryptoError("record key was wiped")
-        if self._forgeries >= self._forgery_limit:
-            raise KeyExhausted(f"{self._forgery_limit} forged packets under this key")
-        if len(header) != AAD_LEN:
-            raise CryptoError(f"header must be {AAD_LEN} bytes, got {len(header)}")
-        if len(ciphertext) < TAG_LEN:
-            raise AuthenticationFailed(f"body of {len(ciphertext)} bytes is shorter than a tag")
-        if not 0 <= packet_number <= PACKET_NUMBER_MAX:
-            raise CryptoError(f"packet number out of range: {packet_number}")
+        if (
+            aead is None
+            or self._forgeries >= self._forgery_limit
+            or len(header) != AAD_LEN
+            or len(ciphertext) < TAG_LEN
+            or not 0 <= packet_number <= PACKET_NUMBER_MAX
+        ):
+            raise self._open_refusal(header, packet_number, ciphertext)
         nonce = (self._open_base + packet_number).to_bytes(NONCE_LEN, "big")
         try:
             return aead.decrypt(nonce, ciphertext, header)
@@ -199,6 +197,18 @@ class RecordKey:
             if self._forgeries >= self._forgery_limit:
                 raise KeyExhausted(f"{self._forgery_limit} forged packets under this key") from None
             raise AuthenticationFailed("packet failed authentication") from None
+
+    def _open_refusal(self, header: bytes, packet_number: int, ciphertext: bytes) -> CryptoError:
+        """Say why open() refused before decrypting (kept off the fast path)."""
+        if self._aead is None:
+            return CryptoError("record key was wiped")
+        if self._forgeries >= self._forgery_limit:
+            return KeyExhausted(f"{self._forgery_limit} forged packets under this key")
+        if len(header) != AAD_LEN:
+            return CryptoError(f"header must be {AAD_LEN} bytes, got {len(header)}")
+        if len(ciphertext) < TAG_LEN:
+            return AuthenticationFailed(f"body of {len(ciphertext)} bytes is shorter than a tag")
+        return CryptoError(f"packet number out of range: {packet_number}")
 
     def wipe(self) -> None:
         """Drop the cipher context; later seal/open raise :class:`CryptoError`.

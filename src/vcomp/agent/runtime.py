@@ -1,0 +1,392 @@
+"""The volunteer agent: sessions to the organisation, jobs into the sandbox.
+
+:class:`AgentRuntime` measures itself into the simulated TPM, then runs one
+worker per configured core. Each worker keeps a session to the server (with
+jittered backoff between attempts), runs received jobs in the sandbox, spools
+each result sealed to the TPM before sending it, and deletes it only when the
+server confirms the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+from vcomp import logfmt
+from vcomp.agent.config import AgentConfig
+from vcomp.agent.measure import measured_launch
+from vcomp.agent.modes import ExecutionMode, agent_setup
+from vcomp.agent.sandbox import JobLimits, OutcomeKind
+from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
+from vcomp.agent.tpm import SimulatedTpm
+from vcomp.errors import SessionClosed, VcompError
+from vcomp.protocol import events as ev
+from vcomp.protocol.agent_session import AgentSession, AgentState
+from vcomp.protocol.messages import ErrorCode
+from vcomp.transport import AgentAdapter
+
+log = logging.getLogger("vcomp.agent")
+
+HANDED_BACK = "returned"
+REFUSED = "refused"
+BACKOFF_START = 1.0
+BACKOFF_MAX = 60.0
+
+
+@dataclass
+class WorkerStats:
+    sessions: int = 0
+    jobs: int = 0
+    committed: int = 0
+    rejected: int = 0
+    last_reject: str = ""
+
+
+@dataclass
+class _Running:
+    job: int
+    attempt: int
+    task: asyncio.Task[None]
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """One session at a time to the server, and at most one job."""
+
+    def __init__(self, runtime: AgentRuntime, index: int) -> None:
+        self.rt = runtime
+        self.index = index
+        self.stats = WorkerStats()
+        self.session: AgentSession | None = None
+        self.adapter: AgentAdapter | None = None
+        self.running: _Running | None = None
+        self._closed = asyncio.Event()
+        self._sent_from_spool: set[tuple[int, int]] = set()
+        # Exactly the sandbox that PCR 18 measures.
+        self.sandbox = runtime.config.make_sandbox(work_root=runtime.config.work_dir / f"w{index}")
+
+    # ---- session loop --------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = BACKOFF_START
+        while not self.rt.stopping.is_set():
+            connected = await self._one_session()
+            if self.rt.stopping.is_set():
+                break
+            backoff = BACKOFF_START if connected else min(backoff * 2, BACKOFF_MAX)
+            delay = backoff * random.uniform(0.5, 1.5)
+            logfmt.event(log, "reconnect_wait", worker=self.index, seconds=round(delay, 2))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), delay)
+
+    async def _one_session(self) -> bool:
+        loop = asyncio.get_running_loop()
+        cfg = self.rt.config
+        session = AgentSession(
+            agent_id=self.rt.tpm.agent_id,
+            pinned_server=self.rt.pinned,
+            quote=lambda extra, pcrs: self.rt.tpm.quote(extra, pcrs),
+            now=loop.time(),
+            max_job_bytes=cfg.limits.max_job_bytes,
+        )
+        self.session = session
+        self._closed.clear()
+        self._sent_from_spool.clear()
+        host, port = self.rt.server
+        try:
+            transport, adapter = await loop.create_datagram_endpoint(
+                lambda: AgentAdapter(session, self._on_event), remote_addr=(host, port)
+            )
+        except OSError as exc:
+            logfmt.event(log, "connect_failed", logging.WARNING, error=str(exc))
+            return False
+        self.adapter = adapter
+        session.connect(loop.time())
+        adapter.kick()
+        sessions_before = self.stats.sessions
+        try:
+            while not self._closed.is_set():
+                stop = asyncio.ensure_future(self.rt.stopping.wait())
+                closed = asyncio.ensure_future(self._closed.wait())
+                _done, pending = await asyncio.wait(
+                    {stop, closed}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for p in pending:
+                    p.cancel()
+                if self.rt.stopping.is_set():
+                    await self._leave(session, adapter)
+                    break
+        finally:
+            await self._cancel_job("session ended")
+            adapter.close()
+            transport.close()
+            self.session = None
+            self.adapter = None
+        return self.stats.sessions > sessions_before
+
+    async def _leave(self, session: AgentSession, adapter: AgentAdapter) -> None:
+        """SIGTERM: let the job finish within the grace period, else hand it back."""
+        grace = self.rt.shutdown_grace
+        running = self.running
+        if running is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(running.task), grace)
+            except TimeoutError:
+                await self._cancel_job("agent shutting down")
+                if session.state is not AgentState.CLOSED:
+                    session.submit_result(
+                        job=running.job,
+                        attempt=running.attempt,
+                        status=HANDED_BACK,
+                        output=b"",
+                        detail="agent shutting down",
+                    )
+                    adapter.kick()
+                    logfmt.event(log, "job_handed_back", job=running.job, attempt=running.attempt)
+        # Give the server a moment to confirm what we sent, then say goodbye.
+        deadline = time.monotonic() + min(grace, 5.0)
+        while (
+            session.state is not AgentState.CLOSED
+            and session.channel is not None
+            and not session.channel.send_idle
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.05)
+        if session.state is not AgentState.CLOSED:
+            session.close("agent shutting down", asyncio.get_running_loop().time())
+            adapter.kick()
+            await asyncio.sleep(0.05)
+
+    # ---- events --------------------------------------------------------------
+
+    def _on_event(self, e: ev.Event) -> None:
+        session = self.session
+        if session is None:
+            return
+        if isinstance(e, ev.Connected):
+            self.stats.sessions += 1
+            logfmt.event(
+                log, "session_established", worker=self.index, session=f"{e.session_id:016x}"
+            )
+            self._resend_spool(session)
+        elif isinstance(e, ev.JobReceived):
+            self._start_job(e)
+        elif isinstance(e, ev.JobAborted):
+            logfmt.event(
+                log, "job_aborted", worker=self.index, job=e.job, attempt=e.attempt, reason=e.reason
+            )
+            if self.running is not None and (self.running.job, self.running.attempt) == (
+                e.job,
+                e.attempt,
+            ):
+                self.running.task.cancel()
+                self.running = None
+            self.rt.spool.remove(e.job, e.attempt)
+        elif isinstance(e, ev.ResetReceived):
+            logfmt.event(log, "reset_received", worker=self.index, epoch=e.epoch)
+            self._sent_from_spool.clear()
+            self._resend_spool(session)
+        elif isinstance(e, ev.ResultCommitted):
+            self.stats.committed += 1
+            self.rt.spool.remove(e.job, e.attempt)
+            self._sent_from_spool.discard((e.job, e.attempt))
+            self.rt.in_flight.discard((e.job, e.attempt))
+            logfmt.event(log, "result_committed", worker=self.index, job=e.job, attempt=e.attempt)
+        elif isinstance(e, ev.Rejected):
+            self.stats.rejected += 1
+            self.stats.last_reject = e.reason
+            level = logging.ERROR if e.code == ErrorCode.SERVER_KEY_MISMATCH else logging.WARNING
+            logfmt.event(
+                log, "session_refused", level, worker=self.index, code=e.code, reason=e.reason
+            )
+        elif isinstance(e, ev.SessionClosed):
+            logfmt.event(log, "session_closed", worker=self.index, reason=e.reason, code=e.code)
+            for key in self._sent_from_spool:
+                self.rt.in_flight.discard(key)
+            self._closed.set()
+
+    def _resend_spool(self, session: AgentSession) -> None:
+        for item in self.rt.spool.pending():
+            if isinstance(item, SpoolError):
+                logfmt.event(log, "spool_unreadable", logging.ERROR, error=str(item))
+                continue
+            key = (item.job, item.attempt)
+            if key in self.rt.in_flight:
+                continue
+            self.rt.in_flight.add(key)
+            self._sent_from_spool.add(key)
+            self._submit(session, item)
+            logfmt.event(
+                log, "result_resent", worker=self.index, job=item.job, attempt=item.attempt
+            )
+
+    def _submit(self, session: AgentSession, r: SpooledResult) -> None:
+        try:
+            session.submit_result(
+                job=r.job,
+                attempt=r.attempt,
+                status=r.status,
+                output=r.output,
+                detail=r.detail,
+                cpu_ms=r.cpu_ms,
+                wall_ms=r.wall_ms,
+            )
+        except SessionClosed:
+            return  # stays spooled; resent on the next session
+        if self.adapter is not None:
+            self.adapter.kick()
+
+    # ---- jobs ----------------------------------------------------------------
+
+    def _start_job(self, e: ev.JobReceived) -> None:
+        d = e.description
+        self.stats.jobs += 1
+        task = asyncio.ensure_future(self._run_job(e))
+        self.running = _Running(d.job, d.attempt, task)
+        logfmt.event(
+            log,
+            "job_started",
+            worker=self.index,
+            job=d.job,
+            attempt=d.attempt,
+            kind=d.kind,
+            code_bytes=d.code_size,
+            input_bytes=d.input_size,
+        )
+
+    def _refusal(self, d: ev.JobDescription) -> str | None:
+        if d.kind not in ("python", "exec"):
+            return f"unknown job kind {d.kind!r}"
+        return self.rt.config.limits.refusal(
+            job_bytes=d.code_size + d.input_size,
+            cpu_seconds=d.cpu_seconds,
+            memory_bytes=d.memory_bytes,
+            wall_seconds=d.wall_seconds,
+            output_bytes=d.output_bytes,
+        )
+
+    async def _run_job(self, e: ev.JobReceived) -> None:
+        d = e.description
+        refusal = self._refusal(d)
+        started = time.monotonic()
+        if refusal is not None:
+            status, output, detail, cpu_ms = REFUSED, b"", refusal, 0
+        else:
+            outcome = await self.sandbox.run(
+                kind="python" if d.kind == "python" else "exec",
+                code=e.code,
+                input=e.input,
+                limits=JobLimits(
+                    cpu_seconds=d.cpu_seconds,
+                    memory_bytes=d.memory_bytes,
+                    wall_seconds=float(d.wall_seconds),
+                    output_bytes=d.output_bytes,
+                ),
+            )
+            status = str(outcome.kind)
+            output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
+            detail = outcome.error or ""
+            cpu_ms = int(outcome.cpu_seconds * 1000)
+        wall_ms = int((time.monotonic() - started) * 1000)
+        result = SpooledResult(d.job, d.attempt, status, detail[:256], cpu_ms, wall_ms, output)
+        self.rt.spool.put(result)
+        logfmt.event(
+            log,
+            "job_finished",
+            worker=self.index,
+            job=d.job,
+            attempt=d.attempt,
+            status=status,
+            cpu_ms=cpu_ms,
+            wall_ms=wall_ms,
+            output_bytes=len(output),
+        )
+        self.running = None
+        session = self.session
+        if session is not None and session.state is not AgentState.CLOSED:
+            self.rt.in_flight.add((d.job, d.attempt))
+            self._sent_from_spool.add((d.job, d.attempt))
+            self._submit(session, result)
+
+    async def _cancel_job(self, reason: str) -> None:
+        running, self.running = self.running, None
+        if running is not None and not running.task.done():
+            running.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, VcompError):
+                await running.task
+            logfmt.event(
+                log,
+                "job_cancelled",
+                worker=self.index,
+                job=running.job,
+                attempt=running.attempt,
+                reason=reason,
+            )
+
+
+class AgentRuntime:
+    def __init__(self, config: AgentConfig, *, shutdown_grace: float = 10.0) -> None:
+        self.config = config
+        self.shutdown_grace = shutdown_grace
+        self.stopping = asyncio.Event()
+        self.tpm = SimulatedTpm.open(config.tpm_dir)
+        self.measurement = measured_launch(self.tpm, config.policy())
+        self.spool = ResultSpool(config.spool_dir, self.tpm)
+        if self.spool.set_aside is not None:
+            logfmt.event(
+                log,
+                "spool_set_aside",
+                logging.WARNING,
+                path=str(self.spool.set_aside),
+                reason="sealed by a different agent build or sandbox policy; unreadable here",
+            )
+        self.in_flight: set[tuple[int, int]] = set()
+        self.pinned = config.server_fingerprint()
+        self.server = config.server_address()
+        self.mode: ExecutionMode = config.execution_mode()
+        agent_setup(self.mode)
+        self.workers = [Worker(self, i) for i in range(config.cores)]
+
+    async def run(self) -> None:
+        logfmt.event(
+            log,
+            "agent_started",
+            agent=self.tpm.agent_id.hex()[:16],
+            server=self.config.server,
+            mode=self.mode.kind,
+            cores=len(self.workers),
+            measurement=self.measurement.format(),
+            spooled=len(self.spool),
+        )
+        try:
+            await asyncio.gather(*(w.run() for w in self.workers))
+        finally:
+            for w in self.workers:
+                w.sandbox.close()
+        logfmt.event(log, "agent_stopped")
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def join(config: AgentConfig) -> None:
+    """Run until SIGINT or SIGTERM (``vcomp-agent join``)."""
+    logfmt.setup()
+    # The default loop, not uvloop: the sandbox forks its launcher from this
+    # process, and libuv's state is not safe to use in a forked child (its
+    # fd bookkeeping aborts with an assertion). One session per core needs no
+    # more speed than asyncio gives.
+    asyncio.run(_join(config))
+
+
+async def _join(config: AgentConfig) -> None:
+    runtime = AgentRuntime(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runtime.stop)
+    await runtime.run()

@@ -1,0 +1,360 @@
+"""The server's home directory: ``server.toml``, the signing key and the job store.
+
+Layout of a server home (``vcomp-server init DIR``)::
+
+    server.toml   bind address, session limits, job defaults (see server/server.example.toml)
+    server.key    Ed25519 private key, PEM PKCS#8, mode 0600
+    server.pub    the raw 32-byte public key, hex; agents may pin it instead of the fingerprint
+    jobs.sqlite   the SQLite job store
+
+Every problem with these files is a :class:`~vcomp.errors.ConfigError` naming the file
+and the key, so the CLI can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vcomp.errors import ConfigError
+from vcomp.protocol import handshake, limits
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_PORT",
+    "KEY_FILE",
+    "PUBLIC_FILE",
+    "STORE_FILE",
+    "JobDefaults",
+    "ServerConfig",
+    "Table",
+    "check_sections",
+    "init_server_home",
+    "load_server_config",
+    "load_signing_key",
+    "parse_host_port",
+    "read_toml",
+]
+
+CONFIG_FILE = "server.toml"
+KEY_FILE = "server.key"
+PUBLIC_FILE = "server.pub"
+STORE_FILE = "jobs.sqlite"
+DEFAULT_PORT = 7461
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anything huge
+
+DEFAULT_CONFIG = f"""\
+# vcomp organisation server. Created by `vcomp-server init`; see server/server.example.toml.
+[server]
+bind = "127.0.0.1:{DEFAULT_PORT}"
+window = 64
+idle_timeout = 60.0
+max_sessions = 100000
+
+[jobs]
+lease_seconds = 300.0     # lease = transfer + run + result; renewed while the agent works
+replicas = 1
+quorum = 1
+max_attempts = 3
+cpu_seconds = 60
+memory_bytes = 536870912
+wall_seconds = 120
+output_bytes = 16777216
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class JobDefaults:
+    """``[jobs]``: lease length and the defaults ``vcomp-server submit`` uses."""
+
+    lease_seconds: float = 300.0
+    replicas: int = 1
+    quorum: int = 1
+    max_attempts: int = 3
+    cpu_seconds: int = 60
+    memory_bytes: int = 512 << 20
+    wall_seconds: float = 120.0
+    output_bytes: int = 16 << 20
+
+    def __post_init__(self) -> None:
+        _check_seconds("lease_seconds", self.lease_seconds)
+        _check_int("replicas", self.replicas, 1, 100)
+        _check_int("quorum", self.quorum, 1, self.replicas)
+        _check_int("max_attempts", self.max_attempts, 1, 1000)
+        _check_int("cpu_seconds", self.cpu_seconds, 1, 1 << 31)
+        _check_int("memory_bytes", self.memory_bytes, 1, 1 << 62)
+        _check_seconds("wall_seconds", self.wall_seconds)
+        _check_int("output_bytes", self.output_bytes, 0, limits.MAX_RESULT_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """A loaded server home. ``bind_port`` 0 asks the OS for a free port."""
+
+    home: Path
+    bind_host: str
+    bind_port: int
+    window: int
+    idle_timeout: float
+    max_sessions: int
+    jobs: JobDefaults
+    key_path: Path
+    store_path: Path
+
+    def __post_init__(self) -> None:
+        if not self.bind_host:
+            raise ConfigError("bind: the host is empty")
+        _check_int("bind port", self.bind_port, 0, 65535)
+        _check_int("window", self.window, limits.MIN_WINDOW, limits.MAX_WINDOW)
+        _check_seconds("idle_timeout", self.idle_timeout)
+        _check_int("max_sessions", self.max_sessions, 1, 10_000_000)
+
+    @property
+    def public_path(self) -> Path:
+        return self.home / PUBLIC_FILE
+
+
+# ---------------------------------------------------------------------- value checks
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be positive and finite, got {value}")
+
+
+def parse_host_port(text: str, *, what: str, allow_zero: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{what} must look like HOST:PORT, got {text!r}")
+    port = int(port_text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} is out of range")
+    return host, port
+
+
+# ---------------------------------------------------------------------- TOML reading
+
+
+def read_toml(path: Path) -> dict[str, object]:
+    """Parse a TOML file, turning every failure into a ConfigError naming it."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+class Table:
+    """One ``[section]`` of a TOML document, read with type checks.
+
+    Missing keys take the given default; a value of the wrong type is an error; after
+    reading, :meth:`finish` rejects keys nobody asked for (typos must not pass silently).
+    """
+
+    def __init__(self, doc: dict[str, object], section: str) -> None:
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        self._table: dict[str, object] = table
+        self._section = section
+        self._read: list[str] = []
+
+    def _take(self, key: str) -> object | None:
+        self._read.append(key)
+        return self._table.get(key)
+
+    def _wrong(self, key: str, what: str, value: object) -> ConfigError:
+        return ConfigError(f"[{self._section}] {key} must be {what}, got {value!r}")
+
+    def integer(self, key: str, default: int) -> int:
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise self._wrong(key, "an integer", value)
+
+    def number(self, key: str, default: float) -> float:
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise self._wrong(key, "a number", value)
+
+    def text(self, key: str, default: str) -> str:
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            return value
+        raise self._wrong(key, "a string", value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        raise self._wrong(key, "true or false", value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._table) - set(self._read))
+        if unknown:
+            raise ConfigError(
+                f"[{self._section}] unknown key {unknown[0]!r}; known: {', '.join(self._read)}"
+            )
+
+
+def check_sections(doc: dict[str, object], known: tuple[str, ...]) -> None:
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        names = ", ".join(f"[{k}]" for k in known)
+        raise ConfigError(f"unknown section or key {unknown[0]!r} at top level; known: {names}")
+
+
+def _config_file(path: Path) -> Path:
+    return path / CONFIG_FILE if path.is_dir() else path
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """Load ``server.toml`` from a server home directory or the file itself."""
+    path = Path(path).expanduser()
+    file = _config_file(path)
+    if not file.exists():
+        hint = "" if path.is_file() else " (run `vcomp-server init DIR`, or give --config)"
+        raise ConfigError(f"{file}: no such file{hint}")
+    doc = read_toml(file)
+    home = file.parent.absolute()
+    try:
+        check_sections(doc, ("server", "jobs"))
+        server = Table(doc, "server")
+        host, port = parse_host_port(
+            server.text("bind", f"127.0.0.1:{DEFAULT_PORT}"), what="bind", allow_zero=True
+        )
+        window = server.integer("window", 64)
+        idle_timeout = server.number("idle_timeout", limits.IDLE_TIMEOUT)
+        max_sessions = server.integer("max_sessions", 100_000)
+        server.finish()
+        jobs = Table(doc, "jobs")
+        defaults = JobDefaults(
+            lease_seconds=jobs.number("lease_seconds", 300.0),
+            replicas=jobs.integer("replicas", 1),
+            quorum=jobs.integer("quorum", 1),
+            max_attempts=jobs.integer("max_attempts", 3),
+            cpu_seconds=jobs.integer("cpu_seconds", 60),
+            memory_bytes=jobs.integer("memory_bytes", 512 << 20),
+            wall_seconds=jobs.number("wall_seconds", 120.0),
+            output_bytes=jobs.integer("output_bytes", 16 << 20),
+        )
+        jobs.finish()
+        return ServerConfig(
+            home=home,
+            bind_host=host,
+            bind_port=port,
+            window=window,
+            idle_timeout=idle_timeout,
+            max_sessions=max_sessions,
+            jobs=defaults,
+            key_path=home / KEY_FILE,
+            store_path=home / STORE_FILE,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+
+
+# ---------------------------------------------------------------------- keys
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """Load the server's Ed25519 key; refuses a file that group or others may read."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise ConfigError(
+                f"{path} is accessible by group or others (mode {mode & 0o777:03o}); "
+                f"run: chmod 600 {path}"
+            )
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such key file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read key: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` from the start (no window with wider permissions)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def init_server_home(dir: Path, force: bool = False) -> str:
+    """Create a server home in ``dir``; returns the key fingerprint (64 hex digits).
+
+    Refuses a non-empty directory unless ``force``, which writes a fresh key and
+    config but keeps an existing job store (its jobs and results are not thrown away).
+    """
+    from vcomp.server.store_sqlite import SqliteStore  # only init needs the store code
+
+    home = Path(dir).expanduser()
+    try:
+        if home.exists() and not home.is_dir():
+            raise ConfigError(f"{home} exists and is not a directory")
+        if home.exists() and any(home.iterdir()) and not force:
+            raise ConfigError(f"{home} is not empty; use --force to re-initialise it")
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        raw = handshake.raw_public(key)
+        for name in (KEY_FILE, PUBLIC_FILE, CONFIG_FILE):
+            (home / name).unlink(missing_ok=True)
+        _write_new(home / KEY_FILE, pem, 0o600)
+        _write_new(home / PUBLIC_FILE, raw.hex().encode() + b"\n", 0o644)
+        _write_new(home / CONFIG_FILE, DEFAULT_CONFIG.encode(), 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot initialise {home}: {exc}") from None
+    SqliteStore(home / STORE_FILE).close()
+    return handshake.key_fingerprint(raw).hex()

@@ -1,0 +1,513 @@
+"""The organisation server: the protocol endpoint wired to the job store.
+
+:class:`OrganisationServer` reacts to protocol events: it leases jobs to idle
+attested agents, streams their code and input out of the store, streams
+results back in, and sends the final ACK only after the result's transaction
+has committed. Store writes go through one :class:`GroupCommitter` thread;
+chunk reads use the event-loop thread's own read connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vcomp import logfmt
+from vcomp.errors import VcompError
+from vcomp.protocol import events as ev
+from vcomp.protocol.attestation import Measurement
+from vcomp.protocol.messages import ErrorCode
+from vcomp.protocol.server_endpoint import ServerEndpoint
+from vcomp.protocol.server_session import ServerSession, ServerState
+from vcomp.protocol.tpm_format import ClockInfo
+from vcomp.protocol.trust import TrustPolicy
+from vcomp.server.commit import GroupCommitter
+from vcomp.server.config import ServerConfig, load_signing_key
+from vcomp.server.results import ResultSink
+from vcomp.server.store import Lease, ResultSubmission
+from vcomp.server.store_sqlite import SqliteStore
+from vcomp.transport import ServerAdapter
+
+log = logging.getLogger("vcomp.server")
+
+TICK_SECONDS = 0.5
+HANDED_BACK = "returned"
+
+
+@dataclass
+class _Assignment:
+    lease: Lease
+    session_id: int
+    code: Any
+    data: Any
+    code_size: int
+
+
+@dataclass
+class ServerStats:
+    leases: int = 0
+    results_committed: int = 0
+    handshakes_rejected: int = 0
+    sessions_established: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class OrganisationServer:
+    def __init__(self, config: ServerConfig, *, signing_key: Ed25519PrivateKey | None = None):
+        self.config = config
+        self.store = SqliteStore(config.store_path)
+        self.committer = GroupCommitter(self.store)
+        self._signing_key = signing_key or load_signing_key(config.key_path)
+        self.trust = TrustPolicy(on_clock=self._remember_clock)
+        self.stats = ServerStats()
+        self._assignments: dict[tuple[int, int], _Assignment] = {}
+        self._idle: set[int] = set()
+        self._sinks: dict[tuple[int, int], ResultSink] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._adapter: ServerAdapter | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+        self._queue_hint = True
+        self.endpoint: ServerEndpoint | None = None
+        self.address: tuple[str, int] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        await self.committer.run(self.store.discard_stale_uploads, time.time())
+        self._load_trust()
+        self.endpoint = ServerEndpoint(
+            signing_key=self._signing_key,
+            trust=self.trust,
+            code_source=self._read_code,
+            now=loop.time(),
+            window=self.config.window,
+            max_sessions=self.config.max_sessions,
+            idle_timeout=self.config.idle_timeout,
+        )
+        endpoint = self.endpoint
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: ServerAdapter(endpoint, self._on_event),
+            local_addr=(self.config.bind_host, self.config.bind_port),
+        )
+        self._adapter = protocol
+        host, port = transport.get_extra_info("sockname")[:2]
+        self.address = (str(host), int(port))
+        self._tick_task = asyncio.create_task(self._tick_forever())
+        logfmt.event(log, "server_started", bind=f"{host}:{port}", window=self.config.window)
+        return self.address
+
+    async def stop(self) -> None:
+        """Close sessions politely; leased jobs stay leased and recoverable."""
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+        if self.endpoint is not None and self._adapter is not None:
+            now = asyncio.get_running_loop().time()
+            for session in list(self.endpoint.sessions.values()):
+                session.close("server shutting down", ErrorCode.SERVER_SHUTDOWN, now)
+                self.endpoint.touch(session.session_id)
+            self._adapter._flush()
+            self._adapter.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.committer.close()
+        self.store.close()
+        logfmt.event(log, "server_stopped")
+
+    # ---- trust ---------------------------------------------------------------
+
+    def _load_trust(self) -> None:
+        enrolled: dict[bytes, rsa.RSAPublicKey] = {}
+        for agent in self.store.list_agents():
+            key = serialization.load_pem_public_key(agent.ak_public_pem.encode())
+            if isinstance(key, rsa.RSAPublicKey):
+                agent_id = bytes.fromhex(agent.agent_id)
+                enrolled[agent_id] = key
+                if agent_id not in self.trust.clocks:
+                    clock = self.store.get_agent_clock(agent.agent_id)
+                    if clock is not None:
+                        self.trust.clocks[agent_id] = ClockInfo(
+                            clock.clock, clock.reset_count, clock.restart_count, True
+                        )
+        self.trust.enrolled = enrolled
+        self.trust.allowlist = {Measurement.parse(m.text) for m in self.store.list_measurements()}
+
+    def _remember_clock(self, agent_id: bytes, clock: ClockInfo) -> None:
+        self._spawn(
+            self.committer.run(
+                self.store.set_agent_clock,
+                agent_id.hex(),
+                clock.clock,
+                clock.reset_count,
+                clock.restart_count,
+            )
+        )
+
+    # ---- events --------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logfmt.event(log, "internal_error", logging.ERROR, error=repr(task.exception()))
+
+    def _on_event(self, e: ev.Event) -> None:
+        if isinstance(e, ev.ResultChunk):
+            self._on_chunk(e)
+        elif isinstance(e, ev.ResultComplete):
+            self._spawn(self._commit(e))
+        elif isinstance(e, ev.AgentIdle):
+            self._idle.add(e.session_id)
+            self._spawn(self._assign())
+        elif isinstance(e, ev.SessionEstablished):
+            self.stats.sessions_established += 1
+            logfmt.event(
+                log,
+                "session_established",
+                session=f"{e.session_id:016x}",
+                agent=e.agent_id.hex()[:16],
+                addr=f"{e.address[0]}:{e.address[1]}",
+            )
+            self._spawn(
+                self.committer.run(
+                    self.store.touch_agent,
+                    e.agent_id.hex(),
+                    time.time(),
+                    f"{e.address[0]}:{e.address[1]}",
+                )
+            )
+        elif isinstance(e, ev.HandshakeRejected):
+            self.stats.handshakes_rejected += 1
+            logfmt.event(
+                log,
+                "handshake_rejected",
+                logging.WARNING,
+                agent=e.agent_id.hex()[:16],
+                addr=f"{e.address[0]}:{e.address[1]}",
+                reason=e.reason,
+                detail=e.detail,
+            )
+        elif isinstance(e, ev.JobDelivered):
+            logfmt.event(
+                log, "job_delivered", job=e.job, attempt=e.attempt, session=f"{e.session_id:016x}"
+            )
+        elif isinstance(e, ev.JobRefused):
+            logfmt.event(
+                log,
+                "job_refused",
+                logging.WARNING,
+                job=e.job,
+                attempt=e.attempt,
+                code=e.code,
+                message=e.message,
+            )
+            self._drop_assignment(e.job, e.attempt)
+            self._spawn(self._release(e.job, e.attempt, f"agent refused: {e.message}"))
+        elif isinstance(e, ev.SessionClosed):
+            self._idle.discard(e.session_id)
+            logfmt.event(
+                log, "session_closed", session=f"{e.session_id:016x}", reason=e.reason, code=e.code
+            )
+        elif isinstance(e, ev.ResetDone):
+            logfmt.event(log, "reset_done", session=f"{e.session_id:016x}", epoch=e.epoch)
+
+    # ---- jobs out ------------------------------------------------------------
+
+    async def _assign(self) -> None:
+        endpoint = self.endpoint
+        if endpoint is None:
+            return
+        for sid in list(self._idle):
+            session = endpoint.session(sid)
+            if session is None or session.state is not ServerState.IDLE:
+                self._idle.discard(sid)
+                continue
+            if not self._queue_hint:
+                return
+            self._idle.discard(sid)
+            lease = await self.committer.lease(
+                session.agent_id.hex(), time.time(), self.config.jobs.lease_seconds
+            )
+            if lease is None:
+                self._queue_hint = False
+                self._idle.add(sid)
+                return
+            session = endpoint.session(sid)
+            if session is None or session.state is not ServerState.IDLE:
+                # The agent vanished while we leased: hand the job straight back.
+                await self._release(lease.job_id, lease.attempt, "agent left before START")
+                continue
+            self._start(session, lease)
+
+    def _start(self, session: ServerSession, lease: Lease) -> None:
+        assert self.endpoint is not None and self._adapter is not None
+        app = lease.app
+        self._assignments[(lease.job_id, lease.attempt)] = _Assignment(
+            lease=lease,
+            session_id=session.session_id,
+            code=self.store.open_code(app.app_id),
+            data=self.store.open_input(lease.job_id),
+            code_size=app.size,
+        )
+        limits = lease.limits
+        session.start_job(
+            ev.JobDescription(
+                job=lease.job_id,
+                attempt=lease.attempt,
+                kind=str(app.kind),
+                code_size=app.size,
+                code_sha256=app.sha256,
+                input_size=lease.input_size,
+                input_sha256=lease.input_sha256,
+                cpu_seconds=max(1, int(limits.cpu_seconds)),
+                memory_bytes=limits.memory_bytes,
+                wall_seconds=max(1, int(limits.wall_seconds)),
+                output_bytes=limits.output_bytes,
+            )
+        )
+        self.stats.leases += 1
+        logfmt.event(
+            log,
+            "job_leased",
+            job=lease.job_id,
+            attempt=lease.attempt,
+            batch=lease.batch_id,
+            index=lease.index,
+            agent=session.agent_id.hex()[:16],
+        )
+        self.endpoint.touch(session.session_id)
+        self._adapter.kick()
+
+    def _read_code(self, job: int, attempt: int, offset: int, length: int) -> bytes:
+        a = self._assignments.get((job, attempt))
+        if a is None:
+            return b""
+        out = b""
+        if offset < a.code_size:
+            take = min(length, a.code_size - offset)
+            out = a.code.read(offset, take)
+            offset, length = offset + take, length - take
+        if length > 0:
+            out += a.data.read(offset - a.code_size, length)
+        return bytes(out)
+
+    def _drop_assignment(self, job: int, attempt: int) -> None:
+        self._assignments.pop((job, attempt), None)
+
+    async def _release(self, job: int, attempt: int, reason: str) -> None:
+        await self.committer.run(self._release_now, job, attempt, reason)
+        self._queue_hint = True
+        self._spawn(self._assign())
+
+    def _release_now(self, job: int, attempt: int, reason: str) -> bool:
+        return self.store.release_lease(job, attempt, reason, now=time.time())
+
+    # ---- results in ----------------------------------------------------------
+
+    def _on_chunk(self, e: ev.ResultChunk) -> None:
+        key = (e.job, e.attempt)
+        sink = self._sinks.get(key)
+        if sink is None:
+            sink = self._sinks[key] = ResultSink(
+                self.store, self.committer, e.job, e.attempt, e.total
+            )
+        sink.feed(e.offset, e.data)
+
+    async def _commit(self, e: ev.ResultComplete) -> None:
+        key = (e.job, e.attempt)
+        self._drop_assignment(*key)
+        sink = self._sinks.pop(key, None)
+        agent = e.agent_id.hex()
+        if e.status == HANDED_BACK:
+            if sink is not None:
+                await sink.abandon()
+            await self._release(e.job, e.attempt, "handed back by the agent")
+            logfmt.event(log, "job_handed_back", job=e.job, attempt=e.attempt)
+            self._confirm(e, [key])
+            return
+        if sink is None:
+            sink = ResultSink(self.store, self.committer, e.job, e.attempt, e.total)
+        try:
+            output, upload = await sink.finish(e.sha256)
+        except VcompError as exc:
+            logfmt.event(
+                log,
+                "result_rejected",
+                logging.WARNING,
+                job=e.job,
+                attempt=e.attempt,
+                reason=str(exc),
+            )
+            return
+        submission = ResultSubmission(
+            job_id=e.job,
+            attempt=e.attempt,
+            agent_id=agent,
+            status=e.status or "ok",
+            output=output,
+            upload=upload,
+            output_size=e.total,
+            output_sha256=e.sha256,
+            cpu_ms=e.cpu_ms,
+            wall_ms=e.wall_ms,
+            received_at=time.time(),
+            error=e.detail,
+        )
+        outcome = await self.committer.submit_result(submission)
+        logfmt.event(
+            log,
+            "result_recorded",
+            job=e.job,
+            attempt=e.attempt,
+            agent=agent[:16],
+            status=e.status,
+            outcome=str(outcome.kind),
+            job_state=outcome.job_state,
+            bytes=e.total,
+            cpu_ms=e.cpu_ms,
+        )
+        if outcome.durable:
+            self.stats.results_committed += 1
+            self._confirm(e, [key])
+        if outcome.job_state is not None and str(outcome.job_state) == "queued":
+            self._queue_hint = True
+            self._spawn(self._assign())
+
+    def _confirm(self, e: ev.ResultComplete, entries: list[tuple[int, int]]) -> None:
+        """Send the final ACK on the session the result came from, or the agent's new one."""
+        endpoint, adapter = self.endpoint, self._adapter
+        if endpoint is None or adapter is None:
+            return
+        session = endpoint.session(e.session_id)
+        if session is None:
+            session = next(
+                (
+                    s
+                    for s in endpoint.sessions.values()
+                    if s.agent_id == e.agent_id and s.channel is not None
+                ),
+                None,
+            )
+        if session is None:
+            return  # the agent resends after reconnecting; the store dedupes
+        session.confirm_committed(entries, asyncio.get_running_loop().time())
+        endpoint.touch(session.session_id)
+        adapter.kick()
+
+    # ---- periodic work -------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                await self._tick()
+            except VcompError as exc:
+                logfmt.event(log, "tick_failed", logging.ERROR, error=str(exc))
+
+    async def _tick(self) -> None:
+        now = time.time()
+        expired = await self.committer.run(self.store.expire_leases, now)
+        for x in expired:
+            self._drop_assignment(x.job_id, x.attempt)
+            logfmt.event(
+                log,
+                "lease_expired",
+                logging.WARNING,
+                job=x.job_id,
+                attempt=x.attempt,
+                agent=x.agent_id[:16],
+                job_state=x.job_state,
+            )
+        live = self._live_leases()
+        if live:
+            await self.committer.run(self._renew, live, now)
+        for agent in await self.committer.run(self.store.take_reset_requests):
+            self._reset_agent(agent)
+        self._load_trust()
+        # New batches or requeued jobs: let idle agents ask again.
+        self._queue_hint = True
+        if self._idle:
+            await self._assign()
+
+    def _live_leases(self) -> list[tuple[int, int]]:
+        endpoint = self.endpoint
+        if endpoint is None:
+            return []
+        return [
+            key
+            for key, a in self._assignments.items()
+            if (s := endpoint.session(a.session_id)) is not None and s.current_job == key
+        ]
+
+    def _renew(self, keys: list[tuple[int, int]], now: float) -> None:
+        for job, attempt in keys:
+            self.store.renew_lease(job, attempt, now, self.config.jobs.lease_seconds)
+
+    def _reset_agent(self, agent_hex: str) -> None:
+        endpoint, adapter = self.endpoint, self._adapter
+        if endpoint is None or adapter is None:
+            return
+        now = asyncio.get_running_loop().time()
+        for session in list(endpoint.sessions.values()):
+            if session.agent_id.hex() != agent_hex:
+                continue
+            job = session.current_job
+            session.reset("reset requested by the operator", now)
+            endpoint.touch(session.session_id)
+            logfmt.event(
+                log,
+                "reset_sent",
+                session=f"{session.session_id:016x}",
+                agent=agent_hex[:16],
+                job=job and job[0],
+            )
+            if job is not None:
+                self._drop_assignment(*job)
+                self._spawn(self._release(job[0], job[1], "reset by the operator"))
+        adapter.kick()
+
+
+def serve(config: ServerConfig) -> None:
+    """Run until SIGINT or SIGTERM (``vcomp-server serve``)."""
+    logfmt.setup()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        logfmt.event(log, "uvloop_unavailable", logging.WARNING)
+    asyncio.run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> None:
+    server = OrganisationServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = await server.start()
+    fingerprint = hashlib.sha256(
+        server._signing_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    ).hexdigest()
+    print(f"vcomp-server listening on {host}:{port} key {fingerprint}", flush=True)
+    await stop.wait()
+    await server.stop()

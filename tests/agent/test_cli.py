@@ -1,0 +1,135 @@
+"""``vcomp-agent`` through click's CliRunner: init, enrolment, measure, join checks, quote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from vcomp.agent.cli import main
+from vcomp.agent.config import load_agent_config
+from vcomp.agent.enrolment import parse_enrolment
+from vcomp.agent.measure import golden_measurement
+from vcomp.agent.tpm import SimulatedTpm
+from vcomp.protocol.attestation import Measurement
+
+FP = "cd" * 32
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def assert_clean_error(result: Result, message: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    assert message in result.stderr, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    d = tmp_path_factory.mktemp("cli") / "agent"
+    result = run("init", d, "--name", "bob's pc", "--server", "10.0.0.1:7461", "--server-key", FP)
+    assert result.exit_code == 0, result.output
+    return d, result
+
+
+def line_starting(result: Result, prefix: str) -> str:
+    return next(ln for ln in result.stdout.splitlines() if ln.startswith(prefix))
+
+
+def test_init_prints_enrolment_and_measurement(home: tuple[Path, Result]) -> None:
+    d, result = home
+    enrolment = parse_enrolment(line_starting(result, "vcomp-enrol/1 "))
+    assert enrolment.agent_id == SimulatedTpm.open(d / "tpm").agent_id.hex()
+    assert enrolment.name == "bob's-pc"
+    assert f"agent id:   {enrolment.agent_id}" in result.stdout
+    golden = line_starting(result, "sha256:")
+    config = load_agent_config(d)
+    assert Measurement.parse(golden) == golden_measurement(config.policy())
+    assert (config.server, config.server_key) == ("10.0.0.1:7461", FP)
+
+
+def test_enrolment_and_measure_repeat_what_init_printed(home: tuple[Path, Result]) -> None:
+    d, result = home
+    again = run("enrolment", "--config", d)
+    assert again.exit_code == 0
+    assert line_starting(again, "vcomp-enrol/1") == line_starting(result, "vcomp-enrol/1")
+    measured = run("measure", env={"VCOMP_AGENT_HOME": str(d)})  # home from the environment
+    assert measured.exit_code == 0
+    fresh = golden_measurement(load_agent_config(d).policy())  # the code may have changed
+    assert measured.stdout.strip() == fresh.format()
+    assert measured.stdout.strip()[-64:] == line_starting(result, "sha256:")[-64:]  # PCR 18
+
+
+def test_init_without_server_says_what_to_do(tmp_path: Path) -> None:
+    result = run("init", tmp_path / "a")
+    assert result.exit_code == 0
+    assert "set server and server_key" in result.stderr
+    assert_clean_error(run("init", tmp_path / "a"), "not empty")
+
+
+def test_init_rejects_a_bad_server_key(tmp_path: Path) -> None:
+    assert_clean_error(
+        run("init", tmp_path / "a", "--server-key", "1234"), "64-hex-digit fingerprint"
+    )
+    assert not (tmp_path / "a").exists()  # nothing created for a refused init
+
+
+def test_join_refuses_without_server_or_key(tmp_path: Path) -> None:
+    d = tmp_path / "a"
+    assert run("init", d).exit_code == 0
+    assert_clean_error(run("join", "--config", d), "no server set")
+    assert_clean_error(run("join", "--config", d, "--server", "h:1"), "no server key pinned")
+    assert_clean_error(run("join", "--config", d, "--server", "nohost"), "HOST:PORT")
+    assert_clean_error(
+        run("join", "--config", d, "--server", "h:1", "--server-key", "zz"), "fingerprint"
+    )
+    assert_clean_error(
+        run("join", "--config", d, "--mode", "dedicated", "--server", "h:1"), "needs a core"
+    )
+    result = run("join", "--config", d, "--core", "1")
+    assert result.exit_code == 2 and "--core applies to --mode dedicated" in result.stderr
+
+
+def test_config_errors_are_one_line(tmp_path: Path) -> None:
+    d = tmp_path / "a"
+    assert run("init", d).exit_code == 0
+    toml = d / "agent.toml"
+    toml.write_text(toml.read_text().replace("cores = 1", "cores = 'many'"))
+    assert_clean_error(run("measure", "--config", d), f"{toml}: [agent] cores must be")
+    toml.write_text("[agent]\ncolour = 'blue'\n")
+    assert_clean_error(run("join", "--config", toml), "unknown key 'colour'")
+    assert_clean_error(run("measure", "--config", tmp_path / "missing"), "no such file")
+
+
+def test_quote_uses_the_home_policy(home: tuple[Path, Result], tmp_path: Path) -> None:
+    d, result = home
+    out = tmp_path / "q"
+    quoted = run("quote", "--qualifying-data", "00" * 32, "--out", out, "--config", d)
+    assert quoted.exit_code == 0, quoted.output
+    # PCR 18 (policy) must match what init printed; PCR 17 (code) is compared with a fresh
+    # digest, since the package's files may have changed since the module fixture ran.
+    printed = dict(Measurement.parse(line_starting(result, "sha256:")).pcrs)
+    golden = dict(golden_measurement(load_agent_config(d).policy()).pcrs)
+    pcrs = (out / "pcrs.bin").read_bytes()
+    assert (pcrs[:32], pcrs[32:]) == (golden[17], golden[18])
+    assert golden[18] == printed[18]
+
+
+def test_quote_without_a_home_keeps_the_old_behaviour(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    env = {"VCOMP_AGENT_HOME": str(tmp_path / "nohome")}
+    args = ("quote", "--qualifying-data", "00" * 32, "--out", out, "--state", tmp_path / "s")
+    assert run(*args, env=env).exit_code == 0
+    empty = golden_measurement({})
+    assert (out / "pcrs.bin").read_bytes() == b"".join(v for _, v in empty.pcrs)
+    assert run("quote", "--qualifying-data", "xyz", "--out", out, env=env).exit_code == 2
+
+
+def test_every_command_has_help() -> None:
+    for command in ("init", "enrolment", "measure", "join", "quote", "doctor", "sandbox-run"):
+        result = run(command, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.stdout

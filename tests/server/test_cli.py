@@ -1,0 +1,335 @@
+"""``vcomp-server`` through click's CliRunner, and one flow through the console scripts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from vcomp.agent.cli import main as agent_main
+from vcomp.protocol import handshake
+from vcomp.server.cli import main as server_main
+from vcomp.server.cli import parse_size
+from vcomp.server.config import load_signing_key
+from vcomp.server.store import RESULT_OK, ResultSubmission
+from vcomp.server.store_sqlite import SqliteStore
+
+MEASUREMENT = "sha256:17=" + "ab" * 32 + ",18=" + "cd" * 32
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(server_main, [str(a) for a in args], env=env)
+
+
+def ok(*args: str | Path) -> Result:
+    result = run(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def assert_clean_error(result: Result, message: str) -> None:
+    assert result.exit_code != 0
+    assert result.stderr.startswith("error: "), result.output
+    assert message in result.stderr, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.fixture(scope="module")
+def agent_line(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("agent") / "home"
+    result = CliRunner().invoke(agent_main, ["init", str(d), "--name", "alice"])
+    assert result.exit_code == 0, result.output
+    return next(ln for ln in result.stdout.splitlines() if ln.startswith("vcomp-enrol/1 "))
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    d = tmp_path / "srv"
+    ok("init", d)
+    return d
+
+
+@pytest.fixture
+def app_home(home: Path, tmp_path: Path) -> Path:
+    program = tmp_path / "echo.py"
+    program.write_text("print('hello')\n")
+    ok("app", "add", "echo", program, "--kind", "python", "--config", home)
+    return home
+
+
+def submit(home: Path, inputs: Path, *extra: str) -> int:
+    result = ok("submit", "echo", "--inputs", inputs, "--config", home, *extra)
+    return int(result.stdout.strip())  # the batch id, alone on stdout
+
+
+def finish(home: Path, batch_id: int, agent_id: str, outputs: list[bytes], status: str) -> None:
+    """Play the server's part: lease every job to the agent and record its result."""
+    store = SqliteStore(home / "jobs.sqlite")
+    try:
+        now = time.time()
+        for output in outputs:
+            lease = store.lease_next(agent_id, now, 60.0)
+            assert lease is not None and lease.batch_id == batch_id
+            sub = ResultSubmission(
+                lease.job_id, lease.attempt, agent_id, status=status, output=output, cpu_ms=7
+            )
+            assert store.record_results([sub])[0].durable
+    finally:
+        store.close()
+
+
+def test_init_prints_the_fingerprint_of_the_key(tmp_path: Path) -> None:
+    result = ok("init", tmp_path / "s")
+    fingerprint = next(
+        ln.split()[1] for ln in result.stdout.splitlines() if ln.startswith("fingerprint:")
+    )
+    key = load_signing_key(tmp_path / "s" / "server.key")
+    assert fingerprint == handshake.key_fingerprint(handshake.raw_public(key)).hex()
+    assert (tmp_path / "s" / "server.key").stat().st_mode & 0o777 == 0o600
+    assert_clean_error(run("init", tmp_path / "s"), "")  # not empty
+    ok("init", tmp_path / "s", "--force")
+
+
+def test_enroll_a_real_agent_line(home: Path, agent_line: str, tmp_path: Path) -> None:
+    agent_id = agent_line.split()[1]
+    result = ok("enroll", agent_line, "--config", home)
+    assert agent_id in result.stdout
+    ok("enroll", *agent_line.split(), "--config", home)  # unquoted works too
+    listing = tmp_path / "agents.txt"
+    listing.write_text(f"# from the volunteers\n\n{agent_line}\n")
+    ok("enroll", f"@{listing}", "--config", home)
+    store = SqliteStore(home / "jobs.sqlite")
+    agents = store.list_agents()
+    store.close()
+    assert [(a.agent_id, a.name) for a in agents] == [(agent_id, "alice")]
+
+
+def test_forged_enrolment_is_rejected(home: Path, agent_line: str) -> None:
+    tag, _, name, key = agent_line.split()
+    forged = hashlib.sha256(b"mallory").hexdigest()
+    assert_clean_error(
+        run("enroll", f"{tag} {forged} {name} {key}", "--config", home), "enrolment line"
+    )
+    assert_clean_error(run("enroll", "hello", "--config", home), "not an enrolment line")
+
+
+def test_allow_measurement(home: Path) -> None:
+    spaced = "  " + MEASUREMENT.replace("ab" * 32, "AB" * 32) + " "  # stored canonical
+    ok("allow-measurement", spaced, "--note", "release 0.1", "--config", home)
+    listing = ok("allow-measurement", "--list", "--config", home).stdout
+    assert MEASUREMENT in listing and "release 0.1" in listing
+    assert_clean_error(run("allow-measurement", "sha1:17=00", "--config", home), "measurement")
+    assert_clean_error(run("allow-measurement", "sha256:17=zz", "--config", home), "bad")
+    assert run("allow-measurement", "--config", home).exit_code == 2  # usage
+    ok("allow-measurement", MEASUREMENT, "--remove", "--config", home)
+    assert MEASUREMENT not in ok("allow-measurement", "--list", "--config", home).stdout
+    assert_clean_error(
+        run("allow-measurement", MEASUREMENT, "--remove", "--config", home), "no such"
+    )
+
+
+def test_app_add_and_list(home: Path, tmp_path: Path) -> None:
+    program = tmp_path / "job.py"
+    program.write_bytes(b"print(1)\n")
+    result = ok("app", "add", "job", program, "--kind", "python", "--config", home)
+    assert "version 1" in result.stdout
+    assert hashlib.sha256(b"print(1)\n").hexdigest() in result.stdout
+    ok("app", "add", "job", program, "--kind", "exec", "--config", home)
+    listing = ok("app", "list", "--config", home).stdout
+    assert "job  v1  python" in listing and "job  v2  exec" in listing
+    assert_clean_error(
+        run("app", "add", "bad name", program, "--kind", "python", "--config", home), "app name"
+    )
+
+
+def test_submit_from_jsonl_and_dir(app_home: Path, tmp_path: Path) -> None:
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text('{"n": 1}\n\n  {"n": 2}  \n')
+    first = submit(app_home, jsonl, "--memory", "64M", "--replicas", "3", "--deadline", "60")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name, data in (("b", b"\x00\x01"), ("a", b"first"), (".hidden", b"skip")):
+        (inputs / name).write_bytes(data)
+    (inputs / "sub").mkdir()
+    second = submit(app_home, inputs)
+    assert second == first + 1
+    store = SqliteStore(app_home / "jobs.sqlite")
+    try:
+        b1, b2 = store.get_batch(first), store.get_batch(second)
+        assert b1.n_jobs == 2 and b1.limits.memory_bytes == 64 << 20
+        assert (b1.replicas, b1.quorum) == (3, 2)  # a majority by default
+        assert b1.deadline is not None and b1.deadline > time.time()
+        with store.open_input(store.get_job_by_index(first, 1).job_id) as blob:
+            assert blob.read(0, 100) == b'{"n": 2}'
+        assert b2.n_jobs == 2 and (b2.replicas, b2.quorum) == (1, 1)
+        assert b2.limits.cpu_seconds == 60 and b2.limits.output_bytes == 16 << 20  # [jobs]
+        with store.open_input(store.get_job_by_index(second, 0).job_id) as blob:
+            assert blob.read(0, 100) == b"first"
+    finally:
+        store.close()
+
+
+def test_submit_errors(app_home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"n": 1}\nnot json\n')
+    assert_clean_error(run("submit", "echo", "--inputs", bad, "--config", app_home), "bad.jsonl:2")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert_clean_error(run("submit", "echo", "--inputs", empty, "--config", app_home), "input")
+    good = tmp_path / "good.jsonl"
+    good.write_text("1\n")
+    assert_clean_error(run("submit", "nope", "--inputs", good, "--config", app_home), "unknown app")
+    result = run("submit", "echo", "--inputs", good, "--memory", "lots", "--config", app_home)
+    assert result.exit_code == 2 and "not a size" in result.stderr
+    store = SqliteStore(app_home / "jobs.sqlite")
+    assert store.list_batches() == []  # nothing half-created
+    store.close()
+
+
+def test_parse_size() -> None:
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("2g") == 2 << 30
+    assert parse_size("4KiB") == 4096
+    assert parse_size("1234") == 1234
+
+
+def test_status_wait_and_results(app_home: Path, agent_line: str, tmp_path: Path) -> None:
+    ok("enroll", agent_line, "--config", app_home)
+    agent_id = agent_line.split()[1]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n2\n3\n")
+    batch = submit(app_home, jsonl)
+    assert run("wait", str(batch), "--timeout", "0", "--config", app_home).exit_code == 4
+
+    big = ("a" + "€" * 300_000).encode()  # > one output chunk, a character split across two
+    finish(app_home, batch, agent_id, [b'{"pi": 3.14}', b"\xff\xfe", big], RESULT_OK)
+    result = run("wait", str(batch), "--config", app_home)
+    assert result.exit_code == 0, result.output
+    assert "3 done, 0 failed of 3" in result.stdout
+
+    status = json.loads(ok("status", "--json", "--config", app_home).stdout)
+    assert status["jobs"]["done"] == 3 and status["agents"][0]["agent_id"] == agent_id
+    assert status["batches"][0]["finished"] is True
+    text = ok("status", "--config", app_home).stdout
+    assert "alice" in text and f"#{batch}" in text and "3/3" in text
+
+    lines = [
+        json.loads(ln) for ln in ok("results", str(batch), "--config", app_home).stdout.splitlines()
+    ]
+    assert [r["index"] for r in lines] == [0, 1, 2]
+    assert lines[0]["output"] == '{"pi": 3.14}' and lines[0]["agent_id"] == agent_id
+    assert lines[0]["status"] == "ok" and lines[0]["cpu_ms"] == 7 and lines[0]["attempt"] == 1
+    assert base64.b64decode(lines[1]["output_b64"]) == b"\xff\xfe" and "output" not in lines[1]
+    assert lines[2]["output"].encode() == big
+    assert lines[2]["output_sha256"] == hashlib.sha256(big).hexdigest()
+    out = tmp_path / "results.jsonl"
+    ok("results", str(batch), "--out", out, "--config", app_home)
+    assert [json.loads(ln) for ln in out.read_text().splitlines()] == lines
+
+
+def test_wait_exits_3_when_a_job_failed(app_home: Path, agent_line: str, tmp_path: Path) -> None:
+    ok("enroll", agent_line, "--config", app_home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n2\n")
+    batch = submit(app_home, jsonl, "--max-attempts", "1")
+    finish(app_home, batch, agent_line.split()[1], [b"fine", b""], "ok")
+    assert run("wait", str(batch), "--quiet", "--config", app_home).exit_code == 0
+    batch = submit(app_home, jsonl, "--max-attempts", "1")
+    finish(app_home, batch, agent_line.split()[1], [b"fine", b""], "crashed")
+    result = run("wait", str(batch), "--quiet", "--config", app_home)
+    assert result.exit_code == 3 and "failed" in result.stdout
+    lines = ok("results", str(batch), "--config", app_home).stdout.splitlines()
+    assert {json.loads(ln)["state"] for ln in lines} == {"failed"}
+    assert_clean_error(run("wait", "999", "--config", app_home), "")
+
+
+def test_reset_writes_a_request(home: Path, agent_line: str) -> None:
+    ok("enroll", agent_line, "--config", home)
+    agent_id = agent_line.split()[1]
+    for who in (agent_id, agent_id[:8], "alice"):
+        result = ok("reset", who, "--config", home)
+        assert agent_id in result.stdout and "within a second" in result.stdout
+        store = SqliteStore(home / "jobs.sqlite")
+        assert store.take_reset_requests() == [agent_id]
+        store.close()
+    assert_clean_error(run("reset", "bob", "--config", home), "no enrolled agent")
+
+
+def test_config_errors_are_one_line(home: Path, tmp_path: Path) -> None:
+    toml = home / "server.toml"
+    original = toml.read_text()
+    toml.write_text(original + "surprise = 1\n")
+    assert_clean_error(run("status", "--config", home), f"{toml}")
+    toml.write_text(original.replace("window = 64", 'window = "64"'))
+    assert_clean_error(run("status", "--config", home), f"{toml}: [server] window must be")
+    toml.write_text(original)
+    assert_clean_error(run("status", "--config", tmp_path / "nowhere"), "")
+    # The environment variable names the home when --config is absent.
+    assert run("status", env={"VCOMP_SERVER_HOME": str(home)}).exit_code == 0
+
+
+def test_serve_refuses_an_exposed_key(home: Path) -> None:
+    os.chmod(home / "server.key", 0o644)
+    assert_clean_error(run("serve", "--config", home), "")
+    assert "chmod 600" in run("serve", "--config", home).stderr
+
+
+def test_console_scripts_end_to_end(tmp_path: Path) -> None:
+    """init, enroll, allow-measurement, app add, submit and status as real processes."""
+    server = BIN / "vcomp-server"
+    agent = BIN / "vcomp-agent"
+    if not (server.exists() and agent.exists()):
+        pytest.skip("console scripts not installed in this environment")
+    env = {**os.environ, "VCOMP_SERVER_HOME": str(tmp_path / "srv")}
+
+    def sh(*args: str | Path) -> str:
+        proc = subprocess.run(
+            [str(a) for a in args], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        return proc.stdout
+
+    sh(server, "init", tmp_path / "srv")
+    out = sh(
+        agent,
+        "init",
+        tmp_path / "ag",
+        "--server",
+        "127.0.0.1:7461",
+        "--server-key",
+        tmp_path / "srv" / "server.pub",
+    )
+    line = next(ln for ln in out.splitlines() if ln.startswith("vcomp-enrol/1 "))
+    golden = next(ln for ln in out.splitlines() if ln.startswith("sha256:"))
+    assert sh(agent, "measure", "--config", tmp_path / "ag").strip() == golden
+    sh(server, "enroll", line)
+    sh(server, "allow-measurement", golden)
+    program = tmp_path / "job.py"
+    program.write_text("print(1)\n")
+    sh(server, "app", "add", "job", program, "--kind", "python")
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("[1]\n[2]\n")
+    batch = sh(server, "submit", "job", "--inputs", jsonl).strip()
+    assert batch == "1"
+    status = json.loads(sh(server, "status", "--json"))
+    assert status["batches"][0]["total"] == 2 and len(status["agents"]) == 1
+    proc = subprocess.run(
+        [str(server), "status", "--config", tmp_path / "missing"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,183 @@
+"""Server home: init layout, server.toml loading and the signing key's permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from vcomp.errors import ConfigError
+from vcomp.protocol import handshake
+from vcomp.server.config import (
+    DEFAULT_CONFIG,
+    JobDefaults,
+    init_server_home,
+    load_server_config,
+    load_signing_key,
+    parse_host_port,
+)
+from vcomp.server.store_sqlite import SqliteStore
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    d = tmp_path_factory.mktemp("srv") / "home"
+    return d, init_server_home(d)
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    return path
+
+
+def test_init_creates_the_layout(home: tuple[Path, str]) -> None:
+    d, _ = home
+    assert sorted(p.name for p in d.iterdir() if not p.name.startswith("jobs.sqlite-")) == [
+        "jobs.sqlite",
+        "server.key",
+        "server.pub",
+        "server.toml",
+    ]
+    assert stat.S_IMODE((d / "server.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    SqliteStore(d / "jobs.sqlite").close()  # a real, migrated store
+
+
+def test_fingerprint_is_sha256_of_the_raw_public_key(home: tuple[Path, str]) -> None:
+    d, fingerprint = home
+    key = load_signing_key(d / "server.key")
+    raw = handshake.raw_public(key)
+    assert fingerprint == handshake.key_fingerprint(raw).hex()
+    assert (d / "server.pub").read_text().strip() == raw.hex()
+
+
+def test_init_refuses_a_non_empty_dir_unless_forced(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        init_server_home(tmp_path)
+    first = init_server_home(tmp_path, force=True)
+    store = SqliteStore(tmp_path / "jobs.sqlite")
+    store.allow_measurement("sha256:17=" + "00" * 32, "kept")
+    store.close()
+    second = init_server_home(tmp_path, force=True)
+    assert first != second  # a new key
+    store = SqliteStore(tmp_path / "jobs.sqlite")
+    assert [m.note for m in store.list_measurements()] == ["kept"]  # the store survives
+    store.close()
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
+    d, _ = home
+    config = load_server_config(d)
+    assert config == load_server_config(d / "server.toml")
+    assert (config.bind_host, config.bind_port) == ("127.0.0.1", 7461)
+    assert (config.window, config.idle_timeout, config.max_sessions) == (64, 60.0, 100000)
+    assert config.jobs == JobDefaults(
+        lease_seconds=300.0,
+        replicas=1,
+        quorum=1,
+        max_attempts=3,
+        cpu_seconds=60,
+        memory_bytes=536870912,
+        wall_seconds=120.0,
+        output_bytes=16777216,
+    )
+    assert config.key_path == d.absolute() / "server.key"
+    assert config.store_path == d.absolute() / "jobs.sqlite"
+
+
+def test_example_file_matches_the_defaults() -> None:
+    example = Path(__file__).parents[2] / "server" / "server.example.toml"
+    assert load_server_config(example).jobs == JobDefaults()
+
+
+def test_missing_keys_take_defaults(tmp_path: Path) -> None:
+    config = load_server_config(write_config(tmp_path, "[server]\nbind = '[::1]:0'\n"))
+    assert (config.bind_host, config.bind_port, config.window) == ("::1", 0, 64)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nbnid = '1.2.3.4:1'\n", "unknown key 'bnid'"),
+        ("[jobs]\nreplicas = '2'\n", "replicas must be an integer"),
+        ("[jobs]\ncpu_seconds = 1.5\n", "cpu_seconds must be an integer"),
+        ("[server]\nwindow = true\n", "window must be an integer"),
+        ("[server]\nwindow = 0\n", "window must be between 1 and 1024"),
+        ("[server]\nbind = 'localhost'\n", "bind must look like HOST:PORT"),
+        ("[server]\nbind = 'h:70000'\n", "out of range"),
+        ("[jobs]\nreplicas = 2\nquorum = 3\n", "quorum must be between 1 and 2"),
+        ("[jobs]\nlease_seconds = -1\n", "lease_seconds must be positive"),
+        ("[jobs]\noutput_bytes = 1073741824\n", "output_bytes must be between"),
+        ("[srever]\n", "unknown section"),
+        ("server = 1\n", r"\[server\] must be a table"),
+        ("[server\n", "invalid TOML"),
+    ],
+)
+def test_bad_config_names_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_server_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_config_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_server_config(tmp_path)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_server_config(tmp_path / "nope.toml")
+
+
+def test_parse_host_port() -> None:
+    assert parse_host_port("example.org:7461", what="x") == ("example.org", 7461)
+    assert parse_host_port("[2001:db8::1]:9", what="x") == ("2001:db8::1", 9)
+    with pytest.raises(ConfigError):
+        parse_host_port("example.org:0", what="x")
+    with pytest.raises(ConfigError):
+        parse_host_port(":7461", what="x")
+
+
+def test_group_readable_key_is_refused(home: tuple[Path, str], tmp_path: Path) -> None:
+    d, _ = home
+    copy = tmp_path / "server.key"
+    copy.write_bytes((d / "server.key").read_bytes())
+    os.chmod(copy, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_signing_key(copy)
+    os.chmod(copy, 0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_signing_key(copy)
+    os.chmod(copy, 0o600)
+    assert isinstance(load_signing_key(copy), ed25519.Ed25519PrivateKey)
+
+
+def test_key_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    path = tmp_path / "k.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            rsa_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    with pytest.raises(ConfigError, match="not an Ed25519"):
+        load_signing_key(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="not an unencrypted PEM"):
+        load_signing_key(path)
+    with pytest.raises(ConfigError, match="no such key"):
+        load_signing_key(tmp_path / "missing.key")
+
+
+def test_default_config_text_is_what_init_writes(home: tuple[Path, str]) -> None:
+    d, _ = home
+    assert (d / "server.toml").read_text() == DEFAULT_CONFIG
