@@ -28,7 +28,9 @@ def setup(level: int = logging.INFO, stream: object = None) -> None:
     """Log lines as ``<time> <level> <logger> event=...`` on stderr."""
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
     )
     root = logging.getLogger("vcomp")
     root.handlers[:] = [handler]

@@ -21,7 +21,7 @@ from vcomp import logfmt
 from vcomp.agent.config import AgentConfig
 from vcomp.agent.measure import measured_launch
 from vcomp.agent.modes import ExecutionMode, agent_setup
-from vcomp.agent.sandbox import JobLimits, OutcomeKind
+from vcomp.agent.sandbox import JobLimits, JobOutcome, OutcomeKind
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
 from vcomp.agent.tpm import SimulatedTpm
 from vcomp.errors import SessionClosed, VcompError
@@ -67,6 +67,8 @@ class Worker:
         self.running: _Running | None = None
         self._closed = asyncio.Event()
         self._sent_from_spool: set[tuple[int, int]] = set()
+        self._result_sent_at: dict[tuple[int, int], float] = {}
+        self._connect_started = 0.0
         # Exactly the sandbox that PCR 18 measures.
         self.sandbox = runtime.config.make_sandbox(work_root=runtime.config.work_dir / f"w{index}")
 
@@ -106,6 +108,7 @@ class Worker:
             logfmt.event(log, "connect_failed", logging.WARNING, error=str(exc))
             return False
         self.adapter = adapter
+        self._connect_started = time.monotonic()
         session.connect(loop.time())
         adapter.kick()
         sessions_before = self.stats.sessions
@@ -170,8 +173,13 @@ class Worker:
             return
         if isinstance(e, ev.Connected):
             self.stats.sessions += 1
+            handshake_ms = int((time.monotonic() - self._connect_started) * 1000)
             logfmt.event(
-                log, "session_established", worker=self.index, session=f"{e.session_id:016x}"
+                log,
+                "session_established",
+                worker=self.index,
+                session=f"{e.session_id:016x}",
+                handshake_ms=handshake_ms,
             )
             self._resend_spool(session)
         elif isinstance(e, ev.JobReceived):
@@ -196,7 +204,16 @@ class Worker:
             self.rt.spool.remove(e.job, e.attempt)
             self._sent_from_spool.discard((e.job, e.attempt))
             self.rt.in_flight.discard((e.job, e.attempt))
-            logfmt.event(log, "result_committed", worker=self.index, job=e.job, attempt=e.attempt)
+            sent = self._result_sent_at.pop((e.job, e.attempt), None)
+            result_ms = None if sent is None else int((time.monotonic() - sent) * 1000)
+            logfmt.event(
+                log,
+                "result_committed",
+                worker=self.index,
+                job=e.job,
+                attempt=e.attempt,
+                result_ms=result_ms,
+            )
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1
             self.stats.last_reject = e.reason
@@ -290,7 +307,7 @@ class Worker:
             )
             status = str(outcome.kind)
             output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
-            detail = outcome.error or ""
+            detail = describe(outcome)
             cpu_ms = int(outcome.cpu_seconds * 1000)
         wall_ms = int((time.monotonic() - started) * 1000)
         result = SpooledResult(d.job, d.attempt, status, detail[:256], cpu_ms, wall_ms, output)
@@ -311,6 +328,7 @@ class Worker:
         if session is not None and session.state is not AgentState.CLOSED:
             self.rt.in_flight.add((d.job, d.attempt))
             self._sent_from_spool.add((d.job, d.attempt))
+            self._result_sent_at[(d.job, d.attempt)] = time.monotonic()
             self._submit(session, result)
 
     async def _cancel_job(self, reason: str) -> None:
@@ -327,6 +345,21 @@ class Worker:
                 attempt=running.attempt,
                 reason=reason,
             )
+
+
+def describe(outcome: JobOutcome) -> str:
+    """A short reason for the organisation (never logged here: it may echo job output)."""
+    parts = [str(outcome.kind)]
+    if outcome.exit_code is not None and outcome.exit_code != 0:
+        parts.append(f"exit code {outcome.exit_code}")
+    if outcome.signal is not None:
+        parts.append(f"signal {outcome.signal}")
+    if outcome.error:
+        parts.append(outcome.error)
+    tail = outcome.stderr_tail.decode("utf-8", "replace").strip().splitlines()
+    if tail and outcome.kind is not OutcomeKind.OK:
+        parts.append(f"stderr: {tail[-1]}")
+    return "; ".join(parts)
 
 
 class AgentRuntime:

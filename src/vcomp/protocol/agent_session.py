@@ -42,14 +42,20 @@ from vcomp.protocol.messages import (
     encode_body,
 )
 from vcomp.protocol.record import Direction
-from vcomp.protocol.wire import HEADER_LEN, Flag, PacketType, pack_header, unpack_header
+from vcomp.protocol.wire import (
+    HEADER_LEN,
+    Flag,
+    PacketType,
+    check_protection,
+    pack_header,
+    unpack_header,
+)
 
 QuoteFn = Callable[[bytes, Sequence[int]], tuple[bytes, bytes, list[bytes]]]
 """(extra_data, pcrs) -> (TPMS_ATTEST, TPMT_SIGNATURE, PCR values)."""
 
-HANDSHAKE_RETRY = 1.0
-HANDSHAKE_TRIES = 6
 MAX_RETRIES_PER_HANDSHAKE = 3
+MIN_IDLE, MAX_IDLE = 10.0, 600.0  # sane bounds on the server's idle timeout
 
 
 class AgentState(Enum):
@@ -108,11 +114,12 @@ class AgentSession:
         self.channel: SecureChannel | None = None
         self._inbound: _Inbound | None = None
         self._running: tuple[int, int] | None = None
-        self._now = now
+        self._started = now
 
     # ---- application API -----------------------------------------------------
 
     def connect(self, now: float) -> None:
+        self._started = now
         self._send_hello(now)
 
     def next_event(self) -> ev.Event | None:
@@ -212,7 +219,8 @@ class AgentSession:
         self._tries += 1
         self._last_handshake = dgram
         self._out.append(dgram)
-        self._retry_at = now + HANDSHAKE_RETRY * (2 ** (self._tries - 1))
+        backoff = limits.HANDSHAKE_RETRANSMIT * (2 ** (self._tries - 1))
+        self._retry_at = now + min(backoff, limits.HANDSHAKE_RETRANSMIT_MAX)
 
     def _on_retry(self, body: bytes, now: float) -> None:
         # A second RETRY is legitimate (the cookie expired or our address
@@ -258,6 +266,8 @@ class AgentSession:
             session_id=self.session_id,
             wrapped=key.wrapped,
             server_key=key.server_key,
+            window=key.window,
+            idle_timeout_ms=key.idle_timeout_ms,
         )
         try:
             hs.verify_server(
@@ -280,7 +290,7 @@ class AgentSession:
             first_packet_number=self._next_pn,
             window=key.window,
             now=now,
-            idle_timeout=key.idle_timeout_ms / 1000,
+            idle_timeout=min(max(key.idle_timeout_ms / 1000, MIN_IDLE), MAX_IDLE),
         )
         self.channel.send_reliable(Ready(seq=0, epoch=0, slots=1))
         self.state = AgentState.READY
@@ -306,6 +316,7 @@ class AgentSession:
             return
         try:
             header = unpack_header(data)
+            check_protection(header)
         except DecodeError:
             return
         try:
@@ -359,7 +370,7 @@ class AgentSession:
     def _on_start(self, start: Start) -> None:
         assert self.channel is not None
         if self.state is not AgentState.READY:
-            self._refuse(start.job, start.attempt, ErrorCode.PROTOCOL_VIOLATION, "busy")
+            self._refuse(start.job, start.attempt, ErrorCode.BUSY, "agent is busy with a job")
             return
         total = start.code_size + start.input_size
         if total > self._max_job_bytes:
@@ -457,7 +468,7 @@ class AgentSession:
             self._check_channel()
             return
         if self._retry_at is not None and now >= self._retry_at:
-            if self._tries >= HANDSHAKE_TRIES:
+            if now - self._started >= limits.HANDSHAKE_GIVE_UP:
                 self._events.append(ev.Rejected(ErrorCode.TRANSFER_FAILED, "server unreachable"))
                 self._finish("handshake timed out: server unreachable", ErrorCode.TRANSFER_FAILED)
                 return

@@ -80,8 +80,10 @@ def transcript(
     session_id: int,
     wrapped: bytes,
     server_key: bytes,
+    window: int,
+    idle_timeout_ms: int,
 ) -> bytes:
-    """The exact bytes the server signs (see PROTOCOL.md, handshake)."""
+    """The exact bytes the server signs (PROTOCOL.md section 7.5)."""
     h = hashlib.sha256
     return b"".join(
         (
@@ -92,6 +94,7 @@ def transcript(
             struct.pack(">Q", session_id),
             h(wrapped).digest(),
             server_key,
+            struct.pack(">HI", window, idle_timeout_ms),
         )
     )
 

@@ -23,7 +23,14 @@ from vcomp.protocol.cookie import CookieJar
 from vcomp.protocol.messages import ErrorCode, Hello, Reject, Retry, decode_body, encode_body
 from vcomp.protocol.server_session import ServerSession, ServerState
 from vcomp.protocol.trust import TrustPolicy
-from vcomp.protocol.wire import HEADER_LEN, Flag, PacketType, pack_header, unpack_header
+from vcomp.protocol.wire import (
+    HEADER_LEN,
+    Flag,
+    PacketType,
+    check_protection,
+    pack_header,
+    unpack_header,
+)
 
 Address = tuple[str, int]
 CodeSource = Callable[[int, int, int, int], bytes]
@@ -71,6 +78,7 @@ class ServerEndpoint:
         self.counters["datagrams_in"] += 1
         try:
             header = unpack_header(data)
+            check_protection(header)
         except DecodeError:
             self.counters["dropped_malformed"] += 1
             return

@@ -169,6 +169,7 @@ class ServerSession:
             return
         self._attest = datagram
         server_key = hs.raw_public(self._signing_key)
+        idle_ms = int(self._idle_timeout * 1000)
         message = hs.transcript(
             hello=self._hello,
             challenge=self._challenge,
@@ -176,13 +177,15 @@ class ServerSession:
             session_id=self.session_id,
             wrapped=wrapped,
             server_key=server_key,
+            window=self._window,
+            idle_timeout_ms=idle_ms,
         )
         key = Key(
             wrapped=wrapped,
             server_key=server_key,
             signature=hs.sign_transcript(self._signing_key, message),
             window=self._window,
-            idle_timeout_ms=int(self._idle_timeout * 1000),
+            idle_timeout_ms=idle_ms,
         )
         self._key_dgram = self._plain(PacketType.KEY, encode_body(key))
         self._out.append(self._key_dgram)

@@ -51,6 +51,7 @@ class _Assignment:
     code: Any
     data: Any
     code_size: int
+    leased_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -205,8 +206,15 @@ class OrganisationServer:
                 detail=e.detail,
             )
         elif isinstance(e, ev.JobDelivered):
+            a = self._assignments.get((e.job, e.attempt))
+            took = None if a is None else int((time.monotonic() - a.leased_at) * 1000)
             logfmt.event(
-                log, "job_delivered", job=e.job, attempt=e.attempt, session=f"{e.session_id:016x}"
+                log,
+                "job_delivered",
+                job=e.job,
+                attempt=e.attempt,
+                session=f"{e.session_id:016x}",
+                transfer_ms=took,
             )
         elif isinstance(e, ev.JobRefused):
             logfmt.event(
@@ -235,6 +243,8 @@ class OrganisationServer:
         if endpoint is None:
             return
         for sid in list(self._idle):
+            if sid not in self._idle:
+                continue  # another _assign task took it while we awaited
             session = endpoint.session(sid)
             if session is None or session.state is not ServerState.IDLE:
                 self._idle.discard(sid)
