@@ -6,16 +6,22 @@ The server-side channel encrypts and sends 64 MiB (``--quick``: 8 MiB) of CODE
 messages with 1200-byte payloads; the agent-side channel checks the replay window,
 decrypts, decodes and delivers them in order, and its ACKs travel back to the server
 channel. There is no loss and no I/O; the clock is virtual (it advances by 1 µs per
-datagram delivered). Each side flushes after every datagram it receives and asks for
-its next timer, as the asyncio adapter does, so the ACK count is what a real session
-would send (window 1: one per packet; larger windows: one per two packets).
+datagram delivered).
 
-"µs/pkt" is the CPU time of the whole loop (both sides, including building the CODE
-messages and the harness itself) divided by the number of CODE packets: an upper
-bound on the protocol core's cost. Target: <= 8 µs. Median of ``--reps`` runs.
+Judged rows ("datagram"): each side flushes after every datagram it receives and
+asks for its next timer, as the asyncio adapter would if every datagram woke it up,
+so the ACK count is what the channel sends at most (window 1: one per packet;
+larger windows: one per two packets). The "burst" row flushes once per batch of
+datagrams in flight (one ACK per window): an informational lower bound.
 
-The breakdown times each component in isolation on the same kind of inputs and
-scales it by how often the transfer calls it; "channel overhead" is what is left.
+"µs/pkt" is the CPU time (time.process_time) of the whole loop, both sides,
+including building the CODE messages and the harness itself, divided by the number
+of CODE packets: an upper bound on the protocol core's cost. Target: <= 8 µs. The
+median of ``--reps`` runs is reported, the fastest in "(min)": on a shared machine
+the gap between them is noise from other processes.
+
+The breakdown times each component alone on the same kind of inputs and scales it
+by how often the transfer uses it; "channel overhead + harness" is what is left.
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ def transfer(payload: bytes, window: int, burst: bool = False) -> Run:
     """
     server, agent = make_channels(window)
     total = len(payload)
-    received: list[bytes] = []
+    received = bytearray()  # one buffer: no per-chunk objects kept alive for the GC
     sa: deque[bytes] = deque()  # server -> agent datagrams in flight
     as_: deque[bytes] = deque()
     acks = 0
@@ -137,7 +143,7 @@ def transfer(payload: bytes, window: int, burst: bool = False) -> Run:
             messages = agent.receive(unpack_header(datagram), datagram, now)
             if messages:
                 for message in messages:
-                    received.append(message.data)  # type: ignore[union-attr]
+                    received += message.data  # type: ignore[union-attr]
             if not burst or not sa:
                 out = agent.datagrams_to_send(now)
                 acks += len(out)
@@ -153,7 +159,7 @@ def transfer(payload: bytes, window: int, burst: bool = False) -> Run:
     cpu = time.process_time() - start
     if server.close_reason or agent.close_reason:
         raise RuntimeError(f"channel closed: {server.close_reason or agent.close_reason}")
-    if b"".join(received) != payload:
+    if received != payload:
         raise RuntimeError("payload was not delivered intact")
     return Run(window, burst, total, cpu, int(server.stats["packets_sent"]), acks)
 
@@ -161,15 +167,18 @@ def transfer(payload: bytes, window: int, burst: bool = False) -> Run:
 # ---- breakdown -------------------------------------------------------------------
 
 
-def per_op(fn: Callable[[], object], n: int) -> float:
-    """CPU seconds per call of ``fn`` (which performs ``n`` operations per call)."""
-    gc.collect()
-    start = time.process_time()
-    fn()
-    return (time.process_time() - start) / n
+def per_op(fn: Callable[[], object], n: int, reps: int = 3) -> float:
+    """CPU seconds per operation: ``fn`` performs ``n``; the fastest of ``reps`` calls."""
+    best = float("inf")
+    for _ in range(reps):
+        gc.collect()
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best / n
 
 
-def breakdown(run: Run, n: int = 20_000) -> list[tuple[str, float]]:
+def breakdown(run: Run, n: int = 10_000) -> list[tuple[str, float]]:
     """µs per data packet spent in each component, scaled by the run's counts."""
     data_pkts, ack_pkts = run.data_packets, run.acks
     data = os.urandom(CHUNK)
@@ -303,6 +312,17 @@ def profile(payload: bytes, window: int) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 
+def measure(payload: bytes, window: int, burst: bool, reps: int) -> tuple[Run, float]:
+    """The median run of ``reps`` and the fastest µs/pkt (the spread shows noise)."""
+    transfer(payload[: 256 * CHUNK], window, burst)  # warm-up
+    runs = sorted((transfer(payload, window, burst) for _ in range(reps)), key=_cpu)
+    return runs[len(runs) // 2], runs[0].us_per_packet
+
+
+def _cpu(run: Run) -> float:
+    return run.cpu_seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 MiB instead of 64 MiB")
@@ -321,31 +341,31 @@ def main() -> None:
         f"python {platform.python_version()}, cryptography {cryptography.__version__}, "
         f"{os.cpu_count()} CPUs, {platform.machine()}\n"
     )
-    print(f"{'window':>6} {'MB/s':>8} {'µs/pkt':>8} {'packets':>9} {'ACKs':>9} {'target':>8}")
+    header = ("window", "flush", "MB/s", "µs/pkt", "(min)", "packets", "ACKs", "target")
+    print("{:>6} {:>9} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6}".format(*header))
     results: list[Run] = []
-    for window in WINDOWS:
-        transfer(payload[: 256 * CHUNK], window)  # warm-up
-        runs = sorted(
-            (transfer(payload, window) for _ in range(args.reps)), key=lambda r: r.cpu_seconds
-        )
-        run = runs[len(runs) // 2]
+    fastest: list[float] = []
+    # The per-datagram flush is the judged figure; "burst" (one flush per batch of
+    # datagrams in flight, so one ACK per window) is an informational lower bound.
+    for window, burst in [(w, False) for w in WINDOWS] + [(WINDOWS[-1], True)]:
+        run, best = measure(payload, window, burst, args.reps)
         results.append(run)
-        verdict = "ok" if run.us_per_packet <= TARGET_US else "OVER"
+        fastest.append(best)
+        verdict = ("ok" if run.us_per_packet <= TARGET_US else "OVER") if not burst else "-"
         print(
-            f"{window:>6} {run.mb_per_s:>8.1f} {run.us_per_packet:>8.2f} "
-            f"{run.data_packets:>9} {run.acks:>9} {verdict:>8}"
+            f"{window:>6} {'burst' if burst else 'datagram':>9} {run.mb_per_s:>7.1f} "
+            f"{run.us_per_packet:>7.2f} {best:>7.2f} {run.data_packets:>8} {run.acks:>7} "
+            f"{verdict:>6}"
         )
 
-    breakdowns = {}
-    for run in results:
-        parts = breakdown(run)
-        breakdowns[run.window] = parts
+    judged = [r for r in results if not r.burst]
+    breakdowns = {r.window: breakdown(r) for r in judged}
     print("\nwhere the time goes (µs per data packet, both sides, components timed alone):")
-    print(f"{'component':<36}" + "".join(f"{'window ' + str(r.window):>11}" for r in results))
-    for i, (name, _) in enumerate(breakdowns[results[0].window]):
-        cells = "".join(f"{breakdowns[r.window][i][1]:>11.2f}" for r in results)
+    print(f"{'component':<36}" + "".join(f"{'window ' + str(r.window):>11}" for r in judged))
+    for i, (name, _) in enumerate(breakdowns[judged[0].window]):
+        cells = "".join(f"{breakdowns[r.window][i][1]:>11.2f}" for r in judged)
         print(f"{name:<36}{cells}")
-    print(f"{'total (measured)':<36}" + "".join(f"{r.us_per_packet:>11.2f}" for r in results))
+    print(f"{'total (measured median)':<36}" + "".join(f"{r.us_per_packet:>11.2f}" for r in judged))
 
     if args.profile:
         for window in WINDOWS:
@@ -360,8 +380,13 @@ def main() -> None:
             "python": platform.python_version(),
             "cryptography": cryptography.__version__,
             "runs": [
-                {**asdict(r), "us_per_packet": r.us_per_packet, "mb_per_s": r.mb_per_s}
-                for r in results
+                {
+                    **asdict(r),
+                    "us_per_packet": r.us_per_packet,
+                    "us_per_packet_min": best,
+                    "mb_per_s": r.mb_per_s,
+                }
+                for r, best in zip(results, fastest, strict=True)
             ],
             "breakdown_us_per_packet": {str(w): dict(parts) for w, parts in breakdowns.items()},
         }

@@ -32,7 +32,6 @@ from vcomp.transport import AgentAdapter
 
 log = logging.getLogger("vcomp.agent")
 
-HANDED_BACK = "returned"
 REFUSED = "refused"
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
@@ -141,16 +140,11 @@ class Worker:
                 await asyncio.wait_for(asyncio.shield(running.task), grace)
             except TimeoutError:
                 await self._cancel_job("agent shutting down")
-                if session.state is not AgentState.CLOSED:
-                    session.submit_result(
-                        job=running.job,
-                        attempt=running.attempt,
-                        status=HANDED_BACK,
-                        output=b"",
-                        detail="agent shutting down",
-                    )
-                    adapter.kick()
-                    logfmt.event(log, "job_handed_back", job=running.job, attempt=running.attempt)
+                session.abandon_job(
+                    job=running.job, attempt=running.attempt, reason="agent shutting down"
+                )
+                adapter.kick()
+                logfmt.event(log, "job_handed_back", job=running.job, attempt=running.attempt)
         # Give the server a moment to confirm what we sent, then say goodbye.
         deadline = time.monotonic() + min(grace, 5.0)
         while (
@@ -214,6 +208,20 @@ class Worker:
                 attempt=e.attempt,
                 result_ms=result_ms,
             )
+        elif isinstance(e, ev.ResultRefused):
+            logfmt.event(
+                log,
+                "result_refused",
+                logging.ERROR,
+                worker=self.index,
+                job=e.job,
+                attempt=e.attempt,
+                code=e.code,
+                message=e.message,
+            )
+            self.rt.spool.remove(e.job, e.attempt)
+            self._sent_from_spool.discard((e.job, e.attempt))
+            self.rt.in_flight.discard((e.job, e.attempt))
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1
             self.stats.last_reject = e.reason

@@ -175,6 +175,23 @@ class AgentSession:
             self._running = None
             self.state = AgentState.READY
 
+    def abandon_job(self, *, job: int, attempt: int, reason: str) -> None:
+        """Hand a job back unfinished (shutdown): the server requeues it at once."""
+        ch = self.channel
+        if ch is None or self.state is AgentState.CLOSED:
+            return
+        ch.send_reliable(
+            Error(
+                code=ErrorCode.JOB_ABANDONED,
+                message=clip_text(reason, limits.MAX_TEXT),
+                job=job,
+                attempt=attempt,
+            )
+        )
+        if self._running == (job, attempt):
+            self._running = None
+            self.state = AgentState.READY
+
     def close(self, reason: str, now: float) -> None:
         """Leave politely: the server learns at once instead of at idle expiry."""
         if self.channel is not None:
@@ -363,7 +380,13 @@ class AgentSession:
             for job, attempt in message.committed:
                 self._events.append(ev.ResultCommitted(job, attempt))
         elif isinstance(message, Error):
-            self._finish(f"server error {message.code}: {message.message}", message.code)
+            if message.job is not None and message.attempt is not None:
+                # The server gave up on a result we sent: drop it from the spool.
+                self._events.append(
+                    ev.ResultRefused(message.job, message.attempt, message.code, message.message)
+                )
+            else:
+                self._finish(f"server error {message.code}: {message.message}", message.code)
         else:
             ch.close(f"server sent {type(message).__name__}, which only agents send", 1)
 

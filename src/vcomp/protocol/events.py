@@ -159,6 +159,16 @@ class ResultCommitted:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultRefused:
+    """The server will never accept this result (it failed verification)."""
+
+    job: int
+    attempt: int
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResultSent:
     """Every RESULT packet of this result was acknowledged (not yet committed)."""
 
@@ -182,5 +192,6 @@ Event = (
     | JobAborted
     | ResetReceived
     | ResultCommitted
+    | ResultRefused
     | ResultSent
 )

@@ -46,7 +46,6 @@ from vcomp.protocol.trust import TrustPolicy
 from vcomp.protocol.wire import HEADER_LEN, Flag, Header, PacketType, pack_header
 
 REQUESTED_PCRS = (17, 18)
-MAX_OPEN_UPLOADS = 8
 
 
 class ServerState(Enum):
@@ -240,7 +239,7 @@ class ServerSession:
                 self._job = None
                 self._events.append(ev.AgentIdle(self.session_id))
         elif isinstance(message, Result):
-            self._on_result(message)
+            self._on_result(message, now)
         elif isinstance(message, Error):
             self._on_error(message)
         elif isinstance(message, Ack):
@@ -248,20 +247,18 @@ class ServerSession:
         else:
             self._violation(f"agent sent {type(message).__name__}, which only servers send", now)
 
-    def _on_result(self, r: Result) -> None:
+    def _on_result(self, r: Result, now: float) -> None:
         key = (r.job, r.attempt)
         up = self._uploads.get(key)
         if up is None:
-            if r.offset != 0:
-                return  # the start of this upload was in a previous epoch
-            if len(self._uploads) >= MAX_OPEN_UPLOADS:
+            # An honest agent queues each result's chunks back to back, so one
+            # upload is open at a time and each starts at offset 0.
+            if r.offset != 0 or self._uploads:
+                self._violation("RESULT chunks out of order or interleaved", now)
                 return
             up = self._uploads[key] = _Upload(r.total)
-        if r.total != up.total or r.offset != up.next_offset:
-            del self._uploads[key]
-            return
-        if r.offset + len(r.data) > up.total:
-            del self._uploads[key]
+        if r.total != up.total or r.offset != up.next_offset or r.offset + len(r.data) > r.total:
+            self._violation("RESULT chunk does not continue its result", now)
             return
         up.hasher.update(r.data)
         up.next_offset += len(r.data)
@@ -274,15 +271,17 @@ class ServerSession:
         del self._uploads[key]
         assert r.sha256 is not None
         if up.next_offset != up.total or not hmac.compare_digest(up.hasher.digest(), r.sha256):
+            message = "result size or SHA-256 does not match its chunks"
             self._events.append(
-                ev.JobRefused(
-                    self.session_id,
-                    r.job,
-                    r.attempt,
-                    ErrorCode.HASH_MISMATCH,
-                    "result size or SHA-256 does not match its chunks",
-                )
+                ev.JobRefused(self.session_id, r.job, r.attempt, ErrorCode.HASH_MISMATCH, message)
             )
+            # Tell the agent, so it drops a spooled result that can never verify.
+            if self.channel is not None:
+                self.channel.send_reliable(
+                    Error(
+                        code=ErrorCode.HASH_MISMATCH, message=message, job=r.job, attempt=r.attempt
+                    )
+                )
             return
         if self._job is not None and (self._job.desc.job, self._job.desc.attempt) == key:
             self.state = ServerState.COMMITTING

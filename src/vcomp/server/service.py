@@ -41,7 +41,6 @@ from vcomp.transport import ServerAdapter
 log = logging.getLogger("vcomp.server")
 
 TICK_SECONDS = 0.5
-HANDED_BACK = "returned"
 
 
 @dataclass
@@ -345,13 +344,6 @@ class OrganisationServer:
         self._drop_assignment(*key)
         sink = self._sinks.pop(key, None)
         agent = e.agent_id.hex()
-        if e.status == HANDED_BACK:
-            if sink is not None:
-                await sink.abandon()
-            await self._release(e.job, e.attempt, "handed back by the agent")
-            logfmt.event(log, "job_handed_back", job=e.job, attempt=e.attempt)
-            self._confirm(e, [key])
-            return
         if sink is None:
             sink = ResultSink(self.store, self.committer, e.job, e.attempt, e.total)
         try:
