@@ -126,6 +126,12 @@ def main() -> int:
                 stderr=logs["server"].open("wb"),
             )
         )
+        deadline = time.monotonic() + 30
+        while "event=server_started" not in logs["server"].read_text():
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                print(logs["server"].read_text())
+                raise SystemExit("demo: the server did not start")
+            time.sleep(0.05)
         for home in agents:
             logs[home.name] = work / f"{home.name}.log"
             # Full mode: two agents on one machine would each see the other's job as
@@ -176,26 +182,38 @@ def main() -> int:
             ln for name in ("agent1", "agent2") for ln in logs[name].read_text().splitlines()
         ]
         print()
-        print(f"pi estimate      {estimate:.8f}")
-        print(
-            f"error            {estimate - math.pi:+.2e}  (1 sigma for {points:,} points: {sigma:.1e})"
-        )
-        print(
-            f"points/second    {points / elapsed:,.0f}  ({points:,} points in {elapsed:.2f} s, 2 agents)"
-        )
+        n_points = f"{points:,}"
+        rows = [
+            ("pi estimate", f"{estimate:.8f}"),
+            ("error", f"{estimate - math.pi:+.2e}  (1 sigma for {n_points} points: {sigma:.1e})"),
+            (
+                "points/second",
+                f"{points / elapsed:,.0f}  ({n_points} in {elapsed:.2f} s, 2 agents)",
+            ),
+        ]
+        for name, value in rows:
+            print(f"{name:<16} {value}")
         print("median per job:")
-        print(
-            f"  handshake      {median_ms(agent_log, 'session_established', 'handshake_ms')}  (HELLO .. READY, incl. attestation)"
-        )
-        print(
-            f"  code transfer  {median_ms(server_log, 'job_delivered', 'transfer_ms')}  (START .. END acknowledged)"
-        )
-        print(
-            f"  run            {median_ms(agent_log, 'job_finished', 'wall_ms')}  (in the sandbox)"
-        )
-        print(
-            f"  result         {median_ms(agent_log, 'result_committed', 'result_ms')}  (RESULT .. durable commit ACK)"
-        )
+        phases = [
+            (
+                "handshake",
+                agent_log,
+                "session_established",
+                "handshake_ms",
+                "HELLO .. READY, incl. attestation",
+            ),
+            (
+                "code transfer",
+                server_log,
+                "job_delivered",
+                "transfer_ms",
+                "START .. END acknowledged",
+            ),
+            ("run", agent_log, "job_finished", "wall_ms", "in the sandbox"),
+            ("result", agent_log, "result_committed", "result_ms", "RESULT .. durable commit ACK"),
+        ]
+        for name, lines, event, key, what in phases:
+            print(f"  {name:<14} {median_ms(lines, event, key)}  ({what})")
         return 0
     finally:
         for p in reversed(procs):

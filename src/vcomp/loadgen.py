@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from vcomp.agent.tpm import SimulatedTpm
 from vcomp.protocol import events as ev
 from vcomp.protocol.agent_session import AgentSession, AgentState
-from vcomp.transport import AgentAdapter
+from vcomp.transport import AgentAdapter, open_agent
 
 Compute = Callable[[ev.JobReceived], bytes]
 
@@ -58,7 +58,6 @@ class LiteAgent:
         self.stats = LiteStats()
         self.session: AgentSession | None = None
         self.adapter: AgentAdapter | None = None
-        self._transport: asyncio.BaseTransport | None = None
         self.connected = asyncio.Event()
         self.closed = asyncio.Event()
 
@@ -72,9 +71,7 @@ class LiteAgent:
             ephemeral=self._ephemeral,
         )
         session = self.session
-        self._transport, self.adapter = await loop.create_datagram_endpoint(
-            lambda: AgentAdapter(session, self._handle), remote_addr=self._server
-        )
+        self.adapter = await open_agent(session, self._handle, *self._server)
         session.connect(loop.time())
         self.adapter.kick()
 
@@ -112,5 +109,5 @@ class LiteAgent:
             session.close("load generator done", asyncio.get_running_loop().time())
             adapter.kick()
             await asyncio.sleep(0)
-        if self._transport is not None:
-            self._transport.close()
+        if self.adapter is not None:
+            self.adapter.close()

@@ -1,22 +1,34 @@
 """The one asyncio adapter: a UDP socket and a timer around a sans-I/O endpoint.
 
 Everything protocol-related lives in :mod:`vcomp.protocol`; this module only
-moves datagrams between the socket and the core, keeps one timer armed at the
-core's next deadline and hands events to the application.
+moves datagrams between a non-blocking socket and the core, keeps one timer
+armed at the core's next deadline and hands events to the application.
+
+It reads with ``add_reader`` and drains the socket on each wake-up (asyncio's
+datagram transport reads one datagram per loop iteration), so a burst is fed
+to the core at once and answered with one flush: fewer ACKs, fewer wake-ups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import socket
+from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 from vcomp.protocol.events import Event
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+MAX_DATAGRAM = 2048
+BATCH = 64
+SOCKET_BUFFER = 4 << 20
+_QUIET_ERRORS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
 
 
 class ServerCore(Protocol):
@@ -35,42 +47,37 @@ class AgentCore(Protocol):
     def next_event(self) -> Event | None: ...
 
 
-class _Base(asyncio.DatagramProtocol):
-    def __init__(self, on_event: Callable[[Event], None]) -> None:
+def _udp_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        # The kernel may cap it (net.core.rmem_max); the default still works.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    return sock
+
+
+class _Driver:
+    """Socket + timer plumbing shared by both sides."""
+
+    def __init__(self, sock: socket.socket, on_event: Callable[[Event], None]) -> None:
+        self.sock = sock
         self._on_event = on_event
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.DatagramTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
-        self.closed = asyncio.Event()
+        self._backlog: deque[tuple[bytes, Address | None]] = deque()
+        self._writing = False
+        self.closed = False
+        self._loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's UDP transport does not subclass asyncio.DatagramTransport.
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    # ---- subclass hooks ------------------------------------------------------
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self.closed.set()
+    def _feed(self, data: bytes, address: Address, now: float) -> None:
+        raise NotImplementedError
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable...) are normal for UDP; retransmission copes.
-        log.debug("udp error: %s", exc)
-
-    def kick(self) -> None:
-        """Flush soon: call after feeding the core through the application API."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        self._send(self._loop.time())
-        self._drain_events()
-        self._arm()
-
-    def _send(self, now: float) -> None:
+    def _outgoing(self, now: float) -> list[tuple[bytes, Address | None]]:
         raise NotImplementedError
 
     def _core_timer(self) -> float | None:
@@ -81,6 +88,67 @@ class _Base(asyncio.DatagramProtocol):
 
     def _core_event(self) -> Event | None:
         raise NotImplementedError
+
+    # ---- reading -------------------------------------------------------------
+
+    def _readable(self) -> None:
+        now = self._loop.time()
+        for _ in range(BATCH):
+            try:
+                data, address = self.sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # ICMP errors surface here on a connected socket; retransmission copes.
+                if exc.errno not in _QUIET_ERRORS:
+                    log.debug("udp receive error: %s", exc)
+                break
+            self._feed(data, (str(address[0]), int(address[1])), now)
+        self._flush()
+
+    # ---- writing -------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Flush soon: call after feeding the core through the application API."""
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        self._backlog.extend(self._outgoing(self._loop.time()))
+        self._write_backlog()
+        self._drain_events()
+        self._arm()
+
+    def _write_backlog(self) -> None:
+        sock, backlog = self.sock, self._backlog
+        while backlog:
+            data, address = backlog[0]
+            try:
+                if address is None:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, address)
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:
+                    self._writing = True
+                    self._loop.add_writer(sock.fileno(), self._writable)
+                return
+            except OSError as exc:
+                if exc.errno not in _QUIET_ERRORS:
+                    log.debug("udp send error: %s", exc)
+            backlog.popleft()
+
+    def _writable(self) -> None:
+        self._write_backlog()
+        if not self._backlog and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self.sock.fileno())
+
+    # ---- events and timer ----------------------------------------------------
 
     def _drain_events(self) -> None:
         while (event := self._core_event()) is not None:
@@ -103,31 +171,40 @@ class _Base(asyncio.DatagramProtocol):
     def _fire(self) -> None:
         self._timer = None
         self._timer_at = None
+        if self.closed:
+            return
         self._core_handle_timer(self._loop.time())
         self._flush()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._transport is not None:
-            self._transport.close()
+        self._loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+
+    @property
+    def local_address(self) -> Address:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
 
 
-class ServerAdapter(_Base):
-    def __init__(self, core: ServerCore, on_event: Callable[[Event], None]) -> None:
-        super().__init__(on_event)
+class ServerAdapter(_Driver):
+    def __init__(
+        self, core: ServerCore, sock: socket.socket, on_event: Callable[[Event], None]
+    ) -> None:
         self.core = core
+        super().__init__(sock, on_event)
 
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self.core.receive_datagram(data, (str(addr[0]), int(addr[1])), self._loop.time())
-        self.kick()
+    def _feed(self, data: bytes, address: Address, now: float) -> None:
+        self.core.receive_datagram(data, address, now)
 
-    def _send(self, now: float) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        for data, address in self.core.datagrams_to_send(now):
-            transport.sendto(data, address)
+    def _outgoing(self, now: float) -> list[tuple[bytes, Address | None]]:
+        return list(self.core.datagrams_to_send(now))
 
     def _core_timer(self) -> float | None:
         return self.core.get_timer()
@@ -139,21 +216,18 @@ class ServerAdapter(_Base):
         return self.core.next_event()
 
 
-class AgentAdapter(_Base):
-    def __init__(self, core: AgentCore, on_event: Callable[[Event], None]) -> None:
-        super().__init__(on_event)
+class AgentAdapter(_Driver):
+    def __init__(
+        self, core: AgentCore, sock: socket.socket, on_event: Callable[[Event], None]
+    ) -> None:
         self.core = core
+        super().__init__(sock, on_event)
 
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self.core.receive_datagram(data, self._loop.time())
-        self.kick()
+    def _feed(self, data: bytes, address: Address, now: float) -> None:
+        self.core.receive_datagram(data, now)
 
-    def _send(self, now: float) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        for data in self.core.datagrams_to_send(now):
-            transport.sendto(data)
+    def _outgoing(self, now: float) -> list[tuple[bytes, Address | None]]:
+        return [(d, None) for d in self.core.datagrams_to_send(now)]
 
     def _core_timer(self) -> float | None:
         return self.core.get_timer()
@@ -163,3 +237,35 @@ class AgentAdapter(_Base):
 
     def _core_event(self) -> Event | None:
         return self.core.next_event()
+
+
+async def open_server(
+    core: ServerCore, on_event: Callable[[Event], None], host: str, port: int
+) -> ServerAdapter:
+    """Bind ``host:port`` (port 0: any free port) and serve ``core`` on it."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = _udp_socket(family)
+    try:
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return ServerAdapter(core, sock, on_event)
+
+
+async def open_agent(
+    core: AgentCore, on_event: Callable[[Event], None], host: str, port: int
+) -> AgentAdapter:
+    """A socket connected to the server, so only its datagrams reach ``core``."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = _udp_socket(family)
+    try:
+        sock.connect(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return AgentAdapter(core, sock, on_event)

@@ -28,7 +28,7 @@ from vcomp.errors import SessionClosed, VcompError
 from vcomp.protocol import events as ev
 from vcomp.protocol.agent_session import AgentSession, AgentState
 from vcomp.protocol.messages import ErrorCode
-from vcomp.transport import AgentAdapter
+from vcomp.transport import AgentAdapter, open_agent
 
 log = logging.getLogger("vcomp.agent")
 
@@ -100,9 +100,7 @@ class Worker:
         self._sent_from_spool.clear()
         host, port = self.rt.server
         try:
-            transport, adapter = await loop.create_datagram_endpoint(
-                lambda: AgentAdapter(session, self._on_event), remote_addr=(host, port)
-            )
+            adapter = await open_agent(session, self._on_event, host, port)
         except OSError as exc:
             logfmt.event(log, "connect_failed", logging.WARNING, error=str(exc))
             return False
@@ -126,7 +124,6 @@ class Worker:
         finally:
             await self._cancel_job("session ended")
             adapter.close()
-            transport.close()
             self.session = None
             self.adapter = None
         return self.stats.sessions > sessions_before

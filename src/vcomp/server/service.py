@@ -36,7 +36,7 @@ from vcomp.server.config import ServerConfig, load_signing_key
 from vcomp.server.results import ResultSink
 from vcomp.server.store import Lease, ResultSubmission
 from vcomp.server.store_sqlite import SqliteStore
-from vcomp.transport import ServerAdapter
+from vcomp.transport import ServerAdapter, open_server
 
 log = logging.getLogger("vcomp.server")
 
@@ -96,13 +96,11 @@ class OrganisationServer:
             idle_timeout=self.config.idle_timeout,
         )
         endpoint = self.endpoint
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: ServerAdapter(endpoint, self._on_event),
-            local_addr=(self.config.bind_host, self.config.bind_port),
+        self._adapter = await open_server(
+            endpoint, self._on_event, self.config.bind_host, self.config.bind_port
         )
-        self._adapter = protocol
-        host, port = transport.get_extra_info("sockname")[:2]
-        self.address = (str(host), int(port))
+        host, port = self._adapter.local_address
+        self.address = (host, port)
         self._tick_task = asyncio.create_task(self._tick_forever())
         logfmt.event(log, "server_started", bind=f"{host}:{port}", window=self.config.window)
         return self.address
@@ -207,6 +205,9 @@ class OrganisationServer:
         elif isinstance(e, ev.JobDelivered):
             a = self._assignments.get((e.job, e.attempt))
             took = None if a is None else int((time.monotonic() - a.leased_at) * 1000)
+            if a is not None:  # every byte is acknowledged: release the read snapshot
+                a.code.close()
+                a.data.close()
             logfmt.event(
                 log,
                 "job_delivered",
@@ -318,7 +319,10 @@ class OrganisationServer:
         return bytes(out)
 
     def _drop_assignment(self, job: int, attempt: int) -> None:
-        self._assignments.pop((job, attempt), None)
+        a = self._assignments.pop((job, attempt), None)
+        if a is not None:
+            a.code.close()
+            a.data.close()
 
     async def _release(self, job: int, attempt: int, reason: str) -> None:
         await self.committer.run(self._release_now, job, attempt, reason)

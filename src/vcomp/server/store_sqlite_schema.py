@@ -32,7 +32,7 @@ INLINE_OUTPUT_MAX = 1 << 20
 #: Largest single BlobReader.read.
 MAX_READ_BYTES = 16 << 20
 COPY_CHUNK = 1 << 20  # streaming granularity for add_app and SHA-256 checks
-READ_AHEAD = 64 << 10  # BlobReader read-ahead: a window of CODE chunks per blob open
+READ_AHEAD = 256 << 10  # BlobReader read-ahead: a window of CODE chunks per read
 RESULTS_PAGE = 256  # iter_results page size
 MAX_REPLICAS = 100
 MAX_ATTEMPTS = 1000
