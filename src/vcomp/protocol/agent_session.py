@@ -77,6 +77,22 @@ class _Inbound:
         self.expected = start.code_size + start.input_size
         self.buffer = bytearray(self.expected)
         self.received = 0
+        # Hashed as chunks arrive, so END costs no pass over a large job.
+        self.code_hash = hashlib.sha256()
+        self.input_hash = hashlib.sha256()
+
+    def append(self, data: bytes) -> None:
+        offset, end = self.received, self.received + len(data)
+        self.buffer[offset:end] = data
+        split = self.start.code_size - offset
+        if split >= len(data):
+            self.code_hash.update(data)
+        elif split <= 0:
+            self.input_hash.update(data)
+        else:
+            self.code_hash.update(data[:split])
+            self.input_hash.update(data[split:])
+        self.received = end
 
 
 class AgentSession:
@@ -411,12 +427,13 @@ class AgentSession:
         inb = self._inbound
         if inb is None or (code.job, code.attempt) != (inb.start.job, inb.start.attempt):
             return
-        end = code.offset + len(code.data)
-        if end > inb.expected:
+        if code.offset != inb.received:
+            self._refuse_inbound(ErrorCode.SIZE_MISMATCH, "CODE chunks are not contiguous")
+            return
+        if code.offset + len(code.data) > inb.expected:
             self._refuse_inbound(ErrorCode.SIZE_MISMATCH, "CODE beyond the size in START")
             return
-        inb.buffer[code.offset : end] = code.data
-        inb.received += len(code.data)
+        inb.append(code.data)
 
     def _on_end(self, end: End) -> None:
         inb = self._inbound
@@ -429,14 +446,15 @@ class AgentSession:
                 f"START said {inb.expected} bytes, END said {end.total}, got {inb.received}",
             )
             return
-        code = bytes(inb.buffer[: start.code_size])
-        data = bytes(inb.buffer[start.code_size :])
-        if not hmac.compare_digest(hashlib.sha256(code).digest(), start.code_sha256):
+        if not hmac.compare_digest(inb.code_hash.digest(), start.code_sha256):
             self._refuse_inbound(ErrorCode.HASH_MISMATCH, "code SHA-256 differs from START")
             return
-        if not hmac.compare_digest(hashlib.sha256(data).digest(), start.input_sha256):
+        if not hmac.compare_digest(inb.input_hash.digest(), start.input_sha256):
             self._refuse_inbound(ErrorCode.HASH_MISMATCH, "input SHA-256 differs from START")
             return
+        view = memoryview(inb.buffer)
+        code, data = bytes(view[: start.code_size]), bytes(view[start.code_size :])
+        view.release()
         self._inbound = None
         self.state = AgentState.RUNNING
         self._running = (start.job, start.attempt)

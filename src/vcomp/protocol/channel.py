@@ -62,6 +62,15 @@ def clip_text(text: str, max_bytes: int) -> str:
     return raw[:max_bytes].decode("utf-8", "ignore")
 
 
+def _ack_every(window: int) -> int:
+    """Ack every packet at window 1 (stop-and-wait), fewer as the window grows.
+
+    Out-of-order arrivals are still acked at once, so loss detection keeps
+    its speed; the sender only needs a few ACKs per window to keep it open.
+    """
+    return 1 if window == 1 else max(2, min(8, window // 8))
+
+
 def _stamp(message: M, seq: int, epoch: int) -> M:
     """A copy of a reliable message with its stream position filled in."""
     if type(message) in _SEQUENCED_TYPES:
@@ -120,7 +129,7 @@ class SecureChannel:
             window=self._window, rtt=rtt, max_retries=self._max_retries
         )
         self._receiver: ReliableReceiver[Message] = ReliableReceiver(
-            ack_every=1 if self._window == 1 else 2
+            ack_every=_ack_every(self._window)
         )
         self._send_seq = 0
 
@@ -305,6 +314,11 @@ class SecureChannel:
             return []
         if isinstance(message, Reset):
             self._receiver.on_packet(pn, None, None, now, ack_eliciting=True)
+            return [message]
+        if isinstance(message, Error) and message.job is None:
+            # A session ERROR is sent once and never retransmitted: act on it now,
+            # even if earlier stream messages are still missing.
+            self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
             return [message]
         return None
 

@@ -65,6 +65,7 @@ class ServerEndpoint:
         self._nonces = NonceBook(max_outstanding=max_sessions)
         self.sessions: dict[int, ServerSession] = {}
         self._pending: dict[tuple[Address, bytes], int] = {}
+        self._pending_key: dict[int, tuple[Address, bytes]] = {}
         self._events: deque[ev.Event] = deque()
         self._out: deque[tuple[bytes, Address]] = deque()
         self._dirty: set[int] = set()
@@ -156,6 +157,7 @@ class ServerEndpoint:
         )
         self.sessions[session_id] = session
         self._pending[key] = session_id
+        self._pending_key[session_id] = key
         self.counters["sessions_created"] += 1
         self._touch(session)
 
@@ -252,6 +254,6 @@ class ServerEndpoint:
         self.sessions.pop(session.session_id, None)
         self._timer_of.pop(session.session_id, None)
         self.counters["sessions_closed"] += 1
-        for key, sid in list(self._pending.items()):
-            if sid == session.session_id:
-                del self._pending[key]
+        key = self._pending_key.pop(session.session_id, None)
+        if key is not None:
+            self._pending.pop(key, None)

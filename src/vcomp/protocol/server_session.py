@@ -389,6 +389,18 @@ class ServerSession:
             self.state = ServerState.IDLE
             self._events.append(ev.AgentIdle(self.session_id))
 
+    def refuse_result(self, job: int, attempt: int, code: int, message: str) -> None:
+        """The store will never accept this result: the agent must drop it."""
+        if self.channel is None or self.state is ServerState.CLOSED:
+            return
+        self.channel.send_reliable(
+            Error(code=code, message=clip_text(message, limits.MAX_TEXT), job=job, attempt=attempt)
+        )
+        if self._job is not None and (self._job.desc.job, self._job.desc.attempt) == (job, attempt):
+            self._job = None
+            self.state = ServerState.IDLE
+            self._events.append(ev.AgentIdle(self.session_id))
+
     def reset(self, reason: str, now: float) -> None:
         if self.channel is None or self.state in (ServerState.CLOSED, ServerState.CHALLENGED):
             return

@@ -42,6 +42,10 @@ class _Cli(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (`... | head`): not an error worth a message.
+            sys.stderr.close()
+            ctx.exit(0)
         except (VcompError, OSError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(EXIT_ERROR)

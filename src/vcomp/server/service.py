@@ -51,6 +51,7 @@ class _Assignment:
     data: Any
     code_size: int
     leased_at: float = field(default_factory=time.monotonic)
+    renewed_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -77,6 +78,10 @@ class OrganisationServer:
         self._adapter: ServerAdapter | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._queue_hint = True
+        self._ak_cache: dict[str, tuple[str, rsa.RSAPublicKey]] = {}
+        self._pending_clocks: dict[str, ClockInfo] = {}
+        self._pending_touches: dict[str, tuple[float, str]] = {}
+        self._prefetching: set[int] = set()
         self.endpoint: ServerEndpoint | None = None
         self.address: tuple[str, int] | None = None
 
@@ -121,6 +126,10 @@ class OrganisationServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pending_clocks or self._pending_touches:
+            await self.committer.run(
+                self._flush_agent_updates, self._pending_clocks, self._pending_touches
+            )
         await self.committer.close()
         self.store.close()
         logfmt.event(log, "server_stopped")
@@ -128,9 +137,16 @@ class OrganisationServer:
     # ---- trust ---------------------------------------------------------------
 
     def _load_trust(self) -> None:
+        """Pick up enrolments and allowlist changes made by the CLI while we run."""
         enrolled: dict[bytes, rsa.RSAPublicKey] = {}
         for agent in self.store.list_agents():
-            key = serialization.load_pem_public_key(agent.ak_public_pem.encode())
+            cached = self._ak_cache.get(agent.agent_id)
+            if cached is not None and cached[0] == agent.ak_public_pem:
+                key: object = cached[1]
+            else:
+                key = serialization.load_pem_public_key(agent.ak_public_pem.encode())
+                if isinstance(key, rsa.RSAPublicKey):
+                    self._ak_cache[agent.agent_id] = (agent.ak_public_pem, key)
             if isinstance(key, rsa.RSAPublicKey):
                 agent_id = bytes.fromhex(agent.agent_id)
                 enrolled[agent_id] = key
@@ -144,15 +160,17 @@ class OrganisationServer:
         self.trust.allowlist = {Measurement.parse(m.text) for m in self.store.list_measurements()}
 
     def _remember_clock(self, agent_id: bytes, clock: ClockInfo) -> None:
-        self._spawn(
-            self.committer.run(
-                self.store.set_agent_clock,
-                agent_id.hex(),
-                clock.clock,
-                clock.reset_count,
-                clock.restart_count,
-            )
-        )
+        # Written once per tick, not per handshake. Losing the newest value in a
+        # crash only makes the next check less strict, never wrongly strict.
+        self._pending_clocks[agent_id.hex()] = clock
+
+    def _flush_agent_updates(
+        self, clocks: dict[str, ClockInfo], touches: dict[str, tuple[float, str]]
+    ) -> None:
+        for agent, c in clocks.items():
+            self.store.set_agent_clock(agent, c.clock, c.reset_count, c.restart_count)
+        for agent, (when, address) in touches.items():
+            self.store.touch_agent(agent, when, address)
 
     # ---- events --------------------------------------------------------------
 
@@ -183,13 +201,9 @@ class OrganisationServer:
                 agent=e.agent_id.hex()[:16],
                 addr=f"{e.address[0]}:{e.address[1]}",
             )
-            self._spawn(
-                self.committer.run(
-                    self.store.touch_agent,
-                    e.agent_id.hex(),
-                    time.time(),
-                    f"{e.address[0]}:{e.address[1]}",
-                )
+            self._pending_touches[e.agent_id.hex()] = (
+                time.time(),
+                f"{e.address[0]}:{e.address[1]}",
             )
         elif isinstance(e, ev.HandshakeRejected):
             self.stats.handshakes_rejected += 1
@@ -243,8 +257,8 @@ class OrganisationServer:
         if endpoint is None:
             return
         for sid in list(self._idle):
-            if sid not in self._idle:
-                continue  # another _assign task took it while we awaited
+            if sid not in self._idle or sid in self._prefetching:
+                continue  # taken by another _assign task, or its next job is on the way
             session = endpoint.session(sid)
             if session is None or session.state is not ServerState.IDLE:
                 self._idle.discard(sid)
@@ -353,14 +367,17 @@ class OrganisationServer:
         try:
             output, upload = await sink.finish(e.sha256)
         except VcompError as exc:
+            # Staging failed (a store problem, not the agent's): drop the session so
+            # the agent resends the spooled result on its next one.
             logfmt.event(
                 log,
-                "result_rejected",
-                logging.WARNING,
+                "result_staging_failed",
+                logging.ERROR,
                 job=e.job,
                 attempt=e.attempt,
                 reason=str(exc),
             )
+            self._close_session(e.session_id, "result could not be stored")
             return
         submission = ResultSubmission(
             job_id=e.job,
@@ -376,6 +393,8 @@ class OrganisationServer:
             received_at=time.time(),
             error=e.detail,
         )
+        # Lease this agent's next job in the same group commit as its result.
+        prefetch = self._prefetch(e)
         outcome = await self.committer.submit_result(submission)
         logfmt.event(
             log,
@@ -392,9 +411,64 @@ class OrganisationServer:
         if outcome.durable:
             self.stats.results_committed += 1
             self._confirm(e, [key])
+        else:
+            self._refuse(e, outcome.detail or str(outcome.kind))
+        if prefetch is not None:
+            await self._use_prefetched(e.session_id, prefetch)
         if outcome.job_state is not None and str(outcome.job_state) == "queued":
             self._queue_hint = True
             self._spawn(self._assign())
+
+    def _prefetch(self, e: ev.ResultComplete) -> asyncio.Future[Lease | None] | None:
+        endpoint = self.endpoint
+        session = None if endpoint is None else endpoint.session(e.session_id)
+        if (
+            not self._queue_hint
+            or session is None
+            or session.current_job != (e.job, e.attempt)
+            or e.session_id in self._prefetching
+        ):
+            return None
+        self._prefetching.add(e.session_id)
+        return asyncio.ensure_future(
+            self.committer.lease(e.agent_id.hex(), time.time(), self.config.jobs.lease_seconds)
+        )
+
+    async def _use_prefetched(self, sid: int, prefetch: asyncio.Future[Lease | None]) -> None:
+        try:
+            lease = await prefetch
+        finally:
+            self._prefetching.discard(sid)
+        if lease is None:
+            self._queue_hint = False
+            return
+        session = None if self.endpoint is None else self.endpoint.session(sid)
+        if session is None or session.state is not ServerState.IDLE:
+            await self._release(lease.job_id, lease.attempt, "agent left before START")
+            return
+        self._idle.discard(sid)
+        self._start(session, lease)
+
+    def _refuse(self, e: ev.ResultComplete, reason: str) -> None:
+        logfmt.event(
+            log, "result_refused", logging.WARNING, job=e.job, attempt=e.attempt, reason=reason
+        )
+        endpoint, adapter = self.endpoint, self._adapter
+        session = None if endpoint is None else endpoint.session(e.session_id)
+        if endpoint is None or adapter is None or session is None:
+            return
+        session.refuse_result(e.job, e.attempt, ErrorCode.HASH_MISMATCH, reason)
+        endpoint.touch(session.session_id)
+        adapter.kick()
+
+    def _close_session(self, sid: int, reason: str) -> None:
+        endpoint, adapter = self.endpoint, self._adapter
+        session = None if endpoint is None else endpoint.session(sid)
+        if endpoint is None or adapter is None or session is None:
+            return
+        session.close(reason, ErrorCode.INTERNAL, asyncio.get_running_loop().time())
+        endpoint.touch(sid)
+        adapter.kick()
 
     def _confirm(self, e: ev.ResultComplete, entries: list[tuple[int, int]]) -> None:
         """Send the final ACK on the session the result came from, or the agent's new one."""
@@ -444,6 +518,10 @@ class OrganisationServer:
         live = self._live_leases()
         if live:
             await self.committer.run(self._renew, live, now)
+        if self._pending_clocks or self._pending_touches:
+            clocks, self._pending_clocks = self._pending_clocks, {}
+            touches, self._pending_touches = self._pending_touches, {}
+            await self.committer.run(self._flush_agent_updates, clocks, touches)
         for agent in await self.committer.run(self.store.take_reset_requests):
             self._reset_agent(agent)
         self._load_trust()
@@ -453,14 +531,18 @@ class OrganisationServer:
             await self._assign()
 
     def _live_leases(self) -> list[tuple[int, int]]:
+        """Leases of jobs still in their session, due for renewal (a third used up)."""
         endpoint = self.endpoint
         if endpoint is None:
             return []
-        return [
-            key
-            for key, a in self._assignments.items()
-            if (s := endpoint.session(a.session_id)) is not None and s.current_job == key
-        ]
+        due = time.monotonic() - self.config.jobs.lease_seconds / 3
+        keys = []
+        for key, a in self._assignments.items():
+            s = endpoint.session(a.session_id)
+            if s is not None and s.current_job == key and a.renewed_at <= due:
+                a.renewed_at = time.monotonic()
+                keys.append(key)
+        return keys
 
     def _renew(self, keys: list[tuple[int, int]], now: float) -> None:
         for job, attempt in keys:
