@@ -153,6 +153,11 @@ class SecureChannel:
         return self._sender.in_flight
 
     @property
+    def forgeries(self) -> int:
+        """Datagrams that failed authentication under this session's key."""
+        return self._key.forgeries
+
+    @property
     def queued(self) -> int:
         """Messages queued but not yet sent once."""
         return self._sender.queued

@@ -94,7 +94,10 @@ class ServerEndpoint:
             self.counters["dropped_unknown_session"] += 1
             return
         if header.flags & Flag.ENCRYPTED:
-            session.on_encrypted(header, data, address, now)
+            if not session.on_encrypted(header, data, address, now):
+                # Forged, replayed, or for a closed session: dropped without effect.
+                self.counters["dropped_unauthenticated"] += 1
+                return
         elif header.ptype is PacketType.ATTEST and address == session.address:
             before = session.public_key_ops
             session.on_attest(data, now)

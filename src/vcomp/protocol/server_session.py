@@ -211,18 +211,19 @@ class ServerSession:
 
     def on_encrypted(
         self, header: Header, datagram: bytes, address: tuple[str, int], now: float
-    ) -> None:
+    ) -> bool:
         ch = self.channel
         if ch is None or self.state is ServerState.CLOSED:
-            return
+            return False
         messages = ch.receive(header, datagram, now)
         if messages is None:
-            return
+            return False
         if address != self.address:
             self.address = address  # NAT rebinding, proven by the AEAD tag
         for message in messages:
             self._on_message(message, now)
         self.poll()
+        return True
 
     def _on_message(self, message: Message, now: float) -> None:
         ch = self.channel

@@ -40,8 +40,9 @@ class ResultSink:
         self._failed: BaseException | None = None
 
     def feed(self, offset: int, data: bytes) -> None:
-        # The protocol core delivers chunks in order with no gaps or overlap.
-        assert offset == self._received
+        # The session machine already enforces contiguous chunks; this guards the store.
+        if offset != self._received:
+            raise StoreError(f"result chunk at {offset}, expected {self._received}")
         self._received += len(data)
         self._hasher.update(data)
         self._buffer += data

@@ -73,7 +73,7 @@ class OrganisationServer:
         self.stats = ServerStats()
         self._assignments: dict[tuple[int, int], _Assignment] = {}
         self._idle: set[int] = set()
-        self._sinks: dict[tuple[int, int], ResultSink] = {}
+        self._sinks: dict[tuple[int, int, int], ResultSink] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._adapter: ServerAdapter | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -240,10 +240,14 @@ class OrganisationServer:
                 code=e.code,
                 message=e.message,
             )
-            self._drop_assignment(e.job, e.attempt)
-            self._spawn(self._release(e.job, e.attempt, f"agent refused: {e.message}"))
+            # Only the agent holding the lease may give it back: job ids are guessable.
+            if self._holder_sent(e.session_id, (e.job, e.attempt)):
+                self._drop_assignment(e.job, e.attempt)
+                self._spawn(self._release(e.job, e.attempt, f"agent refused: {e.message}"))
         elif isinstance(e, ev.SessionClosed):
             self._idle.discard(e.session_id)
+            for key in [k for k in self._sinks if k[0] == e.session_id]:
+                self._spawn(self._sinks.pop(key).abandon())
             logfmt.event(
                 log, "session_closed", session=f"{e.session_id:016x}", reason=e.reason, code=e.code
             )
@@ -348,8 +352,15 @@ class OrganisationServer:
 
     # ---- results in ----------------------------------------------------------
 
+    def _holder_sent(self, session_id: int, key: tuple[int, int]) -> bool:
+        """True if ``key`` is leased to the agent of ``session_id`` (any of its sessions)."""
+        a = self._assignments.get(key)
+        session = None if self.endpoint is None else self.endpoint.session(session_id)
+        return a is not None and session is not None and a.lease.agent_id == session.agent_id.hex()
+
     def _on_chunk(self, e: ev.ResultChunk) -> None:
-        key = (e.job, e.attempt)
+        # Per session: another agent cannot feed chunks into this upload.
+        key = (e.session_id, e.job, e.attempt)
         sink = self._sinks.get(key)
         if sink is None:
             sink = self._sinks[key] = ResultSink(
@@ -359,9 +370,11 @@ class OrganisationServer:
 
     async def _commit(self, e: ev.ResultComplete) -> None:
         key = (e.job, e.attempt)
-        self._drop_assignment(*key)
-        sink = self._sinks.pop(key, None)
         agent = e.agent_id.hex()
+        a = self._assignments.get(key)
+        if a is not None and a.lease.agent_id == agent:
+            self._drop_assignment(*key)
+        sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
         if sink is None:
             sink = ResultSink(self.store, self.committer, e.job, e.attempt, e.total)
         try:
