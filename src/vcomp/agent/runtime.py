@@ -188,6 +188,9 @@ class Worker:
             self.rt.spool.remove(e.job, e.attempt)
         elif isinstance(e, ev.ResetReceived):
             logfmt.event(log, "reset_received", worker=self.index, epoch=e.epoch)
+            # The reset dropped everything in flight: every uncommitted result goes again.
+            for key in self._sent_from_spool:
+                self.rt.in_flight.discard(key)
             self._sent_from_spool.clear()
             self._resend_spool(session)
         elif isinstance(e, ev.ResultCommitted):

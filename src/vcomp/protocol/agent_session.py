@@ -55,6 +55,7 @@ QuoteFn = Callable[[bytes, Sequence[int]], tuple[bytes, bytes, list[bytes]]]
 """(extra_data, pcrs) -> (TPMS_ATTEST, TPMT_SIGNATURE, PCR values)."""
 
 MAX_RETRIES_PER_HANDSHAKE = 3
+COMMITTED_MEMORY = 4096
 MIN_IDLE, MAX_IDLE = 10.0, 600.0  # sane bounds on the server's idle timeout
 
 
@@ -130,6 +131,7 @@ class AgentSession:
         self.channel: SecureChannel | None = None
         self._inbound: _Inbound | None = None
         self._running: tuple[int, int] | None = None
+        self._committed_seen: dict[tuple[int, int], None] = {}
         self._started = now
 
     # ---- application API -----------------------------------------------------
@@ -393,8 +395,14 @@ class AgentSession:
                 self.state = AgentState.READY
                 self._events.append(ev.ResetReceived(message.epoch))
         elif isinstance(message, Ack):
-            for job, attempt in message.committed:
-                self._events.append(ev.ResultCommitted(job, attempt))
+            for entry in message.committed:
+                # Notices are repeated until acknowledged: report each once.
+                if entry in self._committed_seen:
+                    continue
+                self._committed_seen[entry] = None
+                if len(self._committed_seen) > COMMITTED_MEMORY:
+                    del self._committed_seen[next(iter(self._committed_seen))]
+                self._events.append(ev.ResultCommitted(*entry))
         elif isinstance(message, Error):
             if message.job is not None and message.attempt is not None:
                 # The server gave up on a result we sent: drop it from the spool.

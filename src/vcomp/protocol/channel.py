@@ -44,6 +44,7 @@ from vcomp.protocol.wire import HEADER_LEN, Flag, Header, pack_header
 
 TAG_LEN = 16
 RESET_RETRY_LIMIT = 8
+COMMIT_RETRY_LIMIT = 8
 
 M = TypeVar("M", bound=Message)
 
@@ -104,12 +105,17 @@ class SecureChannel:
         self._window = window
         self._max_retries = max_retries
         self._idle_timeout = idle_timeout
-        self._keepalive = keepalive
+        # At least three PINGs per idle period, whatever the idle timeout is.
+        self._keepalive = min(keepalive, idle_timeout / 3)
         self._last_received = now
         self._last_sent = now
         self._outbox: list[bytes] = []  # handed out whole by datagrams_to_send
         self.epoch = 0
         self._pending_reset: Reset | None = None
+        self._commits: dict[tuple[int, int], None] = {}
+        self._commit_pns: dict[int, tuple[tuple[int, int], ...]] = {}
+        self._commit_deadline = 0.0
+        self._commit_tries = 0
         self._reset_pn = -1
         self._reset_deadline = 0.0
         self._reset_tries = 0
@@ -230,14 +236,14 @@ class SecureChannel:
         self._outbox = []
         return out
 
-    def _send_ack(self, now: float, committed: tuple[tuple[int, int], ...] = ()) -> None:
+    def _send_ack(self, now: float, committed: tuple[tuple[int, int], ...] = ()) -> int:
         ranges, delay = self._receiver.build_ack(now)
         if not ranges and not committed:
-            return
+            return -1
         if not ranges:
             # An ACK must name at least one range; repeat the newest packet we saw.
             ranges = [(max(self._replay.highest, 0), max(self._replay.highest, 0))]
-        self._emit(
+        return self._emit(
             Ack(
                 ranges=tuple(ranges),
                 delay_us=min(int(delay * 1e6), 0xFFFFFFFF),
@@ -247,9 +253,32 @@ class SecureChannel:
         )
 
     def send_committed(self, entries: list[tuple[int, int]], now: float) -> None:
-        """The final ACK: tell the agent these results are durable."""
-        for i in range(0, len(entries), limits.MAX_COMMITTED):
-            self._send_ack(now, tuple(entries[i : i + limits.MAX_COMMITTED]))
+        """The final ACK: tell the agent these results are durable.
+
+        An ACK carrying ``committed`` is ack-eliciting; its entries are sent again
+        in a new ACK until one that carried them is acknowledged, so a lost
+        datagram cannot leave a stored result spooled on the agent.
+        """
+        for entry in entries:
+            self._commits[entry] = None
+        self._send_commits(now)
+
+    def _send_commits(self, now: float) -> None:
+        pending = list(self._commits)
+        for i in range(0, len(pending), limits.MAX_COMMITTED):
+            group = tuple(pending[i : i + limits.MAX_COMMITTED])
+            self._commit_pns[self._send_ack(now, group)] = group
+        self._commit_tries += 1
+        backoff = self._sender.rto * (2 ** min(self._commit_tries - 1, 6))
+        self._commit_deadline = now + backoff
+
+    def _on_commits_acked(self, ranges: tuple[tuple[int, int], ...]) -> None:
+        for pn in [pn for pn in self._commit_pns if any(lo <= pn <= hi for lo, hi in ranges)]:
+            for entry in self._commit_pns.pop(pn):
+                self._commits.pop(entry, None)
+        if not self._commits:
+            self._commit_pns.clear()
+            self._commit_tries = 0
 
     # ---- receiving -----------------------------------------------------------
 
@@ -308,8 +337,10 @@ class SecureChannel:
         """ACK, PING, PONG and RESET; None for anything that claims the stream."""
         if isinstance(message, Ack):
             self._on_ack(message, now)
-            self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
-            return [message] if message.committed else []
+            # Commit notices must be acknowledged (the sender repeats them until then).
+            eliciting = bool(message.committed)
+            self._receiver.on_packet(pn, None, None, now, ack_eliciting=eliciting)
+            return [message] if eliciting else []
         if isinstance(message, Ping):
             self._receiver.on_packet(pn, None, None, now, ack_eliciting=False)
             self._emit(Pong(token=message.token), now)
@@ -331,6 +362,8 @@ class SecureChannel:
         ranges = ack.ranges  # validated when decoded; on_ack only reads it
         if self._pending_reset is not None and any(lo <= self._reset_pn <= hi for lo, hi in ranges):
             self._pending_reset = None
+        if self._commit_pns:
+            self._on_commits_acked(ranges)
         self._sender.on_ack(ranges, ack.delay_us / 1e6, now)
 
     # ---- timers --------------------------------------------------------------
@@ -356,6 +389,8 @@ class SecureChannel:
             deadline = t
         if self._pending_reset is not None and self._reset_deadline < deadline:
             deadline = self._reset_deadline
+        if self._commits and self._commit_deadline < deadline:
+            deadline = self._commit_deadline
         return deadline
 
     def handle_timer(self, now: float) -> None:
@@ -369,6 +404,15 @@ class SecureChannel:
                 self._close("RESET was never acknowledged", 40)
                 return
             self._send_reset(now)
+        if self._commits and now >= self._commit_deadline:
+            if self._commit_tries >= COMMIT_RETRY_LIMIT:
+                # Give up quietly: the agent resends the result next session and
+                # the server acknowledges it as a duplicate.
+                self._commits.clear()
+                self._commit_pns.clear()
+                self._commit_tries = 0
+            else:
+                self._send_commits(now)
         t = self._sender.timer()
         if t is not None and now >= t:
             try:

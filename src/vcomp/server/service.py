@@ -571,6 +571,9 @@ class OrganisationServer:
                 continue
             job = session.current_job
             session.reset("reset requested by the operator", now)
+            # The agent resends uncommitted results from offset 0 after a reset.
+            for key in [k for k in self._sinks if k[0] == session.session_id]:
+                self._spawn(self._sinks.pop(key).abandon())
             endpoint.touch(session.session_id)
             logfmt.event(
                 log,
