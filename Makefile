@@ -27,8 +27,15 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,dev,bench]'
+	touch $(BENCH_STAMP)
+
+# make bench QUICK=1: every benchmark, short (< 3 min); writes bench/RESULTS.md,
+# bench/results.json and the PNG plots next to them.
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
 
 clean:

@@ -235,6 +235,10 @@ class ServerSession:
                 )
             if self.state is ServerState.RESETTING:
                 self._events.append(ev.ResetDone(self.session_id, message.epoch))
+            if self.state is ServerState.KEYED:
+                # The handshake is over: its datagrams are no longer needed.
+                self._hello = self._challenge = b""
+                self._attest = self._key_dgram = None
             if self.state in (ServerState.KEYED, ServerState.RESETTING):
                 self.state = ServerState.IDLE
                 self._job = None

@@ -260,6 +260,9 @@ class OrganisationServer:
         endpoint = self.endpoint
         if endpoint is None:
             return
+        # A None lease is about one agent (distinct-agent replicas), not the queue:
+        # try every idle agent once per pass before concluding the queue is empty.
+        refused: set[bytes] = set()
         for sid in list(self._idle):
             if sid not in self._idle or sid in self._prefetching:
                 continue  # taken by another _assign task, or its next job is on the way
@@ -269,20 +272,27 @@ class OrganisationServer:
                 continue
             if not self._queue_hint:
                 return
+            if session.agent_id in refused:
+                continue
             self._idle.discard(sid)
             lease = await self.committer.lease(
                 session.agent_id.hex(), time.time(), self.config.jobs.lease_seconds
             )
             if lease is None:
-                self._queue_hint = False
+                refused.add(session.agent_id)
                 self._idle.add(sid)
-                return
+                continue
             session = endpoint.session(sid)
             if session is None or session.state is not ServerState.IDLE:
                 # The agent vanished while we leased: hand the job straight back.
                 await self._release(lease.job_id, lease.attempt, "agent left before START")
                 continue
             self._start(session, lease)
+        if refused and not any(
+            (s := endpoint.session(sid)) is not None and s.agent_id not in refused
+            for sid in self._idle
+        ):
+            self._queue_hint = False
 
     def _start(self, session: ServerSession, lease: Lease) -> None:
         assert self.endpoint is not None and self._adapter is not None

@@ -1,0 +1,265 @@
+"""Dispatch rate: tiny jobs per second through one server, every result durably committed.
+
+    python bench/bench_dispatch.py [--quick] [--json PATH] [--agents 10,100,1000]
+                                   [--jobs J] [--processes N] [--runs R]
+
+A real :class:`OrganisationServer` on uvloop with its SQLite store (WAL,
+synchronous=FULL, group commit) serves N protocol-only agents
+(:class:`~vcomp.loadgen.LiteAgent`, no sandbox: a job's answer is the SHA-256 of its
+code and input) running in spawned processes, so the server process is measured
+alone. All agents connect first; then a batch of J tiny jobs (a 64-byte app, ~10-byte
+inputs) is submitted. Each job goes through the whole cycle: lease (a store commit),
+START/CODE/END, the agent's RESULT, the result's commit, and the final ACK.
+
+"seconds" runs from the first START to the moment the server counts the J-th result
+as durably committed; the batch must then read done = J in the store. "server CPU"
+is the server process's CPU time (all threads: event loop + store committer) over
+the same span, per job; "per core" is 1000 over it. "commits" counts write
+transactions (leases and results share them). Median of ``--runs`` (3; quick: 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable as a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common
+
+AGENT_COUNTS = (10, 100, 1000)
+QUICK_COUNTS = (10, 100)
+TARGET_PER_SECOND = 2000.0
+BOINC_PER_SECOND = 8.8e6 / 86400  # "8.8 M jobs/day" for one BOINC server
+APP_CODE = b"def main(data):\n    return data  # a tiny app for the dispatch bench\n"
+JOB_TIMEOUT = 600.0
+POLL_SECONDS = 0.002
+
+
+@dataclass
+class Row:
+    agents: int
+    jobs: int
+    processes: int
+    seconds: float = float("nan")
+    done: int = 0
+    failed: int = 0
+    server_cpu: float = float("nan")
+    loop_cpu: float = float("nan")
+    agent_cpu: float = float("nan")
+    commits: int = 0
+    datagrams_in: int = 0
+    connect_seconds: float = float("nan")
+    rate_runs: list[float] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        return self.done / self.seconds
+
+    @property
+    def cpu_ms_per_job(self) -> float:
+        return 1000 * self.server_cpu / self.done if self.done else float("nan")
+
+    @property
+    def per_core(self) -> float:
+        return 1000 / self.cpu_ms_per_job
+
+    def figures(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            per_second=self.per_second, cpu_ms_per_job=self.cpu_ms_per_job, per_core=self.per_core
+        )
+        return out
+
+
+async def _wait_committed(bench: common.BenchServer, target: int) -> float:
+    """time.monotonic() once the server has counted ``target`` durable results."""
+    stats = bench.server.stats
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while stats.results_committed < target:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{stats.results_committed} of {target} results committed")
+        await asyncio.sleep(POLL_SECONDS)
+    return time.monotonic()
+
+
+async def measure_one(
+    workers: Sequence[common.Worker], n_agents: int, n_jobs: int, keys: int
+) -> Row:
+    shares = [k for k in common.split(n_agents, len(workers)) if k]
+    fleet = workers[: len(shares)]
+    row = Row(agents=n_agents, jobs=n_jobs, processes=len(shares))
+    async with common.bench_server(agent_tpms=len(shares)) as bench:
+        server = bench.server
+        await common.start_fleets(fleet, bench.identities, keys)
+        code = bench.home / "tiny.py"
+        code.write_bytes(APP_CODE)
+        await server.committer.run(server.store.add_app, "tiny", "python", code)
+
+        t_connect = time.monotonic()
+        await asyncio.gather(*(w.ask(("connect", k)) for w, k in zip(fleet, shares, strict=True)))
+        row.connect_seconds = time.monotonic() - t_connect
+        await common.store_quiet(server)
+        await asyncio.gather(*(w.ask(("stats",)) for w in fleet))  # reset the CPU marks
+
+        inputs = [b'{"i": %d}' % i for i in range(n_jobs)]
+        batch = await server.committer.run(
+            lambda: server.store.create_batch("tiny", inputs, wall_seconds=60)
+        )
+        endpoint = server.endpoint
+        assert endpoint is not None
+        datagrams0 = endpoint.counters["datagrams_in"]
+        committed0 = server.stats.results_committed
+        commits0 = server.committer.commits
+        cpu0, loop0 = time.process_time(), time.thread_time()
+        # The server offers new batches to idle agents on its next tick (<= 0.5 s): the
+        # clock starts at the first START, and the idle wait costs no CPU.
+        end = await _wait_committed(bench, committed0 + n_jobs)
+        row.server_cpu = time.process_time() - cpu0
+        row.loop_cpu = time.thread_time() - loop0
+        row.commits = server.committer.commits - commits0
+        row.datagrams_in = endpoint.counters["datagrams_in"] - datagrams0
+        row.seconds = end - min(bench.starts.values())
+        agent = await asyncio.gather(*(w.ask(("stats",)) for w in fleet))
+        row.agent_cpu = sum(a["cpu"] for a in agent)
+        status = server.store.batch_status(batch)
+        row.done, row.failed = status.done, status.failed
+        if status.done != n_jobs:
+            raise RuntimeError(f"batch finished with {status.done} of {n_jobs} jobs done")
+        await asyncio.gather(*(w.ask(("disconnect",)) for w in fleet))
+    return row
+
+
+async def measure(
+    counts: Sequence[int], jobs: int, runs: int, processes: int, keys: int
+) -> list[Row]:
+    workers = [common.Worker(common.fleet_process_main) for _ in range(processes)]
+    rows = []
+    try:
+        for n in counts:
+            samples = [await measure_one(workers, n, jobs, keys) for _ in range(runs)]
+            ordered = sorted(samples, key=lambda r: r.per_second)
+            row = ordered[(len(ordered) - 1) // 2]
+            row.rate_runs = [r.per_second for r in samples]
+            rows.append(row)
+    finally:
+        await common.close_all(workers)
+    return rows
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def run(
+    *,
+    quick: bool = False,
+    counts: Sequence[int] | None = None,
+    jobs: int | None = None,
+    runs: int | None = None,
+    processes: int = 2,
+    keys: int = 4,
+    log: bool = False,
+) -> dict[str, Any]:
+    loop_name = common.install_uvloop()
+    logging_note = common.server_logging(log)
+    counts = counts or (QUICK_COUNTS if quick else AGENT_COUNTS)
+    jobs = jobs or (2000 if quick else 10000)
+    runs = runs or (1 if quick else 3)
+    rows = asyncio.run(measure(counts, jobs, runs, processes, keys))
+    best = max((r.per_second for r in rows), default=float("nan"))
+    return {
+        "bench": "dispatch",
+        "loop": loop_name,
+        "runs": runs,
+        "logging": logging_note,
+        "rows": [r.figures() for r in rows],
+        "boinc_per_second": BOINC_PER_SECOND,
+        "target_per_second": TARGET_PER_SECOND,
+        "best_per_second": best,
+        "target": common.verdict(best, TARGET_PER_SECOND),
+    }
+
+
+def print_report(figures: dict[str, Any]) -> None:
+    columns = [
+        "system",
+        "agents",
+        "jobs",
+        "seconds",
+        "jobs/s",
+        "server CPU ms/job",
+        "loop-thread ms/job",
+        "per core /s",
+        "agent CPU ms/job",
+        "jobs/commit",
+        "dgrams in/job",
+        "vs BOINC",
+    ]
+    boinc = figures["boinc_per_second"]
+    table: list[list[object]] = [
+        [
+            "vcomp",
+            r["agents"],
+            r["done"],
+            r["seconds"],
+            r["per_second"],
+            r["cpu_ms_per_job"],
+            1000 * r["loop_cpu"] / max(r["done"], 1),
+            r["per_core"],
+            1000 * r["agent_cpu"] / max(r["done"], 1),
+            2 * r["done"] / max(r["commits"], 1),
+            r["datagrams_in"] / max(r["done"], 1),
+            f"{r['per_second'] / boinc:.0f}x",
+        ]
+        for r in figures["rows"]
+    ]
+    table.append(
+        ["BOINC (published)", "-", "8.8 M/day", "-", boinc, "-", "-", "-", "-", "-", "-", "1x"]
+    )
+    common.print_table(
+        f"Dispatch of tiny jobs, one server on {figures['loop']}, agents in separate "
+        f"processes, durable commits counted, median of {figures['runs']}",
+        columns,
+        table,
+        [
+            "jobs/commit = (leases + results) / write transactions, i.e. how well group "
+            "commit batches. dgrams in/job = datagrams the server received per job.",
+            f"server logging: {figures['logging']}.",
+            f"target: >= {figures['target_per_second']:,.0f} jobs/s -> "
+            f"{figures['best_per_second']:,.0f}/s (best row): {figures['target']}",
+        ],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = common.bench_parser(__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--agents", help="comma-separated agent counts (10,100,1000)")
+    parser.add_argument("--jobs", type=int, help="jobs per row (10000; quick 2000)")
+    parser.add_argument("--runs", type=int, help="repetitions per row (default 3, quick 1)")
+    parser.add_argument("--processes", type=int, default=2, help="agent processes (2)")
+    parser.add_argument("--keys", type=int, default=4, help="ephemeral keys per process (4)")
+    parser.add_argument("--log", action="store_true", help=common.LOG_HELP)
+    args = parser.parse_args(argv)
+    counts = [int(n) for n in args.agents.split(",")] if args.agents else None
+    figures = run(
+        quick=args.quick,
+        counts=counts,
+        jobs=args.jobs,
+        runs=args.runs,
+        processes=args.processes,
+        keys=args.keys,
+        log=args.log,
+    )
+    print_report(figures)
+    if args.json:
+        common.write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
