@@ -1,0 +1,320 @@
+"""Apps, batches, jobs and their input blobs: the write-once half of the SQLite store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterable
+from contextlib import ExitStack
+from typing import BinaryIO
+
+from vcomp.errors import StoreError
+from vcomp.server.sqlite_base import SqliteBase, SqliteBlobReader
+from vcomp.server.store import (
+    App,
+    AppKind,
+    AttemptRecord,
+    AttemptState,
+    Batch,
+    CodeSource,
+    Job,
+    JobLimits,
+)
+from vcomp.server.store_sqlite_schema import (
+    APP_SELECT,
+    COPY_CHUNK,
+    JOB_SELECT,
+    MAX_ATTEMPTS,
+    MAX_BLOB_BYTES,
+    MAX_REPLICAS,
+    U64,
+    app_from_row,
+    check_int,
+    check_name,
+    check_positive,
+    check_size,
+    job_from_row,
+    rowid,
+    stream_remaining,
+)
+
+
+class AppsMixin(SqliteBase):
+    """Apps and batches (cached: they never change once written), jobs, inputs."""
+
+    # ------------------------------------------------------------------ apps
+
+    def add_app(
+        self, name: str, kind: AppKind | str, code: CodeSource, *, size: int | None = None
+    ) -> App:
+        name = check_name(name, "app name")
+        try:
+            app_kind = AppKind(kind)
+        except ValueError:
+            raise StoreError(f"app kind must be 'python' or 'exec', not {kind!r}") from None
+        with ExitStack() as stack:
+            if isinstance(code, str | os.PathLike):
+                try:
+                    stream: BinaryIO = stack.enter_context(open(code, "rb"))
+                    total = os.fstat(stream.fileno()).st_size
+                except OSError as exc:
+                    raise StoreError(f"cannot read app code: {exc}") from exc
+                if size is not None and size != total:
+                    raise StoreError(f"app code is {total} bytes, not the {size} declared")
+            else:
+                stream = code
+                total = size if size is not None else stream_remaining(stream)
+            check_size(total, "app code")
+            with self._txn(write=True) as conn:
+                blob_id, digest = self._stream_into_blob(conn, stream, total)
+                version = int(
+                    conn.execute(
+                        "SELECT COALESCE(MAX(version), 0) + 1 FROM apps WHERE name = ?", (name,)
+                    ).fetchone()[0]
+                )
+                created = self._clock()
+                cur = conn.execute(
+                    "INSERT INTO apps (name, version, kind, blob_id, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (name, version, app_kind.value, blob_id, created),
+                )
+                app_id = rowid(cur)
+        return App(app_id, name, version, app_kind, total, digest, created)
+
+    def _stream_into_blob(
+        self, conn: sqlite3.Connection, stream: BinaryIO, total: int
+    ) -> tuple[int, bytes]:
+        # zeroblob reserves the space without materialising it; blobopen fills it in
+        # chunks, so the file is never in memory whole.
+        cur = conn.execute(
+            "INSERT INTO blobs (size, sha256, data) VALUES (?, NULL, zeroblob(?))", (total, total)
+        )
+        blob_id = rowid(cur)
+        hasher = hashlib.sha256()
+        written = 0
+        try:
+            with conn.blobopen("blobs", "data", blob_id) as blob:
+                while written < total:
+                    chunk = stream.read(min(COPY_CHUNK, total - written))
+                    if not chunk:
+                        raise StoreError(f"code stream ended after {written} of {total} bytes")
+                    blob.write(chunk)
+                    hasher.update(chunk)
+                    written += len(chunk)
+            if stream.read(1):
+                raise StoreError(f"code stream is longer than the {total} bytes declared")
+        except OSError as exc:
+            raise StoreError(f"cannot read app code: {exc}") from exc
+        digest = hasher.digest()
+        conn.execute("UPDATE blobs SET sha256 = ? WHERE id = ?", (digest, blob_id))
+        return blob_id, digest
+
+    def get_app(self, name: str, version: int | None = None) -> App:
+        with self._txn() as conn:
+            if version is None:
+                row = conn.execute(
+                    APP_SELECT + " WHERE a.name = ? ORDER BY a.version DESC LIMIT 1",
+                    (name,),
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    APP_SELECT + " WHERE a.name = ? AND a.version = ?",
+                    (name, version),
+                ).fetchone()
+        if row is None:
+            which = name if version is None else f"{name} v{version}"
+            raise StoreError(f"unknown app {which!r}")
+        return app_from_row(row)
+
+    def get_app_by_id(self, app_id: int) -> App:
+        with self._txn() as conn:
+            return self._app(conn, app_id)
+
+    def _app(self, conn: sqlite3.Connection, app_id: int) -> App:
+        app = self._apps.get(app_id)
+        if app is None:
+            row = conn.execute(APP_SELECT + " WHERE a.id = ?", (app_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"unknown app id {app_id}")
+            app = self._apps[app_id] = app_from_row(row)
+        return app
+
+    def list_apps(self) -> list[App]:
+        with self._txn() as conn:
+            rows = conn.execute(APP_SELECT + " ORDER BY a.name, a.version").fetchall()
+        return [app_from_row(row) for row in rows]
+
+    def open_code(self, app_id: int) -> SqliteBlobReader:
+        with self._txn() as conn:
+            row = conn.execute(
+                "SELECT b.id, b.size, b.sha256 FROM apps AS a JOIN blobs AS b ON b.id = a.blob_id "
+                "WHERE a.id = ?",
+                (app_id,),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"unknown app id {app_id}")
+        return SqliteBlobReader(self, int(row[0]), int(row[1]), bytes(row[2]))
+
+    def read_code_chunk(self, app_id: int, offset: int, n: int) -> bytes:
+        with self.open_code(app_id) as reader:
+            return reader.read(offset, n)
+
+    # ------------------------------------------------------------------ batches and jobs
+
+    def create_batch(
+        self,
+        app_name: str,
+        inputs: Iterable[bytes],
+        *,
+        app_version: int | None = None,
+        replicas: int = 1,
+        quorum: int | None = None,
+        max_attempts: int = 3,
+        cpu_seconds: float = 60.0,
+        memory_bytes: int = 256 << 20,
+        wall_seconds: float = 120.0,
+        output_bytes: int = 1 << 20,
+        deadline: float | None = None,
+    ) -> int:
+        quorum = replicas if quorum is None else quorum
+        check_int(replicas, "replicas", 1, MAX_REPLICAS)
+        check_int(quorum, "quorum", 1, replicas)
+        check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS)
+        check_positive(cpu_seconds, "cpu_seconds")
+        check_positive(wall_seconds, "wall_seconds")
+        check_int(memory_bytes, "memory_bytes", 1, U64)
+        check_int(output_bytes, "output_bytes", 0, MAX_BLOB_BYTES)
+        if deadline is not None:
+            check_positive(deadline, "deadline")
+        app = self.get_app(app_name, app_version)
+        with self._txn(write=True) as conn:
+            cur = conn.execute(
+                "INSERT INTO batches (app_id, created_at, n_jobs, replicas, quorum, max_attempts, "
+                "cpu_seconds, memory_bytes, wall_seconds, output_bytes, deadline) "
+                "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    app.app_id,
+                    self._clock(),
+                    replicas,
+                    quorum,
+                    max_attempts,
+                    float(cpu_seconds),
+                    memory_bytes,
+                    float(wall_seconds),
+                    output_bytes,
+                    deadline,
+                ),
+            )
+            batch_id = rowid(cur)
+            count = 0
+            for index, data in enumerate(inputs):
+                if not isinstance(data, bytes | bytearray | memoryview):
+                    raise StoreError(f"input {index} is {type(data).__name__}, not bytes")
+                data = bytes(data)
+                check_size(len(data), f"input {index}")
+                blob = conn.execute(
+                    "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?)",
+                    (len(data), hashlib.sha256(data).digest(), data),
+                )
+                conn.execute(
+                    "INSERT INTO jobs (batch_id, idx, input_blob, state, pending, leased, "
+                    "attempts) VALUES (?, ?, ?, 'queued', ?, 0, 0)",
+                    (batch_id, index, rowid(blob), replicas),
+                )
+                count += 1
+            if count == 0:
+                raise StoreError("a batch needs at least one input")
+            conn.execute("UPDATE batches SET n_jobs = ? WHERE id = ?", (count, batch_id))
+        return batch_id
+
+    def get_batch(self, batch_id: int) -> Batch:
+        with self._txn() as conn:
+            return self._batch(conn, batch_id)
+
+    def _batch(self, conn: sqlite3.Connection, batch_id: int) -> Batch:
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            row = conn.execute(
+                "SELECT id, app_id, created_at, n_jobs, replicas, quorum, max_attempts, "
+                "cpu_seconds, memory_bytes, wall_seconds, output_bytes, deadline "
+                "FROM batches WHERE id = ?",
+                (batch_id,),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"unknown batch {batch_id}")
+            batch = Batch(
+                batch_id=int(row[0]),
+                app=self._app(conn, int(row[1])),
+                created_at=float(row[2]),
+                n_jobs=int(row[3]),
+                replicas=int(row[4]),
+                quorum=int(row[5]),
+                max_attempts=int(row[6]),
+                limits=JobLimits(float(row[7]), int(row[8]), float(row[9]), int(row[10])),
+                deadline=None if row[11] is None else float(row[11]),
+            )
+            if batch.n_jobs > 0:  # not mid-creation: safe to cache
+                self._batches[batch_id] = batch
+        return batch
+
+    def list_batches(self) -> list[Batch]:
+        with self._txn() as conn:
+            ids = [int(r[0]) for r in conn.execute("SELECT id FROM batches ORDER BY id")]
+            return [self._batch(conn, batch_id) for batch_id in ids]
+
+    def get_job(self, job_id: int) -> Job:
+        with self._txn() as conn:
+            row = conn.execute(
+                JOB_SELECT + " WHERE j.id = ?",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"unknown job {job_id}")
+        return job_from_row(row)
+
+    def get_job_by_index(self, batch_id: int, index: int) -> Job:
+        with self._txn() as conn:
+            row = conn.execute(
+                JOB_SELECT + " WHERE j.batch_id = ? AND j.idx = ?",
+                (batch_id, index),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"batch {batch_id} has no job {index}")
+        return job_from_row(row)
+
+    def list_attempts(self, job_id: int) -> list[AttemptRecord]:
+        with self._txn() as conn:
+            rows = conn.execute(
+                "SELECT job_id, attempt, agent_id, state, leased_at, deadline, ended_at, reason "
+                "FROM attempts WHERE job_id = ? ORDER BY attempt",
+                (job_id,),
+            ).fetchall()
+        return [
+            AttemptRecord(
+                int(r[0]),
+                int(r[1]),
+                str(r[2]),
+                AttemptState(r[3]),
+                float(r[4]),
+                float(r[5]),
+                None if r[6] is None else float(r[6]),
+                None if r[7] is None else str(r[7]),
+            )
+            for r in rows
+        ]
+
+    def open_input(self, job_id: int) -> SqliteBlobReader:
+        with self._txn() as conn:
+            row = conn.execute(
+                "SELECT b.id, b.size, b.sha256 FROM jobs AS j JOIN blobs AS b "
+                "ON b.id = j.input_blob WHERE j.id = ?",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"unknown job {job_id}")
+        return SqliteBlobReader(self, int(row[0]), int(row[1]), bytes(row[2]))
+
+    def read_input_chunk(self, job_id: int, offset: int, n: int) -> bytes:
+        with self.open_input(job_id) as reader:
+            return reader.read(offset, n)
