@@ -142,8 +142,9 @@ async def main_async(quick: bool) -> dict[str, object]:
             points = points // 10 if quick else points
             data = json.dumps({"points": points, "seed": 1}).encode()
             if kind == "python":
-                # Native python: guest importable from the source tree, as -I drops env.
-                argv = [sys.executable, "-S", "-c", _native_python(points)]
+                # Native python with the same imports the sandbox gives the job (the
+                # agent's site-packages, so numpy when installed): -I, not -S.
+                argv = [sys.executable, "-I", "-c", _native_python(points)]
             nat_c, nat_e, nat_cpu, box_c, box_e, box_cpu = [], [], [], [], [], []
             for _ in range(reps):  # interleaved, so drift hits both sides alike
                 first, end, cpu = native(argv, data, env)
