@@ -31,6 +31,14 @@ SOCKET_BUFFER = 4 << 20
 _QUIET_ERRORS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
 
 
+class _TimerCore(Protocol):
+    """What both kinds of core share: a deadline, a timer handler, an event queue."""
+
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def next_event(self) -> Event | None: ...
+
+
 class ServerCore(Protocol):
     def receive_datagram(self, data: bytes, address: Address, now: float) -> None: ...
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]: ...
@@ -80,14 +88,17 @@ class _Driver:
     def _outgoing(self, now: float) -> list[tuple[bytes, Address | None]]:
         raise NotImplementedError
 
-    def _core_timer(self) -> float | None:
+    def _timers(self) -> _TimerCore:
         raise NotImplementedError
+
+    def _core_timer(self) -> float | None:
+        return self._timers().get_timer()
 
     def _core_handle_timer(self, now: float) -> None:
-        raise NotImplementedError
+        self._timers().handle_timer(now)
 
     def _core_event(self) -> Event | None:
-        raise NotImplementedError
+        return self._timers().next_event()
 
     # ---- reading -------------------------------------------------------------
 
@@ -206,14 +217,8 @@ class ServerAdapter(_Driver):
     def _outgoing(self, now: float) -> list[tuple[bytes, Address | None]]:
         return list(self.core.datagrams_to_send(now))
 
-    def _core_timer(self) -> float | None:
-        return self.core.get_timer()
-
-    def _core_handle_timer(self, now: float) -> None:
-        self.core.handle_timer(now)
-
-    def _core_event(self) -> Event | None:
-        return self.core.next_event()
+    def _timers(self) -> _TimerCore:
+        return self.core
 
 
 class AgentAdapter(_Driver):
@@ -229,14 +234,8 @@ class AgentAdapter(_Driver):
     def _outgoing(self, now: float) -> list[tuple[bytes, Address | None]]:
         return [(d, None) for d in self.core.datagrams_to_send(now)]
 
-    def _core_timer(self) -> float | None:
-        return self.core.get_timer()
-
-    def _core_handle_timer(self, now: float) -> None:
-        self.core.handle_timer(now)
-
-    def _core_event(self) -> Event | None:
-        return self.core.next_event()
+    def _timers(self) -> _TimerCore:
+        return self.core
 
 
 async def open_server(

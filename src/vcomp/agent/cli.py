@@ -25,25 +25,9 @@ from vcomp.agent.config import (
     resolve_server_key,
 )
 from vcomp.agent.modes import MODE_KINDS
-from vcomp.errors import VcompError
+from vcomp.cligroup import VcompGroup
 
-EXIT_ERROR = 1
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class _Cli(click.Group):
-    """A group that turns vcomp's own errors into one ``error: ...`` line and exit 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError:
-            # The reader went away (`... | head`): not an error worth a message.
-            sys.stderr.close()
-            ctx.exit(0)
-        except (VcompError, OSError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_ERROR)
 
 
 def config_option(f: _F) -> _F:
@@ -62,7 +46,7 @@ def load_config(config_path: Path | None) -> AgentConfig:
     return load_agent_config(default_agent_home() if config_path is None else config_path)
 
 
-@click.group(cls=_Cli)
+@click.group(cls=VcompGroup)
 @click.version_option(__version__, prog_name="vcomp-agent")
 def main() -> None:
     """Run a vcomp volunteer agent on this machine.
@@ -253,7 +237,6 @@ def doctor() -> None:
     Exits 1 if the sandbox cannot give at least the rlimit, cleared-environment,
     process-tree-kill and unprivileged-uid guarantees.
     """
-    import sys
 
     from vcomp.agent.sandbox.commands import doctor as run_doctor
 

@@ -22,33 +22,18 @@ from typing import Any, BinaryIO, TypeVar
 import click
 
 from vcomp import __version__
-from vcomp.errors import ConfigError, VcompError
+from vcomp.cligroup import VcompGroup
+from vcomp.errors import ConfigError
 from vcomp.server.config import ServerConfig, init_server_home, load_server_config
 from vcomp.server.store import JobState, ResultRecord, StoreStatus
 from vcomp.server.store_sqlite import MAX_BLOB_BYTES, SqliteStore
 
-EXIT_ERROR = 1
 EXIT_FAILED_JOBS = 3
 EXIT_TIMEOUT = 4
 MAX_ENROL_FILE = 1 << 20
 OUTPUT_CHUNK = 3 << 18  # a multiple of 3, so base64 chunks concatenate cleanly
 _SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class _Cli(click.Group):
-    """A group that turns vcomp's own errors into one ``error: ...`` line and exit 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError:
-            # The reader went away (`... | head`): not an error worth a message.
-            sys.stderr.close()
-            ctx.exit(0)
-        except (VcompError, OSError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_ERROR)
 
 
 def config_option(f: _F) -> _F:
@@ -89,7 +74,7 @@ def _size_option(_ctx: click.Context, _param: click.Parameter, value: str | None
     return None if value is None else parse_size(value)
 
 
-@click.group(cls=_Cli)
+@click.group(cls=VcompGroup)
 @click.version_option(__version__, prog_name="vcomp-server")
 def main() -> None:
     """Run a vcomp organisation server and manage its jobs.
