@@ -65,7 +65,6 @@ class Worker:
         self.adapter: AgentAdapter | None = None
         self.running: _Running | None = None
         self._closed = asyncio.Event()
-        self._sent_from_spool: set[tuple[int, int]] = set()
         self._result_sent_at: dict[tuple[int, int], float] = {}
         self._connect_started = 0.0
         # Exactly the sandbox that PCR 18 measures.
@@ -97,7 +96,7 @@ class Worker:
         )
         self.session = session
         self._closed.clear()
-        self._sent_from_spool.clear()
+        self._release_all()
         host, port = self.rt.server
         try:
             adapter = await open_agent(session, self._on_event, host, port)
@@ -189,15 +188,12 @@ class Worker:
         elif isinstance(e, ev.ResetReceived):
             logfmt.event(log, "reset_received", worker=self.index, epoch=e.epoch)
             # The reset dropped everything in flight: every uncommitted result goes again.
-            for key in self._sent_from_spool:
-                self.rt.in_flight.discard(key)
-            self._sent_from_spool.clear()
+            self._release_all()
             self._resend_spool(session)
         elif isinstance(e, ev.ResultCommitted):
             self.stats.committed += 1
             self.rt.spool.remove(e.job, e.attempt)
-            self._sent_from_spool.discard((e.job, e.attempt))
-            self.rt.in_flight.discard((e.job, e.attempt))
+            self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
             sent = self._result_sent_at.pop((e.job, e.attempt), None)
             result_ms = None if sent is None else int((time.monotonic() - sent) * 1000)
             logfmt.event(
@@ -220,8 +216,7 @@ class Worker:
                 message=e.message,
             )
             self.rt.spool.remove(e.job, e.attempt)
-            self._sent_from_spool.discard((e.job, e.attempt))
-            self.rt.in_flight.discard((e.job, e.attempt))
+            self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1
             self.stats.last_reject = e.reason
@@ -231,9 +226,16 @@ class Worker:
             )
         elif isinstance(e, ev.SessionClosed):
             logfmt.event(log, "session_closed", worker=self.index, reason=e.reason, code=e.code)
-            for key in self._sent_from_spool:
-                self.rt.in_flight.discard(key)
+            self._release_all()
             self._closed.set()
+
+    def _claim(self, key: tuple[int, int]) -> bool:
+        """Take ``key`` for this worker's session; False if another worker sends it."""
+        return self.rt.in_flight.setdefault(key, self.index) == self.index
+
+    def _release_all(self) -> None:
+        for key in [k for k, owner in self.rt.in_flight.items() if owner == self.index]:
+            del self.rt.in_flight[key]
 
     def _resend_spool(self, session: AgentSession) -> None:
         for item in self.rt.spool.pending():
@@ -241,10 +243,8 @@ class Worker:
                 logfmt.event(log, "spool_unreadable", logging.ERROR, error=str(item))
                 continue
             key = (item.job, item.attempt)
-            if key in self.rt.in_flight:
+            if not self._claim(key):
                 continue
-            self.rt.in_flight.add(key)
-            self._sent_from_spool.add(key)
             self._submit(session, item)
             logfmt.event(
                 log, "result_resent", worker=self.index, job=item.job, attempt=item.attempt
@@ -334,8 +334,7 @@ class Worker:
         self.running = None
         session = self.session
         if session is not None and session.state is not AgentState.CLOSED:
-            self.rt.in_flight.add((d.job, d.attempt))
-            self._sent_from_spool.add((d.job, d.attempt))
+            self._claim((d.job, d.attempt))
             self._result_sent_at[(d.job, d.attempt)] = time.monotonic()
             self._submit(session, result)
 
@@ -386,7 +385,8 @@ class AgentRuntime:
                 path=str(self.spool.set_aside),
                 reason="sealed by a different agent build or sandbox policy; unreadable here",
             )
-        self.in_flight: set[tuple[int, int]] = set()
+        # Results being sent, and by which worker, so workers never send one twice.
+        self.in_flight: dict[tuple[int, int], int] = {}
         self.pinned = config.server_fingerprint()
         self.server = config.server_address()
         self.mode: ExecutionMode = config.execution_mode()

@@ -330,8 +330,7 @@ class OrganisationServer:
             index=lease.index,
             agent=session.agent_id.hex()[:16],
         )
-        self.endpoint.touch(session.session_id)
-        self._adapter.kick()
+        self._flush(session)
 
     def _read_code(self, job: int, attempt: int, offset: int, length: int) -> bytes:
         a = self._assignments.get((job, attempt))
@@ -362,11 +361,14 @@ class OrganisationServer:
 
     # ---- results in ----------------------------------------------------------
 
-    def _holder_sent(self, session_id: int, key: tuple[int, int]) -> bool:
-        """True if ``key`` is leased to the agent of ``session_id`` (any of its sessions)."""
+    def _held_by(self, key: tuple[int, int], agent_id: bytes) -> bool:
+        """True if this server handed ``key`` to ``agent_id`` (in any of its sessions)."""
         a = self._assignments.get(key)
-        session = None if self.endpoint is None else self.endpoint.session(session_id)
-        return a is not None and session is not None and a.lease.agent_id == session.agent_id.hex()
+        return a is not None and a.lease.agent_id == agent_id.hex()
+
+    def _holder_sent(self, session_id: int, key: tuple[int, int]) -> bool:
+        session = self._session(session_id)
+        return session is not None and self._held_by(key, session.agent_id)
 
     def _on_chunk(self, e: ev.ResultChunk) -> None:
         # Per session: another agent cannot feed chunks into this upload.
@@ -381,8 +383,7 @@ class OrganisationServer:
     async def _commit(self, e: ev.ResultComplete) -> None:
         key = (e.job, e.attempt)
         agent = e.agent_id.hex()
-        a = self._assignments.get(key)
-        if a is not None and a.lease.agent_id == agent:
+        if self._held_by(key, e.agent_id):
             self._drop_assignment(*key)
         sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
         if sink is None:
@@ -443,8 +444,7 @@ class OrganisationServer:
             self._spawn(self._assign())
 
     def _prefetch(self, e: ev.ResultComplete) -> asyncio.Future[Lease | None] | None:
-        endpoint = self.endpoint
-        session = None if endpoint is None else endpoint.session(e.session_id)
+        session = self._session(e.session_id)
         if (
             not self._queue_hint
             or session is None
@@ -465,45 +465,45 @@ class OrganisationServer:
         if lease is None:
             self._queue_hint = False
             return
-        session = None if self.endpoint is None else self.endpoint.session(sid)
+        session = self._session(sid)
         if session is None or session.state is not ServerState.IDLE:
             await self._release(lease.job_id, lease.attempt, "agent left before START")
             return
         self._idle.discard(sid)
         self._start(session, lease)
 
+    def _session(self, sid: int) -> ServerSession | None:
+        return None if self.endpoint is None else self.endpoint.session(sid)
+
+    def _flush(self, session: ServerSession) -> None:
+        """Send what the application just queued on ``session``."""
+        if self.endpoint is not None and self._adapter is not None:
+            self.endpoint.touch(session.session_id)
+            self._adapter.kick()
+
     def _refuse(self, e: ev.ResultComplete, reason: str) -> None:
         logfmt.event(
             log, "result_refused", logging.WARNING, job=e.job, attempt=e.attempt, reason=reason
         )
-        endpoint, adapter = self.endpoint, self._adapter
-        session = None if endpoint is None else endpoint.session(e.session_id)
-        if endpoint is None or adapter is None or session is None:
-            return
-        session.refuse_result(e.job, e.attempt, ErrorCode.HASH_MISMATCH, reason)
-        endpoint.touch(session.session_id)
-        adapter.kick()
+        session = self._session(e.session_id)
+        if session is not None:
+            session.refuse_result(e.job, e.attempt, ErrorCode.HASH_MISMATCH, reason)
+            self._flush(session)
 
     def _close_session(self, sid: int, reason: str) -> None:
-        endpoint, adapter = self.endpoint, self._adapter
-        session = None if endpoint is None else endpoint.session(sid)
-        if endpoint is None or adapter is None or session is None:
-            return
-        session.close(reason, ErrorCode.INTERNAL, asyncio.get_running_loop().time())
-        endpoint.touch(sid)
-        adapter.kick()
+        session = self._session(sid)
+        if session is not None:
+            session.close(reason, ErrorCode.INTERNAL, asyncio.get_running_loop().time())
+            self._flush(session)
 
     def _confirm(self, e: ev.ResultComplete, entries: list[tuple[int, int]]) -> None:
         """Send the final ACK on the session the result came from, or the agent's new one."""
-        endpoint, adapter = self.endpoint, self._adapter
-        if endpoint is None or adapter is None:
-            return
-        session = endpoint.session(e.session_id)
-        if session is None:
+        session = self._session(e.session_id)
+        if session is None and self.endpoint is not None:
             session = next(
                 (
                     s
-                    for s in endpoint.sessions.values()
+                    for s in self.endpoint.sessions.values()
                     if s.agent_id == e.agent_id and s.channel is not None
                 ),
                 None,
@@ -511,8 +511,7 @@ class OrganisationServer:
         if session is None:
             return  # the agent resends after reconnecting; the store dedupes
         session.confirm_committed(entries, asyncio.get_running_loop().time())
-        endpoint.touch(session.session_id)
-        adapter.kick()
+        self._flush(session)
 
     # ---- periodic work -------------------------------------------------------
 
