@@ -22,7 +22,8 @@ class JobLimits:
     RLIMIT_CPU); ``memory_bytes`` is each process's address space (RLIMIT_AS);
     ``wall_seconds`` excludes time the execution mode kept the job suspended;
     ``output_bytes`` bounds the RESULT payload; ``idle_seconds`` is the longest
-    silence (no frame) allowed; ``log_bytes`` bounds stdout and stderr each.
+    silence (no frame) allowed; ``log_bytes`` bounds stdout and stderr each;
+    ``disk_bytes`` bounds the job's work directory (bytes written there, in RAM).
     """
 
     cpu_seconds: int
@@ -34,6 +35,7 @@ class JobLimits:
     max_open_files: int = 64
     max_file_bytes: int = 64 * MiB
     log_bytes: int = 1 * MiB
+    disk_bytes: int = 64 * MiB
 
     def __post_init__(self) -> None:
         _positive_int("cpu_seconds", self.cpu_seconds)
@@ -43,6 +45,7 @@ class JobLimits:
         _positive_int("max_open_files", self.max_open_files)
         _positive_int("max_file_bytes", self.max_file_bytes, zero_ok=True)
         _positive_int("log_bytes", self.log_bytes, zero_ok=True)
+        _positive_int("disk_bytes", self.disk_bytes)
         _positive_seconds("wall_seconds", self.wall_seconds)
         if self.idle_seconds is not None:
             _positive_seconds("idle_seconds", self.idle_seconds)
