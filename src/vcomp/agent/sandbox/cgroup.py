@@ -24,7 +24,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 V1_REQUIRED = ("memory", "cpuacct")
 V1_OPTIONAL = ("pids",)
@@ -161,11 +160,17 @@ class CgroupHost:
         for parent in self.parents.values():
             with contextlib.suppress(OSError):
                 for entry in os.scandir(parent):
-                    owner = entry.name[len(JOB_PREFIX) :].split("-")[0]
-                    if entry.name.startswith(JOB_PREFIX) and owner.isdigit():
-                        if int(owner) != os.getpid() and not _alive(int(owner)):
-                            with contextlib.suppress(OSError):
-                                os.rmdir(entry.path)
+                    if _stale(entry.name):
+                        with contextlib.suppress(OSError):
+                            os.rmdir(entry.path)
+
+
+def _stale(name: str) -> bool:
+    """A job cgroup's name whose agent (the pid in it) is no longer running."""
+    owner = name[len(JOB_PREFIX) :].split("-")[0]
+    if not name.startswith(JOB_PREFIX) or not owner.isdigit():
+        return False
+    return int(owner) != os.getpid() and not _alive(int(owner))
 
 
 def _alive(pid: int) -> bool:

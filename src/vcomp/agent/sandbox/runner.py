@@ -425,9 +425,7 @@ class Sandbox:
             job, job_fds, agent_ends = self._job_spec("exec", b"", workdir, limits)
             try:
                 live = cg if note.status == "active" else None
-                pid, setup_r, status_r = self._fork(
-                    job=job, control_fd=None, dry_run=True, cg=live
-                )
+                pid, setup_r, status_r = self._fork(job=job, control_fd=None, dry_run=True, cg=live)
             finally:
                 _close_all([*job_fds, *agent_ends])
             try:
