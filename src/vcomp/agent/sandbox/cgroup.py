@@ -33,6 +33,8 @@ PIDS_OVERHEAD = 4
 REMOVE_TRIES = 100  # x 10 ms: a killed task leaves its cgroup shortly after SIGKILL
 JOB_PREFIX = "vcomp-job-"
 AGENT_LEAF = "vcomp-agent-"
+# One count per process: several sandboxes (workers) of one agent share its name space.
+_SERIAL = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,6 @@ class CgroupHost:
     def __init__(self, version: int, parents: dict[str, str]) -> None:
         self.version = version
         self.parents = parents  # v2: one entry, "" -> the directory
-        self._serial = itertools.count(1)
         self.leftovers: list[JobCgroup] = []  # removal deferred: a task lingered
 
     def describe(self) -> str:
@@ -138,7 +139,7 @@ class CgroupHost:
     def new_job(self) -> JobCgroup:
         """Create an empty job cgroup (OSError on failure, nothing left behind)."""
         self.retry_leftovers()
-        name = f"{JOB_PREFIX}{os.getpid()}-{next(self._serial)}"
+        name = f"{JOB_PREFIX}{os.getpid()}-{next(_SERIAL)}"
         made: dict[str, str] = {}
         try:
             for controller, parent in self.parents.items():
@@ -206,6 +207,8 @@ class JobCgroup:
             _write(os.path.join(mem, "memory.max"), str(memory_bytes))
             with contextlib.suppress(FileNotFoundError):  # no swap accounting
                 _write(os.path.join(mem, "memory.swap.max"), "0")
+            with contextlib.suppress(FileNotFoundError):  # one OOM kill takes the tree
+                _write(os.path.join(mem, "memory.oom.group"), "1")
         elif mem is not None:
             _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
             with contextlib.suppress(FileNotFoundError):  # no swap accounting
