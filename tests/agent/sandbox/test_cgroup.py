@@ -171,10 +171,13 @@ def test_stale_job_cgroups_of_dead_agents_are_swept(host: CgroupHost) -> None:
     dead = in_child(os.getpid)  # reaped: that pid is gone
     assert isinstance(dead, int)
     stale = [os.path.join(p, f"vcomp-job-{dead}-1") for p in host.parents.values()]
+    ours = host.new_job()
     for path in stale:
         os.mkdir(path)
     host.sweep_stale()
     assert not any(os.path.exists(p) for p in stale)
+    assert all(os.path.isdir(p) for p in ours.dirs.values())  # a live agent's stay
+    assert ours.remove() is None
 
 
 def test_unprivileged_user_without_delegation_gets_a_reason(host: CgroupHost) -> None:

@@ -701,6 +701,7 @@ async def test_job_cgroups_are_removed_after_every_job(tmp_path: Path) -> None:
     if cgroup.status != "active":
         pytest.skip(f"no cgroup on this host: {cgroup.reason}")
     await assert_still_works(sandbox)
+    assert len(_job_cgroup_dirs()) > len(before)  # the prepared launcher's: the count sees them
     killed = await run_python(
         sandbox, job("while True:\n    pass"), limits=dataclasses.replace(LIMITS, cpu_seconds=1)
     )
@@ -714,4 +715,8 @@ async def test_job_cgroups_are_removed_after_every_job(tmp_path: Path) -> None:
     )
     assert cancelled.kind is OutcomeKind.CANCELLED, cancelled
     sandbox.close()  # the prepared launcher's cgroup goes too
+    broken = Sandbox(work_root=tmp_path / "broken", python="/nonexistent/python3")
+    failed = await run_python(broken, job("return b''"))
+    assert failed.kind is OutcomeKind.SETUP_FAILED, failed
+    broken.close()
     assert _job_cgroup_dirs() == before

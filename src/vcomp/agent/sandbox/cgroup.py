@@ -167,11 +167,10 @@ class CgroupHost:
 
 
 def _stale(name: str) -> bool:
-    """A job cgroup's name whose agent (the pid in it) is no longer running."""
-    owner = name[len(JOB_PREFIX) :].split("-")[0]
-    if not name.startswith(JOB_PREFIX) or not owner.isdigit():
-        return False
-    return int(owner) != os.getpid() and not _alive(int(owner))
+    """A job cgroup (or v2 agent leaf) whose agent, the pid in its name, is gone."""
+    prefix = next((p for p in (JOB_PREFIX, AGENT_LEAF) if name.startswith(p)), None)
+    owner = name[len(prefix) :].split("-")[0] if prefix is not None else ""
+    return owner.isdigit() and int(owner) != os.getpid() and not _alive(int(owner))
 
 
 def _alive(pid: int) -> bool:
