@@ -74,10 +74,7 @@ CHILD_REPORTED = (
     "cleared_environment",
     "seccomp",
 )
-PER_PROCESS_ONLY = (
-    "total job memory is bounded only per process (RLIMIT_AS); "
-    "memfd_create, SysV shm and SIGCHLD auto-reaping are denied instead"
-)
+PER_PROCESS_ONLY = "total job memory is bounded only per process (RLIMIT_AS)"
 TICK = 0.1  # how often CPU and memory are sampled
 KILL_GRACE = 5.0  # how long to wait for a killed tree to be reaped
 
@@ -332,18 +329,22 @@ class Sandbox:
     def _new_cgroup(self) -> tuple[cgroup.JobCgroup | None, Protection]:
         """A fresh job cgroup, and the protection line that says what the job got."""
         if self._cgroups is None:
-            reason = f"{self._cgroup_reason}; {PER_PROCESS_ONLY}"
+            reason = f"{self._cgroup_reason}; {self._per_process_only()}"
             return None, Protection("cgroup", "unavailable", reason)
         try:
             cg = self._cgroups.new_job()
         except OSError as exc:
-            reason = f"cannot create: {exc.strerror or exc}; {PER_PROCESS_ONLY}"
+            reason = f"cannot create: {exc.strerror or exc}; {self._per_process_only()}"
             return None, Protection("cgroup", "failed", reason)
         return cg, Protection("cgroup", "active", self._cgroups.describe())
 
-    @staticmethod
+    def _per_process_only(self) -> str:
+        if True in self._seccomp:
+            return f"{PER_PROCESS_ONLY}; memfd_create, SysV shm and SIGCHLD auto-reaping denied"
+        return f"{PER_PROCESS_ONLY}; without seccomp, memfds and SysV shm are unbounded"
+
     def _limit_cgroup(
-        cg: cgroup.JobCgroup | None, note: Protection, limits: JobLimits
+        self, cg: cgroup.JobCgroup | None, note: Protection, limits: JobLimits
     ) -> Protection:
         """Memory covers the work directory too (a tmpfs whose pages are charged here)."""
         if cg is None:
@@ -351,7 +352,7 @@ class Sandbox:
         try:
             cg.set_limits(limits.memory_bytes + limits.disk_bytes, limits.max_processes)
         except OSError as exc:
-            reason = f"cannot set limits: {exc.strerror or exc}; {PER_PROCESS_ONLY}"
+            reason = f"cannot set limits: {exc.strerror or exc}; {self._per_process_only()}"
             return Protection("cgroup", "failed", reason)
         return note
 
