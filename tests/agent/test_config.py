@@ -113,12 +113,14 @@ def test_sandbox_settings_change_the_measurement(home: Path) -> None:
     config = load_agent_config(home)
     weaker = dataclasses.replace(config, sandbox=SandboxPolicy(seccomp=False))
     assert golden_measurement(weaker.policy()) != golden_measurement(config.policy())
+    no_cgroup = dataclasses.replace(config, sandbox=SandboxPolicy(cgroup=False))
+    assert golden_measurement(no_cgroup.policy()) != golden_measurement(config.policy())
 
 
 def test_sandbox_section_is_read(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "[sandbox]\nlandlock = false\nmax_processes = 8\n")
-    config = load_agent_config(path)
-    assert config.sandbox == SandboxPolicy(landlock=False, max_processes=8)
+    text = "[sandbox]\nlandlock = false\ncgroup = false\nmax_processes = 8\n"
+    config = load_agent_config(write_config(tmp_path, text))
+    assert config.sandbox == SandboxPolicy(landlock=False, cgroup=False, max_processes=8)
     limits = config.job_limits(cpu_seconds=5, memory_bytes=1 << 20, wall_seconds=2, output_bytes=9)
     assert limits.max_processes == 8 and limits.cpu_seconds == 5
 

@@ -126,6 +126,7 @@ class SandboxPolicy:
     namespaces: bool = True
     seccomp: bool = True
     landlock: bool = True
+    cgroup: bool = True  # a cgroup per job bounds the tree's memory and counts its CPU
     job_uid: int = NOBODY
     job_gid: int = NOBODY
     max_processes: int = _SANDBOX_DEFAULTS.max_processes
@@ -259,6 +260,7 @@ class AgentConfig:
             namespaces=self.sandbox.namespaces,
             use_landlock=self.sandbox.landlock,
             use_seccomp=self.sandbox.seccomp,
+            use_cgroup=self.sandbox.cgroup,
             required=REQUIRED_PROTECTIONS,
             prespawn=prespawn,
         )
@@ -345,6 +347,7 @@ def load_agent_config(path: Path) -> AgentConfig:
             namespaces=sb.flag("namespaces", s.namespaces),
             seccomp=sb.flag("seccomp", s.seccomp),
             landlock=sb.flag("landlock", s.landlock),
+            cgroup=sb.flag("cgroup", s.cgroup),
             job_uid=sb.integer("job_uid", s.job_uid),
             job_gid=sb.integer("job_gid", s.job_gid),
             max_processes=sb.integer("max_processes", s.max_processes),

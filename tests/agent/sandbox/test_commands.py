@@ -22,6 +22,12 @@ def test_doctor_lists_protections_and_passes_here() -> None:
     for name in ("rlimits", "seccomp", "landlock", "pid_namespace", "unprivileged_uid"):
         assert name in text
     assert "minimum guarantees present" in text
+    cgroup = next(line.split(None, 2) for line in text.splitlines() if line.startswith("cgroup "))
+    assert cgroup[1] in ("active", "unavailable", "failed"), cgroup
+    if cgroup[1] == "active":
+        assert cgroup[2].startswith(("v1: memory", "v2: memory")), cgroup
+    else:
+        assert "only per process" in cgroup[2], cgroup
 
 
 def test_minimum_missing() -> None:

@@ -15,6 +15,8 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -470,3 +472,251 @@ return str(n).encode()
 
 
 _ = JobLimits
+
+
+# --- issue 13, findings 1 and 2: memory and CPU outside the per-process limits ---------
+
+MEMORY_LIMITS = dataclasses.replace(
+    LIMITS, memory_bytes=128 << 20, disk_bytes=16 << 20, wall_seconds=30.0
+)
+# What the job may hold in all: its memory plus its work directory (a tmpfs).
+JOB_BOUND = MEMORY_LIMITS.memory_bytes + MEMORY_LIMITS.disk_bytes
+# The agent's own processes and pages share the measured cgroup; a little slack for them.
+SLACK = 48 << 20
+
+
+def _own_memory_cgroup() -> Path | None:
+    """This test process's memory cgroup directory (v1 memory, else v2)."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            found = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            if (found / "memory.usage_in_bytes").exists():
+                return found
+    for line in lines:
+        if line.startswith("0::"):
+            found = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+            if (found / "memory.current").exists():
+                return found
+    return None
+
+
+def _meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class MemoryWatch:
+    """Samples, from outside the job, the memory charged to this test's own cgroup (the
+    job's cgroup sits below it, and without one the job is charged here directly) and the
+    host's Shmem; keeps the highest rise of each over the value at the start.
+    """
+
+    def __init__(self) -> None:
+        own = _own_memory_cgroup()
+        if own is None:
+            pytest.skip("no memory cgroup to measure the job from outside")
+        v1 = own / "memory.usage_in_bytes"
+        self.usage_file = v1 if v1.exists() else own / "memory.current"
+        self.rise = self.shmem_rise = 0
+        self._stop = False
+
+    def _usage(self) -> int:
+        return int(self.usage_file.read_text())
+
+    async def __aenter__(self) -> MemoryWatch:
+        base, shmem = self._usage(), _meminfo("Shmem")
+
+        def sample() -> None:
+            while not self._stop:
+                self.rise = max(self.rise, self._usage() - base)
+                self.shmem_rise = max(self.shmem_rise, _meminfo("Shmem") - shmem)
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+
+MEMFD_BOMB = job("""
+fds = []
+for i in range(40):
+    fd = os.memfd_create("m")
+    for _ in range(16):
+        os.write(fd, b"x" * (1 << 20))
+    fds.append(fd)
+time.sleep(1)
+return json.dumps({"memfds": len(fds)}).encode()
+""")
+
+
+async def test_memfd_bomb_is_bounded_by_the_job_memory(sandbox: Sandbox) -> None:
+    async with MemoryWatch() as watch:
+        outcome = await run_python(sandbox, MEMFD_BOMB, limits=MEMORY_LIMITS)
+    seen = f"cgroup rise {watch.rise >> 20} MiB, host Shmem rise {watch.shmem_rise >> 20} MiB"
+    assert watch.rise <= JOB_BOUND + SLACK, seen
+    assert outcome.kind is OutcomeKind.MEMORY_LIMIT, (seen, outcome)
+    assert outcome.peak_memory_bytes is not None and outcome.peak_memory_bytes <= JOB_BOUND
+    await assert_still_works(sandbox)
+
+
+async def test_children_each_under_the_limit_are_bounded_together(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(MEMORY_LIMITS, memory_bytes=256 << 20)
+    bound = limits.memory_bytes + limits.disk_bytes
+    code = job("""
+r, w = os.pipe()
+for _ in range(8):
+    if os.fork() == 0:
+        hog = bytearray(200 << 20)
+        for i in range(0, len(hog), 4096):
+            hog[i] = 1
+        os.write(w, b"+")
+        time.sleep(30)
+        os._exit(0)
+held = 0
+while held < 8:
+    held += len(os.read(r, 8))
+return json.dumps({"children_holding_200MiB": held}).encode()
+""")
+    async with MemoryWatch() as watch:
+        outcome = await run_python(sandbox, code, limits=limits)
+    seen = f"cgroup rise {watch.rise >> 20} MiB"
+    assert watch.rise <= bound + SLACK, (seen, outcome.result)
+    assert outcome.kind is OutcomeKind.MEMORY_LIMIT, (seen, outcome)
+    assert outcome.peak_memory_bytes is not None and outcome.peak_memory_bytes <= bound
+    await assert_still_works(sandbox)
+
+
+SYSV_SHM_BOMB = job("""
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.restype = ctypes.c_int
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmdt.argtypes = [ctypes.c_void_p]
+made = 0
+for _ in range(40):
+    shmid = libc.shmget(0, 16 << 20, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+    if shmid < 0:
+        return json.dumps({"made": made, "errno": ctypes.get_errno()}).encode()
+    addr = libc.shmat(shmid, None, 0)
+    ctypes.memset(addr, 1, 16 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))  # unmapped: RLIMIT_AS no longer sees it
+    made += 1
+time.sleep(1)
+return json.dumps({"made": made}).encode()
+""")
+
+
+async def test_sysv_shm_bomb_is_bounded(sandbox: Sandbox) -> None:
+    async with MemoryWatch() as watch:
+        outcome = await run_python(sandbox, SYSV_SHM_BOMB, limits=MEMORY_LIMITS)
+    seen = f"cgroup rise {watch.rise >> 20} MiB, host Shmem rise {watch.shmem_rise >> 20} MiB"
+    assert watch.rise <= JOB_BOUND + SLACK, (seen, outcome.result)
+    assert outcome.kind is OutcomeKind.MEMORY_LIMIT, (seen, outcome)
+    await assert_still_works(sandbox)
+
+
+# Each child writes one line to stderr after burning 0.5 s of its own CPU, so the lines
+# that reach the captured stderr count the CPU the tree really burned.
+AUTO_REAPED_BURN = job("""
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+for _ in range(24):
+    if os.fork() == 0:
+        while time.process_time() < 0.5:
+            pass
+        os.write(2, b"burned\\n")
+        os._exit(0)
+    time.sleep(0.2)
+return b"done"
+""")
+
+
+async def test_auto_reaped_children_count_against_the_cpu_limit(sandbox: Sandbox) -> None:
+    limits = dataclasses.replace(LIMITS, cpu_seconds=3, wall_seconds=60)
+    outcome = await run_python(sandbox, AUTO_REAPED_BURN, limits=limits)
+    burned = outcome.stderr_tail.count(b"burned") * 0.5
+    assert burned <= limits.cpu_seconds + 2.0, (burned, outcome)
+    assert outcome.kind is OutcomeKind.CPU_LIMIT, outcome
+    await assert_still_works(sandbox)
+
+
+SHARED_MEMORY_ATTEMPTS = job(
+    TRY
+    + """
+results = {}
+libc = ctypes.CDLL(None, use_errno=True)
+def shmget():
+    if libc.shmget(0, 1 << 20, 0o1000 | 0o600) < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+attempt("memfd_create", lambda: os.memfd_create("m"))
+attempt("shmget", shmget)
+attempt("sigchld_ignore", lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+return json.dumps(results).encode()
+"""
+)
+
+
+async def test_without_a_cgroup_shared_memory_and_auto_reaping_are_refused(
+    tmp_path: Path,
+) -> None:
+    sandbox = Sandbox(work_root=tmp_path / "work", use_cgroup=False)
+    outcome = await run_python(sandbox, SHARED_MEMORY_ATTEMPTS)
+    assert outcome.kind is OutcomeKind.OK, outcome
+    results = attempts(outcome.result)
+    denied = ("PermissionError:1", "OSError:38")  # EPERM or ENOSYS
+    assert results["memfd_create"] in denied, results
+    assert results["shmget"] in (*denied, "OSError:28"), results  # or ENOSPC (shmmni 0)
+    assert results["sigchld_ignore"] in denied, results
+    cgroup = next((p for p in sandbox.protections() if p.name == "cgroup"), None)
+    assert cgroup is not None and cgroup.status == "unavailable", cgroup
+    assert "only per process" in cgroup.reason, cgroup
+    await assert_still_works(sandbox)
+
+
+def _job_cgroup_dirs() -> list[Path]:
+    """Every job cgroup directory below this process's cgroups, over all hierarchies."""
+    found: list[Path] = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else ["unified"]:
+            mount = Path("/sys/fs/cgroup") / name
+            if not mount.is_dir() and name == "unified":
+                mount = Path("/sys/fs/cgroup")
+            found += (mount / path.lstrip("/")).glob("vcomp-job-*")
+    return found
+
+
+async def test_job_cgroups_are_removed_after_every_job(tmp_path: Path) -> None:
+    before = _job_cgroup_dirs()
+    sandbox = Sandbox(work_root=tmp_path / "work")
+    cgroup = next((p for p in sandbox.protections() if p.name == "cgroup"), None)
+    assert cgroup is not None, "the sandbox reports no cgroup"
+    if cgroup.status != "active":
+        pytest.skip(f"no cgroup on this host: {cgroup.reason}")
+    await assert_still_works(sandbox)
+    assert len(_job_cgroup_dirs()) > len(before)  # the prepared launcher's: the count sees them
+    killed = await run_python(
+        sandbox, job("while True:\n    pass"), limits=dataclasses.replace(LIMITS, cpu_seconds=1)
+    )
+    assert killed.kind is OutcomeKind.CPU_LIMIT, killed
+    bombed = await run_python(sandbox, MEMFD_BOMB, limits=MEMORY_LIMITS)
+    assert bombed.kind is OutcomeKind.MEMORY_LIMIT, bombed
+    cancel = asyncio.Event()
+    cancel.set()
+    cancelled = await sandbox.run(
+        kind="python", code=job("time.sleep(30)"), input=b"", limits=LIMITS, cancel=cancel
+    )
+    assert cancelled.kind is OutcomeKind.CANCELLED, cancelled
+    sandbox.close()  # the prepared launcher's cgroup goes too
+    broken = Sandbox(work_root=tmp_path / "broken", python="/nonexistent/python3")
+    failed = await run_python(broken, job("return b''"))
+    assert failed.kind is OutcomeKind.SETUP_FAILED, failed
+    broken.close()
+    assert _job_cgroup_dirs() == before

@@ -104,3 +104,56 @@ def test_clone3_falls_back_to_enosys() -> None:
 def test_malformed_program_is_refused() -> None:
     with pytest.raises(OSError):
         install_seccomp_program(b"\x00" * 7)
+
+
+def _shared_memory_under(program: bytes) -> dict[str, object]:
+    """What a process under ``program`` gets from the calls that escape RLIMIT_AS."""
+    import signal
+
+    set_no_new_privs()
+    install_seccomp_program(program)
+    libc = ctypes.CDLL(None, use_errno=True)
+    out: dict[str, object] = {}
+    try:
+        os.close(os.memfd_create("m"))
+        out["memfd_create"] = 0
+    except OSError as exc:
+        out["memfd_create"] = exc.errno
+    out["shmget"] = libc.shmget(0, 1 << 20, 0o1000 | 0o600), ctypes.get_errno()
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        out["sigchld_ignore"] = 0
+    except OSError as exc:
+        out["sigchld_ignore"] = exc.errno
+    old = ctypes.create_string_buffer(256)  # struct sigaction, generously sized
+    out["sigchld_read"] = libc.sigaction(signal.SIGCHLD, None, old)  # reading stays allowed
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # other signals are unaffected
+        out["sigusr1"] = 0
+    except OSError as exc:
+        out["sigusr1"] = exc.errno
+    return out
+
+
+def _check_shared_memory_denied(result: object) -> None:
+    assert isinstance(result, dict)
+    assert result["memfd_create"] == errno.EPERM
+    assert result["shmget"] == [-1, errno.EPERM]
+    assert result["sigchld_ignore"] == errno.EPERM
+    assert result["sigusr1"] == 0
+    assert result["sigchld_read"] == 0
+
+
+@needs_table
+def test_fallback_filter_denies_shared_memory_on_request() -> None:
+    program = seccomp.assemble_program(MACHINE, deny_shared_memory=True)
+    _check_shared_memory_denied(in_child(lambda: _shared_memory_under(program)))
+    plain = in_child(lambda: _shared_memory_under(seccomp.assemble_program(MACHINE)))
+    assert isinstance(plain, dict) and plain["memfd_create"] == 0 and plain["sigchld_ignore"] == 0
+
+
+@pytest.mark.skipif(not HAVE_LIBSECCOMP, reason="libseccomp is not installed")
+def test_libseccomp_filter_denies_shared_memory_on_request() -> None:
+    built = seccomp.build_program(deny_shared_memory=True)
+    assert built.builder == "libseccomp"
+    _check_shared_memory_denied(in_child(lambda: _shared_memory_under(built.program)))

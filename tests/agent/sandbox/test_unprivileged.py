@@ -37,6 +37,7 @@ async def main():
         "pi": pi.kind.value, "pi_result": (pi.result or b"").decode(),
         "bomb": bomb.kind.value, "bomb_result": (bomb.result or b"").decode(),
         "protections": {p.name: p.status for p in pi.protections},
+        "reasons": {p.name: p.reason for p in pi.protections},
     }))
 
 asyncio.run(main())
@@ -126,4 +127,8 @@ def _run_as_nobody(setpriv: str, python: str, base: Path) -> None:
     assert report["bomb"] == "ok" and int(report["bomb_result"]) < 8
     assert report["protections"]["unprivileged_uid"] == "active"
     assert report["protections"]["seccomp"] == "active"
+    # Without a delegated cgroup the job is bounded per process, and says so.
+    if report["protections"]["cgroup"] != "active":
+        assert "only per process" in report["reasons"]["cgroup"], report["reasons"]
+        assert report["protections"]["ipc_shm_limits"] in ("active", "unavailable"), report
     _ = sys

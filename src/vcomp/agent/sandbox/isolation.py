@@ -202,3 +202,19 @@ def reset_signals() -> None:
 
 
 NEW_USER = CLONE_NEWUSER
+
+
+def join_cgroup(procs_file: str) -> None:
+    """Move this process (and so everything it forks later) into a cgroup."""
+    _write(procs_file, str(os.getpid()))
+
+
+IPC_SHM_SYSCTLS = ("shmmni", "shmall", "shmmax")
+
+
+def cap_ipc_shm() -> None:
+    """No SysV shared memory in this process's (new) IPC namespace: the limits are per
+    namespace, and a segment outlives its creator unmapped, out of RLIMIT_AS's sight.
+    """
+    for name in IPC_SHM_SYSCTLS:
+        _write(f"/proc/sys/kernel/{name}", "0")

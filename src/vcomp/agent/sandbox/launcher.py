@@ -134,6 +134,10 @@ class LaunchPlan:
     # A prepared launcher gets its JobSpec over this socket instead of at fork time.
     control_fd: int | None = None
     agent_pid: int = field(default_factory=os.getpid)
+    # The job's cgroup (its cgroup.procs files), joined before anything is forked.
+    cgroup_procs: tuple[str, ...] = ()
+    # Without a cgroup: no SysV shared memory in the job's IPC namespace.
+    cap_ipc_shm: bool = False
 
 
 MAX_SPEC_BYTES = 1 << 20
@@ -179,6 +183,12 @@ def _launcher(plan: LaunchPlan, job: JobSpec | None, report: _Reporter) -> int:
         signal.signal(sig, signal.SIG_DFL)
     os.setsid()
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+    for procs in plan.cgroup_procs:
+        try:
+            isolation.join_cgroup(procs)
+        except OSError as exc:
+            report.fail("cgroup", f"cannot join {procs}: {exc.strerror or exc}")
+            return EXIT_SETUP_FAILED
     keep = [plan.setup_w, plan.status_w]
     keep += job.fds() if job is not None else []
     keep += [plan.control_fd] if plan.control_fd is not None else []
@@ -204,6 +214,8 @@ def _launcher(plan: LaunchPlan, job: JobSpec | None, report: _Reporter) -> int:
                 report.protection(name, "unavailable", reason)
         pid_ns = entered.get("pid_namespace") is None
         mount_ns = entered.get("mount_namespace") is None
+        if plan.cap_ipc_shm:
+            _cap_ipc_shm(report, entered.get("ipc_namespace"))
     else:
         for name in ("user_namespace", *(n for n, _ in isolation.NAMESPACES)):
             report.protection(name, "unavailable", "disabled by configuration")
@@ -224,6 +236,21 @@ def _launcher(plan: LaunchPlan, job: JobSpec | None, report: _Reporter) -> int:
             os.wait4(-1, 0)
         except ChildProcessError:
             return 0
+
+
+def _cap_ipc_shm(report: _Reporter, not_entered: str | None) -> None:
+    if not_entered is not None:
+        report.protection("ipc_shm_limits", "unavailable", f"no IPC namespace: {not_entered}")
+        return
+    try:
+        isolation.cap_ipc_shm()
+        report.protection("ipc_shm_limits", "active", "shmmni, shmall, shmmax 0")
+    except PermissionError:
+        # Only the namespace's root may write them; an unmapped root leaves seccomp alone.
+        why = "not root in the job's user namespace; seccomp denies shmget"
+        report.protection("ipc_shm_limits", "unavailable", why)
+    except OSError as exc:
+        report.protection("ipc_shm_limits", "failed", exc.strerror or str(exc))
 
 
 def _reap_job(status_w: int, job_pid: int) -> int:

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 from vcomp.agent.modes import ExecutionMode, Regulator, child_setup
-from vcomp.agent.sandbox import landlock, pyjob
+from vcomp.agent.sandbox import cgroup, landlock, pyjob
 from vcomp.agent.sandbox.launcher import JobSpec, LaunchPlan, launcher_main
 from vcomp.agent.sandbox.outcome import JobOutcome, OutcomeKind, Protection
 from vcomp.agent.sandbox.policy import JOB_PATH, NOBODY, JobLimits
 from vcomp.agent.sandbox.seccomp import SeccompProgram, build_program
-from vcomp.agent.sandbox.supervise import JobIO, classify
+from vcomp.agent.sandbox.supervise import OUT_OF_MEMORY, JobIO, classify
 from vcomp.agent.sandbox.tree import JobTree
 from vcomp.errors import SandboxError
 
@@ -74,6 +74,7 @@ CHILD_REPORTED = (
     "cleared_environment",
     "seccomp",
 )
+PER_PROCESS_ONLY = "total job memory is bounded only per process (RLIMIT_AS)"
 TICK = 0.1  # how often CPU and memory are sampled
 KILL_GRACE = 5.0  # how long to wait for a killed tree to be reaped
 
@@ -107,6 +108,7 @@ class Sandbox:
         prefer_libseccomp: bool = True,
         required: Iterable[str] = REQUIRED_PROTECTIONS,
         prespawn: bool = True,
+        use_cgroup: bool = True,
     ) -> None:
         if sys.platform != "linux":
             raise SandboxError(f"the sandbox needs Linux, this is {sys.platform}")
@@ -124,12 +126,24 @@ class Sandbox:
         self._landlock_reason = (
             "disabled by configuration" if not use_landlock else "kernel has no Landlock"
         )
-        self._seccomp: SeccompProgram | None = None
+        self._cgroups: cgroup.CgroupHost | None = None
+        self._cgroup_reason = "disabled by configuration"
+        if use_cgroup:
+            found = cgroup.find_host()
+            if isinstance(found, str):
+                self._cgroup_reason = found
+            else:
+                self._cgroups = found
+                found.sweep_stale()
+        # Two filters: a job without a cgroup is also denied shared memory (seccomp.py).
+        self._seccomp: dict[bool, SeccompProgram] = {}
         self._seccomp_reason = "disabled by configuration"
         if use_seccomp:
             try:
-                self._seccomp = build_program(prefer_libseccomp)
+                for deny in (False, True) if self._cgroups is not None else (True,):
+                    self._seccomp[deny] = build_program(prefer_libseccomp, deny_shared_memory=deny)
             except OSError as exc:
+                self._seccomp.clear()
                 self._seccomp_reason = f"cannot build a filter: {exc.strerror or exc}"
         self._guest_compiled = self.python == sys.executable
         self._guest_sources = pyjob.guest_sources()
@@ -181,7 +195,7 @@ class Sandbox:
         try:
             job, job_fds, agent_ends = self._job_spec(kind, code, workdir, limits)
             try:
-                launch = self._launch(job, agent_ends)
+                launch = self._launch(job, agent_ends, limits)
             except BaseException:
                 _close_all(agent_ends)
                 raise
@@ -191,6 +205,7 @@ class Sandbox:
         finally:
             if launch is not None:
                 launch.close_agent_fds()
+                self._drop_cgroup(launch.cgroup)
             _wipe(workdir)
             if self.prespawn and not self._closed and self._spare is None:
                 self._spare = self._prepare()
@@ -199,8 +214,10 @@ class Sandbox:
         """Stop the prepared launcher, if any. The sandbox cannot run jobs afterwards."""
         self._closed = True
         if self._spare is not None:
-            self._spare.discard()
+            self._drop_cgroup(self._spare.discard())
             self._spare = None
+        if self._cgroups is not None:
+            self._cgroups.retry_leftovers()
 
     # --- starting -----------------------------------------------------------------------
 
@@ -263,34 +280,97 @@ class Sandbox:
         agent_ends = (in_w, out_r, so_r, se_r)
         return job, [fd for fd in fds if fd not in agent_ends], agent_ends
 
-    def _launch(self, job: JobSpec, agent_ends: tuple[int, int, int, int]) -> _Launch:
+    def _launch(
+        self, job: JobSpec, agent_ends: tuple[int, int, int, int], limits: JobLimits
+    ) -> _Launch:
         in_w, out_r, so_r, se_r = agent_ends
         spare, self._spare = self._spare, None
         if spare is not None:
-            try:
-                spare.hand_over(job)
-                return _Launch(spare.pid, in_w, out_r, so_r, se_r, spare.setup_r, spare.status_r)
-            except OSError:
-                spare.discard()  # it died meanwhile: start afresh
-        pid, setup_r, status_r = self._fork(job=job, control_fd=None, dry_run=False)
-        return _Launch(pid, in_w, out_r, so_r, se_r, setup_r, status_r)
+            note = self._limit_cgroup(spare.cgroup, spare.note, limits)
+            if note.status == "active" or spare.cgroup is None:
+                try:
+                    spare.hand_over(job)
+                    return _Launch(
+                        spare.pid, in_w, out_r, so_r, se_r, spare.setup_r, spare.status_r
+                    ).with_cgroup(spare.cgroup, note)
+                except OSError:
+                    pass  # it died meanwhile: start afresh
+            self._drop_cgroup(spare.discard())
+        cg, note = self._new_cgroup()
+        note = self._limit_cgroup(cg, note, limits)
+        if note.status != "active":
+            self._drop_cgroup(cg)
+            cg = None
+        try:
+            pid, setup_r, status_r = self._fork(job=job, control_fd=None, dry_run=False, cg=cg)
+        except BaseException:
+            self._drop_cgroup(cg)
+            raise
+        return _Launch(pid, in_w, out_r, so_r, se_r, setup_r, status_r).with_cgroup(cg, note)
 
     def _prepare(self) -> _Prepared | None:
         """Fork a launcher that isolates itself now and waits for the next job."""
+        cg, note = self._new_cgroup()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid, setup_r, status_r = self._fork(job=None, control_fd=theirs.fileno(), dry_run=False)
+            pid, setup_r, status_r = self._fork(
+                job=None, control_fd=theirs.fileno(), dry_run=False, cg=cg
+            )
         except OSError:
             ours.close()
+            self._drop_cgroup(cg)
             return None
         finally:
             theirs.close()
-        return _Prepared(pid, ours, setup_r, status_r)
+        return _Prepared(pid, ours, setup_r, status_r, cg, note)
+
+    # --- the job's cgroup ---------------------------------------------------------------
+
+    def _new_cgroup(self) -> tuple[cgroup.JobCgroup | None, Protection]:
+        """A fresh job cgroup, and the protection line that says what the job got."""
+        if self._cgroups is None:
+            reason = f"{self._cgroup_reason}; {self._per_process_only()}"
+            return None, Protection("cgroup", "unavailable", reason)
+        try:
+            cg = self._cgroups.new_job()
+        except OSError as exc:
+            reason = f"cannot create: {exc.strerror or exc}; {self._per_process_only()}"
+            return None, Protection("cgroup", "failed", reason)
+        return cg, Protection("cgroup", "active", self._cgroups.describe())
+
+    def _per_process_only(self) -> str:
+        if True in self._seccomp:
+            return f"{PER_PROCESS_ONLY}; memfd_create, SysV shm and SIGCHLD auto-reaping denied"
+        return f"{PER_PROCESS_ONLY}; without seccomp, memfds and SysV shm are unbounded"
+
+    def _limit_cgroup(
+        self, cg: cgroup.JobCgroup | None, note: Protection, limits: JobLimits
+    ) -> Protection:
+        """Memory covers the work directory too (a tmpfs whose pages are charged here)."""
+        if cg is None:
+            return note
+        try:
+            cg.set_limits(limits.memory_bytes + limits.disk_bytes, limits.max_processes)
+        except OSError as exc:
+            reason = f"cannot set limits: {exc.strerror or exc}; {self._per_process_only()}"
+            return Protection("cgroup", "failed", reason)
+        return note
+
+    def _drop_cgroup(self, cg: cgroup.JobCgroup | None) -> None:
+        """Remove a job's cgroup once its tree is dead; retried later if a task lingers."""
+        if cg is not None and self._cgroups is not None and cg.remove() is not None:
+            self._cgroups.leftovers.append(cg)
 
     def _plan(
-        self, control_fd: int | None, setup_w: int, status_w: int, dry_run: bool
+        self,
+        control_fd: int | None,
+        setup_w: int,
+        status_w: int,
+        dry_run: bool,
+        cg: cgroup.JobCgroup | None,
     ) -> LaunchPlan:
         mode = self.mode
+        seccomp = self._seccomp.get(cg is None)
         return LaunchPlan(
             setup_w=setup_w,
             status_w=status_w,
@@ -304,22 +384,29 @@ class Sandbox:
             landlock_reason=self._landlock_reason,
             read_paths=self._read_paths,
             rw_files=RW_FILES,
-            seccomp_program=self._seccomp.program if self._seccomp else None,
-            seccomp_builder=self._seccomp.builder if self._seccomp else "",
+            seccomp_program=seccomp.program if seccomp else None,
+            seccomp_builder=seccomp.builder if seccomp else "",
             seccomp_reason=self._seccomp_reason,
             child_setup=(lambda: child_setup(mode)) if mode is not None else None,
             dry_run=dry_run,
             control_fd=control_fd,
+            cgroup_procs=cg.procs_files() if cg is not None else (),
+            cap_ipc_shm=cg is None,
         )
 
     def _fork(
-        self, *, job: JobSpec | None, control_fd: int | None, dry_run: bool
+        self,
+        *,
+        job: JobSpec | None,
+        control_fd: int | None,
+        dry_run: bool,
+        cg: cgroup.JobCgroup | None,
     ) -> tuple[int, int, int]:
         """Fork the launcher; returns its pid and the agent's ends of setup and status."""
         setup_r, setup_w = os.pipe()
         status_r, status_w = os.pipe()
         try:
-            plan = self._plan(control_fd, setup_w, status_w, dry_run)
+            plan = self._plan(control_fd, setup_w, status_w, dry_run, cg)
             pid = os.fork()
             if pid == 0:
                 launcher_main(plan, job)  # never returns
@@ -333,10 +420,13 @@ class Sandbox:
     def _probe(self) -> list[Protection]:
         limits = JobLimits(cpu_seconds=1, memory_bytes=1 << 30, wall_seconds=5, output_bytes=16)
         workdir = self._make_workdir()
+        cg, note = self._new_cgroup()
+        note = self._limit_cgroup(cg, note, limits)
         try:
             job, job_fds, agent_ends = self._job_spec("exec", b"", workdir, limits)
             try:
-                pid, setup_r, status_r = self._fork(job=job, control_fd=None, dry_run=True)
+                live = cg if note.status == "active" else None
+                pid, setup_r, status_r = self._fork(job=job, control_fd=None, dry_run=True, cg=live)
             finally:
                 _close_all([*job_fds, *agent_ends])
             try:
@@ -345,16 +435,19 @@ class Sandbox:
             finally:
                 _close_all([setup_r, status_r])
         finally:
+            self._drop_cgroup(cg)
             _wipe(workdir)
         reported, failure = parse_setup_lines(text)
-        prots = self._merge_protections(reported, pid_ns_ok=_active(reported, "pid_namespace"))
+        prots = self._merge_protections(
+            reported, pid_ns_ok=_active(reported, "pid_namespace"), cgroup_note=note
+        )
         if failure is not None or "D" not in text.split():
             reason = failure or f"launcher exit status {status}"
             prots.append(Protection("setup", "failed", reason))
         return prots
 
     def _merge_protections(
-        self, reported: list[Protection], *, pid_ns_ok: bool
+        self, reported: list[Protection], *, pid_ns_ok: bool, cgroup_note: Protection
     ) -> list[Protection]:
         names = {p.name for p in reported}
         merged = list(reported)
@@ -366,6 +459,7 @@ class Sandbox:
         how = "pid-namespace init + subreaper sweep" if pid_ns_ok else "subreaper sweep"
         merged.append(Protection("process_tree_kill", "active", how))
         merged.append(Protection("wall_clock", "active", "wall and idle limits kill the tree"))
+        merged.append(cgroup_note)
         if self.mode is not None:
             merged.append(Protection("execution_mode", "active", self.mode.kind))
         return merged
@@ -381,7 +475,7 @@ class Sandbox:
         cancel: asyncio.Event | None,
         started: float,
     ) -> JobOutcome:
-        tree = JobTree(launch.pid)
+        tree = JobTree(launch.pid, launch.cgroup)
         regulator = Regulator(self.mode) if self.mode is not None else None
 
         def active_clock() -> float:
@@ -424,6 +518,8 @@ class Sandbox:
                             OutcomeKind.CPU_LIMIT,
                             f"tree over {limits.cpu_seconds}s CPU",
                         )
+                    elif tree.out_of_memory():
+                        kill_reason = (OutcomeKind.MEMORY_LIMIT, OUT_OF_MEMORY)
                 if kill_reason is not None:
                     break
                 await io.wait(min(wall_left, idle_left, TICK))
@@ -443,7 +539,9 @@ class Sandbox:
                 await reg_task
         paused = regulator.paused_seconds if regulator is not None else 0.0
         reported, failure = parse_setup_lines(io.setup_text())
-        prots = self._merge_protections(reported, pid_ns_ok=_active(reported, "pid_namespace"))
+        prots = self._merge_protections(
+            reported, pid_ns_ok=_active(reported, "pid_namespace"), cgroup_note=launch.cgroup_note
+        )
         if kill_reason is None and failure is None:
             missing = [n for n in self.required if not _active(prots, n)]
             if missing:
@@ -469,6 +567,12 @@ class _Launch:
         self.pid = pid
         self.in_w, self.out_r, self.so_r, self.se_r = in_w, out_r, so_r, se_r
         self.setup_r, self.status_r = setup_r, status_r
+        self.cgroup: cgroup.JobCgroup | None = None
+        self.cgroup_note = Protection("cgroup", "unavailable", PER_PROCESS_ONLY)
+
+    def with_cgroup(self, cg: cgroup.JobCgroup | None, note: Protection) -> _Launch:
+        self.cgroup, self.cgroup_note = cg, note
+        return self
 
     def close_agent_fds(self) -> None:
         for name in ("in_w", "out_r", "so_r", "se_r", "setup_r", "status_r"):
@@ -482,9 +586,18 @@ class _Launch:
 class _Prepared:
     """A launcher that has isolated itself and waits for a job on its control socket."""
 
-    def __init__(self, pid: int, control: socket.socket, setup_r: int, status_r: int) -> None:
+    def __init__(
+        self,
+        pid: int,
+        control: socket.socket,
+        setup_r: int,
+        status_r: int,
+        cg: cgroup.JobCgroup | None,
+        note: Protection,
+    ) -> None:
         self.pid, self.control = pid, control
         self.setup_r, self.status_r = setup_r, status_r
+        self.cgroup, self.note = cg, note
 
     def hand_over(self, job: JobSpec) -> None:
         done, _ = os.waitpid(self.pid, os.WNOHANG)
@@ -494,13 +607,15 @@ class _Prepared:
         socket.send_fds(self.control, [data], fds)
         self.control.close()
 
-    def discard(self) -> None:
+    def discard(self) -> cgroup.JobCgroup | None:
+        """Stop the launcher; returns its cgroup, for the sandbox to remove."""
         self.control.close()  # EOF: the init exits, and so does the launcher
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
         _close_all([self.setup_r, self.status_r])
+        return self.cgroup
 
 
 def _close_all(fds: Iterable[int]) -> None:

@@ -9,6 +9,11 @@ for x86_64 and aarch64.
 Policy: denied calls fail with EPERM; ``clone3`` fails with ENOSYS so that libc falls
 back to ``clone``, whose namespace flags can be inspected; a foreign architecture
 (including the x32 ABI) kills the process.
+
+Where the job gets no cgroup (see cgroup.py), the filter also denies what escapes the
+per-process limits: shared memory that is never mapped (``memfd_create``, SysV
+``shmget``/``shmat``) and changing SIGCHLD's disposition, since a child reaped
+automatically (SIG_IGN or SA_NOCLDWAIT) takes its CPU time out of every account.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ DENIED_SYSCALLS: tuple[str, ...] = (
     "io_uring_register",
 )
 
+# Denied only without a job cgroup (``deny_shared_memory``).
+SHARED_MEMORY_SYSCALLS: tuple[str, ...] = ("memfd_create", "memfd_secret", "shmget", "shmat")
+SIGCHLD = 17  # the same on every architecture with a table below
+
 SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
     "x86_64": {
         "ptrace": 101,
@@ -103,6 +112,11 @@ SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
         "socket": 41,
         "clone": 56,
         "clone3": 435,
+        "memfd_create": 319,
+        "memfd_secret": 447,
+        "shmget": 29,
+        "shmat": 30,
+        "rt_sigaction": 13,
     },
     "aarch64": {
         "ptrace": 117,
@@ -143,6 +157,11 @@ SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
         "socket": 198,
         "clone": 220,
         "clone3": 435,
+        "memfd_create": 279,
+        "memfd_secret": 447,
+        "shmget": 194,
+        "shmat": 196,
+        "rt_sigaction": 134,
     },
 }
 
@@ -163,7 +182,7 @@ _JA = 0x05
 _SOCK_FILTER = struct.Struct("=HBBI")
 
 # Offsets in struct seccomp_data (little-endian: the low half of args[0] comes first).
-_NR, _ARCH, _ARG0_LOW = 0, 4, 16
+_NR, _ARCH, _ARG0_LOW, _ARG1_LOW, _ARG1_HIGH = 0, 4, 16, 24, 28
 
 
 class SeccompUnavailable(OSError):
@@ -176,20 +195,22 @@ class SeccompProgram:
     builder: str  # "libseccomp" or "bpf-fallback"
 
 
-def build_program(prefer_libseccomp: bool = True) -> SeccompProgram:
+def build_program(
+    prefer_libseccomp: bool = True, *, deny_shared_memory: bool = False
+) -> SeccompProgram:
     """Build the filter for the running architecture."""
     if prefer_libseccomp:
         try:
-            return SeccompProgram(build_with_libseccomp(), "libseccomp")
+            return SeccompProgram(build_with_libseccomp(deny_shared_memory), "libseccomp")
         except OSError:
             pass
-    return SeccompProgram(assemble_program(MACHINE), "bpf-fallback")
+    return SeccompProgram(assemble_program(MACHINE, deny_shared_memory), "bpf-fallback")
 
 
 # --- the fallback assembler -----------------------------------------------------------
 
 
-def assemble_program(machine: str) -> bytes:
+def assemble_program(machine: str, deny_shared_memory: bool = False) -> bytes:
     """Hand-assembled filter equivalent to the libseccomp one."""
     if machine not in SYSCALL_NUMBERS:
         raise SeccompUnavailable(errno.ENOSYS, f"no syscall table for {machine}")
@@ -212,6 +233,10 @@ def assemble_program(machine: str) -> bytes:
         emit(_JGE_K, X32_SYSCALL_BIT, "kill", 0)
     for name in DENIED_SYSCALLS:
         emit(_JEQ_K, numbers[name], "deny", 0)
+    if deny_shared_memory:
+        for name in SHARED_MEMORY_SYSCALLS:
+            emit(_JEQ_K, numbers[name], "deny", 0)
+        emit(_JEQ_K, numbers["rt_sigaction"], "sigaction", 0)
     emit(_JEQ_K, numbers["socket"], "socket", 0)
     emit(_JEQ_K, numbers["clone"], "clone", 0)
     emit(_JEQ_K, numbers["clone3"], "enosys", 0)
@@ -223,6 +248,15 @@ def assemble_program(machine: str) -> bytes:
     label("clone")
     emit(_LD_W_ABS, _ARG0_LOW)
     emit(_JSET_K, CLONE_NS_FLAGS, "deny", "allow")
+    if deny_shared_memory:
+        # rt_sigaction(SIGCHLD, act != NULL, ...): only reading the disposition is allowed.
+        label("sigaction")
+        emit(_LD_W_ABS, _ARG0_LOW)
+        emit(_JEQ_K, SIGCHLD, 0, "allow")
+        emit(_LD_W_ABS, _ARG1_LOW)
+        emit(_JEQ_K, 0, 0, "deny")
+        emit(_LD_W_ABS, _ARG1_HIGH)
+        emit(_JEQ_K, 0, "allow", "deny")
     label("deny")
     emit(_RET_K, eperm)
     label("enosys")
@@ -250,6 +284,7 @@ def _offset(labels: dict[str, int], target: str | int, index: int) -> int:
 # --- libseccomp through ctypes --------------------------------------------------------
 
 _SCMP_CMP_NE = 1
+_SCMP_CMP_EQ = 4
 _SCMP_CMP_MASKED_EQ = 7
 
 
@@ -304,7 +339,7 @@ def resolve_with_libseccomp(name: str) -> int:
     return int(lib.seccomp_syscall_resolve_name(name.encode()))
 
 
-def build_with_libseccomp() -> bytes:
+def build_with_libseccomp(deny_shared_memory: bool = False) -> bytes:
     lib = _load_libseccomp()
     ctx = lib.seccomp_init(RET_ALLOW)
     if not ctx:
@@ -323,6 +358,10 @@ def build_with_libseccomp() -> bytes:
 
         for name in DENIED_SYSCALLS:
             rule(eperm, name)
+        if deny_shared_memory:
+            for name in SHARED_MEMORY_SYSCALLS:
+                rule(eperm, name)
+            rule(eperm, "rt_sigaction", (0, _SCMP_CMP_EQ, SIGCHLD, 0), (1, _SCMP_CMP_NE, 0, 0))
         rule(eperm, "socket", (0, _SCMP_CMP_NE, AF_UNIX, 0))
         # MASKED_EQ tests one mask at a time: one rule per namespace flag.
         for bit in range(32):

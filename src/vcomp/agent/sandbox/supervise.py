@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from vcomp.agent.sandbox.runner import _Launch
 
 TAIL_BYTES = 64 * 1024
+OUT_OF_MEMORY = "the kernel killed a job process at the job's memory limit (cgroup)"
 MEMORY_HINTS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
 READ_CHUNK = 1 << 16
 
@@ -268,7 +269,8 @@ def classify(
     status = io.job_status
     exit_code = sig = None
     cpu = tree.cpu_seconds()
-    peak = tree.peak_rss_bytes
+    tree.sample_memory()  # the cgroup's peak, once more after the end
+    peak = tree.peak_memory_bytes
     if status is not None:
         ws = status.wait_status
         if os.WIFEXITED(ws):
@@ -276,6 +278,8 @@ def classify(
         elif os.WIFSIGNALED(ws):
             sig = os.WTERMSIG(ws)
         cpu = max(cpu, status.user_seconds + status.system_seconds)
+    # Any process of the tree killed at the cgroup's limit fails the whole job.
+    out_of_memory = tree.out_of_memory(killed=sig == signal.SIGKILL or status is None)
 
     def memory_evidence() -> bool:
         if tree.peak_vm_bytes >= 0.9 * limits.memory_bytes:
@@ -291,6 +295,8 @@ def classify(
         )
     elif setup_failure is not None:
         kind, error = OutcomeKind.SETUP_FAILED, setup_failure
+    elif out_of_memory:
+        kind, error = OutcomeKind.MEMORY_LIMIT, OUT_OF_MEMORY
     elif status is None:
         kind, error = OutcomeKind.SETUP_FAILED, "the launcher ended without reporting the job"
     elif sig is not None:

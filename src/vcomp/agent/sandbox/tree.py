@@ -2,6 +2,9 @@
 
 The launcher is a child subreaper, so an orphan (a daemonised grandchild) is
 re-parented to it, or to the job's pid-namespace init, and never leaves the tree.
+
+With a job cgroup, CPU, memory and the final kill also come from the cgroup, which
+sees every task, including children reaped without a wait.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+
+from vcomp.agent.sandbox.cgroup import JobCgroup
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -69,12 +74,14 @@ class JobTree:
     ``suspend``, ``resume``, ``cpu_seconds``.
     """
 
-    def __init__(self, launcher_pid: int) -> None:
+    def __init__(self, launcher_pid: int, cgroup: JobCgroup | None = None) -> None:
         self.launcher_pid = launcher_pid
+        self.cgroup = cgroup
         self.job_pid: int | None = None  # set once the launcher reports it
         self._cpu_high_water = 0.0
         self.peak_rss_bytes = 0
         self.peak_vm_bytes = 0
+        self.peak_cgroup_bytes: int | None = None
 
     def pids(self) -> list[int]:
         """Every live process of the job's tree, breadth first from the launcher."""
@@ -117,9 +124,12 @@ class JobTree:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.job_pid, signal.SIGKILL)  # as pid-namespace init: all die
         self.signal_all(signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
 
     def cpu_seconds(self) -> float:
-        """CPU time of the tree so far: live processes plus the children they reaped.
+        """CPU time of the tree so far: live processes plus the children they reaped,
+        or the cgroup's count where that is higher (it also has the auto-reaped ones).
 
         Never decreases, although a process that exits unreaped drops out of the sum.
         """
@@ -129,11 +139,19 @@ class JobTree:
             if fields is not None and len(fields) > 21:
                 # utime, stime, cutime, cstime are fields 14-17 (indices 11-14 here).
                 total += sum(int(v) for v in fields[11:15]) / _TICKS
+        in_cgroup = self.cgroup.cpu_seconds() if self.cgroup is not None else None
+        total = max(total, in_cgroup or 0.0)
         self._cpu_high_water = max(self._cpu_high_water, total)
         return self._cpu_high_water
 
     def sample_memory(self) -> None:
-        """Update the peaks from each process's high-water marks (VmHWM, VmPeak)."""
+        """Update the peaks from each process's high-water marks (VmHWM, VmPeak), and
+        the whole tree's from the cgroup.
+        """
+        if self.cgroup is not None:
+            peak = self.cgroup.peak_memory()
+            if peak is not None:
+                self.peak_cgroup_bytes = max(self.peak_cgroup_bytes or 0, peak)
         for pid in self.pids():
             text = _read(f"/proc/{pid}/status")
             if text is None:
@@ -143,3 +161,14 @@ class JobTree:
                     self.peak_rss_bytes = max(self.peak_rss_bytes, _kib(line))
                 elif line.startswith("VmPeak:"):
                     self.peak_vm_bytes = max(self.peak_vm_bytes, _kib(line))
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The tree's peak where a cgroup measured it, else the largest process's."""
+        if self.peak_cgroup_bytes is not None:
+            return self.peak_cgroup_bytes
+        return self.peak_rss_bytes
+
+    def out_of_memory(self, *, killed: bool = False) -> bool:
+        """Did the kernel kill a process at the cgroup's memory limit?"""
+        return self.cgroup is not None and self.cgroup.out_of_memory(killed=killed)
