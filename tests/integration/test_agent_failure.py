@@ -165,3 +165,30 @@ async def test_deep_tree_job_is_reported_and_the_agent_goes_on(lab: Lab) -> None
     assert await agent.wait(20) == 0
     assert agent_log.events("agent_stopped")
     assert not any("Traceback" in line for line in agent_log.lines), agent_log.lines[-20:]
+
+
+async def test_an_agent_failure_around_a_job_is_reported(lab: Lab, logs: LogRecorder) -> None:
+    """No exception on the job path may leave the attempt running forever: with the
+    worker's work root gone (a real host failure: the sandbox cannot make the job's
+    directory) the server hears `agent_error`, and the worker takes the next job."""
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "broken")
+    org.add_app("echo", python_job("return data.upper()"))
+    agent = await lab.run_agent(config, org)
+    await wait_until(lambda: agent.connected_sessions, "the agent to connect")
+    work_root = config.work_dir / "w0"
+    work_root.rmdir()
+    work_root.write_text("not a directory")
+    broken = org.submit("echo", [b"lost"], max_attempts=1)
+    await org.wait_batch(broken, timeout=90)
+    job_id = org.store.get_job_by_index(broken, 0).job_id
+    [result] = org.store.list_results(job_id)
+    assert (result.attempt, result.status) == (1, "agent_error"), result
+    assert "NotADirectoryError" in result.error
+    assert logs.events("job_agent_error", logger="vcomp.agent", job=job_id, attempt=1)
+    work_root.unlink()
+    work_root.mkdir()
+    fine = org.submit("echo", [b"again"])
+    await org.wait_batch(fine, timeout=90)
+    assert org.outputs(fine)[0][1] == b"AGAIN"
