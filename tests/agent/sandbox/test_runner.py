@@ -31,7 +31,8 @@ async def test_python_pi_job(sandbox: Sandbox) -> None:
     result = json.loads(outcome.result or b"")
     assert result["points"] == 20000
     assert abs(4 * result["inside"] / 20000 - 3.14159) < 0.1
-    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    # Coalesced and rate-limited (domain.md, "PROGRESS floods"): the latest value counts.
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
     assert outcome.progress == 1.0
     assert outcome.exit_code == 0
 
@@ -48,7 +49,7 @@ async def test_native_pi_job(sandbox: Sandbox, pi_binary: bytes) -> None:
     assert outcome.kind is OutcomeKind.OK, outcome
     result = json.loads(outcome.result or b"")
     assert abs(4 * result["inside"] / 1_000_000 - 3.14159) < 0.01
-    assert len(seen) == 101 and seen[-1] == 1.0
+    assert 1 <= len(seen) <= 101 and seen[-1] == 1.0 and seen == sorted(seen)
     again = await sandbox.run(
         kind="exec", code=pi_binary, input=b'{"points": 1000000, "seed": 3}', limits=LIMITS
     )
