@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,3 +181,25 @@ def test_empty_dir_keeps_the_root(tmp_path: Path) -> None:
     (root / "stray").write_text("x")
     assert empty_dir(root) == 2
     assert root.is_dir() and list(root.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_another_file_system_inside_the_tree_is_left_alone(tmp_path: Path) -> None:
+    tree = tmp_path / "job"
+    (tree / "d" / "mnt").mkdir(parents=True)
+    (tree / "top-mnt").mkdir()
+    for where in (tree / "d" / "mnt", tree / "top-mnt"):
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(where)], check=True)
+    try:
+        (tree / "d" / "mnt" / "keep").write_text("x")
+        (tree / "top-mnt" / "keep").write_text("x")
+        (tree / "d" / "gone").write_text("x")
+        with pytest.raises(SandboxError, match="entries left"):
+            wipe_tree(tree)
+        assert (tree / "d" / "mnt" / "keep").exists() and (tree / "top-mnt" / "keep").exists()
+        assert not (tree / "d" / "gone").exists()
+    finally:
+        for where in (tree / "d" / "mnt", tree / "top-mnt"):
+            subprocess.run(["umount", str(where)], check=True)
+    wipe_tree(tree)
+    assert not tree.exists()

@@ -9,7 +9,8 @@ hundreds of thousands of files. So the wipe:
 - flattens instead of descending: each subdirectory met below the top is renamed up
   into the top directory and handled later, so at most three descriptors are open
   at any depth and no Python recursion happens;
-- never follows a symlink (``O_NOFOLLOW``; a symlink is unlinked as a name);
+- never follows a symlink (``O_NOFOLLOW``; a symlink is unlinked as a name), and
+  never enters another file system mounted inside the tree;
 - gives itself back the permissions the job took away (``chmod 0700``), which only
   matters when the agent is not root;
 - reports what it could not remove as one SandboxError, after removing everything
@@ -105,6 +106,7 @@ def _flatten_and_remove(top: int, problems: _Problems) -> None:
             pending.append(name)
 
     fresh = _FreshNames(top)
+    device = os.fstat(top).st_dev
     _empty_one(top, top, found_dir, fresh, problems)
     while pending:
         name = pending.pop()
@@ -114,6 +116,10 @@ def _flatten_and_remove(top: int, problems: _Problems) -> None:
             continue
         except OSError as exc:
             problems.add(exc)
+            continue
+        if os.fstat(fd).st_dev != device:  # a mount point: never wipe another file system
+            os.close(fd)
+            problems.add(OSError(errno.EXDEV, "a mount point inside the tree"))
             continue
         try:
             _empty_one(fd, top, found_dir, fresh, problems)
