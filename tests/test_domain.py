@@ -108,3 +108,55 @@ def test_encode_refuses_unknown_types() -> None:
 def test_frame_names() -> None:
     assert Frame(RESULT, b"").name == "RESULT"
     assert Frame(0x55, b"").name == "0x55"
+
+
+def collapse(frames: list[Frame]) -> list[Frame]:
+    """Consecutive PROGRESS frames reduced to the last of each run."""
+    out: list[Frame] = []
+    for f in frames:
+        if out and f.type == PROGRESS and out[-1].type == PROGRESS:
+            out[-1] = f
+        else:
+            out.append(f)
+    return out
+
+
+frame_st = st.one_of(
+    st.integers(min_value=0, max_value=1_000_000).map(
+        lambda v: encode_frame(PROGRESS, v.to_bytes(4, "big"))
+    ),
+    st.binary(max_size=40).map(encode_result),
+    st.text(max_size=20).map(encode_error),
+)
+
+
+@given(st.lists(frame_st, max_size=40), st.integers(min_value=1, max_value=64))
+def test_coalescing_keeps_every_frame_but_repeated_progress(
+    encoded: list[bytes], step: int
+) -> None:
+    stream = b"".join(encoded)
+    plain, coalescing = FrameDecoder(100), FrameDecoder(100, coalesce_progress=True)
+    got_plain: list[Frame] = []
+    got: list[Frame] = []
+    for i in range(0, len(stream), step):
+        got_plain += plain.feed(stream[i : i + step])
+        got += coalescing.feed(stream[i : i + step])
+    assert collapse(got) == collapse(got_plain)
+    assert len(got) + coalescing.progress_coalesced == len(got_plain)
+    assert coalescing.pending == 0
+
+
+def test_a_progress_flood_is_one_frame_per_feed() -> None:
+    burst = b"".join(encode_progress(i / 7000) for i in range(7001))
+    decoder = FrameDecoder(100, coalesce_progress=True)
+    assert decoder.feed(burst + encode_result(b"done")) == [
+        Frame(PROGRESS, (1_000_000).to_bytes(4, "big")),
+        Frame(RESULT, b"done"),
+    ]
+    assert decoder.progress_coalesced == 7000
+
+
+def test_coalescing_still_refuses_a_bad_progress_inside_a_run() -> None:
+    bad = b"\x03\x00\x00\x00\x04" + (1_000_001).to_bytes(4, "big")
+    with pytest.raises(DomainProtocolError):
+        FrameDecoder(100, coalesce_progress=True).feed(encode_progress(0.5) * 50 + bad)

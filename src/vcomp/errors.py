@@ -67,3 +67,15 @@ class SandboxError(VcompError):
 
 class StoreError(VcompError):
     """The job store refused an operation or is inconsistent."""
+
+
+def loggable(exc: BaseException) -> str:
+    """What an unexpected exception may say in a log line: vcomp's own messages, an
+    OSError's errno text (not its file names, which a job may have chosen), else the
+    type alone (a library's message may echo a payload)."""
+    name = type(exc).__name__
+    if isinstance(exc, VcompError):
+        return f"{name}: {exc}"[:300]
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{name}: {exc.strerror}"
+    return name

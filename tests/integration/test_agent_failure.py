@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,84 @@ async def test_restarted_agent_resends_its_spooled_result(lab: Lab, logs: LogRec
     assert_results_unique(org.store, batch)
     # The half-received upload of the first session was dropped, not fed the resend.
     assert [line for line in logs.lines if "event handler failed" in line] == []
+
+
+DEEP_THEN_ECHO = python_job("""
+if data != b"deep":
+    return data.upper()
+import os
+for _ in range(3000):  # deeper than PATH_MAX
+    os.mkdir("a")
+    os.chdir("a")
+open("f", "wb").close()
+return b"went deep"
+""")
+
+
+def leave_a_deep_tree(root: Path, depth: int = 3000) -> None:
+    """What a crashed agent could leave in its work dir (built without long paths)."""
+    root.mkdir(parents=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("a", dir_fd=fd)
+        child = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+
+
+async def test_deep_tree_job_is_reported_and_the_agent_goes_on(lab: Lab) -> None:
+    """Issue 13 finding 3, against a real `vcomp-agent join` and a real server: the job
+    that leaves a tree deeper than PATH_MAX gets its result to the server, the worker
+    takes the next job, nothing stays on disk, and SIGTERM ends the agent cleanly."""
+    org = lab.org()
+    await lab.start(org)
+    home = lab.agent_config(org, "deep")
+    leftover = home.work_dir / "w0" / "job-from-a-crash"
+    leave_a_deep_tree(leftover)
+    await org.synced()
+    org.add_app("deep", DEEP_THEN_ECHO)
+    first = org.submit("deep", [b"deep"])
+
+    agent, agent_log = lab.spawn(
+        [AGENT_CLI, "join", "--config", str(home.home), "--mode", "full"], "deep"
+    )
+    await org.wait_batch(first, timeout=90)
+    second = org.submit("deep", [b"next"])
+    await org.wait_batch(second, timeout=90)
+
+    assert org.outputs(first)[0][1] == b"went deep"
+    assert org.outputs(second)[0][1] == b"NEXT"
+    assert [e["status"] for e in agent_log.events("job_finished")] == ["ok", "ok"]
+    assert list((home.work_dir / "w0").iterdir()) == []  # the leftover went at start-up too
+    agent.signal(signal.SIGTERM)
+    assert await agent.wait(20) == 0
+    assert agent_log.events("agent_stopped")
+    assert not any("Traceback" in line for line in agent_log.lines), agent_log.lines[-20:]
+
+
+async def test_an_agent_failure_around_a_job_is_reported(lab: Lab, logs: LogRecorder) -> None:
+    """No exception on the job path may leave the attempt running forever: with the
+    worker's work root gone (a real host failure: the sandbox cannot make the job's
+    directory) the server hears `agent_error`, and the worker takes the next job."""
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "broken")
+    org.add_app("echo", python_job("return data.upper()"))
+    agent = await lab.run_agent(config, org)
+    await wait_until(lambda: agent.connected_sessions, "the agent to connect")
+    work_root = config.work_dir / "w0"
+    work_root.rmdir()
+    work_root.write_text("not a directory")
+    broken = org.submit("echo", [b"lost"], max_attempts=1)
+    await org.wait_batch(broken, timeout=90)
+    job_id = org.store.get_job_by_index(broken, 0).job_id
+    [result] = org.store.list_results(job_id)
+    assert (result.attempt, result.status) == (1, "agent_error"), result
+    assert "NotADirectoryError" in result.error
+    assert logs.events("job_agent_error", logger="vcomp.agent", job=job_id, attempt=1)
+    work_root.unlink()
+    work_root.mkdir()
+    fine = org.submit("echo", [b"again"])
+    await org.wait_batch(fine, timeout=90)
+    assert org.outputs(fine)[0][1] == b"AGAIN"

@@ -16,15 +16,17 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vcomp import logfmt
 from vcomp.agent.config import AgentConfig
 from vcomp.agent.measure import measured_launch
 from vcomp.agent.modes import ExecutionMode, agent_setup
 from vcomp.agent.sandbox import JobLimits, JobOutcome, OutcomeKind
+from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
 from vcomp.agent.tpm import SimulatedTpm
-from vcomp.errors import SessionClosed, VcompError
+from vcomp.errors import SessionClosed, loggable
 from vcomp.protocol import events as ev
 from vcomp.protocol.agent_session import AgentSession, AgentState
 from vcomp.protocol.messages import ErrorCode
@@ -33,6 +35,7 @@ from vcomp.transport import AgentAdapter, open_agent
 log = logging.getLogger("vcomp.agent")
 
 REFUSED = "refused"
+AGENT_ERROR = "agent_error"  # the agent failed around the job; its outcome is unknown
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
 
@@ -67,8 +70,10 @@ class Worker:
         self._closed = asyncio.Event()
         self._result_sent_at: dict[tuple[int, int], float] = {}
         self._connect_started = 0.0
+        work_root = runtime.config.work_dir / f"w{index}"
+        clear_work_root(work_root, index)
         # Exactly the sandbox that PCR 18 measures.
-        self.sandbox = runtime.config.make_sandbox(work_root=runtime.config.work_dir / f"w{index}")
+        self.sandbox = runtime.config.make_sandbox(work_root=work_root)
 
     # ---- session loop --------------------------------------------------------
 
@@ -134,6 +139,11 @@ class Worker:
         if running is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(running.task), grace)
+            except asyncio.CancelledError:
+                # The job was aborted meanwhile (its task cancelled), not this shutdown.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
             except TimeoutError:
                 await self._cancel_job("agent shutting down")
                 session.abandon_job(
@@ -297,29 +307,36 @@ class Worker:
 
     async def _run_job(self, e: ev.JobReceived) -> None:
         d = e.description
-        refusal = self._refusal(d)
         started = time.monotonic()
-        if refusal is not None:
-            status, output, detail, cpu_ms = REFUSED, b"", refusal, 0
-        else:
-            outcome = await self.sandbox.run(
-                kind="python" if d.kind == "python" else "exec",
-                code=e.code,
-                input=e.input,
-                limits=JobLimits(
-                    cpu_seconds=d.cpu_seconds,
-                    memory_bytes=d.memory_bytes,
-                    wall_seconds=float(d.wall_seconds),
-                    output_bytes=d.output_bytes,
-                ),
+        try:
+            status, output, detail, cpu_ms = await self._execute(e)
+        except Exception as exc:  # a failure here must not wedge the worker
+            # The job's outcome is unknown; the server hears that this attempt failed.
+            error = loggable(exc)
+            logfmt.event(
+                log,
+                "job_agent_error",
+                logging.ERROR,
+                worker=self.index,
+                job=d.job,
+                attempt=d.attempt,
+                error=error,
             )
-            status = str(outcome.kind)
-            output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
-            detail = describe(outcome)
-            cpu_ms = int(outcome.cpu_seconds * 1000)
+            status, output, detail, cpu_ms = AGENT_ERROR, b"", f"agent error: {error}", 0
         wall_ms = int((time.monotonic() - started) * 1000)
         result = SpooledResult(d.job, d.attempt, status, detail[:256], cpu_ms, wall_ms, output)
-        self.rt.spool.put(result)
+        try:
+            self.rt.spool.put(result)
+        except Exception as exc:  # send it anyway, only not crash-safe
+            logfmt.event(
+                log,
+                "spool_failed",
+                logging.ERROR,
+                worker=self.index,
+                job=d.job,
+                attempt=d.attempt,
+                error=loggable(exc),
+            )
         logfmt.event(
             log,
             "job_finished",
@@ -338,11 +355,31 @@ class Worker:
             self._result_sent_at[(d.job, d.attempt)] = time.monotonic()
             self._submit(session, result)
 
+    async def _execute(self, e: ev.JobReceived) -> tuple[str, bytes, str, int]:
+        """Run the job (or refuse it): its status, output, detail and CPU milliseconds."""
+        d = e.description
+        refusal = self._refusal(d)
+        if refusal is not None:
+            return REFUSED, b"", refusal, 0
+        outcome = await self.sandbox.run(
+            kind="python" if d.kind == "python" else "exec",
+            code=e.code,
+            input=e.input,
+            limits=JobLimits(
+                cpu_seconds=d.cpu_seconds,
+                memory_bytes=d.memory_bytes,
+                wall_seconds=float(d.wall_seconds),
+                output_bytes=d.output_bytes,
+            ),
+        )
+        output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
+        return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
+
     async def _cancel_job(self, reason: str) -> None:
         running, self.running = self.running, None
         if running is not None and not running.task.done():
             running.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, VcompError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await running.task
             logfmt.event(
                 log,
@@ -352,6 +389,20 @@ class Worker:
                 attempt=running.attempt,
                 reason=reason,
             )
+
+
+def clear_work_root(work_root: Path, worker: int) -> None:
+    """Remove what an earlier run left in a worker's work root (a crash mid-job, or a
+    tree a failed wipe left). The agent starts without it if that fails."""
+    try:
+        removed = empty_dir(work_root)
+    except Exception as exc:  # leftovers must not stop the agent
+        logfmt.event(
+            log, "work_root_not_cleared", logging.WARNING, worker=worker, error=loggable(exc)
+        )
+        return
+    if removed:
+        logfmt.event(log, "work_root_cleared", worker=worker, leftovers=removed)
 
 
 def describe(outcome: JobOutcome) -> str:

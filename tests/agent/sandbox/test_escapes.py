@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from vcomp.agent.modes import ExecutionMode
 from vcomp.agent.sandbox import JobLimits, OutcomeKind, Sandbox
 from vcomp.domain import encode_frame, encode_result
 
@@ -469,6 +471,87 @@ return str(n).encode()
     for _ in range(2):
         outcome = await run_python(sandbox, spawn, limits=limits)
         assert outcome.kind is OutcomeKind.OK and outcome.result == b"5", outcome
+
+
+DEEP_TREE = job("""
+home = os.environ["HOME"]
+os.mkdir("locked")
+os.mkdir("locked/inner")
+open("locked/inner/f", "wb").close()
+os.chmod("locked", 0)  # the agent may not even list it
+for _ in range(3000):  # far deeper than PATH_MAX: 6000 characters of "a/"
+    os.mkdir("a")
+    os.chdir("a")
+with open("f", "wb") as f:
+    f.write(b"x" * 4096)
+os.symlink("/etc", "etc")  # a wipe that follows it would reach the host
+return b"deep"
+""")
+
+
+async def test_deep_directory_tree_is_wiped(sandbox: Sandbox) -> None:
+    """Issue 13 finding 3: a tree deeper than PATH_MAX (and an unreadable directory)
+    must neither break the run nor stay on disk; the sandbox runs the next job."""
+    limits = dataclasses.replace(SHORT, wall_seconds=20.0)
+    outcome = await run_python(sandbox, DEEP_TREE, limits=limits)
+    assert outcome.kind is OutcomeKind.OK and outcome.result == b"deep", outcome
+    assert list(sandbox.work_root.iterdir()) == []
+    assert Path("/etc/passwd").exists()
+    await assert_still_works(sandbox)
+    assert list(sandbox.work_root.iterdir()) == []
+
+
+FLOOD_SECONDS = 3.0
+FLOOD = job(f"""
+from vcomp.domain import encode_progress
+burst = b"".join(encode_progress(i / 8000) for i in range(8000))
+end = time.monotonic() + {FLOOD_SECONDS}
+while time.monotonic() < end:
+    os.write(4, burst)
+progress(1.0)
+return b"flooded " + data
+""")
+# The agent's own CPU over a flood, as a share of the flood's wall time.
+FLOOD_CPU_SHARE = 0.05
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.mark.parametrize("mode", ["background", "full"])
+async def test_progress_flood_costs_the_agent_little(tmp_path: Path, mode: str) -> None:
+    """Issue 13 finding 7: a job that floods PROGRESS frames pays for it, not the agent.
+
+    The oracle is this process's own CPU time (it owns the Sandbox and parses the
+    frames); the launcher and the job are children and do not count in RUSAGE_SELF.
+    """
+    # busy_threshold 1.0: other load on the machine must not suspend the job here.
+    kind = ExecutionMode(kind="background", busy_threshold=1.0) if mode == "background" else None
+    sandbox = Sandbox(work_root=tmp_path / "work", mode=kind)
+    await assert_still_works(sandbox)  # the launcher is prepared and warm
+    seen: list[float] = []
+    before = own_cpu_seconds()
+    outcome = await sandbox.run(
+        kind="python",
+        code=FLOOD,
+        input=b"ok",
+        limits=dataclasses.replace(LIMITS, wall_seconds=30.0),
+        on_progress=seen.append,
+    )
+    agent_cpu = own_cpu_seconds() - before
+    assert outcome.kind is OutcomeKind.OK and outcome.result == b"flooded ok", outcome
+    assert outcome.progress == 1.0
+    assert seen and seen[-1] == 1.0
+    share = agent_cpu / outcome.wall_seconds
+    print(
+        f"progress flood ({mode}): agent {agent_cpu:.3f} s CPU over "
+        f"{outcome.wall_seconds:.2f} s = {share:.1%}; job {outcome.cpu_seconds:.2f} s CPU;"
+        f" {len(seen)} callbacks"
+    )
+    assert share <= FLOOD_CPU_SHARE, (agent_cpu, outcome.wall_seconds)
+    await assert_still_works(sandbox)
 
 
 _ = JobLimits

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from vcomp.agent.modes import ExecutionMode
 from vcomp.agent.sandbox import JobLimits, OutcomeKind, Sandbox
 from vcomp.agent.sandbox.runner import parse_setup_lines
+from vcomp.agent.sandbox.wipe import empty_dir
 
 from .conftest import EXAMPLES, LIMITS, assert_still_works, job, processes_with, run_python
 
@@ -31,7 +33,8 @@ async def test_python_pi_job(sandbox: Sandbox) -> None:
     result = json.loads(outcome.result or b"")
     assert result["points"] == 20000
     assert abs(4 * result["inside"] / 20000 - 3.14159) < 0.1
-    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    # Coalesced and rate-limited (domain.md, "PROGRESS floods"): the latest value counts.
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
     assert outcome.progress == 1.0
     assert outcome.exit_code == 0
 
@@ -48,7 +51,7 @@ async def test_native_pi_job(sandbox: Sandbox, pi_binary: bytes) -> None:
     assert outcome.kind is OutcomeKind.OK, outcome
     result = json.loads(outcome.result or b"")
     assert abs(4 * result["inside"] / 1_000_000 - 3.14159) < 0.01
-    assert len(seen) == 101 and seen[-1] == 1.0
+    assert 1 <= len(seen) <= 101 and seen[-1] == 1.0 and seen == sorted(seen)
     again = await sandbox.run(
         kind="exec", code=pi_binary, input=b'{"points": 1000000, "seed": 3}', limits=LIMITS
     )
@@ -286,3 +289,42 @@ async def test_dead_prepared_launcher_falls_back_to_a_fresh_one(tmp_path: Path) 
     await asyncio.sleep(0.05)
     await assert_still_works(sandbox)
     sandbox.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting inside the work dir needs root")
+async def test_a_failed_wipe_is_logged_and_the_outcome_still_returned(
+    sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mount the agent's wipe cannot remove (made here, from outside the job) leaves
+    the tree in place: the failure is logged without the job's names, the job's
+    outcome comes back, and the next job runs."""
+    code = job("""
+os.mkdir("m")
+progress(0.5)
+while not os.path.exists("go"):
+    time.sleep(0.01)
+return b"done"
+""")
+    mounted: list[Path] = []
+
+    def mount_inside(_fraction: float) -> None:
+        if not mounted:
+            workdir = next(sandbox.work_root.glob("job-*"))
+            subprocess.run(["mount", "-t", "tmpfs", "none", str(workdir / "m")], check=True)
+            mounted.append(workdir / "m")
+            (workdir / "m" / "on-the-mount").touch()
+            (workdir / "go").touch()
+
+    try:
+        outcome = await sandbox.run(
+            kind="python", code=code, input=b"", limits=LIMITS, on_progress=mount_inside
+        )
+        assert (mounted[0] / "on-the-mount").exists()  # the wipe stayed off that file system
+    finally:
+        for path in mounted:
+            subprocess.run(["umount", str(path)], check=True)
+    assert outcome.kind is OutcomeKind.OK and outcome.result == b"done", outcome
+    failures = [r.getMessage() for r in caplog.records if "workdir_wipe_failed" in r.getMessage()]
+    assert failures and "entries left" in failures[0]
+    await assert_still_works(sandbox)
+    assert empty_dir(sandbox.work_root) == 1  # what start-up clears

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
+from vcomp import logfmt
 from vcomp.agent.modes import ExecutionMode, Regulator, child_setup
 from vcomp.agent.sandbox import cgroup, landlock, pyjob
 from vcomp.agent.sandbox.launcher import JobSpec, LaunchPlan, launcher_main
@@ -26,9 +27,11 @@ from vcomp.agent.sandbox.policy import JOB_PATH, NOBODY, JobLimits
 from vcomp.agent.sandbox.seccomp import SeccompProgram, build_program
 from vcomp.agent.sandbox.supervise import OUT_OF_MEMORY, JobIO, classify
 from vcomp.agent.sandbox.tree import JobTree
-from vcomp.errors import SandboxError
+from vcomp.agent.sandbox.wipe import wipe_tree
+from vcomp.errors import SandboxError, loggable
 
 JobKind = Literal["python", "exec"]
+log = logging.getLogger("vcomp.agent.sandbox")
 
 # Without these the sandbox refuses to run a job (and ``doctor`` exits nonzero).
 REQUIRED_PROTECTIONS = ("rlimits", "cleared_environment", "process_tree_kill", "unprivileged_uid")
@@ -206,7 +209,8 @@ class Sandbox:
             if launch is not None:
                 launch.close_agent_fds()
                 self._drop_cgroup(launch.cgroup)
-            _wipe(workdir)
+            # Off the loop (100k files take a second); a failure is logged, never raised.
+            await asyncio.to_thread(_wipe, workdir)
             if self.prespawn and not self._closed and self._spare is None:
                 self._spare = self._prepare()
 
@@ -684,15 +688,11 @@ def _reap_sync(pid: int, tree: JobTree) -> None:
 
 
 def _wipe(workdir: Path) -> None:
-    def fix(func: Callable[..., object], path: str, _exc: object) -> None:
-        # The job may have removed its own permissions; the agent owns the parent.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(path), 0o700)
-            os.chmod(path, 0o700)
-        with contextlib.suppress(OSError):
-            func(path)
-
-    shutil.rmtree(workdir, onerror=fix)
-    if workdir.exists():
-        with contextlib.suppress(OSError):
-            shutil.rmtree(workdir)
+    """Remove the job's work tree; a failure is logged (the tree may stay) and the
+    job's outcome still goes out. The next start-up clears what stayed."""
+    try:
+        wipe_tree(workdir)
+    except Exception as exc:  # no wipe failure may cost the job's outcome
+        logfmt.event(
+            log, "workdir_wipe_failed", logging.ERROR, path=str(workdir), error=loggable(exc)
+        )

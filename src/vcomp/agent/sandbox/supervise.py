@@ -34,6 +34,11 @@ TAIL_BYTES = 64 * 1024
 OUT_OF_MEMORY = "the kernel killed a job process at the job's memory limit (cgroup)"
 MEMORY_HINTS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
 READ_CHUNK = 1 << 16
+# After a read of the frame pipe that brought PROGRESS and no end, the agent leaves
+# the pipe alone this long: a flooding job fills it and blocks in write(2), so the
+# job pays for its flood, and the agent reads at most one chunk per pause. The end
+# is never later than this: the job's exit drains the pipe at once.
+PROGRESS_PAUSE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +79,7 @@ class JobIO:
     ) -> None:
         self.launch = launch
         self._input = memoryview(encode_start(input_bytes))
-        self._decoder = FrameDecoder(limits.output_bytes)
+        self._decoder = FrameDecoder(limits.output_bytes, coalesce_progress=True)
         self._on_progress = on_progress
         self._clock = clock
         self.last_frame_at = clock()
@@ -94,6 +99,7 @@ class JobIO:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event = asyncio.Event()
         self._waiter: asyncio.Future[None] | None = None
+        self._frames_paused: asyncio.TimerHandle | None = None
 
     # --- event loop wiring ------------------------------------------------------------
 
@@ -116,6 +122,7 @@ class JobIO:
     def detach(self) -> None:
         if self._loop is None:
             return
+        self._cancel_frame_pause()
         for fd in list(self._open):
             self._loop.remove_reader(fd)
         self._open.clear()
@@ -142,6 +149,7 @@ class JobIO:
 
     async def finish(self, tree: JobTree, grace: float) -> None:
         """After a kill or the job's exit: drain the pipes until every writer is gone."""
+        self._resume_frames()  # the end must not wait out a pause
         deadline = time.monotonic() + grace
         while self._open and time.monotonic() < deadline:
             tree.kill()
@@ -199,6 +207,28 @@ class JobIO:
                 self.result = frame.payload
             elif frame.type == ERROR:
                 self.error = decode_error(frame.payload)
+        if self.result is None and self.error is None and any(f.type == PROGRESS for f in frames):
+            self._pause_frames()
+
+    def _pause_frames(self) -> None:
+        fd = self.launch.out_r
+        if self._loop is None or self._frames_paused is not None or fd not in self._open:
+            return
+        self._loop.remove_reader(fd)
+        self._frames_paused = self._loop.call_later(PROGRESS_PAUSE, self._resume_frames)
+
+    def _resume_frames(self) -> None:
+        if self._frames_paused is None:
+            return
+        self._cancel_frame_pause()
+        fd = self.launch.out_r
+        if self._loop is not None and fd in self._open:
+            self._loop.add_reader(fd, self._guarded, fd, self._on_frames)
+
+    def _cancel_frame_pause(self) -> None:
+        if self._frames_paused is not None:
+            self._frames_paused.cancel()
+            self._frames_paused = None
 
     def _on_stdout(self, data: bytes) -> None:
         if not self.stdout.add(data) and self.violation is None:
