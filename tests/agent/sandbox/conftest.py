@@ -65,14 +65,22 @@ async def assert_still_works(sandbox: Sandbox) -> None:
 
 
 def processes_with(marker: str) -> list[int]:
+    """Live processes whose argv holds ``marker``, except those in another agent's job
+    cgroup (a second test run on the same host must not count here).
+    """
     found = []
+    ours = f"vcomp-job-{os.getpid()}-"
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
+                if marker.encode() not in (entry / "cmdline").read_bytes():
+                    continue
+                groups = (entry / "cgroup").read_text()
             except OSError:
-                pass
+                continue
+            if "vcomp-job-" in groups and ours not in groups:
+                continue
+            found.append(int(entry.name))
     return found
 
 
