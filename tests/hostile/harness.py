@@ -31,9 +31,9 @@ from vcomp.agent.tpm import SimulatedTpm
 from vcomp.loadgen import LiteAgent
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
-from vcomp.protocol.agent_session import AgentSession
+from vcomp.protocol.agent_session import AgentSession, AgentState
 from vcomp.protocol.channel import SecureChannel
-from vcomp.protocol.messages import Hello, encode_plaintext_packet, pad_hello
+from vcomp.protocol.messages import Error, ErrorCode, Hello, encode_plaintext_packet, pad_hello
 from vcomp.protocol.server_endpoint import ServerEndpoint
 from vcomp.server.config import init_server_home, load_server_config
 from vcomp.server.service import OrganisationServer
@@ -209,6 +209,71 @@ class HoldingAgent:
         assert self.session is not None and self.adapter is not None
         self.session.close("leaving", asyncio.get_running_loop().time())
         self.adapter.kick()
+
+    def close(self) -> None:
+        if self.adapter is not None:
+            self.adapter.close()
+
+
+class RefusingAgent:
+    """An enrolled, attested agent that refuses every job it is sent.
+
+    ``by_error`` refuses with a job ERROR (as for a transfer or sandbox failure);
+    otherwise with a RESULT of status ``refused``, as the real agent does when a
+    job is above its ``[limits]``.
+    """
+
+    def __init__(
+        self,
+        tpm: SimulatedTpm,
+        pinned: bytes,
+        server: Address,
+        ephemeral: tuple[rsa.RSAPrivateKey, bytes],
+        *,
+        by_error: bool = False,
+    ) -> None:
+        self.tpm, self.pinned, self.server, self.ephemeral = tpm, pinned, server, ephemeral
+        self.by_error = by_error
+        self.refused = 0
+        self.session: AgentSession | None = None
+        self.adapter: AgentAdapter | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        tpm = self.tpm
+        self.session = session = AgentSession(
+            agent_id=tpm.agent_id,
+            pinned_server=self.pinned,
+            quote=lambda extra, pcrs: tpm.quote(extra, pcrs),
+            now=loop.time(),
+            ephemeral=self.ephemeral,
+        )
+        self.adapter = await open_agent(session, self._on_event, *self.server)
+        session.connect(loop.time())
+        self.adapter.kick()
+
+    def _on_event(self, e: ev.Event) -> None:
+        if not isinstance(e, ev.JobReceived):
+            return
+        assert self.session is not None and self.adapter is not None
+        d = e.description
+        if self.by_error:
+            channel = self.session.channel
+            assert channel is not None
+            channel.send_reliable(
+                Error(code=ErrorCode.SANDBOX_FAILURE, message="no", job=d.job, attempt=d.attempt)
+            )
+            self.session._running = None  # free for the next START, as after a result
+            self.session.state = AgentState.READY
+        else:
+            self.session.submit_result(
+                job=d.job, attempt=d.attempt, status="refused", output=b"", detail="no"
+            )
+        self.refused += 1
+        self.adapter.kick()
+
+    def session_alive(self) -> bool:
+        return self.session is not None and self.session.state is not AgentState.CLOSED
 
     def close(self) -> None:
         if self.adapter is not None:
