@@ -35,6 +35,7 @@ from vcomp.protocol.agent_session import AgentSession, AgentState
 from vcomp.protocol.channel import SecureChannel
 from vcomp.protocol.messages import Error, ErrorCode, Hello, encode_plaintext_packet, pad_hello
 from vcomp.protocol.server_endpoint import ServerEndpoint
+from vcomp.protocol.wire import VERSION
 from vcomp.server.config import init_server_home, load_server_config
 from vcomp.server.service import OrganisationServer
 from vcomp.server.store_sqlite import SqliteStore
@@ -104,7 +105,7 @@ async def until(condition: Callable[[], bool], timeout: float, what: str) -> Non
 
 def hello_datagram(agent: bytes, nonce: bytes, cookie: bytes = b"", pn: int = 0) -> bytes:
     """A well-formed HELLO padded to the anti-amplification minimum (1200 bytes)."""
-    hello = pad_hello(Hello(versions=(1,), agent=agent, nonce=nonce, cookie=cookie))
+    hello = pad_hello(Hello(versions=(VERSION,), agent=agent, nonce=nonce, cookie=cookie))
     return encode_plaintext_packet(hello, 0, pn)
 
 
