@@ -119,7 +119,8 @@ def test_longest_datagram_is_accepted_and_one_more_byte_is_not() -> None:
         {"magic": 0x5644},
         {"magic": 0x4356},
         {"version": 0},
-        {"version": 2},
+        {"version": 1},  # vcomp/1, before READY declared maxima
+        {"version": 3},
         {"ptype": 0x00},
         {"ptype": 0x08},
         {"ptype": 0x22},
