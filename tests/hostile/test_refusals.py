@@ -227,4 +227,3 @@ async def test_an_undersized_agent_is_never_offered_a_batch_it_cannot_run(tmp_pa
         await asyncio.wait_for(task, 30)
         store.close()
         server.stop()
-

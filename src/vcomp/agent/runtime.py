@@ -92,7 +92,7 @@ class Worker:
             pinned_server=self.rt.pinned,
             quote=lambda extra, pcrs: self.rt.tpm.quote(extra, pcrs),
             now=loop.time(),
-            max_job_bytes=cfg.limits.max_job_bytes,
+            capacity=cfg.limits.capacity(),
         )
         self.session = session
         self._closed.clear()
@@ -293,6 +293,7 @@ class Worker:
             memory_bytes=d.memory_bytes,
             wall_seconds=d.wall_seconds,
             output_bytes=d.output_bytes,
+            disk_bytes=d.disk_bytes,
         )
 
     async def _run_job(self, e: ev.JobReceived) -> None:
@@ -311,6 +312,7 @@ class Worker:
                     memory_bytes=d.memory_bytes,
                     wall_seconds=float(d.wall_seconds),
                     output_bytes=d.output_bytes,
+                    disk_bytes=d.disk_bytes,
                 ),
             )
             status = str(outcome.kind)

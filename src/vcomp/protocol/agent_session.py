@@ -232,7 +232,9 @@ class AgentSession:
         return pack_header(ptype, Flag(0), session_id, pn, len(body)) + body
 
     def _send_hello(self, now: float) -> None:
-        hello = Hello(versions=(VERSION,), agent=self.agent_id, nonce=self._nonce, cookie=self._cookie)
+        hello = Hello(
+            versions=(VERSION,), agent=self.agent_id, nonce=self._nonce, cookie=self._cookie
+        )
         body = encode_body(hello)
         # Pad so the whole datagram reaches the anti-amplification minimum.
         short = limits.MIN_HELLO_DATAGRAM - (HEADER_LEN + len(body))
