@@ -19,7 +19,7 @@ import pytest
 from vcomp.protocol import events as ev
 from vcomp.protocol.messages import Error, ErrorCode, Message, Result
 from vcomp.protocol.wire import PacketType
-from vcomp.server.store import AttemptState
+from vcomp.server.store import AttemptState, JobState
 
 from .capture import CaptureProxy
 from .harness import HoldingAgent, Org, add_batch, enroll, new_tpm, start_org, until
@@ -142,7 +142,11 @@ async def test_an_agent_cannot_touch_another_agents_job(
 
 
 async def test_an_agent_can_refuse_its_own_job(tmp_path: Path) -> None:
-    """The control: the same ERROR about the agent's *own* job does release it."""
+    """The control: the same ERROR about the agent's *own* job does give it back.
+
+    It is a refusal: the job is queued again with its budget intact (add_batch
+    allows one attempt), for other agents.
+    """
     org = await start_org(tmp_path, new_tpm(tmp_path / "tpm"))
     agent = HoldingAgent(org, org.tpm)
     try:
@@ -156,12 +160,13 @@ async def test_an_agent_can_refuse_its_own_job(tmp_path: Path) -> None:
         agent.adapter.kick()
         await until(
             lambda: any(
-                a.attempt == d.attempt and a.state is AttemptState.RELEASED
+                a.attempt == d.attempt and a.state is AttemptState.REFUSED
                 for a in org.store.list_attempts(d.job)
             ),
             10,
-            "the lease to be released",
+            "the lease to be given back",
         )
+        assert org.store.get_job(d.job).state is JobState.QUEUED
     finally:
         agent.close()
         await org.server.stop()

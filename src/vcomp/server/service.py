@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp import logfmt
-from vcomp.errors import VcompError
+from vcomp.errors import StoreError, VcompError
 from vcomp.protocol import events as ev
 from vcomp.protocol.attestation import Measurement
 from vcomp.protocol.capacity import JobCapacity
@@ -377,10 +377,15 @@ class OrganisationServer:
     def _release_now(self, job: int, attempt: int, reason: str) -> bool:
         return self.store.release_lease(job, attempt, reason, now=time.time())
 
-    async def _refused(self, agent_id: bytes, job: int, attempt: int, again: bool) -> None:
-        """The lease holder refused its job: requeue it without charging its budget."""
+    async def _refused(self, agent_id: bytes, job: int, attempt: int, again: bool) -> int | None:
+        """The lease holder refused its job: requeue it without charging its budget.
+
+        Returns the agent's refusals in the last hour, or None if it did not hold the lease.
+        """
         agent, cap = agent_id.hex(), self.config.jobs.refusals_per_hour
         count = await self.committer.run(self._refuse_now, agent, job, attempt, again)
+        if count is None:
+            return None
         if count == cap:
             logfmt.event(
                 log,
@@ -393,12 +398,16 @@ class OrganisationServer:
             )
         self._queue_hint = True
         self._spawn(self._assign())
+        return count
 
     def _refuse_now(self, agent: str, job: int, attempt: int, again: bool) -> int | None:
         reason = "handed back by the agent" if again else "refused by the agent"
-        return self.store.refuse_lease(
-            job, attempt, agent, reason, now=time.time(), offer_again=again
-        )
+        try:
+            return self.store.refuse_lease(
+                job, attempt, agent, reason, now=time.time(), offer_again=again
+            )
+        except StoreError:
+            return None  # no such attempt: nothing this agent holds
 
     # ---- results in ----------------------------------------------------------
 
@@ -424,8 +433,7 @@ class OrganisationServer:
     async def _commit(self, e: ev.ResultComplete) -> None:
         key = (e.job, e.attempt)
         agent = e.agent_id.hex()
-        if e.status == REFUSED and self._held_by(key, e.agent_id):
-            await self._commit_refusal(e)
+        if e.status == REFUSED and await self._commit_refusal(e):
             return
         if self._held_by(key, e.agent_id):
             self._drop_assignment(*key)
@@ -487,14 +495,21 @@ class OrganisationServer:
             self._queue_hint = True
             self._spawn(self._assign())
 
-    async def _commit_refusal(self, e: ev.ResultComplete) -> None:
-        """A RESULT of status ``refused`` from the holder: a refusal, not a failed run."""
+    async def _commit_refusal(self, e: ev.ResultComplete) -> bool:
+        """A RESULT of status ``refused``: a refusal, not a failed run, if it is the
+        holder's (the store checks, so a spooled refusal resent after a server restart
+        counts too). False: not this agent's live lease; record it as any result."""
+        if await self._refused(e.agent_id, e.job, e.attempt, again=False) is None:
+            return False
+        logfmt.event(
+            log, "job_refused", logging.WARNING, job=e.job, attempt=e.attempt, message=e.detail
+        )
         self._drop_assignment(e.job, e.attempt)
         sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
         if sink is not None:
             await sink.abandon()
-        await self._refused(e.agent_id, e.job, e.attempt, again=False)
         self._confirm(e, [(e.job, e.attempt)])  # the agent may drop it from its spool
+        return True
 
     def _prefetch(self, e: ev.ResultComplete) -> asyncio.Future[Lease | None] | None:
         session = self._session(e.session_id)
