@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,20 @@ def _attacks(job: int, attempt: int) -> dict[str, Message]:
             cpu_ms=0,
             wall_ms=0,
         ),
+        # "I refuse this job", as the real agent says it: a RESULT of status refused.
+        "refuse_result": Result(
+            job=job,
+            attempt=attempt,
+            offset=0,
+            total=0,
+            data=b"",
+            fin=True,
+            sha256=hashlib.sha256(b"").digest(),
+            status="refused",
+            detail="not mine",
+            cpu_ms=0,
+            wall_ms=0,
+        ),
         # The first chunk of a result for the victim's job, never finished.
         "poison_chunk": Result(
             job=job, attempt=attempt, offset=0, total=5, data=b"AAAAA", fin=False
@@ -71,6 +86,7 @@ async def _connected(org: Org, agent: HoldingAgent) -> None:
     ("attack", "stage"),
     [
         ("refuse", "running"),
+        ("refuse_result", "running"),
         ("poison_chunk", "running"),
         ("hand_back", "running"),  # the store refuses a result from the wrong agent
         ("refuse", "transferring"),
@@ -78,8 +94,9 @@ async def _connected(org: Org, agent: HoldingAgent) -> None:
     ],
 )
 async def test_an_agent_cannot_touch_another_agents_job(
-    tmp_path: Path, attack: str, stage: str
+    tmp_path: Path, attack: str, stage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vcomp")
     # A job of many windows, so that a transfer can be caught in the middle.
     org = await start_org(tmp_path, new_tpm(tmp_path / "victim-tpm"), code=BIG_CODE)
     attacker_tpm = new_tpm(tmp_path / "attacker-tpm")
@@ -109,6 +126,8 @@ async def test_an_agent_cannot_touch_another_agents_job(
         await until(lambda: channel.send_idle, 10, "the server to acknowledge the attack")
         await _quiet(org)
 
+        # The attacker's text reached no log line: it holds no lease.
+        assert [r.getMessage() for r in caplog.records if "not mine" in r.getMessage()] == []
         # The victim's lease is untouched, and the attacker was not handed the job.
         (record,) = [a for a in org.store.list_attempts(job) if a.attempt == attempt]
         assert record.state is AttemptState.LEASED, record
