@@ -162,6 +162,28 @@ async def start_org(
     return Org(server, address, bytes.fromhex(fingerprint), tpm, hs.generate_ephemeral())
 
 
+async def open_session(
+    tpm: SimulatedTpm,
+    pinned: bytes,
+    server: Address,
+    ephemeral: tuple[rsa.RSAPrivateKey, bytes],
+    on_event: Callable[[ev.Event], None],
+) -> tuple[AgentSession, AgentAdapter]:
+    """A real AgentSession for ``tpm`` on a real socket, its handshake under way."""
+    loop = asyncio.get_running_loop()
+    session = AgentSession(
+        agent_id=tpm.agent_id,
+        pinned_server=pinned,
+        quote=lambda extra, pcrs: tpm.quote(extra, pcrs),
+        now=loop.time(),
+        ephemeral=ephemeral,
+    )
+    adapter = await open_agent(session, on_event, *server)
+    session.connect(loop.time())
+    adapter.kick()
+    return session, adapter
+
+
 class HoldingAgent:
     """A real AgentSession on a real socket that keeps each job until told to finish it."""
 
@@ -175,18 +197,9 @@ class HoldingAgent:
         self.adapter: AgentAdapter | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        tpm = self.tpm
-        self.session = session = AgentSession(
-            agent_id=tpm.agent_id,
-            pinned_server=self.org.fingerprint,
-            quote=lambda extra, pcrs: tpm.quote(extra, pcrs),
-            now=loop.time(),
-            ephemeral=self.org.ephemeral,
+        self.session, self.adapter = await open_session(
+            self.tpm, self.org.fingerprint, self.server, self.org.ephemeral, self._on_event
         )
-        self.adapter = await open_agent(session, self._on_event, *self.server)
-        session.connect(loop.time())
-        self.adapter.kick()
 
     def _on_event(self, e: ev.Event) -> None:
         self.events.append(e)
@@ -240,18 +253,9 @@ class RefusingAgent:
         self.adapter: AgentAdapter | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        tpm = self.tpm
-        self.session = session = AgentSession(
-            agent_id=tpm.agent_id,
-            pinned_server=self.pinned,
-            quote=lambda extra, pcrs: tpm.quote(extra, pcrs),
-            now=loop.time(),
-            ephemeral=self.ephemeral,
+        self.session, self.adapter = await open_session(
+            self.tpm, self.pinned, self.server, self.ephemeral, self._on_event
         )
-        self.adapter = await open_agent(session, self._on_event, *self.server)
-        session.connect(loop.time())
-        self.adapter.kick()
 
     def _on_event(self, e: ev.Event) -> None:
         if not isinstance(e, ev.JobReceived):

@@ -28,40 +28,33 @@ from .harness import HoldingAgent, Org, add_batch, enroll, new_tpm, start_org, u
 BIG_CODE = b"#" * (300 * 1024)
 
 
+def _summary(job: int, attempt: int, status: str, detail: str) -> Result:
+    """The closing RESULT of an empty result."""
+    return Result(
+        job=job,
+        attempt=attempt,
+        offset=0,
+        total=0,
+        data=b"",
+        fin=True,
+        sha256=hashlib.sha256(b"").digest(),
+        status=status,
+        detail=detail,
+        cpu_ms=0,
+        wall_ms=0,
+    )
+
+
 def _attacks(job: int, attempt: int) -> dict[str, Message]:
     return {
-        # "I refuse this job": the server releases the lease and drops the assignment.
+        # "I refuse this job": the server requeues it and drops the assignment.
         "refuse": Error(
             code=ErrorCode.SANDBOX_FAILURE, message="not mine", job=job, attempt=attempt
         ),
         # "I hand this job back" (what a shutting-down agent sends for its own job).
-        "hand_back": Result(
-            job=job,
-            attempt=attempt,
-            offset=0,
-            total=0,
-            data=b"",
-            fin=True,
-            sha256=hashlib.sha256(b"").digest(),
-            status="returned",
-            detail="",
-            cpu_ms=0,
-            wall_ms=0,
-        ),
+        "hand_back": _summary(job, attempt, "returned", ""),
         # "I refuse this job", as the real agent says it: a RESULT of status refused.
-        "refuse_result": Result(
-            job=job,
-            attempt=attempt,
-            offset=0,
-            total=0,
-            data=b"",
-            fin=True,
-            sha256=hashlib.sha256(b"").digest(),
-            status="refused",
-            detail="not mine",
-            cpu_ms=0,
-            wall_ms=0,
-        ),
+        "refuse_result": _summary(job, attempt, "refused", "not mine"),
         # The first chunk of a result for the victim's job, never finished.
         "poison_chunk": Result(
             job=job, attempt=attempt, offset=0, total=5, data=b"AAAAA", fin=False
