@@ -393,8 +393,9 @@ class OrganisationServer:
                 logging.WARNING,
                 agent=agent[:16],
                 refusals=count,
+                cap=cap,
                 window_s=int(REFUSAL_WINDOW),
-                action="no leases to this agent until its refusals of the last hour fall below",
+                action="no leases to this agent until its refusals in the last hour fall below cap",
             )
         self._queue_hint = True
         self._spawn(self._assign())
