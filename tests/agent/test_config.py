@@ -121,8 +121,11 @@ def test_sandbox_section_is_read(tmp_path: Path) -> None:
     text = "[sandbox]\nlandlock = false\ncgroup = false\nmax_processes = 8\n"
     config = load_agent_config(write_config(tmp_path, text))
     assert config.sandbox == SandboxPolicy(landlock=False, cgroup=False, max_processes=8)
-    limits = config.job_limits(cpu_seconds=5, memory_bytes=1 << 20, wall_seconds=2, output_bytes=9)
+    limits = config.job_limits(
+        cpu_seconds=5, memory_bytes=1 << 20, wall_seconds=2, output_bytes=9, disk_bytes=1 << 20
+    )
     assert limits.max_processes == 8 and limits.cpu_seconds == 5
+    assert limits.disk_bytes == 1 << 20
 
 
 def test_execution_mode_only_passes_options_that_apply(tmp_path: Path) -> None:
@@ -203,7 +206,31 @@ def test_render_round_trips_odd_names(tmp_path: Path) -> None:
 
 def test_volunteer_limits_refusal() -> None:
     limits = VolunteerLimits(max_cpu_seconds=10)
-    fits = dict(job_bytes=1, cpu_seconds=10, memory_bytes=1, wall_seconds=1.0, output_bytes=1)
+    fits = dict(
+        job_bytes=1, cpu_seconds=10, memory_bytes=1, wall_seconds=1.0, output_bytes=1, disk_bytes=1
+    )
     assert limits.refusal(**fits) is None  # type: ignore[arg-type]
     reason = limits.refusal(**{**fits, "cpu_seconds": 11})  # type: ignore[arg-type]
     assert reason is not None and "cpu_seconds" in reason
+    over_disk = {**fits, "disk_bytes": limits.max_disk_bytes + 1}
+    assert "disk_bytes" in (limits.refusal(**over_disk) or "")  # type: ignore[arg-type]
+
+
+def test_max_disk_bytes_is_read_bounded_and_declared(tmp_path: Path) -> None:
+    config = load_agent_config(write_config(tmp_path, "[limits]\nmax_disk_bytes = 4096\n"))
+    assert config.limits.max_disk_bytes == 4096
+    assert config.limits.capacity().disk_bytes == 4096
+    assert VolunteerLimits().max_disk_bytes == 1 << 30
+    for bad in (0, -1, 1 << 63):
+        with pytest.raises(ConfigError):
+            VolunteerLimits(max_disk_bytes=bad)
+
+
+def test_capacity_declares_the_volunteer_limits() -> None:
+    limits = VolunteerLimits(max_memory_bytes=256 << 20, max_wall_seconds=90.5)
+    cap = limits.capacity()
+    assert cap.memory_bytes == 256 << 20
+    assert cap.wall_seconds == 90  # rounded down: never more than the volunteer allows
+    assert cap.cpu_seconds == limits.max_cpu_seconds
+    assert cap.job_bytes == limits.max_job_bytes
+    assert set(cap.kinds) == {"python", "exec"}

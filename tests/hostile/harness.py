@@ -31,10 +31,11 @@ from vcomp.agent.tpm import SimulatedTpm
 from vcomp.loadgen import LiteAgent
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
-from vcomp.protocol.agent_session import AgentSession
+from vcomp.protocol.agent_session import AgentSession, AgentState
 from vcomp.protocol.channel import SecureChannel
-from vcomp.protocol.messages import Hello, encode_plaintext_packet, pad_hello
+from vcomp.protocol.messages import Error, ErrorCode, Hello, encode_plaintext_packet, pad_hello
 from vcomp.protocol.server_endpoint import ServerEndpoint
+from vcomp.protocol.wire import VERSION
 from vcomp.server.config import init_server_home, load_server_config
 from vcomp.server.service import OrganisationServer
 from vcomp.server.store_sqlite import SqliteStore
@@ -104,7 +105,7 @@ async def until(condition: Callable[[], bool], timeout: float, what: str) -> Non
 
 def hello_datagram(agent: bytes, nonce: bytes, cookie: bytes = b"", pn: int = 0) -> bytes:
     """A well-formed HELLO padded to the anti-amplification minimum (1200 bytes)."""
-    hello = pad_hello(Hello(versions=(1,), agent=agent, nonce=nonce, cookie=cookie))
+    hello = pad_hello(Hello(versions=(VERSION,), agent=agent, nonce=nonce, cookie=cookie))
     return encode_plaintext_packet(hello, 0, pn)
 
 
@@ -161,6 +162,28 @@ async def start_org(
     return Org(server, address, bytes.fromhex(fingerprint), tpm, hs.generate_ephemeral())
 
 
+async def open_session(
+    tpm: SimulatedTpm,
+    pinned: bytes,
+    server: Address,
+    ephemeral: tuple[rsa.RSAPrivateKey, bytes],
+    on_event: Callable[[ev.Event], None],
+) -> tuple[AgentSession, AgentAdapter]:
+    """A real AgentSession for ``tpm`` on a real socket, its handshake under way."""
+    loop = asyncio.get_running_loop()
+    session = AgentSession(
+        agent_id=tpm.agent_id,
+        pinned_server=pinned,
+        quote=lambda extra, pcrs: tpm.quote(extra, pcrs),
+        now=loop.time(),
+        ephemeral=ephemeral,
+    )
+    adapter = await open_agent(session, on_event, *server)
+    session.connect(loop.time())
+    adapter.kick()
+    return session, adapter
+
+
 class HoldingAgent:
     """A real AgentSession on a real socket that keeps each job until told to finish it."""
 
@@ -174,18 +197,9 @@ class HoldingAgent:
         self.adapter: AgentAdapter | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        tpm = self.tpm
-        self.session = session = AgentSession(
-            agent_id=tpm.agent_id,
-            pinned_server=self.org.fingerprint,
-            quote=lambda extra, pcrs: tpm.quote(extra, pcrs),
-            now=loop.time(),
-            ephemeral=self.org.ephemeral,
+        self.session, self.adapter = await open_session(
+            self.tpm, self.org.fingerprint, self.server, self.org.ephemeral, self._on_event
         )
-        self.adapter = await open_agent(session, self._on_event, *self.server)
-        session.connect(loop.time())
-        self.adapter.kick()
 
     def _on_event(self, e: ev.Event) -> None:
         self.events.append(e)
@@ -209,6 +223,62 @@ class HoldingAgent:
         assert self.session is not None and self.adapter is not None
         self.session.close("leaving", asyncio.get_running_loop().time())
         self.adapter.kick()
+
+    def close(self) -> None:
+        if self.adapter is not None:
+            self.adapter.close()
+
+
+class RefusingAgent:
+    """An enrolled, attested agent that refuses every job it is sent.
+
+    ``by_error`` refuses with a job ERROR (as for a transfer or sandbox failure);
+    otherwise with a RESULT of status ``refused``, as the real agent does when a
+    job is above its ``[limits]``.
+    """
+
+    def __init__(
+        self,
+        tpm: SimulatedTpm,
+        pinned: bytes,
+        server: Address,
+        ephemeral: tuple[rsa.RSAPrivateKey, bytes],
+        *,
+        by_error: bool = False,
+    ) -> None:
+        self.tpm, self.pinned, self.server, self.ephemeral = tpm, pinned, server, ephemeral
+        self.by_error = by_error
+        self.refused = 0
+        self.session: AgentSession | None = None
+        self.adapter: AgentAdapter | None = None
+
+    async def start(self) -> None:
+        self.session, self.adapter = await open_session(
+            self.tpm, self.pinned, self.server, self.ephemeral, self._on_event
+        )
+
+    def _on_event(self, e: ev.Event) -> None:
+        if not isinstance(e, ev.JobReceived):
+            return
+        assert self.session is not None and self.adapter is not None
+        d = e.description
+        if self.by_error:
+            channel = self.session.channel
+            assert channel is not None
+            channel.send_reliable(
+                Error(code=ErrorCode.SANDBOX_FAILURE, message="no", job=d.job, attempt=d.attempt)
+            )
+            self.session._running = None  # free for the next START, as after a result
+            self.session.state = AgentState.READY
+        else:
+            self.session.submit_result(
+                job=d.job, attempt=d.attempt, status="refused", output=b"", detail="no"
+            )
+        self.refused += 1
+        self.adapter.kick()
+
+    def session_alive(self) -> bool:
+        return self.session is not None and self.session.state is not AgentState.CLOSED
 
     def close(self) -> None:
         if self.adapter is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from vcomp.protocol import events as ev
 from vcomp.protocol.messages import Error, ErrorCode, Message, Result
 from vcomp.protocol.wire import PacketType
-from vcomp.server.store import AttemptState
+from vcomp.server.store import AttemptState, JobState
 
 from .capture import CaptureProxy
 from .harness import HoldingAgent, Org, add_batch, enroll, new_tpm, start_org, until
@@ -27,26 +28,33 @@ from .harness import HoldingAgent, Org, add_batch, enroll, new_tpm, start_org, u
 BIG_CODE = b"#" * (300 * 1024)
 
 
+def _summary(job: int, attempt: int, status: str, detail: str) -> Result:
+    """The closing RESULT of an empty result."""
+    return Result(
+        job=job,
+        attempt=attempt,
+        offset=0,
+        total=0,
+        data=b"",
+        fin=True,
+        sha256=hashlib.sha256(b"").digest(),
+        status=status,
+        detail=detail,
+        cpu_ms=0,
+        wall_ms=0,
+    )
+
+
 def _attacks(job: int, attempt: int) -> dict[str, Message]:
     return {
-        # "I refuse this job": the server releases the lease and drops the assignment.
+        # "I refuse this job": the server requeues it and drops the assignment.
         "refuse": Error(
             code=ErrorCode.SANDBOX_FAILURE, message="not mine", job=job, attempt=attempt
         ),
         # "I hand this job back" (what a shutting-down agent sends for its own job).
-        "hand_back": Result(
-            job=job,
-            attempt=attempt,
-            offset=0,
-            total=0,
-            data=b"",
-            fin=True,
-            sha256=hashlib.sha256(b"").digest(),
-            status="returned",
-            detail="",
-            cpu_ms=0,
-            wall_ms=0,
-        ),
+        "hand_back": _summary(job, attempt, "returned", ""),
+        # "I refuse this job", as the real agent says it: a RESULT of status refused.
+        "refuse_result": _summary(job, attempt, "refused", "not mine"),
         # The first chunk of a result for the victim's job, never finished.
         "poison_chunk": Result(
             job=job, attempt=attempt, offset=0, total=5, data=b"AAAAA", fin=False
@@ -71,6 +79,7 @@ async def _connected(org: Org, agent: HoldingAgent) -> None:
     ("attack", "stage"),
     [
         ("refuse", "running"),
+        ("refuse_result", "running"),
         ("poison_chunk", "running"),
         ("hand_back", "running"),  # the store refuses a result from the wrong agent
         ("refuse", "transferring"),
@@ -78,8 +87,9 @@ async def _connected(org: Org, agent: HoldingAgent) -> None:
     ],
 )
 async def test_an_agent_cannot_touch_another_agents_job(
-    tmp_path: Path, attack: str, stage: str
+    tmp_path: Path, attack: str, stage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vcomp")
     # A job of many windows, so that a transfer can be caught in the middle.
     org = await start_org(tmp_path, new_tpm(tmp_path / "victim-tpm"), code=BIG_CODE)
     attacker_tpm = new_tpm(tmp_path / "attacker-tpm")
@@ -109,6 +119,8 @@ async def test_an_agent_cannot_touch_another_agents_job(
         await until(lambda: channel.send_idle, 10, "the server to acknowledge the attack")
         await _quiet(org)
 
+        # The attacker's text reached no log line: it holds no lease.
+        assert [r.getMessage() for r in caplog.records if "not mine" in r.getMessage()] == []
         # The victim's lease is untouched, and the attacker was not handed the job.
         (record,) = [a for a in org.store.list_attempts(job) if a.attempt == attempt]
         assert record.state is AttemptState.LEASED, record
@@ -142,7 +154,11 @@ async def test_an_agent_cannot_touch_another_agents_job(
 
 
 async def test_an_agent_can_refuse_its_own_job(tmp_path: Path) -> None:
-    """The control: the same ERROR about the agent's *own* job does release it."""
+    """The control: the same ERROR about the agent's *own* job does give it back.
+
+    It is a refusal: the job is queued again with its budget intact (add_batch
+    allows one attempt), for other agents.
+    """
     org = await start_org(tmp_path, new_tpm(tmp_path / "tpm"))
     agent = HoldingAgent(org, org.tpm)
     try:
@@ -156,12 +172,13 @@ async def test_an_agent_can_refuse_its_own_job(tmp_path: Path) -> None:
         agent.adapter.kick()
         await until(
             lambda: any(
-                a.attempt == d.attempt and a.state is AttemptState.RELEASED
+                a.attempt == d.attempt and a.state is AttemptState.REFUSED
                 for a in org.store.list_attempts(d.job)
             ),
             10,
-            "the lease to be released",
+            "the lease to be given back",
         )
+        assert org.store.get_job(d.job).state is JobState.QUEUED
     finally:
         agent.close()
         await org.server.stop()

@@ -52,6 +52,7 @@ class SimJob:
             memory_bytes=1 << 28,
             wall_seconds=10,
             output_bytes=1 << 20,
+            disk_bytes=1 << 26,
         )
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from vcomp.errors import DecodeError, LimitExceeded
 from vcomp.protocol import limits
+from vcomp.protocol.capacity import UNLIMITED, JobCapacity
 from vcomp.protocol.messages import (
     Ack,
     Attest,
@@ -166,7 +167,19 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Any]] = {
         idle_timeout_ms=u32,
     ),
     Reject: st.builds(Reject, code=u16, reason=text(limits.MAX_TEXT)),
-    Ready: st.builds(Ready, seq=u64, epoch=u32, slots=st.integers(1, 255)),
+    Ready: st.builds(
+        Ready,
+        seq=u64,
+        epoch=u32,
+        slots=st.integers(1, 255),
+        max_memory_bytes=st.integers(1, U64),
+        max_cpu_seconds=st.integers(1, U32),
+        max_wall_seconds=st.integers(1, U32),
+        max_output_bytes=st.integers(0, limits.MAX_RESULT_SIZE),
+        max_job_bytes=st.integers(1, limits.MAX_CODE_SIZE + limits.MAX_INPUT_SIZE),
+        max_disk_bytes=st.integers(1, U64),
+        kinds=st.sampled_from([("python",), ("exec",), ("python", "exec"), ("exec", "python")]),
+    ),
     Start: st.builds(
         Start,
         seq=u64,
@@ -182,6 +195,7 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Any]] = {
         memory_bytes=st.integers(1, U64),
         wall_seconds=st.integers(1, U32),
         output_bytes=st.integers(0, limits.MAX_RESULT_SIZE),
+        disk_bytes=st.integers(1, U64),
     ),
     Code: codes(),
     End: st.builds(
@@ -254,6 +268,7 @@ def test_largest_messages_fit_in_one_datagram() -> None:
             memory_bytes=U64,
             wall_seconds=U32,
             output_bytes=limits.MAX_RESULT_SIZE,
+            disk_bytes=U64,
         ),
         Code(seq=U64, epoch=U32, job=U64, attempt=U32, offset=2**20, data=bytes(1280)),
         End(seq=U64, epoch=U32, job=U64, attempt=U32, total=2**29),
@@ -546,6 +561,7 @@ def test_start_rules() -> None:
         memory_bytes=1,
         wall_seconds=1,
         output_bytes=0,
+        disk_bytes=1,
     )
     cases: list[tuple[str, Any]] = [
         ("kind", "shell"),
@@ -557,10 +573,82 @@ def test_start_rules() -> None:
         ("wall_seconds", 0),
         ("memory_bytes", 0),
         ("code_sha256", bytes(31)),
+        ("disk_bytes", 0),
+        ("disk_bytes", U64 + 1),
     ]
     for field, value in cases:
         with pytest.raises(DecodeError):
             dataclasses.replace(start, **{field: value})
+
+
+READY_OUT_OF_BOUNDS: list[tuple[str, Any]] = [
+    ("max_memory_bytes", 0),
+    ("max_memory_bytes", U64 + 1),
+    ("max_cpu_seconds", 0),
+    ("max_cpu_seconds", U32 + 1),
+    ("max_wall_seconds", 0),
+    ("max_wall_seconds", U32 + 1),
+    ("max_output_bytes", limits.MAX_RESULT_SIZE + 1),
+    ("max_job_bytes", 0),
+    ("max_job_bytes", limits.MAX_CODE_SIZE + limits.MAX_INPUT_SIZE + 1),
+    ("max_disk_bytes", 0),
+    ("max_disk_bytes", U64 + 1),
+    ("max_memory_bytes", True),
+    ("max_memory_bytes", 1.5),
+    ("kinds", ()),
+    ("kinds", ("python", "python")),
+    ("kinds", ("python", "exec", "python")),
+    ("kinds", ("shell",)),
+    ("kinds", (b"python",)),
+    ("kinds", "python"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), READY_OUT_OF_BOUNDS)
+def test_ready_maxima_are_bounded_on_decode(field: str, value: Any) -> None:
+    """Every maximum READY declares is checked when the body is decoded."""
+    body = dict(Ready()._to_map())
+    body[field] = list(value) if isinstance(value, tuple) else value
+    if not (isinstance(value, int) and value > U64):  # msgpack has no integer above u64
+        with pytest.raises(DecodeError):
+            decode_body(PacketType.READY, msgpack.packb(body))
+    with pytest.raises(DecodeError):
+        dataclasses.replace(Ready(), **{field: value})
+
+
+def test_ready_carries_the_agents_capacity() -> None:
+    cap = JobCapacity(
+        memory_bytes=256 << 20,
+        cpu_seconds=60,
+        wall_seconds=120,
+        output_bytes=1 << 20,
+        job_bytes=1 << 20,
+        disk_bytes=1 << 30,
+        kinds=("python",),
+    )
+    ready = Ready.declaring(cap)
+    decoded = decode_body(PacketType.READY, encode_body(ready))
+    assert isinstance(decoded, Ready)
+    assert decoded.capacity == cap
+    # An agent that declares nothing is bounded only by the protocol.
+    assert Ready().capacity == UNLIMITED
+
+
+def test_capacity_from_volunteer_limits_rounds_into_the_wire_bounds() -> None:
+    cap = JobCapacity.clamped(
+        memory_bytes=1 << 70,
+        cpu_seconds=1 << 40,
+        wall_seconds=7.9,
+        output_bytes=1 << 40,
+        job_bytes=1 << 40,
+        disk_bytes=1 << 30,
+    )
+    assert cap.memory_bytes == U64
+    assert cap.cpu_seconds == U32
+    assert cap.wall_seconds == 7  # never more than the volunteer allows
+    assert cap.output_bytes == limits.MAX_RESULT_SIZE
+    assert cap.job_bytes == limits.MAX_CODE_SIZE + limits.MAX_INPUT_SIZE
+    assert cap.disk_bytes == 1 << 30
 
 
 def test_error_codes_are_stable() -> None:

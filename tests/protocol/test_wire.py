@@ -32,7 +32,7 @@ PN = 0x0000000000000102
 # Written out by hand from the layout table in PROTOCOL.md, not produced by the code.
 CODE_HEADER_HEX = (
     "5643"  # magic "VC"
-    "01"  # version
+    "02"  # version
     "11"  # type CODE
     "01"  # flags: ENCRYPTED
     "00"  # reserved
@@ -60,7 +60,7 @@ def datagram(body: bytes = b"", **fields: int) -> bytes:
 def test_constants_match_the_spec() -> None:
     assert HEADER_LEN == 24 == limits.HEADER_LEN
     assert MAGIC.to_bytes(2, "big") == b"VC"
-    assert VERSION == 1
+    assert VERSION == 2
     assert {t.name: t.value for t in PacketType} == {
         "HELLO": 0x01,
         "RETRY": 0x02,
@@ -119,7 +119,8 @@ def test_longest_datagram_is_accepted_and_one_more_byte_is_not() -> None:
         {"magic": 0x5644},
         {"magic": 0x4356},
         {"version": 0},
-        {"version": 2},
+        {"version": 1},  # vcomp/1, before READY declared maxima
+        {"version": 3},
         {"ptype": 0x00},
         {"ptype": 0x08},
         {"ptype": 0x22},

@@ -155,7 +155,18 @@ def test_app_add_and_list(home: Path, tmp_path: Path) -> None:
 def test_submit_from_jsonl_and_dir(app_home: Path, tmp_path: Path) -> None:
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text('{"n": 1}\n\n  {"n": 2}  \n')
-    first = submit(app_home, jsonl, "--memory", "64M", "--replicas", "3", "--deadline", "60")
+    first = submit(
+        app_home,
+        jsonl,
+        "--memory",
+        "64M",
+        "--replicas",
+        "3",
+        "--deadline",
+        "60",
+        "--disk-bytes",
+        "16M",
+    )
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for name, data in (("b", b"\x00\x01"), ("a", b"first"), (".hidden", b"skip")):
@@ -167,6 +178,7 @@ def test_submit_from_jsonl_and_dir(app_home: Path, tmp_path: Path) -> None:
     try:
         b1, b2 = store.get_batch(first), store.get_batch(second)
         assert b1.n_jobs == 2 and b1.limits.memory_bytes == 64 << 20
+        assert b1.limits.disk_bytes == 16 << 20 and b2.limits.disk_bytes == 64 << 20
         assert (b1.replicas, b1.quorum) == (3, 2)  # a majority by default
         assert b1.deadline is not None and b1.deadline > time.time()
         with store.open_input(store.get_job_by_index(first, 1).job_id) as blob:

@@ -87,6 +87,8 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
         memory_bytes=536870912,
         wall_seconds=120.0,
         output_bytes=16777216,
+        disk_bytes=67108864,
+        refusals_per_hour=30,
     )
     assert config.key_path == d.absolute() / "server.key"
     assert config.store_path == d.absolute() / "jobs.sqlite"
@@ -95,6 +97,12 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
 def test_example_file_matches_the_defaults() -> None:
     example = Path(__file__).parents[2] / "server" / "server.example.toml"
     assert load_server_config(example).jobs == JobDefaults()
+
+
+def test_refusal_cap_and_disk_bytes_are_read(tmp_path: Path) -> None:
+    text = "[jobs]\nrefusals_per_hour = 5\ndisk_bytes = 1048576\n"
+    jobs = load_server_config(write_config(tmp_path, text)).jobs
+    assert (jobs.refusals_per_hour, jobs.disk_bytes) == (5, 1 << 20)
 
 
 def test_missing_keys_take_defaults(tmp_path: Path) -> None:
@@ -115,6 +123,8 @@ def test_missing_keys_take_defaults(tmp_path: Path) -> None:
         ("[jobs]\nreplicas = 2\nquorum = 3\n", "quorum must be between 1 and 2"),
         ("[jobs]\nlease_seconds = -1\n", "lease_seconds must be positive"),
         ("[jobs]\noutput_bytes = 1073741824\n", "output_bytes must be between"),
+        ("[jobs]\nrefusals_per_hour = 0\n", "refusals_per_hour must be between"),
+        ("[jobs]\ndisk_bytes = 0\n", "disk_bytes must be between"),
         ("[srever]\n", "unknown section"),
         ("server = 1\n", r"\[server\] must be a table"),
         ("[server\n", "invalid TOML"),

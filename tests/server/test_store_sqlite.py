@@ -16,13 +16,17 @@ import tracemalloc
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from vcomp.errors import StoreError
+from vcomp.protocol.capacity import JobCapacity
 from vcomp.server.store import (
+    DEFAULT_DISK_BYTES,
+    REFUSAL_WINDOW,
     AppKind,
     AttemptState,
     CandidateResult,
@@ -319,6 +323,147 @@ def test_release_requeues_at_once_and_counts(
     assert job.state is JobState.FAILED and "transfer failed" in (job.reason or "")
     with pytest.raises(StoreError, match="no attempt 9"):
         store.release_lease(first.job_id, 9, "x")
+
+
+# --------------------------------------------------------------------------- fit and refusals
+
+MiB = 1 << 20
+
+
+def test_lease_only_jobs_within_the_agents_capacity(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    big = store.create_batch(app, [b"b"], memory_bytes=512 * MiB)
+    small = store.create_batch(app, [b"s"], memory_bytes=128 * MiB)
+    fits = JobCapacity(memory_bytes=256 * MiB)
+    (got,) = store.lease_many([LeaseRequest(agents[0], 0.0, 10.0, fits)])
+    assert got is not None and got.batch_id == small  # the big job, first in line, is skipped
+    assert store.lease_many([LeaseRequest(agents[0], 0.0, 10.0, fits)]) == [None]
+    assert store.get_job_by_index(big, 0).state is JobState.QUEUED
+    assert store.list_attempts(store.get_job_by_index(big, 0).job_id) == []
+    # An agent without limits of its own takes it.
+    assert lease(store, agents[1]).batch_id == big
+
+
+@pytest.mark.parametrize(
+    ("batch_limits", "too_small", "enough"),
+    [
+        ({"cpu_seconds": 61.5}, {"cpu_seconds": 60}, {"cpu_seconds": 61}),  # START sends 61
+        ({"wall_seconds": 121.0}, {"wall_seconds": 120}, {"wall_seconds": 121}),
+        ({"memory_bytes": MiB}, {"memory_bytes": MiB - 1}, {"memory_bytes": MiB}),
+        ({"output_bytes": 2 * MiB}, {"output_bytes": MiB}, {"output_bytes": 2 * MiB}),
+        ({"disk_bytes": 128 * MiB}, {"disk_bytes": 64 * MiB}, {"disk_bytes": 128 * MiB}),
+        ({}, {"job_bytes": 13}, {"job_bytes": 14}),  # code 11 bytes + input 3 bytes
+        ({}, {"kinds": ("exec",)}, {"kinds": ("python",)}),
+    ],
+)
+def test_each_declared_maximum_filters_the_lease(
+    store: SqliteStore,
+    app: str,
+    agents: list[str],
+    batch_limits: dict[str, Any],
+    too_small: dict[str, Any],
+    enough: dict[str, Any],
+) -> None:
+    store.create_batch(app, [b"abc"], **batch_limits)
+    request = LeaseRequest(agents[0], 0.0, 10.0, JobCapacity(**too_small))
+    assert store.lease_many([request]) == [None]
+    request = LeaseRequest(agents[0], 0.0, 10.0, JobCapacity(**enough))
+    assert store.lease_many([request])[0] is not None
+
+
+def test_batch_disk_bytes_default_bound_and_lease(store: SqliteStore, app: str) -> None:
+    default = store.create_batch(app, [b"x"])
+    assert store.get_batch(default).limits.disk_bytes == DEFAULT_DISK_BYTES == 64 * MiB
+    chosen = store.create_batch(app, [b"x"], disk_bytes=MiB)
+    assert store.get_batch(chosen).limits.disk_bytes == MiB
+    for bad in (0, -1, 1 << 63):
+        with pytest.raises(StoreError, match="disk_bytes"):
+            store.create_batch(app, [b"x"], disk_bytes=bad)
+
+
+def test_a_store_from_before_disk_bytes_gets_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    SqliteStore(path).close()
+    raw = sqlite3.connect(path)  # back to schema 1: no disk_bytes, no refusal index
+    raw.execute("DROP INDEX attempts_refusals")
+    raw.execute("ALTER TABLE batches DROP COLUMN disk_bytes")
+    raw.execute("UPDATE schema_version SET version = 1")
+    raw.execute("INSERT INTO blobs (id, size, sha256, data) VALUES (1, 1, x'00', x'00')")
+    raw.execute("INSERT INTO apps VALUES (1, 'a', 1, 'python', 1, 0)")
+    raw.execute(
+        "INSERT INTO batches (id, app_id, created_at, n_jobs, replicas, quorum, max_attempts, "
+        "cpu_seconds, memory_bytes, wall_seconds, output_bytes) "
+        "VALUES (1, 1, 0, 1, 1, 1, 3, 1, 1, 1, 0)"
+    )
+    raw.commit()
+    raw.close()
+    with SqliteStore(path) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.get_batch(1).limits.disk_bytes == DEFAULT_DISK_BYTES
+
+
+def test_a_refusal_costs_no_budget_and_is_not_offered_again(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], max_attempts=1)
+    first = lease(store, agents[0])
+    assert store.refuse_lease(first.job_id, first.attempt, agents[0], "too big", now=1.0) == 1
+    job = store.get_job(first.job_id)
+    assert job.state is JobState.QUEUED  # a budget of 1 would have failed it
+    assert [a.state for a in store.list_attempts(job.job_id)] == [AttemptState.REFUSED]
+    assert store.lease_next(agents[0], 2.0, 10.0) is None  # never to the refuser again
+    second = lease(store, agents[1], now=2.0)
+    assert second.attempt == 2
+    store.record_results([ok(second)])
+    assert store.get_job(job.job_id).state is JobState.DONE
+
+
+def test_abandoned_costs_no_budget_and_comes_back(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], max_attempts=1)
+    for n in range(1, 4):
+        granted = lease(store, agents[0], now=float(n))
+        count = store.refuse_lease(
+            granted.job_id, granted.attempt, agents[0], "shutdown", now=float(n), offer_again=True
+        )
+        assert count == n
+    job = store.get_job(granted.job_id)
+    assert job.state is JobState.QUEUED
+    assert {a.state for a in store.list_attempts(job.job_id)} == {AttemptState.ABANDONED}
+
+
+def test_only_the_holder_refuses_its_live_lease(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], max_attempts=1)
+    granted = lease(store, agents[0])
+    assert store.refuse_lease(granted.job_id, granted.attempt, agents[1], "x", now=1.0) is None
+    assert store.list_attempts(granted.job_id)[0].state is AttemptState.LEASED
+    store.record_results([ok(granted)])
+    # A refusal of a lease that already ended changes nothing.
+    assert store.refuse_lease(granted.job_id, granted.attempt, agents[0], "x", now=2.0) is None
+    assert store.get_job(granted.job_id).state is JobState.DONE
+    with pytest.raises(StoreError, match="no attempt 9"):
+        store.refuse_lease(granted.job_id, 9, agents[0], "x", now=2.0)
+
+
+def test_refusals_past_the_cap_stop_leases_for_the_window(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"%d" % i for i in range(10)])
+    cap = 3
+    for n in range(cap):
+        (granted,) = store.lease_many([LeaseRequest(agents[0], float(n), 10.0, refusal_cap=cap)])
+        assert granted is not None
+        store.refuse_lease(granted.job_id, granted.attempt, agents[0], "no", now=float(n))
+    benched = LeaseRequest(agents[0], float(cap), 10.0, refusal_cap=cap)
+    assert store.lease_many([benched]) == [None]
+    # Other agents are not affected; the first refusal leaves the window an hour later.
+    assert lease(store, agents[1], now=float(cap)) is not None
+    later = LeaseRequest(agents[0], REFUSAL_WINDOW + 0.5, 10.0, refusal_cap=cap)
+    assert store.lease_many([later])[0] is not None
 
 
 def test_renew_extends_only_the_live_lease(store: SqliteStore, app: str, agents: list[str]) -> None:

@@ -22,7 +22,7 @@ from vcomp import logfmt
 from vcomp.agent.config import AgentConfig
 from vcomp.agent.measure import measured_launch
 from vcomp.agent.modes import ExecutionMode, agent_setup
-from vcomp.agent.sandbox import JobLimits, JobOutcome, OutcomeKind
+from vcomp.agent.sandbox import JobOutcome, OutcomeKind
 from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
 from vcomp.agent.tpm import SimulatedTpm
@@ -97,7 +97,7 @@ class Worker:
             pinned_server=self.rt.pinned,
             quote=lambda extra, pcrs: self.rt.tpm.quote(extra, pcrs),
             now=loop.time(),
-            max_job_bytes=cfg.limits.max_job_bytes,
+            capacity=cfg.limits.capacity(),
         )
         self.session = session
         self._closed.clear()
@@ -303,6 +303,7 @@ class Worker:
             memory_bytes=d.memory_bytes,
             wall_seconds=d.wall_seconds,
             output_bytes=d.output_bytes,
+            disk_bytes=d.disk_bytes,
         )
 
     async def _run_job(self, e: ev.JobReceived) -> None:
@@ -365,11 +366,13 @@ class Worker:
             kind="python" if d.kind == "python" else "exec",
             code=e.code,
             input=e.input,
-            limits=JobLimits(
+            # The [sandbox] process and file limits are part of what PCR 18 vouches for.
+            limits=self.rt.config.job_limits(
                 cpu_seconds=d.cpu_seconds,
                 memory_bytes=d.memory_bytes,
                 wall_seconds=float(d.wall_seconds),
                 output_bytes=d.output_bytes,
+                disk_bytes=d.disk_bytes,
             ),
         )
         output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""

@@ -21,6 +21,7 @@ from vcomp.errors import AuthenticationFailed, CryptoError, DecodeError, Session
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol import limits
+from vcomp.protocol.capacity import UNLIMITED, JobCapacity
 from vcomp.protocol.channel import SecureChannel, clip_text
 from vcomp.protocol.messages import (
     Ack,
@@ -44,6 +45,7 @@ from vcomp.protocol.messages import (
 from vcomp.protocol.record import Direction
 from vcomp.protocol.wire import (
     HEADER_LEN,
+    VERSION,
     Flag,
     PacketType,
     check_protection,
@@ -104,14 +106,14 @@ class AgentSession:
         pinned_server: bytes,
         quote: QuoteFn,
         now: float,
-        max_job_bytes: int = limits.MAX_CODE_SIZE + limits.MAX_INPUT_SIZE,
+        capacity: JobCapacity = UNLIMITED,
         ephemeral: tuple[rsa.RSAPrivateKey, bytes] | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.agent_id = agent_id
         self._pinned = pinned_server
         self._quote = quote
-        self._max_job_bytes = max_job_bytes
+        self._capacity = capacity
         self._ephemeral = ephemeral
         self._random = random_bytes
         self.state = AgentState.START
@@ -230,13 +232,15 @@ class AgentSession:
         return pack_header(ptype, Flag(0), session_id, pn, len(body)) + body
 
     def _send_hello(self, now: float) -> None:
-        hello = Hello(versions=(1,), agent=self.agent_id, nonce=self._nonce, cookie=self._cookie)
+        hello = Hello(
+            versions=(VERSION,), agent=self.agent_id, nonce=self._nonce, cookie=self._cookie
+        )
         body = encode_body(hello)
         # Pad so the whole datagram reaches the anti-amplification minimum.
         short = limits.MIN_HELLO_DATAGRAM - (HEADER_LEN + len(body))
         if short > 0:
             hello = Hello(
-                versions=(1,),
+                versions=(VERSION,),
                 agent=self.agent_id,
                 nonce=self._nonce,
                 cookie=self._cookie,
@@ -327,7 +331,7 @@ class AgentSession:
             now=now,
             idle_timeout=min(max(key.idle_timeout_ms / 1000, MIN_IDLE), MAX_IDLE),
         )
-        self.channel.send_reliable(Ready(seq=0, epoch=0, slots=1))
+        self.channel.send_reliable(Ready.declaring(self._capacity))
         self.state = AgentState.READY
         self._events.append(ev.Connected(self.session_id))
 
@@ -391,7 +395,7 @@ class AgentSession:
                     job, attempt = self._running
                     self._running = None
                     self._events.append(ev.JobAborted(job, attempt, "reset by server"))
-                ch.send_reliable(Ready(seq=0, epoch=0, slots=1))
+                ch.send_reliable(Ready.declaring(self._capacity))
                 self.state = AgentState.READY
                 self._events.append(ev.ResetReceived(message.epoch))
         elif isinstance(message, Ack):
@@ -420,12 +424,12 @@ class AgentSession:
             self._refuse(start.job, start.attempt, ErrorCode.BUSY, "agent is busy with a job")
             return
         total = start.code_size + start.input_size
-        if total > self._max_job_bytes:
+        if total > self._capacity.job_bytes:
             self._refuse(
                 start.job,
                 start.attempt,
                 ErrorCode.JOB_TOO_LARGE,
-                f"job is {total} bytes, this agent accepts at most {self._max_job_bytes}",
+                f"job is {total} bytes, this agent accepts at most {self._capacity.job_bytes}",
             )
             return
         self._inbound = _Inbound(start)
@@ -478,6 +482,7 @@ class AgentSession:
             memory_bytes=start.memory_bytes,
             wall_seconds=start.wall_seconds,
             output_bytes=start.output_bytes,
+            disk_bytes=start.disk_bytes,
         )
         self._events.append(ev.JobReceived(desc, code, data))
 

@@ -15,7 +15,8 @@ from itertools import pairwise
 from typing import ClassVar, Final
 
 from vcomp.errors import DecodeError
-from vcomp.protocol import limits
+from vcomp.protocol import capacity, limits
+from vcomp.protocol.capacity import JobCapacity
 from vcomp.protocol.schema import (
     JOB_ATTEMPT,
     MAX_TRANSFER,
@@ -81,7 +82,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 50
 
 
-JOB_KINDS: Final = frozenset({"python", "exec"})
+JOB_KINDS: Final = frozenset(capacity.JOB_KINDS)
 
 _HANDSHAKE_MAX = limits.MAX_BODY
 
@@ -206,14 +207,60 @@ class Reject(Body):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ready(Body):
-    """Agent -> server: idle and able to take ``slots`` jobs (first encrypted packet)."""
+    """Agent -> server: idle and able to take ``slots`` jobs (first encrypted packet).
+
+    It also declares the largest job the agent runs (its volunteer's limits), so
+    the server leases it only jobs that fit. The defaults are the protocol's bounds.
+    """
 
     ptype: ClassVar[PacketType] = PacketType.READY
     seq: int = 0
     epoch: int = 0
     slots: int = 1
+    max_memory_bytes: int = capacity.U64
+    max_cpu_seconds: int = U32
+    max_wall_seconds: int = U32
+    max_output_bytes: int = limits.MAX_RESULT_SIZE
+    max_job_bytes: int = MAX_TRANSFER
+    max_disk_bytes: int = capacity.U64
+    kinds: tuple[str, ...] = capacity.JOB_KINDS
 
-    _schema = (*SEQ_EPOCH, ("slots", uint(U8, 1)))
+    _schema = (
+        *SEQ_EPOCH,
+        ("slots", uint(U8, 1)),
+        ("max_memory_bytes", uint(U64, 1)),
+        ("max_cpu_seconds", uint(U32, 1)),
+        ("max_wall_seconds", uint(U32, 1)),
+        ("max_output_bytes", uint(limits.MAX_RESULT_SIZE)),
+        ("max_job_bytes", uint(MAX_TRANSFER, 1)),
+        ("max_disk_bytes", uint(U64, 1)),
+        ("kinds", capacity.check_kinds),
+    )
+
+    @classmethod
+    def declaring(cls, cap: JobCapacity) -> Ready:
+        """READY (seq 0, epoch 0: the stream numbers it) carrying ``cap``."""
+        return cls(
+            max_memory_bytes=cap.memory_bytes,
+            max_cpu_seconds=cap.cpu_seconds,
+            max_wall_seconds=cap.wall_seconds,
+            max_output_bytes=cap.output_bytes,
+            max_job_bytes=cap.job_bytes,
+            max_disk_bytes=cap.disk_bytes,
+            kinds=cap.kinds,
+        )
+
+    @property
+    def capacity(self) -> JobCapacity:
+        return JobCapacity(
+            memory_bytes=self.max_memory_bytes,
+            cpu_seconds=self.max_cpu_seconds,
+            wall_seconds=self.max_wall_seconds,
+            output_bytes=self.max_output_bytes,
+            job_bytes=self.max_job_bytes,
+            disk_bytes=self.max_disk_bytes,
+            kinds=self.kinds,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,6 +281,7 @@ class Start(Body):
     memory_bytes: int
     wall_seconds: int
     output_bytes: int
+    disk_bytes: int
 
     _schema = (
         *SEQ_EPOCH,
@@ -247,6 +295,7 @@ class Start(Body):
         ("memory_bytes", uint(U64, 1)),
         ("wall_seconds", uint(U32, 1)),
         ("output_bytes", uint(limits.MAX_RESULT_SIZE)),
+        ("disk_bytes", uint(U64, 1)),
     )
 
 

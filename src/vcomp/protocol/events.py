@@ -20,6 +20,7 @@ class JobDescription:
     memory_bytes: int
     wall_seconds: int
     output_bytes: int
+    disk_bytes: int
 
 
 # ---- both sides -------------------------------------------------------------

@@ -25,6 +25,7 @@ from vcomp.protocol.server_session import ServerSession, ServerState
 from vcomp.protocol.trust import TrustPolicy
 from vcomp.protocol.wire import (
     HEADER_LEN,
+    VERSION,
     Flag,
     PacketType,
     check_protection,
@@ -117,10 +118,13 @@ class ServerEndpoint:
             self.counters["dropped_malformed"] += 1
             return
         assert isinstance(hello, Hello)
-        if 1 not in hello.versions:
+        if VERSION not in hello.versions:
             self._reply(
                 PacketType.REJECT,
-                Reject(code=ErrorCode.UNSUPPORTED_VERSION, reason="this server speaks version 1"),
+                Reject(
+                    code=ErrorCode.UNSUPPORTED_VERSION,
+                    reason=f"this server speaks version {VERSION}",
+                ),
                 address,
             )
             return

@@ -23,6 +23,7 @@ from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol import limits
 from vcomp.protocol.attestation import NonceBook
+from vcomp.protocol.capacity import UNLIMITED, JobCapacity
 from vcomp.protocol.channel import SecureChannel, clip_text
 from vcomp.protocol.messages import (
     Ack,
@@ -95,6 +96,8 @@ class ServerSession:
         self.session_id = session_id
         self.address = address
         self.agent_id = agent_id
+        # What the agent's READY declared; the scheduler leases only jobs within it.
+        self.capacity: JobCapacity = UNLIMITED
         self._hello = hello
         self._signing_key = signing_key
         self._trust = trust
@@ -229,6 +232,7 @@ class ServerSession:
         ch = self.channel
         assert ch is not None
         if isinstance(message, Ready):
+            self.capacity = message.capacity
             if self.state is ServerState.KEYED:
                 self._events.append(
                     ev.SessionEstablished(self.session_id, self.agent_id, self.address)
@@ -351,6 +355,7 @@ class ServerSession:
                 memory_bytes=desc.memory_bytes,
                 wall_seconds=desc.wall_seconds,
                 output_bytes=desc.output_bytes,
+                disk_bytes=desc.disk_bytes,
             )
         )
         self.state = ServerState.SENDING_JOB

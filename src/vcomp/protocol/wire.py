@@ -34,7 +34,7 @@ __all__ = [
 
 MAGIC: Final = 0x5643
 """The two bytes ``b"VC"`` read as a big-endian u16."""
-VERSION: Final = 1
+VERSION: Final = 2
 
 
 class PacketType(IntEnum):

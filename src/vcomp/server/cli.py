@@ -268,6 +268,9 @@ def _dir_inputs(path: Path) -> Iterator[bytes]:
 @click.option("--memory", callback=_size_option, help="Bytes; K, M, G suffixes (x1024).")
 @click.option("--wall-seconds", type=click.FloatRange(min=0, min_open=True))
 @click.option("--output-bytes", callback=_size_option, help="Bytes; K, M, G suffixes.")
+@click.option(
+    "--disk-bytes", callback=_size_option, help="Job work directory; bytes, K, M, G suffixes."
+)
 @config_option
 def submit(
     app_name: str,
@@ -281,6 +284,7 @@ def submit(
     memory: int | None,
     wall_seconds: float | None,
     output_bytes: int | None,
+    disk_bytes: int | None,
     config_path: Path,
 ) -> None:
     """Create a batch of APP and print its id.
@@ -305,6 +309,7 @@ def submit(
             memory_bytes=d.memory_bytes if memory is None else memory,
             wall_seconds=d.wall_seconds if wall_seconds is None else wall_seconds,
             output_bytes=d.output_bytes if output_bytes is None else output_bytes,
+            disk_bytes=d.disk_bytes if disk_bytes is None else disk_bytes,
             deadline=None if deadline is None else time.time() + deadline,
         )
         batch = store.get_batch(batch_id)

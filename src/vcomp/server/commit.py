@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from vcomp.errors import StoreError
+from vcomp.protocol.capacity import UNLIMITED, JobCapacity
 from vcomp.server.store import Lease, LeaseRequest, RecordOutcome, ResultSubmission, Store
 
 __all__ = ["GroupCommitter"]
@@ -74,11 +75,18 @@ class GroupCommitter:
         outcome: RecordOutcome = await self._submit("result", submission)
         return outcome
 
-    async def lease(self, agent_id: str, now: float, lease_seconds: float) -> Lease | None:
+    async def lease(
+        self,
+        agent_id: str,
+        now: float,
+        lease_seconds: float,
+        *,
+        capacity: JobCapacity = UNLIMITED,
+        refusal_cap: int | None = None,
+    ) -> Lease | None:
         """``Store.lease_next``, batched with other lease requests into one commit."""
-        lease: Lease | None = await self._submit(
-            "lease", LeaseRequest(agent_id, now, lease_seconds)
-        )
+        request = LeaseRequest(agent_id, now, lease_seconds, capacity, refusal_cap)
+        lease: Lease | None = await self._submit("lease", request)
         return lease
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

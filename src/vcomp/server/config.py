@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp.errors import ConfigError
 from vcomp.protocol import handshake, limits
+from vcomp.server.store import DEFAULT_DISK_BYTES
 
 __all__ = [
     "CONFIG_FILE",
@@ -66,6 +67,8 @@ cpu_seconds = 60
 memory_bytes = 536870912
 wall_seconds = 120
 output_bytes = 16777216
+disk_bytes = 67108864     # the job's work directory
+refusals_per_hour = 30    # past this, an agent gets no leases until the hour has passed
 """
 
 
@@ -81,6 +84,9 @@ class JobDefaults:
     memory_bytes: int = 512 << 20
     wall_seconds: float = 120.0
     output_bytes: int = 16 << 20
+    disk_bytes: int = DEFAULT_DISK_BYTES
+    refusals_per_hour: int = 30
+    """Refusals one agent may make per hour; then it gets no lease until older ones age out."""
 
     def __post_init__(self) -> None:
         _check_seconds("lease_seconds", self.lease_seconds)
@@ -91,6 +97,8 @@ class JobDefaults:
         _check_int("memory_bytes", self.memory_bytes, 1, 1 << 62)
         _check_seconds("wall_seconds", self.wall_seconds)
         _check_int("output_bytes", self.output_bytes, 0, limits.MAX_RESULT_SIZE)
+        _check_int("disk_bytes", self.disk_bytes, 1, 1 << 62)
+        _check_int("refusals_per_hour", self.refusals_per_hour, 1, 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +282,8 @@ def load_server_config(path: Path) -> ServerConfig:
             memory_bytes=jobs.integer("memory_bytes", 512 << 20),
             wall_seconds=jobs.number("wall_seconds", 120.0),
             output_bytes=jobs.integer("output_bytes", 16 << 20),
+            disk_bytes=jobs.integer("disk_bytes", DEFAULT_DISK_BYTES),
+            refusals_per_hour=jobs.integer("refusals_per_hour", 30),
         )
         jobs.finish()
         return ServerConfig(

@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp import logfmt
-from vcomp.errors import VcompError
+from vcomp.errors import StoreError, VcompError
 from vcomp.protocol import events as ev
 from vcomp.protocol.attestation import Measurement
+from vcomp.protocol.capacity import JobCapacity
 from vcomp.protocol.messages import ErrorCode
 from vcomp.protocol.server_endpoint import ServerEndpoint
 from vcomp.protocol.server_session import ServerSession, ServerState
@@ -34,13 +35,15 @@ from vcomp.protocol.trust import TrustPolicy
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig, load_signing_key
 from vcomp.server.results import ResultSink
-from vcomp.server.store import Lease, ResultSubmission
+from vcomp.server.store import REFUSAL_WINDOW, Lease, ResultSubmission
 from vcomp.server.store_sqlite import SqliteStore
 from vcomp.transport import ServerAdapter, open_server
 
 log = logging.getLogger("vcomp.server")
 
 TICK_SECONDS = 0.5
+REFUSED = "refused"
+"""The RESULT status an agent sends for a job above its limits (vcomp.agent.runtime)."""
 
 
 @dataclass
@@ -231,19 +234,22 @@ class OrganisationServer:
                 transfer_ms=took,
             )
         elif isinstance(e, ev.JobRefused):
-            logfmt.event(
-                log,
-                "job_refused",
-                logging.WARNING,
-                job=e.job,
-                attempt=e.attempt,
-                code=e.code,
-                message=e.message,
-            )
-            # Only the agent holding the lease may give it back: job ids are guessable.
-            if self._holder_sent(e.session_id, (e.job, e.attempt)):
+            # Only the agent holding the lease may give it back (job ids are guessable),
+            # and only its text is worth logging.
+            session = self._session(e.session_id)
+            if session is not None and self._holder_sent(e.session_id, (e.job, e.attempt)):
+                logfmt.event(
+                    log,
+                    "job_refused",
+                    logging.WARNING,
+                    job=e.job,
+                    attempt=e.attempt,
+                    code=e.code,
+                    message=e.message,
+                )
                 self._drop_assignment(e.job, e.attempt)
-                self._spawn(self._release(e.job, e.attempt, f"agent refused: {e.message}"))
+                again = e.code == ErrorCode.JOB_ABANDONED  # a shutdown: it may come back
+                self._spawn(self._refused(session.agent_id, e.job, e.attempt, again))
         elif isinstance(e, ev.SessionClosed):
             self._idle.discard(e.session_id)
             for key in [k for k in self._sinks if k[0] == e.session_id]:
@@ -260,9 +266,10 @@ class OrganisationServer:
         endpoint = self.endpoint
         if endpoint is None:
             return
-        # A None lease is about one agent (distinct-agent replicas), not the queue:
-        # try every idle agent once per pass before concluding the queue is empty.
-        refused: set[bytes] = set()
+        # A None lease is about one agent (distinct-agent replicas, its capacity, its
+        # refusals), not the queue: try every idle agent once per pass before
+        # concluding the queue is empty.
+        refused: set[tuple[bytes, JobCapacity]] = set()
         for sid in list(self._idle):
             if sid not in self._idle or sid in self._prefetching:
                 continue  # taken by another _assign task, or its next job is on the way
@@ -272,14 +279,12 @@ class OrganisationServer:
                 continue
             if not self._queue_hint:
                 return
-            if session.agent_id in refused:
+            if (session.agent_id, session.capacity) in refused:
                 continue
             self._idle.discard(sid)
-            lease = await self.committer.lease(
-                session.agent_id.hex(), time.time(), self.config.jobs.lease_seconds
-            )
+            lease = await self._lease_for(session)
             if lease is None:
-                refused.add(session.agent_id)
+                refused.add((session.agent_id, session.capacity))
                 self._idle.add(sid)
                 continue
             session = endpoint.session(sid)
@@ -289,10 +294,22 @@ class OrganisationServer:
                 continue
             self._start(session, lease)
         if refused and not any(
-            (s := endpoint.session(sid)) is not None and s.agent_id not in refused
+            (s := endpoint.session(sid)) is not None and (s.agent_id, s.capacity) not in refused
             for sid in self._idle
         ):
             self._queue_hint = False
+
+    def _lease_for(self, session: ServerSession) -> asyncio.Future[Lease | None]:
+        """A lease of a job within the session's declared capacity (or None)."""
+        return asyncio.ensure_future(
+            self.committer.lease(
+                session.agent_id.hex(),
+                time.time(),
+                self.config.jobs.lease_seconds,
+                capacity=session.capacity,
+                refusal_cap=self.config.jobs.refusals_per_hour,
+            )
+        )
 
     def _start(self, session: ServerSession, lease: Lease) -> None:
         assert self.endpoint is not None and self._adapter is not None
@@ -318,6 +335,7 @@ class OrganisationServer:
                 memory_bytes=limits.memory_bytes,
                 wall_seconds=max(1, int(limits.wall_seconds)),
                 output_bytes=limits.output_bytes,
+                disk_bytes=limits.disk_bytes,
             )
         )
         self.stats.leases += 1
@@ -359,6 +377,39 @@ class OrganisationServer:
     def _release_now(self, job: int, attempt: int, reason: str) -> bool:
         return self.store.release_lease(job, attempt, reason, now=time.time())
 
+    async def _refused(self, agent_id: bytes, job: int, attempt: int, again: bool) -> int | None:
+        """The lease holder refused its job: requeue it without charging its budget.
+
+        Returns the agent's refusals in the last hour, or None if it did not hold the lease.
+        """
+        agent, cap = agent_id.hex(), self.config.jobs.refusals_per_hour
+        count = await self.committer.run(self._refuse_now, agent, job, attempt, again)
+        if count is None:
+            return None
+        if count == cap:
+            logfmt.event(
+                log,
+                "refusal_cap_reached",
+                logging.WARNING,
+                agent=agent[:16],
+                refusals=count,
+                cap=cap,
+                window_s=int(REFUSAL_WINDOW),
+                action="no leases to this agent until its refusals in the last hour fall below cap",
+            )
+        self._queue_hint = True
+        self._spawn(self._assign())
+        return count
+
+    def _refuse_now(self, agent: str, job: int, attempt: int, again: bool) -> int | None:
+        reason = "handed back by the agent" if again else "refused by the agent"
+        try:
+            return self.store.refuse_lease(
+                job, attempt, agent, reason, now=time.time(), offer_again=again
+            )
+        except StoreError:
+            return None  # no such attempt: nothing this agent holds
+
     # ---- results in ----------------------------------------------------------
 
     def _held_by(self, key: tuple[int, int], agent_id: bytes) -> bool:
@@ -383,6 +434,8 @@ class OrganisationServer:
     async def _commit(self, e: ev.ResultComplete) -> None:
         key = (e.job, e.attempt)
         agent = e.agent_id.hex()
+        if e.status == REFUSED and await self._commit_refusal(e):
+            return
         if self._held_by(key, e.agent_id):
             self._drop_assignment(*key)
         sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
@@ -443,6 +496,22 @@ class OrganisationServer:
             self._queue_hint = True
             self._spawn(self._assign())
 
+    async def _commit_refusal(self, e: ev.ResultComplete) -> bool:
+        """A RESULT of status ``refused``: a refusal, not a failed run, if it is the
+        holder's (the store checks, so a spooled refusal resent after a server restart
+        counts too). False: not this agent's live lease; record it as any result."""
+        if await self._refused(e.agent_id, e.job, e.attempt, again=False) is None:
+            return False
+        logfmt.event(
+            log, "job_refused", logging.WARNING, job=e.job, attempt=e.attempt, message=e.detail
+        )
+        self._drop_assignment(e.job, e.attempt)
+        sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
+        if sink is not None:
+            await sink.abandon()
+        self._confirm(e, [(e.job, e.attempt)])  # the agent may drop it from its spool
+        return True
+
     def _prefetch(self, e: ev.ResultComplete) -> asyncio.Future[Lease | None] | None:
         session = self._session(e.session_id)
         if (
@@ -453,9 +522,7 @@ class OrganisationServer:
         ):
             return None
         self._prefetching.add(e.session_id)
-        return asyncio.ensure_future(
-            self.committer.lease(e.agent_id.hex(), time.time(), self.config.jobs.lease_seconds)
-        )
+        return self._lease_for(session)
 
     async def _use_prefetched(self, sid: int, prefetch: asyncio.Future[Lease | None]) -> None:
         try:

@@ -12,6 +12,7 @@ from typing import BinaryIO
 from vcomp.errors import StoreError
 from vcomp.server.sqlite_base import SqliteBase, SqliteBlobReader
 from vcomp.server.store import (
+    DEFAULT_DISK_BYTES,
     App,
     AppKind,
     AttemptRecord,
@@ -28,6 +29,7 @@ from vcomp.server.store_sqlite_schema import (
     MAX_ATTEMPTS,
     MAX_BLOB_BYTES,
     MAX_REPLICAS,
+    SQLITE_INT_MAX,
     U64,
     app_from_row,
     check_int,
@@ -175,6 +177,7 @@ class AppsMixin(SqliteBase):
         memory_bytes: int = 256 << 20,
         wall_seconds: float = 120.0,
         output_bytes: int = 1 << 20,
+        disk_bytes: int = DEFAULT_DISK_BYTES,
         deadline: float | None = None,
     ) -> int:
         quorum = replicas if quorum is None else quorum
@@ -185,14 +188,15 @@ class AppsMixin(SqliteBase):
         check_positive(wall_seconds, "wall_seconds")
         check_int(memory_bytes, "memory_bytes", 1, U64)
         check_int(output_bytes, "output_bytes", 0, MAX_BLOB_BYTES)
+        check_int(disk_bytes, "disk_bytes", 1, SQLITE_INT_MAX)
         if deadline is not None:
             check_positive(deadline, "deadline")
         app = self.get_app(app_name, app_version)
         with self._txn(write=True) as conn:
             cur = conn.execute(
                 "INSERT INTO batches (app_id, created_at, n_jobs, replicas, quorum, max_attempts, "
-                "cpu_seconds, memory_bytes, wall_seconds, output_bytes, deadline) "
-                "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "cpu_seconds, memory_bytes, wall_seconds, output_bytes, disk_bytes, deadline) "
+                "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     app.app_id,
                     self._clock(),
@@ -203,6 +207,7 @@ class AppsMixin(SqliteBase):
                     memory_bytes,
                     float(wall_seconds),
                     output_bytes,
+                    disk_bytes,
                     deadline,
                 ),
             )
@@ -237,7 +242,7 @@ class AppsMixin(SqliteBase):
         if batch is None:
             row = conn.execute(
                 "SELECT id, app_id, created_at, n_jobs, replicas, quorum, max_attempts, "
-                "cpu_seconds, memory_bytes, wall_seconds, output_bytes, deadline "
+                "cpu_seconds, memory_bytes, wall_seconds, output_bytes, deadline, disk_bytes "
                 "FROM batches WHERE id = ?",
                 (batch_id,),
             ).fetchone()
@@ -251,7 +256,9 @@ class AppsMixin(SqliteBase):
                 replicas=int(row[4]),
                 quorum=int(row[5]),
                 max_attempts=int(row[6]),
-                limits=JobLimits(float(row[7]), int(row[8]), float(row[9]), int(row[10])),
+                limits=JobLimits(
+                    float(row[7]), int(row[8]), float(row[9]), int(row[10]), int(row[12])
+                ),
                 deadline=None if row[11] is None else float(row[11]),
             )
             if batch.n_jobs > 0:  # not mid-creation: safe to cache

@@ -3,6 +3,7 @@ state from its replicas' results."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Sequence
 
@@ -10,6 +11,7 @@ from vcomp.errors import StoreError
 from vcomp.server.sqlite_agents import AgentsMixin
 from vcomp.server.sqlite_base import SqliteBlobReader
 from vcomp.server.store import (
+    REFUSAL_WINDOW,
     RESULT_OK,
     AttemptState,
     CandidateResult,
@@ -21,7 +23,30 @@ from vcomp.server.store import (
     is_disagreement,
     judge,
 )
-from vcomp.server.store_sqlite_schema import LEASE_PICK, check_finite, check_positive, check_text
+from vcomp.server.store_sqlite_schema import (
+    CHARGED_ATTEMPTS,
+    LEASE_PICK,
+    REFUSALS_SINCE,
+    SQLITE_INT_MAX,
+    check_finite,
+    check_positive,
+    check_text,
+)
+
+
+def _pick_args(request: LeaseRequest, agent_id: str) -> dict[str, object]:
+    cap = request.capacity
+    return {
+        "now": request.now,
+        "agent": agent_id,
+        "memory_bytes": min(cap.memory_bytes, SQLITE_INT_MAX),
+        "cpu_seconds": cap.cpu_seconds,
+        "wall_seconds": cap.wall_seconds,
+        "output_bytes": cap.output_bytes,
+        "disk_bytes": min(cap.disk_bytes, SQLITE_INT_MAX),
+        "job_bytes": cap.job_bytes,
+        "kinds": json.dumps(list(cap.kinds)),
+    }
 
 
 class LeasesMixin(AgentsMixin):
@@ -44,7 +69,10 @@ class LeasesMixin(AgentsMixin):
 
     def _lease_one(self, conn: sqlite3.Connection, request: LeaseRequest) -> Lease | None:
         agent_id = self._known_agent(conn, request.agent_id)
-        row = conn.execute(LEASE_PICK, (request.now, agent_id)).fetchone()
+        cap = request.refusal_cap
+        if cap is not None and self._refusals(conn, agent_id, request.now) >= cap:
+            return None
+        row = conn.execute(LEASE_PICK, _pick_args(request, agent_id)).fetchone()
         if row is None:
             return None
         job_id, batch_id, index, pending = int(row[0]), int(row[1]), int(row[2]), int(row[3])
@@ -110,6 +138,39 @@ class LeasesMixin(AgentsMixin):
             if not job_state.terminal:
                 self._fail_attempt(conn, job_id, f"released: {reason}", when)
             return True
+
+    def refuse_lease(
+        self,
+        job_id: int,
+        attempt: int,
+        agent_id: str,
+        reason: str,
+        *,
+        now: float,
+        offer_again: bool = False,
+    ) -> int | None:
+        """``agent_id`` refuses its live lease: requeue the job without charging it.
+
+        With ``offer_again`` false the job is never leased to this agent again.
+        Returns the agent's refusals in the last :data:`REFUSAL_WINDOW` seconds, this
+        one included, or None if the attempt is not this agent's live lease.
+        """
+        reason = check_text(reason, "reason")
+        check_finite(now, "now")
+        with self._txn(write=True) as conn:
+            agent_id = self._known_agent(conn, agent_id)
+            attempt_state, job_state, holder = self._attempt_row(conn, job_id, attempt)
+            if attempt_state is not AttemptState.LEASED or holder != agent_id:
+                return None
+            state = AttemptState.ABANDONED if offer_again else AttemptState.REFUSED
+            self._end_attempt(conn, job_id, attempt, state, now, reason)
+            if not job_state.terminal:
+                self._fail_attempt(conn, job_id, f"{state.value}: {reason}", now)
+            return self._refusals(conn, agent_id, now)
+
+    @staticmethod
+    def _refusals(conn: sqlite3.Connection, agent_id: str, now: float) -> int:
+        return int(conn.execute(REFUSALS_SINCE, (agent_id, now - REFUSAL_WINDOW)).fetchone()[0])
 
     def expire_leases(self, now: float) -> list[ExpiredLease]:
         """Requeue (or fail) every lease whose deadline has passed; fail jobs of
@@ -203,7 +264,7 @@ class LeasesMixin(AgentsMixin):
             budget=batch.attempt_budget,
             pending=int(row[2]),
             leased=int(row[3]),
-            attempts=int(row[4]),
+            attempts=int(conn.execute(CHARGED_ATTEMPTS, (job_id,)).fetchone()[0]),
             last_failure=row[5],
         )
         if verdict.state is JobState.DONE:

@@ -21,6 +21,15 @@ Replication (BOINC's redundant computing)
     issued after a disagreement all draw on it. When the budget can no longer produce a
     quorum the job fails with a recorded reason.
 
+Refusals and fit
+    A lease goes only to an agent whose declared :class:`JobCapacity` holds the batch's
+    limits and app kind. An agent that refuses its live lease (its job does not fit
+    after all, its sandbox failed, it hands the job back) costs the job nothing: the
+    attempt ends ``refused`` (never offered to that agent again) or ``abandoned``
+    (offered again later), neither draws on the budget, and each counts towards the
+    agent's refusals per :data:`REFUSAL_WINDOW`; at the request's ``refusal_cap`` the
+    agent gets no lease until older refusals leave the window.
+
 Results and stale attempts
     A result is idempotent on ``(job_id, attempt)``: the first one recorded wins, a resend
     is reported ``duplicate`` and changes nothing. A result for the live lease is
@@ -42,8 +51,11 @@ from types import TracebackType
 from typing import BinaryIO, Protocol
 
 from vcomp.errors import StoreError
+from vcomp.protocol.capacity import UNLIMITED, JobCapacity
 
 __all__ = [
+    "DEFAULT_DISK_BYTES",
+    "REFUSAL_WINDOW",
     "RESULT_OK",
     "AgentClock",
     "AgentRecord",
@@ -82,6 +94,10 @@ __all__ = [
 
 #: The ``status`` of a successful result; any other status is a failed attempt.
 RESULT_OK = "ok"
+#: A batch's job work-directory limit when its submitter sets none.
+DEFAULT_DISK_BYTES = 64 << 20
+#: Seconds over which an agent's refusals are counted against its cap.
+REFUSAL_WINDOW = 3600.0
 
 
 class AppKind(enum.StrEnum):
@@ -107,7 +123,9 @@ class AttemptState(enum.StrEnum):
     SUCCEEDED = "succeeded"  # an ok result arrived for it
     ERRORED = "errored"  # a result with a non-ok status arrived for it
     EXPIRED = "expired"  # the lease deadline passed
-    RELEASED = "released"  # handed back (RESET, shutdown, transfer failed)
+    RELEASED = "released"  # handed back (RESET, server-side transfer failure)
+    REFUSED = "refused"  # the agent refused it: not charged, never offered to it again
+    ABANDONED = "abandoned"  # the agent handed it back (shutdown): not charged
 
 
 class OutcomeKind(enum.StrEnum):
@@ -137,6 +155,7 @@ class JobLimits:
     memory_bytes: int
     wall_seconds: float
     output_bytes: int
+    disk_bytes: int = DEFAULT_DISK_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +212,8 @@ class LeaseRequest:
     agent_id: str
     now: float
     lease_seconds: float
+    capacity: JobCapacity = UNLIMITED  # only jobs within it
+    refusal_cap: int | None = None  # no lease once the agent refused this many per window
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +523,7 @@ class Store(Protocol):
         memory_bytes: int = 256 << 20,
         wall_seconds: float = 120.0,
         output_bytes: int = 1 << 20,
+        disk_bytes: int = DEFAULT_DISK_BYTES,
         deadline: float | None = None,
     ) -> int: ...
     def get_batch(self, batch_id: int) -> Batch: ...
@@ -521,6 +543,16 @@ class Store(Protocol):
     def release_lease(
         self, job_id: int, attempt: int, reason: str, *, now: float | None = None
     ) -> bool: ...
+    def refuse_lease(
+        self,
+        job_id: int,
+        attempt: int,
+        agent_id: str,
+        reason: str,
+        *,
+        now: float,
+        offer_again: bool = False,
+    ) -> int | None: ...
     def expire_leases(self, now: float) -> list[ExpiredLease]: ...
 
     # results

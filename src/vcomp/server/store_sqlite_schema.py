@@ -149,22 +149,50 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             agent_id TEXT NOT NULL REFERENCES agents(id),
             requested_at REAL NOT NULL)""",
     ),
+    (
+        # Batches made before disk_bytes existed get the default limit.
+        "ALTER TABLE batches ADD COLUMN disk_bytes INTEGER NOT NULL DEFAULT 67108864",
+        "CREATE INDEX attempts_refusals ON attempts(agent_id, ended_at) "
+        "WHERE state IN ('refused', 'abandoned')",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# The first queued job that fits the agent's capacity (START's numbers: whole
+# seconds) and that it neither holds, has done, nor has refused.
 LEASE_PICK = """
 SELECT j.id, j.batch_id, j.idx, j.pending, j.attempts, bl.size, bl.sha256
 FROM jobs AS j
 JOIN batches AS b ON b.id = j.batch_id
+JOIN apps AS ap ON ap.id = b.app_id
+JOIN blobs AS code ON code.id = ap.blob_id
 JOIN blobs AS bl ON bl.id = j.input_blob
 WHERE j.state = 'queued'
-  AND (b.deadline IS NULL OR b.deadline > ?)
+  AND (b.deadline IS NULL OR b.deadline > :now)
+  AND b.memory_bytes <= :memory_bytes
+  AND CAST(b.cpu_seconds AS INTEGER) <= :cpu_seconds
+  AND CAST(b.wall_seconds AS INTEGER) <= :wall_seconds
+  AND b.output_bytes <= :output_bytes
+  AND b.disk_bytes <= :disk_bytes
+  AND code.size + bl.size <= :job_bytes
+  AND ap.kind IN (SELECT value FROM json_each(:kinds))
   AND NOT EXISTS (
     SELECT 1 FROM attempts AS a
-    WHERE a.job_id = j.id AND a.agent_id = ? AND a.state IN ('leased', 'succeeded'))
+    WHERE a.job_id = j.id AND a.agent_id = :agent
+      AND a.state IN ('leased', 'succeeded', 'refused'))
 ORDER BY j.id
 LIMIT 1
 """
+REFUSALS_SINCE = (
+    "SELECT COUNT(*) FROM attempts WHERE agent_id = ? AND ended_at > ? "
+    "AND state IN ('refused', 'abandoned')"
+)
+#: Attempts that drew on a job's budget: every lease but the agents' refusals.
+CHARGED_ATTEMPTS = (
+    "SELECT j.attempts - (SELECT COUNT(*) FROM attempts AS a WHERE a.job_id = j.id "
+    "AND a.state IN ('refused', 'abandoned')) FROM jobs AS j WHERE j.id = ?"
+)
+SQLITE_INT_MAX = (1 << 63) - 1
 APP_SELECT = (
     "SELECT a.id, a.name, a.version, a.kind, b.size, b.sha256, a.created_at "
     "FROM apps AS a JOIN blobs AS b ON b.id = a.blob_id"
