@@ -76,9 +76,16 @@ def build_root(
     private. On failure before the pivot, nothing of the new root stays mounted.
     """
     staging = _staging_dir()
-    mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, ROOT_TMPFS)
+    # Opened before the staging tmpfs covers its directory, which may hold some of them.
+    sources = _open_sources([*SYSTEM_DIRS, *binds])
+    etc = _read_etc()
     try:
-        bound = _populate(staging, binds, new_proc, uid, gid)
+        mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, ROOT_TMPFS)
+    except BaseException:
+        _close(sources)
+        raise
+    try:
+        bound = _populate(staging, sources, etc, new_proc, uid, gid)
         mount(None, staging, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
         os.chdir(staging)
         pivot_root(".", ".")
@@ -87,6 +94,8 @@ def build_root(
             os.chdir("/")
             umount2(staging, MNT_DETACH)
         raise
+    finally:
+        _close(sources)
     # The old root now sits on top of the new one: detach it and everything below it.
     umount2(".", MNT_DETACH)
     os.chdir("/")
@@ -112,19 +121,65 @@ def _staging_dir() -> str:
     raise OSError(2, "no directory to assemble the new root on: " + ",".join(STAGING_DIRS))
 
 
-def _populate(root: str, binds: Iterable[str], new_proc: bool, uid: int, gid: int) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class _Source:
+    path: str  # where it goes in the new root
+    fd: int  # an O_PATH descriptor of the host's file
+    link: str | None  # the target, for a symlink (recreated, not mounted)
+    is_dir: bool
+
+
+def _open_sources(paths: Iterable[str]) -> list[_Source]:
+    """The host files to expose, each once: system dirs as they are (a merged-/usr
+    symlink stays a symlink), the rest by their real path, nothing below another.
+    """
+    sources: list[_Source] = []
+    wanted = [p for p in SYSTEM_DIRS if os.path.lexists(p)]
+    wanted += sorted({os.path.realpath(p) for p in paths} - set(SYSTEM_DIRS), key=len)
+    try:
+        for path in wanted:
+            if any(_within(path, s.path) for s in sources if s.link is None):
+                continue
+            link = os.readlink(path) if os.path.islink(path) else None
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue  # absent here: nothing to expose
+            sources.append(_Source(path, fd, link, os.path.isdir(path) and link is None))
+    except BaseException:
+        _close(sources)
+        raise
+    return sources
+
+
+def _close(sources: list[_Source]) -> None:
+    for source in sources:
+        with contextlib.suppress(OSError):
+            os.close(source.fd)
+
+
+def _read_etc() -> dict[str, bytes]:
+    found = {}
+    for name in ETC_COPIED:
+        with contextlib.suppress(OSError), open("/etc/" + name, "rb") as src:
+            data = src.read(MAX_ETC_FILE + 1)
+            if len(data) <= MAX_ETC_FILE:
+                found[name] = data
+    return found
+
+
+def _populate(
+    root: str, sources: list[_Source], etc: dict[str, bytes], new_proc: bool, uid: int, gid: int
+) -> list[str]:
     exposed: list[str] = []
-    for path in SYSTEM_DIRS:
-        if os.path.islink(path):
-            os.symlink(os.readlink(path), root + path)
-        elif os.path.isdir(path):
-            _bind_ro(path, root + path)
-            exposed.append(path)
-    for path in sorted(dict.fromkeys(os.path.realpath(p) for p in binds), key=len):
-        if os.path.exists(path) and not any(_within(path, done) for done in exposed):
-            _bind_ro(path, root + path)
-            exposed.append(path)
-    _make_etc(root + "/etc", uid, gid)
+    for source in sources:
+        if source.link is not None:
+            os.makedirs(os.path.dirname(root + source.path), mode=0o755, exist_ok=True)
+            os.symlink(source.link, root + source.path)
+        else:
+            _bind_ro(f"/proc/self/fd/{source.fd}", root + source.path, is_dir=source.is_dir)
+            exposed.append(source.path)
+    _make_etc(root + "/etc", etc, uid, gid)
     _make_dev(root + "/dev")
     os.mkdir(root + "/proc", 0o555)
     if new_proc:
@@ -139,8 +194,8 @@ def _within(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def _bind_ro(source: str, target: str) -> None:
-    if os.path.isdir(source):
+def _bind_ro(source: str, target: str, *, is_dir: bool) -> None:
+    if is_dir:
         os.makedirs(target, mode=0o755, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
@@ -164,15 +219,11 @@ def _kept_flags(path: str) -> int:
     return flags | MS_STRICTATIME
 
 
-def _make_etc(etc: str, uid: int, gid: int) -> None:
+def _make_etc(etc: str, copied: dict[str, bytes], uid: int, gid: int) -> None:
     """Only what the job kinds read; machine-id, hosts, the real passwd stay out."""
     os.mkdir(etc, 0o755)
-    for name in ETC_COPIED:
-        with contextlib.suppress(FileNotFoundError):
-            with open("/etc/" + name, "rb") as src:
-                data = src.read(MAX_ETC_FILE + 1)
-            if len(data) <= MAX_ETC_FILE:
-                _write_file(f"{etc}/{name}", data)
+    for name, data in copied.items():
+        _write_file(f"{etc}/{name}", data)
     _write_file(f"{etc}/passwd", f"job:x:{uid}:{gid}:vcomp job:{JOB_DIR}:/bin/false\n".encode())
     _write_file(f"{etc}/group", f"job:x:{gid}:\n".encode())
 
