@@ -83,6 +83,7 @@ class VolunteerLimits:
     max_memory_bytes: int = 2048 * MiB
     max_wall_seconds: float = 7200.0
     max_output_bytes: int = 64 * MiB
+    max_disk_bytes: int = 1024 * MiB  # the job's work dir, a tmpfs: it takes RAM
 
     def __post_init__(self) -> None:
         _check_int("max_job_bytes", self.max_job_bytes, 1, 1 << 40)
@@ -91,6 +92,7 @@ class VolunteerLimits:
         if not 0 < self.max_wall_seconds < float("inf"):
             raise ConfigError(f"max_wall_seconds must be positive, got {self.max_wall_seconds}")
         _check_int("max_output_bytes", self.max_output_bytes, 0, limits.MAX_RESULT_SIZE)
+        _check_int("max_disk_bytes", self.max_disk_bytes, 1, 1 << 46)
 
     def refusal(
         self,
@@ -100,6 +102,7 @@ class VolunteerLimits:
         memory_bytes: int,
         wall_seconds: float,
         output_bytes: int,
+        disk_bytes: int = 0,
     ) -> str | None:
         """Why this volunteer refuses a job with these needs, or None if it fits."""
         checks = (
@@ -108,6 +111,7 @@ class VolunteerLimits:
             ("memory_bytes", memory_bytes, self.max_memory_bytes),
             ("wall_seconds", wall_seconds, self.max_wall_seconds),
             ("output_bytes", output_bytes, self.max_output_bytes),
+            ("disk_bytes", disk_bytes, self.max_disk_bytes),
         )
         for what, wanted, allowed in checks:
             if wanted > allowed:
@@ -337,6 +341,7 @@ def load_agent_config(path: Path) -> AgentConfig:
             max_memory_bytes=lim.integer("max_memory_bytes", d.max_memory_bytes),
             max_wall_seconds=lim.number("max_wall_seconds", d.max_wall_seconds),
             max_output_bytes=lim.integer("max_output_bytes", d.max_output_bytes),
+            max_disk_bytes=lim.integer("max_disk_bytes", d.max_disk_bytes),
         )
         lim.finish()
         sb = Table(doc, "sandbox")
@@ -413,6 +418,7 @@ def render_agent_toml(config: AgentConfig) -> str:
         f"max_memory_bytes = {lim.max_memory_bytes}",
         f"max_wall_seconds = {_number(lim.max_wall_seconds)}",
         f"max_output_bytes = {lim.max_output_bytes}",
+        f"max_disk_bytes = {lim.max_disk_bytes}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -346,7 +346,10 @@ async def test_inode_fill_stops_at_nr_inodes(sandbox: Sandbox, no_leftover_workd
     limits = dataclasses.replace(SHORT, disk_bytes=1 << 20)
     data = json.dumps([5000, 0]).encode()  # empty files until the target count
     outcome, seen = await run_with_probe(
-        sandbox, job(FILL.replace("written < target", "files < target")), data, limits,
+        sandbox,
+        job(FILL.replace("written < target", "files < target")),
+        data,
+        limits,
         lambda: host_usage(sandbox.work_root),
     )
     assert outcome.kind is OutcomeKind.OK, outcome

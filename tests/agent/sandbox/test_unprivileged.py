@@ -126,4 +126,6 @@ def _run_as_nobody(setpriv: str, python: str, base: Path) -> None:
     assert report["bomb"] == "ok" and int(report["bomb_result"]) < 8
     assert report["protections"]["unprivileged_uid"] == "active"
     assert report["protections"]["seccomp"] == "active"
+    for name in ("minimal_root", "tmpfs_workdir", "no_ptmx", "private_proc"):
+        assert report["protections"][name] == "active", name  # a user namespace can mount
     _ = sys

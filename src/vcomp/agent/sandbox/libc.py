@@ -125,8 +125,8 @@ def umount2(target: str, flags: int) -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     if SYS_PIVOT_ROOT is None:
         raise OSError(38, f"pivot_root: unknown syscall number on {MACHINE}")
-    number = ctypes.c_long(SYS_PIVOT_ROOT)
-    _check(int(_syscall(number, ctypes.c_char_p(new_root.encode()), ctypes.c_char_p(put_old.encode()))))
+    new, old = ctypes.c_char_p(new_root.encode()), ctypes.c_char_p(put_old.encode())
+    _check(int(_syscall(ctypes.c_long(SYS_PIVOT_ROOT), new, old)))
 
 
 def sethostname(name: str) -> None:

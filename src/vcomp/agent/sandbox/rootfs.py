@@ -69,9 +69,7 @@ class RootResult:
     private_proc: bool
 
 
-def build_root(
-    *, binds: Iterable[str], new_proc: bool, uid: int, gid: int
-) -> RootResult:
+def build_root(*, binds: Iterable[str], new_proc: bool, uid: int, gid: int) -> RootResult:
     """Assemble the minimal root and pivot into it. The caller's mounts must already be
     private. On failure before the pivot, nothing of the new root stays mounted.
     """
