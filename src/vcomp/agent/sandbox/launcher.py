@@ -276,8 +276,8 @@ def init_main(
         minimal = _isolate_early(plan, report, pid_ns=pid_ns, mount_ns=mount_ns, hidden=hidden)
         if job is None:
             job = _receive_job(plan)
-        job = _isolate_job(plan, job, report, mount_ns=mount_ns, minimal_root=minimal)
-        exec_path, status_w = _isolate_late(plan, job, report)
+        job, on_tmpfs = _isolate_job(plan, job, report, mount_ns=mount_ns, minimal_root=minimal)
+        exec_path, status_w = _isolate_late(plan, job, report, by_path=on_tmpfs)
         if plan.dry_run:
             report.done()
             os._exit(0)
@@ -310,12 +310,12 @@ def _receive_job(plan: LaunchPlan) -> JobSpec:
     return JobSpec.from_message(data, fds)
 
 
-def _enter_workdir(job: JobSpec, *, minimal_root: bool) -> None:
+def _enter_workdir(job: JobSpec, *, by_path: bool) -> None:
     """cd by path when the path leads to the same directory (it may sit below a hidden
-    path, re-exposed by a bind mount), so getcwd() works; else by descriptor. In the
-    minimal root the host's directory is out of reach on purpose: only the path counts.
+    path, re-exposed by a bind mount), so getcwd() works; else by descriptor. With the
+    tmpfs work dir mounted, the host's directory is covered on purpose: only the path counts.
     """
-    if minimal_root:
+    if by_path:
         os.chdir(job.workdir_path)
         return
     want = os.fstat(job.workdir_fd)
@@ -410,10 +410,12 @@ def _report_proc(report: _Reporter, *, pid_ns: bool, own_root: bool, hidden: str
 
 def _isolate_job(
     plan: LaunchPlan, job: JobSpec, report: _Reporter, *, mount_ns: bool, minimal_root: bool
-) -> JobSpec:
+) -> tuple[JobSpec, bool]:
     """The job's tmpfs work dir (sized by its limits), then the identity drop, which
-    takes away the privilege to mount. Returns the job as seen from inside.
+    takes away the privilege to mount. Returns the job as seen from inside, and whether
+    its work dir is the tmpfs.
     """
+    on_tmpfs = False
     if mount_ns:
         target = rootfs.JOB_DIR if minimal_root else job.workdir_path
         uid, gid = (plan.job_uid, plan.job_gid) if plan.privileged else (os.getuid(), os.getgid())
@@ -421,6 +423,7 @@ def _isolate_job(
             inodes = rootfs.mount_workdir(target, job.limits.disk_bytes, uid, gid)
             size = f"{job.limits.disk_bytes} bytes, {inodes} inodes at {target}"
             report.protection("tmpfs_workdir", "active", size)
+            on_tmpfs = True
             if minimal_root:
                 env = {**job.env, "HOME": target, "TMPDIR": target}
                 job = dataclasses.replace(job, env=env, workdir_path=target)
@@ -433,7 +436,7 @@ def _isolate_job(
             "tmpfs_workdir", "unavailable", "no private mount namespace: the host's disk"
         )
     _drop_identity(plan, report)
-    return job
+    return job, on_tmpfs
 
 
 def _drop_identity(plan: LaunchPlan, report: _Reporter) -> None:
@@ -460,12 +463,14 @@ def _drop_identity(plan: LaunchPlan, report: _Reporter) -> None:
         report.protection("unprivileged_uid", "active", f"uid {uid} (the agent's own, not root)")
 
 
-def _isolate_late(plan: LaunchPlan, job: JobSpec, report: _Reporter) -> tuple[str, int]:
+def _isolate_late(
+    plan: LaunchPlan, job: JobSpec, report: _Reporter, *, by_path: bool
+) -> tuple[str, int]:
     """The job's descriptors, directory and the irreversible restrictions.
 
     Returns the path to exec and the status fd.
     """
-    _enter_workdir(job, minimal_root=job.workdir_path == rootfs.JOB_DIR)
+    _enter_workdir(job, by_path=by_path)
     targets = {
         0: os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC),
         1: job.job_stdout,

@@ -87,10 +87,12 @@ KILL_GRACE = 5.0  # how long to wait for a killed tree to be reaped
 class Sandbox:
     """Runs one job at a time as an isolated, limited process tree.
 
+    The job runs in a minimal root (``rootfs``): the system directories, the
+    interpreter's and ``read_paths`` (extra directories the job may read), read-only,
+    and its work dir, a tmpfs of ``limits.disk_bytes``. Where that root cannot be built,
     ``hidden_paths`` (the agent's state and key directories, for instance) are covered
     by empty read-only tmpfs mounts inside the job's mount namespace; ``/tmp``,
     ``/run``, ``/home``, ``/root`` and the agent's home are always covered.
-    ``read_paths`` are extra directories the job may read (Landlock).
 
     With ``prespawn`` (the default), after each job the sandbox forks the launcher for
     the next one, which isolates itself (namespaces, mounts, identity) and waits; the
