@@ -127,3 +127,21 @@ def test_fallback_hides_paths_when_no_root_is_wanted() -> None:
         return {"root": result.root is None, "error": result.root_error, "mnt": os.listdir("/mnt")}
 
     assert in_child(probe) == {"root": True, "error": "not requested", "mnt": []}
+
+
+def test_a_bind_below_another_on_its_own_filesystem_is_kept(tmp_path: Path) -> None:
+    inner = tmp_path / "outer" / "inner"
+    inner.mkdir(parents=True)
+
+    def probe() -> list[object]:
+        private_mounts()
+        mount("tmpfs", str(inner), "tmpfs", 0, "size=64k")  # e.g. /usr/local on its own disk
+        (inner / "python").write_text("interpreter")
+        result = rootfs.build_root(
+            binds=[str(inner.parent), str(inner)], new_proc=False, uid=1, gid=1
+        )
+        return [list(result.binds), (inner / "python").read_text()]
+
+    binds, text = in_child(probe)  # type: ignore[misc]
+    assert text == "interpreter"
+    assert str(inner) in binds and str(inner.parent) in binds

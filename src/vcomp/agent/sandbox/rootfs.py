@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -125,25 +126,30 @@ class _Source:
     fd: int  # an O_PATH descriptor of the host's file
     link: str | None  # the target, for a symlink (recreated, not mounted)
     is_dir: bool
+    dev: int
 
 
 def _open_sources(paths: Iterable[str]) -> list[_Source]:
     """The host files to expose, each once: system dirs as they are (a merged-/usr
-    symlink stays a symlink), the rest by their real path, nothing below another.
+    symlink stays a symlink), the rest by their real path; nothing below another on
+    the same filesystem (the bind of the upper one shows it; a submount it does not).
     """
     sources: list[_Source] = []
     wanted = [p for p in SYSTEM_DIRS if os.path.lexists(p)]
     wanted += sorted({os.path.realpath(p) for p in paths} - set(SYSTEM_DIRS), key=len)
     try:
         for path in wanted:
-            if any(_within(path, s.path) for s in sources if s.link is None):
-                continue
-            link = os.readlink(path) if os.path.islink(path) else None
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError:
                 continue  # absent here: nothing to expose
-            sources.append(_Source(path, fd, link, os.path.isdir(path) and link is None))
+            st = os.fstat(fd)
+            if any(_within(path, s.path) and s.dev == st.st_dev for s in sources if not s.link):
+                os.close(fd)
+                continue
+            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            is_dir = stat.S_ISDIR(st.st_mode)
+            sources.append(_Source(path, fd, link, is_dir, st.st_dev))
     except BaseException:
         _close(sources)
         raise
