@@ -454,6 +454,7 @@ results = {}
 attempt("machine_id", lambda: open("/etc/machine-id", "rb").read())
 attempt("dbus_machine_id", lambda: open("/var/lib/dbus/machine-id", "rb").read())
 attempt("init_environ", lambda: open("/proc/1/environ", "rb").read())
+results["boot_id"] = open("/proc/sys/kernel/random/boot_id").read()
 results["init_cmdline"] = open("/proc/1/cmdline", "rb").read().decode("utf-8", "replace")
 results["mountinfo"] = open("/proc/self/mountinfo").read()
 return json.dumps(results).encode()
@@ -465,6 +466,7 @@ return json.dumps(results).encode()
     agent_argv = Path("/proc/self/cmdline").read_bytes().decode().split("\0")
     cmdline = results.pop("init_cmdline")
     assert [a for a in agent_argv if len(a) > 3 and a in cmdline] == [], cmdline
+    assert results.pop("boot_id") == "", "the host's boot id, which identifies it like machine-id"
     mountinfo = results.pop("mountinfo")
     mount_points = {line.split()[4] for line in mountinfo.splitlines()}
     assert str(sandbox.work_root) not in mountinfo

@@ -51,6 +51,8 @@ DEV_LINKS = {
     "stdout": "/proc/self/fd/1",
     "stderr": "/proc/self/fd/2",
 }
+# Identifies the host across jobs like /etc/machine-id (until the next boot): covered.
+PROC_MASKED = ("sys/kernel/random/boot_id",)
 ETC_COPIED = ("ld.so.cache",)  # without it the linker misses multiarch library dirs
 MAX_ETC_FILE = 4 << 20
 ROOT_TMPFS = "size=8m,nr_inodes=1024,mode=755"
@@ -188,6 +190,9 @@ def _populate(
     os.mkdir(root + "/proc", 0o555)
     if new_proc:
         mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        for name in PROC_MASKED:
+            if os.path.exists(f"{root}/proc/{name}"):
+                mount(f"{root}/dev/null", f"{root}/proc/{name}", None, MS_BIND, None)
     else:  # the host's, as before: without a pid namespace there is no private one
         mount("/proc", root + "/proc", None, MS_BIND | MS_REC, None)
     os.mkdir(root + JOB_DIR, 0o755)
