@@ -272,8 +272,10 @@ def init_main(
     """
     status = EXIT_SETUP_FAILED
     try:
-        hidden = _hide_agent_argv(report)
-        minimal = _isolate_early(plan, report, pid_ns=pid_ns, mount_ns=mount_ns, hidden=hidden)
+        argv_note = _hide_agent_argv(report)
+        minimal = _isolate_early(
+            plan, report, pid_ns=pid_ns, mount_ns=mount_ns, argv_note=argv_note
+        )
         if job is None:
             job = _receive_job(plan)
         job, on_tmpfs = _isolate_job(plan, job, report, mount_ns=mount_ns, minimal_root=minimal)
@@ -353,7 +355,7 @@ def _hide_agent_argv(report: _Reporter) -> str:
 
 
 def _isolate_early(
-    plan: LaunchPlan, report: _Reporter, *, pid_ns: bool, mount_ns: bool, hidden: str
+    plan: LaunchPlan, report: _Reporter, *, pid_ns: bool, mount_ns: bool, argv_note: str
 ) -> bool:
     """The job-independent part: the mounts (done ahead when prepared).
 
@@ -365,7 +367,7 @@ def _isolate_early(
         report.protection("hidden_paths", "unavailable", why)
         report.protection("minimal_root", "unavailable", f"{why}: the job sees the host's root")
         report.protection("no_ptmx", "unavailable", f"{why}: the host's /dev/ptmx is reachable")
-        _report_proc(report, pid_ns=pid_ns, own_root=False, hidden=hidden)
+        _report_proc(report, pid_ns=pid_ns, own_root=False, argv_note=argv_note)
         return False
     try:
         result = isolation.setup_mounts(
@@ -380,13 +382,14 @@ def _isolate_early(
         report.protection("hidden_paths", "failed", f"mount: {exc.strerror}")
         report.protection("minimal_root", "failed", f"mount: {exc.strerror}")
         report.protection("no_ptmx", "failed", "no minimal root: the host's /dev is reachable")
-        _report_proc(report, pid_ns=False, own_root=False, hidden=hidden)
+        if argv_note:
+            report.protection("private_proc", "failed", f"mount: {exc.strerror}")
         return False
     if result.root is not None:
         report.protection("minimal_root", "active", "read-only: " + ",".join(result.root.binds))
         report.protection("hidden_paths", "active", "everything outside the minimal root")
         report.protection("no_ptmx", "active", "/dev holds " + ",".join(rootfs.DEVICES))
-        _report_proc(report, pid_ns=pid_ns, own_root=True, hidden=hidden)
+        _report_proc(report, pid_ns=pid_ns, own_root=True, argv_note=argv_note)
         return True
     reason = "covered: " + ",".join(result.hidden)
     if result.missing:
@@ -394,18 +397,20 @@ def _isolate_early(
     report.protection("hidden_paths", "active", reason)
     report.protection("minimal_root", "failed", f"{result.root_error}; host root, paths hidden")
     report.protection("no_ptmx", "failed", "no minimal root: the host's /dev/ptmx is reachable")
-    _report_proc(report, pid_ns=pid_ns, own_root=False, hidden=hidden)
+    _report_proc(report, pid_ns=pid_ns, own_root=False, argv_note=argv_note)
     return False
 
 
-def _report_proc(report: _Reporter, *, pid_ns: bool, own_root: bool, hidden: str) -> None:
-    if not hidden:
+def _report_proc(report: _Reporter, *, pid_ns: bool, own_root: bool, argv_note: str) -> None:
+    if not argv_note:
         return  # already reported as failed
     if pid_ns:
         where = "in the minimal root" if own_root else "over the host's /proc"
-        report.protection("private_proc", "active", f"the pid namespace's own, {where}; {hidden}")
+        report.protection(
+            "private_proc", "active", f"the pid namespace's own, {where}; {argv_note}"
+        )
     else:
-        report.protection("private_proc", "unavailable", f"no pid namespace; {hidden}")
+        report.protection("private_proc", "unavailable", f"no pid namespace; {argv_note}")
 
 
 def _isolate_job(
