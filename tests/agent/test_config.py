@@ -234,3 +234,17 @@ def test_capacity_declares_the_volunteer_limits() -> None:
     assert cap.cpu_seconds == limits.max_cpu_seconds
     assert cap.job_bytes == limits.max_job_bytes
     assert set(cap.kinds) == {"python", "exec"}
+
+
+def test_volunteer_limits_refuse_a_work_dir_over_max_disk_bytes(tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").write_text(
+        render_agent_toml(AgentConfig(home=tmp_path, name="a", server="127.0.0.1:9")).replace(
+            "max_disk_bytes = 1073741824", "max_disk_bytes = 1048576"
+        )
+    )
+    limits = load_agent_config(tmp_path).limits
+    assert limits.max_disk_bytes == 1 << 20
+    fits = dict(job_bytes=1, cpu_seconds=1, memory_bytes=1, wall_seconds=1.0, output_bytes=1)
+    assert limits.refusal(**fits, disk_bytes=1 << 20) is None  # type: ignore[arg-type]
+    reason = limits.refusal(**fits, disk_bytes=(1 << 20) + 1)  # type: ignore[arg-type]
+    assert reason == "disk_bytes 1048577 above this volunteer's limit 1048576"

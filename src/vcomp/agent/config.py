@@ -84,7 +84,7 @@ class VolunteerLimits:
     max_memory_bytes: int = 2048 * MiB
     max_wall_seconds: float = 7200.0
     max_output_bytes: int = 64 * MiB
-    max_disk_bytes: int = 1024 * MiB
+    max_disk_bytes: int = 1024 * MiB  # the job's work dir, a tmpfs: it takes RAM
 
     def __post_init__(self) -> None:
         _check_int("max_job_bytes", self.max_job_bytes, 1, 1 << 40)

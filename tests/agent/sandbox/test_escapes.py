@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import os
 import resource
@@ -18,13 +19,13 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from vcomp.agent.modes import ExecutionMode
-from vcomp.agent.sandbox import JobLimits, OutcomeKind, Sandbox
+from vcomp.agent.sandbox import JobLimits, JobOutcome, OutcomeKind, Sandbox
 from vcomp.domain import encode_frame, encode_result
 
 from .conftest import LIMITS, assert_still_works, job, processes_with, run_python
@@ -232,10 +233,13 @@ return json.dumps(results).encode()
 async def test_hidden_state_dir_is_empty_inside(tmp_path: Path, agent_state: Path) -> None:
     # Without Landlock, so that the mount alone is what keeps the files out of sight.
     sandbox = Sandbox(work_root=tmp_path / "work", hidden_paths=[agent_state], use_landlock=False)
-    code = job("return json.dumps(os.listdir(data.decode())).encode()")
+    code = job("""
+path = data.decode()
+return json.dumps(os.listdir(path) if os.path.exists(path) else "absent").encode()
+""")
     outcome = await run_python(sandbox, code, str(agent_state).encode())
     assert outcome.kind is OutcomeKind.OK, outcome
-    assert json.loads(outcome.result or b"") == []
+    assert json.loads(outcome.result or b"") in ([], "absent")  # "absent": the minimal root
 
 
 async def test_network_is_unreachable(sandbox: Sandbox) -> None:
@@ -277,6 +281,200 @@ return json.dumps(results).encode()
     finally:
         tcp.close()
         udp.close()
+    await assert_still_works(sandbox)
+
+
+# --- issue 13: disk, host sockets, host ptys, leaks -----------------------------------
+
+
+def host_usage(root: Path) -> tuple[int, int]:
+    """(bytes, files) under ``root`` as the host sees them."""
+    size = count = 0
+    for dirpath, _dirs, filenames in os.walk(root):
+        for name in filenames:
+            count += 1
+            size += os.lstat(os.path.join(dirpath, name)).st_size
+    return size, count
+
+
+async def run_with_probe(
+    sandbox: Sandbox, code: bytes, data: bytes, limits: JobLimits, probe: Callable[[], object]
+) -> tuple[JobOutcome, list[object]]:
+    """Run a job that sends PROGRESS once it has done its harm (then lingers a moment);
+    ``probe`` measures the host's side at that moment.
+    """
+    seen: list[object] = []
+    outcome = await sandbox.run(
+        kind="python",
+        code=code,
+        input=data,
+        limits=limits,
+        on_progress=lambda _f: seen.append(probe()) if not seen else None,
+    )
+    return outcome, seen
+
+
+FILL = """
+target, chunk = json.loads(data)
+written, files, err = 0, 0, None
+try:
+    while written < target:
+        with open(f"f{files}", "wb") as f:
+            files += 1
+            f.write(b"x" * chunk)
+        written += chunk
+except OSError as exc:
+    err = exc.errno
+progress(0.5)
+time.sleep(1)
+return json.dumps({"written": written, "files": files, "errno": err}).encode()
+"""
+
+
+async def test_disk_fill_stops_at_disk_bytes(sandbox: Sandbox, no_leftover_workdirs: None) -> None:
+    limits = dataclasses.replace(SHORT, disk_bytes=8 << 20)
+    data = json.dumps([64 << 20, 1 << 20]).encode()
+    outcome, seen = await run_with_probe(
+        sandbox, job(FILL), data, limits, lambda: host_usage(sandbox.work_root)
+    )
+    assert outcome.kind is OutcomeKind.OK, outcome
+    report = json.loads(outcome.result or b"")
+    assert seen == [(0, 0)], ("bytes and files the job put on the host's disk", report)
+    assert report["errno"] == errno.ENOSPC, report
+    assert report["written"] <= limits.disk_bytes, report
+    await assert_still_works(sandbox)
+
+
+async def test_inode_fill_stops_at_nr_inodes(sandbox: Sandbox, no_leftover_workdirs: None) -> None:
+    limits = dataclasses.replace(SHORT, disk_bytes=1 << 20)
+    data = json.dumps([5000, 0]).encode()  # empty files until the target count
+    outcome, seen = await run_with_probe(
+        sandbox,
+        job(FILL.replace("written < target", "files < target")),
+        data,
+        limits,
+        lambda: host_usage(sandbox.work_root),
+    )
+    assert outcome.kind is OutcomeKind.OK, outcome
+    report = json.loads(outcome.result or b"")
+    assert seen == [(0, 0)], "bytes and files the job put on the host's disk"
+    assert report["errno"] == errno.ENOSPC, report
+    assert report["files"] <= 64, report  # 1 MiB at one inode per 16 KiB
+    await assert_still_works(sandbox)
+
+
+@pytest.fixture
+def host_service() -> Iterator[tuple[str, list[object]]]:
+    """A host service on a pathname socket anyone may connect to (mode 0777, under
+    /var/lib, outside every hidden path); yields its path and the peers it accepted.
+    """
+    root = Path("/var/lib") / f"vcomp-test-{secrets.token_hex(4)}"
+    root.mkdir()
+    os.chmod(root, 0o777)
+    path = str(root / "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o777)
+    listener.listen(8)
+    listener.settimeout(0.1)
+    peers: list[object] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                peers.append(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                conn.sendall(b"hello from the host")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path, peers
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+        shutil.rmtree(root)
+
+
+async def test_host_unix_socket_is_unreachable(
+    sandbox: Sandbox, host_service: tuple[str, list[object]]
+) -> None:
+    path, peers = host_service
+    code = job(
+        TRY
+        + """
+results = {}
+def talk():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    s.connect(data.decode())
+    results["reply"] = s.recv(64).decode()
+attempt("connect", talk)
+return json.dumps(results).encode()
+"""
+    )
+    outcome = await run_python(sandbox, code, path.encode())
+    assert outcome.kind is OutcomeKind.OK, outcome
+    assert peers == [], "connections the host service accepted from the job"
+    assert "reply" not in attempts(outcome.result), outcome.result
+    await assert_still_works(sandbox)
+
+
+def host_ptys() -> int:
+    return int(Path("/proc/sys/kernel/pty/nr").read_text())
+
+
+async def test_host_ptys_cannot_be_taken(sandbox: Sandbox) -> None:
+    before = host_ptys()
+    code = job("""
+fds, err = [], None
+try:
+    while len(fds) < 40:
+        fds.append(os.open("/dev/ptmx", os.O_RDONLY | os.O_NOCTTY))  # as read, Landlock allows it
+except OSError as exc:
+    err = exc.errno
+progress(0.5)
+time.sleep(1)
+return json.dumps({"opened": len(fds), "errno": err}).encode()
+""")
+    outcome, seen = await run_with_probe(sandbox, code, b"", SHORT, host_ptys)
+    assert outcome.kind is OutcomeKind.OK, outcome
+    assert seen == [before], "the host's pty count while the job held its ptys"
+    assert json.loads(outcome.result or b"")["opened"] == 0
+    await assert_still_works(sandbox)
+
+
+async def test_no_agent_argv_host_mounts_or_machine_id(sandbox: Sandbox) -> None:
+    code = job(
+        TRY
+        + """
+results = {}
+attempt("machine_id", lambda: open("/etc/machine-id", "rb").read())
+attempt("dbus_machine_id", lambda: open("/var/lib/dbus/machine-id", "rb").read())
+attempt("init_environ", lambda: open("/proc/1/environ", "rb").read())
+results["boot_id"] = open("/proc/sys/kernel/random/boot_id").read()
+results["init_cmdline"] = open("/proc/1/cmdline", "rb").read().decode("utf-8", "replace")
+results["mountinfo"] = open("/proc/self/mountinfo").read()
+return json.dumps(results).encode()
+"""
+    )
+    outcome = await run_python(sandbox, code)
+    assert outcome.kind is OutcomeKind.OK, outcome
+    results = attempts(outcome.result)
+    agent_argv = Path("/proc/self/cmdline").read_bytes().decode().split("\0")
+    cmdline = results.pop("init_cmdline")
+    assert [a for a in agent_argv if len(a) > 3 and a in cmdline] == [], cmdline
+    assert results.pop("boot_id") == "", "the host's boot id, which identifies it like machine-id"
+    mountinfo = results.pop("mountinfo")
+    mount_points = {line.split()[4] for line in mountinfo.splitlines()}
+    assert str(sandbox.work_root) not in mountinfo
+    assert mount_points.isdisjoint({"/home", "/root", "/tmp", "/run", os.path.expanduser("~")})
+    assert all(r != "succeeded" for r in results.values()), results
     await assert_still_works(sandbox)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import sys
 
 import pytest
 
@@ -87,4 +88,28 @@ def test_namespaces_and_mounts_as_root(tmp_path: object) -> None:
         "hidden": ["/mnt"],
         "missing": ["/nonexistent-path"],
         "mnt": [],
+    }
+
+
+def test_hide_argv_overwrites_what_proc_shows() -> None:
+    def probe() -> dict[str, object]:
+        with open("/proc/self/cmdline", "rb") as f:
+            before = f.read()
+        isolation.hide_argv(b"vcomp-init")
+        with open("/proc/self/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open("/proc/self/environ", "rb") as f:
+            environ = f.read()
+        return {
+            "argv_was_there": sys.argv[0].encode() in before,
+            "cmdline": cmdline.rstrip(b"\0").decode(),
+            "environ_clear": environ.strip(b"\0") == b"",
+            "python_argv_kept": sys.argv[0] != "",
+        }
+
+    assert in_child(probe) == {
+        "argv_was_there": True,
+        "cmdline": "vcomp-init",
+        "environ_clear": True,
+        "python_argv_kept": True,
     }

@@ -295,14 +295,11 @@ async def test_dead_prepared_launcher_falls_back_to_a_fresh_one(tmp_path: Path) 
 async def test_a_failed_wipe_is_logged_and_the_outcome_still_returned(
     sandbox: Sandbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A mount the agent's wipe cannot remove (made here, from outside the job) leaves
-    the tree in place: the failure is logged without the job's names, the job's
-    outcome comes back, and the next job runs."""
+    """A mount the agent's wipe cannot remove (made here, from outside the job, in the
+    host side of the work dir) leaves the tree in place: the failure is logged without
+    the job's names, the job's outcome comes back, and the next job runs."""
     code = job("""
-os.mkdir("m")
 progress(0.5)
-while not os.path.exists("go"):
-    time.sleep(0.01)
 return b"done"
 """)
     mounted: list[Path] = []
@@ -310,10 +307,10 @@ return b"done"
     def mount_inside(_fraction: float) -> None:
         if not mounted:
             workdir = next(sandbox.work_root.glob("job-*"))
+            (workdir / "m").mkdir()
             subprocess.run(["mount", "-t", "tmpfs", "none", str(workdir / "m")], check=True)
             mounted.append(workdir / "m")
             (workdir / "m" / "on-the-mount").touch()
-            (workdir / "go").touch()
 
     try:
         outcome = await sandbox.run(

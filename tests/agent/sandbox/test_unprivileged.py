@@ -131,4 +131,6 @@ def _run_as_nobody(setpriv: str, python: str, base: Path) -> None:
     if report["protections"]["cgroup"] != "active":
         assert "only per process" in report["reasons"]["cgroup"], report["reasons"]
         assert report["protections"]["ipc_shm_limits"] in ("active", "unavailable"), report
+    for name in ("minimal_root", "tmpfs_workdir", "no_ptmx", "private_proc"):
+        assert report["protections"][name] == "active", name  # a user namespace can mount
     _ = sys

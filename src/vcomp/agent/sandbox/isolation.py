@@ -7,12 +7,14 @@ reported protection status. Nothing here runs in the agent process itself.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import resource
 import signal
 from dataclasses import dataclass
 
+from vcomp.agent.sandbox import rootfs
 from vcomp.agent.sandbox.libc import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -99,17 +101,39 @@ class MountResult:
     proc_mounted: bool
     hidden: tuple[str, ...]
     missing: tuple[str, ...]
+    root: rootfs.RootResult | None = None  # the minimal root, when it was built
+    root_error: str | None = None  # why it was not
 
 
 def setup_mounts(
-    *, new_proc: bool, hidden: list[str], reexpose: list[str], hostname: str | None
+    *,
+    new_proc: bool,
+    hidden: list[str],
+    reexpose: list[str],
+    hostname: str | None,
+    root_binds: list[str] | None = None,
+    owner: tuple[int, int] = (0, 0),
 ) -> MountResult:
-    """Make mounts private, mount a fresh /proc, cover ``hidden`` with empty tmpfs.
+    """Make mounts private, then build the minimal root (with ``root_binds``, the
+    non-system directories the job reads; ``owner`` is the job's uid and gid).
 
-    ``reexpose`` paths lying under a hidden directory are bind-mounted back, so the
-    interpreter under e.g. /root stays reachable while the rest of /root is gone.
+    Where the minimal root cannot be built (or is not wanted), fall back to the host's
+    root with a fresh /proc and ``hidden`` covered by empty tmpfs; ``reexpose`` paths
+    under a hidden directory are bind-mounted back, so the interpreter under e.g. /root
+    stays reachable while the rest of /root is gone.
     """
     mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    if hostname is not None:
+        sethostname(hostname)
+    root_error = "not requested"
+    if root_binds is not None:
+        try:
+            root = rootfs.build_root(
+                binds=root_binds, new_proc=new_proc, uid=owner[0], gid=owner[1]
+            )
+            return MountResult(new_proc, (), (), root)
+        except OSError as exc:
+            root_error = f"{exc.strerror or exc}"
     if new_proc:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     done: list[str] = []
@@ -123,9 +147,7 @@ def setup_mounts(
         else:
             mount("/dev/null", path, None, MS_BIND, None)
         done.append(path)
-    if hostname is not None:
-        sethostname(hostname)
-    return MountResult(new_proc, tuple(done), tuple(missing))
+    return MountResult(new_proc, tuple(done), tuple(missing), None, root_error)
 
 
 def _is_under(path: str, parent: str) -> bool:
@@ -150,6 +172,22 @@ def _cover_dir(path: str, keep: list[str]) -> None:
     finally:
         for _, fd in fds:
             os.close(fd)
+
+
+def hide_argv(title: bytes) -> None:
+    """Overwrite this process's argv and environment areas, which ``/proc/<pid>/cmdline``
+    and ``environ`` read: the init is a fork of the agent, so they hold the agent's.
+    Python keeps its own copies; nothing here reads the originals again.
+    """
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # Fields 48-51 of stat(5); the split starts at field 3.
+    arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
+    if not (0 < arg_start < arg_end and 0 < env_start <= env_end):
+        raise OSError(22, "no argument area in /proc/self/stat")
+    ctypes.memset(env_start, 0, env_end - env_start)
+    ctypes.memset(arg_start, 0, arg_end - arg_start)
+    ctypes.memmove(arg_start, title, min(len(title), arg_end - arg_start - 1))
 
 
 def set_rlimits(limits: JobLimits) -> None:

@@ -2,13 +2,17 @@
 
 1. The *launcher* (forked from the agent) starts a session, becomes a child
    subreaper, enters the new namespaces and forks the init.
-2. The *init* (pid 1 of the job's pid namespace) mounts, drops its identity, applies
-   Landlock, no_new_privs and seccomp to itself, forks the job and reaps until the
-   job ends; its exit then takes every other process of the namespace along.
+2. The *init* (pid 1 of the job's pid namespace) overwrites the agent's argv it
+   inherited, pivots into the minimal root, mounts the job's tmpfs work dir, drops its
+   identity, applies Landlock, no_new_privs and seccomp to itself, forks the job and
+   reaps until the job ends; its exit then takes every other process of the namespace
+   along, and with the last of them the mount namespace and the work dir go.
 3. The *job process* sets its rlimits and execution mode and execs the job's code.
 
-A *prepared* launcher does steps 1 and the job-independent half of 2 ahead of time,
-then waits on a control socket for the JobSpec (JSON plus descriptors, SCM_RIGHTS).
+A *prepared* launcher does steps 1 and the job-independent half of 2 (up to the
+minimal root) ahead of time, then waits on a control socket for the JobSpec (JSON plus
+descriptors, SCM_RIGHTS). The work dir's size comes with the job, and mounting it needs
+the privilege that dropping the identity gives up, so both happen after the job arrives.
 
 None of them returns into the agent's code: every path ends in ``os._exit``. They
 talk to the agent through two pipes, one short line per item.
@@ -28,6 +32,7 @@ Status pipe::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -37,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from vcomp.agent.sandbox import isolation, landlock
+from vcomp.agent.sandbox import isolation, landlock, rootfs
 from vcomp.agent.sandbox.libc import (
     CLONE_NEWUSER,
     PR_SET_CHILD_SUBREAPER,
@@ -122,6 +127,7 @@ class LaunchPlan:
     namespaces: bool
     hidden_paths: tuple[str, ...]
     reexpose_paths: tuple[str, ...]
+    root_binds: tuple[str, ...]  # non-system directories the minimal root holds (read-only)
     landlock_abi: int
     landlock_reason: str
     read_paths: tuple[str, ...]
@@ -293,10 +299,14 @@ def init_main(
     """
     status = EXIT_SETUP_FAILED
     try:
-        _isolate_early(plan, report, pid_ns=pid_ns, mount_ns=mount_ns)
+        argv_note = _hide_agent_argv(report)
+        minimal = _isolate_early(
+            plan, report, pid_ns=pid_ns, mount_ns=mount_ns, argv_note=argv_note
+        )
         if job is None:
             job = _receive_job(plan)
-        exec_path, status_w = _isolate_late(plan, job, report)
+        job, on_tmpfs = _isolate_job(plan, job, report, mount_ns=mount_ns, minimal_root=minimal)
+        exec_path, status_w = _isolate_late(plan, job, report, by_path=on_tmpfs)
         if plan.dry_run:
             report.done()
             os._exit(0)
@@ -329,10 +339,14 @@ def _receive_job(plan: LaunchPlan) -> JobSpec:
     return JobSpec.from_message(data, fds)
 
 
-def _enter_workdir(job: JobSpec) -> None:
+def _enter_workdir(job: JobSpec, *, by_path: bool) -> None:
     """cd by path when the path leads to the same directory (it may sit below a hidden
-    path, re-exposed by a bind mount), so getcwd() works; else by descriptor.
+    path, re-exposed by a bind mount), so getcwd() works; else by descriptor. With the
+    tmpfs work dir mounted, the host's directory is covered on purpose: only the path counts.
     """
+    if by_path:
+        os.chdir(job.workdir_path)
+        return
     want = os.fstat(job.workdir_fd)
     try:
         os.chdir(job.workdir_path)
@@ -358,26 +372,106 @@ def _exec_job(plan: LaunchPlan, job: JobSpec, report: _Reporter, exec_path: str)
     os._exit(EXIT_SETUP_FAILED)
 
 
-def _isolate_early(plan: LaunchPlan, report: _Reporter, *, pid_ns: bool, mount_ns: bool) -> None:
-    """The job-independent part: mounts and identity (done ahead when prepared)."""
-    set_pdeathsig(signal.SIGKILL)
-    if mount_ns:
-        try:
-            result = isolation.setup_mounts(
-                new_proc=pid_ns,
-                hidden=list(plan.hidden_paths),
-                reexpose=list(plan.reexpose_paths),
-                hostname=HOSTNAME,
-            )
-            reason = "covered: " + ",".join(result.hidden)
-            if result.missing:
-                reason += "; absent: " + ",".join(result.missing)
-            report.protection("hidden_paths", "active", reason)
-        except OSError as exc:
-            report.protection("hidden_paths", "failed", f"mount: {exc.strerror}")
-    else:
-        report.protection("hidden_paths", "unavailable", "no private mount namespace")
+def _hide_agent_argv(report: _Reporter) -> str:
+    try:
+        isolation.hide_argv(b"vcomp-init")
+        return "the init's argv and environment overwritten"
+    except OSError as exc:
+        report.protection("private_proc", "failed", f"cannot overwrite argv: {exc.strerror}")
+        return ""
 
+
+def _isolate_early(
+    plan: LaunchPlan, report: _Reporter, *, pid_ns: bool, mount_ns: bool, argv_note: str
+) -> bool:
+    """The job-independent part: the mounts (done ahead when prepared).
+
+    Returns whether the job runs in the minimal root.
+    """
+    set_pdeathsig(signal.SIGKILL)
+    if not mount_ns:
+        why = "no private mount namespace"
+        report.protection("hidden_paths", "unavailable", why)
+        report.protection("minimal_root", "unavailable", f"{why}: the job sees the host's root")
+        report.protection("no_ptmx", "unavailable", f"{why}: the host's /dev/ptmx is reachable")
+        _report_proc(report, pid_ns=pid_ns, own_root=False, argv_note=argv_note)
+        return False
+    try:
+        result = isolation.setup_mounts(
+            new_proc=pid_ns,
+            hidden=list(plan.hidden_paths),
+            reexpose=list(plan.reexpose_paths),
+            hostname=HOSTNAME,
+            root_binds=list(plan.root_binds),
+            owner=(plan.job_uid, plan.job_gid) if plan.privileged else (os.getuid(), os.getgid()),
+        )
+    except OSError as exc:
+        report.protection("hidden_paths", "failed", f"mount: {exc.strerror}")
+        report.protection("minimal_root", "failed", f"mount: {exc.strerror}")
+        report.protection("no_ptmx", "failed", "no minimal root: the host's /dev is reachable")
+        if argv_note:
+            report.protection("private_proc", "failed", f"mount: {exc.strerror}")
+        return False
+    if result.root is not None:
+        report.protection("minimal_root", "active", "read-only: " + ",".join(result.root.binds))
+        report.protection("hidden_paths", "active", "everything outside the minimal root")
+        report.protection("no_ptmx", "active", "/dev holds " + ",".join(rootfs.DEVICES))
+        _report_proc(report, pid_ns=pid_ns, own_root=True, argv_note=argv_note)
+        return True
+    reason = "covered: " + ",".join(result.hidden)
+    if result.missing:
+        reason += "; absent: " + ",".join(result.missing)
+    report.protection("hidden_paths", "active", reason)
+    report.protection("minimal_root", "failed", f"{result.root_error}; host root, paths hidden")
+    report.protection("no_ptmx", "failed", "no minimal root: the host's /dev/ptmx is reachable")
+    _report_proc(report, pid_ns=pid_ns, own_root=False, argv_note=argv_note)
+    return False
+
+
+def _report_proc(report: _Reporter, *, pid_ns: bool, own_root: bool, argv_note: str) -> None:
+    if not argv_note:
+        return  # already reported as failed
+    if pid_ns:
+        where = "in the minimal root" if own_root else "over the host's /proc"
+        report.protection(
+            "private_proc", "active", f"the pid namespace's own, {where}; {argv_note}"
+        )
+    else:
+        report.protection("private_proc", "unavailable", f"no pid namespace; {argv_note}")
+
+
+def _isolate_job(
+    plan: LaunchPlan, job: JobSpec, report: _Reporter, *, mount_ns: bool, minimal_root: bool
+) -> tuple[JobSpec, bool]:
+    """The job's tmpfs work dir (sized by its limits), then the identity drop, which
+    takes away the privilege to mount. Returns the job as seen from inside, and whether
+    its work dir is the tmpfs.
+    """
+    on_tmpfs = False
+    if mount_ns:
+        target = rootfs.JOB_DIR if minimal_root else job.workdir_path
+        uid, gid = (plan.job_uid, plan.job_gid) if plan.privileged else (os.getuid(), os.getgid())
+        try:
+            inodes = rootfs.mount_workdir(target, job.limits.disk_bytes, uid, gid)
+            size = f"{job.limits.disk_bytes} bytes, {inodes} inodes at {target}"
+            report.protection("tmpfs_workdir", "active", size)
+            on_tmpfs = True
+            if minimal_root:
+                env = {**job.env, "HOME": target, "TMPDIR": target}
+                job = dataclasses.replace(job, env=env, workdir_path=target)
+        except OSError as exc:
+            if minimal_root:
+                raise  # the minimal root has no other place for the job to write
+            report.protection("tmpfs_workdir", "failed", f"mount: {exc.strerror}; host disk")
+    else:
+        report.protection(
+            "tmpfs_workdir", "unavailable", "no private mount namespace: the host's disk"
+        )
+    _drop_identity(plan, report)
+    return job, on_tmpfs
+
+
+def _drop_identity(plan: LaunchPlan, report: _Reporter) -> None:
     if plan.privileged:
         isolation.drop_identity(plan.job_uid, plan.job_gid)
         report.protection("unprivileged_uid", "active", f"uid {plan.job_uid} gid {plan.job_gid}")
@@ -401,12 +495,14 @@ def _isolate_early(plan: LaunchPlan, report: _Reporter, *, pid_ns: bool, mount_n
         report.protection("unprivileged_uid", "active", f"uid {uid} (the agent's own, not root)")
 
 
-def _isolate_late(plan: LaunchPlan, job: JobSpec, report: _Reporter) -> tuple[str, int]:
+def _isolate_late(
+    plan: LaunchPlan, job: JobSpec, report: _Reporter, *, by_path: bool
+) -> tuple[str, int]:
     """The job's descriptors, directory and the irreversible restrictions.
 
     Returns the path to exec and the status fd.
     """
-    _enter_workdir(job)
+    _enter_workdir(job, by_path=by_path)
     targets = {
         0: os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC),
         1: job.job_stdout,

@@ -29,6 +29,9 @@ _mount.argtypes = [
     ctypes.c_ulong,
     ctypes.c_char_p,
 ]
+_umount2 = _libc.umount2
+_umount2.restype = ctypes.c_int
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _sethostname = _libc.sethostname
 _sethostname.restype = ctypes.c_int
 _sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
@@ -61,7 +64,14 @@ MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+MNT_DETACH = 2
+# glibc has no pivot_root wrapper; the number differs per architecture.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(MACHINE)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -106,6 +116,17 @@ def mount(
             data.encode() if data is not None else None,
         )
     )
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(_umount2(target.encode(), flags))
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    if SYS_PIVOT_ROOT is None:
+        raise OSError(38, f"pivot_root: unknown syscall number on {MACHINE}")
+    new, old = ctypes.c_char_p(new_root.encode()), ctypes.c_char_p(put_old.encode())
+    _check(int(_syscall(ctypes.c_long(SYS_PIVOT_ROOT), new, old)))
 
 
 def sethostname(name: str) -> None:

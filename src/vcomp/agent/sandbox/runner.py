@@ -49,6 +49,8 @@ SYSTEM_READ_PATHS = (
     "/sys/devices/system/cpu",
 )
 RW_FILES = ("/dev/null",)
+# Besides the system directories and the runtime, the minimal root holds (read-only):
+ROOT_EXTRA_BINDS = ("/sys/devices/system/cpu",)  # os.cpu_count() and numpy read it
 # Covered by empty tmpfs in the job's mount namespace (hidden, not used as temp dirs).
 DEFAULT_HIDDEN = (
     "/tmp",  # noqa: S108
@@ -68,6 +70,10 @@ CHILD_REPORTED = (
     "ipc_namespace",
     "uts_namespace",
     "hidden_paths",
+    "minimal_root",
+    "tmpfs_workdir",
+    "no_ptmx",
+    "private_proc",
     "unprivileged_uid",
     "closed_fds",
     "rlimits",
@@ -85,10 +91,12 @@ KILL_GRACE = 5.0  # how long to wait for a killed tree to be reaped
 class Sandbox:
     """Runs one job at a time as an isolated, limited process tree.
 
+    The job runs in a minimal root (``rootfs``): the system directories, the
+    interpreter's and ``read_paths`` (extra directories the job may read), read-only,
+    and its work dir, a tmpfs of ``limits.disk_bytes``. Where that root cannot be built,
     ``hidden_paths`` (the agent's state and key directories, for instance) are covered
     by empty read-only tmpfs mounts inside the job's mount namespace; ``/tmp``,
     ``/run``, ``/home``, ``/root`` and the agent's home are always covered.
-    ``read_paths`` are extra directories the job may read (Landlock).
 
     With ``prespawn`` (the default), after each job the sandbox forks the launcher for
     the next one, which isolates itself (namespaces, mounts, identity) and waits; the
@@ -161,6 +169,7 @@ class Sandbox:
         hidden = [*DEFAULT_HIDDEN, home, *(str(Path(p).absolute()) for p in hidden_paths)]
         self._hidden = tuple(dict.fromkeys(h for h in hidden if h not in ("/", "")))
         self._reexpose = tuple(dict.fromkeys([*runtime, *(str(p) for p in read_paths)]))
+        self._root_binds = (*self._reexpose, *ROOT_EXTRA_BINDS)
         self._probe_cache: list[Protection] | None = None
         self.prespawn = prespawn
         self._spare: _Prepared | None = None
@@ -384,6 +393,7 @@ class Sandbox:
             namespaces=self.namespaces,
             hidden_paths=self._hidden,
             reexpose_paths=(*self._reexpose, str(self.work_root)),
+            root_binds=self._root_binds,
             landlock_abi=self.landlock_abi,
             landlock_reason=self._landlock_reason,
             read_paths=self._read_paths,
