@@ -283,7 +283,10 @@ class ProcessOrg:
     def agent(self, tpm: SimulatedTpm | None = None) -> LiteAgent:
         """An honest protocol-level agent that returns each job's result at once."""
         return LiteAgent(
-            tpm=tpm or self.tpm, pinned=self.fingerprint, server=self.address, ephemeral=self.ephemeral
+            tpm=tpm or self.tpm,
+            pinned=self.fingerprint,
+            server=self.address,
+            ephemeral=self.ephemeral,
         )
 
     def stop(self) -> int | None:
@@ -299,8 +302,10 @@ def start_process_org(
     *,
     server: dict[str, object] | None = None,
     jobs: dict[str, object] | None = None,
+    others: tuple[SimulatedTpm, ...] = (),
 ) -> ProcessOrg:
-    """A server home trusting ``tpm``, with extra ``[server]``/``[jobs]`` keys, served by a child."""
+    """A server home trusting ``tpm`` (and ``others``), with extra ``[server]``/``[jobs]``
+    keys, served by a child process."""
     make_server_home(home)
     config = home / "server.toml"
     text = config.read_text()
@@ -313,6 +318,8 @@ def start_process_org(
     config.write_text(text)
     store = SqliteStore(home / "jobs.sqlite")
     prepare_store(store, tpm)
+    for n, other in enumerate(others):  # more enrolled agents, known before the server starts
+        enroll(store, other, f"other-{n}")
     return ProcessOrg(ServerProcess(home, log_path), store, tpm, hs.generate_ephemeral())
 
 

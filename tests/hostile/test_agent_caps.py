@@ -16,7 +16,7 @@ from pathlib import Path
 from vcomp.protocol import events as ev
 from vcomp.server.store import AttemptState, JobState
 
-from .harness import APP, HoldingAgent, ProcessOrg, enroll, new_tpm, start_process_org, until
+from .harness import APP, HoldingAgent, ProcessOrg, new_tpm, start_process_org, until
 
 SESSION_CAP = 3
 LEASE_CAP = 2
@@ -71,14 +71,14 @@ async def test_one_key_gets_at_most_its_session_cap(tmp_path: Path) -> None:
 
 
 async def test_one_key_holds_at_most_its_lease_cap(tmp_path: Path) -> None:
+    honest_tpm = new_tpm(tmp_path / "honest-tpm")
     org = start_process_org(
         tmp_path / "srv",
         new_tpm(tmp_path / "tpm"),
         tmp_path / "server.log",
         server={"max_sessions_per_agent": ATTACKER_SESSIONS, "max_leases_per_agent": LEASE_CAP},
+        others=(honest_tpm,),
     )
-    honest_tpm = new_tpm(tmp_path / "honest-tpm")
-    enroll(org.store, honest_tpm, "honest")
     honest = org.agent(honest_tpm)
     attackers: list[HoldingAgent] = []
     try:
@@ -115,20 +115,21 @@ async def test_one_key_holds_at_most_its_lease_cap(tmp_path: Path) -> None:
 
 async def test_a_job_held_past_its_hard_deadline_is_reissued(tmp_path: Path) -> None:
     """The holder keeps its session alive (so the lease is renewed) and never finishes."""
+    honest_tpm = new_tpm(tmp_path / "honest-tpm")
     org = start_process_org(
         tmp_path / "srv",
         new_tpm(tmp_path / "tpm"),
         tmp_path / "server.log",
         jobs={"lease_seconds": 2.0, "transfer_seconds": 2.0},
+        others=(honest_tpm,),
     )
-    honest_tpm = new_tpm(tmp_path / "honest-tpm")
-    enroll(org.store, honest_tpm, "honest")
     honest = org.agent(honest_tpm)
     (holder,) = await _open(org, 1)
     try:
         batch = _batch(org, 1, wall_seconds=2, max_attempts=3)
         await until(lambda: bool(holder.jobs), 20, "the holder's job")
         await honest.start()
+        await until(honest.connected.is_set, 20, "the honest agent's session")
         # Hard deadline: lease 2 s + wall 2 s + transfer 2 s = 6 s after the lease; the
         # bound here is generous liveness, not a timing claim.
         await until(lambda: org.store.batch_status(batch).done == 1, 60, "the job to be reissued")

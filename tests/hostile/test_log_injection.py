@@ -94,7 +94,7 @@ async def test_peer_text_cannot_forge_log_lines(tmp_path: Path) -> None:
             )
             agents.append(HoldingAgent(org, org.tpm))  # type: ignore[arg-type]
             await _inject(agents[-1], text)
-            await until(lambda: _closed_sessions(log_path) >= n, 20, "the session to close")
+            await until(lambda n=n: _closed_sessions(log_path) >= n, 20, "the session to close")
         await asyncio.sleep(0.2)
     finally:
         for agent in agents:
@@ -111,4 +111,5 @@ async def test_peer_text_cannot_forge_log_lines(tmp_path: Path) -> None:
     assert malformed == []
     refusals = [line for line in lines if "event=job_refused" in line and "FORGED" in line]
     assert len(refusals) == len(INJECTIONS)  # the hostile text was logged, once per event
-    assert not any(line.split(" ", 3)[3].startswith("event=result_recorded job=1 ") for line in lines)
+    messages = [line.split(" ", 3)[3] for line in lines]
+    assert not any(m.startswith("event=result_recorded job=1 ") for m in messages)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -29,7 +30,6 @@ from .harness import (
     APP,
     HoldingAgent,
     ProcessOrg,
-    enroll,
     new_tpm,
     start_process_org,
     until,
@@ -115,9 +115,13 @@ async def _leave(agent: LiteAgent) -> None:
 
 
 async def test_unleased_huge_results_do_not_exhaust_server_memory(tmp_path: Path) -> None:
-    org = start_process_org(tmp_path / "srv", new_tpm(tmp_path / "tpm"), tmp_path / "server.log")
     honest_tpm = new_tpm(tmp_path / "honest-tpm")
-    enroll(org.store, honest_tpm, "honest")
+    org = start_process_org(
+        tmp_path / "srv",
+        new_tpm(tmp_path / "tpm"),
+        tmp_path / "server.log",
+        others=(honest_tpm,),
+    )
     attackers: list[HoldingAgent] = []
     honest = org.agent(honest_tpm)
     try:
@@ -191,6 +195,92 @@ async def test_own_result_while_the_store_is_full_does_not_grow_memory(tmp_path:
             )
             assert org.server.alive()
             assert grown <= MAX_GROWTH, f"server RSS grew by {grown / MIB:.0f} MiB"
+            log = tmp_path / "server.log"  # the bytes reached a real, failed writer
+            await until(lambda: "result_writer_failed" in log.read_text(), 10, "the failure")
         finally:
             holder.close()
             assert org.stop() == 0
+
+
+BUDGET = 1 << 20  # the smallest upload_memory_bytes the config allows
+HOLDERS = 20
+OUTPUT = b"z" * (60 * 1024)  # inline-sized: a sink keeps it all until the final chunk
+SENT_FIRST = 50 * len(CHUNK)
+
+
+async def _finish_upload(agent: HoldingAgent, job: int, attempt: int) -> None:
+    """Send the rest of OUTPUT after SENT_FIRST bytes, and the final chunk."""
+    assert agent.session is not None and agent.session.channel is not None
+    assert agent.adapter is not None
+    channel = agent.session.channel
+    for offset in range(SENT_FIRST, len(OUTPUT), len(CHUNK)):
+        data = OUTPUT[offset : offset + len(CHUNK)]
+        channel.send_reliable(
+            Result(job=job, attempt=attempt, offset=offset, total=len(OUTPUT), data=data, fin=False)
+        )
+    channel.send_reliable(
+        Result(
+            job=job,
+            attempt=attempt,
+            offset=len(OUTPUT),
+            total=len(OUTPUT),
+            data=b"",
+            fin=True,
+            sha256=hashlib.sha256(OUTPUT).digest(),
+            status="ok",
+            detail="",
+            cpu_ms=0,
+            wall_ms=0,
+        )
+    )
+    agent.adapter.kick()
+
+
+async def test_uploads_past_the_memory_budget_are_resent_not_lost(tmp_path: Path) -> None:
+    """Holders of real leases stream their own results at once: past the server-wide
+    budget an upload is cut off (its session closed), and the agent's resend commits."""
+    org = start_process_org(
+        tmp_path / "srv",
+        new_tpm(tmp_path / "tpm"),
+        tmp_path / "server.log",
+        server={"upload_memory_bytes": BUDGET},
+    )
+    holders = [HoldingAgent(org, org.tpm) for _ in range(HOLDERS)]  # type: ignore[arg-type]
+    resent: list[HoldingAgent] = []
+    try:
+        batch = _batch(org, HOLDERS, output_bytes=len(OUTPUT))
+        for agent in holders:
+            await agent.start()
+        await until(lambda: all(a.jobs for a in holders), 60, "a job for every holder")
+        jobs = {a: a.jobs[0].description for a in holders}
+        await asyncio.gather(
+            *(_stream(a, jobs[a].job, jobs[a].attempt, len(OUTPUT), SENT_FIRST) for a in holders)
+        )
+        cut = [a for a in holders if a.of_type(ev.SessionClosed)]
+        print(
+            f"\n{HOLDERS} x {SENT_FIRST // 1024} KiB under a {BUDGET >> 20} MiB budget: "
+            f"{len(cut)} uploads cut off"
+        )
+        assert cut, "the budget never bit"
+        assert len(cut) < HOLDERS
+        for agent in holders:
+            d = jobs[agent]
+            if agent in cut:  # a new session resends the spooled result from offset 0
+                again = HoldingAgent(org, org.tpm)  # type: ignore[arg-type]
+                resent.append(again)
+                await again.start()
+                await until(lambda a=again: bool(a.of_type(ev.Connected)), 30, "a new session")
+                again.submit(d.job, d.attempt, OUTPUT)
+            else:
+                await _finish_upload(agent, d.job, d.attempt)
+        await until(lambda: org.store.batch_status(batch).done == HOLDERS, 60, "every result")
+        digest = hashlib.sha256(OUTPUT).digest()
+        assert all(
+            r.result is not None and r.result.output_sha256 == digest
+            for r in org.store.iter_results(batch)
+        )
+        assert org.server.alive()
+    finally:
+        for agent in holders + resent:
+            agent.close()
+        assert org.stop() == 0

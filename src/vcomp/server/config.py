@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp.errors import ConfigError
 from vcomp.protocol import handshake, limits
+from vcomp.server.store import DEFAULT_TRANSFER_SECONDS
 
 __all__ = [
     "CONFIG_FILE",
@@ -54,7 +55,6 @@ MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anyth
 DEFAULT_SESSIONS_PER_AGENT = 64
 DEFAULT_UPLOAD_MEMORY = 64 << 20  # result bytes in flight (buffered or queued), server-wide
 MIN_UPLOAD_MEMORY = 1 << 20  # room for a few 256 KiB write batches
-DEFAULT_TRANSFER_SECONDS = 300.0  # code and input out, result back, on a slow link
 
 DEFAULT_CONFIG = f"""\
 # vcomp organisation server. Created by `vcomp-server init`; see server/server.example.toml.

@@ -44,6 +44,7 @@ from typing import BinaryIO, Protocol
 from vcomp.errors import StoreError
 
 __all__ = [
+    "DEFAULT_TRANSFER_SECONDS",
     "RESULT_OK",
     "AgentClock",
     "AgentRecord",
@@ -82,6 +83,10 @@ __all__ = [
 
 #: The ``status`` of a successful result; any other status is a failed attempt.
 RESULT_OK = "ok"
+
+#: Seconds for code and input out and the result back, on a slow link. A lease is never
+#: renewed past ``leased_at + lease_seconds + wall_seconds + transfer_seconds``.
+DEFAULT_TRANSFER_SECONDS = 300.0
 
 
 class AppKind(enum.StrEnum):
@@ -516,7 +521,13 @@ class Store(Protocol):
     def lease_next(self, agent_id: str, now: float, lease_seconds: float) -> Lease | None: ...
     def lease_many(self, requests: Sequence[LeaseRequest]) -> list[Lease | None]: ...
     def renew_lease(
-        self, job_id: int, attempt: int, now: float, lease_seconds: float
+        self,
+        job_id: int,
+        attempt: int,
+        now: float,
+        lease_seconds: float,
+        *,
+        transfer_seconds: float = DEFAULT_TRANSFER_SECONDS,
     ) -> float | None: ...
     def release_lease(
         self, job_id: int, attempt: int, reason: str, *, now: float | None = None
@@ -524,6 +535,7 @@ class Store(Protocol):
     def expire_leases(self, now: float) -> list[ExpiredLease]: ...
 
     # results
+    def attempt_owner(self, job_id: int, attempt: int) -> tuple[str, int] | None: ...
     def begin_result_upload(self, job_id: int, attempt: int, total: int) -> UploadHandle: ...
     def write_result_chunk(
         self, handle: UploadHandle, offset: int, data: bytes | bytearray | memoryview
