@@ -80,16 +80,24 @@ def prepare_store(
     store.add_app(APP, "python", io.BytesIO(code))
 
 
-def add_batch(store: SqliteStore, jobs: int, *, tag: str = "") -> int:
+def add_batch(
+    store: SqliteStore,
+    jobs: int,
+    *,
+    tag: str = "",
+    wall_seconds: float = 10,
+    output_bytes: int = 1 << 16,
+    max_attempts: int = 1,
+) -> int:
     inputs = [json.dumps({"i": i, "tag": tag}).encode() for i in range(jobs)]
     return store.create_batch(
         APP,
         inputs,
         cpu_seconds=5,
         memory_bytes=1 << 26,
-        wall_seconds=10,
-        output_bytes=1 << 16,
-        max_attempts=1,
+        wall_seconds=wall_seconds,
+        output_bytes=output_bytes,
+        max_attempts=max_attempts,
     )
 
 

@@ -10,30 +10,17 @@ handshake, jobs it received, and whether an honest agent still ran the rest.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from vcomp.protocol import events as ev
 from vcomp.server.store import AttemptState, JobState
 
-from .harness import APP, HoldingAgent, ProcessOrg, new_tpm, start_process_org, until
+from .harness import HoldingAgent, ProcessOrg, add_batch, new_tpm, start_process_org, until
 
 SESSION_CAP = 3
 LEASE_CAP = 2
 ATTACKER_SESSIONS = 8
 JOBS = 10
-
-
-def _batch(org: ProcessOrg, jobs: int, *, wall_seconds: float = 10, max_attempts: int = 1) -> int:
-    return org.store.create_batch(
-        APP,
-        [json.dumps({"i": i}).encode() for i in range(jobs)],
-        cpu_seconds=5,
-        memory_bytes=1 << 26,
-        wall_seconds=wall_seconds,
-        output_bytes=1 << 16,
-        max_attempts=max_attempts,
-    )
 
 
 def _settled(agent: HoldingAgent) -> bool:
@@ -82,7 +69,7 @@ async def test_one_key_holds_at_most_its_lease_cap(tmp_path: Path) -> None:
     honest = org.agent(honest_tpm)
     attackers: list[HoldingAgent] = []
     try:
-        batch = _batch(org, JOBS)
+        batch = add_batch(org.store, JOBS)
         attackers = await _open(org, ATTACKER_SESSIONS)
         await until(lambda: all(a.of_type(ev.Connected) for a in attackers), 60, "the sessions")
         await until(lambda: sum(len(a.jobs) for a in attackers) >= LEASE_CAP, 20, "leases")
@@ -126,7 +113,7 @@ async def test_a_job_held_past_its_hard_deadline_is_reissued(tmp_path: Path) -> 
     honest = org.agent(honest_tpm)
     (holder,) = await _open(org, 1)
     try:
-        batch = _batch(org, 1, wall_seconds=2, max_attempts=3)
+        batch = add_batch(org.store, 1, wall_seconds=2, max_attempts=3)
         await until(lambda: bool(holder.jobs), 20, "the holder's job")
         await honest.start()
         await until(honest.connected.is_set, 20, "the honest agent's session")

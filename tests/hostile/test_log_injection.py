@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import unicodedata
 from pathlib import Path
 
 from vcomp.protocol.messages import Error, ErrorCode, Result
 
-from .harness import APP, HoldingAgent, new_tpm, start_process_org, until
+from .harness import HoldingAgent, add_batch, new_tpm, start_process_org, until
 
 FORGED = "event=result_recorded job=1 attempt=1 status=ok FORGED"
 INJECTIONS = [
@@ -83,15 +82,7 @@ async def test_peer_text_cannot_forge_log_lines(tmp_path: Path) -> None:
     try:
         for n, text in enumerate(INJECTIONS, 1):
             # One job at a time: the agent's refusals must not burn the next session's job.
-            org.store.create_batch(
-                APP,
-                [json.dumps({"n": n}).encode()],
-                cpu_seconds=5,
-                memory_bytes=1 << 26,
-                wall_seconds=10,
-                output_bytes=1 << 16,
-                max_attempts=3,
-            )
+            add_batch(org.store, 1, tag=str(n), max_attempts=3)
             agents.append(HoldingAgent(org, org.tpm))  # type: ignore[arg-type]
             await _inject(agents[-1], text)
             await until(lambda n=n: _closed_sessions(log_path) >= n, 20, "the session to close")

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import ctypes
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +26,9 @@ from vcomp.protocol import limits
 from vcomp.protocol.messages import Result
 
 from .harness import (
-    APP,
     HoldingAgent,
     ProcessOrg,
+    add_batch,
     new_tpm,
     start_process_org,
     until,
@@ -41,18 +40,6 @@ STREAMED = 16 * MIB  # per attacking session, never finished
 HUGE_TOTAL = limits.MAX_RESULT_SIZE
 MAX_GROWTH = 32 * MIB  # the stated bound on the server's RSS over its warmed-up baseline
 CHUNK = b"z" * limits.DEFAULT_CHUNK
-
-
-def _batch(org: ProcessOrg, jobs: int, output_bytes: int = 1 << 16) -> int:
-    return org.store.create_batch(
-        APP,
-        [json.dumps({"i": i}).encode() for i in range(jobs)],
-        cpu_seconds=5,
-        memory_bytes=1 << 26,
-        wall_seconds=60,
-        output_bytes=output_bytes,
-        max_attempts=3,
-    )
 
 
 async def _stream(agent: HoldingAgent, job: int, attempt: int, total: int, length: int) -> None:
@@ -99,7 +86,7 @@ async def _warm_up(org: ProcessOrg) -> int:
     """One honest job end to end, so the baseline includes a used server."""
     honest = org.agent()
     await honest.start()
-    _batch(org, 1)
+    add_batch(org.store, 1, max_attempts=3)
     await until(lambda: honest.stats.committed == 1, 30, "the warm-up job")
     await _leave(honest)
     return org.server.rss_bytes()
@@ -136,7 +123,7 @@ async def test_unleased_huge_results_do_not_exhaust_server_memory(tmp_path: Path
                 *(_stream(a, 1000 + i, 1, HUGE_TOTAL, STREAMED) for i, a in enumerate(attackers))
             )
             # Idle attacker sessions may take (and sit on) one job each.
-            _batch(org, ATTACKERS + 4)
+            add_batch(org.store, ATTACKERS + 4, max_attempts=3)
             await honest.start()
             await until(lambda: honest.stats.committed >= 4, 60, "the honest jobs")
         grown = watch.peak - baseline
@@ -181,7 +168,7 @@ async def test_own_result_while_the_store_is_full_does_not_grow_memory(tmp_path:
         holder = HoldingAgent(org, org.tpm)  # type: ignore[arg-type]
         try:
             baseline = await _warm_up(org)
-            _batch(org, 1, output_bytes=limits.MAX_RESULT_SIZE)
+            add_batch(org.store, 1, output_bytes=limits.MAX_RESULT_SIZE, max_attempts=3)
             await holder.start()
             await until(lambda: bool(holder.jobs), 30, "the holder's job")
             d = holder.jobs[0].description
@@ -248,7 +235,7 @@ async def test_uploads_past_the_memory_budget_are_resent_not_lost(tmp_path: Path
     holders = [HoldingAgent(org, org.tpm) for _ in range(HOLDERS)]  # type: ignore[arg-type]
     resent: list[HoldingAgent] = []
     try:
-        batch = _batch(org, HOLDERS, output_bytes=len(OUTPUT))
+        batch = add_batch(org.store, HOLDERS, output_bytes=len(OUTPUT), max_attempts=3)
         for agent in holders:
             await agent.start()
         await until(lambda: all(a.jobs for a in holders), 60, "a job for every holder")

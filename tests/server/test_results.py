@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,21 +16,6 @@ from vcomp.server.store_sqlite import SqliteStore
 from .test_commit import enroll
 
 CHUNK = b"r" * 1200
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "store.db")
-    s.add_app("pi", "python", io.BytesIO(b"print(3.14)"))
-    yield s
-    s.close()
-
-
-@pytest.fixture
-async def committer(store: SqliteStore) -> AsyncIterator[GroupCommitter]:
-    c = GroupCommitter(store)
-    yield c
-    await c.close()
 
 
 def leased(store: SqliteStore, output_bytes: int) -> Lease:
