@@ -5,6 +5,13 @@ attested agents, streams their code and input out of the store, streams
 results back in, and sends the final ACK only after the result's transaction
 has committed. Store writes go through one :class:`GroupCommitter` thread;
 chunk reads use the event-loop thread's own read connection.
+
+One enrolled key gets a bounded share: at most ``max_leases_per_agent`` jobs at
+once, and no lease outlives its hard deadline (``renew_lease``). Result bytes
+are buffered only for the agent that holds the job, within the job's output
+limit and the server-wide upload budget. (Longer than 500 lines: leasing and
+result intake share the assignment table; splitting them waits for the merge
+of issue 13's server branches.)
 """
 
 from __future__ import annotations
