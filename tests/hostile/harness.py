@@ -81,16 +81,24 @@ def prepare_store(
     store.add_app(APP, "python", io.BytesIO(code))
 
 
-def add_batch(store: SqliteStore, jobs: int, *, tag: str = "") -> int:
+def add_batch(
+    store: SqliteStore,
+    jobs: int,
+    *,
+    tag: str = "",
+    wall_seconds: float = 10,
+    output_bytes: int = 1 << 16,
+    max_attempts: int = 1,
+) -> int:
     inputs = [json.dumps({"i": i, "tag": tag}).encode() for i in range(jobs)]
     return store.create_batch(
         APP,
         inputs,
         cpu_seconds=5,
         memory_bytes=1 << 26,
-        wall_seconds=10,
-        output_bytes=1 << 16,
-        max_attempts=1,
+        wall_seconds=wall_seconds,
+        output_bytes=output_bytes,
+        max_attempts=max_attempts,
     )
 
 
@@ -187,7 +195,9 @@ async def open_session(
 class HoldingAgent:
     """A real AgentSession on a real socket that keeps each job until told to finish it."""
 
-    def __init__(self, org: Org, tpm: SimulatedTpm, server: Address | None = None) -> None:
+    def __init__(
+        self, org: Org | ProcessOrg, tpm: SimulatedTpm, server: Address | None = None
+    ) -> None:
         self.org = org
         self.tpm = tpm
         self.server = server or org.address
@@ -329,6 +339,66 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@dataclass
+class ProcessOrg:
+    """A ``vcomp-server serve`` child process, its store (opened beside it) and one agent key."""
+
+    server: ServerProcess
+    store: SqliteStore
+    tpm: SimulatedTpm
+    ephemeral: tuple[rsa.RSAPrivateKey, bytes]
+
+    @property
+    def address(self) -> Address:
+        return self.server.address
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.server.fingerprint
+
+    def agent(self, tpm: SimulatedTpm | None = None) -> LiteAgent:
+        """An honest protocol-level agent that returns each job's result at once."""
+        return LiteAgent(
+            tpm=tpm or self.tpm,
+            pinned=self.fingerprint,
+            server=self.address,
+            ephemeral=self.ephemeral,
+        )
+
+    def stop(self) -> int | None:
+        code = self.server.stop()
+        self.store.close()
+        return code
+
+
+def start_process_org(
+    home: Path,
+    tpm: SimulatedTpm,
+    log_path: Path,
+    *,
+    server: dict[str, object] | None = None,
+    jobs: dict[str, object] | None = None,
+    others: tuple[SimulatedTpm, ...] = (),
+) -> ProcessOrg:
+    """A server home trusting ``tpm`` (and ``others``), with extra ``[server]``/``[jobs]``
+    keys, served by a child process."""
+    make_server_home(home)
+    config = home / "server.toml"
+    text = config.read_text()
+    for section, extra in (("server", server or {}), ("jobs", jobs or {})):
+        for key, value in extra.items():
+            line = f"{key} = {value!r}"
+            text, found = re.subn(rf"(?m)^{key} = .*$", line, text)
+            if not found:
+                text = text.replace(f"[{section}]\n", f"[{section}]\n{line}\n", 1)
+    config.write_text(text)
+    store = SqliteStore(home / "jobs.sqlite")
+    prepare_store(store, tpm)
+    for n, other in enumerate(others):  # more enrolled agents, known before the server starts
+        enroll(store, other, f"other-{n}")
+    return ProcessOrg(ServerProcess(home, log_path), store, tpm, hs.generate_ephemeral())
 
 
 def proc_status_kib(pid: int, field: str) -> int:

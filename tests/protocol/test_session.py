@@ -21,7 +21,9 @@ from tests.protocol.sessionsim import (
 )
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
-from vcomp.protocol.agent_session import AgentState
+from vcomp.protocol.agent_session import AgentSession, AgentState
+from vcomp.protocol.messages import ErrorCode
+from vcomp.protocol.server_endpoint import ServerEndpoint
 from vcomp.protocol.server_session import ServerState
 from vcomp.protocol.wire import Flag, PacketType, unpack_header
 
@@ -263,3 +265,81 @@ def test_unused_paths_are_quiet(tmp_path: Path) -> None:
         server.endpoint.receive_datagram(os.urandom(size), ("127.0.0.5", 9), 0.0)
     assert server.endpoint.datagrams_to_send(0.0) == []
     assert server.endpoint.sessions == {}
+
+
+def _handshake(
+    endpoint: ServerEndpoint, agent: AgentSession, address: tuple[str, int], now: float
+) -> list[ev.Event]:
+    """Pump datagrams between one agent and the endpoint until the handshake settles."""
+    agent.connect(now)
+    events: list[ev.Event] = []
+    for _ in range(20):
+        for datagram in agent.datagrams_to_send(now):
+            endpoint.receive_datagram(datagram, address, now)
+        for datagram, to in endpoint.datagrams_to_send(now):
+            if to == address:
+                agent.receive_datagram(datagram, now)
+        while (e := agent.next_event()) is not None:
+            events.append(e)
+        if any(isinstance(e, ev.Connected | ev.Rejected) for e in events):
+            break
+    return events
+
+
+def test_one_agent_gets_at_most_its_session_cap(identity: Identity) -> None:
+    endpoint = ServerEndpoint(
+        signing_key=identity.signing_key,
+        trust=make_trust(identity),
+        code_source=lambda *_: b"",
+        now=0.0,
+        max_sessions_per_agent=2,
+    )
+    outcomes = []
+    for port in range(1, 5):
+        events = _handshake(endpoint, make_agent(identity), ("127.0.0.5", port), 0.1)
+        outcomes.append(next(e for e in events if isinstance(e, ev.Connected | ev.Rejected)))
+    assert [type(e) for e in outcomes] == [ev.Connected, ev.Connected, ev.Rejected, ev.Rejected]
+    rejected = [e for e in outcomes if isinstance(e, ev.Rejected)]
+    assert all(e.code == ErrorCode.BUSY and e.reason == "too_many_sessions" for e in rejected)
+    # Refused at HELLO, before any public-key work: two verified quotes in all.
+    assert endpoint.counters["public_key_ops"] == 2
+    assert endpoint.counters["rejected_agent_sessions"] == 2
+    # A session that ends frees its place.
+    first = next(iter(endpoint.sessions.values()))
+    first.close("bye", ErrorCode.INTERNAL, 0.2)
+    endpoint.touch(first.session_id)
+    endpoint.datagrams_to_send(0.2)
+    events = _handshake(endpoint, make_agent(identity), ("127.0.0.5", 9), 0.3)
+    assert any(isinstance(e, ev.Connected) for e in events)
+
+
+def test_concurrent_handshakes_past_the_cap_are_refused_before_the_quote_check(
+    identity: Identity,
+) -> None:
+    endpoint = ServerEndpoint(
+        signing_key=identity.signing_key,
+        trust=make_trust(identity),
+        code_source=lambda *_: b"",
+        now=0.0,
+        max_sessions_per_agent=1,
+    )
+    agents = [(make_agent(identity), ("127.0.0.6", port)) for port in (1, 2)]
+    attests: list[tuple[bytes, tuple[str, int]]] = []
+    for agent, address in agents:  # both get their CHALLENGE before either attests
+        agent.connect(0.1)
+        for _ in range(4):
+            for datagram in agent.datagrams_to_send(0.1):
+                if unpack_header(datagram).ptype is PacketType.ATTEST:
+                    attests.append((datagram, address))
+                else:
+                    endpoint.receive_datagram(datagram, address, 0.1)
+            for datagram, to in endpoint.datagrams_to_send(0.1):
+                if to == address:
+                    agent.receive_datagram(datagram, 0.1)
+    assert len(attests) == 2
+    for datagram, address in attests:
+        endpoint.receive_datagram(datagram, address, 0.2)
+    replies = endpoint.datagrams_to_send(0.2)
+    kinds = {to: unpack_header(d).ptype for d, to in replies}
+    assert kinds == {agents[0][1]: PacketType.KEY, agents[1][1]: PacketType.REJECT}
+    assert endpoint.counters["public_key_ops"] == 1  # the second quote was never checked

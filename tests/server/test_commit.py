@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import threading
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -28,21 +25,6 @@ def enroll(store: SqliteStore, name: str) -> str:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode()
     return store.enroll_agent(hashlib.sha256(der).hexdigest(), pem, name).agent_id
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "store.db")
-    s.add_app("pi", "python", io.BytesIO(b"print(3.14)"))
-    yield s
-    s.close()
-
-
-@pytest.fixture
-async def committer(store: SqliteStore) -> AsyncIterator[GroupCommitter]:
-    c = GroupCommitter(store)
-    yield c
-    await c.close()
 
 
 def lease_all(store: SqliteStore, agent: str, n: int) -> list[Lease]:

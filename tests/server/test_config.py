@@ -80,6 +80,7 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
     assert (config.window, config.idle_timeout, config.max_sessions) == (64, 60.0, 100000)
     assert config.jobs == JobDefaults(
         lease_seconds=300.0,
+        transfer_seconds=300.0,
         replicas=1,
         quorum=1,
         max_attempts=3,
@@ -90,6 +91,11 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
         disk_bytes=67108864,
         refusals_per_hour=30,
     )
+    assert (
+        config.max_sessions_per_agent,
+        config.max_leases_per_agent,
+        config.upload_memory_bytes,
+    ) == (64, 64, 64 << 20)
     assert config.key_path == d.absolute() / "server.key"
     assert config.store_path == d.absolute() / "jobs.sqlite"
 
@@ -125,6 +131,16 @@ def test_missing_keys_take_defaults(tmp_path: Path) -> None:
         ("[jobs]\noutput_bytes = 1073741824\n", "output_bytes must be between"),
         ("[jobs]\nrefusals_per_hour = 0\n", "refusals_per_hour must be between"),
         ("[jobs]\ndisk_bytes = 0\n", "disk_bytes must be between"),
+        ("[server]\nmax_sessions_per_agent = 0\n", "max_sessions_per_agent must be between 1"),
+        (
+            "[server]\nmax_sessions = 10\nmax_sessions_per_agent = 11\n",
+            "max_sessions_per_agent must be between 1 and 10",
+        ),
+        ("[server]\nmax_leases_per_agent = 0\n", "max_leases_per_agent must be between 1"),
+        ("[server]\nmax_leases_per_agent = 2.5\n", "max_leases_per_agent must be an integer"),
+        ("[server]\nupload_memory_bytes = 1000\n", "upload_memory_bytes must be between 1048576"),
+        ("[jobs]\ntransfer_seconds = 0\n", "transfer_seconds must be positive"),
+        ("[jobs]\ntransfer_seconds = 'slow'\n", "transfer_seconds must be a number"),
         ("[srever]\n", "unknown section"),
         ("server = 1\n", r"\[server\] must be a table"),
         ("[server\n", "invalid TOML"),
@@ -135,6 +151,11 @@ def test_bad_config_names_the_file_and_key(tmp_path: Path, text: str, message: s
     with pytest.raises(ConfigError, match=message) as info:
         load_server_config(path)
     assert str(path) in str(info.value)
+
+
+def test_leases_per_agent_follow_sessions_per_agent(tmp_path: Path) -> None:
+    config = load_server_config(write_config(tmp_path, "[server]\nmax_sessions_per_agent = 8\n"))
+    assert (config.max_sessions_per_agent, config.max_leases_per_agent) == (8, 8)
 
 
 def test_missing_config_is_a_config_error(tmp_path: Path) -> None:

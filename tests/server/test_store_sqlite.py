@@ -479,6 +479,34 @@ def test_renew_extends_only_the_live_lease(store: SqliteStore, app: str, agents:
     assert store.renew_lease(second.job_id, 2, 22.0, 10.0) is None  # job done
 
 
+def test_renewals_stop_at_the_hard_deadline(
+    store: SqliteStore, app: str, agents: list[str]
+) -> None:
+    """However often it is renewed, a lease ends lease + wall + transfer after it began."""
+    store.create_batch(app, [b"x"], wall_seconds=20, max_attempts=2)
+    first = lease(store, agents[0], now=0.0, seconds=10.0)
+    hard = 0.0 + 10.0 + 20.0 + 5.0
+    now = 0.0
+    while now < 40.0:
+        now += 3.0
+        deadline = store.renew_lease(first.job_id, 1, now, 10.0, transfer_seconds=5.0)
+        assert deadline == min(now + 10.0, hard)
+        if deadline <= now:
+            break
+    assert store.expire_leases(hard - 0.1) == []
+    (expired,) = store.expire_leases(hard)
+    assert (expired.job_id, expired.job_state) == (first.job_id, JobState.QUEUED)
+    assert store.renew_lease(first.job_id, 1, hard + 1, 10.0, transfer_seconds=5.0) is None
+
+
+def test_attempt_owner(store: SqliteStore, app: str, agents: list[str]) -> None:
+    store.create_batch(app, [b"x"], output_bytes=1234)
+    first = lease(store, agents[0])
+    assert store.attempt_owner(first.job_id, 1) == (agents[0], 1234)
+    assert store.attempt_owner(first.job_id, 2) is None
+    assert store.attempt_owner(2**64 - 1, 1) is None  # a wire id SQLite cannot hold
+
+
 def test_replicas_go_to_distinct_agents(store: SqliteStore, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"], replicas=3, quorum=2)
     a0 = lease(store, agents[0])

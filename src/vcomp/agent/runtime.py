@@ -186,7 +186,12 @@ class Worker:
             self._start_job(e)
         elif isinstance(e, ev.JobAborted):
             logfmt.event(
-                log, "job_aborted", worker=self.index, job=e.job, attempt=e.attempt, reason=e.reason
+                log,
+                "job_aborted",
+                worker=self.index,
+                job=e.job,
+                attempt=e.attempt,
+                reason=logfmt.peer_text(e.reason),
             )
             if self.running is not None and (self.running.job, self.running.attempt) == (
                 e.job,
@@ -223,19 +228,30 @@ class Worker:
                 job=e.job,
                 attempt=e.attempt,
                 code=e.code,
-                message=e.message,
+                message=logfmt.peer_text(e.message),
             )
             self.rt.spool.remove(e.job, e.attempt)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1
-            self.stats.last_reject = e.reason
+            self.stats.last_reject = logfmt.peer_text(e.reason)
             level = logging.ERROR if e.code == ErrorCode.SERVER_KEY_MISMATCH else logging.WARNING
             logfmt.event(
-                log, "session_refused", level, worker=self.index, code=e.code, reason=e.reason
+                log,
+                "session_refused",
+                level,
+                worker=self.index,
+                code=e.code,
+                reason=logfmt.peer_text(e.reason),
             )
         elif isinstance(e, ev.SessionClosed):
-            logfmt.event(log, "session_closed", worker=self.index, reason=e.reason, code=e.code)
+            logfmt.event(
+                log,
+                "session_closed",
+                worker=self.index,
+                reason=logfmt.peer_text(e.reason),
+                code=e.code,
+            )
             self._release_all()
             self._closed.set()
 

@@ -4,6 +4,12 @@ One :class:`ServerEndpoint` serves every agent on one UDP socket. Before an
 agent proves its address by echoing a cookie, the endpoint keeps nothing and
 does no public-key work, and it answers each HELLO (itself padded to at least
 1200 bytes) with one smaller datagram, so it cannot be used to amplify.
+
+One enrolled key may hold at most ``max_sessions_per_agent`` verified sessions.
+The check runs at HELLO (cheap, on the claimed id) and again just before the
+ATTEST is verified, so an agent over its cap costs no public-key work; only
+verified sessions count, so no one can use up another agent's allowance by
+claiming its id.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from vcomp.protocol.wire import (
 )
 
 Address = tuple[str, int]
+TOO_MANY_SESSIONS = "too_many_sessions"
+"""REJECT reason (code BUSY) for an agent at its concurrent-session cap."""
 CodeSource = Callable[[int, int, int, int], bytes]
 """(job, attempt, offset, length) -> that slice of code || input.
 
@@ -52,6 +60,7 @@ class ServerEndpoint:
         now: float,
         window: int = 64,
         max_sessions: int = 100_000,
+        max_sessions_per_agent: int = 100_000,
         idle_timeout: float = limits.IDLE_TIMEOUT,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -60,6 +69,9 @@ class ServerEndpoint:
         self._code_source = code_source
         self._window = window
         self._max_sessions = max_sessions
+        self._max_per_agent = max_sessions_per_agent
+        self._verified: dict[int, bytes] = {}  # session id -> agent id, once its quote verified
+        self._per_agent: Counter[bytes] = Counter()
         self._idle_timeout = idle_timeout
         self._random = random_bytes
         self._cookies = CookieJar(now, random_bytes=random_bytes)
@@ -100,9 +112,15 @@ class ServerEndpoint:
                 self.counters["dropped_unauthenticated"] += 1
                 return
         elif header.ptype is PacketType.ATTEST and address == session.address:
-            before = session.public_key_ops
-            session.on_attest(data, now)
-            self.counters["public_key_ops"] += session.public_key_ops - before
+            if session.state is ServerState.CHALLENGED and self._agent_full(session.agent_id):
+                session.refuse_handshake(TOO_MANY_SESSIONS, self._cap_detail(), ErrorCode.BUSY)
+            else:
+                before = session.public_key_ops
+                session.on_attest(data, now)
+                self.counters["public_key_ops"] += session.public_key_ops - before
+                if session.channel is not None and session.session_id not in self._verified:
+                    self._verified[session.session_id] = session.agent_id
+                    self._per_agent[session.agent_id] += 1
         else:
             self.counters["dropped_unexpected"] += 1
             return
@@ -141,6 +159,13 @@ class ServerEndpoint:
             self.sessions[existing].resend_challenge()
             self._touch(self.sessions[existing])
             return
+        if self._agent_full(hello.agent):
+            self._reply(
+                PacketType.REJECT,
+                Reject(code=ErrorCode.BUSY, reason=TOO_MANY_SESSIONS),
+                address,
+            )
+            return
         if len(self.sessions) >= self._max_sessions:
             self.counters["rejected_busy"] += 1
             self._reply(
@@ -167,6 +192,15 @@ class ServerEndpoint:
         self._pending_key[session_id] = key
         self.counters["sessions_created"] += 1
         self._touch(session)
+
+    def _agent_full(self, agent_id: bytes) -> bool:
+        if self._per_agent[agent_id] < self._max_per_agent:
+            return False
+        self.counters["rejected_agent_sessions"] += 1
+        return True
+
+    def _cap_detail(self) -> str:
+        return f"this agent already has {self._max_per_agent} sessions"
 
     def _new_session_id(self) -> int:
         while True:
@@ -261,6 +295,11 @@ class ServerEndpoint:
         self.sessions.pop(session.session_id, None)
         self._timer_of.pop(session.session_id, None)
         self.counters["sessions_closed"] += 1
+        agent = self._verified.pop(session.session_id, None)
+        if agent is not None:
+            self._per_agent[agent] -= 1
+            if not self._per_agent[agent]:
+                del self._per_agent[agent]
         key = self._pending_key.pop(session.session_id, None)
         if key is not None:
             self._pending.pop(key, None)

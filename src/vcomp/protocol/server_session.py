@@ -202,13 +202,19 @@ class ServerSession:
         )
         self.state = ServerState.KEYED
 
-    def _reject(self, reason: str, detail: str) -> None:
-        body = encode_body(
-            Reject(code=ErrorCode.ATTESTATION_FAILED, reason=clip_text(reason, limits.MAX_TEXT))
-        )
+    def refuse_handshake(self, reason: str, detail: str, code: ErrorCode) -> None:
+        """REJECT a handshake that is still waiting for its ATTEST, without checking it."""
+        if self.state is ServerState.CHALLENGED:
+            self._reject(reason, detail, code)
+
+    def _reject(
+        self, reason: str, detail: str, code: ErrorCode = ErrorCode.ATTESTATION_FAILED
+    ) -> None:
+        body = encode_body(Reject(code=code, reason=clip_text(reason, limits.MAX_TEXT)))
         self._out.append(self._plain(PacketType.REJECT, body))
         self._events.append(ev.HandshakeRejected(self.agent_id, self.address, reason, detail))
-        self._close(f"attestation failed: {reason}", ErrorCode.ATTESTATION_FAILED, emit=False)
+        what = "attestation failed" if code is ErrorCode.ATTESTATION_FAILED else "refused"
+        self._close(f"{what}: {reason}", code, emit=False)
 
     # ---- established ---------------------------------------------------------
 

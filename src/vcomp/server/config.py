@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp.errors import ConfigError
 from vcomp.protocol import handshake, limits
-from vcomp.server.store import DEFAULT_DISK_BYTES
+from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
 
 __all__ = [
     "CONFIG_FILE",
@@ -49,6 +49,12 @@ PUBLIC_FILE = "server.pub"
 STORE_FILE = "jobs.sqlite"
 DEFAULT_PORT = 7461
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anything huge
+# An honest agent opens one session per worker (one per core by default), so 64
+# serves a 64-core volunteer; beyond that one key is hoarding, not computing.
+# One job per session, so the same number bounds its leases.
+DEFAULT_SESSIONS_PER_AGENT = 64
+DEFAULT_UPLOAD_MEMORY = 64 << 20  # result bytes in flight (buffered or queued), server-wide
+MIN_UPLOAD_MEMORY = 1 << 20  # room for a few 256 KiB write batches
 
 DEFAULT_CONFIG = f"""\
 # vcomp organisation server. Created by `vcomp-server init`; see server/server.example.toml.
@@ -57,9 +63,13 @@ bind = "127.0.0.1:{DEFAULT_PORT}"
 window = 64
 idle_timeout = 60.0
 max_sessions = 100000
+max_sessions_per_agent = 64
+max_leases_per_agent = 64
+upload_memory_bytes = 67108864
 
 [jobs]
 lease_seconds = 300.0     # lease = transfer + run + result; renewed while the agent works
+transfer_seconds = 300.0  # reissued after lease_seconds + wall_seconds + this, renewed or not
 replicas = 1
 quorum = 1
 max_attempts = 3
@@ -77,6 +87,7 @@ class JobDefaults:
     """``[jobs]``: lease length and the defaults ``vcomp-server submit`` uses."""
 
     lease_seconds: float = 300.0
+    transfer_seconds: float = DEFAULT_TRANSFER_SECONDS
     replicas: int = 1
     quorum: int = 1
     max_attempts: int = 3
@@ -90,6 +101,7 @@ class JobDefaults:
 
     def __post_init__(self) -> None:
         _check_seconds("lease_seconds", self.lease_seconds)
+        _check_seconds("transfer_seconds", self.transfer_seconds)
         _check_int("replicas", self.replicas, 1, 100)
         _check_int("quorum", self.quorum, 1, self.replicas)
         _check_int("max_attempts", self.max_attempts, 1, 1000)
@@ -114,6 +126,9 @@ class ServerConfig:
     jobs: JobDefaults
     key_path: Path
     store_path: Path
+    max_sessions_per_agent: int = DEFAULT_SESSIONS_PER_AGENT
+    max_leases_per_agent: int = DEFAULT_SESSIONS_PER_AGENT
+    upload_memory_bytes: int = DEFAULT_UPLOAD_MEMORY
 
     def __post_init__(self) -> None:
         if not self.bind_host:
@@ -122,6 +137,9 @@ class ServerConfig:
         _check_int("window", self.window, limits.MIN_WINDOW, limits.MAX_WINDOW)
         _check_seconds("idle_timeout", self.idle_timeout)
         _check_int("max_sessions", self.max_sessions, 1, 10_000_000)
+        _check_int("max_sessions_per_agent", self.max_sessions_per_agent, 1, self.max_sessions)
+        _check_int("max_leases_per_agent", self.max_leases_per_agent, 1, 10_000_000)
+        _check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
 
     @property
     def public_path(self) -> Path:
@@ -271,10 +289,14 @@ def load_server_config(path: Path) -> ServerConfig:
         window = server.integer("window", 64)
         idle_timeout = server.number("idle_timeout", limits.IDLE_TIMEOUT)
         max_sessions = server.integer("max_sessions", 100_000)
+        sessions_per_agent = server.integer("max_sessions_per_agent", DEFAULT_SESSIONS_PER_AGENT)
+        leases_per_agent = server.integer("max_leases_per_agent", sessions_per_agent)
+        upload_memory = server.integer("upload_memory_bytes", DEFAULT_UPLOAD_MEMORY)
         server.finish()
         jobs = Table(doc, "jobs")
         defaults = JobDefaults(
             lease_seconds=jobs.number("lease_seconds", 300.0),
+            transfer_seconds=jobs.number("transfer_seconds", DEFAULT_TRANSFER_SECONDS),
             replicas=jobs.integer("replicas", 1),
             quorum=jobs.integer("quorum", 1),
             max_attempts=jobs.integer("max_attempts", 3),
@@ -296,6 +318,9 @@ def load_server_config(path: Path) -> ServerConfig:
             jobs=defaults,
             key_path=home / KEY_FILE,
             store_path=home / STORE_FILE,
+            max_sessions_per_agent=sessions_per_agent,
+            max_leases_per_agent=leases_per_agent,
+            upload_memory_bytes=upload_memory,
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None

@@ -5,6 +5,13 @@ attested agents, streams their code and input out of the store, streams
 results back in, and sends the final ACK only after the result's transaction
 has committed. Store writes go through one :class:`GroupCommitter` thread;
 chunk reads use the event-loop thread's own read connection.
+
+One enrolled key gets a bounded share: at most ``max_leases_per_agent`` jobs at
+once, and no lease outlives its hard deadline (``renew_lease``). Result bytes
+are buffered only for the agent that holds the job, within the job's output
+limit and the server-wide upload budget. (Longer than 500 lines: leasing and
+result intake share the assignment table; splitting them waits for the merge
+of issue 13's server branches.)
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import logging
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +42,7 @@ from vcomp.protocol.tpm_format import ClockInfo
 from vcomp.protocol.trust import TrustPolicy
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig, load_signing_key
-from vcomp.server.results import ResultSink
+from vcomp.server.results import ResultSink, UploadBudget
 from vcomp.server.store import REFUSAL_WINDOW, Lease, ResultSubmission
 from vcomp.server.store_sqlite import SqliteStore
 from vcomp.transport import ServerAdapter, open_server
@@ -77,6 +85,9 @@ class OrganisationServer:
         self._assignments: dict[tuple[int, int], _Assignment] = {}
         self._idle: set[int] = set()
         self._sinks: dict[tuple[int, int, int], ResultSink] = {}
+        self._upload_budget = UploadBudget(config.upload_memory_bytes)
+        self._leases_held: Counter[str] = Counter()  # assignments per agent (hex id)
+        self._cooling: dict[str, float] = {}  # agent -> monotonic time its cool-down ends
         self._tasks: set[asyncio.Task[Any]] = set()
         self._adapter: ServerAdapter | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -101,6 +112,7 @@ class OrganisationServer:
             now=loop.time(),
             window=self.config.window,
             max_sessions=self.config.max_sessions,
+            max_sessions_per_agent=self.config.max_sessions_per_agent,
             idle_timeout=self.config.idle_timeout,
         )
         endpoint = self.endpoint
@@ -216,8 +228,8 @@ class OrganisationServer:
                 logging.WARNING,
                 agent=e.agent_id.hex()[:16],
                 addr=f"{e.address[0]}:{e.address[1]}",
-                reason=e.reason,
-                detail=e.detail,
+                reason=logfmt.peer_text(e.reason),
+                detail=logfmt.peer_text(e.detail),
             )
         elif isinstance(e, ev.JobDelivered):
             a = self._assignments.get((e.job, e.attempt))
@@ -249,13 +261,16 @@ class OrganisationServer:
                 )
                 self._drop_assignment(e.job, e.attempt)
                 again = e.code == ErrorCode.JOB_ABANDONED  # a shutdown: it may come back
-                self._spawn(self._refused(session.agent_id, e.job, e.attempt, again))
+                self._spawn(self._record_refusal(session.agent_id, e.job, e.attempt, again))
         elif isinstance(e, ev.SessionClosed):
             self._idle.discard(e.session_id)
-            for key in [k for k in self._sinks if k[0] == e.session_id]:
-                self._spawn(self._sinks.pop(key).abandon())
+            self._abandon_uploads(e.session_id)
             logfmt.event(
-                log, "session_closed", session=f"{e.session_id:016x}", reason=e.reason, code=e.code
+                log,
+                "session_closed",
+                session=f"{e.session_id:016x}",
+                reason=logfmt.peer_text(e.reason),
+                code=e.code,
             )
         elif isinstance(e, ev.ResetDone):
             logfmt.event(log, "reset_done", session=f"{e.session_id:016x}", epoch=e.epoch)
@@ -281,15 +296,19 @@ class OrganisationServer:
                 return
             if (session.agent_id, session.capacity) in refused:
                 continue
+            if not self._reserve_lease(session.agent_id):
+                continue  # it holds its share of the queue; a finished job frees a slot
             self._idle.discard(sid)
             lease = await self._lease_for(session)
             if lease is None:
+                self._unreserve_lease(session.agent_id.hex())
                 refused.add((session.agent_id, session.capacity))
                 self._idle.add(sid)
                 continue
             session = endpoint.session(sid)
             if session is None or session.state is not ServerState.IDLE:
                 # The agent vanished while we leased: hand the job straight back.
+                self._unreserve_lease(lease.agent_id)
                 await self._release(lease.job_id, lease.attempt, "agent left before START")
                 continue
             self._start(session, lease)
@@ -363,11 +382,33 @@ class OrganisationServer:
             out += a.data.read(offset - a.code_size, length)
         return bytes(out)
 
+    def _reserve_lease(self, agent_id: bytes) -> bool:
+        """Count a lease ``agent_id`` is about to get; False at its cap.
+
+        Counted before the store is asked, so concurrent _assign tasks cannot overshoot.
+        Assignments count until dropped, including those of sessions that closed.
+        """
+        agent = agent_id.hex()
+        if self._leases_held[agent] >= self.config.max_leases_per_agent:
+            return False
+        if agent in self._cooling:
+            if time.monotonic() < self._cooling[agent]:
+                return False
+            del self._cooling[agent]
+        self._leases_held[agent] += 1
+        return True
+
+    def _unreserve_lease(self, agent: str) -> None:
+        self._leases_held[agent] -= 1
+        if self._leases_held[agent] <= 0:
+            del self._leases_held[agent]
+
     def _drop_assignment(self, job: int, attempt: int) -> None:
         a = self._assignments.pop((job, attempt), None)
         if a is not None:
             a.code.close()
             a.data.close()
+            self._unreserve_lease(a.lease.agent_id)
 
     async def _release(self, job: int, attempt: int, reason: str) -> None:
         await self.committer.run(self._release_now, job, attempt, reason)
@@ -377,7 +418,9 @@ class OrganisationServer:
     def _release_now(self, job: int, attempt: int, reason: str) -> bool:
         return self.store.release_lease(job, attempt, reason, now=time.time())
 
-    async def _refused(self, agent_id: bytes, job: int, attempt: int, again: bool) -> int | None:
+    async def _record_refusal(
+        self, agent_id: bytes, job: int, attempt: int, again: bool
+    ) -> int | None:
         """The lease holder refused its job: requeue it without charging its budget.
 
         Returns the agent's refusals in the last hour, or None if it did not hold the lease.
@@ -426,21 +469,83 @@ class OrganisationServer:
         key = (e.session_id, e.job, e.attempt)
         sink = self._sinks.get(key)
         if sink is None:
+            if e.offset != 0:
+                return  # the rest of an upload refused at its first chunk
+            refusal = self._upload_refusal(e.session_id, e.job, e.attempt, e.total)
+            if refusal is not None:
+                logfmt.event(
+                    log,
+                    "result_chunks_dropped",
+                    logging.WARNING,
+                    job=e.job,
+                    attempt=e.attempt,
+                    session=f"{e.session_id:016x}",
+                    reason=refusal,
+                )
+                return
             sink = self._sinks[key] = ResultSink(
-                self.store, self.committer, e.job, e.attempt, e.total
+                self.store, self.committer, e.job, e.attempt, e.total, self._upload_budget
             )
-        sink.feed(e.offset, e.data)
+        if not sink.feed(e.offset, e.data):
+            # Past the server-wide budget: cut this upload off. Nothing was acknowledged
+            # as committed, so the agent resends the spooled result on a later session.
+            self._spawn(self._sinks.pop(key).abandon())
+            logfmt.event(
+                log,
+                "upload_aborted",
+                logging.WARNING,
+                job=e.job,
+                attempt=e.attempt,
+                session=f"{e.session_id:016x}",
+                in_flight=self._upload_budget.used,
+            )
+            self._close_session(
+                e.session_id, "server busy: too many results in flight", ErrorCode.BUSY
+            )
+
+    def _upload_refusal(self, sid: int, job: int, attempt: int, total: int) -> str | None:
+        """Why a result upload may not start (None: it may); checked before any buffering."""
+        limit = self._sender_limit(sid, job, attempt)
+        if limit is None:
+            return "sender does not hold this job"
+        if total > limit:
+            return f"result of {total} bytes exceeds the job's limit of {limit}"
+        return None
+
+    def _sender_limit(self, sid: int, job: int, attempt: int) -> int | None:
+        """The output limit of ``(job, attempt)`` if the session's agent was leased it.
+
+        Held in this server's memory, or (after a restart, or an expired lease whose
+        late result the store still takes) according to the store.
+        """
+        session = self._session(sid)
+        if session is None:
+            return None
+        agent = session.agent_id.hex()
+        a = self._assignments.get((job, attempt))
+        if a is not None and a.lease.agent_id == agent:
+            return a.lease.limits.output_bytes
+        owner = self.store.attempt_owner(job, attempt)
+        return owner[1] if owner is not None and owner[0] == agent else None
 
     async def _commit(self, e: ev.ResultComplete) -> None:
         key = (e.job, e.attempt)
         agent = e.agent_id.hex()
         if e.status == REFUSED and await self._commit_refusal(e):
             return
+        sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
+        if sink is None and (
+            refusal := self._upload_refusal(e.session_id, e.job, e.attempt, e.total)
+        ):
+            await self._commit_unadmitted(e, refusal)
+            return
         if self._held_by(key, e.agent_id):
             self._drop_assignment(*key)
-        sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
         if sink is None:
-            sink = ResultSink(self.store, self.committer, e.job, e.attempt, e.total)
+            if e.total:  # its chunks were dropped: the agent must send them again
+                self._close_session(e.session_id, "result upload was interrupted")
+                return
+            sink = ResultSink(self.store, self.committer, e.job, e.attempt, 0, self._upload_budget)
         try:
             output, upload = await sink.finish(e.sha256)
         except VcompError as exc:
@@ -470,6 +575,35 @@ class OrganisationServer:
             received_at=time.time(),
             error=e.detail,
         )
+        await self._record(e, submission)
+
+    async def _commit_unadmitted(self, e: ev.ResultComplete, refusal: str) -> None:
+        """A result whose chunks were dropped: record the holder's over-limit failure, or
+        refuse a result from an agent that does not hold the job (the store never sees it)."""
+        if self._sender_limit(e.session_id, e.job, e.attempt) is None:
+            self._refuse(e, refusal)
+            return
+        if self._held_by((e.job, e.attempt), e.agent_id):
+            self._drop_assignment(e.job, e.attempt)
+        submission = ResultSubmission(
+            job_id=e.job,
+            attempt=e.attempt,
+            agent_id=e.agent_id.hex(),
+            status="output_too_large",
+            output=None,
+            upload=None,
+            output_size=None,
+            output_sha256=None,
+            cpu_ms=e.cpu_ms,
+            wall_ms=e.wall_ms,
+            received_at=time.time(),
+            error=refusal,
+        )
+        await self._record(e, submission)
+
+    async def _record(self, e: ev.ResultComplete, submission: ResultSubmission) -> None:
+        key = (e.job, e.attempt)
+        agent = e.agent_id.hex()
         # Lease this agent's next job in the same group commit as its result.
         prefetch = self._prefetch(e)
         outcome = await self.committer.submit_result(submission)
@@ -479,7 +613,7 @@ class OrganisationServer:
             job=e.job,
             attempt=e.attempt,
             agent=agent[:16],
-            status=e.status,
+            status=logfmt.peer_text(submission.status),
             outcome=str(outcome.kind),
             job_state=outcome.job_state,
             bytes=e.total,
@@ -491,7 +625,7 @@ class OrganisationServer:
         else:
             self._refuse(e, outcome.detail or str(outcome.kind))
         if prefetch is not None:
-            await self._use_prefetched(e.session_id, prefetch)
+            await self._use_prefetched(e.session_id, e.agent_id, prefetch)
         if outcome.job_state is not None and str(outcome.job_state) == "queued":
             self._queue_hint = True
             self._spawn(self._assign())
@@ -500,10 +634,15 @@ class OrganisationServer:
         """A RESULT of status ``refused``: a refusal, not a failed run, if it is the
         holder's (the store checks, so a spooled refusal resent after a server restart
         counts too). False: not this agent's live lease; record it as any result."""
-        if await self._refused(e.agent_id, e.job, e.attempt, again=False) is None:
+        if await self._record_refusal(e.agent_id, e.job, e.attempt, again=False) is None:
             return False
         logfmt.event(
-            log, "job_refused", logging.WARNING, job=e.job, attempt=e.attempt, message=e.detail
+            log,
+            "job_refused",
+            logging.WARNING,
+            job=e.job,
+            attempt=e.attempt,
+            message=logfmt.peer_text(e.detail),
         )
         self._drop_assignment(e.job, e.attempt)
         sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
@@ -519,21 +658,26 @@ class OrganisationServer:
             or session is None
             or session.current_job != (e.job, e.attempt)
             or e.session_id in self._prefetching
+            or not self._reserve_lease(e.agent_id)
         ):
             return None
         self._prefetching.add(e.session_id)
         return self._lease_for(session)
 
-    async def _use_prefetched(self, sid: int, prefetch: asyncio.Future[Lease | None]) -> None:
+    async def _use_prefetched(
+        self, sid: int, agent_id: bytes, prefetch: asyncio.Future[Lease | None]
+    ) -> None:
         try:
             lease = await prefetch
         finally:
             self._prefetching.discard(sid)
         if lease is None:
+            self._unreserve_lease(agent_id.hex())
             self._queue_hint = False
             return
         session = self._session(sid)
         if session is None or session.state is not ServerState.IDLE:
+            self._unreserve_lease(lease.agent_id)
             await self._release(lease.job_id, lease.attempt, "agent left before START")
             return
         self._idle.discard(sid)
@@ -550,17 +694,22 @@ class OrganisationServer:
 
     def _refuse(self, e: ev.ResultComplete, reason: str) -> None:
         logfmt.event(
-            log, "result_refused", logging.WARNING, job=e.job, attempt=e.attempt, reason=reason
+            log,
+            "result_refused",
+            logging.WARNING,
+            job=e.job,
+            attempt=e.attempt,
+            reason=logfmt.peer_text(reason),
         )
         session = self._session(e.session_id)
         if session is not None:
             session.refuse_result(e.job, e.attempt, ErrorCode.HASH_MISMATCH, reason)
             self._flush(session)
 
-    def _close_session(self, sid: int, reason: str) -> None:
+    def _close_session(self, sid: int, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
         session = self._session(sid)
         if session is not None:
-            session.close(reason, ErrorCode.INTERNAL, asyncio.get_running_loop().time())
+            session.close(reason, code, asyncio.get_running_loop().time())
             self._flush(session)
 
     def _confirm(self, e: ev.ResultComplete, entries: list[tuple[int, int]]) -> None:
@@ -594,6 +743,7 @@ class OrganisationServer:
         now = time.time()
         expired = await self.committer.run(self.store.expire_leases, now)
         for x in expired:
+            self._abort_on_holder(x.job_id, x.attempt)
             self._drop_assignment(x.job_id, x.attempt)
             logfmt.event(
                 log,
@@ -634,8 +784,40 @@ class OrganisationServer:
         return keys
 
     def _renew(self, keys: list[tuple[int, int]], now: float) -> None:
+        jobs = self.config.jobs
         for job, attempt in keys:
-            self.store.renew_lease(job, attempt, now, self.config.jobs.lease_seconds)
+            self.store.renew_lease(
+                job, attempt, now, jobs.lease_seconds, transfer_seconds=jobs.transfer_seconds
+            )
+
+    def _abort_on_holder(self, job: int, attempt: int) -> None:
+        """A lapsed lease is reissued: RESET its holder's session if it still works on it.
+
+        Renewals stop at the hard deadline (see ``renew_lease``), so this is how a holder
+        that keeps its session alive but never finishes loses the job. Its agent then
+        gets no lease for ``lease_seconds``, so the job goes to someone else if anyone
+        is there, rather than straight back to the agent that sat on it.
+        """
+        a = self._assignments.get((job, attempt))
+        session = None if a is None else self._session(a.session_id)
+        if a is None or session is None or session.current_job != (job, attempt):
+            return
+        self._cooling[a.lease.agent_id] = time.monotonic() + self.config.jobs.lease_seconds
+        session.reset("lease expired; the job was reissued", asyncio.get_running_loop().time())
+        self._abandon_uploads(session.session_id)
+        self._flush(session)
+        logfmt.event(
+            log,
+            "holder_reset",
+            logging.WARNING,
+            job=job,
+            attempt=attempt,
+            session=f"{session.session_id:016x}",
+        )
+
+    def _abandon_uploads(self, sid: int) -> None:
+        for key in [k for k in self._sinks if k[0] == sid]:
+            self._spawn(self._sinks.pop(key).abandon())
 
     def _reset_agent(self, agent_hex: str) -> None:
         endpoint, adapter = self.endpoint, self._adapter
@@ -648,8 +830,7 @@ class OrganisationServer:
             job = session.current_job
             session.reset("reset requested by the operator", now)
             # The agent resends uncommitted results from offset 0 after a reset.
-            for key in [k for k in self._sinks if k[0] == session.session_id]:
-                self._spawn(self._sinks.pop(key).abandon())
+            self._abandon_uploads(session.session_id)
             endpoint.touch(session.session_id)
             logfmt.event(
                 log,

@@ -11,6 +11,7 @@ from vcomp.errors import StoreError
 from vcomp.server.sqlite_agents import AgentsMixin
 from vcomp.server.sqlite_base import SqliteBlobReader
 from vcomp.server.store import (
+    DEFAULT_TRANSFER_SECONDS,
     REFUSAL_WINDOW,
     RESULT_OK,
     AttemptState,
@@ -105,16 +106,36 @@ class LeasesMixin(AgentsMixin):
         )
 
     def renew_lease(
-        self, job_id: int, attempt: int, now: float, lease_seconds: float
+        self,
+        job_id: int,
+        attempt: int,
+        now: float,
+        lease_seconds: float,
+        *,
+        transfer_seconds: float = DEFAULT_TRANSFER_SECONDS,
     ) -> float | None:
-        """Extend a live lease; ``None`` if the attempt is no longer the live lease."""
+        """Extend a live lease; ``None`` if the attempt is no longer the live lease.
+
+        Never past the hard deadline, ``leased_at + lease_seconds + wall_seconds +
+        transfer_seconds``: a holder that keeps renewing but never finishes loses the
+        job then, and expire_leases reissues it.
+        """
         check_finite(now, "now")
         check_positive(lease_seconds, "lease_seconds")
+        check_positive(transfer_seconds, "transfer_seconds")
         with self._txn(write=True, durable=False) as conn:
-            attempt_state, job_state, _ = self._attempt_row(conn, job_id, attempt)
-            if attempt_state is not AttemptState.LEASED or job_state.terminal:
+            row = conn.execute(
+                "SELECT a.state, j.state, a.leased_at, b.wall_seconds FROM attempts AS a "
+                "JOIN jobs AS j ON j.id = a.job_id JOIN batches AS b ON b.id = j.batch_id "
+                "WHERE a.job_id = ? AND a.attempt = ?",
+                (job_id, attempt),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"job {job_id} has no attempt {attempt}")
+            if AttemptState(row[0]) is not AttemptState.LEASED or JobState(row[1]).terminal:
                 return None
-            deadline = now + lease_seconds
+            hard = float(row[2]) + lease_seconds + float(row[3]) + transfer_seconds
+            deadline = min(now + lease_seconds, hard)
             conn.execute(
                 "UPDATE attempts SET deadline = ? WHERE job_id = ? AND attempt = ?",
                 (deadline, job_id, attempt),

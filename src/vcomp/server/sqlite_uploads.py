@@ -16,6 +16,23 @@ from vcomp.server.store_sqlite_schema import COPY_CHUNK, check_size, rowid
 class UploadsMixin(AppsMixin):
     """Staging blobs for results too large to submit inline."""
 
+    def attempt_owner(self, job_id: int, attempt: int) -> tuple[str, int] | None:
+        """(agent id, output limit) of an attempt, or None if there is no such attempt.
+
+        The server asks before it buffers a byte of an upload it did not hand out itself.
+        """
+        if not (0 <= job_id < 1 << 63 and 0 <= attempt < 1 << 63):
+            return None  # ids off the wire can exceed what SQLite stores
+        with self._txn() as conn:
+            row = conn.execute(
+                "SELECT a.agent_id, j.batch_id FROM attempts AS a JOIN jobs AS j "
+                "ON j.id = a.job_id WHERE a.job_id = ? AND a.attempt = ?",
+                (job_id, attempt),
+            ).fetchone()
+            if row is None:
+                return None
+            return str(row[0]), self._batch(conn, int(row[1])).limits.output_bytes
+
     def begin_result_upload(self, job_id: int, attempt: int, total: int) -> UploadHandle:
         """Reserve a staging blob of ``total`` bytes for a large result."""
         check_size(total, "result upload")

@@ -55,6 +55,7 @@ from vcomp.protocol.capacity import UNLIMITED, JobCapacity
 
 __all__ = [
     "DEFAULT_DISK_BYTES",
+    "DEFAULT_TRANSFER_SECONDS",
     "REFUSAL_WINDOW",
     "RESULT_OK",
     "AgentClock",
@@ -98,6 +99,10 @@ RESULT_OK = "ok"
 DEFAULT_DISK_BYTES = 64 << 20
 #: Seconds over which an agent's refusals are counted against its cap.
 REFUSAL_WINDOW = 3600.0
+
+#: Seconds for code and input out and the result back, on a slow link. A lease is never
+#: renewed past ``leased_at + lease_seconds + wall_seconds + transfer_seconds``.
+DEFAULT_TRANSFER_SECONDS = 300.0
 
 
 class AppKind(enum.StrEnum):
@@ -538,7 +543,13 @@ class Store(Protocol):
     def lease_next(self, agent_id: str, now: float, lease_seconds: float) -> Lease | None: ...
     def lease_many(self, requests: Sequence[LeaseRequest]) -> list[Lease | None]: ...
     def renew_lease(
-        self, job_id: int, attempt: int, now: float, lease_seconds: float
+        self,
+        job_id: int,
+        attempt: int,
+        now: float,
+        lease_seconds: float,
+        *,
+        transfer_seconds: float = DEFAULT_TRANSFER_SECONDS,
     ) -> float | None: ...
     def release_lease(
         self, job_id: int, attempt: int, reason: str, *, now: float | None = None
@@ -556,6 +567,7 @@ class Store(Protocol):
     def expire_leases(self, now: float) -> list[ExpiredLease]: ...
 
     # results
+    def attempt_owner(self, job_id: int, attempt: int) -> tuple[str, int] | None: ...
     def begin_result_upload(self, job_id: int, attempt: int, total: int) -> UploadHandle: ...
     def write_result_chunk(
         self, handle: UploadHandle, offset: int, data: bytes | bytearray | memoryview
