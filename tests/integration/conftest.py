@@ -424,8 +424,13 @@ class Lab:
         window: int | None = None,
         lease_seconds: float | None = None,
         idle_timeout: float | None = None,
+        per_agent: int | None = None,
     ) -> Org:
-        """A server home and an (unstarted) in-process server bound to 127.0.0.1:0."""
+        """A server home and an (unstarted) in-process server bound to 127.0.0.1:0.
+
+        ``per_agent`` raises the per-agent session and lease caps, for tests where many
+        sessions share one agent identity (AK generation is slow).
+        """
         home = self.root / name
         fingerprint = init_server_home(home)
         config = load_server_config(home)
@@ -436,6 +441,8 @@ class Lab:
             changes["idle_timeout"] = idle_timeout
         if lease_seconds is not None:
             changes["jobs"] = dataclasses.replace(config.jobs, lease_seconds=lease_seconds)
+        if per_agent is not None:
+            changes["max_sessions_per_agent"] = changes["max_leases_per_agent"] = per_agent
         config = dataclasses.replace(config, **changes)
         admin = SqliteStore(config.store_path)
 

@@ -78,7 +78,7 @@ class HoldingAgent:
 
 
 async def test_hundreds_of_agents_hold_sessions_at_once(lab: Lab) -> None:
-    org = lab.org()
+    org = lab.org(per_agent=AGENTS)
     await lab.start(org)
     tpm = lab.lite_tpm(org, "shared")  # one identity for all: AK generation is slow
     code = org.add_app("echo", b"tiny job")

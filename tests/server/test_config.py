@@ -95,7 +95,7 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
         config.max_sessions_per_agent,
         config.max_leases_per_agent,
         config.upload_memory_bytes,
-    ) == (64, 64, 64 << 20)
+    ) == (16, 16, 64 << 20)
     assert config.key_path == d.absolute() / "server.key"
     assert config.store_path == d.absolute() / "jobs.sqlite"
 

@@ -52,7 +52,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anyth
 # An honest agent opens one session per worker (one per core by default), so 64
 # serves a 64-core volunteer; beyond that one key is hoarding, not computing.
 # One job per session, so the same number bounds its leases.
-DEFAULT_SESSIONS_PER_AGENT = 64
+DEFAULT_SESSIONS_PER_AGENT = 16  # an honest agent opens one session per worker (core)
 DEFAULT_UPLOAD_MEMORY = 64 << 20  # result bytes in flight (buffered or queued), server-wide
 MIN_UPLOAD_MEMORY = 1 << 20  # room for a few 256 KiB write batches
 
@@ -63,8 +63,8 @@ bind = "127.0.0.1:{DEFAULT_PORT}"
 window = 64
 idle_timeout = 60.0
 max_sessions = 100000
-max_sessions_per_agent = 64
-max_leases_per_agent = 64
+max_sessions_per_agent = 16
+max_leases_per_agent = 16
 upload_memory_bytes = 67108864
 
 [jobs]
