@@ -48,12 +48,7 @@ from vcomp.agent.sandbox.confinement import (
     isolate_job,
     isolate_late,
 )
-from vcomp.agent.sandbox.libc import (
-    CLONE_NEWUSER,
-    PR_SET_CHILD_SUBREAPER,
-    prctl,
-    set_pdeathsig,
-)
+from vcomp.agent.sandbox.libc import CLONE_NEWUSER, PR_SET_CHILD_SUBREAPER, prctl, set_pdeathsig
 from vcomp.agent.sandbox.plan import MAX_SPEC_BYTES, JobSpec, LaunchPlan
 from vcomp.agent.sandbox.protections import SetupReporter
 
