@@ -14,7 +14,6 @@ import pytest
 
 from vcomp.agent.modes import ExecutionMode
 from vcomp.agent.sandbox import JobLimits, OutcomeKind, Sandbox
-from vcomp.agent.sandbox.runner import parse_setup_lines
 from vcomp.agent.sandbox.wipe import empty_dir
 
 from .conftest import EXAMPLES, LIMITS, assert_still_works, job, processes_with, run_python
@@ -237,18 +236,6 @@ async def test_background_mode_runs_a_job(tmp_path: Path) -> None:
     outcome = await run_python(sandbox, code)
     assert outcome.kind is OutcomeKind.OK, outcome
     assert outcome.result == b"19"
-
-
-def test_setup_lines_are_parsed() -> None:
-    prots, failure = parse_setup_lines(
-        "P seccomp active libseccomp\nP landlock unavailable no kernel support\nP x bogus\n"
-    )
-    assert [(p.name, p.status, p.reason) for p in prots] == [
-        ("seccomp", "active", "libseccomp"),
-        ("landlock", "unavailable", "no kernel support"),
-    ]
-    assert failure is None
-    assert parse_setup_lines("F job OSError: nope\n")[1] == "job OSError: nope"
 
 
 async def test_setup_failure_is_an_outcome(tmp_path: Path) -> None:

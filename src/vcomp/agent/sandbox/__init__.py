@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from vcomp.agent.sandbox.outcome import EXIT_CODES, JobOutcome, OutcomeKind, Protection
 from vcomp.agent.sandbox.policy import JobLimits
-from vcomp.agent.sandbox.runner import REQUIRED_PROTECTIONS, JobKind, Sandbox
+from vcomp.agent.sandbox.protections import REQUIRED_PROTECTIONS
+from vcomp.agent.sandbox.runner import JobKind, Sandbox
 from vcomp.agent.sandbox.tree import JobTree
 
 __all__ = [

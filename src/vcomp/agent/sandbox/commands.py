@@ -15,7 +15,8 @@ from typing import IO
 from vcomp.agent.modes import ExecutionMode, agent_setup, sched_idle_available
 from vcomp.agent.sandbox.outcome import EXIT_CODES, OutcomeKind, Protection
 from vcomp.agent.sandbox.policy import JobLimits, MiB
-from vcomp.agent.sandbox.runner import REQUIRED_PROTECTIONS, JobKind, Sandbox
+from vcomp.agent.sandbox.protections import REQUIRED_PROTECTIONS
+from vcomp.agent.sandbox.runner import JobKind, Sandbox
 from vcomp.agent.sandbox.seccomp import libseccomp_version
 
 EXIT_DOCTOR_INSUFFICIENT = 1
