@@ -1,0 +1,251 @@
+"""Review of issue 13's server-side protections: attacks that go around them.
+
+Each test runs a real ``vcomp-server serve`` and a hostile enrolled agent built from
+the project's own protocol modules. The oracle is the side effect on the server:
+jobs failed in the store, log lines, the server's RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import socket
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from vcomp.agent.tpm import SimulatedTpm
+from vcomp.protocol import events as ev
+from vcomp.protocol import handshake as hs
+from vcomp.protocol.agent_session import AgentSession
+from vcomp.protocol.messages import Retry, decode_body
+from vcomp.protocol.wire import HEADER_LEN, PacketType, unpack_header
+from vcomp.server.store import JobState
+from vcomp.server.store_sqlite import SqliteStore
+from vcomp.transport import AgentAdapter
+
+from .harness import (
+    APP,
+    Address,
+    ServerProcess,
+    hello_datagram,
+    make_server_home,
+    new_tpm,
+    open_session,
+    prepare_store,
+    start_process_org,
+    until,
+)
+
+MiB = 1 << 20
+
+
+class FailingAgent:
+    """An enrolled, attested agent that answers every job at once with a result of a
+    non-ok ``status`` (what an honest agent sends for a crashed or killed job)."""
+
+    def __init__(
+        self,
+        tpm: SimulatedTpm,
+        pinned: bytes,
+        server: Address,
+        ephemeral: tuple[rsa.RSAPrivateKey, bytes],
+        status: str = "error",
+    ) -> None:
+        self.tpm, self.pinned, self.server, self.ephemeral = tpm, pinned, server, ephemeral
+        self.status = status
+        self.failed = 0
+        self.session: AgentSession | None = None
+        self.adapter: AgentAdapter | None = None
+
+    async def start(self) -> None:
+        self.session, self.adapter = await open_session(
+            self.tpm, self.pinned, self.server, self.ephemeral, self._on_event
+        )
+
+    def _on_event(self, e: ev.Event) -> None:
+        if not isinstance(e, ev.JobReceived):
+            return
+        assert self.session is not None and self.adapter is not None
+        d = e.description
+        self.session.submit_result(
+            job=d.job, attempt=d.attempt, status=self.status, output=b"", detail="crashed"
+        )
+        self.failed += 1
+        self.adapter.kick()
+
+    def close(self) -> None:
+        if self.adapter is not None:
+            self.adapter.close()
+
+
+JOBS = 10
+MAX_ATTEMPTS = 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: LEASE_PICK re-offers a job to the agent whose attempt errored; "
+    "one key fails a whole batch by reporting status 'error' instead of 'refused'",
+)
+async def test_one_key_reporting_errors_cannot_fail_a_batch_alone(tmp_path: Path) -> None:
+    """Issue 13 finding 9, by another door: the refusal protections key on the string
+    ``refused``. An agent that reports every job as crashed (status ``error``) is charged
+    an attempt per job, as it should be, but LEASE_PICK excludes only the agent's
+    leased, succeeded and refused attempts, so the same job comes straight back to it
+    until its budget is gone. Oracle: jobs failed in the store while one key, and no
+    other agent, worked on the batch.
+    """
+    home = tmp_path / "srv"
+    make_server_home(home)
+    hostile = new_tpm(tmp_path / "hostile")
+    with SqliteStore(home / "jobs.sqlite") as store:
+        prepare_store(store, hostile)
+        batch = store.create_batch(
+            APP,
+            [json.dumps({"i": i}).encode() for i in range(JOBS)],
+            cpu_seconds=5,
+            memory_bytes=64 * MiB,
+            wall_seconds=10,
+            output_bytes=1 << 16,
+            max_attempts=MAX_ATTEMPTS,
+        )
+        job_ids = [store.get_job_by_index(batch, i).job_id for i in range(JOBS)]
+    server = ServerProcess(home, tmp_path / "server.log")
+    agent = FailingAgent(hostile, server.fingerprint, server.address, hs.generate_ephemeral())
+    store = SqliteStore(home / "jobs.sqlite")
+    try:
+        await agent.start()
+
+        def settled() -> bool:
+            if all(store.get_job(j).state is JobState.FAILED for j in job_ids):
+                return True
+            # Each job errored once on this agent and it was offered nothing more.
+            return agent.failed >= JOBS and all(
+                store.get_job(j).state is JobState.QUEUED for j in job_ids
+            )
+
+        await until(settled, 60, "the erroring agent to run out of jobs")
+        failed = sum(store.get_job(j).state is JobState.FAILED for j in job_ids)
+        per_job = max(len(store.list_attempts(j)) for j in job_ids)
+        print(
+            f"\none key reporting 'error': {failed} of {JOBS} jobs failed, up to {per_job} "
+            f"attempts per job, all by that key ({agent.failed} results sent)"
+        )
+        assert failed == 0, f"{failed} of {JOBS} jobs failed by one agent alone"
+        assert per_job == 1
+        assert server.alive()
+    finally:
+        agent.close()
+        store.close()
+        server.stop()
+
+
+def _half_open_sessions(address: Address, agent: bytes, count: int) -> int:
+    """From one UDP socket, claim ``agent`` and complete the cookie round trip ``count``
+    times with fresh nonces, never sending ATTEST. Returns the CHALLENGEs received:
+    each is a session the server allocated (and an Ed25519 signature it made).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.connect(address)
+    challenges = 0
+
+    def replies(want: int, wait: float) -> list[bytes]:
+        nonlocal challenges
+        cookies: list[bytes] = []
+        while len(cookies) < want and select.select([sock], [], [], wait)[0]:
+            data = sock.recv(65535)
+            ptype = unpack_header(data).ptype
+            if ptype is PacketType.RETRY:
+                retry = decode_body(PacketType.RETRY, data[HEADER_LEN:])
+                assert isinstance(retry, Retry)
+                cookies.append(retry.cookie)
+            elif ptype is PacketType.CHALLENGE:
+                challenges += 1
+        return cookies
+
+    try:
+        for start in range(0, count, 200):
+            nonces = [os.urandom(32) for _ in range(min(200, count - start))]
+            for nonce in nonces:
+                sock.send(hello_datagram(agent, nonce))
+            # RETRYs come back in order; each cookie is bound to its nonce.
+            for nonce, cookie in zip(nonces, replies(len(nonces), 2.0), strict=False):
+                sock.send(hello_datagram(agent, nonce, cookie=cookie))
+        replies(1 << 30, 1.0)  # count the remaining CHALLENGEs
+    finally:
+        sock.close()
+    return challenges
+
+
+HALF_OPEN = 20_000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: half-open handshakes are capped by nothing but max_sessions; one "
+    "unenrolled address claiming one id makes the server allocate a session each",
+)
+async def test_half_open_handshakes_from_one_address_are_capped(tmp_path: Path) -> None:
+    """The per-agent session cap counts only verified sessions, and nothing counts
+    sessions per source address. A sender that only echoes cookies (no TPM, no
+    enrolment, one socket, one claimed agent id) gets a ServerSession, an Ed25519
+    signature and 30 s of CHALLENGE retransmissions per HELLO, up to ``max_sessions``
+    (100,000 by default), which then turns every honest agent away as "server full".
+    Oracle: CHALLENGEs the attacker received (sessions allocated), and server RSS.
+    """
+    home = tmp_path / "srv"
+    make_server_home(home)
+    server = ServerProcess(home, tmp_path / "server.log")
+    try:
+        before = server.rss_bytes()
+        claimed = os.urandom(32)  # not even an enrolled id
+        challenges = await asyncio.to_thread(
+            _half_open_sessions, server.address, claimed, HALF_OPEN
+        )
+        rise = server.rss_bytes() - before
+        print(
+            f"\n{challenges} half-open sessions from one socket for one unenrolled id; "
+            f"server RSS +{rise >> 20} MiB ({rise // max(1, challenges)} B each)"
+        )
+        assert server.alive()
+        assert challenges <= 16, f"{challenges} sessions allocated for one unverified sender"
+    finally:
+        server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: half-open handshakes fill max_sessions and lock honest agents out",
+)
+async def test_half_open_handshakes_do_not_lock_out_an_honest_agent(tmp_path: Path) -> None:
+    """With ``max_sessions`` = 200, 200 cookie-echoing HELLOs from one socket leave no
+    room: the enrolled, honest agent that connects next is REJECTed "server full".
+    Oracle: the honest agent's handshake outcome on the real server.
+    """
+    tpm = new_tpm(tmp_path / "honest")
+    org = start_process_org(
+        tmp_path / "srv", tpm, tmp_path / "server.log", server={"max_sessions": 200}
+    )
+    try:
+        challenges = await asyncio.to_thread(_half_open_sessions, org.address, os.urandom(32), 200)
+        outcome: list[ev.Event] = []
+        session, adapter = await open_session(
+            tpm,
+            org.fingerprint,
+            org.address,
+            org.ephemeral,
+            lambda e: outcome.append(e) if isinstance(e, ev.Connected | ev.Rejected) else None,
+        )
+        try:
+            await until(lambda: bool(outcome), 30, "the honest handshake to end")
+        finally:
+            adapter.close()
+        print(f"\n{challenges} half-open sessions; the honest agent got {outcome[0]}")
+        assert isinstance(outcome[0], ev.Connected), outcome[0]
+    finally:
+        org.stop()
