@@ -21,11 +21,12 @@ from vcomp.agent.tpm import SimulatedTpm
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol.agent_session import AgentSession
+from vcomp.protocol.capacity import JobCapacity
 from vcomp.protocol.messages import Retry, decode_body
 from vcomp.protocol.wire import HEADER_LEN, PacketType, unpack_header
 from vcomp.server.store import JobState
 from vcomp.server.store_sqlite import SqliteStore
-from vcomp.transport import AgentAdapter
+from vcomp.transport import AgentAdapter, open_agent
 
 from .harness import (
     APP,
@@ -234,7 +235,7 @@ async def test_half_open_handshakes_do_not_lock_out_an_honest_agent(tmp_path: Pa
     try:
         challenges = await asyncio.to_thread(_half_open_sessions, org.address, os.urandom(32), 200)
         outcome: list[ev.Event] = []
-        session, adapter = await open_session(
+        _session, adapter = await open_session(
             tpm,
             org.fingerprint,
             org.address,
@@ -249,3 +250,71 @@ async def test_half_open_handshakes_do_not_lock_out_an_honest_agent(tmp_path: Pa
         assert isinstance(outcome[0], ev.Connected), outcome[0]
     finally:
         org.stop()
+
+
+QUEUED = 200_000
+PICKY_SESSIONS = 16  # the default max_sessions_per_agent
+IDLE_WINDOW = 5.0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: each idle session with a capacity no queued job fits costs a full "
+    "LEASE_PICK scan of the queue on every tick",
+)
+async def test_sessions_that_fit_no_job_cost_the_server_little(tmp_path: Path) -> None:
+    """READY's ``job_bytes`` is compared per job (code + input size), so a capacity that
+    no job fits makes LEASE_PICK read every queued job before it returns nothing. The
+    server asks again for each distinct (agent, capacity) every 0.5 s tick, on the one
+    store thread that also commits results. One key with 16 sessions, each declaring
+    a different tiny ``job_bytes``, keeps that thread busy while leasing nothing.
+    Oracle: the server process's CPU seconds over a window in which no job moved.
+    """
+    hostile = new_tpm(tmp_path / "hostile")
+    org = start_process_org(tmp_path / "srv", hostile, tmp_path / "server.log")
+    org.stop()  # fill the queue while no server runs, then serve it again
+    with SqliteStore(tmp_path / "srv" / "jobs.sqlite") as store:
+        store.create_batch(APP, [b"%d" % i for i in range(QUEUED)], max_attempts=3)
+    server = ServerProcess(tmp_path / "srv", tmp_path / "server2.log")
+    loop = asyncio.get_running_loop()
+    adapters: list[AgentAdapter] = []
+    established: list[int] = []
+    try:
+        ephemeral = hs.generate_ephemeral()
+        for n in range(PICKY_SESSIONS):
+            session = AgentSession(
+                agent_id=hostile.agent_id,
+                pinned_server=server.fingerprint,
+                quote=hostile.quote,
+                now=loop.time(),
+                ephemeral=ephemeral,
+                capacity=JobCapacity(job_bytes=1 + n),
+            )
+            adapter = await open_agent(
+                session,
+                lambda e: established.append(1) if isinstance(e, ev.Connected) else None,
+                *server.address,
+            )
+            session.connect(loop.time())
+            adapter.kick()
+            adapters.append(adapter)
+        await until(lambda: len(established) == PICKY_SESSIONS, 30, "the sessions")
+        await asyncio.sleep(1.0)
+        before = _cpu_seconds(server.pid)
+        await asyncio.sleep(IDLE_WINDOW)
+        burned = _cpu_seconds(server.pid) - before
+        print(
+            f"\n{PICKY_SESSIONS} idle sessions that fit none of {QUEUED} queued jobs: "
+            f"server burned {burned:.2f} CPU s in {IDLE_WINDOW} s"
+        )
+        assert server.alive()
+        assert burned <= 0.1 * IDLE_WINDOW, f"{burned:.2f} CPU s for no work"
+    finally:
+        for adapter in adapters:
+            adapter.close()
+        server.stop()
