@@ -1001,3 +1001,61 @@ async def test_job_cgroups_are_removed_after_every_job(tmp_path: Path) -> None:
     assert failed.kind is OutcomeKind.SETUP_FAILED, failed
     broken.close()
     assert _job_cgroup_dirs() == before
+
+
+# --- review of issue 13: attacks on the new protections ---------------------------------
+
+THROTTLE_PERCENT = 10
+# Twenty processes that do nothing but SIGCONT every process of the job's pid namespace:
+# the regulator stops the tree one process at a time, with SIGSTOP, and each stopped
+# process is continued by a sibling that has not been stopped yet.
+SELF_RESUMING = job("""
+kids = []
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            try:
+                os.kill(-1, signal.SIGCONT)
+            except OSError:
+                pass
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+return b"done"
+""")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: throttle and background suspend the tree with SIGSTOP, which the "
+    "job undoes with SIGCONT from a sibling; needs the cgroup freezer or cpu quota",
+)
+async def test_job_cannot_resume_itself_out_of_throttle(tmp_path: Path) -> None:
+    """Throttle mode keeps a job to ``cpu_percent`` of one core by stopping its tree
+    with SIGSTOP (JobTree.suspend), and background mode suspends it the same way while
+    the volunteer is busy. The job's processes may signal each other, so they undo it.
+    Oracle: the CPU the kernel counted for the job's cgroup over the wall time the
+    test measured, against the throttle's share (a bound on CPU, not a time).
+    """
+    mode = ExecutionMode(kind="throttle", cpu_percent=THROTTLE_PERCENT)
+    sandbox = Sandbox(work_root=tmp_path / "work", mode=mode)
+    await assert_still_works(sandbox)
+    started = time.monotonic()
+    outcome = await sandbox.run(
+        kind="python",
+        code=SELF_RESUMING,
+        input=b"",
+        limits=dataclasses.replace(LIMITS, cpu_seconds=30, wall_seconds=60.0),
+    )
+    elapsed = time.monotonic() - started
+    share = outcome.cpu_seconds / elapsed
+    print(
+        f"\nthrottle {THROTTLE_PERCENT}%: the job burned {outcome.cpu_seconds:.2f} CPU s in "
+        f"{elapsed:.2f} s = {share:.0%} of a core"
+    )
+    assert outcome.kind is OutcomeKind.OK, outcome
+    assert share <= 2 * THROTTLE_PERCENT / 100, (outcome.cpu_seconds, elapsed)
+    await assert_still_works(sandbox)
