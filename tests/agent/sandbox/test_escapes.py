@@ -1059,3 +1059,68 @@ async def test_job_cannot_resume_itself_out_of_throttle(tmp_path: Path) -> None:
     assert outcome.kind is OutcomeKind.OK, outcome
     assert share <= 2 * THROTTLE_PERCENT / 100, (outcome.cpu_seconds, elapsed)
     await assert_still_works(sandbox)
+
+
+# One byte to stdout and one to stderr per wake-up, 15 us apart: each byte arrives on its
+# own, so the agent pays one event-loop round per byte. No PROGRESS frame, so the pause
+# of finding 7 never starts; the 900,000 bytes stay under log_bytes.
+LOG_DRIBBLE_C = r"""
+#include <time.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+int main(void) {
+    prctl(PR_SET_TIMERSLACK, 1);
+    struct timespec gap = {0, 15000};
+    double end = now() + 3.0;
+    for (long n = 0; now() < end && n < 900000; n++) {
+        write(1, "x", 1);
+        write(2, "x", 1);
+        nanosleep(&gap, 0);
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: only PROGRESS frames pause the agent's reader; a byte-at-a-time "
+    "stdout/stderr dribble costs the agent about as much CPU as the job",
+)
+async def test_log_dribble_costs_the_agent_little(tmp_path: Path) -> None:
+    """Finding 7's bound, by the other pipes: the agent reads stdout and stderr (and a
+    frame that never completes) as eagerly as it can, one event-loop round per read.
+    Oracle: this process's own CPU (it owns the Sandbox), as a share of the job's wall
+    time, in background mode where the job itself only gets idle CPU.
+    """
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed; cannot build the dribbling job")
+    source = tmp_path / "dribble.c"
+    source.write_text(LOG_DRIBBLE_C)
+    binary = tmp_path / "dribble"
+    subprocess.run([gcc, "-O2", "-static", "-o", str(binary), str(source)], check=True)
+    mode = ExecutionMode(kind="background", busy_threshold=1.0)
+    sandbox = Sandbox(work_root=tmp_path / "work", mode=mode)
+    await assert_still_works(sandbox)
+    before = own_cpu_seconds()
+    outcome = await sandbox.run(
+        kind="exec",
+        code=binary.read_bytes(),
+        input=b"",
+        limits=dataclasses.replace(LIMITS, wall_seconds=30.0),
+    )
+    agent_cpu = own_cpu_seconds() - before
+    share = agent_cpu / outcome.wall_seconds
+    print(
+        f"\nlog dribble: agent {agent_cpu:.2f} s CPU over {outcome.wall_seconds:.2f} s = "
+        f"{share:.0%}; job {outcome.cpu_seconds:.2f} s CPU"
+    )
+    assert outcome.kind is OutcomeKind.PROTOCOL_VIOLATION, outcome  # it never sent a RESULT
+    assert share <= FLOOD_CPU_SHARE, (agent_cpu, outcome.wall_seconds)
+    await assert_still_works(sandbox)
