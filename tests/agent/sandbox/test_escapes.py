@@ -6,6 +6,7 @@ The jobs report what they tried; the tests check both the job's view and the hos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
@@ -1006,6 +1007,54 @@ async def test_job_cgroups_are_removed_after_every_job(tmp_path: Path) -> None:
 # --- review of issue 13: attacks on the new protections ---------------------------------
 
 THROTTLE_PERCENT = 10
+
+
+class CpuWatch:
+    """Samples, from outside, the CPU the kernel counted for this process's job cgroups
+    (cpuacct.usage or cpu.stat), and gives the highest rate over any WINDOW seconds.
+    """
+
+    WINDOW = 1.0
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = False
+
+    @staticmethod
+    def _usage() -> float:
+        total = 0.0
+        for path in _job_cgroup_dirs():
+            with contextlib.suppress(OSError, ValueError):
+                if (path / "cpuacct.usage").exists():
+                    total += int((path / "cpuacct.usage").read_text()) / 1e9
+                elif (path / "cpu.stat").exists():
+                    line = (path / "cpu.stat").read_text().split("\n", 1)[0]
+                    total += int(line.split()[1]) / 1e6
+        return total
+
+    async def __aenter__(self) -> CpuWatch:
+        def sample() -> None:
+            while not self._stop:
+                self.samples.append((time.monotonic(), self._usage()))
+                time.sleep(0.05)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+    def peak_share(self) -> float:
+        peak = 0.0
+        for i, (t0, u0) in enumerate(self.samples):
+            later = next(((t, u) for t, u in self.samples[i:] if t - t0 >= self.WINDOW), None)
+            if later is not None and later[1] >= u0:  # a cgroup that went away reads lower
+                peak = max(peak, (later[1] - u0) / (later[0] - t0))
+        return peak
+
+
 # Twenty processes that do nothing but SIGCONT every process of the job's pid namespace:
 # the regulator stops the tree one process at a time, with SIGSTOP, and each stopped
 # process is continued by a sibling that has not been stopped yet.
@@ -1042,22 +1091,29 @@ async def test_job_cannot_resume_itself_out_of_throttle(tmp_path: Path) -> None:
     """
     mode = ExecutionMode(kind="throttle", cpu_percent=THROTTLE_PERCENT)
     sandbox = Sandbox(work_root=tmp_path / "work", mode=mode)
+    cgroup = next((p for p in sandbox.protections() if p.name == "cgroup"), None)
+    if cgroup is None or cgroup.status != "active":
+        pytest.skip(f"no job cgroup to count the job's CPU from outside: {cgroup}")
     await assert_still_works(sandbox)
-    started = time.monotonic()
-    outcome = await sandbox.run(
-        kind="python",
-        code=SELF_RESUMING,
-        input=b"",
-        limits=dataclasses.replace(LIMITS, cpu_seconds=30, wall_seconds=60.0),
-    )
-    elapsed = time.monotonic() - started
-    share = outcome.cpu_seconds / elapsed
-    print(
-        f"\nthrottle {THROTTLE_PERCENT}%: the job burned {outcome.cpu_seconds:.2f} CPU s in "
-        f"{elapsed:.2f} s = {share:.0%} of a core"
-    )
-    assert outcome.kind is OutcomeKind.OK, outcome
-    assert share <= 2 * THROTTLE_PERCENT / 100, (outcome.cpu_seconds, elapsed)
+    # The escape is a race the job wins about four times in five: three tries.
+    peaks = []
+    for _ in range(3):
+        async with CpuWatch() as watch:
+            outcome = await sandbox.run(
+                kind="python",
+                code=SELF_RESUMING,
+                input=b"",
+                limits=dataclasses.replace(LIMITS, cpu_seconds=30, wall_seconds=120.0),
+            )
+        assert outcome.kind is OutcomeKind.OK, outcome
+        peaks.append(watch.peak_share())
+        print(
+            f"\nthrottle {THROTTLE_PERCENT}%: the job burned {outcome.cpu_seconds:.2f} CPU s, "
+            f"at most {peaks[-1]:.0%} of a core over any {CpuWatch.WINDOW} s"
+        )
+        if peaks[-1] > 3 * THROTTLE_PERCENT / 100:
+            break
+    assert max(peaks) <= 3 * THROTTLE_PERCENT / 100, peaks
     await assert_still_works(sandbox)
 
 
