@@ -1275,3 +1275,39 @@ return b"held"
     # Pipes may stop first at the host's per-user pipe budget (pipe-user-pages-soft).
     assert outcome.kind in (OutcomeKind.MEMORY_LIMIT, OutcomeKind.OK), (seen, outcome)
     await assert_still_works(sandbox)
+
+
+HOST_FACTS = job("""
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        return "error " + str(exc.errno)
+return json.dumps({p: read(p) for p in ("/proc/self/cgroup", "/proc/cmdline")}).encode()
+""")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: no cgroup namespace (the job reads the agent's pid and the host's "
+    "cgroup path) and the private /proc still shows the host's kernel command line",
+)
+async def test_job_cannot_read_the_agents_pid_or_host_cgroup_and_boot_line(
+    sandbox: Sandbox,
+) -> None:
+    """Finding 8's remainder. The job's cgroup is named after the agent's pid and sits
+    under the host's own cgroup path, which /proc/self/cgroup shows in full without a
+    cgroup namespace; /proc/cmdline is the host's kernel command line (like boot_id,
+    which is masked, it identifies the host). Oracle: what the job read.
+    """
+    outcome = await run_python(sandbox, HOST_FACTS)
+    assert outcome.kind is OutcomeKind.OK, outcome
+    seen = json.loads(outcome.result or b"")
+    own_cgroups = Path("/proc/self/cgroup").read_text()
+    host_paths = {line.split(":", 2)[2] for line in own_cgroups.splitlines()} - {"/"}
+    leaked = [p for p in host_paths if p in seen["/proc/self/cgroup"]]
+    print(f"\njob's /proc/self/cgroup:\n{seen['/proc/self/cgroup']}")
+    assert f"vcomp-job-{os.getpid()}-" not in seen["/proc/self/cgroup"], "the agent's pid"
+    assert leaked == [], leaked
+    assert seen["/proc/cmdline"] != Path("/proc/cmdline").read_text()
