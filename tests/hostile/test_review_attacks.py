@@ -31,6 +31,7 @@ from vcomp.transport import AgentAdapter, open_agent
 from .harness import (
     APP,
     Address,
+    HoldingAgent,
     ServerProcess,
     hello_datagram,
     make_server_home,
@@ -318,3 +319,53 @@ async def test_sessions_that_fit_no_job_cost_the_server_little(tmp_path: Path) -
         for adapter in adapters:
             adapter.close()
         server.stop()
+
+
+BOGUS_RESULTS = 5000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: every result for a job the sender never held writes one WARNING "
+    "line (and runs a store query on the event loop); nothing bounds the rate",
+)
+async def test_unheld_results_do_not_flood_the_log(tmp_path: Path) -> None:
+    """Findings 11 and 12 refuse a result for a job the sender does not hold, but each
+    refusal still writes a ``result_refused`` WARNING line and the session stays open.
+    One enrolled session that sends empty results for made-up job ids (one datagram
+    each) makes the server write a log line per datagram, for as long as it likes: the
+    server's log disk fills at the attacker's packet rate. Oracle: the log lines and
+    bytes the real server wrote.
+    """
+    tpm = new_tpm(tmp_path / "tpm")
+    org = start_process_org(tmp_path / "srv", tpm, tmp_path / "server.log")
+    agent = HoldingAgent(org, tpm)  # type: ignore[arg-type]
+    log = tmp_path / "server.log"
+    try:
+        await agent.start()
+        await until(lambda: bool(agent.of_type(ev.Connected)), 30, "the session")
+        assert agent.session is not None and agent.adapter is not None
+        channel = agent.session.channel
+        assert channel is not None
+        before = log.stat().st_size
+        sent = 0
+        while sent < BOGUS_RESULTS and channel.close_reason is None:
+            while sent < BOGUS_RESULTS and channel.queue_space > 0:
+                # A whole (empty) result for a guessable job id that is not this agent's.
+                agent.submit(1_000_000 + sent, 1, b"")
+                sent += 1
+            agent.adapter.kick()
+            await asyncio.sleep(0.002)
+        await until(lambda: channel.send_idle or channel.close_reason is not None, 120, "acks")
+        written = log.stat().st_size - before
+        text = log.read_text()
+        lines = text.count("event=result_chunks_dropped") + text.count("event=result_refused")
+        print(
+            f"\n{sent} empty results for unheld jobs: {lines} log lines, "
+            f"{written} bytes of log ({written / BOGUS_RESULTS:.0f} B per datagram)"
+        )
+        assert org.server.alive()
+        assert lines <= 100, f"{lines} WARNING lines for {sent} bogus results"
+    finally:
+        agent.close()
+        org.stop()
