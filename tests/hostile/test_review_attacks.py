@@ -8,6 +8,7 @@ jobs failed in the store, log lines, the server's RSS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -368,4 +369,45 @@ async def test_unheld_results_do_not_flood_the_log(tmp_path: Path) -> None:
         assert lines <= 100, f"{lines} WARNING lines for {sent} bogus results"
     finally:
         agent.close()
+        org.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: after its lease lapses at the hard deadline, the holder is offered "
+    "the same job again (LEASE_PICK ignores expired attempts) until the budget is gone",
+)
+async def test_a_holder_that_sits_on_a_job_cannot_fail_it_alone(tmp_path: Path) -> None:
+    """Finding 10's hard deadline reissues a job whose holder never finishes, and the
+    holder cools down for ``lease_seconds``. Then LEASE_PICK hands the same job straight
+    back to it (an expired attempt does not exclude its agent), so with no other agent
+    around one key sits on a job until every attempt of its budget has expired.
+    Oracle: the job's state and its attempts in the store.
+    """
+    tpm = new_tpm(tmp_path / "tpm")
+    org = start_process_org(
+        tmp_path / "srv",
+        tpm,
+        tmp_path / "server.log",
+        jobs={"lease_seconds": 2.0, "transfer_seconds": 2.0},
+    )
+    holder = HoldingAgent(org, tpm)  # type: ignore[arg-type]
+    try:
+        await holder.start()
+        batch = org.store.create_batch(
+            APP, [b"sit on me"], cpu_seconds=1, wall_seconds=2, max_attempts=MAX_ATTEMPTS
+        )
+        job_id = org.store.get_job_by_index(batch, 0).job_id
+        # Hard deadline 2 + 2 + 2 s, cool-down 2 s: three rounds fit well within 60 s.
+        with contextlib.suppress(AssertionError):  # not failed after 60 s: the fix
+            await until(
+                lambda: org.store.get_job(job_id).state is JobState.FAILED, 60, "the job to fail"
+            )
+        attempts = org.store.list_attempts(job_id)
+        state = org.store.get_job(job_id).state
+        print(f"\none holder, no one else: job {state}, attempts {[a.state for a in attempts]}")
+        assert state is not JobState.FAILED, attempts
+        assert len(attempts) == 1, attempts
+    finally:
+        holder.close()
         org.stop()
