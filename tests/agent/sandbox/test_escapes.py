@@ -6,6 +6,7 @@ The jobs report what they tried; the tests check both the job's view and the hos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
@@ -900,7 +901,8 @@ async def test_sysv_shm_bomb_is_bounded(sandbox: Sandbox) -> None:
         outcome = await run_python(sandbox, SYSV_SHM_BOMB, limits=MEMORY_LIMITS)
     seen = f"cgroup rise {watch.rise >> 20} MiB, host Shmem rise {watch.shmem_rise >> 20} MiB"
     assert watch.rise <= JOB_BOUND + SLACK, (seen, outcome.result)
-    assert outcome.kind is OutcomeKind.MEMORY_LIMIT, (seen, outcome)
+    # Pipes may stop first at the host's per-user pipe budget (pipe-user-pages-soft).
+    assert outcome.kind in (OutcomeKind.MEMORY_LIMIT, OutcomeKind.OK), (seen, outcome)
     await assert_still_works(sandbox)
 
 
@@ -1001,3 +1003,337 @@ async def test_job_cgroups_are_removed_after_every_job(tmp_path: Path) -> None:
     assert failed.kind is OutcomeKind.SETUP_FAILED, failed
     broken.close()
     assert _job_cgroup_dirs() == before
+
+
+# --- review of issue 13: attacks on the new protections ---------------------------------
+
+THROTTLE_PERCENT = 10
+
+
+class CpuWatch:
+    """Samples, from outside, the CPU the kernel counted for this process's job cgroups
+    (cpuacct.usage or cpu.stat), and gives the highest rate over any WINDOW seconds.
+    """
+
+    WINDOW = 1.0
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = False
+
+    @staticmethod
+    def _usage() -> float:
+        total = 0.0
+        for path in _job_cgroup_dirs():
+            with contextlib.suppress(OSError, ValueError):
+                if (path / "cpuacct.usage").exists():
+                    total += int((path / "cpuacct.usage").read_text()) / 1e9
+                elif (path / "cpu.stat").exists():
+                    line = (path / "cpu.stat").read_text().split("\n", 1)[0]
+                    total += int(line.split()[1]) / 1e6
+        return total
+
+    async def __aenter__(self) -> CpuWatch:
+        def sample() -> None:
+            while not self._stop:
+                self.samples.append((time.monotonic(), self._usage()))
+                time.sleep(0.05)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+    def peak_share(self) -> float:
+        peak = 0.0
+        for i, (t0, u0) in enumerate(self.samples):
+            later = next(((t, u) for t, u in self.samples[i:] if t - t0 >= self.WINDOW), None)
+            if later is not None and later[1] >= u0:  # a cgroup that went away reads lower
+                peak = max(peak, (later[1] - u0) / (later[0] - t0))
+        return peak
+
+
+# Twenty processes that do nothing but SIGCONT every process of the job's pid namespace:
+# the regulator stops the tree one process at a time, with SIGSTOP, and each stopped
+# process is continued by a sibling that has not been stopped yet.
+SELF_RESUMING = job("""
+kids = []
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            try:
+                os.kill(-1, signal.SIGCONT)
+            except OSError:
+                pass
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+return b"done"
+""")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: throttle and background suspend the tree with SIGSTOP, which the "
+    "job undoes with SIGCONT from a sibling; needs the cgroup freezer or cpu quota",
+)
+async def test_job_cannot_resume_itself_out_of_throttle(tmp_path: Path) -> None:
+    """Throttle mode keeps a job to ``cpu_percent`` of one core by stopping its tree
+    with SIGSTOP (JobTree.suspend), and background mode suspends it the same way while
+    the volunteer is busy. The job's processes may signal each other, so they undo it.
+    Oracle: the CPU the kernel counted for the job's cgroup over the wall time the
+    test measured, against the throttle's share (a bound on CPU, not a time).
+    """
+    mode = ExecutionMode(kind="throttle", cpu_percent=THROTTLE_PERCENT)
+    sandbox = Sandbox(work_root=tmp_path / "work", mode=mode)
+    cgroup = next((p for p in sandbox.protections() if p.name == "cgroup"), None)
+    if cgroup is None or cgroup.status != "active":
+        pytest.skip(f"no job cgroup to count the job's CPU from outside: {cgroup}")
+    await assert_still_works(sandbox)
+    # The escape is a race the job wins about four times in five: three tries.
+    peaks = []
+    for _ in range(3):
+        async with CpuWatch() as watch:
+            outcome = await sandbox.run(
+                kind="python",
+                code=SELF_RESUMING,
+                input=b"",
+                limits=dataclasses.replace(LIMITS, cpu_seconds=30, wall_seconds=120.0),
+            )
+        assert outcome.kind is OutcomeKind.OK, outcome
+        peaks.append(watch.peak_share())
+        print(
+            f"\nthrottle {THROTTLE_PERCENT}%: the job burned {outcome.cpu_seconds:.2f} CPU s, "
+            f"at most {peaks[-1]:.0%} of a core over any {CpuWatch.WINDOW} s"
+        )
+        if peaks[-1] > 3 * THROTTLE_PERCENT / 100:
+            break
+    assert max(peaks) <= 3 * THROTTLE_PERCENT / 100, peaks
+    await assert_still_works(sandbox)
+
+
+# One byte to stdout and one to stderr per wake-up, 15 us apart: each byte arrives on its
+# own, so the agent pays one event-loop round per byte. No PROGRESS frame, so the pause
+# of finding 7 never starts; the 900,000 bytes stay under log_bytes.
+LOG_DRIBBLE_C = r"""
+#include <time.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+int main(void) {
+    prctl(PR_SET_TIMERSLACK, 1);
+    struct timespec gap = {0, 15000};
+    double end = now() + 3.0;
+    for (long n = 0; now() < end && n < 900000; n++) {
+        write(1, "x", 1);
+        write(2, "x", 1);
+        nanosleep(&gap, 0);
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: only PROGRESS frames pause the agent's reader; a byte-at-a-time "
+    "stdout/stderr dribble costs the agent about as much CPU as the job",
+)
+async def test_log_dribble_costs_the_agent_little(tmp_path: Path) -> None:
+    """Finding 7's bound, by the other pipes: the agent reads stdout and stderr (and a
+    frame that never completes) as eagerly as it can, one event-loop round per read.
+    Oracle: this process's own CPU (it owns the Sandbox), as a share of the job's wall
+    time, in background mode where the job itself only gets idle CPU.
+    """
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed; cannot build the dribbling job")
+    source = tmp_path / "dribble.c"
+    source.write_text(LOG_DRIBBLE_C)
+    binary = tmp_path / "dribble"
+    subprocess.run([gcc, "-O2", "-static", "-o", str(binary), str(source)], check=True)
+    mode = ExecutionMode(kind="background", busy_threshold=1.0)
+    sandbox = Sandbox(work_root=tmp_path / "work", mode=mode)
+    await assert_still_works(sandbox)
+    before = own_cpu_seconds()
+    outcome = await sandbox.run(
+        kind="exec",
+        code=binary.read_bytes(),
+        input=b"",
+        limits=dataclasses.replace(LIMITS, wall_seconds=30.0),
+    )
+    agent_cpu = own_cpu_seconds() - before
+    share = agent_cpu / outcome.wall_seconds
+    print(
+        f"\nlog dribble: agent {agent_cpu:.2f} s CPU over {outcome.wall_seconds:.2f} s = "
+        f"{share:.0%}; job {outcome.cpu_seconds:.2f} s CPU"
+    )
+    assert outcome.kind is OutcomeKind.PROTOCOL_VIOLATION, outcome  # it never sent a RESULT
+    assert share <= FLOOD_CPU_SHARE, (agent_cpu, outcome.wall_seconds)
+    await assert_still_works(sandbox)
+
+
+# Kernel buffers that no address space holds: queued in the kernel on the job's behalf.
+KERNEL_BUFFER_BOMBS = {
+    "unix_socket_buffers": """
+held = 0
+socks = []
+while True:
+    try:
+        a, b = socket.socketpair()
+    except OSError:
+        break
+    socks += [a, b]
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 30)
+        s.setblocking(False)
+        try:
+            while True:
+                held += s.send(b"x" * 65536)
+        except OSError:
+            pass
+""",
+    "pipe_buffers": """
+import fcntl
+held = 0
+pipes = []
+while True:
+    try:
+        r, w = os.pipe()
+    except OSError:
+        break
+    pipes.append((r, w))
+    try:
+        fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+    except OSError:
+        pass
+    os.set_blocking(w, False)
+    try:
+        while True:
+            held += os.write(w, b"x" * 65536)
+    except OSError:
+        pass
+""",
+    "sysv_message_queues": """
+libc = ctypes.CDLL(None, use_errno=True)
+class Msg(ctypes.Structure):
+    _fields_ = [("mtype", ctypes.c_long), ("mtext", ctypes.c_char * 8000)]
+msg = Msg(1, b"x" * 8000)
+held = 0
+for _ in range(32000):
+    qid = libc.msgget(0, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+    if qid < 0:
+        break
+    for _ in range(2):
+        if libc.msgsnd(qid, ctypes.byref(msg), 8000, 0o4000) < 0:  # IPC_NOWAIT
+            break
+        held += 8000
+""",
+}
+
+
+@pytest.mark.parametrize("bomb", list(KERNEL_BUFFER_BOMBS))
+async def test_kernel_buffers_are_charged_to_the_job(sandbox: Sandbox, bomb: str) -> None:
+    """Review of finding 1 (held): memory the kernel queues for the job (socket and pipe
+    buffers, SysV messages) is outside every RLIMIT_AS; 8 processes fill all they can.
+    Oracle: the memory charged to this test's cgroup.
+    """
+    code = job(
+        """
+r, w = os.pipe()
+for _ in range(8):
+    if os.fork() == 0:
+        fill()
+        os.write(w, b"+")
+        time.sleep(30)
+        os._exit(0)
+done = 0
+while done < 8:
+    done += len(os.read(r, 8))
+return b"held"
+""".replace(
+            "r, w = os.pipe()",
+            "def fill():\n"
+            + "\n".join("    " + line for line in KERNEL_BUFFER_BOMBS[bomb].strip().splitlines())
+            + "\nr, w = os.pipe()",
+        )
+    )
+    async with MemoryWatch() as watch:
+        outcome = await run_python(sandbox, code, limits=MEMORY_LIMITS)
+    seen = f"cgroup rise {watch.rise >> 20} MiB"
+    assert watch.rise <= JOB_BOUND + SLACK, (seen, outcome.result)
+    # Pipes may stop first at the host's per-user pipe budget (pipe-user-pages-soft).
+    assert outcome.kind in (OutcomeKind.MEMORY_LIMIT, OutcomeKind.OK), (seen, outcome)
+    await assert_still_works(sandbox)
+
+
+HOST_FACTS = job("""
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        return "error " + str(exc.errno)
+return json.dumps({p: read(p) for p in ("/proc/self/cgroup", "/proc/cmdline")}).encode()
+""")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: no cgroup namespace (the job reads the agent's pid and the host's "
+    "cgroup path) and the private /proc still shows the host's kernel command line",
+)
+async def test_job_cannot_read_the_agents_pid_or_host_cgroup_and_boot_line(
+    sandbox: Sandbox,
+) -> None:
+    """Finding 8's remainder. The job's cgroup is named after the agent's pid and sits
+    under the host's own cgroup path, which /proc/self/cgroup shows in full without a
+    cgroup namespace; /proc/cmdline is the host's kernel command line (like boot_id,
+    which is masked, it identifies the host). Oracle: what the job read.
+    """
+    outcome = await run_python(sandbox, HOST_FACTS)
+    assert outcome.kind is OutcomeKind.OK, outcome
+    seen = json.loads(outcome.result or b"")
+    own_cgroups = Path("/proc/self/cgroup").read_text()
+    host_paths = {line.split(":", 2)[2] for line in own_cgroups.splitlines()} - {"/"}
+    leaked = [p for p in host_paths if p in seen["/proc/self/cgroup"]]
+    print(f"\njob's /proc/self/cgroup:\n{seen['/proc/self/cgroup']}")
+    assert f"vcomp-job-{os.getpid()}-" not in seen["/proc/self/cgroup"], "the agent's pid"
+    assert leaked == [], leaked
+    assert seen["/proc/cmdline"] != Path("/proc/cmdline").read_text()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: without a cgroup, SysV message queues are neither denied nor capped "
+    "in the job's IPC namespace (32000 queues x 16 KiB)",
+)
+async def test_without_a_cgroup_message_queues_are_bounded(tmp_path: Path) -> None:
+    """The no-cgroup fallback of finding 1 denies memfds and SysV shared memory and caps
+    the IPC namespace's shm limits, but SysV messages are the same kind of memory (held
+    by the kernel, in no address space) and a fresh IPC namespace allows msgmni 32000
+    queues of msgmnb 16 KiB: 500 MiB per job, whatever memory_bytes says. Oracle: the
+    memory charged to this test's cgroup, where the job is charged without its own.
+    """
+    sandbox = Sandbox(work_root=tmp_path / "work", use_cgroup=False)
+    code = job(
+        "def fill():\n"
+        + KERNEL_BUFFER_BOMBS["sysv_message_queues"].replace("\n", "\n    ")
+        + "\nfill()\ntime.sleep(1)\nreturn b'held'"
+    )
+    async with MemoryWatch() as watch:
+        outcome = await run_python(sandbox, code, limits=MEMORY_LIMITS)
+    seen = f"cgroup rise {watch.rise >> 20} MiB, outcome {outcome.kind}"
+    print("\n" + seen)
+    assert watch.rise <= JOB_BOUND + SLACK, seen
+    await assert_still_works(sandbox)
