@@ -413,7 +413,7 @@ def test_init_new_key_asks_on_a_terminal(tmp_path: Path) -> None:
     ok("init", home)
     pinned = _fingerprint(home)
     code, text = _init_on_a_terminal(home, b"n")
-    assert "every agent" in text and "[y/N]" in text
+    assert "every agent" in text.lower() and "[y/N]" in text
     assert code != 0
     assert _fingerprint(home) == pinned  # declined: nothing changed
     code, text = _init_on_a_terminal(home, b"y")

@@ -38,7 +38,7 @@ async def test_a_failure_in_one_piece_of_work_does_not_stop_the_server(
         await until(lambda: org.store.batch_status(batch).done == 3, 60, "the batch")
         assert agent.stats.committed == 3
     finally:
-        agent.close()
+        await agent.stop()
         await org.server.stop()
 
 
