@@ -117,7 +117,8 @@ def init(directory: Path, force: bool, new_key: bool) -> None:
     With --force an existing jobs.sqlite is kept (and upgraded), never emptied, and so
     is server.key unless --new-key is given too.
     """
-    replacing = new_key and force and (directory / KEY_FILE).exists()
+    had_key = (directory / KEY_FILE).exists()
+    replacing = new_key and force and had_key
     if replacing and sys.stdin.isatty():
         click.confirm(
             f"Replace the organisation key in {directory}? Every agent pinned to it will "
@@ -130,15 +131,16 @@ def init(directory: Path, force: bool, new_key: bool) -> None:
     click.echo(f"fingerprint: {fingerprint}")
     if replacing:
         click.echo(
-            "NEW organisation key: every agent must re-pin it, with\n"
-            f"  vcomp-agent init AGENT_DIR --force --server-key {fingerprint}\n"
-            f"(or give them {directory / PUBLIC_FILE}); until then they refuse this server."
+            "NEW organisation key: every agent must re-pin it before it trusts this server:\n"
+            f'  server_key = "{fingerprint}" in its agent.toml, or\n'
+            f"  vcomp-agent init AGENT_DIR --force --server HOST:PORT --server-key {fingerprint}\n"
+            "  (which keeps the agent's identity and enrolment)."
         )
         return
-    if force and (directory / (CONFIG_FILE + ".bak")).exists():
+    if force and had_key:
         click.echo(
             "kept the organisation key and the job store; server.toml is back to the "
-            f"defaults (the previous one is {directory / (CONFIG_FILE + '.bak')})"
+            f"defaults (the previous one, if any, is {directory / (CONFIG_FILE + '.bak')})"
         )
     click.echo(
         f"Agents pin this key: vcomp-agent init AGENT_DIR --server-key {fingerprint}\n"
