@@ -173,8 +173,9 @@ class OrganisationServer:
 
     @staticmethod
     async def _guarded(work: Coroutine[Any, Any, object]) -> None:
-        # Expected failures (a store error, a vanished session) are handled inside the
-        # work; whatever escapes is a bug in one job's handling, not the server's end.
+        # Failures the work can act on (a vanished session, a refused upload) are handled
+        # inside it. Whatever escapes (a store error no one can act on, or a bug) ends
+        # only this piece: logged here, never cancelling its siblings or the tick.
         try:
             await work
         except Exception as exc:
