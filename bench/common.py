@@ -273,24 +273,25 @@ class BenchServer:
 def _instrument(bench: BenchServer) -> None:
     """Tap the server's event stream and note when each START is issued.
 
-    OrganisationServer has no public observer hook, so the bench wraps two bound
-    methods on this one instance (before ``start()``, which captures ``_on_event``).
+    OrganisationServer has no observer hook, so the bench wraps its two public
+    entry points on this one instance: ``on_event`` (before ``start()``, which hands
+    it to the adapter) and ``start_job``, through which the scheduler sends START.
     """
     server = bench.server
-    on_event = server._on_event
-    start_job = server._start
+    on_event = server.on_event
+    start_job = server.start_job
 
     def tapped(e: ev.Event) -> None:
         on_event(e)
         for tap in bench.taps:
             tap(e)
 
-    def timed_start(session: Any, lease: Any) -> None:
-        bench.starts[(lease.job_id, lease.attempt)] = time.monotonic()
-        start_job(session, lease)
+    def timed_start(session: Any, job: ev.JobDescription) -> None:
+        bench.starts[(job.job, job.attempt)] = time.monotonic()
+        start_job(session, job)
 
-    setattr(server, "_on_event", tapped)  # noqa: B010 - instance override on purpose
-    setattr(server, "_start", timed_start)  # noqa: B010
+    setattr(server, "on_event", tapped)  # noqa: B010 - instance override on purpose
+    setattr(server, "start_job", timed_start)  # noqa: B010
 
 
 @contextlib.asynccontextmanager

@@ -115,7 +115,7 @@ class _Driver:
                     log.debug("udp receive error: %s", exc)
                 break
             self._feed(data, (str(address[0]), int(address[1])), now)
-        self._flush()
+        self.flush()
 
     # ---- writing -------------------------------------------------------------
 
@@ -123,9 +123,10 @@ class _Driver:
         """Flush soon: call after feeding the core through the application API."""
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send what the core has queued now (say, the CLOSEs before :meth:`close`)."""
         self._flush_scheduled = False
         if self.closed:
             return
@@ -185,7 +186,7 @@ class _Driver:
         if self.closed:
             return
         self._core_handle_timer(self._loop.time())
-        self._flush()
+        self.flush()
 
     def close(self) -> None:
         if self.closed:

@@ -230,7 +230,12 @@ async def test_uploads_past_the_memory_budget_are_resent_not_lost(tmp_path: Path
         tmp_path / "srv",
         new_tpm(tmp_path / "tpm"),
         tmp_path / "server.log",
-        server={"upload_memory_bytes": BUDGET},
+        # Every holder shares one identity: lift its session and lease caps (default 16).
+        server={
+            "upload_memory_bytes": BUDGET,
+            "max_sessions_per_agent": HOLDERS,
+            "max_leases_per_agent": HOLDERS,
+        },
     )
     holders = [HoldingAgent(org, org.tpm) for _ in range(HOLDERS)]  # type: ignore[arg-type]
     resent: list[HoldingAgent] = []

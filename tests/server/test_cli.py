@@ -6,6 +6,8 @@ import base64
 import hashlib
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
 import time
@@ -345,3 +347,75 @@ def test_console_scripts_end_to_end(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and proc.stderr.startswith("error: ")
     assert "Traceback" not in proc.stderr
+
+
+def _fingerprint(home: Path) -> str:
+    raw = handshake.raw_public(load_signing_key(home / "server.key"))
+    return handshake.key_fingerprint(raw).hex()
+
+
+def test_init_force_keeps_the_key_and_only_new_key_replaces_it(tmp_path: Path) -> None:
+    """As real processes without a terminal: --force alone must not cut agents off."""
+    home = tmp_path / "srv"
+
+    def init(*extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(BIN / "vcomp-server"), "init", str(home), *extra]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=None)
+
+    assert init().returncode == 0
+    pinned = _fingerprint(home)
+    kept = init("--force")
+    assert kept.returncode == 0, kept.stderr
+    assert _fingerprint(home) == pinned  # agents pinned to it still trust this server
+    assert "kept the organisation key" in kept.stdout
+    assert "re-pin" not in kept.stdout
+    refused = init("--new-key")  # without --force: the home is not empty
+    assert refused.returncode == 1 and refused.stderr.startswith("error: ")
+    assert _fingerprint(home) == pinned
+    replaced = init("--force", "--new-key")
+    assert replaced.returncode == 0, replaced.stderr
+    assert _fingerprint(home) != pinned
+    assert "every agent must re-pin" in replaced.stdout
+    assert _fingerprint(home) in replaced.stdout
+
+
+def _init_on_a_terminal(home: Path, answer: bytes) -> tuple[int, str]:
+    """``vcomp-server init --force --new-key`` with a pty as its terminal; ``answer`` the prompt."""
+    master, slave = pty.openpty()
+    argv = [str(BIN / "vcomp-server"), "init", str(home), "--force", "--new-key"]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+    answered = False
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 30)
+            if not ready:
+                break
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            seen += data
+            if not answered and b"[y/N]" in seen:
+                os.write(master, answer + b"\n")
+                answered = True
+    finally:
+        os.close(master)
+        code = proc.wait(30)
+    return code, seen.decode(errors="replace")
+
+
+def test_init_new_key_asks_on_a_terminal(tmp_path: Path) -> None:
+    home = tmp_path / "srv"
+    ok("init", home)
+    pinned = _fingerprint(home)
+    code, text = _init_on_a_terminal(home, b"n")
+    assert "every agent" in text.lower() and "[y/N]" in text
+    assert code != 0
+    assert _fingerprint(home) == pinned  # declined: nothing changed
+    code, text = _init_on_a_terminal(home, b"y")
+    assert code == 0, text
+    assert _fingerprint(home) != pinned

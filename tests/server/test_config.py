@@ -60,16 +60,41 @@ def test_init_refuses_a_non_empty_dir_unless_forced(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
         init_server_home(tmp_path)
-    first = init_server_home(tmp_path, force=True)
+    first = init_server_home(tmp_path, force=True)  # no key there yet: a new one
     store = SqliteStore(tmp_path / "jobs.sqlite")
     store.allow_measurement("sha256:17=" + "00" * 32, "kept")
     store.close()
+    (tmp_path / "server.toml").write_text("[server]\nwindow = 8\n")
     second = init_server_home(tmp_path, force=True)
-    assert first != second  # a new key
+    assert second == first  # --force alone keeps the organisation key: agents stay pinned
+    assert (tmp_path / "server.toml.bak").read_text() == "[server]\nwindow = 8\n"
+    assert load_server_config(tmp_path).window == 64  # the config went back to defaults
     store = SqliteStore(tmp_path / "jobs.sqlite")
     assert [m.note for m in store.list_measurements()] == ["kept"]  # the store survives
     store.close()
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_init_replaces_the_key_only_when_asked(tmp_path: Path) -> None:
+    first = init_server_home(tmp_path)
+    (tmp_path / "server.pub").unlink()  # rewritten from the kept key
+    assert init_server_home(tmp_path, force=True) == first
+    assert (tmp_path / "server.pub").read_text().strip() == handshake.raw_public(
+        load_signing_key(tmp_path / "server.key")
+    ).hex()
+    replaced = init_server_home(tmp_path, force=True, new_key=True)
+    assert replaced != first
+    raw = handshake.raw_public(load_signing_key(tmp_path / "server.key"))
+    assert replaced == handshake.key_fingerprint(raw).hex()
+    assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_init_force_does_not_silently_replace_a_broken_key(tmp_path: Path) -> None:
+    init_server_home(tmp_path)
+    (tmp_path / "server.key").write_bytes(b"not a key")
+    with pytest.raises(ConfigError, match="--new-key"):
+        init_server_home(tmp_path, force=True)
+    assert (tmp_path / "server.key").read_bytes() == b"not a key"
 
 
 def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:

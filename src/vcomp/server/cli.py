@@ -24,7 +24,14 @@ import click
 from vcomp import __version__
 from vcomp.cligroup import VcompGroup
 from vcomp.errors import ConfigError
-from vcomp.server.config import ServerConfig, init_server_home, load_server_config
+from vcomp.server.config import (
+    CONFIG_FILE,
+    KEY_FILE,
+    PUBLIC_FILE,
+    ServerConfig,
+    init_server_home,
+    load_server_config,
+)
 from vcomp.server.store import JobState, ResultRecord, StoreStatus
 from vcomp.server.store_sqlite import MAX_BLOB_BYTES, SqliteStore
 
@@ -89,21 +96,55 @@ def main() -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--force", is_flag=True, help="Re-initialise a non-empty DIR: new key and config.")
-def init(directory: Path, force: bool) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Re-initialise a non-empty DIR: server.toml back to defaults (the old one kept as "
+    "server.toml.bak); the organisation key and the job store are kept.",
+)
+@click.option(
+    "--new-key",
+    is_flag=True,
+    help="With --force: replace the organisation key. Every agent must then re-pin the new "
+    "key; asks first on a terminal.",
+)
+def init(directory: Path, force: bool, new_key: bool) -> None:
     """Create a server home in DIRECTORY.
 
     Writes server.toml, server.key (0600), server.pub and jobs.sqlite, and prints the
     key fingerprint that agents pin.
 
-    With --force an existing jobs.sqlite is kept (and upgraded), never emptied.
+    With --force an existing jobs.sqlite is kept (and upgraded), never emptied, and so
+    is server.key unless --new-key is given too.
     """
-    fingerprint = init_server_home(directory, force=force)
+    had_key = (directory / KEY_FILE).exists()
+    replacing = new_key and force and had_key
+    if replacing and sys.stdin.isatty():
+        click.confirm(
+            f"Replace the organisation key in {directory}? Every agent pinned to it will "
+            "refuse this server until it re-pins the new key",
+            default=False,
+            abort=True,
+        )
+    fingerprint = init_server_home(directory, force=force, new_key=new_key)
     click.echo(f"server home: {directory}")
     click.echo(f"fingerprint: {fingerprint}")
+    if replacing:
+        click.echo(
+            "NEW organisation key: every agent must re-pin it before it trusts this server:\n"
+            f'  server_key = "{fingerprint}" in its agent.toml, or\n'
+            f"  vcomp-agent init AGENT_DIR --force --server HOST:PORT --server-key {fingerprint}\n"
+            "  (which keeps the agent's identity and enrolment)."
+        )
+        return
+    if force and had_key:
+        click.echo(
+            "kept the organisation key and the job store; server.toml is back to the "
+            f"defaults (the previous one, if any, is {directory / (CONFIG_FILE + '.bak')})"
+        )
     click.echo(
         f"Agents pin this key: vcomp-agent init AGENT_DIR --server-key {fingerprint}\n"
-        f"(or give them {directory / 'server.pub'}). Then: vcomp-server serve "
+        f"(or give them {directory / PUBLIC_FILE}). Then: vcomp-server serve "
         f"--config {directory}"
     )
 

@@ -362,11 +362,27 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         os.fsync(f.fileno())
 
 
-def init_server_home(dir: Path, force: bool = False) -> str:
+def _kept_key(path: Path) -> Ed25519PrivateKey | None:
+    """The existing organisation key (None: there is none); a broken one is not replaced
+    silently, since agents pinned to it would be cut off."""
+    if not path.exists():
+        return None
+    try:
+        return load_signing_key(path)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}; to replace it, run init --force --new-key (every agent must then re-pin)"
+        ) from None
+
+
+def init_server_home(dir: Path, force: bool = False, new_key: bool = False) -> str:
     """Create a server home in ``dir``; returns the key fingerprint (64 hex digits).
 
-    Refuses a non-empty directory unless ``force``, which writes a fresh key and
-    config but keeps an existing job store (its jobs and results are not thrown away).
+    Refuses a non-empty directory unless ``force``. With ``force`` the organisation
+    key is kept (agents pin it; a new one cuts every agent off until it re-pins), and
+    only ``new_key`` replaces it. ``force`` rewrites server.toml with the defaults,
+    keeping the old one as server.toml.bak, and keeps an existing job store (its jobs
+    and results are not thrown away).
     """
     from vcomp.server.store_sqlite import SqliteStore  # only init needs the store code
 
@@ -377,16 +393,21 @@ def init_server_home(dir: Path, force: bool = False) -> str:
         if home.exists() and any(home.iterdir()) and not force:
             raise ConfigError(f"{home} is not empty; use --force to re-initialise it")
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        key = _kept_key(home / KEY_FILE) if not new_key else None
+        if key is None:
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            (home / KEY_FILE).unlink(missing_ok=True)
+            _write_new(home / KEY_FILE, pem, 0o600)
         raw = handshake.raw_public(key)
-        for name in (KEY_FILE, PUBLIC_FILE, CONFIG_FILE):
+        if (home / CONFIG_FILE).exists():
+            os.replace(home / CONFIG_FILE, home / (CONFIG_FILE + ".bak"))
+        for name in (PUBLIC_FILE, CONFIG_FILE):
             (home / name).unlink(missing_ok=True)
-        _write_new(home / KEY_FILE, pem, 0o600)
         _write_new(home / PUBLIC_FILE, raw.hex().encode() + b"\n", 0o644)
         _write_new(home / CONFIG_FILE, DEFAULT_CONFIG.encode(), 0o644)
     except OSError as exc:

@@ -1,0 +1,425 @@
+"""Scheduling: which idle agent gets which job, and for how long it may keep it.
+
+:class:`Scheduler` owns the assignment table (the jobs this server handed out and
+has not yet taken back). It leases through the :class:`GroupCommitter`, renews
+leases whose job is still in its session, expires lapsed ones, and counts refusals.
+It never sends a datagram: it asks the session glue (:class:`Sessions`) to start a
+job on a session or to reset one, and it runs background work through ``spawn``,
+which the server binds to its task group.
+
+One enrolled key gets a bounded share: at most ``max_leases_per_agent`` jobs at
+once, counted before the store is asked, and no lease outlives its hard deadline
+(``renew_lease``). A holder that lets its lease lapse is reset and cools down for
+one lease period, so the job goes to someone else first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vcomp import logfmt
+from vcomp.errors import StoreError
+from vcomp.protocol import events as ev
+from vcomp.protocol.capacity import JobCapacity
+from vcomp.protocol.server_session import ServerSession, ServerState
+from vcomp.server.commit import GroupCommitter
+from vcomp.server.config import ServerConfig
+from vcomp.server.store import REFUSAL_WINDOW, BlobReader, Lease, Store
+
+log = logging.getLogger("vcomp.server")
+
+Spawn = Callable[[Coroutine[Any, Any, object]], None]
+"""Run a coroutine as background work of the server (its failure is logged, not raised)."""
+Key = tuple[int, int]
+"""(job, attempt)"""
+
+
+class Sessions(Protocol):
+    """What scheduling needs from the session glue."""
+
+    def session(self, sid: int) -> ServerSession | None: ...
+
+    def start_job(self, session: ServerSession, job: ev.JobDescription) -> None:
+        """Send START on ``session``."""
+
+    def reset_session(self, session: ServerSession, reason: str) -> None:
+        """RESET ``session`` and drop its half-received results."""
+
+
+@dataclass
+class ServerStats:
+    leases: int = 0
+    results_committed: int = 0
+    handshakes_rejected: int = 0
+    sessions_established: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Assignment:
+    lease: Lease
+    session_id: int
+    code: BlobReader
+    data: BlobReader
+    code_size: int
+    leased_at: float = field(default_factory=time.monotonic)
+    renewed_at: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        self.code.close()
+        self.data.close()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        committer: GroupCommitter,
+        sessions: Sessions,
+        spawn: Spawn,
+        stats: ServerStats,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._committer = committer
+        self._sessions = sessions
+        self._spawn = spawn
+        self._stats = stats
+        self._assignments: dict[Key, _Assignment] = {}
+        self._idle: set[int] = set()
+        self._leases_held: Counter[str] = Counter()  # assignments per agent (hex id)
+        self._cooling: dict[str, float] = {}  # agent -> monotonic time its cool-down ends
+        self._queue_hint = True
+        self._prefetching: set[int] = set()
+
+    # ---- what the session glue tells us --------------------------------------
+
+    def agent_idle(self, sid: int) -> None:
+        self._idle.add(sid)
+        self._spawn(self.assign())
+
+    def session_closed(self, sid: int) -> None:
+        self._idle.discard(sid)
+
+    def delivered(self, key: Key) -> int | None:
+        """Every byte of ``key`` is acknowledged: release its read snapshot.
+
+        Returns the milliseconds since it was leased (None: not ours)."""
+        a = self._assignments.get(key)
+        if a is None:
+            return None
+        a.close()
+        return int((time.monotonic() - a.leased_at) * 1000)
+
+    def held_by(self, key: Key, agent_id: bytes) -> bool:
+        """True if this server handed ``key`` to ``agent_id`` (in any of its sessions)."""
+        a = self._assignments.get(key)
+        return a is not None and a.lease.agent_id == agent_id.hex()
+
+    def output_limit(self, agent_id: bytes, key: Key) -> int | None:
+        """The output limit of ``key`` if ``agent_id`` was leased it.
+
+        Held in this server's memory, or (after a restart, or an expired lease whose
+        late result the store still takes) according to the store.
+        """
+        agent = agent_id.hex()
+        a = self._assignments.get(key)
+        if a is not None and a.lease.agent_id == agent:
+            return a.lease.limits.output_bytes
+        owner = self._store.attempt_owner(*key)
+        return owner[1] if owner is not None and owner[0] == agent else None
+
+    def drop(self, key: Key) -> None:
+        """Forget ``key``: its result came in, or it was refused or taken back."""
+        a = self._assignments.pop(key, None)
+        if a is not None:
+            a.close()
+            self._unreserve_lease(a.lease.agent_id)
+
+    def take_back(self, key: Key, reason: str) -> None:
+        """Requeue ``key`` now (its holder was reset by the operator)."""
+        self.drop(key)
+        self._spawn(self._release(key, reason))
+
+    def hand_back(self, agent_id: bytes, key: Key, again: bool) -> None:
+        """The holder refused ``key`` (``again``: a shutdown, it may be offered again)."""
+        self.drop(key)
+        self._spawn(self.record_refusal(agent_id, key, again))
+
+    def requeued(self) -> None:
+        """A job went back to the queue: let idle agents ask again."""
+        self._queue_hint = True
+        self._spawn(self.assign())
+
+    def read_code(self, job: int, attempt: int, offset: int, length: int) -> bytes:
+        """The endpoint's ``CodeSource``: a slice of code || input of a leased job."""
+        a = self._assignments.get((job, attempt))
+        if a is None:
+            return b""
+        out = b""
+        if offset < a.code_size:
+            take = min(length, a.code_size - offset)
+            out = a.code.read(offset, take)
+            offset, length = offset + take, length - take
+        if length > 0:
+            out += a.data.read(offset - a.code_size, length)
+        return bytes(out)
+
+    # ---- jobs out ------------------------------------------------------------
+
+    async def assign(self) -> None:
+        # A None lease is about one agent (distinct-agent replicas, its capacity, its
+        # refusals), not the queue: try every idle agent once per pass before
+        # concluding the queue is empty.
+        refused: set[tuple[bytes, JobCapacity]] = set()
+        for sid in list(self._idle):
+            if sid not in self._idle or sid in self._prefetching:
+                continue  # taken by another assign task, or its next job is on the way
+            session = self._sessions.session(sid)
+            if session is None or session.state is not ServerState.IDLE:
+                self._idle.discard(sid)
+                continue
+            if not self._queue_hint:
+                return
+            if (session.agent_id, session.capacity) in refused:
+                continue
+            if not self._reserve_lease(session.agent_id):
+                continue  # it holds its share of the queue; a finished job frees a slot
+            self._idle.discard(sid)
+            lease = await self._lease_for(session)
+            if lease is None:
+                self._unreserve_lease(session.agent_id.hex())
+                refused.add((session.agent_id, session.capacity))
+                self._idle.add(sid)
+                continue
+            await self._start_or_release(sid, lease)
+        if refused and not any(
+            (s := self._sessions.session(sid)) is not None
+            and (s.agent_id, s.capacity) not in refused
+            for sid in self._idle
+        ):
+            self._queue_hint = False
+
+    def prefetch(self, session: ServerSession, key: Key) -> asyncio.Future[Lease | None] | None:
+        """Lease the next job of the agent whose result ``key`` is being recorded, so
+        both go in one group commit; hand the future to :meth:`use_prefetched`."""
+        sid = session.session_id
+        if (
+            not self._queue_hint
+            or session.current_job != key
+            or sid in self._prefetching
+            or not self._reserve_lease(session.agent_id)
+        ):
+            return None
+        self._prefetching.add(sid)
+        return self._lease_for(session)
+
+    async def use_prefetched(
+        self, sid: int, agent_id: bytes, prefetch: asyncio.Future[Lease | None]
+    ) -> None:
+        try:
+            lease = await prefetch
+        except BaseException:
+            self._unreserve_lease(agent_id.hex())
+            raise
+        finally:
+            self._prefetching.discard(sid)
+        if lease is None:
+            self._unreserve_lease(agent_id.hex())
+            self._queue_hint = False
+            return
+        await self._start_or_release(sid, lease)
+
+    def _lease_for(self, session: ServerSession) -> asyncio.Future[Lease | None]:
+        """A lease of a job within the session's declared capacity (or None).
+
+        A future, started now: a prefetch must reach the committer before the result
+        it rides with. Its caller always awaits it."""
+        return asyncio.ensure_future(
+            self._committer.lease(
+                session.agent_id.hex(),
+                time.time(),
+                self._config.jobs.lease_seconds,
+                capacity=session.capacity,
+                refusal_cap=self._config.jobs.refusals_per_hour,
+            )
+        )
+
+    async def _start_or_release(self, sid: int, lease: Lease) -> None:
+        session = self._sessions.session(sid)
+        if session is None or session.state is not ServerState.IDLE:
+            # The agent vanished while we leased: hand the job straight back.
+            self._unreserve_lease(lease.agent_id)
+            await self._release((lease.job_id, lease.attempt), "agent left before START")
+            return
+        self._idle.discard(sid)
+        self._start(session, lease)
+
+    def _start(self, session: ServerSession, lease: Lease) -> None:
+        app = lease.app
+        self._assignments[(lease.job_id, lease.attempt)] = _Assignment(
+            lease=lease,
+            session_id=session.session_id,
+            code=self._store.open_code(app.app_id),
+            data=self._store.open_input(lease.job_id),
+            code_size=app.size,
+        )
+        limits = lease.limits
+        job = ev.JobDescription(
+            job=lease.job_id,
+            attempt=lease.attempt,
+            kind=str(app.kind),
+            code_size=app.size,
+            code_sha256=app.sha256,
+            input_size=lease.input_size,
+            input_sha256=lease.input_sha256,
+            cpu_seconds=max(1, int(limits.cpu_seconds)),
+            memory_bytes=limits.memory_bytes,
+            wall_seconds=max(1, int(limits.wall_seconds)),
+            output_bytes=limits.output_bytes,
+            disk_bytes=limits.disk_bytes,
+        )
+        self._stats.leases += 1
+        logfmt.event(
+            log,
+            "job_leased",
+            job=lease.job_id,
+            attempt=lease.attempt,
+            batch=lease.batch_id,
+            index=lease.index,
+            agent=session.agent_id.hex()[:16],
+        )
+        self._sessions.start_job(session, job)
+
+    def _reserve_lease(self, agent_id: bytes) -> bool:
+        """Count a lease ``agent_id`` is about to get; False at its cap.
+
+        Counted before the store is asked, so concurrent assign tasks cannot overshoot.
+        Assignments count until dropped, including those of sessions that closed.
+        """
+        agent = agent_id.hex()
+        if self._leases_held[agent] >= self._config.max_leases_per_agent:
+            return False
+        if agent in self._cooling:
+            if time.monotonic() < self._cooling[agent]:
+                return False
+            del self._cooling[agent]
+        self._leases_held[agent] += 1
+        return True
+
+    def _unreserve_lease(self, agent: str) -> None:
+        self._leases_held[agent] -= 1
+        if self._leases_held[agent] <= 0:
+            del self._leases_held[agent]
+
+    async def _release(self, key: Key, reason: str) -> None:
+        await self._committer.run(self._release_now, key, reason)
+        self.requeued()
+
+    def _release_now(self, key: Key, reason: str) -> bool:
+        return self._store.release_lease(*key, reason, now=time.time())
+
+    async def record_refusal(self, agent_id: bytes, key: Key, again: bool) -> int | None:
+        """The lease holder refused its job: requeue it without charging its budget.
+
+        Returns the agent's refusals in the last hour, or None if it did not hold the lease.
+        """
+        agent, cap = agent_id.hex(), self._config.jobs.refusals_per_hour
+        count = await self._committer.run(self._refuse_now, agent, key, again)
+        if count is None:
+            return None
+        if count == cap:
+            logfmt.event(
+                log,
+                "refusal_cap_reached",
+                logging.WARNING,
+                agent=agent[:16],
+                refusals=count,
+                cap=cap,
+                window_s=int(REFUSAL_WINDOW),
+                action="no leases to this agent until its refusals in the last hour fall below cap",
+            )
+        self.requeued()
+        return count
+
+    def _refuse_now(self, agent: str, key: Key, again: bool) -> int | None:
+        reason = "handed back by the agent" if again else "refused by the agent"
+        try:
+            return self._store.refuse_lease(*key, agent, reason, now=time.time(), offer_again=again)
+        except StoreError:
+            return None  # no such attempt: nothing this agent holds
+
+    # ---- periodic work -------------------------------------------------------
+
+    async def expire_and_renew(self, now: float) -> None:
+        """Requeue lapsed leases (resetting holders still on them); renew live ones."""
+        expired = await self._committer.run(self._store.expire_leases, now)
+        for x in expired:
+            self._abort_on_holder((x.job_id, x.attempt))
+            self.drop((x.job_id, x.attempt))
+            logfmt.event(
+                log,
+                "lease_expired",
+                logging.WARNING,
+                job=x.job_id,
+                attempt=x.attempt,
+                agent=x.agent_id[:16],
+                job_state=x.job_state,
+            )
+        live = self._live_leases()
+        if live:
+            await self._committer.run(self._renew, live, now)
+
+    async def offer(self) -> None:
+        """New batches or requeued jobs may be there: let idle agents ask again."""
+        self._queue_hint = True
+        if self._idle:
+            await self.assign()
+
+    def _live_leases(self) -> list[Key]:
+        """Leases of jobs still in their session, due for renewal (a third used up)."""
+        due = time.monotonic() - self._config.jobs.lease_seconds / 3
+        keys = []
+        for key, a in self._assignments.items():
+            s = self._sessions.session(a.session_id)
+            if s is not None and s.current_job == key and a.renewed_at <= due:
+                a.renewed_at = time.monotonic()
+                keys.append(key)
+        return keys
+
+    def _renew(self, keys: list[Key], now: float) -> None:
+        jobs = self._config.jobs
+        for job, attempt in keys:
+            self._store.renew_lease(
+                job, attempt, now, jobs.lease_seconds, transfer_seconds=jobs.transfer_seconds
+            )
+
+    def _abort_on_holder(self, key: Key) -> None:
+        """A lapsed lease is reissued: RESET its holder's session if it still works on it.
+
+        Renewals stop at the hard deadline (see ``renew_lease``), so this is how a holder
+        that keeps its session alive but never finishes loses the job. Its agent then
+        gets no lease for ``lease_seconds``, so the job goes to someone else if anyone
+        is there, rather than straight back to the agent that sat on it.
+        """
+        a = self._assignments.get(key)
+        session = None if a is None else self._sessions.session(a.session_id)
+        if a is None or session is None or session.current_job != key:
+            return
+        self._cooling[a.lease.agent_id] = time.monotonic() + self._config.jobs.lease_seconds
+        self._sessions.reset_session(session, "lease expired; the job was reissued")
+        logfmt.event(
+            log,
+            "holder_reset",
+            logging.WARNING,
+            job=key[0],
+            attempt=key[1],
+            session=f"{session.session_id:016x}",
+        )
