@@ -20,7 +20,7 @@ from vcomp.server.cli import main as server_main
 from vcomp.server.cli import parse_size
 from vcomp.server.config import load_signing_key
 from vcomp.server.store import RESULT_OK, ResultSubmission
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 MEASUREMENT = "sha256:17=" + "ab" * 32 + ",18=" + "cd" * 32
 BIN = Path(sys.executable).parent

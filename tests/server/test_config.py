@@ -20,7 +20,7 @@ from vcomp.server.config import (
     load_signing_key,
     parse_host_port,
 )
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from vcomp.server.store import (
     OutcomeKind,
     ResultSubmission,
 )
-from vcomp.server.store_sqlite import SCHEMA_VERSION, SqliteStore
+from vcomp.server.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 # --------------------------------------------------------------------------- helpers
 
@@ -109,7 +109,7 @@ def test_wal_mode_foreign_keys_and_idempotent_migrations(tmp_path: Path) -> None
 
 
 def test_foreign_keys_are_enforced(store: SqliteStore) -> None:
-    conn = store._conn()
+    conn = store.database.connection()
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute("INSERT INTO reset_requests (agent_id, requested_at) VALUES ('nope', 0)")
@@ -722,7 +722,7 @@ def test_staged_upload_round_trip(store: SqliteStore, app: str, agents: list[str
         store.write_result_chunk(sub.upload, 0, b"x")  # type: ignore[arg-type]
     [again] = store.record_results([staged(store, granted, data, chunk=1 << 20)])
     assert again.kind is OutcomeKind.DUPLICATE
-    assert store._conn().execute("SELECT COUNT(*) FROM uploads").fetchone()[0] == 0
+    assert store.database.connection().execute("SELECT COUNT(*) FROM uploads").fetchone()[0] == 0
 
 
 def test_staged_upload_checks_sha_size_and_completeness(
@@ -746,7 +746,7 @@ def test_staged_upload_checks_sha_size_and_completeness(
     assert "size mismatch" in outcomes[1].detail
     assert "incomplete" in outcomes[2].detail
     assert not store.result_exists(granted.job_id, granted.attempt)
-    conn = store._conn()
+    conn = store.database.connection()
     assert conn.execute("SELECT COUNT(*) FROM uploads").fetchone()[0] == 0  # discarded
     assert conn.execute("SELECT COUNT(*) FROM blobs WHERE sha256 IS NULL").fetchone()[0] == 0
     [good] = store.record_results([staged(store, granted, data)])
@@ -939,7 +939,7 @@ _CHILD = textwrap.dedent(
     """
     import sys
     from vcomp.server.store import ResultSubmission
-    from vcomp.server.store_sqlite import SqliteStore
+    from vcomp.server.store.sqlite import SqliteStore
 
     store = SqliteStore(sys.argv[1])
     agent = sys.argv[2]

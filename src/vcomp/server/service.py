@@ -43,8 +43,7 @@ from vcomp.protocol.trust import TrustPolicy
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig, load_signing_key
 from vcomp.server.results import ResultSink, UploadBudget
-from vcomp.server.store import REFUSAL_WINDOW, Lease, ResultSubmission
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store import REFUSAL_WINDOW, Lease, ResultSubmission, open_store
 from vcomp.transport import ServerAdapter, open_server
 
 log = logging.getLogger("vcomp.server")
@@ -77,7 +76,7 @@ class ServerStats:
 class OrganisationServer:
     def __init__(self, config: ServerConfig, *, signing_key: Ed25519PrivateKey | None = None):
         self.config = config
-        self.store = SqliteStore(config.store_path)
+        self.store = open_store(config.store_url)
         self.committer = GroupCommitter(self.store)
         self._signing_key = signing_key or load_signing_key(config.key_path)
         self.trust = TrustPolicy(on_clock=self._remember_clock)
