@@ -65,6 +65,15 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Store: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
     # apps
     def add_app(
         self, name: str, kind: AppKind | str, code: CodeSource, *, size: int | None = None

@@ -1,4 +1,4 @@
-"""The backend-neutral replication rule in store.py (no database involved)."""
+"""The store's rules (rules.py): pure functions, tested with no database."""
 
 from __future__ import annotations
 
