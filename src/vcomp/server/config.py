@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vcomp.errors import ConfigError
 from vcomp.protocol import handshake, limits
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
-from vcomp.server.store.url import parse_store_url, sqlite_url
+from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
 
 __all__ = [
     "CONFIG_FILE",
@@ -288,6 +288,17 @@ def _config_file(path: Path) -> Path:
     return path / CONFIG_FILE if path.is_dir() else path
 
 
+def _store_url(configured: str, home: Path) -> StoreUrl:
+    """``$VCOMP_STORE_URL`` if set, else ``[store] url``; relative to the home."""
+    override = os.environ.get(STORE_URL_ENV)
+    if not override:
+        return parse_store_url(configured, base=home)
+    try:
+        return parse_store_url(override, base=home)
+    except ConfigError as exc:
+        raise ConfigError(f"${STORE_URL_ENV}: {exc}") from None
+
+
 def load_server_config(path: Path) -> ServerConfig:
     """Load ``server.toml`` from a server home directory or the file itself."""
     path = Path(path).expanduser()
@@ -326,9 +337,9 @@ def load_server_config(path: Path) -> ServerConfig:
         )
         jobs.finish()
         store = Table(doc, "store")
-        url = os.environ.get(STORE_URL_ENV) or store.text("url", DEFAULT_STORE_URL)
+        url = store.text("url", DEFAULT_STORE_URL)
         store.finish()
-        where = parse_store_url(url, base=home)
+        where = _store_url(url, home)
         return ServerConfig(
             home=home,
             bind_host=host,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,3 +43,13 @@ def lease(store: Store, agent: str, now: float = 0.0, seconds: float = 30.0) -> 
     got = store.lease_next(agent, now, seconds)
     assert got is not None
     return got
+
+
+def downgrade_to_v1(path: Path) -> None:
+    """Turn a current store file back into schema 1 (before disk_bytes)."""
+    raw = sqlite3.connect(path)
+    raw.execute("DROP INDEX attempts_refusals")
+    raw.execute("ALTER TABLE batches DROP COLUMN disk_bytes")
+    raw.execute("UPDATE schema_version SET version = 1")
+    raw.commit()
+    raw.close()

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.store.support import enroll
-from vcomp.errors import StoreError
-from vcomp.server.store import DEFAULT_DISK_BYTES, JobState
+from tests.server.store.support import downgrade_to_v1, enroll
+from vcomp.errors import SchemaVersionError, StoreError
+from vcomp.server.store import DEFAULT_DISK_BYTES, JobState, open_store
 from vcomp.server.store.sqlite import SCHEMA_VERSION, SqliteStore
+from vcomp.server.store.url import migrate_store, sqlite_url
 
 
 @pytest.fixture
@@ -57,6 +58,49 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     raw.close()
     with pytest.raises(StoreError, match="newer"):
         SqliteStore(path)
+
+
+def test_an_older_store_is_refused_until_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with SqliteStore(path) as s:
+        s.add_app("pi", "python", io.BytesIO(b"print(1)"))
+    downgrade_to_v1(path)
+    url = sqlite_url(path)
+    with pytest.raises(SchemaVersionError) as caught:
+        open_store(url)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"schema v1, older than this vcomp's v{SCHEMA_VERSION}" in message
+    assert "vcomp-server migrate" in message
+    raw = sqlite3.connect(path)  # refusing changed nothing
+    assert raw.execute("SELECT version FROM schema_version").fetchone()[0] == 1
+    raw.close()
+    assert migrate_store(url) == (1, SCHEMA_VERSION)
+    with open_store(url) as store:
+        assert [a.name for a in store.list_apps()] == ["pi"]  # kept across the upgrade
+
+
+def test_a_newer_store_is_refused_and_never_downgraded(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    SqliteStore(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    raw.commit()
+    raw.close()
+    with pytest.raises(SchemaVersionError, match=r"newer.*vcomp-server migrate"):
+        open_store(sqlite_url(path))
+    with pytest.raises(SchemaVersionError, match=r"newer.*vcomp-server migrate"):
+        migrate_store(sqlite_url(path))
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION + 1
+    raw.close()
+
+
+def test_a_file_that_is_not_a_store_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreError, match="job store"):
+        open_store(sqlite_url(path))
 
 
 def test_memory_database_is_refused() -> None:

@@ -40,6 +40,7 @@ from vcomp.errors import SchemaVersionError, StoreError
 from vcomp.server.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 
 MIGRATE_HINT = "run `vcomp-server migrate --config DIR`"
+NEWER_HINT = "upgrade vcomp (`vcomp-server migrate` never downgrades)"
 
 
 class SqliteDatabase:
@@ -126,7 +127,7 @@ class SqliteDatabase:
             if current > SCHEMA_VERSION:
                 raise SchemaVersionError(
                     f"job store {self.path} has schema v{current}, newer than this "
-                    f"vcomp's v{SCHEMA_VERSION}; upgrade vcomp"
+                    f"vcomp's v{SCHEMA_VERSION}; {NEWER_HINT}"
                 )
             for statements in MIGRATIONS[current:]:
                 for statement in statements:
@@ -147,7 +148,7 @@ class SqliteDatabase:
             current = self._version(conn) if found else 0
         if current != SCHEMA_VERSION:
             age = "older" if current < SCHEMA_VERSION else "newer"
-            hint = MIGRATE_HINT if current < SCHEMA_VERSION else "upgrade vcomp"
+            hint = MIGRATE_HINT if current < SCHEMA_VERSION else NEWER_HINT
             raise SchemaVersionError(
                 f"job store {self.path} has schema v{current}, {age} than this vcomp's "
                 f"v{SCHEMA_VERSION}; {hint}"
