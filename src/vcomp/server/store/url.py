@@ -65,28 +65,40 @@ def parse_store_url(url: str, *, base: Path | None = None) -> StoreUrl:
     return StoreUrl(SQLITE, path.absolute())
 
 
+def _sqlite_path(where: StoreUrl) -> Path:
+    # The one backend so far; parse_store_url refuses the others.
+    if where.scheme != SQLITE or where.path is None:
+        raise ConfigError(f"no store backend for scheme {where.scheme!r}")
+    return where.path
+
+
 def open_store(url: str, *, base: Path | None = None, migrate: bool = False) -> Store:
     """The store at ``url``. Without ``migrate`` it must exist at this vcomp's schema
     version (else an error that names ``vcomp-server migrate``); with it, the schema
     is created or upgraded first."""
-    where = parse_store_url(url, base=base)
-    from vcomp.server.store.sqlite import SqliteStore  # the only backend so far
+    path = _sqlite_path(parse_store_url(url, base=base))
+    from vcomp.server.store.sqlite import SqliteStore  # only opening a store needs it
 
-    assert where.path is not None
-    if not migrate and not where.path.exists():
+    if not migrate and not path.exists():
         raise StoreError(
-            f"{where.path}: no job store (run `vcomp-server init` or `vcomp-server migrate`)"
+            f"{path}: no job store (run `vcomp-server init` or `vcomp-server migrate`)"
         )
-    return SqliteStore(where.path, migrate=migrate)
+    return SqliteStore(path, migrate=migrate)
 
 
 def migrate_store(url: str, *, base: Path | None = None) -> tuple[int, int]:
-    """Create or upgrade the schema of the store at ``url``: (version before, now)."""
-    where = parse_store_url(url, base=base)
+    """Create or upgrade the schema of the store at ``url``: (version before, now).
+
+    Creates the SQLite file's directory if need be (``init --store sqlite:sub/jobs.db``).
+    """
+    path = _sqlite_path(parse_store_url(url, base=base))
     from vcomp.server.store.sqlite.database import SqliteDatabase
 
-    assert where.path is not None
-    db = SqliteDatabase(where.path)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the directory of {path}: {exc.strerror}") from None
+    db = SqliteDatabase(path)
     try:
         return db.migrate()
     finally:

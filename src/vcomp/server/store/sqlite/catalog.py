@@ -1,4 +1,5 @@
-"""Apps, batches, jobs and their input blobs: the write-once half of the SQLite store."""
+"""Apps, batches, jobs and their input blobs (the write-once half of the SQLite store),
+and the status counts over them."""
 
 from __future__ import annotations
 
