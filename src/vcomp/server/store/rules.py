@@ -2,9 +2,11 @@
 
 Leases, replicas and quorum, late results and evidence, refusals and the attempt budget
 are decided here and only here (see the package docstring for the rules in words). A
-backend reads the records a rule needs, calls it, and writes what it returns; it never
-decides anything itself, so a second backend is storage only. Nothing here touches a
-database, so the tests of this module need none.
+backend reads the records a rule needs, calls it, and writes what it returns, so a
+second backend is storage only. Two rules stay in each backend's SQL because they are
+searches over many rows, not decisions about one: which queued job fits an agent (fit,
+batch deadline, distinct hosts) and which jobs a passed batch deadline fails; the
+contract suite pins both. Nothing here touches a database, so its tests need none.
 """
 
 from __future__ import annotations
