@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable as a p
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import bench_parser, median, print_table, write_json
 
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "server" / "examples"

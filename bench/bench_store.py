@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.store import Lease, LeaseRequest, OutcomeKind, ResultSubmission
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 LEASE_SECONDS = 600.0
 

@@ -69,6 +69,10 @@ class StoreError(VcompError):
     """The job store refused an operation or is inconsistent."""
 
 
+class SchemaVersionError(StoreError):
+    """The job store's schema is not the version this vcomp uses; ``migrate`` fixes it."""
+
+
 def loggable(exc: BaseException) -> str:
     """What an unexpected exception may say in a log line: vcomp's own messages, an
     OSError's errno text (not its file names, which a job may have chosen), else the

@@ -38,7 +38,7 @@ from vcomp.protocol.server_endpoint import ServerEndpoint
 from vcomp.protocol.wire import VERSION
 from vcomp.server.config import init_server_home, load_server_config
 from vcomp.server.service import OrganisationServer
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 from vcomp.transport import AgentAdapter, open_agent
 
 Address = tuple[str, int]

@@ -26,7 +26,7 @@ from vcomp.loadgen import LiteAgent
 from vcomp.protocol import handshake as hs
 from vcomp.protocol.messages import Attest, Retry, decode_body, encode_body
 from vcomp.protocol.wire import HEADER_LEN, PacketType, unpack_header
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 from .capture import CaptureProxy
 from .fuzzgen import DatagramFuzzer, packet

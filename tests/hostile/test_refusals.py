@@ -26,7 +26,7 @@ from vcomp.agent.tpm import SimulatedTpm
 from vcomp.loadgen import LiteAgent
 from vcomp.protocol import handshake as hs
 from vcomp.server.store import AttemptState, JobState
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 from .harness import (
     APP,

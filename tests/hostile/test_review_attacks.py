@@ -26,7 +26,7 @@ from vcomp.protocol.capacity import JobCapacity
 from vcomp.protocol.messages import Retry, decode_body
 from vcomp.protocol.wire import HEADER_LEN, PacketType, unpack_header
 from vcomp.server.store import JobState
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 from vcomp.transport import AgentAdapter, open_agent
 
 from .harness import (

@@ -44,7 +44,7 @@ from vcomp.protocol import handshake as hs
 from vcomp.server.config import ServerConfig, init_server_home, load_server_config
 from vcomp.server.service import OrganisationServer
 from vcomp.server.store import JobState, StoredResult
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 if not sys.platform.startswith("linux"):
     pytest.skip("the integration suite needs Linux (the sandbox)", allow_module_level=True)

@@ -29,7 +29,7 @@ from vcomp.agent.measure import golden_measurement
 from vcomp.agent.tpm import SimulatedTpm
 from vcomp.server.config import STORE_FILE, init_server_home
 from vcomp.server.store import JobState
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 JOBS = 40
 

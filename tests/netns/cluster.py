@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tests.netns.nslib import A_ADDR, NetnsPair
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 BIN = Path(sys.executable).parent
 SERVER = str(BIN / "vcomp-server")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vcomp.server.commit import GroupCommitter
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 
 @pytest.fixture

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.server.store.support import downgrade_to_v1
 from vcomp.agent.cli import main as agent_main
 from vcomp.protocol import handshake
 from vcomp.server.cli import main as server_main
 from vcomp.server.cli import parse_size
 from vcomp.server.config import load_signing_key
 from vcomp.server.store import RESULT_OK, ResultSubmission
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 MEASUREMENT = "sha256:17=" + "ab" * 32 + ",18=" + "cd" * 32
 BIN = Path(sys.executable).parent
@@ -419,3 +420,54 @@ def test_init_new_key_asks_on_a_terminal(tmp_path: Path) -> None:
     code, text = _init_on_a_terminal(home, b"y")
     assert code == 0, text
     assert _fingerprint(home) != pinned
+
+
+def test_a_store_at_another_version_stops_every_command_until_migrate(home: Path) -> None:
+    downgrade_to_v1(home / "jobs.sqlite")
+    for command in (["status"], ["app", "list"], ["reset", "ab" * 8], ["results", "1"]):
+        result = run(*command, "--config", home)
+        assert_clean_error(result, "vcomp-server migrate")
+        assert result.stderr.count("\n") == 1, result.stderr  # one line
+        assert "schema v1, older" in result.stderr
+    assert "schema v1 -> v" in ok("migrate", "--config", home).stdout
+    assert "up to date" in ok("migrate", "--config", home).stdout
+    ok("status", "--config", home)
+
+
+def test_init_store_url_and_the_environment(tmp_path: Path) -> None:
+    db = tmp_path / "db" / "jobs.db"
+    db.parent.mkdir()
+    ok("init", tmp_path / "srv", "--store", f"sqlite://{db}")
+    assert db.exists() and not (tmp_path / "srv" / "jobs.sqlite").exists()
+    ok("app", "add", "echo", db, "--kind", "exec", "--config", tmp_path / "srv")
+    assert "echo" in ok("app", "list", "--config", tmp_path / "srv").stdout
+    # $VCOMP_STORE_URL points the same home at another store.
+    other = tmp_path / "db" / "other.db"
+    env = {"VCOMP_STORE_URL": f"sqlite://{other}"}
+    assert_clean_error(run("status", "--config", tmp_path / "srv", env=env), "no job store")
+    assert run("migrate", "--config", tmp_path / "srv", env=env).exit_code == 0
+    listed = run("app", "list", "--config", tmp_path / "srv", env=env)
+    assert listed.exit_code == 0 and "echo" not in listed.stdout
+    env = {"VCOMP_STORE_URL": "cassandra://db"}
+    assert_clean_error(
+        run("status", "--config", tmp_path / "srv", env=env), "unknown store url scheme"
+    )
+    assert_clean_error(run("init", tmp_path / "x", "--store", "ftp://h/f"), "'ftp'")
+
+
+def test_serve_stops_with_one_line_on_a_store_at_another_version(tmp_path: Path) -> None:
+    server = BIN / "vcomp-server"
+    if not server.exists():
+        pytest.skip("console scripts not installed in this environment")
+    ok("init", tmp_path / "srv")
+    downgrade_to_v1(tmp_path / "srv" / "jobs.sqlite")
+    proc = subprocess.run(
+        [str(server), "serve", "--config", str(tmp_path / "srv")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "vcomp-server migrate" in lines[0]

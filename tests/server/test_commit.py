@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from vcomp.errors import StoreError
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.store import JobState, Lease, OutcomeKind, ResultSubmission
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 
 def enroll(store: SqliteStore, name: str) -> str:

@@ -14,13 +14,14 @@ from vcomp.errors import ConfigError
 from vcomp.protocol import handshake
 from vcomp.server.config import (
     DEFAULT_CONFIG,
+    STORE_URL_ENV,
     JobDefaults,
     init_server_home,
     load_server_config,
     load_signing_key,
     parse_host_port,
 )
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +238,56 @@ def test_key_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
 def test_default_config_text_is_what_init_writes(home: tuple[Path, str]) -> None:
     d, _ = home
     assert (d / "server.toml").read_text() == DEFAULT_CONFIG
+
+
+# ---------------------------------------------------------------------- the store url
+
+
+def test_the_store_url_defaults_to_jobs_sqlite_in_the_home(tmp_path: Path) -> None:
+    config = load_server_config(write_config(tmp_path, ""))
+    assert config.store_url == f"sqlite://{tmp_path.absolute()}/jobs.sqlite"
+    assert config.store_path == tmp_path.absolute() / "jobs.sqlite"
+
+
+def test_the_store_url_is_read_and_the_environment_overrides_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, '[store]\nurl = "sqlite:data/j.db"\n')
+    config = load_server_config(path)
+    assert config.store_path == tmp_path.absolute() / "data" / "j.db"
+    assert config.store_url == f"sqlite://{tmp_path.absolute()}/data/j.db"
+    monkeypatch.setenv(STORE_URL_ENV, "sqlite:///srv/elsewhere.sqlite")
+    assert load_server_config(path).store_url == "sqlite:///srv/elsewhere.sqlite"
+    monkeypatch.setenv(STORE_URL_ENV, "oracle://db")
+    with pytest.raises(ConfigError, match=r"\$VCOMP_STORE_URL: unknown store url scheme 'oracle'"):
+        load_server_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[store]\nurl = "mongodb://x"\n', "unknown store url scheme 'mongodb'"),
+        ('[store]\nurl = "postgresql://db/v"\n', "PostgreSQL store is not built yet"),
+        ("[store]\nurl = 5\n", "[store] url must be"),
+        ('[store]\npath = "x"\n', "unknown key 'path'"),
+    ],
+)
+def test_bad_store_settings_name_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_server_config(path)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+def test_init_with_a_store_url_creates_that_store(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "data" / "jobs.db"
+    elsewhere.parent.mkdir()
+    init_server_home(tmp_path / "srv", store_url=f"sqlite://{elsewhere}")
+    assert not (tmp_path / "srv" / "jobs.sqlite").exists()
+    config = load_server_config(tmp_path / "srv")
+    assert (config.store_path, config.store_url) == (elsewhere, f"sqlite://{elsewhere}")
+    with SqliteStore(elsewhere, migrate=False) as store:  # at the current version
+        assert store.list_apps() == []
+    with pytest.raises(ConfigError, match="unknown store url scheme 'ftp'"):
+        init_server_home(tmp_path / "bad", store_url="ftp://x")
+    assert not (tmp_path / "bad").exists()  # nothing written for a bad url

@@ -11,7 +11,7 @@ from vcomp.errors import StoreError
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.results import INLINE_LIMIT, WRITE_BATCH, ResultSink, UploadBudget
 from vcomp.server.store import Lease
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store.sqlite import SqliteStore
 
 from .test_commit import enroll
 

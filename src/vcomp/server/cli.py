@@ -2,8 +2,10 @@
 
 Every command but ``init`` works on a server home (``--config``, else
 ``$VCOMP_SERVER_HOME``, else the current directory). Store commands talk to the SQLite
-job store directly, so they work whether or not ``serve`` is running: the server picks
-up new batches, allowlist entries and reset requests from the store.
+job store directly (the store named by ``[store] url`` or ``$VCOMP_STORE_URL``), so they
+work whether or not ``serve`` is running: the server picks up new batches, allowlist
+entries and reset requests from the store. Every command but ``init`` and ``migrate``
+refuses a store whose schema is not this vcomp's, naming ``migrate``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from vcomp.server.config import (
     init_server_home,
     load_server_config,
 )
-from vcomp.server.store import JobState, ResultRecord, StoreStatus
-from vcomp.server.store_sqlite import MAX_BLOB_BYTES, SqliteStore
+from vcomp.server.store import JobState, ResultRecord, Store, StoreStatus
+from vcomp.server.store import open_store as open_store_url
+from vcomp.server.store.checks import MAX_BLOB_BYTES
+from vcomp.server.store.url import migrate_store
 
 EXIT_FAILED_JOBS = 3
 EXIT_TIMEOUT = 4
@@ -57,11 +61,9 @@ def config_option(f: _F) -> _F:
 
 
 @contextlib.contextmanager
-def open_store(config_path: Path) -> Iterator[tuple[ServerConfig, SqliteStore]]:
+def open_store(config_path: Path) -> Iterator[tuple[ServerConfig, Store]]:
     config = load_server_config(config_path)
-    if not config.store_path.exists():
-        raise ConfigError(f"{config.store_path}: no job store (run `vcomp-server init`)")
-    store = SqliteStore(config.store_path)
+    store = open_store_url(config.store_url)
     try:
         yield config, store
     finally:
@@ -108,14 +110,22 @@ def main() -> None:
     help="With --force: replace the organisation key. Every agent must then re-pin the new "
     "key; asks first on a terminal.",
 )
-def init(directory: Path, force: bool, new_key: bool) -> None:
+@click.option(
+    "--store",
+    "store_url",
+    metavar="URL",
+    help="The job store: sqlite:PATH (relative to DIR) or sqlite:///ABS/PATH "
+    "[default: sqlite:jobs.sqlite].",
+)
+def init(directory: Path, force: bool, new_key: bool, store_url: str | None) -> None:
     """Create a server home in DIRECTORY.
 
-    Writes server.toml, server.key (0600), server.pub and jobs.sqlite, and prints the
-    key fingerprint that agents pin.
+    Writes server.toml, server.key (0600) and server.pub, creates the job store
+    (jobs.sqlite unless --store names another) at the current schema version, and
+    prints the key fingerprint that agents pin.
 
-    With --force an existing jobs.sqlite is kept (and upgraded), never emptied, and so
-    is server.key unless --new-key is given too.
+    With --force an existing store is kept (and upgraded), never emptied, and so is
+    server.key unless --new-key is given too.
     """
     had_key = (directory / KEY_FILE).exists()
     replacing = new_key and force and had_key
@@ -126,7 +136,7 @@ def init(directory: Path, force: bool, new_key: bool) -> None:
             default=False,
             abort=True,
         )
-    fingerprint = init_server_home(directory, force=force, new_key=new_key)
+    fingerprint = init_server_home(directory, force=force, new_key=new_key, store_url=store_url)
     click.echo(f"server home: {directory}")
     click.echo(f"fingerprint: {fingerprint}")
     if replacing:
@@ -147,6 +157,21 @@ def init(directory: Path, force: bool, new_key: bool) -> None:
         f"(or give them {directory / PUBLIC_FILE}). Then: vcomp-server serve "
         f"--config {directory}"
     )
+
+
+@main.command()
+@config_option
+def migrate(config_path: Path) -> None:
+    """Create the job store, or upgrade its schema to this vcomp's version.
+
+    Stop `serve` first; the other commands refuse a store at another version.
+    """
+    config = load_server_config(config_path)
+    before, now = migrate_store(config.store_url)
+    if before == now:
+        click.echo(f"job store {config.store_url}: schema v{now}, up to date")
+    else:
+        click.echo(f"job store {config.store_url}: schema v{before} -> v{now}")
 
 
 @main.command()
@@ -498,7 +523,7 @@ def _output_is_utf8(read: Callable[[int, int], bytes], size: int) -> bool:
     return True
 
 
-def write_result_line(out: BinaryIO, store: SqliteStore, rec: ResultRecord) -> None:
+def write_result_line(out: BinaryIO, store: Store, rec: ResultRecord) -> None:
     """One JSON line per job; the output is streamed in chunks, never loaded whole."""
     r = rec.result
     head: dict[str, Any] = {

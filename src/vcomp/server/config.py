@@ -5,7 +5,11 @@ Layout of a server home (``vcomp-server init DIR``)::
     server.toml   bind address, session limits, job defaults (see server/server.example.toml)
     server.key    Ed25519 private key, PEM PKCS#8, mode 0600
     server.pub    the raw 32-byte public key, hex; agents may pin it instead of the fingerprint
-    jobs.sqlite   the SQLite job store
+    jobs.sqlite   the SQLite job store (the default ``[store] url``)
+
+The job store is named by a URL (``[store] url``, overridden by ``$VCOMP_STORE_URL``);
+see :mod:`vcomp.server.store.url` for the URL rules. ``sqlite:jobs.sqlite`` (relative to
+the home) is the default.
 
 Every problem with these files is a :class:`~vcomp.errors.ConfigError` naming the file
 and the key, so the CLI can print one line instead of a traceback.
@@ -13,6 +17,7 @@ and the key, so the CLI can print one line instead of a traceback.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
@@ -25,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vcomp.errors import ConfigError
 from vcomp.protocol import handshake, limits
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
+from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
 
 __all__ = [
     "CONFIG_FILE",
@@ -32,6 +38,7 @@ __all__ = [
     "KEY_FILE",
     "PUBLIC_FILE",
     "STORE_FILE",
+    "STORE_URL_ENV",
     "JobDefaults",
     "ServerConfig",
     "Table",
@@ -47,6 +54,8 @@ CONFIG_FILE = "server.toml"
 KEY_FILE = "server.key"
 PUBLIC_FILE = "server.pub"
 STORE_FILE = "jobs.sqlite"
+DEFAULT_STORE_URL = f"sqlite:{STORE_FILE}"  # relative to the server home
+STORE_URL_ENV = "VCOMP_STORE_URL"  # overrides [store] url
 DEFAULT_PORT = 7461
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anything huge
 # An honest agent opens one session per worker (one per core by default), so 64
@@ -79,6 +88,10 @@ wall_seconds = 120
 output_bytes = 16777216
 disk_bytes = 67108864     # the job's work directory
 refusals_per_hour = 30    # past this, an agent gets no leases until the hour has passed
+
+[store]
+# sqlite:PATH (relative to this directory) or sqlite:///ABS/PATH; $VCOMP_STORE_URL overrides it
+url = {json.dumps(DEFAULT_STORE_URL)}
 """
 
 
@@ -129,8 +142,12 @@ class ServerConfig:
     max_sessions_per_agent: int = DEFAULT_SESSIONS_PER_AGENT
     max_leases_per_agent: int = DEFAULT_SESSIONS_PER_AGENT
     upload_memory_bytes: int = DEFAULT_UPLOAD_MEMORY
+    store_url: str = ""
+    """The job store's URL, absolute; empty means the SQLite file at ``store_path``."""
 
     def __post_init__(self) -> None:
+        if not self.store_url:
+            object.__setattr__(self, "store_url", sqlite_url(self.store_path))
         if not self.bind_host:
             raise ConfigError("bind: the host is empty")
         _check_int("bind port", self.bind_port, 0, 65535)
@@ -271,6 +288,17 @@ def _config_file(path: Path) -> Path:
     return path / CONFIG_FILE if path.is_dir() else path
 
 
+def _store_url(configured: str, home: Path) -> StoreUrl:
+    """``$VCOMP_STORE_URL`` if set, else ``[store] url``; relative to the home."""
+    override = os.environ.get(STORE_URL_ENV)
+    if not override:
+        return parse_store_url(configured, base=home)
+    try:
+        return parse_store_url(override, base=home)
+    except ConfigError as exc:
+        raise ConfigError(f"${STORE_URL_ENV}: {exc}") from None
+
+
 def load_server_config(path: Path) -> ServerConfig:
     """Load ``server.toml`` from a server home directory or the file itself."""
     path = Path(path).expanduser()
@@ -281,7 +309,7 @@ def load_server_config(path: Path) -> ServerConfig:
     doc = read_toml(file)
     home = file.parent.absolute()
     try:
-        check_sections(doc, ("server", "jobs"))
+        check_sections(doc, ("server", "jobs", "store"))
         server = Table(doc, "server")
         host, port = parse_host_port(
             server.text("bind", f"127.0.0.1:{DEFAULT_PORT}"), what="bind", allow_zero=True
@@ -308,6 +336,10 @@ def load_server_config(path: Path) -> ServerConfig:
             refusals_per_hour=jobs.integer("refusals_per_hour", 30),
         )
         jobs.finish()
+        store = Table(doc, "store")
+        url = store.text("url", DEFAULT_STORE_URL)
+        store.finish()
+        where = _store_url(url, home)
         return ServerConfig(
             home=home,
             bind_host=host,
@@ -317,10 +349,11 @@ def load_server_config(path: Path) -> ServerConfig:
             max_sessions=max_sessions,
             jobs=defaults,
             key_path=home / KEY_FILE,
-            store_path=home / STORE_FILE,
+            store_path=where.path or home / STORE_FILE,
             max_sessions_per_agent=sessions_per_agent,
             max_leases_per_agent=leases_per_agent,
             upload_memory_bytes=upload_memory,
+            store_url=str(where),
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None
@@ -375,18 +408,31 @@ def _kept_key(path: Path) -> Ed25519PrivateKey | None:
         ) from None
 
 
-def init_server_home(dir: Path, force: bool = False, new_key: bool = False) -> str:
+def config_text(store_url: str = DEFAULT_STORE_URL) -> str:
+    """The ``server.toml`` that ``init`` writes, naming the given store."""
+    default = f"url = {json.dumps(DEFAULT_STORE_URL)}"
+    return DEFAULT_CONFIG.replace(default, f"url = {json.dumps(store_url)}", 1)
+
+
+def init_server_home(
+    dir: Path, force: bool = False, new_key: bool = False, store_url: str | None = None
+) -> str:
     """Create a server home in ``dir``; returns the key fingerprint (64 hex digits).
 
-    Refuses a non-empty directory unless ``force``. With ``force`` the organisation
-    key is kept (agents pin it; a new one cuts every agent off until it re-pins), and
-    only ``new_key`` replaces it. ``force`` rewrites server.toml with the defaults,
-    keeping the old one as server.toml.bak, and keeps an existing job store (its jobs
-    and results are not thrown away).
+    ``store_url`` (default ``sqlite:jobs.sqlite``) goes into server.toml, and the store
+    there is created at the current schema version. ``$VCOMP_STORE_URL`` plays no part:
+    the home records where its store is. Refuses a non-empty directory unless
+    ``force``. With ``force`` the organisation key is kept (agents pin it; a new one
+    cuts every agent off until it re-pins), and only ``new_key`` replaces it. ``force``
+    rewrites server.toml with the defaults, keeping the old one as server.toml.bak, and
+    keeps an existing job store (its jobs and results are not thrown away; its schema
+    is upgraded).
     """
-    from vcomp.server.store_sqlite import SqliteStore  # only init needs the store code
+    from vcomp.server.store.url import migrate_store  # only init needs the store code
 
     home = Path(dir).expanduser()
+    url = DEFAULT_STORE_URL if store_url is None else store_url
+    parse_store_url(url, base=home.absolute())  # a bad url fails before anything is written
     try:
         if home.exists() and not home.is_dir():
             raise ConfigError(f"{home} exists and is not a directory")
@@ -409,8 +455,8 @@ def init_server_home(dir: Path, force: bool = False, new_key: bool = False) -> s
         for name in (PUBLIC_FILE, CONFIG_FILE):
             (home / name).unlink(missing_ok=True)
         _write_new(home / PUBLIC_FILE, raw.hex().encode() + b"\n", 0o644)
-        _write_new(home / CONFIG_FILE, DEFAULT_CONFIG.encode(), 0o644)
+        _write_new(home / CONFIG_FILE, config_text(url).encode(), 0o644)
     except OSError as exc:
         raise ConfigError(f"cannot initialise {home}: {exc}") from None
-    SqliteStore(home / STORE_FILE).close()
+    migrate_store(url, base=home.absolute())
     return handshake.key_fingerprint(raw).hex()

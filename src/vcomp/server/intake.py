@@ -22,8 +22,7 @@ from vcomp.protocol.server_session import ServerSession
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.results import ResultSink, UploadBudget
 from vcomp.server.scheduler import Key, Scheduler, ServerStats, Spawn
-from vcomp.server.store import ResultSubmission, UploadHandle
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store import ResultSubmission, Store, UploadHandle
 
 log = logging.getLogger("vcomp.server")
 
@@ -50,7 +49,7 @@ class Replies(Protocol):
 class ResultIntake:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         committer: GroupCommitter,
         scheduler: Scheduler,
         replies: Replies,

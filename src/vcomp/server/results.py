@@ -21,8 +21,7 @@ import logging
 from vcomp import logfmt
 from vcomp.errors import StoreError
 from vcomp.server.commit import GroupCommitter
-from vcomp.server.store import UploadHandle
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store import Store, UploadHandle
 
 log = logging.getLogger("vcomp.server")
 
@@ -50,7 +49,7 @@ class UploadBudget:
 class ResultSink:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         committer: GroupCommitter,
         job: int,
         attempt: int,

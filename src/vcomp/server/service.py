@@ -50,7 +50,8 @@ from vcomp.server.config import ServerConfig, load_signing_key
 from vcomp.server.intake import ResultIntake
 from vcomp.server.scheduler import Scheduler, ServerStats
 from vcomp.server.serve_lock import StoreLock
-from vcomp.server.store_sqlite import SqliteStore
+from vcomp.server.store import open_store
+from vcomp.server.store.url import parse_store_url
 from vcomp.transport import ServerAdapter, open_server
 
 __all__ = ["OrganisationServer", "ServerStats", "serve"]
@@ -63,7 +64,7 @@ TICK_SECONDS = 0.5
 class OrganisationServer:
     def __init__(self, config: ServerConfig, *, signing_key: Ed25519PrivateKey | None = None):
         self.config = config
-        self.store = SqliteStore(config.store_path)
+        self.store = open_store(config.store_url)
         self.committer = GroupCommitter(self.store)
         self._signing_key = signing_key or load_signing_key(config.key_path)
         self.fingerprint = key_fingerprint(raw_public(self._signing_key)).hex()
@@ -80,7 +81,9 @@ class OrganisationServer:
             self.stats,
             config.upload_memory_bytes,
         )
-        self._lock = StoreLock(config.store_path)  # SQLite only: one server per store
+        # One server per SQLite file; on a shared database server several are the point.
+        store_file = parse_store_url(config.store_url).path
+        self._lock = StoreLock(store_file) if store_file is not None else None
         self._tasks: asyncio.TaskGroup | None = None
         self._accepting = False
         self._runner: asyncio.Task[None] | None = None
@@ -97,7 +100,8 @@ class OrganisationServer:
     async def start(self) -> tuple[str, int]:
         """Lock the store, open the task group, bind. Call :meth:`stop` even if this fails."""
         loop = asyncio.get_running_loop()
-        self._lock.acquire(f"pid {os.getpid()}, starting")
+        if self._lock is not None:
+            self._lock.acquire(f"pid {os.getpid()}, starting")
         await self.committer.run(self.store.discard_stale_uploads, time.time())
         self._load_trust()
         self.endpoint = ServerEndpoint(
@@ -118,7 +122,8 @@ class OrganisationServer:
         )
         host, port = self._adapter.local_address
         self.address = (host, port)
-        self._lock.describe(f"pid {os.getpid()}, listening on {host}:{port}")
+        if self._lock is not None:
+            self._lock.describe(f"pid {os.getpid()}, listening on {host}:{port}")
         logfmt.event(log, "server_started", bind=f"{host}:{port}", window=self.config.window)
         return self.address
 
@@ -160,7 +165,8 @@ class OrganisationServer:
             )
         await self.committer.close()
         self.store.close()
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
         if self.address is not None:
             logfmt.event(log, "server_stopped")
 

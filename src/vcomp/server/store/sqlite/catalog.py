@@ -1,49 +1,64 @@
-"""Apps, batches, jobs and their input blobs: the write-once half of the SQLite store."""
+"""Apps, batches, jobs and their input blobs (the write-once half of the SQLite store),
+and the status counts over them."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import BinaryIO
 
 from vcomp.errors import StoreError
-from vcomp.server.sqlite_base import SqliteBase, SqliteBlobReader
-from vcomp.server.store import (
-    DEFAULT_DISK_BYTES,
-    App,
-    AppKind,
-    AttemptRecord,
-    AttemptState,
-    Batch,
-    CodeSource,
-    Job,
-    JobLimits,
-)
-from vcomp.server.store_sqlite_schema import (
-    APP_SELECT,
-    COPY_CHUNK,
-    JOB_SELECT,
+from vcomp.server.store.checks import (
+    INT64_MAX,
     MAX_ATTEMPTS,
     MAX_BLOB_BYTES,
     MAX_REPLICAS,
-    SQLITE_INT_MAX,
     U64,
-    app_from_row,
     check_int,
     check_name,
     check_positive,
     check_size,
+    stream_remaining,
+)
+from vcomp.server.store.interface import CodeSource
+from vcomp.server.store.records import (
+    DEFAULT_DISK_BYTES,
+    App,
+    AppKind,
+    AttemptRecord,
+    Batch,
+    BatchStatus,
+    Job,
+    JobLimits,
+    JobState,
+    StoreStatus,
+)
+from vcomp.server.store.sqlite.blobs import SqliteBlobReader, SqliteBlobs
+from vcomp.server.store.sqlite.database import SqliteDatabase
+from vcomp.server.store.sqlite.schema import (
+    APP_SELECT,
+    ATTEMPT_SELECT,
+    JOB_SELECT,
+    app_from_row,
+    attempt_from_row,
     job_from_row,
     rowid,
-    stream_remaining,
 )
 
 
-class AppsMixin(SqliteBase):
+class SqliteCatalog:
     """Apps and batches (cached: they never change once written), jobs, inputs."""
+
+    def __init__(self, db: SqliteDatabase, blobs: SqliteBlobs, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._clock = clock
+        # Apps and batches never change once written, so every thread may share these.
+        self._apps: dict[int, App] = {}
+        self._batches: dict[int, Batch] = {}
 
     # ------------------------------------------------------------------ apps
 
@@ -68,8 +83,8 @@ class AppsMixin(SqliteBase):
                 stream = code
                 total = size if size is not None else stream_remaining(stream)
             check_size(total, "app code")
-            with self._txn(write=True) as conn:
-                blob_id, digest = self._stream_into_blob(conn, stream, total)
+            with self._db.transaction(write=True) as conn:
+                blob_id, digest = self._blobs.stream_in(conn, stream, total)
                 version = int(
                     conn.execute(
                         "SELECT COALESCE(MAX(version), 0) + 1 FROM apps WHERE name = ?", (name,)
@@ -84,36 +99,8 @@ class AppsMixin(SqliteBase):
                 app_id = rowid(cur)
         return App(app_id, name, version, app_kind, total, digest, created)
 
-    def _stream_into_blob(
-        self, conn: sqlite3.Connection, stream: BinaryIO, total: int
-    ) -> tuple[int, bytes]:
-        # zeroblob reserves the space without materialising it; blobopen fills it in
-        # chunks, so the file is never in memory whole.
-        cur = conn.execute(
-            "INSERT INTO blobs (size, sha256, data) VALUES (?, NULL, zeroblob(?))", (total, total)
-        )
-        blob_id = rowid(cur)
-        hasher = hashlib.sha256()
-        written = 0
-        try:
-            with conn.blobopen("blobs", "data", blob_id) as blob:
-                while written < total:
-                    chunk = stream.read(min(COPY_CHUNK, total - written))
-                    if not chunk:
-                        raise StoreError(f"code stream ended after {written} of {total} bytes")
-                    blob.write(chunk)
-                    hasher.update(chunk)
-                    written += len(chunk)
-            if stream.read(1):
-                raise StoreError(f"code stream is longer than the {total} bytes declared")
-        except OSError as exc:
-            raise StoreError(f"cannot read app code: {exc}") from exc
-        digest = hasher.digest()
-        conn.execute("UPDATE blobs SET sha256 = ? WHERE id = ?", (digest, blob_id))
-        return blob_id, digest
-
     def get_app(self, name: str, version: int | None = None) -> App:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             if version is None:
                 row = conn.execute(
                     APP_SELECT + " WHERE a.name = ? ORDER BY a.version DESC LIMIT 1",
@@ -130,10 +117,10 @@ class AppsMixin(SqliteBase):
         return app_from_row(row)
 
     def get_app_by_id(self, app_id: int) -> App:
-        with self._txn() as conn:
-            return self._app(conn, app_id)
+        with self._db.transaction() as conn:
+            return self.app(conn, app_id)
 
-    def _app(self, conn: sqlite3.Connection, app_id: int) -> App:
+    def app(self, conn: sqlite3.Connection, app_id: int) -> App:
         app = self._apps.get(app_id)
         if app is None:
             row = conn.execute(APP_SELECT + " WHERE a.id = ?", (app_id,)).fetchone()
@@ -143,12 +130,12 @@ class AppsMixin(SqliteBase):
         return app
 
     def list_apps(self) -> list[App]:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             rows = conn.execute(APP_SELECT + " ORDER BY a.name, a.version").fetchall()
         return [app_from_row(row) for row in rows]
 
     def open_code(self, app_id: int) -> SqliteBlobReader:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT b.id, b.size, b.sha256 FROM apps AS a JOIN blobs AS b ON b.id = a.blob_id "
                 "WHERE a.id = ?",
@@ -156,7 +143,7 @@ class AppsMixin(SqliteBase):
             ).fetchone()
         if row is None:
             raise StoreError(f"unknown app id {app_id}")
-        return SqliteBlobReader(self, int(row[0]), int(row[1]), bytes(row[2]))
+        return self._blobs.reader(int(row[0]), int(row[1]), bytes(row[2]))
 
     def read_code_chunk(self, app_id: int, offset: int, n: int) -> bytes:
         with self.open_code(app_id) as reader:
@@ -188,11 +175,11 @@ class AppsMixin(SqliteBase):
         check_positive(wall_seconds, "wall_seconds")
         check_int(memory_bytes, "memory_bytes", 1, U64)
         check_int(output_bytes, "output_bytes", 0, MAX_BLOB_BYTES)
-        check_int(disk_bytes, "disk_bytes", 1, SQLITE_INT_MAX)
+        check_int(disk_bytes, "disk_bytes", 1, INT64_MAX)
         if deadline is not None:
             check_positive(deadline, "deadline")
         app = self.get_app(app_name, app_version)
-        with self._txn(write=True) as conn:
+        with self._db.transaction(write=True) as conn:
             cur = conn.execute(
                 "INSERT INTO batches (app_id, created_at, n_jobs, replicas, quorum, max_attempts, "
                 "cpu_seconds, memory_bytes, wall_seconds, output_bytes, disk_bytes, deadline) "
@@ -218,14 +205,11 @@ class AppsMixin(SqliteBase):
                     raise StoreError(f"input {index} is {type(data).__name__}, not bytes")
                 data = bytes(data)
                 check_size(len(data), f"input {index}")
-                blob = conn.execute(
-                    "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?)",
-                    (len(data), hashlib.sha256(data).digest(), data),
-                )
+                blob_id = self._blobs.insert(conn, data, hashlib.sha256(data).digest())
                 conn.execute(
                     "INSERT INTO jobs (batch_id, idx, input_blob, state, pending, leased, "
                     "attempts) VALUES (?, ?, ?, 'queued', ?, 0, 0)",
-                    (batch_id, index, rowid(blob), replicas),
+                    (batch_id, index, blob_id, replicas),
                 )
                 count += 1
             if count == 0:
@@ -234,10 +218,10 @@ class AppsMixin(SqliteBase):
         return batch_id
 
     def get_batch(self, batch_id: int) -> Batch:
-        with self._txn() as conn:
-            return self._batch(conn, batch_id)
+        with self._db.transaction() as conn:
+            return self.batch(conn, batch_id)
 
-    def _batch(self, conn: sqlite3.Connection, batch_id: int) -> Batch:
+    def batch(self, conn: sqlite3.Connection, batch_id: int) -> Batch:
         batch = self._batches.get(batch_id)
         if batch is None:
             row = conn.execute(
@@ -250,7 +234,7 @@ class AppsMixin(SqliteBase):
                 raise StoreError(f"unknown batch {batch_id}")
             batch = Batch(
                 batch_id=int(row[0]),
-                app=self._app(conn, int(row[1])),
+                app=self.app(conn, int(row[1])),
                 created_at=float(row[2]),
                 n_jobs=int(row[3]),
                 replicas=int(row[4]),
@@ -266,12 +250,12 @@ class AppsMixin(SqliteBase):
         return batch
 
     def list_batches(self) -> list[Batch]:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             ids = [int(r[0]) for r in conn.execute("SELECT id FROM batches ORDER BY id")]
-            return [self._batch(conn, batch_id) for batch_id in ids]
+            return [self.batch(conn, batch_id) for batch_id in ids]
 
     def get_job(self, job_id: int) -> Job:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute(
                 JOB_SELECT + " WHERE j.id = ?",
                 (job_id,),
@@ -281,7 +265,7 @@ class AppsMixin(SqliteBase):
         return job_from_row(row)
 
     def get_job_by_index(self, batch_id: int, index: int) -> Job:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute(
                 JOB_SELECT + " WHERE j.batch_id = ? AND j.idx = ?",
                 (batch_id, index),
@@ -291,28 +275,15 @@ class AppsMixin(SqliteBase):
         return job_from_row(row)
 
     def list_attempts(self, job_id: int) -> list[AttemptRecord]:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             rows = conn.execute(
-                "SELECT job_id, attempt, agent_id, state, leased_at, deadline, ended_at, reason "
-                "FROM attempts WHERE job_id = ? ORDER BY attempt",
+                ATTEMPT_SELECT + " WHERE job_id = ? ORDER BY attempt",
                 (job_id,),
             ).fetchall()
-        return [
-            AttemptRecord(
-                int(r[0]),
-                int(r[1]),
-                str(r[2]),
-                AttemptState(r[3]),
-                float(r[4]),
-                float(r[5]),
-                None if r[6] is None else float(r[6]),
-                None if r[7] is None else str(r[7]),
-            )
-            for r in rows
-        ]
+        return [attempt_from_row(r) for r in rows]
 
     def open_input(self, job_id: int) -> SqliteBlobReader:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT b.id, b.size, b.sha256 FROM jobs AS j JOIN blobs AS b "
                 "ON b.id = j.input_blob WHERE j.id = ?",
@@ -320,8 +291,49 @@ class AppsMixin(SqliteBase):
             ).fetchone()
         if row is None:
             raise StoreError(f"unknown job {job_id}")
-        return SqliteBlobReader(self, int(row[0]), int(row[1]), bytes(row[2]))
+        return self._blobs.reader(int(row[0]), int(row[1]), bytes(row[2]))
 
     def read_input_chunk(self, job_id: int, offset: int, n: int) -> bytes:
         with self.open_input(job_id) as reader:
             return reader.read(offset, n)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> StoreStatus:
+        with self._db.transaction() as conn:
+            agents = int(conn.execute("SELECT COUNT(*) FROM agents").fetchone()[0])
+            jobs = dict.fromkeys(JobState, 0)
+            for state, count in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+                jobs[JobState(state)] = int(count)
+            ids = [int(r[0]) for r in conn.execute("SELECT id FROM batches ORDER BY id")]
+            batches = tuple(self._batch_status(conn, batch_id) for batch_id in ids)
+        return StoreStatus(agents, jobs, batches)
+
+    def batch_status(self, batch_id: int) -> BatchStatus:
+        with self._db.transaction() as conn:
+            return self._batch_status(conn, batch_id)
+
+    def _batch_status(self, conn: sqlite3.Connection, batch_id: int) -> BatchStatus:
+        batch = self.batch(conn, batch_id)
+        counts = dict.fromkeys(JobState, 0)
+        disagreements = 0
+        for state, count, disagree in conn.execute(
+            "SELECT state, COUNT(*), SUM(disagreements) FROM jobs WHERE batch_id = ? "
+            "GROUP BY state",
+            (batch_id,),
+        ):
+            counts[JobState(state)] = int(count)
+            disagreements += int(disagree or 0)
+        return BatchStatus(
+            batch_id=batch_id,
+            app_name=batch.app.name,
+            app_version=batch.app.version,
+            created_at=batch.created_at,
+            deadline=batch.deadline,
+            total=batch.n_jobs,
+            queued=counts[JobState.QUEUED],
+            leased=counts[JobState.LEASED],
+            done=counts[JobState.DONE],
+            failed=counts[JobState.FAILED],
+            disagreements=disagreements,
+        )

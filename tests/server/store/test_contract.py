@@ -1,27 +1,24 @@
-"""SqliteStore: every operation against a real SQLite file."""
+"""The Store contract: every operation, against every backend (the ``store`` fixture).
+
+A test here may use only the :class:`~vcomp.server.store.Store` interface and the
+fixtures of ``conftest.py``; what one backend alone does lives in that backend's tests.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
-import signal
-import sqlite3
-import subprocess
-import sys
-import textwrap
 import threading
 import tracemalloc
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.server.store.conftest import RowCounter, StoreFactory
+from tests.server.store.support import enroll, lease, new_agent_key, ok
 from vcomp.errors import StoreError
 from vcomp.protocol.capacity import JobCapacity
 from vcomp.server.store import (
@@ -35,106 +32,13 @@ from vcomp.server.store import (
     LeaseRequest,
     OutcomeKind,
     ResultSubmission,
+    Store,
 )
-from vcomp.server.store_sqlite import SCHEMA_VERSION, SqliteStore
-
-# --------------------------------------------------------------------------- helpers
-
-
-def new_agent_key() -> tuple[str, str]:
-    """(agent id, AK public PEM). EC keys are fast; the store only hashes the SPKI."""
-    public = ec.generate_private_key(ec.SECP256R1()).public_key()
-    der = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    pem = public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-    return hashlib.sha256(der).hexdigest(), pem
-
-
-def enroll(store: SqliteStore, name: str) -> str:
-    agent_id, pem = new_agent_key()
-    return store.enroll_agent(agent_id, pem, name).agent_id
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "store.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def agents(store: SqliteStore) -> list[str]:
-    return [enroll(store, f"agent-{i}") for i in range(4)]
-
-
-@pytest.fixture
-def app(store: SqliteStore) -> str:
-    store.add_app("pi", "python", io.BytesIO(b"print('pi')"))
-    return "pi"
-
-
-def ok(lease: Lease, output: bytes = b"42", **kw: object) -> ResultSubmission:
-    return ResultSubmission(
-        lease.job_id,
-        lease.attempt,
-        lease.agent_id,
-        output=output,
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def lease(store: SqliteStore, agent: str, now: float = 0.0, seconds: float = 30.0) -> Lease:
-    got = store.lease_next(agent, now, seconds)
-    assert got is not None
-    return got
-
-
-# --------------------------------------------------------------------------- basics
-
-
-def test_wal_mode_foreign_keys_and_idempotent_migrations(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    with SqliteStore(path) as s:
-        assert s.journal_mode() == "wal"
-        assert s.schema_version() == SCHEMA_VERSION
-    with SqliteStore(path) as s:  # reopening applies nothing twice
-        assert s.schema_version() == SCHEMA_VERSION
-    raw = sqlite3.connect(path)
-    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert raw.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
-    raw.close()
-
-
-def test_foreign_keys_are_enforced(store: SqliteStore) -> None:
-    conn = store._conn()
-    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    with pytest.raises(sqlite3.IntegrityError):
-        conn.execute("INSERT INTO reset_requests (agent_id, requested_at) VALUES ('nope', 0)")
-
-
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    SqliteStore(path).close()
-    raw = sqlite3.connect(path)
-    raw.execute("UPDATE schema_version SET version = 999")
-    raw.commit()
-    raw.close()
-    with pytest.raises(StoreError, match="newer"):
-        SqliteStore(path)
-
-
-def test_memory_database_is_refused() -> None:
-    with pytest.raises(StoreError, match="file path"):
-        SqliteStore(":memory:")
-
 
 # --------------------------------------------------------------------------- apps
 
 
-def test_app_versions_and_jobs_keep_their_version(store: SqliteStore, agents: list[str]) -> None:
+def test_app_versions_and_jobs_keep_their_version(store: Store, agents: list[str]) -> None:
     v1 = store.add_app("sim", AppKind.EXEC, io.BytesIO(b"one"))
     batch = store.create_batch("sim", [b"x"])
     v2 = store.add_app("sim", "exec", io.BytesIO(b"two!"))
@@ -149,7 +53,7 @@ def test_app_versions_and_jobs_keep_their_version(store: SqliteStore, agents: li
     assert store.read_code_chunk(granted.app.app_id, 0, 100) == b"one"
 
 
-def test_app_errors(store: SqliteStore, tmp_path: Path) -> None:
+def test_app_errors(store: Store, tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="kind"):
         store.add_app("x", "java", io.BytesIO(b""))
     with pytest.raises(StoreError, match="app name"):
@@ -165,7 +69,7 @@ def test_app_errors(store: SqliteStore, tmp_path: Path) -> None:
     assert store.list_apps() == []  # failed adds leave nothing behind
 
 
-def test_big_code_blob_streams_in_and_out_in_chunks(store: SqliteStore, tmp_path: Path) -> None:
+def test_big_code_blob_streams_in_and_out_in_chunks(store: Store, tmp_path: Path) -> None:
     size = 20 << 20
     rng = random.Random(7)
     path = tmp_path / "big.bin"
@@ -206,7 +110,7 @@ def test_big_code_blob_streams_in_and_out_in_chunks(store: SqliteStore, tmp_path
 # --------------------------------------------------------------------------- batches
 
 
-def test_create_batch_validation(store: SqliteStore, app: str) -> None:
+def test_create_batch_validation(store: Store, app: str) -> None:
     with pytest.raises(StoreError, match="quorum"):
         store.create_batch(app, [b"x"], replicas=2, quorum=3)
     with pytest.raises(StoreError, match="at least one input"):
@@ -224,7 +128,7 @@ def test_create_batch_validation(store: SqliteStore, app: str) -> None:
     assert store.list_batches() == []
 
 
-def test_batch_jobs_and_input_reads(store: SqliteStore, app: str) -> None:
+def test_batch_jobs_and_input_reads(store: Store, app: str) -> None:
     inputs = [f"input {i}".encode() * (i + 1) for i in range(5)]
     batch_id = store.create_batch(app, iter(inputs), replicas=3, quorum=2, max_attempts=2)
     batch = store.get_batch(batch_id)
@@ -242,7 +146,7 @@ def test_batch_jobs_and_input_reads(store: SqliteStore, app: str) -> None:
 # --------------------------------------------------------------------------- leasing
 
 
-def test_lease_and_record_records_origin(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_lease_and_record_records_origin(store: Store, app: str, agents: list[str]) -> None:
     batch_id = store.create_batch(app, [b"a", b"b"], cpu_seconds=5, output_bytes=100)
     first = lease(store, agents[0], now=100.0, seconds=30.0)
     assert (first.index, first.attempt, first.deadline) == (0, 1, 130.0)
@@ -268,7 +172,7 @@ def test_lease_and_record_records_origin(store: SqliteStore, app: str, agents: l
 
 
 def test_lease_none_when_nothing_queued_and_unknown_agent(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     assert store.lease_next(agents[0], 0.0, 10.0) is None
     store.create_batch(app, [b"x"])
@@ -279,16 +183,14 @@ def test_lease_none_when_nothing_queued_and_unknown_agent(
     assert store.get_job_by_index(1, 0).attempts == 0  # nothing half-done
 
 
-def test_lease_many_serves_each_request_in_order(
-    store: SqliteStore, app: str, agents: list[str]
-) -> None:
+def test_lease_many_serves_each_request_in_order(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"1", b"2", b"3"])
     got = store.lease_many([LeaseRequest(a, 0.0, 10.0) for a in agents])
     assert [g.index if g else None for g in got] == [0, 1, 2, None]
 
 
 def test_expiry_requeues_then_max_attempts_fails_with_reason(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"], max_attempts=3)
     for attempt in (1, 2, 3):
@@ -307,9 +209,7 @@ def test_expiry_requeues_then_max_attempts_fails_with_reason(
     assert states == [AttemptState.EXPIRED] * 3
 
 
-def test_release_requeues_at_once_and_counts(
-    store: SqliteStore, app: str, agents: list[str]
-) -> None:
+def test_release_requeues_at_once_and_counts(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"], max_attempts=2)
     first = lease(store, agents[0])
     assert store.release_lease(first.job_id, first.attempt, "RESET by admin")
@@ -331,7 +231,7 @@ MiB = 1 << 20
 
 
 def test_lease_only_jobs_within_the_agents_capacity(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     big = store.create_batch(app, [b"b"], memory_bytes=512 * MiB)
     small = store.create_batch(app, [b"s"], memory_bytes=128 * MiB)
@@ -358,7 +258,7 @@ def test_lease_only_jobs_within_the_agents_capacity(
     ],
 )
 def test_each_declared_maximum_filters_the_lease(
-    store: SqliteStore,
+    store: Store,
     app: str,
     agents: list[str],
     batch_limits: dict[str, Any],
@@ -372,7 +272,7 @@ def test_each_declared_maximum_filters_the_lease(
     assert store.lease_many([request])[0] is not None
 
 
-def test_batch_disk_bytes_default_bound_and_lease(store: SqliteStore, app: str) -> None:
+def test_batch_disk_bytes_default_bound_and_lease(store: Store, app: str) -> None:
     default = store.create_batch(app, [b"x"])
     assert store.get_batch(default).limits.disk_bytes == DEFAULT_DISK_BYTES == 64 * MiB
     chosen = store.create_batch(app, [b"x"], disk_bytes=MiB)
@@ -382,29 +282,8 @@ def test_batch_disk_bytes_default_bound_and_lease(store: SqliteStore, app: str) 
             store.create_batch(app, [b"x"], disk_bytes=bad)
 
 
-def test_a_store_from_before_disk_bytes_gets_the_default(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    SqliteStore(path).close()
-    raw = sqlite3.connect(path)  # back to schema 1: no disk_bytes, no refusal index
-    raw.execute("DROP INDEX attempts_refusals")
-    raw.execute("ALTER TABLE batches DROP COLUMN disk_bytes")
-    raw.execute("UPDATE schema_version SET version = 1")
-    raw.execute("INSERT INTO blobs (id, size, sha256, data) VALUES (1, 1, x'00', x'00')")
-    raw.execute("INSERT INTO apps VALUES (1, 'a', 1, 'python', 1, 0)")
-    raw.execute(
-        "INSERT INTO batches (id, app_id, created_at, n_jobs, replicas, quorum, max_attempts, "
-        "cpu_seconds, memory_bytes, wall_seconds, output_bytes) "
-        "VALUES (1, 1, 0, 1, 1, 1, 3, 1, 1, 1, 0)"
-    )
-    raw.commit()
-    raw.close()
-    with SqliteStore(path) as s:
-        assert s.schema_version() == SCHEMA_VERSION
-        assert s.get_batch(1).limits.disk_bytes == DEFAULT_DISK_BYTES
-
-
 def test_a_refusal_costs_no_budget_and_is_not_offered_again(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"], max_attempts=1)
     first = lease(store, agents[0])
@@ -420,7 +299,7 @@ def test_a_refusal_costs_no_budget_and_is_not_offered_again(
 
 
 def test_abandoned_costs_no_budget_and_comes_back(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"], max_attempts=1)
     for n in range(1, 4):
@@ -434,9 +313,7 @@ def test_abandoned_costs_no_budget_and_comes_back(
     assert {a.state for a in store.list_attempts(job.job_id)} == {AttemptState.ABANDONED}
 
 
-def test_only_the_holder_refuses_its_live_lease(
-    store: SqliteStore, app: str, agents: list[str]
-) -> None:
+def test_only_the_holder_refuses_its_live_lease(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"], max_attempts=1)
     granted = lease(store, agents[0])
     assert store.refuse_lease(granted.job_id, granted.attempt, agents[1], "x", now=1.0) is None
@@ -450,7 +327,7 @@ def test_only_the_holder_refuses_its_live_lease(
 
 
 def test_refusals_past_the_cap_stop_leases_for_the_window(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"%d" % i for i in range(10)])
     cap = 3
@@ -466,7 +343,7 @@ def test_refusals_past_the_cap_stop_leases_for_the_window(
     assert store.lease_many([later])[0] is not None
 
 
-def test_renew_extends_only_the_live_lease(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_renew_extends_only_the_live_lease(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"])
     first = lease(store, agents[0], now=0.0, seconds=10.0)
     assert store.renew_lease(first.job_id, 1, 8.0, 10.0) == 18.0
@@ -479,9 +356,7 @@ def test_renew_extends_only_the_live_lease(store: SqliteStore, app: str, agents:
     assert store.renew_lease(second.job_id, 2, 22.0, 10.0) is None  # job done
 
 
-def test_renewals_stop_at_the_hard_deadline(
-    store: SqliteStore, app: str, agents: list[str]
-) -> None:
+def test_renewals_stop_at_the_hard_deadline(store: Store, app: str, agents: list[str]) -> None:
     """However often it is renewed, a lease ends lease + wall + transfer after it began."""
     store.create_batch(app, [b"x"], wall_seconds=20, max_attempts=2)
     first = lease(store, agents[0], now=0.0, seconds=10.0)
@@ -499,7 +374,7 @@ def test_renewals_stop_at_the_hard_deadline(
     assert store.renew_lease(first.job_id, 1, hard + 1, 10.0, transfer_seconds=5.0) is None
 
 
-def test_attempt_owner(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_attempt_owner(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"], output_bytes=1234)
     first = lease(store, agents[0])
     assert store.attempt_owner(first.job_id, 1) == (agents[0], 1234)
@@ -507,7 +382,7 @@ def test_attempt_owner(store: SqliteStore, app: str, agents: list[str]) -> None:
     assert store.attempt_owner(2**64 - 1, 1) is None  # a wire id SQLite cannot hold
 
 
-def test_replicas_go_to_distinct_agents(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_replicas_go_to_distinct_agents(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"], replicas=3, quorum=2)
     a0 = lease(store, agents[0])
     assert store.lease_next(agents[0], 0.0, 10.0) is None  # never two replicas to one agent
@@ -527,7 +402,7 @@ def test_replicas_go_to_distinct_agents(store: SqliteStore, app: str, agents: li
 # --------------------------------------------------------------------------- replication
 
 
-def test_quorum_agreement_picks_canonical(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_quorum_agreement_picks_canonical(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"], replicas=3, quorum=2)
     r = [lease(store, a) for a in agents[:3]]
     [o1] = store.record_results([ok(r[0], b"same")])
@@ -544,7 +419,7 @@ def test_quorum_agreement_picks_canonical(store: SqliteStore, app: str, agents: 
 
 
 def test_disagreement_is_recorded_and_more_replicas_issued(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     batch_id = store.create_batch(app, [b"x"], replicas=2, quorum=2, max_attempts=2)
     r0, r1 = lease(store, agents[0]), lease(store, agents[1])
@@ -565,7 +440,7 @@ def test_disagreement_is_recorded_and_more_replicas_issued(
 
 
 def test_disagreement_until_budget_runs_out_fails(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"], replicas=2, quorum=2, max_attempts=1)
     r0, r1 = lease(store, agents[0]), lease(store, agents[1])
@@ -576,11 +451,11 @@ def test_disagreement_until_budget_runs_out_fails(
     assert job.disagreements == 1
 
 
-def test_custom_comparator(tmp_path: Path) -> None:
+def test_custom_comparator(make_store: StoreFactory) -> None:
     def close_enough(a: CandidateResult, b: CandidateResult) -> bool:
         return abs(float(a.read()) - float(b.read())) < 0.01
 
-    with SqliteStore(tmp_path / "s.db", comparator=close_enough) as s:
+    with make_store(comparator=close_enough) as s:
         s.add_app("pi", "python", io.BytesIO(b""))
         a, b = enroll(s, "a"), enroll(s, "b")
         s.create_batch("pi", [b"x"], replicas=2)
@@ -592,7 +467,7 @@ def test_custom_comparator(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- results
 
 
-def test_duplicate_result_is_recorded_once(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_duplicate_result_is_recorded_once(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"])
     granted = lease(store, agents[0])
     first, second = store.record_results([ok(granted), ok(granted)])
@@ -604,7 +479,7 @@ def test_duplicate_result_is_recorded_once(store: SqliteStore, app: str, agents:
 
 
 def test_stale_attempt_never_overwrites_the_winner(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"])
     old = lease(store, agents[0], now=0.0, seconds=10.0)
@@ -622,7 +497,7 @@ def test_stale_attempt_never_overwrites_the_winner(
 
 
 def test_late_result_counts_if_job_not_yet_reassigned(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"])
     old = lease(store, agents[0], now=0.0, seconds=10.0)
@@ -633,7 +508,7 @@ def test_late_result_counts_if_job_not_yet_reassigned(
 
 
 def test_error_status_requeues_then_fails_with_reason(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"], max_attempts=2)
     first = lease(store, agents[0])
@@ -650,7 +525,7 @@ def test_error_status_requeues_then_fails_with_reason(
 
 
 def test_wrong_agent_and_unknown_attempt_are_rejected(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"])
     granted = lease(store, agents[0])
@@ -665,7 +540,7 @@ def test_wrong_agent_and_unknown_attempt_are_rejected(
 
 
 def test_inline_output_over_the_limit_fails_the_attempt(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str]
 ) -> None:
     store.create_batch(app, [b"x"], output_bytes=4, max_attempts=1)
     granted = lease(store, agents[0])
@@ -677,9 +552,7 @@ def test_inline_output_over_the_limit_fails_the_attempt(
         assert reader.read(0, 100) == b""  # not kept
 
 
-def test_inline_checksum_mismatch_is_rejected(
-    store: SqliteStore, app: str, agents: list[str]
-) -> None:
+def test_inline_checksum_mismatch_is_rejected(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"])
     granted = lease(store, agents[0])
     [o] = store.record_results([ok(granted, b"abc", output_sha256=b"\0" * 32)])
@@ -690,7 +563,7 @@ def test_inline_checksum_mismatch_is_rejected(
 # --------------------------------------------------------------------------- staged uploads
 
 
-def staged(store: SqliteStore, granted: Lease, data: bytes, chunk: int = 1200) -> ResultSubmission:
+def staged(store: Store, granted: Lease, data: bytes, chunk: int = 1200) -> ResultSubmission:
     handle = store.begin_result_upload(granted.job_id, granted.attempt, len(data))
     for offset in range(0, len(data), chunk):
         store.write_result_chunk(handle, offset, memoryview(data)[offset : offset + chunk])
@@ -704,7 +577,9 @@ def staged(store: SqliteStore, granted: Lease, data: bytes, chunk: int = 1200) -
     )
 
 
-def test_staged_upload_round_trip(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_staged_upload_round_trip(
+    store: Store, app: str, agents: list[str], count_rows: RowCounter
+) -> None:
     store.create_batch(app, [b"x"], output_bytes=8 << 20)
     granted = lease(store, agents[0])
     data = random.Random(1).randbytes(3 << 20)
@@ -722,11 +597,11 @@ def test_staged_upload_round_trip(store: SqliteStore, app: str, agents: list[str
         store.write_result_chunk(sub.upload, 0, b"x")  # type: ignore[arg-type]
     [again] = store.record_results([staged(store, granted, data, chunk=1 << 20)])
     assert again.kind is OutcomeKind.DUPLICATE
-    assert store._conn().execute("SELECT COUNT(*) FROM uploads").fetchone()[0] == 0
+    assert count_rows("uploads") == 0
 
 
 def test_staged_upload_checks_sha_size_and_completeness(
-    store: SqliteStore, app: str, agents: list[str]
+    store: Store, app: str, agents: list[str], count_rows: RowCounter
 ) -> None:
     store.create_batch(app, [b"x"], output_bytes=1 << 20)
     granted = lease(store, agents[0])
@@ -746,16 +621,13 @@ def test_staged_upload_checks_sha_size_and_completeness(
     assert "size mismatch" in outcomes[1].detail
     assert "incomplete" in outcomes[2].detail
     assert not store.result_exists(granted.job_id, granted.attempt)
-    conn = store._conn()
-    assert conn.execute("SELECT COUNT(*) FROM uploads").fetchone()[0] == 0  # discarded
-    assert conn.execute("SELECT COUNT(*) FROM blobs WHERE sha256 IS NULL").fetchone()[0] == 0
+    assert count_rows("uploads") == 0  # discarded
+    assert count_rows("blobs", "sha256 IS NULL") == 0
     [good] = store.record_results([staged(store, granted, data)])
     assert good.kind is OutcomeKind.ACCEPTED
 
 
-def test_finish_upload_hashes_before_the_commit(
-    store: SqliteStore, app: str, agents: list[str]
-) -> None:
+def test_finish_upload_hashes_before_the_commit(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"], output_bytes=1 << 20)
     granted = lease(store, agents[0])
     data = random.Random(2).randbytes(300_000)
@@ -783,7 +655,7 @@ def test_finish_upload_hashes_before_the_commit(
         store.finish_upload(half, b"\0" * 32)
 
 
-def test_upload_bounds(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_upload_bounds(store: Store, app: str, agents: list[str]) -> None:
     store.create_batch(app, [b"x"], output_bytes=1000)
     granted = lease(store, agents[0])
     with pytest.raises(StoreError, match="exceeds the job's limit"):
@@ -808,7 +680,7 @@ def test_upload_bounds(store: SqliteStore, app: str, agents: list[str]) -> None:
 # --------------------------------------------------------------------------- agents & misc
 
 
-def test_agents(store: SqliteStore) -> None:
+def test_agents(store: Store) -> None:
     agent_id, pem = new_agent_key()
     record = store.enroll_agent(agent_id.upper(), pem, "lab-1")
     assert record.agent_id == agent_id and record.name == "lab-1"
@@ -840,7 +712,7 @@ def test_agents(store: SqliteStore) -> None:
     assert (seen.last_seen, seen.address) == (123.0, "10.0.0.7:4000")
 
 
-def test_measurement_allowlist(store: SqliteStore) -> None:
+def test_measurement_allowlist(store: Store) -> None:
     m = store.allow_measurement("sha256:17=aa;18=bb", "release 0.1")
     assert store.is_measurement_allowed(m.text)
     store.allow_measurement("sha256:17=aa;18=bb", "renamed")
@@ -853,7 +725,7 @@ def test_measurement_allowlist(store: SqliteStore) -> None:
         store.allow_measurement("  ")
 
 
-def test_reset_requests(store: SqliteStore, agents: list[str]) -> None:
+def test_reset_requests(store: Store, agents: list[str]) -> None:
     store.request_reset(agents[1])
     store.request_reset(agents[0])
     store.request_reset(agents[1])
@@ -863,7 +735,7 @@ def test_reset_requests(store: SqliteStore, agents: list[str]) -> None:
         store.request_reset("00" * 32)
 
 
-def test_status_and_iter_results(store: SqliteStore, app: str, agents: list[str]) -> None:
+def test_status_and_iter_results(store: Store, app: str, agents: list[str]) -> None:
     batch_id = store.create_batch(app, [b"a", b"b", b"c"], max_attempts=1)
     l0, l1, _ = (lease(store, a) for a in agents[:3])
     store.record_results([ok(l0, b"zero")])
@@ -889,14 +761,12 @@ def test_status_and_iter_results(store: SqliteStore, app: str, agents: list[str]
         list(store.iter_results(99))
 
 
-def test_iter_results_pages_through_large_batches(store: SqliteStore, app: str) -> None:
+def test_iter_results_pages_through_large_batches(store: Store, app: str) -> None:
     batch_id = store.create_batch(app, (str(i).encode() for i in range(700)))
     assert [r.index for r in store.iter_results(batch_id)] == list(range(700))
 
 
-def test_batch_deadline_fails_unfinished_jobs(
-    store: SqliteStore, app: str, agents: list[str]
-) -> None:
+def test_batch_deadline_fails_unfinished_jobs(store: Store, app: str, agents: list[str]) -> None:
     batch_id = store.create_batch(app, [b"a", b"b"], deadline=50.0)
     lease(store, agents[0], now=10.0)
     assert store.lease_next(agents[1], 50.0, 10.0) is None  # past the deadline
@@ -906,9 +776,8 @@ def test_batch_deadline_fails_unfinished_jobs(
     assert store.get_job_by_index(batch_id, 1).reason == "batch deadline passed"
 
 
-def test_threads_never_double_lease(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    store = SqliteStore(path)
+def test_threads_never_double_lease(make_store: StoreFactory) -> None:
+    store = make_store()
     store.add_app("pi", "python", io.BytesIO(b""))
     workers = [enroll(store, f"w{i}") for i in range(4)]
     store.create_batch("pi", [b"%d" % i for i in range(200)])
@@ -931,71 +800,3 @@ def test_threads_never_double_lease(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.get_app("pi")
-
-
-# --------------------------------------------------------------------------- durability
-
-_CHILD = textwrap.dedent(
-    """
-    import sys
-    from vcomp.server.store import ResultSubmission
-    from vcomp.server.store_sqlite import SqliteStore
-
-    store = SqliteStore(sys.argv[1])
-    agent = sys.argv[2]
-    while True:
-        leases = [store.lease_next(agent, 0.0, 3600.0) for _ in range(5)]
-        leases = [lease for lease in leases if lease is not None]
-        if not leases:
-            break
-        subs = [
-            ResultSubmission(l.job_id, l.attempt, agent, output=b"out-%d" % l.job_id)
-            for l in leases
-        ]
-        store.record_results(subs)
-        for l in leases:
-            print("committed", l.job_id, l.attempt, flush=True)
-    print("exhausted", flush=True)
-    """
-)
-
-
-def test_committed_results_survive_sigkill(tmp_path: Path) -> None:
-    path = tmp_path / "store.db"
-    with SqliteStore(path) as setup:
-        setup.add_app("pi", "python", io.BytesIO(b""))
-        agent = enroll(setup, "victim")
-        setup.create_batch("pi", [b"%d" % i for i in range(20_000)])
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(path), agent],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert child.stdout is not None
-    committed: list[tuple[int, int]] = []
-    for line in child.stdout:
-        word, job_text, attempt_text = line.split()
-        assert word == "committed"
-        committed.append((int(job_text), int(attempt_text)))
-        if len(committed) == 200:
-            os.kill(child.pid, signal.SIGKILL)
-            break
-    # Lines already in the pipe were printed after their commit as well.
-    committed += [
-        (int(line.split()[1]), int(line.split()[2]))
-        for line in child.stdout
-        if line.startswith("committed")
-    ]
-    child.wait()
-    assert child.returncode == -signal.SIGKILL
-
-    with SqliteStore(path) as reopened:
-        for job_id, attempt in committed:
-            [result] = reopened.list_results(job_id)
-            assert (result.attempt, result.agent_id) == (attempt, agent)
-            with reopened.open_output(job_id, attempt) as reader:
-                assert reader.read(0, 100) == b"out-%d" % job_id
-            assert reopened.get_job(job_id).state is JobState.DONE

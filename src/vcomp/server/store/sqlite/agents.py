@@ -1,35 +1,32 @@
-"""Agents, their TPM clocks, the measurement allowlist, reset requests and status counts."""
+"""Agents, their TPM clocks, the measurement allowlist and reset requests."""
 
 from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections.abc import Callable
 
 from vcomp.errors import StoreError
-from vcomp.server.sqlite_apps import AppsMixin
-from vcomp.server.store import (
-    AgentClock,
-    AgentRecord,
-    BatchStatus,
-    JobState,
-    Measurement,
-    StoreStatus,
-)
-from vcomp.server.store_sqlite_schema import (
-    AGENT_SELECT,
+from vcomp.server.store.checks import (
     MAX_TEXT,
     U64,
-    agent_from_row,
     check_agent_id,
     check_finite,
     check_int,
     check_text,
     spki_der,
 )
+from vcomp.server.store.records import AgentClock, AgentRecord, Measurement
+from vcomp.server.store.sqlite.database import SqliteDatabase
+from vcomp.server.store.sqlite.schema import AGENT_SELECT, agent_from_row
 
 
-class AgentsMixin(AppsMixin):
-    """Agent enrolment and bookkeeping, the allowlist, reset requests and status."""
+class SqliteAgents:
+    """Agent enrolment and bookkeeping, the measurement allowlist and reset requests."""
+
+    def __init__(self, db: SqliteDatabase, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._clock = clock
 
     # ------------------------------------------------------------------ agents
 
@@ -40,7 +37,7 @@ class AgentsMixin(AppsMixin):
         der = spki_der(ak_public_pem)
         if hashlib.sha256(der).hexdigest() != agent_id:
             raise StoreError("agent id is not the SHA-256 of the attestation key's SPKI")
-        with self._txn(write=True) as conn:
+        with self._db.transaction(write=True) as conn:
             conn.execute(
                 "INSERT INTO agents (id, name, ak_public_pem, enrolled_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET name = excluded.name",
@@ -55,7 +52,7 @@ class AgentsMixin(AppsMixin):
         return agent
 
     def find_agent(self, agent_id: str) -> AgentRecord | None:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute(AGENT_SELECT + " WHERE id = ?", (agent_id,)).fetchone()
         return None if row is None else agent_from_row(row)
 
@@ -66,13 +63,13 @@ class AgentsMixin(AppsMixin):
         return agent_from_row(row)
 
     @staticmethod
-    def _known_agent(conn: sqlite3.Connection, agent_id: str) -> str:
+    def known(conn: sqlite3.Connection, agent_id: str) -> str:
         if conn.execute("SELECT 1 FROM agents WHERE id = ?", (agent_id,)).fetchone() is None:
             raise StoreError(f"unknown agent {str(agent_id)[:16]}")
         return agent_id
 
     def list_agents(self) -> list[AgentRecord]:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             rows = conn.execute(AGENT_SELECT + " ORDER BY name, id").fetchall()
         return [agent_from_row(r) for r in rows]
 
@@ -84,7 +81,7 @@ class AgentsMixin(AppsMixin):
         check_int(restart_count, "restart_count", 0, (1 << 32) - 1)
         # SQLite integers are signed 64-bit; store the u64 clock as its signed twin.
         signed = clock - (1 << 64) if clock >= 1 << 63 else clock
-        with self._txn(write=True, durable=False) as conn:
+        with self._db.transaction(write=True, durable=False) as conn:
             cur = conn.execute(
                 "UPDATE agents SET clock = ?, reset_count = ?, restart_count = ? WHERE id = ?",
                 (signed, reset_count, restart_count, agent_id),
@@ -93,8 +90,8 @@ class AgentsMixin(AppsMixin):
                 raise StoreError(f"unknown agent {agent_id[:16]}")
 
     def get_agent_clock(self, agent_id: str) -> AgentClock | None:
-        with self._txn() as conn:
-            self._known_agent(conn, agent_id)
+        with self._db.transaction() as conn:
+            self.known(conn, agent_id)
             row = conn.execute(
                 "SELECT clock, reset_count, restart_count FROM agents WHERE id = ?", (agent_id,)
             ).fetchone()
@@ -104,7 +101,7 @@ class AgentsMixin(AppsMixin):
 
     def touch_agent(self, agent_id: str, now: float, address: str | None) -> None:
         check_finite(now, "now")
-        with self._txn(write=True, durable=False) as conn:
+        with self._db.transaction(write=True, durable=False) as conn:
             cur = conn.execute(
                 "UPDATE agents SET last_seen = ?, address = ? WHERE id = ?",
                 (now, None if address is None else address[:MAX_TEXT], agent_id),
@@ -118,7 +115,7 @@ class AgentsMixin(AppsMixin):
         text = check_text(text, "measurement")
         note = note[:MAX_TEXT]
         added = self._clock()
-        with self._txn(write=True) as conn:
+        with self._db.transaction(write=True) as conn:
             conn.execute(
                 "INSERT INTO measurements (text, note, added_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (text) DO UPDATE SET note = excluded.note",
@@ -130,77 +127,36 @@ class AgentsMixin(AppsMixin):
         return Measurement(str(row[0]), str(row[1]), float(row[2]))
 
     def list_measurements(self) -> list[Measurement]:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             rows = conn.execute(
                 "SELECT text, note, added_at FROM measurements ORDER BY added_at, text"
             ).fetchall()
         return [Measurement(str(r[0]), str(r[1]), float(r[2])) for r in rows]
 
     def is_measurement_allowed(self, text: str) -> bool:
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute("SELECT 1 FROM measurements WHERE text = ?", (text,)).fetchone()
         return row is not None
 
     def remove_measurement(self, text: str) -> None:
-        with self._txn(write=True) as conn:
+        with self._db.transaction(write=True) as conn:
             if conn.execute("DELETE FROM measurements WHERE text = ?", (text,)).rowcount == 0:
                 raise StoreError("no such measurement in the allowlist")
 
     # ------------------------------------------------------------------ reset requests
 
     def request_reset(self, agent_id: str) -> None:
-        with self._txn(write=True) as conn:
-            self._known_agent(conn, agent_id)
+        with self._db.transaction(write=True) as conn:
+            self.known(conn, agent_id)
             conn.execute(
                 "INSERT INTO reset_requests (agent_id, requested_at) VALUES (?, ?)",
                 (agent_id, self._clock()),
             )
 
     def take_reset_requests(self) -> list[str]:
-        with self._txn(write=True, durable=False) as conn:
+        with self._db.transaction(write=True, durable=False) as conn:
             rows = conn.execute(
                 "SELECT agent_id, MIN(id) FROM reset_requests GROUP BY agent_id ORDER BY 2"
             ).fetchall()
             conn.execute("DELETE FROM reset_requests")
         return [str(r[0]) for r in rows]
-
-    # ------------------------------------------------------------------ status
-
-    def status(self) -> StoreStatus:
-        with self._txn() as conn:
-            agents = int(conn.execute("SELECT COUNT(*) FROM agents").fetchone()[0])
-            jobs = dict.fromkeys(JobState, 0)
-            for state, count in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-                jobs[JobState(state)] = int(count)
-            ids = [int(r[0]) for r in conn.execute("SELECT id FROM batches ORDER BY id")]
-            batches = tuple(self._batch_status(conn, batch_id) for batch_id in ids)
-        return StoreStatus(agents, jobs, batches)
-
-    def batch_status(self, batch_id: int) -> BatchStatus:
-        with self._txn() as conn:
-            return self._batch_status(conn, batch_id)
-
-    def _batch_status(self, conn: sqlite3.Connection, batch_id: int) -> BatchStatus:
-        batch = self._batch(conn, batch_id)
-        counts = dict.fromkeys(JobState, 0)
-        disagreements = 0
-        for state, count, disagree in conn.execute(
-            "SELECT state, COUNT(*), SUM(disagreements) FROM jobs WHERE batch_id = ? "
-            "GROUP BY state",
-            (batch_id,),
-        ):
-            counts[JobState(state)] = int(count)
-            disagreements += int(disagree or 0)
-        return BatchStatus(
-            batch_id=batch_id,
-            app_name=batch.app.name,
-            app_version=batch.app.version,
-            created_at=batch.created_at,
-            deadline=batch.deadline,
-            total=batch.n_jobs,
-            queued=counts[JobState.QUEUED],
-            leased=counts[JobState.LEASED],
-            done=counts[JobState.DONE],
-            failed=counts[JobState.FAILED],
-            disagreements=disagreements,
-        )

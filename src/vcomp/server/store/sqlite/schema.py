@@ -1,47 +1,27 @@
-"""The SQLite job store's schema, SQL, row mapping and argument checks.
+"""The SQLite job store's schema and migrations, its SQL, and row mapping.
 
-Split from ``store_sqlite.py`` so that module holds only the store's behaviour. Nothing
-here touches a connection except through the cursor or row it is handed.
+Nothing here touches a connection except through the cursor or row it is handed.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import math
-import os
-import re
 import sqlite3
-from typing import Any, BinaryIO
+from typing import Any
 
 from vcomp.errors import StoreError
-from vcomp.server.store import (
+from vcomp.server.store.records import (
     AgentRecord,
     App,
     AppKind,
+    AttemptRecord,
+    AttemptState,
     Job,
     JobState,
-    ResultSubmission,
     StoredResult,
 )
 
-#: Largest code, input or output blob (SQLite's own default limit is ~1e9 bytes).
-MAX_BLOB_BYTES = 512 << 20
-#: Largest output accepted inline in a ResultSubmission; bigger ones are staged.
-INLINE_OUTPUT_MAX = 1 << 20
-#: Largest single BlobReader.read.
-MAX_READ_BYTES = 16 << 20
-COPY_CHUNK = 1 << 20  # streaming granularity for add_app and SHA-256 checks
 READ_AHEAD = 256 << 10  # BlobReader read-ahead: a window of CODE chunks per read
 RESULTS_PAGE = 256  # iter_results page size
-MAX_REPLICAS = 100
-MAX_ATTEMPTS = 1000
-MAX_TEXT = 1024
-U64 = (1 << 64) - 1
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_AGENT_ID_RE = re.compile(r"[0-9a-f]{64}")
-_PEM_BEGIN = "-----BEGIN PUBLIC KEY-----"
-_PEM_END = "-----END PUBLIC KEY-----"
 
 # Each migration is a tuple of statements applied in one transaction; the version table
 # says which have run, so opening a store any number of times applies each exactly once.
@@ -187,12 +167,6 @@ REFUSALS_SINCE = (
     "SELECT COUNT(*) FROM attempts WHERE agent_id = ? AND ended_at > ? "
     "AND state IN ('refused', 'abandoned')"
 )
-#: Attempts that drew on a job's budget: every lease but the agents' refusals.
-CHARGED_ATTEMPTS = (
-    "SELECT j.attempts - (SELECT COUNT(*) FROM attempts AS a WHERE a.job_id = j.id "
-    "AND a.state IN ('refused', 'abandoned')) FROM jobs AS j WHERE j.id = ?"
-)
-SQLITE_INT_MAX = (1 << 63) - 1
 APP_SELECT = (
     "SELECT a.id, a.name, a.version, a.kind, b.size, b.sha256, a.created_at "
     "FROM apps AS a JOIN blobs AS b ON b.id = a.blob_id"
@@ -205,6 +179,15 @@ JOB_SELECT = (
 RESULT_SELECT = (
     "SELECT job_id, attempt, agent_id, status, error, output_size, output_sha256, cpu_ms, "
     "wall_ms, received_at, counted FROM results"
+)
+ATTEMPT_SELECT = (
+    "SELECT job_id, attempt, agent_id, state, leased_at, deadline, ended_at, reason FROM attempts"
+)
+#: One attempt with its job's state, batch and waiting replica slots.
+ATTEMPT_WITH_JOB = (
+    "SELECT a.job_id, a.attempt, a.agent_id, a.state, a.leased_at, a.deadline, a.ended_at, "
+    "a.reason, j.state, j.batch_id, j.pending FROM attempts AS a JOIN jobs AS j "
+    "ON j.id = a.job_id WHERE a.job_id = ? AND a.attempt = ?"
 )
 AGENT_SELECT = "SELECT id, name, ak_public_pem, enrolled_at, last_seen, address FROM agents"
 
@@ -258,6 +241,19 @@ def result_from_row(row: Any) -> StoredResult:
     )
 
 
+def attempt_from_row(row: Any) -> AttemptRecord:
+    return AttemptRecord(
+        job_id=int(row[0]),
+        attempt=int(row[1]),
+        agent_id=str(row[2]),
+        state=AttemptState(row[3]),
+        leased_at=float(row[4]),
+        deadline=float(row[5]),
+        ended_at=None if row[6] is None else float(row[6]),
+        reason=None if row[7] is None else str(row[7]),
+    )
+
+
 def agent_from_row(row: Any) -> AgentRecord:
     return AgentRecord(
         agent_id=str(row[0]),
@@ -274,87 +270,3 @@ def rowid(cur: sqlite3.Cursor) -> int:
     if rowid is None:  # pragma: no cover - sqlite3 always sets it after INSERT
         raise StoreError("insert returned no row id")
     return rowid
-
-
-# ---------------------------------------------------------------------- argument checks
-
-
-def check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise StoreError(f"{what} must be 1-128 of [A-Za-z0-9._-], starting alphanumeric")
-    return name
-
-
-def check_text(text: str, what: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise StoreError(f"{what} must be a non-empty string")
-    if len(text) > MAX_TEXT or not text.isprintable():
-        raise StoreError(f"{what} must be printable and at most {MAX_TEXT} characters")
-    return text
-
-
-def check_int(value: int, what: str, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise StoreError(f"{what} must be an integer in [{low}, {high}], not {value!r}")
-
-
-def check_positive(value: float, what: str) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise StoreError(f"{what} must be a positive finite number, not {value!r}")
-
-
-def check_finite(value: float, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise StoreError(f"{what} must be a finite number, not {value!r}")
-
-
-def check_size(size: int, what: str) -> None:
-    if not 0 <= size <= MAX_BLOB_BYTES:
-        raise StoreError(f"{what} of {size} bytes is outside [0, {MAX_BLOB_BYTES}]")
-
-
-def check_agent_id(agent_id: str) -> str:
-    if not isinstance(agent_id, str) or not _AGENT_ID_RE.fullmatch(agent_id.lower()):
-        raise StoreError("agent id must be 64 hex digits (SHA-256 of the AK's SPKI)")
-    return agent_id.lower()
-
-
-def check_submission(sub: ResultSubmission) -> None:
-    if sub.output is not None and sub.upload is not None:
-        raise StoreError("give the output inline or as a staged upload, not both")
-    if sub.output is not None and len(sub.output) > INLINE_OUTPUT_MAX:
-        raise StoreError(f"inline output above {INLINE_OUTPUT_MAX} bytes; stage it instead")
-    if sub.upload is not None and (sub.output_sha256 is None or len(sub.output_sha256) != 32):
-        raise StoreError("a staged output needs its 32-byte output_sha256")
-    if not sub.status or len(sub.status) > 64:
-        raise StoreError("result status must be 1-64 characters")
-    check_int(sub.cpu_ms, "cpu_ms", 0, U64 >> 1)
-    check_int(sub.wall_ms, "wall_ms", 0, U64 >> 1)
-
-
-def spki_der(pem: str) -> bytes:
-    if not isinstance(pem, str) or len(pem) > 8192:
-        raise StoreError("attestation key must be a PEM public key of at most 8 KiB")
-    lines = [line.strip() for line in pem.strip().splitlines()]
-    if len(lines) < 3 or lines[0] != _PEM_BEGIN or lines[-1] != _PEM_END:
-        raise StoreError("attestation key must be a PEM 'PUBLIC KEY' (SubjectPublicKeyInfo)")
-    try:
-        return base64.b64decode("".join(lines[1:-1]), validate=True)
-    except (binascii.Error, ValueError):
-        raise StoreError("attestation key PEM body is not valid base64") from None
-
-
-def stream_remaining(stream: BinaryIO) -> int:
-    try:
-        if not stream.seekable():
-            raise StoreError("give the size of a non-seekable code stream")
-        here = stream.tell()
-        end = stream.seek(0, os.SEEK_END)
-        stream.seek(here)
-    except OSError as exc:
-        raise StoreError(f"cannot size the code stream: {exc}") from exc
-    return end - here

@@ -1,20 +1,34 @@
 """Staged result uploads: large outputs written in ranges into a reserved blob, checked,
-then adopted in place by ``record_results``."""
+then adopted in place when the result is recorded."""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
+from collections.abc import Callable
 
 from vcomp.errors import StoreError
-from vcomp.server.sqlite_apps import AppsMixin
-from vcomp.server.sqlite_base import SqliteBlobReader
-from vcomp.server.store import UploadHandle
-from vcomp.server.store_sqlite_schema import COPY_CHUNK, check_size, rowid
+from vcomp.server.store.checks import check_size
+from vcomp.server.store.records import UploadHandle
+from vcomp.server.store.sqlite.blobs import SqliteBlobs
+from vcomp.server.store.sqlite.catalog import SqliteCatalog
+from vcomp.server.store.sqlite.database import SqliteDatabase
+from vcomp.server.store.sqlite.schema import rowid
 
 
-class UploadsMixin(AppsMixin):
+class SqliteUploads:
     """Staging blobs for results too large to submit inline."""
+
+    def __init__(
+        self,
+        db: SqliteDatabase,
+        blobs: SqliteBlobs,
+        catalog: SqliteCatalog,
+        clock: Callable[[], float],
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._catalog = catalog
+        self._clock = clock
 
     def attempt_owner(self, job_id: int, attempt: int) -> tuple[str, int] | None:
         """(agent id, output limit) of an attempt, or None if there is no such attempt.
@@ -23,7 +37,7 @@ class UploadsMixin(AppsMixin):
         """
         if not (0 <= job_id < 1 << 63 and 0 <= attempt < 1 << 63):
             return None  # ids off the wire can exceed what SQLite stores
-        with self._txn() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT a.agent_id, j.batch_id FROM attempts AS a JOIN jobs AS j "
                 "ON j.id = a.job_id WHERE a.job_id = ? AND a.attempt = ?",
@@ -31,12 +45,12 @@ class UploadsMixin(AppsMixin):
             ).fetchone()
             if row is None:
                 return None
-            return str(row[0]), self._batch(conn, int(row[1])).limits.output_bytes
+            return str(row[0]), self._catalog.batch(conn, int(row[1])).limits.output_bytes
 
     def begin_result_upload(self, job_id: int, attempt: int, total: int) -> UploadHandle:
         """Reserve a staging blob of ``total`` bytes for a large result."""
         check_size(total, "result upload")
-        with self._txn(write=True, durable=False) as conn:
+        with self._db.transaction(write=True, durable=False) as conn:
             row = conn.execute(
                 "SELECT j.batch_id FROM attempts AS a JOIN jobs AS j ON j.id = a.job_id "
                 "WHERE a.job_id = ? AND a.attempt = ?",
@@ -44,17 +58,14 @@ class UploadsMixin(AppsMixin):
             ).fetchone()
             if row is None:
                 raise StoreError(f"job {job_id} has no attempt {attempt}")
-            limit = self._batch(conn, int(row[0])).limits.output_bytes
+            limit = self._catalog.batch(conn, int(row[0])).limits.output_bytes
             if total > limit:
                 raise StoreError(f"result of {total} bytes exceeds the job's limit of {limit}")
-            blob = conn.execute(
-                "INSERT INTO blobs (size, sha256, data) VALUES (?, NULL, zeroblob(?))",
-                (total, total),
-            )
+            blob_id = self._blobs.reserve(conn, total)
             cur = conn.execute(
                 "INSERT INTO uploads (job_id, attempt, blob_id, total, high_water, created_at) "
                 "VALUES (?, ?, ?, ?, 0, ?)",
-                (job_id, attempt, rowid(blob), total, self._clock()),
+                (job_id, attempt, blob_id, total, self._clock()),
             )
             return UploadHandle(rowid(cur), job_id, attempt, total)
 
@@ -68,13 +79,11 @@ class UploadsMixin(AppsMixin):
             raise StoreError(
                 f"chunk [{offset}, {offset + n}) is outside the {handle.total}-byte upload"
             )
-        with self._txn(write=True, durable=False) as conn:
-            blob_id, high_water, sealed = self._upload_row(conn, handle)
+        with self._db.transaction(write=True, durable=False) as conn:
+            blob_id, high_water, sealed = self.row(conn, handle)
             if sealed is not None:
                 raise StoreError(f"upload {handle.upload_id} is already finished")
-            with conn.blobopen("blobs", "data", blob_id) as blob:
-                blob.seek(offset)
-                blob.write(data)
+            self._blobs.write_at(conn, blob_id, offset, data)
             if offset + n > high_water:
                 conn.execute(
                     "UPDATE uploads SET high_water = ? WHERE id = ?", (offset + n, handle.upload_id)
@@ -87,47 +96,38 @@ class UploadsMixin(AppsMixin):
         outside any write transaction, so a 64 MiB result does not stall the group
         commit. A mismatch discards the upload and raises.
         """
-        with self._txn() as conn:
-            blob_id, high_water, _ = self._upload_row(conn, handle)
+        with self._db.transaction() as conn:
+            blob_id, high_water, _ = self.row(conn, handle)
         if high_water != handle.total:
             raise StoreError(f"upload incomplete: {high_water} of {handle.total} bytes written")
-        digest = self._hash_blob(blob_id, handle.total)
-        with self._txn(write=True, durable=False) as conn:
-            self._upload_row(conn, handle)  # still there?
+        digest = self._blobs.sha256(blob_id, handle.total)
+        with self._db.transaction(write=True, durable=False) as conn:
+            self.row(conn, handle)  # still there?
             if digest != output_sha256:
-                self._discard_upload(conn, handle.upload_id)
+                self.discard_row(conn, handle.upload_id)
             else:
-                conn.execute("UPDATE blobs SET sha256 = ? WHERE id = ?", (digest, blob_id))
+                self._blobs.seal(conn, blob_id, digest)
         if digest != output_sha256:
             raise StoreError("sha256 mismatch on staged output; upload discarded")
 
-    def _hash_blob(self, blob_id: int, size: int) -> bytes:
-        hasher = hashlib.sha256()
-        with SqliteBlobReader(self, blob_id, size, b"") as reader:
-            for offset in range(0, size, COPY_CHUNK):
-                hasher.update(reader.read(offset, COPY_CHUNK))
-        return hasher.digest()
-
     def discard_upload(self, handle: UploadHandle) -> None:
-        with self._txn(write=True, durable=False) as conn:
-            self._discard_upload(conn, handle.upload_id)
+        with self._db.transaction(write=True, durable=False) as conn:
+            self.discard_row(conn, handle.upload_id)
 
     def discard_stale_uploads(self, before: float) -> int:
         """Drop staged uploads begun before ``before`` (their senders are gone, e.g. after
         a server restart, since handles live only in the server's memory)."""
-        with self._txn(write=True, durable=False) as conn:
+        with self._db.transaction(write=True, durable=False) as conn:
             ids = [
                 int(r[0])
                 for r in conn.execute("SELECT id FROM uploads WHERE created_at < ?", (before,))
             ]
             for upload_id in ids:
-                self._discard_upload(conn, upload_id)
+                self.discard_row(conn, upload_id)
         return len(ids)
 
     @staticmethod
-    def _upload_row(
-        conn: sqlite3.Connection, handle: UploadHandle
-    ) -> tuple[int, int, bytes | None]:
+    def row(conn: sqlite3.Connection, handle: UploadHandle) -> tuple[int, int, bytes | None]:
         """(blob id, bytes written so far, SHA-256 once finish_upload verified it)."""
         row = conn.execute(
             "SELECT u.blob_id, u.high_water, u.job_id, u.attempt, u.total, b.sha256 "
@@ -142,9 +142,13 @@ class UploadsMixin(AppsMixin):
             raise StoreError(f"unknown or finished upload {handle.upload_id}")
         return int(row[0]), int(row[1]), None if row[5] is None else bytes(row[5])
 
-    @staticmethod
-    def _discard_upload(conn: sqlite3.Connection, upload_id: int) -> None:
+    def discard_row(self, conn: sqlite3.Connection, upload_id: int) -> None:
         row = conn.execute("SELECT blob_id FROM uploads WHERE id = ?", (upload_id,)).fetchone()
         if row is not None:
             conn.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
-            conn.execute("DELETE FROM blobs WHERE id = ?", (row[0],))
+            self._blobs.delete(conn, int(row[0]))
+
+    def adopt(self, conn: sqlite3.Connection, upload_id: int, blob_id: int, digest: bytes) -> None:
+        """The staging blob becomes the result blob in place: no copy of the payload."""
+        self._blobs.seal(conn, blob_id, digest)
+        conn.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))

@@ -1,0 +1,177 @@
+"""The SQLite connection and transaction owner that every repository of the store shares.
+
+Thread rules
+    A :class:`SqliteDatabase` may be shared by threads: each thread transparently gets
+    its own connection (thread-local), and no connection is ever used by two threads.
+    Write transactions start with ``BEGIN IMMEDIATE`` so writers queue on SQLite's lock
+    (with a busy timeout) instead of failing when a read transaction tries to upgrade.
+    WAL lets readers (e.g. the event loop streaming CODE chunks) run while one writer
+    (the :class:`~vcomp.server.commit.GroupCommitter` thread) commits. ``close()``
+    closes every connection; call it once no thread uses the store any more.
+
+Durability
+    In WAL mode ``synchronous=NORMAL`` appends a commit to the WAL without fsync and
+    syncs only at checkpoints. That survives a crash of this process (the bytes are in
+    the OS page cache) but a power cut or kernel crash may drop the latest commits. An
+    acknowledged result lets the agent delete its spooled copy, so a dropped commit
+    would be a lost result: results, leases and everything the CLI writes commit with
+    ``synchronous=FULL`` (``durable=True``), which fsyncs the WAL at every commit. Group
+    commit (commit.py) shares that fsync among many results. Writes whose loss is
+    harmless (staged upload chunks, lease renewals, last-seen times, TPM clock
+    snapshots, taking reset requests) use NORMAL; the next FULL commit syncs the WAL
+    file and with it everything written before, since the WAL is one append-only file.
+
+Schema
+    The ``schema_version`` table says which of :data:`~.schema.MIGRATIONS` have run.
+    :meth:`migrate` applies the missing ones; :meth:`check_schema` refuses a store at
+    any other version with a :class:`~vcomp.errors.SchemaVersionError` that names
+    ``vcomp-server migrate``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+from vcomp.errors import SchemaVersionError, StoreError
+from vcomp.server.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+
+MIGRATE_HINT = "run `vcomp-server migrate --config DIR`"
+NEWER_HINT = "upgrade vcomp (`vcomp-server migrate` never downgrades)"
+
+
+class SqliteDatabase:
+    """Per-thread connections to one SQLite file, transactions, and the schema version."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
+        self.path = os.fspath(path)
+        if self.path in ("", ":memory:") or self.path.startswith("file:"):
+            raise StoreError("the job store needs a file path (WAL does not work in memory)")
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._lock:
+            if self._closed:
+                raise StoreError("the job store is closed")
+            try:
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=self._busy_timeout,
+                    isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                    check_same_thread=False,  # only so close() may close it; see thread rules
+                )
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    conn.close()
+                    raise StoreError(f"{self.path}: cannot use WAL mode (got {mode!r})")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA journal_size_limit=67108864")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open job store {self.path}: {exc}") from exc
+            self._connections.append(conn)
+        self._local.conn = conn
+        self._local.durable = True
+        return conn
+
+    @contextmanager
+    def transaction(
+        self, *, write: bool = False, durable: bool = True
+    ) -> Iterator[sqlite3.Connection]:
+        """One transaction on this thread's connection; any sqlite3 error becomes a
+        StoreError and rolls it back."""
+        conn = self.connection()
+        try:
+            if write and self._local.durable != durable:
+                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._local.durable = durable
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.Error as exc:
+            raise StoreError(f"job store unavailable: {exc}") from exc
+        try:
+            yield conn
+        except BaseException as exc:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"job store error: {exc}") from exc
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise StoreError(f"job store commit failed: {exc}") from exc
+
+    # ------------------------------------------------------------------ schema
+
+    def migrate(self) -> tuple[int, int]:
+        """Create or upgrade the schema; returns (version before, version now)."""
+        with self.transaction(write=True) as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
+            )
+            current = self._version(conn)
+            if current > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"job store {self.path} has schema v{current}, newer than this "
+                    f"vcomp's v{SCHEMA_VERSION}; {NEWER_HINT}"
+                )
+            for statements in MIGRATIONS[current:]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (id, version) VALUES (1, ?) "
+                "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                (SCHEMA_VERSION,),
+            )
+        return current, SCHEMA_VERSION
+
+    def check_schema(self) -> None:
+        """Refuse a store whose schema is not this vcomp's version."""
+        with self.transaction() as conn:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            current = self._version(conn) if found else 0
+        if current != SCHEMA_VERSION:
+            age = "older" if current < SCHEMA_VERSION else "newer"
+            hint = MIGRATE_HINT if current < SCHEMA_VERSION else NEWER_HINT
+            raise SchemaVersionError(
+                f"job store {self.path} has schema v{current}, {age} than this vcomp's "
+                f"v{SCHEMA_VERSION}; {hint}"
+            )
+
+    def schema_version(self) -> int:
+        with self.transaction() as conn:
+            return self._version(conn)
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    def journal_mode(self) -> str:
+        with self.transaction() as conn:
+            return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for conn in self._connections:
+                with suppress(sqlite3.Error):
+                    conn.close()
+            self._connections.clear()
+        self._local = threading.local()

@@ -1,0 +1,197 @@
+"""Leasing jobs to agents in SQLite: picking, renewing, releasing, refusing, expiring.
+
+Which job fits an agent is the ``LEASE_PICK`` query (the distinct-host and fit rules as
+SQL); every other decision is a call into :mod:`vcomp.server.store.rules`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+
+from vcomp.server.store.checks import INT64_MAX, check_finite, check_positive, check_text
+from vcomp.server.store.records import (
+    AttemptState,
+    ExpiredLease,
+    JobState,
+    Lease,
+    LeaseRequest,
+)
+from vcomp.server.store.rules import (
+    job_state_after_lease,
+    refusal_window_start,
+    refusals_exhausted,
+    refused_attempt_state,
+    renewed_deadline,
+)
+from vcomp.server.store.sqlite.agents import SqliteAgents
+from vcomp.server.store.sqlite.catalog import SqliteCatalog
+from vcomp.server.store.sqlite.database import SqliteDatabase
+from vcomp.server.store.sqlite.replicas import SqliteReplicas
+from vcomp.server.store.sqlite.schema import (
+    LEASE_PICK,
+    REFUSALS_SINCE,
+)
+
+
+def _pick_args(request: LeaseRequest, agent_id: str) -> dict[str, object]:
+    cap = request.capacity
+    return {
+        "now": request.now,
+        "agent": agent_id,
+        "memory_bytes": min(cap.memory_bytes, INT64_MAX),
+        "cpu_seconds": cap.cpu_seconds,
+        "wall_seconds": cap.wall_seconds,
+        "output_bytes": cap.output_bytes,
+        "disk_bytes": min(cap.disk_bytes, INT64_MAX),
+        "job_bytes": cap.job_bytes,
+        "kinds": json.dumps(list(cap.kinds)),
+    }
+
+
+class SqliteLeases:
+    """The lease half of the store; results are in :mod:`.results`."""
+
+    def __init__(
+        self,
+        db: SqliteDatabase,
+        catalog: SqliteCatalog,
+        agents: SqliteAgents,
+        replicas: SqliteReplicas,
+        clock: Callable[[], float],
+    ) -> None:
+        self._db = db
+        self._catalog = catalog
+        self._agents = agents
+        self._replicas = replicas
+        self._clock = clock
+
+    def lease_many(self, requests: Sequence[LeaseRequest]) -> list[Lease | None]:
+        """Serve several lease requests in one transaction (one fsync)."""
+        for request in requests:
+            check_finite(request.now, "now")
+            check_positive(request.lease_seconds, "lease_seconds")
+        if not requests:
+            return []
+        with self._db.transaction(write=True) as conn:
+            return [self._lease_one(conn, request) for request in requests]
+
+    def _lease_one(self, conn: sqlite3.Connection, request: LeaseRequest) -> Lease | None:
+        agent_id = self._agents.known(conn, request.agent_id)
+        if request.refusal_cap is not None and refusals_exhausted(
+            self._refusals(conn, agent_id, request.now), request.refusal_cap
+        ):
+            return None
+        row = conn.execute(LEASE_PICK, _pick_args(request, agent_id)).fetchone()
+        if row is None:
+            return None
+        job_id, batch_id, index, pending = int(row[0]), int(row[1]), int(row[2]), int(row[3])
+        attempt = int(row[4]) + 1
+        deadline = float(request.now + request.lease_seconds)
+        conn.execute(
+            "UPDATE jobs SET pending = pending - 1, leased = leased + 1, attempts = ?, state = ? "
+            "WHERE id = ?",
+            (attempt, job_state_after_lease(pending).value, job_id),
+        )
+        conn.execute(
+            "INSERT INTO attempts (job_id, attempt, agent_id, state, leased_at, deadline) "
+            "VALUES (?, ?, ?, 'leased', ?, ?)",
+            (job_id, attempt, agent_id, request.now, deadline),
+        )
+        batch = self._catalog.batch(conn, batch_id)
+        return Lease(
+            job_id=job_id,
+            attempt=attempt,
+            agent_id=agent_id,
+            batch_id=batch_id,
+            index=index,
+            app=batch.app,
+            input_size=int(row[5]),
+            input_sha256=bytes(row[6]),
+            limits=batch.limits,
+            deadline=deadline,
+            batch_deadline=batch.deadline,
+        )
+
+    def renew(
+        self, job_id: int, attempt: int, now: float, lease_seconds: float, transfer_seconds: float
+    ) -> float | None:
+        check_finite(now, "now")
+        check_positive(lease_seconds, "lease_seconds")
+        check_positive(transfer_seconds, "transfer_seconds")
+        with self._db.transaction(write=True, durable=False) as conn:
+            live = self._replicas.get(conn, job_id, attempt)
+            deadline = renewed_deadline(
+                live.record,
+                live.job_state,
+                now=now,
+                lease_seconds=lease_seconds,
+                wall_seconds=self._catalog.batch(conn, live.batch_id).limits.wall_seconds,
+                transfer_seconds=transfer_seconds,
+            )
+            if deadline is not None:
+                conn.execute(
+                    "UPDATE attempts SET deadline = ? WHERE job_id = ? AND attempt = ?",
+                    (deadline, job_id, attempt),
+                )
+            return deadline
+
+    def release(self, job_id: int, attempt: int, reason: str, now: float | None) -> bool:
+        reason = check_text(reason, "reason")
+        when = self._clock() if now is None else now
+        with self._db.transaction(write=True) as conn:
+            live = self._replicas.get(conn, job_id, attempt)
+            if live.record.state is not AttemptState.LEASED:
+                return False
+            self._replicas.end_attempt(conn, job_id, attempt, AttemptState.RELEASED, when, reason)
+            if not live.job_state.terminal:
+                self._replicas.fail_attempt(conn, job_id, f"released: {reason}", when)
+            return True
+
+    def refuse(
+        self, job_id: int, attempt: int, agent_id: str, reason: str, now: float, offer_again: bool
+    ) -> int | None:
+        reason = check_text(reason, "reason")
+        check_finite(now, "now")
+        with self._db.transaction(write=True) as conn:
+            agent_id = self._agents.known(conn, agent_id)
+            live = self._replicas.get(conn, job_id, attempt)
+            if live.record.state is not AttemptState.LEASED or live.record.agent_id != agent_id:
+                return None
+            state = refused_attempt_state(offer_again)
+            self._replicas.end_attempt(conn, job_id, attempt, state, now, reason)
+            if not live.job_state.terminal:
+                self._replicas.fail_attempt(conn, job_id, f"{state.value}: {reason}", now)
+            return self._refusals(conn, agent_id, now)
+
+    @staticmethod
+    def _refusals(conn: sqlite3.Connection, agent_id: str, now: float) -> int:
+        since = refusal_window_start(now)
+        return int(conn.execute(REFUSALS_SINCE, (agent_id, since)).fetchone()[0])
+
+    def expire(self, now: float) -> list[ExpiredLease]:
+        check_finite(now, "now")
+        expired: list[ExpiredLease] = []
+        with self._db.transaction(write=True) as conn:
+            rows = conn.execute(
+                "SELECT a.job_id, a.attempt, a.agent_id, j.state FROM attempts AS a "
+                "JOIN jobs AS j ON j.id = a.job_id "
+                "WHERE a.state = 'leased' AND a.deadline <= ? ORDER BY a.deadline",
+                (now,),
+            ).fetchall()
+            for job_id, attempt, agent_id, state in rows:
+                self._replicas.end_attempt(
+                    conn, job_id, attempt, AttemptState.EXPIRED, now, "lease expired"
+                )
+                job_state = JobState(state)
+                if not job_state.terminal:
+                    job_state = self._replicas.fail_attempt(conn, job_id, "lease expired", now)
+                expired.append(ExpiredLease(int(job_id), int(attempt), str(agent_id), job_state))
+            conn.execute(
+                "UPDATE jobs SET state = 'failed', pending = 0, reason = 'batch deadline passed', "
+                "finished_at = ? WHERE state IN ('queued', 'leased') AND batch_id IN "
+                "(SELECT id FROM batches WHERE deadline IS NOT NULL AND deadline <= ?)",
+                (now, now),
+            )
+        return expired

@@ -1,0 +1,295 @@
+"""Recording results in SQLite (group commit) and reading them back.
+
+Which outcome a result gets and what it changes are :mod:`~vcomp.server.store.rules`
+decisions (``classify_result``, ``result_effect``); this module reads the rows those
+rules need and writes what they decide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+
+from vcomp.errors import StoreError
+from vcomp.server.store.checks import MAX_TEXT, check_submission
+from vcomp.server.store.records import (
+    RESULT_OK,
+    JobState,
+    OutcomeKind,
+    RecordOutcome,
+    ResultRecord,
+    ResultSubmission,
+    StoredResult,
+)
+from vcomp.server.store.rules import (
+    SlotChange,
+    checked_status,
+    classify_result,
+    failure_reason,
+    result_effect,
+)
+from vcomp.server.store.sqlite.blobs import SqliteBlobReader, SqliteBlobs
+from vcomp.server.store.sqlite.catalog import SqliteCatalog
+from vcomp.server.store.sqlite.database import SqliteDatabase
+from vcomp.server.store.sqlite.replicas import SqliteReplicas
+from vcomp.server.store.sqlite.schema import RESULT_SELECT, RESULTS_PAGE, result_from_row
+from vcomp.server.store.sqlite.uploads import SqliteUploads
+
+_FREE_SLOT = {
+    SlotChange.FREE_LEASED: "UPDATE jobs SET leased = leased - 1 WHERE id = ?",
+    SlotChange.FILL_PENDING: "UPDATE jobs SET pending = pending - 1 WHERE id = ?",
+}
+
+
+class _Rejected(Exception):
+    """A submission that is not recorded; side effects so far (discarding) are kept."""
+
+    def __init__(self, detail: str, job_state: JobState | None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.job_state = job_state
+
+
+class SqliteResults:
+    """``record_results`` and the result queries."""
+
+    def __init__(
+        self,
+        db: SqliteDatabase,
+        blobs: SqliteBlobs,
+        catalog: SqliteCatalog,
+        replicas: SqliteReplicas,
+        uploads: SqliteUploads,
+        clock: Callable[[], float],
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._catalog = catalog
+        self._replicas = replicas
+        self._uploads = uploads
+        self._clock = clock
+
+    def record(self, results: Sequence[ResultSubmission]) -> list[RecordOutcome]:
+        """Record many results in ONE durable transaction (group commit).
+
+        Per-result problems never abort the others: they come back as REJECTED outcomes.
+        """
+        if not results:
+            return []
+        outcomes: list[RecordOutcome] = []
+        with self._db.transaction(write=True) as conn:
+            for sub in results:
+                conn.execute("SAVEPOINT record_one")
+                try:
+                    outcome = self._record_one(conn, sub)
+                except _Rejected as rejected:  # keep its cleanup (discarded upload)
+                    outcome = RecordOutcome(
+                        sub.job_id,
+                        sub.attempt,
+                        OutcomeKind.REJECTED,
+                        rejected.job_state,
+                        rejected.detail,
+                    )
+                except (StoreError, sqlite3.IntegrityError) as exc:
+                    conn.execute("ROLLBACK TO record_one")
+                    outcome = RecordOutcome(
+                        sub.job_id, sub.attempt, OutcomeKind.REJECTED, None, str(exc)
+                    )
+                conn.execute("RELEASE record_one")
+                outcomes.append(outcome)
+        return outcomes
+
+    def _record_one(self, conn: sqlite3.Connection, sub: ResultSubmission) -> RecordOutcome:
+        check_submission(sub)
+        upload_id = None if sub.upload is None else sub.upload.upload_id
+        live = self._replicas.find(conn, sub.job_id, sub.attempt)
+        if live is None:
+            self._discard_if(conn, upload_id)
+            raise _Rejected(f"job {sub.job_id} has no attempt {sub.attempt}", None)
+        job_state = live.job_state
+        if live.record.agent_id != sub.agent_id:
+            self._discard_if(conn, upload_id)
+            raise _Rejected(f"attempt {sub.attempt} was leased to another agent", job_state)
+        previous = conn.execute(
+            "SELECT output_sha256 FROM results WHERE job_id = ? AND attempt = ?",
+            (sub.job_id, sub.attempt),
+        ).fetchone()
+        if previous is not None:
+            self._discard_if(conn, upload_id)
+            same = sub.output_sha256 is None or bytes(previous[0]) == sub.output_sha256
+            detail = "already recorded" if same else "already recorded (first result kept)"
+            return RecordOutcome(sub.job_id, sub.attempt, OutcomeKind.DUPLICATE, job_state, detail)
+
+        limit = self._catalog.batch(conn, live.batch_id).limits.output_bytes
+        blob_id, size, digest = self._take_output(conn, sub, job_state, limit)
+        status, error = checked_status(sub.status, sub.error, size, limit)
+        ok = status == RESULT_OK
+        kind = classify_result(
+            job_state,
+            live.record.state,
+            ok=ok,
+            pending=live.pending,
+            agent_holds=lambda: self._replicas.agent_holds(conn, sub.job_id, sub.agent_id),
+        )
+        effect = result_effect(kind, live.record.state, ok=ok)
+        received = sub.received_at or self._clock()
+        conn.execute(
+            "INSERT INTO results (job_id, attempt, agent_id, status, error, output_size, "
+            "output_sha256, cpu_ms, wall_ms, received_at, counted, output_blob) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                sub.job_id,
+                sub.attempt,
+                sub.agent_id,
+                status,
+                error[:MAX_TEXT],
+                size,
+                digest,
+                sub.cpu_ms,
+                sub.wall_ms,
+                received,
+                int(effect.counted),
+                blob_id,
+            ),
+        )
+        failure = failure_reason(status, error, MAX_TEXT)
+        if effect.ends_attempt is not None:
+            self._replicas.end_attempt(
+                conn, sub.job_id, sub.attempt, effect.ends_attempt, received, failure
+            )
+        if effect.slots is SlotChange.FAIL_LEASED:
+            job_state = self._replicas.fail_attempt(conn, sub.job_id, failure or status, received)
+        elif effect.slots is not SlotChange.NONE:
+            freed = _FREE_SLOT[effect.slots]
+            conn.execute(freed, (sub.job_id,))
+            job_state = self._replicas.settle(conn, sub.job_id, received, new_attempt=sub.attempt)
+        detail = "" if effect.counted else f"job is {job_state.value}; kept as evidence"
+        return RecordOutcome(sub.job_id, sub.attempt, kind, job_state, detail)
+
+    def _take_output(
+        self, conn: sqlite3.Connection, sub: ResultSubmission, job_state: JobState, limit: int
+    ) -> tuple[int | None, int, bytes]:
+        """Store the output: inline bytes into a new blob, or adopt a staged upload."""
+        if sub.upload is None:
+            return self._take_inline(conn, sub, job_state, limit)
+        handle = sub.upload
+        try:
+            blob_id, high_water, sealed = self._uploads.row(conn, handle)
+        except StoreError as exc:
+            raise _Rejected(str(exc), job_state) from None
+        if (handle.job_id, handle.attempt) != (sub.job_id, sub.attempt):
+            raise _Rejected("upload belongs to another attempt", job_state)
+        if sub.output_size is not None and sub.output_size != handle.total:
+            self._uploads.discard_row(conn, handle.upload_id)
+            raise _Rejected(
+                f"size mismatch: declared {sub.output_size}, staged {handle.total}", job_state
+            )
+        if high_water != handle.total:
+            self._uploads.discard_row(conn, handle.upload_id)
+            raise _Rejected(
+                f"upload incomplete: {high_water} of {handle.total} bytes written", job_state
+            )
+        # Hash now unless finish_upload already did (outside the write transaction).
+        digest = sealed if sealed is not None else self._blobs.sha256(blob_id, handle.total)
+        if digest != sub.output_sha256:
+            self._uploads.discard_row(conn, handle.upload_id)
+            raise _Rejected("sha256 mismatch on staged output", job_state)
+        self._uploads.adopt(conn, handle.upload_id, blob_id, digest)
+        return blob_id, handle.total, digest
+
+    def _take_inline(
+        self, conn: sqlite3.Connection, sub: ResultSubmission, job_state: JobState, limit: int
+    ) -> tuple[int | None, int, bytes]:
+        data = sub.output or b""
+        digest = hashlib.sha256(data).digest()
+        if sub.output_size is not None and sub.output_size != len(data):
+            raise _Rejected(
+                f"size mismatch: declared {sub.output_size}, got {len(data)}", job_state
+            )
+        if sub.output_sha256 is not None and sub.output_sha256 != digest:
+            raise _Rejected("sha256 mismatch on inline output", job_state)
+        if not data or len(data) > limit:  # nothing to keep, or too big to keep
+            return None, len(data), digest
+        return self._blobs.insert(conn, data, digest), len(data), digest
+
+    def _discard_if(self, conn: sqlite3.Connection, upload_id: int | None) -> None:
+        if upload_id is not None:
+            self._uploads.discard_row(conn, upload_id)
+
+    def exists(self, job_id: int, attempt: int) -> bool:
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM results WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+            ).fetchone()
+        return row is not None
+
+    def list(self, job_id: int) -> list[StoredResult]:
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                RESULT_SELECT + " WHERE job_id = ? ORDER BY attempt", (job_id,)
+            ).fetchall()
+        return [result_from_row(r) for r in rows]
+
+    def open_output(self, job_id: int, attempt: int) -> SqliteBlobReader:
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT output_blob, output_size, output_sha256 FROM results "
+                "WHERE job_id = ? AND attempt = ?",
+                (job_id, attempt),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"no result for job {job_id} attempt {attempt}")
+        blob_id = None if row[0] is None else int(row[0])
+        size = 0 if blob_id is None else int(row[1])
+        return self._blobs.reader(blob_id, size, bytes(row[2]))
+
+    def iterate(self, batch_id: int) -> Iterator[ResultRecord]:
+        """Yield every job of a batch in index order, with its canonical result.
+
+        Reads a page at a time in short transactions, so no snapshot stays open while
+        the caller writes files.
+        """
+        self._catalog.get_batch(batch_id)
+        last = -1
+        while True:
+            with self._db.transaction() as conn:
+                rows = conn.execute(
+                    "SELECT j.id, j.idx, bl.sha256, j.state, j.reason, j.canonical_attempt "
+                    "FROM jobs AS j JOIN blobs AS bl ON bl.id = j.input_blob "
+                    "WHERE j.batch_id = ? AND j.idx > ? ORDER BY j.idx LIMIT ?",
+                    (batch_id, last, RESULTS_PAGE),
+                ).fetchall()
+                page = [self._record(conn, *row) for row in rows]
+            if not page:
+                return
+            yield from page
+            last = page[-1].index
+
+    @staticmethod
+    def _record(
+        conn: sqlite3.Connection,
+        job_id: int,
+        index: int,
+        input_sha: bytes,
+        state: str,
+        reason: str | None,
+        canonical: int | None,
+    ) -> ResultRecord:
+        if canonical is not None:
+            result_row = conn.execute(
+                RESULT_SELECT + " WHERE job_id = ? AND attempt = ?", (job_id, canonical)
+            ).fetchone()
+        else:
+            result_row = conn.execute(
+                RESULT_SELECT + " WHERE job_id = ? AND counted = 1 ORDER BY attempt DESC LIMIT 1",
+                (job_id,),
+            ).fetchone()
+        return ResultRecord(
+            job_id=int(job_id),
+            index=int(index),
+            input_sha256=bytes(input_sha),
+            state=JobState(state),
+            reason=None if reason is None else str(reason),
+            result=None if result_row is None else result_from_row(result_row),
+        )
