@@ -1144,11 +1144,6 @@ int main(void) {
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: only PROGRESS frames pause the agent's reader; a byte-at-a-time "
-    "stdout/stderr dribble costs the agent about as much CPU as the job",
-)
 async def test_log_dribble_costs_the_agent_little(tmp_path: Path) -> None:
     """Finding 7's bound, by the other pipes: the agent reads stdout and stderr (and a
     frame that never completes) as eagerly as it can, one event-loop round per read.
