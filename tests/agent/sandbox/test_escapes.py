@@ -1308,11 +1308,6 @@ async def test_job_cannot_read_the_agents_pid_or_host_cgroup_and_boot_line(
     assert seen["/proc/cmdline"] != Path("/proc/cmdline").read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: without a cgroup, SysV message queues are neither denied nor capped "
-    "in the job's IPC namespace (32000 queues x 16 KiB)",
-)
 async def test_without_a_cgroup_message_queues_are_bounded(tmp_path: Path) -> None:
     """The no-cgroup fallback of finding 1 denies memfds and SysV shared memory and caps
     the IPC namespace's shm limits, but SysV messages are the same kind of memory (held

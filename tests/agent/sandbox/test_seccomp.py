@@ -120,6 +120,9 @@ def _shared_memory_under(program: bytes) -> dict[str, object]:
     except OSError as exc:
         out["memfd_create"] = exc.errno
     out["shmget"] = libc.shmget(0, 1 << 20, 0o1000 | 0o600), ctypes.get_errno()
+    out["msgget"] = libc.msgget(0, 0o1000 | 0o600), ctypes.get_errno()
+    msg = ctypes.create_string_buffer(16)
+    out["msgsnd"] = libc.msgsnd(0, msg, 8, 0o4000), ctypes.get_errno()
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         out["sigchld_ignore"] = 0
@@ -139,6 +142,8 @@ def _check_shared_memory_denied(result: object) -> None:
     assert isinstance(result, dict)
     assert result["memfd_create"] == errno.EPERM
     assert result["shmget"] == [-1, errno.EPERM]
+    assert result["msgget"] == [-1, errno.EPERM]
+    assert result["msgsnd"] == [-1, errno.EPERM]
     assert result["sigchld_ignore"] == errno.EPERM
     assert result["sigusr1"] == 0
     assert result["sigchld_read"] == 0

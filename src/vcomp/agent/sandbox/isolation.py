@@ -247,12 +247,13 @@ def join_cgroup(procs_file: str) -> None:
     _write(procs_file, str(os.getpid()))
 
 
-IPC_SHM_SYSCTLS = ("shmmni", "shmall", "shmmax")
+IPC_SHM_SYSCTLS = ("shmmni", "shmall", "shmmax", "msgmni", "msgmnb")
 
 
 def cap_ipc_shm() -> None:
-    """No SysV shared memory in this process's (new) IPC namespace: the limits are per
-    namespace, and a segment outlives its creator unmapped, out of RLIMIT_AS's sight.
+    """No SysV shared memory or message queues in this process's (new) IPC namespace:
+    the limits are per namespace, and a segment or a queued message outlives its
+    creator unmapped, out of RLIMIT_AS's sight.
     """
     for name in IPC_SHM_SYSCTLS:
         _write(f"/proc/sys/kernel/{name}", "0")

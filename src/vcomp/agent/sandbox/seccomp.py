@@ -11,8 +11,8 @@ back to ``clone``, whose namespace flags can be inspected; a foreign architectur
 (including the x32 ABI) kills the process.
 
 Where the job gets no cgroup (see cgroup.py), the filter also denies what escapes the
-per-process limits: shared memory that is never mapped (``memfd_create``, SysV
-``shmget``/``shmat``) and changing SIGCHLD's disposition, since a child reaped
+per-process limits: kernel memory that is never mapped (``memfd_create``, SysV
+``shmget``/``shmat``, SysV messages ``msgget``/``msgsnd``) and changing SIGCHLD's disposition, since a child reaped
 automatically (SIG_IGN or SA_NOCLDWAIT) takes its CPU time out of every account.
 """
 
@@ -69,7 +69,15 @@ DENIED_SYSCALLS: tuple[str, ...] = (
 )
 
 # Denied only without a job cgroup (``deny_shared_memory``).
-SHARED_MEMORY_SYSCALLS: tuple[str, ...] = ("memfd_create", "memfd_secret", "shmget", "shmat")
+# SysV messages are the same kind of memory as SysV segments: held by the kernel, unmapped.
+SHARED_MEMORY_SYSCALLS: tuple[str, ...] = (
+    "memfd_create",
+    "memfd_secret",
+    "shmget",
+    "shmat",
+    "msgget",
+    "msgsnd",
+)
 SIGCHLD = 17  # the same on every architecture with a table below
 
 SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
@@ -116,6 +124,8 @@ SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
         "memfd_secret": 447,
         "shmget": 29,
         "shmat": 30,
+        "msgget": 68,
+        "msgsnd": 69,
         "rt_sigaction": 13,
     },
     "aarch64": {
@@ -161,6 +171,8 @@ SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
         "memfd_secret": 447,
         "shmget": 194,
         "shmat": 196,
+        "msgget": 186,
+        "msgsnd": 189,
         "rt_sigaction": 134,
     },
 }
