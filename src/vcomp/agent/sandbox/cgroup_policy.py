@@ -25,11 +25,12 @@ class CgroupPolicy:
         self._reason = found if isinstance(found, str) else ""
         if seccomp_denies_shm:
             self._per_process = (
-                f"{PER_PROCESS_ONLY}; memfd_create, SysV shm and msgget, SIGCHLD auto-reaping denied"
+                f"{PER_PROCESS_ONLY}; memfd_create, SysV shm and messages, "
+                "SIGCHLD auto-reaping denied"
             )
         else:
             self._per_process = (
-                f"{PER_PROCESS_ONLY}; without seccomp, memfds, SysV shm and message queues are unbounded"
+                f"{PER_PROCESS_ONLY}; without seccomp, memfds, SysV shm and messages are unbounded"
             )
 
     def new(self) -> tuple[cgroup.JobCgroup | None, Protection]:

@@ -12,8 +12,9 @@ back to ``clone``, whose namespace flags can be inspected; a foreign architectur
 
 Where the job gets no cgroup (see cgroup.py), the filter also denies what escapes the
 per-process limits: kernel memory that is never mapped (``memfd_create``, SysV
-``shmget``/``shmat``, SysV messages ``msgget``/``msgsnd``) and changing SIGCHLD's disposition, since a child reaped
-automatically (SIG_IGN or SA_NOCLDWAIT) takes its CPU time out of every account.
+``shmget``/``shmat``, SysV messages ``msgget``/``msgsnd``) and changing SIGCHLD's
+disposition, since a child reaped automatically (SIG_IGN or SA_NOCLDWAIT) takes its
+CPU time out of every account.
 """
 
 from __future__ import annotations
