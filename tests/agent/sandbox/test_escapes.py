@@ -1283,11 +1283,6 @@ return json.dumps({p: read(p) for p in ("/proc/self/cgroup", "/proc/cmdline")}).
 """)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: no cgroup namespace (the job reads the agent's pid and the host's "
-    "cgroup path) and the private /proc still shows the host's kernel command line",
-)
 async def test_job_cannot_read_the_agents_pid_or_host_cgroup_and_boot_line(
     sandbox: Sandbox,
 ) -> None:
