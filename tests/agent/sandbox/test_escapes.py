@@ -1078,11 +1078,6 @@ return b"done"
 """)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: throttle and background suspend the tree with SIGSTOP, which the "
-    "job undoes with SIGCONT from a sibling; needs the cgroup freezer or cpu quota",
-)
 async def test_job_cannot_resume_itself_out_of_throttle(tmp_path: Path) -> None:
     """Throttle mode keeps a job to ``cpu_percent`` of one core by stopping its tree
     with SIGSTOP (JobTree.suspend), and background mode suspends it the same way while
