@@ -167,6 +167,47 @@ def test_remove_kills_what_is_left(host: CgroupHost) -> None:
     assert made.dirs == {}
 
 
+def _joined(made: JobCgroup, pid: int) -> None:
+    for _ in range(500):
+        if pid in made.pids():
+            return
+        time.sleep(0.01)
+
+
+def test_a_frozen_job_burns_no_cpu_whatever_it_signals(job_cgroup: JobCgroup) -> None:
+    """The throttle's suspension: every task frozen at once, and SIGCONT (the job's
+    own, or anyone's) does not undo it. Oracle: the CPU the cgroup counted.
+    """
+    if not job_cgroup.can_freeze:
+        pytest.skip("no cgroup freezer on this host (v1 freezer not mounted, v2 < 5.2)")
+    job_cgroup.set_limits(256 << 20, 16)
+    burn = """
+import signal
+for _ in range(3):
+    if os.fork() == 0:
+        while True:
+            os.kill(0, signal.SIGCONT)
+time.sleep(60)
+"""
+    pid = _spawn_in(job_cgroup, burn)
+    _joined(job_cgroup, pid)
+    time.sleep(0.3)  # the burners start
+    assert job_cgroup.freeze(True)
+    time.sleep(0.2)  # freezing completes
+    before = job_cgroup.cpu_seconds() or 0.0
+    for task in job_cgroup.pids():
+        os.kill(task, signal.SIGCONT)
+    time.sleep(1.0)
+    frozen_cpu = (job_cgroup.cpu_seconds() or 0.0) - before
+    assert frozen_cpu < 0.05, frozen_cpu
+    assert job_cgroup.freeze(False)
+    time.sleep(0.3)
+    assert (job_cgroup.cpu_seconds() or 0.0) - before > 0.1  # thawed, it burns again
+    assert job_cgroup.freeze(True)
+    job_cgroup.kill()  # a kill while frozen still takes every task
+    assert os.waitpid(pid, 0)[1] & 0x7F == signal.SIGKILL
+
+
 def test_stale_job_cgroups_of_dead_agents_are_swept(host: CgroupHost) -> None:
     dead = in_child(os.getpid)  # reaped: that pid is gone
     assert isinstance(dead, int)

@@ -1078,11 +1078,6 @@ return b"done"
 """)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: throttle and background suspend the tree with SIGSTOP, which the "
-    "job undoes with SIGCONT from a sibling; needs the cgroup freezer or cpu quota",
-)
 async def test_job_cannot_resume_itself_out_of_throttle(tmp_path: Path) -> None:
     """Throttle mode keeps a job to ``cpu_percent`` of one core by stopping its tree
     with SIGSTOP (JobTree.suspend), and background mode suspends it the same way while
@@ -1144,11 +1139,6 @@ int main(void) {
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: only PROGRESS frames pause the agent's reader; a byte-at-a-time "
-    "stdout/stderr dribble costs the agent about as much CPU as the job",
-)
 async def test_log_dribble_costs_the_agent_little(tmp_path: Path) -> None:
     """Finding 7's bound, by the other pipes: the agent reads stdout and stderr (and a
     frame that never completes) as eagerly as it can, one event-loop round per read.
@@ -1288,11 +1278,6 @@ return json.dumps({p: read(p) for p in ("/proc/self/cgroup", "/proc/cmdline")}).
 """)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: no cgroup namespace (the job reads the agent's pid and the host's "
-    "cgroup path) and the private /proc still shows the host's kernel command line",
-)
 async def test_job_cannot_read_the_agents_pid_or_host_cgroup_and_boot_line(
     sandbox: Sandbox,
 ) -> None:
@@ -1313,11 +1298,6 @@ async def test_job_cannot_read_the_agents_pid_or_host_cgroup_and_boot_line(
     assert seen["/proc/cmdline"] != Path("/proc/cmdline").read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: without a cgroup, SysV message queues are neither denied nor capped "
-    "in the job's IPC namespace (32000 queues x 16 KiB)",
-)
 async def test_without_a_cgroup_message_queues_are_bounded(tmp_path: Path) -> None:
     """The no-cgroup fallback of finding 1 denies memfds and SysV shared memory and caps
     the IPC namespace's shm limits, but SysV messages are the same kind of memory (held

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import socket
 
 import pytest
@@ -120,6 +121,9 @@ def _shared_memory_under(program: bytes) -> dict[str, object]:
     except OSError as exc:
         out["memfd_create"] = exc.errno
     out["shmget"] = libc.shmget(0, 1 << 20, 0o1000 | 0o600), ctypes.get_errno()
+    out["msgget"] = libc.msgget(0, 0o1000 | 0o600), ctypes.get_errno()
+    msg = ctypes.create_string_buffer(16)
+    out["msgsnd"] = libc.msgsnd(0, msg, 8, 0o4000), ctypes.get_errno()
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         out["sigchld_ignore"] = 0
@@ -139,6 +143,8 @@ def _check_shared_memory_denied(result: object) -> None:
     assert isinstance(result, dict)
     assert result["memfd_create"] == errno.EPERM
     assert result["shmget"] == [-1, errno.EPERM]
+    assert result["msgget"] == [-1, errno.EPERM]
+    assert result["msgsnd"] == [-1, errno.EPERM]
     assert result["sigchld_ignore"] == errno.EPERM
     assert result["sigusr1"] == 0
     assert result["sigchld_read"] == 0
@@ -157,3 +163,77 @@ def test_libseccomp_filter_denies_shared_memory_on_request() -> None:
     built = seccomp.build_program(deny_shared_memory=True)
     assert built.builder == "libseccomp"
     _check_shared_memory_denied(in_child(lambda: _shared_memory_under(built.program)))
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _continue_under(program: bytes | None, stopped: int) -> dict[str, int]:
+    """Try every way to send SIGCONT to ``stopped``; which calls returned 0 or errno."""
+    set_no_new_privs()
+    if program is not None:
+        install_seccomp_program(program)
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr = seccomp.SYSCALL_NUMBERS[MACHINE]
+    info = ctypes.create_string_buffer(128)
+    ctypes.memmove(info, (ctypes.c_int * 3)(seccomp.SIGCONT, 0, -1), 12)  # si_code SI_QUEUE
+    pidfd = os.pidfd_open(stopped)
+    # The high half of the signal argument is ignored by the kernel: it must not matter.
+    sigcont_wide = ctypes.c_long((1 << 32) | seccomp.SIGCONT)
+    calls: dict[str, tuple[object, ...]] = {
+        "kill": (nr["kill"], stopped, seccomp.SIGCONT),
+        "kill_wide": (nr["kill"], stopped, sigcont_wide),
+        "tkill": (nr["tkill"], stopped, seccomp.SIGCONT),
+        "tgkill": (nr["tgkill"], stopped, stopped, seccomp.SIGCONT),
+        "rt_sigqueueinfo": (nr["rt_sigqueueinfo"], stopped, seccomp.SIGCONT, info),
+        "rt_tgsigqueueinfo": (nr["rt_tgsigqueueinfo"], stopped, stopped, seccomp.SIGCONT, info),
+        "pidfd_send_signal": (nr["pidfd_send_signal"], pidfd, seccomp.SIGCONT, None, 0),
+    }
+    out: dict[str, int] = {}
+    for name, args in calls.items():
+        rc = libc.syscall(*args)
+        out[name] = 0 if rc == 0 else ctypes.get_errno()
+    out["probe"] = libc.syscall(nr["kill"], stopped, 0)  # other signals are unaffected
+    return out
+
+
+def _stopped_child() -> int:
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            signal.pause()
+    os.kill(pid, signal.SIGSTOP)
+    os.waitpid(pid, os.WUNTRACED)
+    return pid
+
+
+def _check_sigcont_denied(program: bytes) -> None:
+    """Oracle: whether the stopped process is still stopped afterwards."""
+    stopped = _stopped_child()
+    try:
+        result = in_child(lambda: _continue_under(program, stopped))
+        assert _state(stopped) == "T", result
+        assert isinstance(result, dict)
+        assert {k: v for k, v in result.items() if k != "probe"} == dict.fromkeys(
+            [k for k in result if k != "probe"], errno.EPERM
+        ), result
+        assert result["probe"] == 0
+        in_child(lambda: _continue_under(None, stopped))  # unfiltered, it works
+        assert _state(stopped) != "T"
+    finally:
+        os.kill(stopped, signal.SIGKILL)
+        os.waitpid(stopped, 0)
+
+
+@needs_table
+def test_fallback_filter_denies_sigcont_on_request() -> None:
+    _check_sigcont_denied(seccomp.assemble_program(MACHINE, deny_sigcont=True))
+
+
+@pytest.mark.skipif(not HAVE_LIBSECCOMP, reason="libseccomp is not installed")
+def test_libseccomp_filter_denies_sigcont_on_request() -> None:
+    built = seccomp.build_program(deny_sigcont=True)
+    assert built.builder == "libseccomp"
+    _check_sigcont_denied(built.program)

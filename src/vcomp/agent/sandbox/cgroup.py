@@ -9,7 +9,9 @@ The job's cgroup is created below the agent's own cgroup (one per controller on 
 named ``vcomp-job-<agent pid>-<n>``; the launcher moves itself in before it forks the
 job's init, and the directory is removed once the tree is dead. cgroup v2 is used
 where the agent's cgroup can delegate ``memory`` and ``pids`` to children, else v1
-(``memory`` and ``cpuacct``, plus ``pids`` where mounted).
+(``memory`` and ``cpuacct``, plus ``pids`` and ``freezer`` where mounted). The
+execution modes suspend the job by freezing its cgroup (v1 ``freezer.state``, v2
+``cgroup.freeze``), which no signal from the job can undo.
 
 Every failure is an OSError (from the kernel) or a reason string; nothing here raises
 anything else into the agent.
@@ -26,7 +28,8 @@ import time
 from dataclasses import dataclass
 
 V1_REQUIRED = ("memory", "cpuacct")
-V1_OPTIONAL = ("pids",)
+# The freezer suspends the tree as one; without it the throttle stops it with SIGSTOP.
+V1_OPTIONAL = ("pids", "freezer")
 V2_REQUIRED = ("memory", "pids")
 # The launcher and the job's init are in the cgroup too, beside the job's processes.
 PIDS_OVERHEAD = 4
@@ -133,7 +136,7 @@ class CgroupHost:
 
     def describe(self) -> str:
         if self.version == 2:
-            return "v2: memory,pids,cpu"
+            return "v2: memory,pids,cpu,freeze"
         return "v1: " + ",".join(c for c in (*V1_REQUIRED, *V1_OPTIONAL) if c in self.parents)
 
     def new_job(self) -> JobCgroup:
@@ -270,6 +273,27 @@ class JobCgroup:
             return kills > 0
         return killed and self.limit_hits() > 0
 
+    @property
+    def can_freeze(self) -> bool:
+        """Whether every task can be suspended at once (v1 freezer, v2 cgroup.freeze)."""
+        if self.version == 2:
+            return "" in self.dirs and os.path.exists(os.path.join(self.dirs[""], "cgroup.freeze"))
+        return "freezer" in self.dirs
+
+    def freeze(self, frozen: bool) -> bool:
+        """Freeze (or thaw) every task, new ones included; False if this cgroup cannot."""
+        try:
+            if self.version == 2:
+                _write(os.path.join(self.dirs[""], "cgroup.freeze"), "1" if frozen else "0")
+            elif "freezer" in self.dirs:
+                state = "FROZEN" if frozen else "THAWED"
+                _write(os.path.join(self.dirs["freezer"], "freezer.state"), state)
+            else:
+                return False
+        except (OSError, KeyError):
+            return False
+        return True
+
     def pids(self) -> list[int]:
         found: set[int] = set()
         for path in self.dirs.values():
@@ -290,6 +314,8 @@ class JobCgroup:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+            # A frozen task (v1) dies only once thawed; the kills above are pending.
+            self.freeze(False)
 
     def remove(self) -> str | None:
         """Kill what is left and remove the directories; a reason if one remains."""

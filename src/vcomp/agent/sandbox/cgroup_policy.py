@@ -23,13 +23,15 @@ class CgroupPolicy:
     def __init__(self, found: cgroup.CgroupHost | str, *, seccomp_denies_shm: bool) -> None:
         self.host = found if isinstance(found, cgroup.CgroupHost) else None
         self._reason = found if isinstance(found, str) else ""
+        self._seccomp = seccomp_denies_shm
         if seccomp_denies_shm:
             self._per_process = (
-                f"{PER_PROCESS_ONLY}; memfd_create, SysV shm and SIGCHLD auto-reaping denied"
+                f"{PER_PROCESS_ONLY}; memfd_create, SysV shm and messages, "
+                "SIGCHLD auto-reaping and SIGCONT denied"
             )
         else:
             self._per_process = (
-                f"{PER_PROCESS_ONLY}; without seccomp, memfds and SysV shm are unbounded"
+                f"{PER_PROCESS_ONLY}; without seccomp, memfds, SysV shm and messages are unbounded"
             )
 
     def new(self) -> tuple[cgroup.JobCgroup | None, Protection]:
@@ -42,7 +44,12 @@ class CgroupPolicy:
         except OSError as exc:
             reason = f"cannot create: {exc.strerror or exc}; {self._per_process}"
             return None, Protection("cgroup", "failed", reason)
-        return cg, Protection("cgroup", "active", self.host.describe())
+        reason = self.host.describe()
+        if not cg.can_freeze:
+            # The throttle then stops the tree with SIGSTOP, which SIGCONT would undo.
+            denied = ", SIGCONT denied" if self._seccomp else ", SIGCONT not denied (no seccomp)"
+            reason += f"; no freezer: suspended with SIGSTOP{denied}"
+        return cg, Protection("cgroup", "active", reason)
 
     def limit(self, cg: cgroup.JobCgroup | None, note: Protection, limits: JobLimits) -> Protection:
         """Memory covers the work directory too (a tmpfs whose pages are charged here)."""

@@ -90,7 +90,11 @@ def _report_proc(report: SetupReporter, *, pid_ns: bool, own_root: bool, argv_no
     if not argv_note:
         return  # already reported as failed
     if pid_ns:
-        where = "in the minimal root" if own_root else "over the host's /proc"
+        where = (
+            "in the minimal root, boot_id and cmdline masked"
+            if own_root
+            else "over the host's /proc"
+        )
         report.protection(
             "private_proc", "active", f"the pid namespace's own, {where}; {argv_note}"
         )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from vcomp.agent.sandbox import rootfs
 from vcomp.agent.sandbox.libc import (
+    CLONE_NEWCGROUP,
     CLONE_NEWIPC,
     CLONE_NEWNET,
     CLONE_NEWNS,
@@ -45,6 +46,9 @@ NAMESPACES: tuple[tuple[str, int], ...] = (
     ("net_namespace", CLONE_NEWNET),
     ("ipc_namespace", CLONE_NEWIPC),
     ("uts_namespace", CLONE_NEWUTS),
+    # Entered after the launcher joined the job's cgroup, so that cgroup is the job's
+    # "/": /proc/self/cgroup no longer names the host's cgroup path or the agent's pid.
+    ("cgroup_namespace", CLONE_NEWCGROUP),
 )
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -247,12 +251,13 @@ def join_cgroup(procs_file: str) -> None:
     _write(procs_file, str(os.getpid()))
 
 
-IPC_SHM_SYSCTLS = ("shmmni", "shmall", "shmmax")
+IPC_SHM_SYSCTLS = ("shmmni", "shmall", "shmmax", "msgmni", "msgmnb")
 
 
 def cap_ipc_shm() -> None:
-    """No SysV shared memory in this process's (new) IPC namespace: the limits are per
-    namespace, and a segment outlives its creator unmapped, out of RLIMIT_AS's sight.
+    """No SysV shared memory or message queues in this process's (new) IPC namespace:
+    the limits are per namespace, and a segment or a queued message outlives its
+    creator unmapped, out of RLIMIT_AS's sight.
     """
     for name in IPC_SHM_SYSCTLS:
         _write(f"/proc/sys/kernel/{name}", "0")

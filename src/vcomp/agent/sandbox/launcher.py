@@ -137,10 +137,10 @@ def _cap_ipc_shm(report: SetupReporter, not_entered: str | None) -> None:
         return
     try:
         isolation.cap_ipc_shm()
-        report.protection("ipc_shm_limits", "active", "shmmni, shmall, shmmax 0")
+        report.protection("ipc_shm_limits", "active", "shmmni, shmall, shmmax, msgmni, msgmnb 0")
     except PermissionError:
         # Only the namespace's root may write them; an unmapped root leaves seccomp alone.
-        why = "not root in the job's user namespace; seccomp denies shmget"
+        why = "not root in the job's user namespace; seccomp denies shmget and msgget"
         report.protection("ipc_shm_limits", "unavailable", why)
     except OSError as exc:
         report.protection("ipc_shm_limits", "failed", exc.strerror or str(exc))

@@ -27,11 +27,15 @@ from vcomp.domain import (
 
 TAIL_BYTES = 64 * 1024
 READ_CHUNK = 1 << 16
-# After a read of the frame pipe that brought PROGRESS and no end, the agent leaves
-# the pipe alone this long: a flooding job fills it and blocks in write(2), so the
-# job pays for its flood, and the agent reads at most one chunk per pause. The end
-# is never later than this: the job's exit drains the pipe at once.
+# After a read that brought no end (RESULT or ERROR), the agent leaves that pipe alone
+# this long if the read was small or brought PROGRESS: a job that dribbles bytes or
+# floods PROGRESS fills the pipe and blocks in write(2), so the job pays for its
+# output and the agent reads at most one chunk per pause per pipe. A large result
+# arrives in full reads and is not slowed; an end is never later than one pause,
+# and the job's exit drains every pipe at once.
 PROGRESS_PAUSE = 0.1
+# A read this short costs the agent more per byte than the job: pause after it.
+SMALL_READ = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +96,9 @@ class JobIO:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event = asyncio.Event()
         self._waiter: asyncio.Future[None] | None = None
-        self._frames_paused: asyncio.TimerHandle | None = None
+        self._handlers: dict[int, Callable[[bytes], None]] = {}
+        self._paused: dict[int, asyncio.TimerHandle] = {}
+        self._progress_seen = False
 
     # --- event loop wiring ------------------------------------------------------------
 
@@ -108,6 +114,7 @@ class JobIO:
         ):
             os.set_blocking(fd, False)
             loop.add_reader(fd, self._guarded, fd, handler)
+            self._handlers[fd] = handler
             self._open.add(fd)
         os.set_blocking(lc.in_w, False)
         loop.add_writer(lc.in_w, self._on_writable)
@@ -115,7 +122,9 @@ class JobIO:
     def detach(self) -> None:
         if self._loop is None:
             return
-        self._cancel_frame_pause()
+        for timer in self._paused.values():
+            timer.cancel()
+        self._paused.clear()
         for fd in list(self._open):
             self._loop.remove_reader(fd)
         self._open.clear()
@@ -142,7 +151,7 @@ class JobIO:
 
     async def finish(self, tree: JobTree, grace: float) -> None:
         """After a kill or the job's exit: drain the pipes until every writer is gone."""
-        self._resume_frames()  # the end must not wait out a pause
+        self._resume_all()  # the end must not wait out a pause
         deadline = time.monotonic() + grace
         while self._open and time.monotonic() < deadline:
             tree.kill()
@@ -171,6 +180,8 @@ class JobIO:
                 )
         else:
             handler(data)
+            if self._pauses_after(fd, data):
+                self._pause(fd)
         self._event.set()
         if self._waiter is not None:
             _wake(self._waiter)
@@ -200,28 +211,34 @@ class JobIO:
                 self.result = frame.payload
             elif frame.type == ERROR:
                 self.error = decode_error(frame.payload)
-        if self.result is None and self.error is None and any(f.type == PROGRESS for f in frames):
-            self._pause_frames()
+        if any(f.type == PROGRESS for f in frames):
+            self._progress_seen = True
 
-    def _pause_frames(self) -> None:
-        fd = self.launch.out_r
-        if self._loop is None or self._frames_paused is not None or fd not in self._open:
+    def _pauses_after(self, fd: int, data: bytes) -> bool:
+        """Whether this read was cheap for the job and dear for the agent."""
+        if self.result is not None or self.error is not None or self.violation is not None:
+            return False  # the end: drain at once
+        progress, self._progress_seen = self._progress_seen, False
+        job_writes = fd in (self.launch.out_r, self.launch.so_r, self.launch.se_r)
+        return job_writes and (progress or len(data) < SMALL_READ)
+
+    def _pause(self, fd: int) -> None:
+        if self._loop is None or fd in self._paused or fd not in self._open:
             return
         self._loop.remove_reader(fd)
-        self._frames_paused = self._loop.call_later(PROGRESS_PAUSE, self._resume_frames)
+        self._paused[fd] = self._loop.call_later(PROGRESS_PAUSE, self._resume, fd)
 
-    def _resume_frames(self) -> None:
-        if self._frames_paused is None:
+    def _resume(self, fd: int) -> None:
+        timer = self._paused.pop(fd, None)
+        if timer is None:
             return
-        self._cancel_frame_pause()
-        fd = self.launch.out_r
+        timer.cancel()
         if self._loop is not None and fd in self._open:
-            self._loop.add_reader(fd, self._guarded, fd, self._on_frames)
+            self._loop.add_reader(fd, self._guarded, fd, self._handlers[fd])
 
-    def _cancel_frame_pause(self) -> None:
-        if self._frames_paused is not None:
-            self._frames_paused.cancel()
-            self._frames_paused = None
+    def _resume_all(self) -> None:
+        for fd in list(self._paused):
+            self._resume(fd)
 
     def _on_stdout(self, data: bytes) -> None:
         if not self.stdout.add(data) and self.violation is None:

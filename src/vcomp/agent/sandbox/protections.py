@@ -29,6 +29,7 @@ CHILD_REPORTED = (
     "net_namespace",
     "ipc_namespace",
     "uts_namespace",
+    "cgroup_namespace",
     "hidden_paths",
     "minimal_root",
     "tmpfs_workdir",

@@ -52,7 +52,8 @@ DEV_LINKS = {
     "stderr": "/proc/self/fd/2",
 }
 # Identifies the host across jobs like /etc/machine-id (until the next boot): covered.
-PROC_MASKED = ("sys/kernel/random/boot_id",)
+# Each identifies the host: its boot id, and its kernel command line (root device, UUIDs).
+PROC_MASKED = ("sys/kernel/random/boot_id", "cmdline")
 ETC_COPIED = ("ld.so.cache",)  # without it the linker misses multiarch library dirs
 MAX_ETC_FILE = 4 << 20
 ROOT_TMPFS = "size=8m,nr_inodes=1024,mode=755"

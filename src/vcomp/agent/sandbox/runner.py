@@ -124,17 +124,23 @@ class Sandbox:
         found = cgroup.find_host() if use_cgroup else "disabled by configuration"
         if isinstance(found, cgroup.CgroupHost):
             found.sweep_stale()
-        # Two filters: a job without a cgroup is also denied shared memory (seccomp.py).
-        self._seccomp: dict[bool, SeccompProgram] = {}
+        # Up to three filters, by (no cgroup, no freezer): a job without a cgroup is also
+        # denied shared memory, and one without a freezer sending SIGCONT (seccomp.py).
+        self._seccomp: dict[tuple[bool, bool], SeccompProgram] = {}
         self._seccomp_reason = "disabled by configuration"
         if use_seccomp:
+            kinds = [(True, True)]
+            if not isinstance(found, str):
+                kinds += [(False, False), (False, True)]
             try:
-                for deny in (False, True) if not isinstance(found, str) else (True,):
-                    self._seccomp[deny] = build_program(prefer_libseccomp, deny_shared_memory=deny)
+                for no_cgroup, no_freezer in kinds:
+                    self._seccomp[(no_cgroup, no_freezer)] = build_program(
+                        prefer_libseccomp, deny_shared_memory=no_cgroup, deny_sigcont=no_freezer
+                    )
             except OSError as exc:
                 self._seccomp.clear()
                 self._seccomp_reason = f"cannot build a filter: {exc.strerror or exc}"
-        self._cgroups = CgroupPolicy(found, seccomp_denies_shm=True in self._seccomp)
+        self._cgroups = CgroupPolicy(found, seccomp_denies_shm=(True, True) in self._seccomp)
         self._guest_compiled = self.python == sys.executable
         self._guest_sources = pyjob.guest_sources()
         if self._guest_compiled:
@@ -337,7 +343,7 @@ class Sandbox:
         cg: cgroup.JobCgroup | None,
     ) -> LaunchPlan:
         mode = self.mode
-        seccomp = self._seccomp.get(cg is None)
+        seccomp = self._seccomp.get((cg is None, cg is None or not cg.can_freeze))
         return LaunchPlan(
             setup_w=setup_w,
             status_w=status_w,

@@ -11,9 +11,11 @@ back to ``clone``, whose namespace flags can be inspected; a foreign architectur
 (including the x32 ABI) kills the process.
 
 Where the job gets no cgroup (see cgroup.py), the filter also denies what escapes the
-per-process limits: shared memory that is never mapped (``memfd_create``, SysV
-``shmget``/``shmat``) and changing SIGCHLD's disposition, since a child reaped
-automatically (SIG_IGN or SA_NOCLDWAIT) takes its CPU time out of every account.
+per-process limits: kernel memory that is never mapped (``memfd_create``, SysV
+``shmget``/``shmat``, SysV messages ``msgget``/``msgsnd``) and changing SIGCHLD's
+disposition, since a child reaped automatically (SIG_IGN or SA_NOCLDWAIT) takes its
+CPU time out of every account. Where the job has no cgroup freezer, the filter also
+denies sending SIGCONT, so a job cannot continue what the throttle stopped.
 """
 
 from __future__ import annotations
@@ -69,8 +71,28 @@ DENIED_SYSCALLS: tuple[str, ...] = (
 )
 
 # Denied only without a job cgroup (``deny_shared_memory``).
-SHARED_MEMORY_SYSCALLS: tuple[str, ...] = ("memfd_create", "memfd_secret", "shmget", "shmat")
+# SysV messages are the same kind of memory as SysV segments: held by the kernel, unmapped.
+SHARED_MEMORY_SYSCALLS: tuple[str, ...] = (
+    "memfd_create",
+    "memfd_secret",
+    "shmget",
+    "shmat",
+    "msgget",
+    "msgsnd",
+)
 SIGCHLD = 17  # the same on every architecture with a table below
+# Denied where the tree is suspended with SIGSTOP rather than a cgroup freezer
+# (``deny_sigcont``): a job of several processes would continue its stopped ones.
+# Each call that sends a signal -> the index of its signal argument.
+SIGCONT_SENDERS: dict[str, int] = {
+    "kill": 1,
+    "tkill": 1,
+    "tgkill": 2,
+    "rt_sigqueueinfo": 1,
+    "rt_tgsigqueueinfo": 2,
+    "pidfd_send_signal": 1,
+}
+SIGCONT = 18  # the same on every architecture with a table below
 
 SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
     "x86_64": {
@@ -116,7 +138,15 @@ SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
         "memfd_secret": 447,
         "shmget": 29,
         "shmat": 30,
+        "msgget": 68,
+        "msgsnd": 69,
         "rt_sigaction": 13,
+        "kill": 62,
+        "tkill": 200,
+        "tgkill": 234,
+        "rt_sigqueueinfo": 129,
+        "rt_tgsigqueueinfo": 297,
+        "pidfd_send_signal": 424,
     },
     "aarch64": {
         "ptrace": 117,
@@ -161,7 +191,15 @@ SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
         "memfd_secret": 447,
         "shmget": 194,
         "shmat": 196,
+        "msgget": 186,
+        "msgsnd": 189,
         "rt_sigaction": 134,
+        "kill": 129,
+        "tkill": 130,
+        "tgkill": 131,
+        "rt_sigqueueinfo": 138,
+        "rt_tgsigqueueinfo": 240,
+        "pidfd_send_signal": 424,
     },
 }
 
@@ -182,7 +220,7 @@ _JA = 0x05
 _SOCK_FILTER = struct.Struct("=HBBI")
 
 # Offsets in struct seccomp_data (little-endian: the low half of args[0] comes first).
-_NR, _ARCH, _ARG0_LOW, _ARG1_LOW, _ARG1_HIGH = 0, 4, 16, 24, 28
+_NR, _ARCH, _ARG0_LOW, _ARG1_LOW, _ARG1_HIGH, _ARG2_LOW = 0, 4, 16, 24, 28, 32
 
 
 class SeccompUnavailable(OSError):
@@ -196,21 +234,28 @@ class SeccompProgram:
 
 
 def build_program(
-    prefer_libseccomp: bool = True, *, deny_shared_memory: bool = False
+    prefer_libseccomp: bool = True,
+    *,
+    deny_shared_memory: bool = False,
+    deny_sigcont: bool = False,
 ) -> SeccompProgram:
     """Build the filter for the running architecture."""
     if prefer_libseccomp:
         try:
-            return SeccompProgram(build_with_libseccomp(deny_shared_memory), "libseccomp")
+            program = build_with_libseccomp(deny_shared_memory, deny_sigcont)
+            return SeccompProgram(program, "libseccomp")
         except OSError:
             pass
-    return SeccompProgram(assemble_program(MACHINE, deny_shared_memory), "bpf-fallback")
+    program = assemble_program(MACHINE, deny_shared_memory, deny_sigcont)
+    return SeccompProgram(program, "bpf-fallback")
 
 
 # --- the fallback assembler -----------------------------------------------------------
 
 
-def assemble_program(machine: str, deny_shared_memory: bool = False) -> bytes:
+def assemble_program(
+    machine: str, deny_shared_memory: bool = False, deny_sigcont: bool = False
+) -> bytes:
     """Hand-assembled filter equivalent to the libseccomp one."""
     if machine not in SYSCALL_NUMBERS:
         raise SeccompUnavailable(errno.ENOSYS, f"no syscall table for {machine}")
@@ -237,6 +282,9 @@ def assemble_program(machine: str, deny_shared_memory: bool = False) -> bytes:
         for name in SHARED_MEMORY_SYSCALLS:
             emit(_JEQ_K, numbers[name], "deny", 0)
         emit(_JEQ_K, numbers["rt_sigaction"], "sigaction", 0)
+    if deny_sigcont:
+        for name, arg in SIGCONT_SENDERS.items():
+            emit(_JEQ_K, numbers[name], f"sigcont{arg}", 0)
     emit(_JEQ_K, numbers["socket"], "socket", 0)
     emit(_JEQ_K, numbers["clone"], "clone", 0)
     emit(_JEQ_K, numbers["clone3"], "enosys", 0)
@@ -257,6 +305,12 @@ def assemble_program(machine: str, deny_shared_memory: bool = False) -> bytes:
         emit(_JEQ_K, 0, 0, "deny")
         emit(_LD_W_ABS, _ARG1_HIGH)
         emit(_JEQ_K, 0, "allow", "deny")
+    if deny_sigcont:
+        # The signal is an int: only the low half of its argument counts.
+        for arg, offset in ((1, _ARG1_LOW), (2, _ARG2_LOW)):
+            label(f"sigcont{arg}")
+            emit(_LD_W_ABS, offset)
+            emit(_JEQ_K, SIGCONT, "deny", "allow")
     label("deny")
     emit(_RET_K, eperm)
     label("enosys")
@@ -339,7 +393,7 @@ def resolve_with_libseccomp(name: str) -> int:
     return int(lib.seccomp_syscall_resolve_name(name.encode()))
 
 
-def build_with_libseccomp(deny_shared_memory: bool = False) -> bytes:
+def build_with_libseccomp(deny_shared_memory: bool = False, deny_sigcont: bool = False) -> bytes:
     lib = _load_libseccomp()
     ctx = lib.seccomp_init(RET_ALLOW)
     if not ctx:
@@ -362,6 +416,10 @@ def build_with_libseccomp(deny_shared_memory: bool = False) -> bytes:
             for name in SHARED_MEMORY_SYSCALLS:
                 rule(eperm, name)
             rule(eperm, "rt_sigaction", (0, _SCMP_CMP_EQ, SIGCHLD, 0), (1, _SCMP_CMP_NE, 0, 0))
+        if deny_sigcont:
+            # The signal is an int: compare only its low 32 bits, as the kernel reads it.
+            for name, arg in SIGCONT_SENDERS.items():
+                rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, 0xFFFF_FFFF, SIGCONT))
         rule(eperm, "socket", (0, _SCMP_CMP_NE, AF_UNIX, 0))
         # MASKED_EQ tests one mask at a time: one rule per namespace flag.
         for bit in range(32):

@@ -4,7 +4,9 @@ The launcher is a child subreaper, so an orphan (a daemonised grandchild) is
 re-parented to it, or to the job's pid-namespace init, and never leaves the tree.
 
 With a job cgroup, CPU, memory and the final kill also come from the cgroup, which
-sees every task, including children reaped without a wait.
+sees every task, including children reaped without a wait, and suspending freezes
+the cgroup where it can: a process stopped with SIGSTOP could be continued by a
+sibling's SIGCONT, a frozen one cannot (without a freezer seccomp denies SIGCONT).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class JobTree:
         self.peak_rss_bytes = 0
         self.peak_vm_bytes = 0
         self.peak_cgroup_bytes: int | None = None
+        self._frozen = False
 
     def pids(self) -> list[int]:
         """Every live process of the job's tree, breadth first from the launcher."""
@@ -114,9 +117,15 @@ class JobTree:
         return len(done)
 
     def suspend(self) -> None:
+        if self.cgroup is not None and self.cgroup.freeze(True):
+            self._frozen = True
+            return
         self.signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
+        if self._frozen and self.cgroup is not None:
+            self._frozen = not self.cgroup.freeze(False)
+            return
         self.signal_all(signal.SIGCONT)
 
     def kill(self) -> None:
