@@ -101,8 +101,14 @@ def test_untrusted_agents_get_no_code(
     agent = AgentApp(make_agent(identity))
     net = Network(server, agent, seed=5)
     net.run(lambda: agent.session.state is AgentState.CLOSED, timeout=60)
-    rejected = server.of_type(ev.HandshakeRejected)
-    assert [r.reason for r in rejected] == [reason]
+    if enrolled:
+        rejected = server.of_type(ev.HandshakeRejected)
+        assert [r.reason for r in rejected] == [reason]
+    else:
+        # Refused at HELLO, before any session or public-key work (and no log event).
+        assert [r.reason for r in agent.of_type(ev.Rejected)] == [reason]
+        assert server.endpoint.counters["rejected_unknown_agent"] == 1
+        assert server.endpoint.counters["sessions_created"] == 0
     assert agent.received == []
     assert not server.endpoint.sessions
 
