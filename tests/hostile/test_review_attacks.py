@@ -314,11 +314,6 @@ async def test_sessions_that_fit_no_job_cost_the_server_little(tmp_path: Path) -
 BOGUS_RESULTS = 5000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: every result for a job the sender never held writes one WARNING "
-    "line (and runs a store query on the event loop); nothing bounds the rate",
-)
 async def test_unheld_results_do_not_flood_the_log(tmp_path: Path) -> None:
     """Findings 11 and 12 refuse a result for a job the sender does not hold, but each
     refusal still writes a ``result_refused`` WARNING line and the session stays open.
