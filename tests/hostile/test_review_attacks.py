@@ -253,11 +253,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: each idle session with a capacity no queued job fits costs a full "
-    "LEASE_PICK scan of the queue on every tick",
-)
 async def test_sessions_that_fit_no_job_cost_the_server_little(tmp_path: Path) -> None:
     """READY's ``job_bytes`` is compared per job (code + input size), so a capacity that
     no job fits makes LEASE_PICK read every queued job before it returns nothing. The
