@@ -15,7 +15,6 @@ import select
 import socket
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from vcomp.agent.tpm import SimulatedTpm
