@@ -101,8 +101,14 @@ def test_untrusted_agents_get_no_code(
     agent = AgentApp(make_agent(identity))
     net = Network(server, agent, seed=5)
     net.run(lambda: agent.session.state is AgentState.CLOSED, timeout=60)
-    rejected = server.of_type(ev.HandshakeRejected)
-    assert [r.reason for r in rejected] == [reason]
+    if enrolled:
+        rejected = server.of_type(ev.HandshakeRejected)
+        assert [r.reason for r in rejected] == [reason]
+    else:
+        # Refused at HELLO, before any session or public-key work (and no log event).
+        assert [r.reason for r in agent.of_type(ev.Rejected)] == [reason]
+        assert server.endpoint.counters["rejected_unknown_agent"] == 1
+        assert server.endpoint.counters["sessions_created"] == 0
     assert agent.received == []
     assert not server.endpoint.sessions
 
@@ -343,3 +349,62 @@ def test_concurrent_handshakes_past_the_cap_are_refused_before_the_quote_check(
     kinds = {to: unpack_header(d).ptype for d, to in replies}
     assert kinds == {agents[0][1]: PacketType.KEY, agents[1][1]: PacketType.REJECT}
     assert endpoint.counters["public_key_ops"] == 1  # the second quote was never checked
+
+
+def _half_open(endpoint: ServerEndpoint, identity: Identity, address: tuple[str, int]) -> str:
+    """An enrolled agent's handshake that never sends its ATTEST: ``challenge`` if the
+    server allocated a session, else the REJECT reason."""
+    agent = make_agent(identity)
+    agent.connect(0.1)
+    for _ in range(4):
+        for datagram in agent.datagrams_to_send(0.1):
+            if unpack_header(datagram).ptype is not PacketType.ATTEST:
+                endpoint.receive_datagram(datagram, address, 0.1)
+        for datagram, to in endpoint.datagrams_to_send(0.1):
+            if to != address:
+                continue
+            if unpack_header(datagram).ptype is PacketType.CHALLENGE:
+                return "challenge"
+            agent.receive_datagram(datagram, 0.1)
+        rejected = [e for e in iter(agent.next_event, None) if isinstance(e, ev.Rejected)]
+        if rejected:
+            assert rejected[0].code == ErrorCode.BUSY
+            return rejected[0].reason
+    raise AssertionError("the handshake did not settle")
+
+
+def test_half_open_handshakes_are_capped_apart_from_sessions(identity: Identity) -> None:
+    endpoint = ServerEndpoint(
+        signing_key=identity.signing_key,
+        trust=make_trust(identity),
+        code_source=lambda *_: b"",
+        now=0.0,
+        max_sessions=2,
+        max_sessions_per_agent=2,
+        max_pending_handshakes=20,
+    )
+    # Per source IP address: 16, then REJECT BUSY (and not past max_sessions = 2, nor
+    # the claimed id's cap of 2: half-open handshakes count for neither).
+    one_ip = [_half_open(endpoint, identity, ("127.0.0.7", port)) for port in range(1, 18)]
+    assert one_ip == ["challenge"] * 16 + ["too_many_handshakes"]
+    # An honest agent of the same key is not refused "server full" because of them.
+    events = _handshake(endpoint, make_agent(identity), ("127.0.0.8", 1), 0.2)
+    assert any(isinstance(e, ev.Connected) for e in events), events
+    # Server-wide: 20 half-open in all.
+    other_ip = [_half_open(endpoint, identity, ("127.0.0.9", port)) for port in range(1, 6)]
+    assert other_ip == ["challenge"] * 4 + ["too_many_handshakes"]
+    assert endpoint.counters["rejected_handshakes"] == 2
+    assert endpoint.counters["rejected_busy"] == 0
+
+
+def test_a_hello_for_an_id_not_enrolled_gets_no_session(identity: Identity) -> None:
+    endpoint = ServerEndpoint(
+        signing_key=identity.signing_key,
+        trust=make_trust(identity, enrolled=False),
+        code_source=lambda *_: b"",
+        now=0.0,
+    )
+    events = _handshake(endpoint, make_agent(identity), ("127.0.0.10", 1), 0.1)
+    rejected = [e for e in events if isinstance(e, ev.Rejected)]
+    assert [(e.code, e.reason) for e in rejected] == [(ErrorCode.ATTESTATION_FAILED, "unknown_key")]
+    assert endpoint.counters["sessions_created"] == 0 and not endpoint.sessions

@@ -121,7 +121,8 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
         config.max_sessions_per_agent,
         config.max_leases_per_agent,
         config.upload_memory_bytes,
-    ) == (16, 16, 64 << 20)
+        config.max_pending_handshakes,
+    ) == (16, 16, 64 << 20, 1024)
     assert config.key_path == d.absolute() / "server.key"
     assert config.store_path == d.absolute() / "jobs.sqlite"
 
@@ -163,6 +164,7 @@ def test_missing_keys_take_defaults(tmp_path: Path) -> None:
             "max_sessions_per_agent must be between 1 and 10",
         ),
         ("[server]\nmax_leases_per_agent = 0\n", "max_leases_per_agent must be between 1"),
+        ("[server]\nmax_pending_handshakes = 0\n", "max_pending_handshakes must be between 1"),
         ("[server]\nmax_leases_per_agent = 2.5\n", "max_leases_per_agent must be an integer"),
         ("[server]\nupload_memory_bytes = 1000\n", "upload_memory_bytes must be between 1048576"),
         ("[jobs]\ntransfer_seconds = 0\n", "transfer_seconds must be positive"),

@@ -10,6 +10,13 @@ The check runs at HELLO (cheap, on the claimed id) and again just before the
 ATTEST is verified, so an agent over its cap costs no public-key work; only
 verified sessions count, so no one can use up another agent's allowance by
 claiming its id.
+
+A HELLO whose claimed agent id is not enrolled (a dict lookup) gets REJECT
+ATTESTATION_FAILED ``unknown_key`` once its cookie is valid, and no session.
+Handshakes still waiting for their ATTEST (half-open) are capped on their own, per
+source IP address and server-wide (``max_pending_handshakes``), and do not count as
+sessions: half-open handshakes never make the server refuse an honest agent "server
+full", and never count against the claimed id's per-agent cap.
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ from vcomp.protocol.wire import (
 
 Address = tuple[str, int]
 TOO_MANY_SESSIONS = "too_many_sessions"
+TOO_MANY_HANDSHAKES = "too_many_handshakes"
+"""REJECT reason (code BUSY) when the half-open handshake caps are reached."""
+UNKNOWN_KEY = "unknown_key"
+"""REJECT reason (code ATTESTATION_FAILED) for a HELLO from an agent id not enrolled."""
+PENDING_PER_ADDRESS = 16
+"""Half-open handshakes one source IP address may have at once."""
 """REJECT reason (code BUSY) for an agent at its concurrent-session cap."""
 CodeSource = Callable[[int, int, int, int], bytes]
 """(job, attempt, offset, length) -> that slice of code || input.
@@ -61,6 +74,8 @@ class ServerEndpoint:
         window: int = 64,
         max_sessions: int = 100_000,
         max_sessions_per_agent: int = 100_000,
+        max_pending_handshakes: int = 1024,
+        max_pending_per_address: int = PENDING_PER_ADDRESS,
         idle_timeout: float = limits.IDLE_TIMEOUT,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -72,6 +87,10 @@ class ServerEndpoint:
         self._max_per_agent = max_sessions_per_agent
         self._verified: dict[int, bytes] = {}  # session id -> agent id, once its quote verified
         self._per_agent: Counter[bytes] = Counter()
+        self._max_pending = max_pending_handshakes
+        self._max_pending_per_address = max_pending_per_address
+        self._half_open: dict[int, str] = {}  # session id -> source IP, until verified
+        self._half_open_per_ip: Counter[str] = Counter()
         self._idle_timeout = idle_timeout
         self._random = random_bytes
         self._cookies = CookieJar(now, random_bytes=random_bytes)
@@ -114,6 +133,8 @@ class ServerEndpoint:
         elif header.ptype is PacketType.ATTEST and address == session.address:
             if session.state is ServerState.CHALLENGED and self._agent_full(session.agent_id):
                 session.refuse_handshake(TOO_MANY_SESSIONS, self._cap_detail(), ErrorCode.BUSY)
+            elif session.state is ServerState.CHALLENGED and self._server_full():
+                session.refuse_handshake("server full", "no room for a session", ErrorCode.BUSY)
             else:
                 before = session.public_key_ops
                 session.on_attest(data, now)
@@ -121,6 +142,7 @@ class ServerEndpoint:
                 if session.channel is not None and session.session_id not in self._verified:
                     self._verified[session.session_id] = session.agent_id
                     self._per_agent[session.agent_id] += 1
+                    self._end_half_open(session.session_id)
         else:
             self.counters["dropped_unexpected"] += 1
             return
@@ -159,6 +181,15 @@ class ServerEndpoint:
             self.sessions[existing].resend_challenge()
             self._touch(self.sessions[existing])
             return
+        if hello.agent not in self._trust.enrolled:
+            # No session, no signature for an id the ATTEST could never verify.
+            self.counters["rejected_unknown_agent"] += 1
+            self._reply(
+                PacketType.REJECT,
+                Reject(code=ErrorCode.ATTESTATION_FAILED, reason=UNKNOWN_KEY),
+                address,
+            )
+            return
         if self._agent_full(hello.agent):
             self._reply(
                 PacketType.REJECT,
@@ -166,10 +197,20 @@ class ServerEndpoint:
                 address,
             )
             return
-        if len(self.sessions) >= self._max_sessions:
+        if self._server_full():
             self.counters["rejected_busy"] += 1
             self._reply(
                 PacketType.REJECT, Reject(code=ErrorCode.BUSY, reason="server full"), address
+            )
+            return
+        ip = address[0]
+        if (
+            len(self._half_open) >= self._max_pending
+            or self._half_open_per_ip[ip] >= self._max_pending_per_address
+        ):
+            self.counters["rejected_handshakes"] += 1
+            self._reply(
+                PacketType.REJECT, Reject(code=ErrorCode.BUSY, reason=TOO_MANY_HANDSHAKES), address
             )
             return
         session_id = self._new_session_id()
@@ -188,10 +229,23 @@ class ServerEndpoint:
             idle_timeout=self._idle_timeout,
         )
         self.sessions[session_id] = session
+        self._half_open[session_id] = ip
+        self._half_open_per_ip[ip] += 1
         self._pending[key] = session_id
         self._pending_key[session_id] = key
         self.counters["sessions_created"] += 1
         self._touch(session)
+
+    def _server_full(self) -> bool:
+        """Established sessions (half-open handshakes have their own caps) at the cap?"""
+        return len(self.sessions) - len(self._half_open) >= self._max_sessions
+
+    def _end_half_open(self, session_id: int) -> None:
+        ip = self._half_open.pop(session_id, None)
+        if ip is not None:
+            self._half_open_per_ip[ip] -= 1
+            if not self._half_open_per_ip[ip]:
+                del self._half_open_per_ip[ip]
 
     def _agent_full(self, agent_id: bytes) -> bool:
         if self._per_agent[agent_id] < self._max_per_agent:
@@ -295,6 +349,7 @@ class ServerEndpoint:
         self.sessions.pop(session.session_id, None)
         self._timer_of.pop(session.session_id, None)
         self.counters["sessions_closed"] += 1
+        self._end_half_open(session.session_id)
         agent = self._verified.pop(session.session_id, None)
         if agent is not None:
             self._per_agent[agent] -= 1

@@ -65,6 +65,8 @@ DEFAULT_SESSIONS_PER_AGENT = 16  # an honest agent opens one session per worker 
 DEFAULT_UPLOAD_MEMORY = 64 << 20  # result bytes in flight (buffered or queued), server-wide
 MIN_UPLOAD_MEMORY = 1 << 20  # room for a few 256 KiB write batches
 
+DEFAULT_PENDING_HANDSHAKES = 1024  # half-open handshakes (HELLO answered, no ATTEST yet)
+
 DEFAULT_CONFIG = f"""\
 # vcomp organisation server. Created by `vcomp-server init`; see server/server.example.toml.
 [server]
@@ -73,6 +75,7 @@ window = 64
 idle_timeout = 60.0
 max_sessions = 100000
 max_sessions_per_agent = 16
+max_pending_handshakes = 1024
 max_leases_per_agent = 16
 upload_memory_bytes = 67108864
 
@@ -142,6 +145,8 @@ class ServerConfig:
     max_sessions_per_agent: int = DEFAULT_SESSIONS_PER_AGENT
     max_leases_per_agent: int = DEFAULT_SESSIONS_PER_AGENT
     upload_memory_bytes: int = DEFAULT_UPLOAD_MEMORY
+    max_pending_handshakes: int = DEFAULT_PENDING_HANDSHAKES
+    """Handshakes waiting for their ATTEST, server-wide; counted apart from sessions."""
     store_url: str = ""
     """The job store's URL, absolute; empty means the SQLite file at ``store_path``."""
 
@@ -156,6 +161,7 @@ class ServerConfig:
         _check_int("max_sessions", self.max_sessions, 1, 10_000_000)
         _check_int("max_sessions_per_agent", self.max_sessions_per_agent, 1, self.max_sessions)
         _check_int("max_leases_per_agent", self.max_leases_per_agent, 1, 10_000_000)
+        _check_int("max_pending_handshakes", self.max_pending_handshakes, 1, 1_000_000)
         _check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
 
     @property
@@ -319,6 +325,7 @@ def load_server_config(path: Path) -> ServerConfig:
         max_sessions = server.integer("max_sessions", 100_000)
         sessions_per_agent = server.integer("max_sessions_per_agent", DEFAULT_SESSIONS_PER_AGENT)
         leases_per_agent = server.integer("max_leases_per_agent", sessions_per_agent)
+        pending = server.integer("max_pending_handshakes", DEFAULT_PENDING_HANDSHAKES)
         upload_memory = server.integer("upload_memory_bytes", DEFAULT_UPLOAD_MEMORY)
         server.finish()
         jobs = Table(doc, "jobs")
@@ -353,6 +360,7 @@ def load_server_config(path: Path) -> ServerConfig:
             max_sessions_per_agent=sessions_per_agent,
             max_leases_per_agent=leases_per_agent,
             upload_memory_bytes=upload_memory,
+            max_pending_handshakes=pending,
             store_url=str(where),
         )
     except ConfigError as exc:

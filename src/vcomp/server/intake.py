@@ -29,6 +29,12 @@ log = logging.getLogger("vcomp.server")
 REFUSED = "refused"
 """The RESULT status an agent sends for a job above its limits (vcomp.agent.runtime)."""
 
+UNHELD_RESULTS_ALLOWED = 3
+"""Results (or first chunks) for attempts the sender never held that one session may
+send, each refused with a WARNING line; the next closes it as a protocol violation.
+An honest agent sends none (its spooled results are of attempts it was leased)."""
+NOT_HELD = "sender does not hold this job"
+
 
 class Replies(Protocol):
     """What result intake needs from the session glue."""
@@ -65,11 +71,43 @@ class ResultIntake:
         self._stats = stats
         self.budget = UploadBudget(upload_memory_bytes)
         self._sinks: dict[tuple[int, int, int], ResultSink] = {}  # (session, job, attempt)
+        # Per session: attempts found not to be the sender's (so the store is asked
+        # once each), and how many results for them it sent. Bounded: the session is
+        # closed after UNHELD_RESULTS_ALLOWED of them.
+        self._unheld: dict[int, set[Key]] = {}
+        self._reported: dict[int, set[Key]] = {}
 
     def abandon(self, sid: int) -> None:
         """Drop the half-received results of session ``sid`` (the agent resends them)."""
         for key in [k for k in self._sinks if k[0] == sid]:
             self._spawn(self._sinks.pop(key).abandon())
+        self._unheld.pop(sid, None)
+        self._reported.pop(sid, None)
+
+    def _unheld_result(self, sid: int, key: Key) -> bool:
+        """Count a result for an attempt session ``sid`` never held. True: log it (one of
+        the first few); past them, close the session once, with one summary line."""
+        reported = self._reported.setdefault(sid, set())
+        if key in reported:
+            return False  # its chunks and its RESULT are one result; logged once
+        reported.add(key)
+        count = len(reported)
+        if count <= UNHELD_RESULTS_ALLOWED:
+            return True
+        if count == UNHELD_RESULTS_ALLOWED + 1:
+            logfmt.event(
+                log,
+                "unheld_results",
+                logging.WARNING,
+                session=f"{sid:016x}",
+                count=count,
+                job=key[0],
+                attempt=key[1],
+            )
+            self._replies.close_session(
+                sid, "results for jobs this agent does not hold", ErrorCode.PROTOCOL_VIOLATION
+            )
+        return False
 
     # ---- chunks --------------------------------------------------------------
 
@@ -82,6 +120,8 @@ class ResultIntake:
                 return  # the rest of an upload refused at its first chunk
             refusal = self._upload_refusal(e.session_id, (e.job, e.attempt), e.total)
             if refusal is not None:
+                if refusal == NOT_HELD and not self._log_unheld(e.session_id, (e.job, e.attempt)):
+                    return
                 logfmt.event(
                     log,
                     "result_chunks_dropped",
@@ -117,14 +157,26 @@ class ResultIntake:
         """Why a result upload may not start (None: it may); checked before any buffering."""
         limit = self._sender_limit(sid, key)
         if limit is None:
-            return "sender does not hold this job"
+            return NOT_HELD
         if total > limit:
             return f"result of {total} bytes exceeds the job's limit of {limit}"
         return None
 
     def _sender_limit(self, sid: int, key: Key) -> int | None:
         session = self._replies.session(sid)
-        return None if session is None else self._scheduler.output_limit(session.agent_id, key)
+        if session is None or key in self._unheld.get(sid, ()):
+            return None
+        limit = self._scheduler.output_limit(session.agent_id, key)
+        if limit is None:
+            self._unheld.setdefault(sid, set()).add(key)
+        return limit
+
+    def _log_unheld(self, sid: int, key: Key) -> bool:
+        """A result for ``key`` the sender does not hold: False if it is not to be logged
+        (the session is gone, or past its allowance and closed)."""
+        if self._replies.session(sid) is None:
+            return False  # the session closed meanwhile: nothing to refuse it on
+        return self._unheld_result(sid, key)
 
     # ---- complete results ----------------------------------------------------
 
@@ -168,7 +220,8 @@ class ResultIntake:
         refuse a result from an agent that does not hold the job (the store never sees it)."""
         key = (e.job, e.attempt)
         if self._sender_limit(e.session_id, key) is None:
-            self._refuse(e, refusal)
+            if self._log_unheld(e.session_id, key):
+                self._refuse(e, refusal)
             return
         if self._scheduler.held_by(key, e.agent_id):
             self._scheduler.drop(key)

@@ -11,6 +11,11 @@ One enrolled key gets a bounded share: at most ``max_leases_per_agent`` jobs at
 once, counted before the store is asked, and no lease outlives its hard deadline
 (``renew_lease``). A holder that lets its lease lapse is reset and cools down for
 one lease period, so the job goes to someone else first.
+
+An agent whose lease request found nothing is not asked about again until the queue
+changes (a new batch, a requeued job) or its agent declares another capacity, with
+a slow refresh for what changes with time alone (refusals leaving their window).
+A scan is per agent key: the capacity of its latest READY, not one per session.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ Spawn = Callable[[Coroutine[Any, Any, object]], None]
 """Run a coroutine as background work of the server (its failure is logged, not raised)."""
 Key = tuple[int, int]
 """(job, attempt)"""
+RESCAN_SECONDS = 60.0
+"""At most this long before an agent that found nothing is asked about again anyway."""
+NEW_CAPACITY_SECONDS = 5.0
+"""An agent that found nothing is asked about again for a new capacity at most this often
+(each of its sessions may declare another one; it is one agent, not one scan each)."""
 
 
 class Sessions(Protocol):
@@ -96,12 +106,27 @@ class Scheduler:
         self._idle: set[int] = set()
         self._leases_held: Counter[str] = Counter()  # assignments per agent (hex id)
         self._cooling: dict[str, float] = {}  # agent -> monotonic time its cool-down ends
-        self._queue_hint = True
+        # Agents whose lease request found nothing since the queue last changed, with
+        # the capacity they asked with.
+        self._found_nothing: dict[bytes, tuple[JobCapacity, float]] = {}
+        self._asking: set[bytes] = set()  # agents with a lease request of assign in flight
+        self._ask_again = False  # a session waited for one of those: assign once more
+        self._newest_batch = -1
+        self._rescan_at = time.monotonic() + RESCAN_SECONDS
         self._prefetching: set[int] = set()
 
     # ---- what the session glue tells us --------------------------------------
 
     def agent_idle(self, sid: int) -> None:
+        session = self._sessions.session(sid)
+        if session is not None:
+            tried = self._found_nothing.get(session.agent_id)
+            if (
+                tried is not None
+                and tried[0] != session.capacity
+                and time.monotonic() >= tried[1] + NEW_CAPACITY_SECONDS
+            ):
+                del self._found_nothing[session.agent_id]  # a new capacity may fit a job
         self._idle.add(sid)
         self._spawn(self.assign())
 
@@ -155,7 +180,7 @@ class Scheduler:
 
     def requeued(self) -> None:
         """A job went back to the queue: let idle agents ask again."""
-        self._queue_hint = True
+        self._found_nothing.clear()
         self._spawn(self.assign())
 
     def read_code(self, job: int, attempt: int, offset: int, length: int) -> bytes:
@@ -176,9 +201,7 @@ class Scheduler:
 
     async def assign(self) -> None:
         # A None lease is about one agent (distinct-agent replicas, its capacity, its
-        # refusals), not the queue: try every idle agent once per pass before
-        # concluding the queue is empty.
-        refused: set[tuple[bytes, JobCapacity]] = set()
+        # refusals, its attempts of the job), not the queue: other agents still ask.
         for sid in list(self._idle):
             if sid not in self._idle or sid in self._prefetching:
                 continue  # taken by another assign task, or its next job is on the way
@@ -186,33 +209,39 @@ class Scheduler:
             if session is None or session.state is not ServerState.IDLE:
                 self._idle.discard(sid)
                 continue
-            if not self._queue_hint:
-                return
-            if (session.agent_id, session.capacity) in refused:
+            agent = session.agent_id
+            if agent in self._found_nothing:
+                continue  # nothing for this agent until the queue changes
+            if agent in self._asking:
+                self._ask_again = True  # one request per agent at a time, not per session
                 continue
-            if not self._reserve_lease(session.agent_id):
+            if not self._reserve_lease(agent):
                 continue  # it holds its share of the queue; a finished job frees a slot
             self._idle.discard(sid)
-            lease = await self._lease_for(session)
+            self._asking.add(agent)
+            try:
+                lease = await self._lease_for(session)
+            finally:
+                self._asking.discard(agent)
+                if self._ask_again:
+                    self._ask_again = False
+                    self._spawn(self.assign())
             if lease is None:
                 self._unreserve_lease(session.agent_id.hex())
-                refused.add((session.agent_id, session.capacity))
+                self._nothing_for(session)
                 self._idle.add(sid)
                 continue
             await self._start_or_release(sid, lease)
-        if refused and not any(
-            (s := self._sessions.session(sid)) is not None
-            and (s.agent_id, s.capacity) not in refused
-            for sid in self._idle
-        ):
-            self._queue_hint = False
+
+    def _nothing_for(self, session: ServerSession) -> None:
+        self._found_nothing[session.agent_id] = (session.capacity, time.monotonic())
 
     def prefetch(self, session: ServerSession, key: Key) -> asyncio.Future[Lease | None] | None:
         """Lease the next job of the agent whose result ``key`` is being recorded, so
         both go in one group commit; hand the future to :meth:`use_prefetched`."""
         sid = session.session_id
         if (
-            not self._queue_hint
+            session.agent_id in self._found_nothing
             or session.current_job != key
             or sid in self._prefetching
             or not self._reserve_lease(session.agent_id)
@@ -233,7 +262,9 @@ class Scheduler:
             self._prefetching.discard(sid)
         if lease is None:
             self._unreserve_lease(agent_id.hex())
-            self._queue_hint = False
+            session = self._sessions.session(sid)
+            if session is not None:
+                self._nothing_for(session)
             return
         await self._start_or_release(sid, lease)
 
@@ -361,6 +392,8 @@ class Scheduler:
     async def expire_and_renew(self, now: float) -> None:
         """Requeue lapsed leases (resetting holders still on them); renew live ones."""
         expired = await self._committer.run(self._store.expire_leases, now)
+        if expired:
+            self._found_nothing.clear()  # their jobs are queued again
         for x in expired:
             self._abort_on_holder((x.job_id, x.attempt))
             self.drop((x.job_id, x.attempt))
@@ -378,8 +411,12 @@ class Scheduler:
             await self._committer.run(self._renew, live, now)
 
     async def offer(self) -> None:
-        """New batches or requeued jobs may be there: let idle agents ask again."""
-        self._queue_hint = True
+        """Let idle agents ask again if a new batch came (or it is time to anyway)."""
+        newest = await self._committer.run(self._store.newest_batch_id)
+        if newest != self._newest_batch or time.monotonic() >= self._rescan_at:
+            self._newest_batch = newest
+            self._rescan_at = time.monotonic() + RESCAN_SECONDS
+            self._found_nothing.clear()
         if self._idle:
             await self.assign()
 

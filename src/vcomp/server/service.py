@@ -112,6 +112,7 @@ class OrganisationServer:
             window=self.config.window,
             max_sessions=self.config.max_sessions,
             max_sessions_per_agent=self.config.max_sessions_per_agent,
+            max_pending_handshakes=self.config.max_pending_handshakes,
             idle_timeout=self.config.idle_timeout,
         )
         running: asyncio.Future[None] = loop.create_future()

@@ -194,7 +194,9 @@ def test_expiry_requeues_then_max_attempts_fails_with_reason(
 ) -> None:
     store.create_batch(app, [b"x"], max_attempts=3)
     for attempt in (1, 2, 3):
-        granted = lease(store, agents[0], now=attempt * 100.0, seconds=10.0)
+        # Two agents take turns: neither may use up the budget alone.
+        holder = agents[(attempt - 1) % 2]
+        granted = lease(store, holder, now=attempt * 100.0, seconds=10.0)
         assert granted.attempt == attempt
         assert store.expire_leases(attempt * 100.0 + 9.0) == []  # not yet
         [expired] = store.expire_leases(attempt * 100.0 + 10.0)
@@ -216,7 +218,8 @@ def test_release_requeues_at_once_and_counts(store: Store, app: str, agents: lis
     assert not store.release_lease(first.job_id, first.attempt, "again")  # stale: no-op
     job = store.get_job(first.job_id)
     assert job.state is JobState.QUEUED and job.reason == "released: RESET by admin"
-    second = lease(store, agents[0])
+    assert store.lease_next(agents[0], 0.0, 30.0) is None  # its one charged attempt
+    second = lease(store, agents[1])
     assert second.attempt == 2
     assert store.release_lease(second.job_id, 2, "transfer failed")
     job = store.get_job(first.job_id)
@@ -311,6 +314,36 @@ def test_abandoned_costs_no_budget_and_comes_back(
     job = store.get_job(granted.job_id)
     assert job.state is JobState.QUEUED
     assert {a.state for a in store.list_attempts(job.job_id)} == {AttemptState.ABANDONED}
+
+
+def test_one_agent_cannot_use_up_a_jobs_budget_alone(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    """An agent gets at most max_attempts - 1 charged attempts of a job (errored,
+    expired or released); then the job waits, queued, for another agent."""
+    store.create_batch(app, [b"x"], max_attempts=3)
+    first = lease(store, agents[0], now=1.0)
+    store.record_results([ok(first, status="error", error="crashed")])
+    second = lease(store, agents[0], now=2.0)
+    assert store.release_lease(second.job_id, second.attempt, "transfer failed", now=3.0)
+    assert store.lease_next(agents[0], 4.0, 10.0) is None  # two charged: no third
+    assert store.get_job(first.job_id).state is JobState.QUEUED
+    third = lease(store, agents[1], now=5.0)
+    assert third.attempt == 3
+    store.record_results([ok(third)])
+    assert store.get_job(first.job_id).state is JobState.DONE
+
+
+def test_an_expired_lease_counts_against_its_agent(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"x"], max_attempts=2)
+    first = lease(store, agents[0], now=1.0)
+    store.expire_leases(now=100.0)
+    assert store.lease_next(agents[0], 101.0, 10.0) is None
+    job = store.get_job(first.job_id)
+    assert job.state is JobState.QUEUED
+    assert lease(store, agents[1], now=102.0).attempt == 2
 
 
 def test_only_the_holder_refuses_its_live_lease(store: Store, app: str, agents: list[str]) -> None:

@@ -154,6 +154,20 @@ def test_refusal_cap_and_window() -> None:
     assert charged_attempts(5, 2) == 3
 
 
+def test_no_agent_may_use_up_a_jobs_attempt_budget_alone() -> None:
+    from vcomp.server.store.rules import CHARGED_STATES, agent_attempt_cap, may_lease_again
+
+    assert agent_attempt_cap(1) == 1  # a budget of one is that agent's one try
+    assert [agent_attempt_cap(n) for n in (2, 3, 5)] == [1, 2, 4]
+    assert may_lease_again(0, 1) and not may_lease_again(1, 1)
+    assert may_lease_again(1, 3) and not may_lease_again(2, 3)
+    assert set(CHARGED_STATES) == {
+        AttemptState.ERRORED,
+        AttemptState.EXPIRED,
+        AttemptState.RELEASED,
+    }
+
+
 def test_renewal_extends_a_live_lease_up_to_the_hard_deadline() -> None:
     def renew(record: AttemptRecord, job: JobState, now: float) -> float | None:
         return renewed_deadline(

@@ -17,8 +17,10 @@ Vocabulary
 Replication (BOINC's redundant computing)
     A job wants ``quorum`` results that agree under a :data:`ResultComparator`. It starts
     with ``replicas`` replica slots. Distinct-host rule: an agent never gets a lease on a
-    job while it holds another live lease or an ok result for it (an agent whose attempt
-    failed may try again). The
+    job while it holds another live lease or an ok result for it. An agent whose attempt
+    failed may try again, but no agent alone may use up a job's budget: it gets at most
+    ``max(1, max_attempts - 1)`` charged attempts (errored, expired, released) of one
+    job, after which the job waits for another agent or its batch deadline. The
     attempt budget, shared by all replicas of the job, is ``replicas * max_attempts``:
     failed attempts (error status, expired or released lease) and the extra replicas
     issued after a disagreement all draw on it. When the budget can no longer produce a

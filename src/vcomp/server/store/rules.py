@@ -162,6 +162,24 @@ def refused_attempt_state(offer_again: bool) -> AttemptState:
     return AttemptState.ABANDONED if offer_again else AttemptState.REFUSED
 
 
+# The attempt states of one agent that drew on a job's budget (a live lease and an ok
+# result already keep the job from that agent; refusals and abandons are not charged).
+CHARGED_STATES = (AttemptState.ERRORED, AttemptState.EXPIRED, AttemptState.RELEASED)
+
+
+def agent_attempt_cap(max_attempts: int) -> int:
+    """Charged attempts of one job one agent may have: fewer than the job's budget, so
+    no single agent (a key that errors every job, or sits on it past its deadline) can
+    fail a job alone; the job waits for another agent or its batch deadline instead.
+    A budget of one is that agent's one try. ``LEASE_PICK`` applies this in SQL."""
+    return max(1, max_attempts - 1)
+
+
+def may_lease_again(charged_by_agent: int, max_attempts: int) -> bool:
+    """May an agent with ``charged_by_agent`` charged attempts of a job get another?"""
+    return charged_by_agent < agent_attempt_cap(max_attempts)
+
+
 def charged_attempts(attempts: int, uncharged: int) -> int:
     """Attempts that drew on the budget: every lease but the agents' refusals."""
     return attempts - uncharged

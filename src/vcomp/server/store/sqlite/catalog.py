@@ -249,6 +249,10 @@ class SqliteCatalog:
                 self._batches[batch_id] = batch
         return batch
 
+    def newest_batch_id(self) -> int:
+        with self._db.transaction() as conn:
+            return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM batches").fetchone()[0])
+
     def list_batches(self) -> list[Batch]:
         with self._db.transaction() as conn:
             ids = [int(r[0]) for r in conn.execute("SELECT id FROM batches ORDER BY id")]

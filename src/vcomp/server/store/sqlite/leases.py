@@ -19,6 +19,7 @@ from vcomp.server.store.records import (
     LeaseRequest,
 )
 from vcomp.server.store.rules import (
+    CHARGED_STATES,
     job_state_after_lease,
     refusal_window_start,
     refusals_exhausted,
@@ -34,6 +35,8 @@ from vcomp.server.store.sqlite.schema import (
     REFUSALS_SINCE,
 )
 
+_CHARGED_STATES = json.dumps([state.value for state in CHARGED_STATES])
+
 
 def _pick_args(request: LeaseRequest, agent_id: str) -> dict[str, object]:
     cap = request.capacity
@@ -47,6 +50,7 @@ def _pick_args(request: LeaseRequest, agent_id: str) -> dict[str, object]:
         "disk_bytes": min(cap.disk_bytes, INT64_MAX),
         "job_bytes": cap.job_bytes,
         "kinds": json.dumps(list(cap.kinds)),
+        "charged_states": _CHARGED_STATES,
     }
 
 

@@ -140,6 +140,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # The first queued job that fits the agent's capacity (START's numbers: whole
 # seconds) and that it neither holds, has done, nor has refused.
+# The per-agent cap is rules.agent_attempt_cap (max(1, max_attempts - 1)) over
+# rules.CHARGED_STATES; the store contract suite pins the two together.
 LEASE_PICK = """
 SELECT j.id, j.batch_id, j.idx, j.pending, j.attempts, bl.size, bl.sha256
 FROM jobs AS j
@@ -160,6 +162,10 @@ WHERE j.state = 'queued'
     SELECT 1 FROM attempts AS a
     WHERE a.job_id = j.id AND a.agent_id = :agent
       AND a.state IN ('leased', 'succeeded', 'refused'))
+  AND (SELECT COUNT(*) FROM attempts AS a
+       WHERE a.job_id = j.id AND a.agent_id = :agent
+         AND a.state IN (SELECT value FROM json_each(:charged_states)))
+      < MAX(1, b.max_attempts - 1)
 ORDER BY j.id
 LIMIT 1
 """

@@ -161,6 +161,9 @@ class SqliteStore:
     def get_batch(self, batch_id: int) -> Batch:
         return self._catalog.get_batch(batch_id)
 
+    def newest_batch_id(self) -> int:
+        return self._catalog.newest_batch_id()
+
     def list_batches(self) -> list[Batch]:
         return self._catalog.list_batches()
 
