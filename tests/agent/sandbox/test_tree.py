@@ -36,8 +36,13 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 def state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+    """The process's state letter; "X" (dead) once it is gone, as it may be between
+    listing the tree and reading its stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
+        return "X"
 
 
 @pytest.fixture
@@ -86,6 +91,6 @@ def test_kill_leaves_nothing(tree: tuple[subprocess.Popen[bytes], JobTree]) -> N
     _, t = tree
     t.kill()
     deadline = time.monotonic() + 5
-    while [p for p in t.pids() if state(p) != "Z"] and time.monotonic() < deadline:
+    while [p for p in t.pids() if state(p) not in ("Z", "X")] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert [p for p in t.pids() if state(p) != "Z"] == []
+    assert [p for p in t.pids() if state(p) not in ("Z", "X")] == []
