@@ -243,8 +243,9 @@ class RefusingAgent:
     """An enrolled, attested agent that refuses every job it is sent.
 
     ``by_error`` refuses with a job ERROR (as for a transfer or sandbox failure);
-    otherwise with a RESULT of status ``refused``, as the real agent does when a
-    job is above its ``[limits]``.
+    otherwise with a RESULT of ``status``: ``refused``, as the real agent sends for a
+    job above its ``[limits]``, or a failure such as ``error`` (a crashed job).
+    ``refused`` counts the answers sent.
     """
 
     def __init__(
@@ -255,9 +256,11 @@ class RefusingAgent:
         ephemeral: tuple[rsa.RSAPrivateKey, bytes],
         *,
         by_error: bool = False,
+        status: str = "refused",
     ) -> None:
         self.tpm, self.pinned, self.server, self.ephemeral = tpm, pinned, server, ephemeral
         self.by_error = by_error
+        self.status = status
         self.refused = 0
         self.session: AgentSession | None = None
         self.adapter: AgentAdapter | None = None
@@ -282,7 +285,7 @@ class RefusingAgent:
             self.session.state = AgentState.READY
         else:
             self.session.submit_result(
-                job=d.job, attempt=d.attempt, status="refused", output=b"", detail="no"
+                job=d.job, attempt=d.attempt, status=self.status, output=b"", detail="no"
             )
         self.refused += 1
         self.adapter.kick()

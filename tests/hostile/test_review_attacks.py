@@ -15,9 +15,6 @@ import select
 import socket
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import rsa
-
-from vcomp.agent.tpm import SimulatedTpm
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol.agent_session import AgentSession
@@ -32,6 +29,7 @@ from .harness import (
     APP,
     Address,
     HoldingAgent,
+    RefusingAgent,
     ServerProcess,
     hello_datagram,
     make_server_home,
@@ -43,45 +41,6 @@ from .harness import (
 )
 
 MiB = 1 << 20
-
-
-class FailingAgent:
-    """An enrolled, attested agent that answers every job at once with a result of a
-    non-ok ``status`` (what an honest agent sends for a crashed or killed job)."""
-
-    def __init__(
-        self,
-        tpm: SimulatedTpm,
-        pinned: bytes,
-        server: Address,
-        ephemeral: tuple[rsa.RSAPrivateKey, bytes],
-        status: str = "error",
-    ) -> None:
-        self.tpm, self.pinned, self.server, self.ephemeral = tpm, pinned, server, ephemeral
-        self.status = status
-        self.failed = 0
-        self.session: AgentSession | None = None
-        self.adapter: AgentAdapter | None = None
-
-    async def start(self) -> None:
-        self.session, self.adapter = await open_session(
-            self.tpm, self.pinned, self.server, self.ephemeral, self._on_event
-        )
-
-    def _on_event(self, e: ev.Event) -> None:
-        if not isinstance(e, ev.JobReceived):
-            return
-        assert self.session is not None and self.adapter is not None
-        d = e.description
-        self.session.submit_result(
-            job=d.job, attempt=d.attempt, status=self.status, output=b"", detail="crashed"
-        )
-        self.failed += 1
-        self.adapter.kick()
-
-    def close(self) -> None:
-        if self.adapter is not None:
-            self.adapter.close()
 
 
 JOBS = 10
@@ -115,7 +74,9 @@ async def test_one_key_reporting_errors_cannot_fail_a_batch_alone(tmp_path: Path
         )
         job_ids = [store.get_job_by_index(batch, i).job_id for i in range(JOBS)]
     server = ServerProcess(home, tmp_path / "server.log")
-    agent = FailingAgent(hostile, server.fingerprint, server.address, hs.generate_ephemeral())
+    agent = RefusingAgent(
+        hostile, server.fingerprint, server.address, hs.generate_ephemeral(), status="error"
+    )
     store = SqliteStore(home / "jobs.sqlite")
     try:
         await agent.start()
@@ -124,7 +85,7 @@ async def test_one_key_reporting_errors_cannot_fail_a_batch_alone(tmp_path: Path
             if all(store.get_job(j).state is JobState.FAILED for j in job_ids):
                 return True
             # Each job errored once on this agent and it was offered nothing more.
-            return agent.failed >= JOBS and all(
+            return agent.refused >= JOBS and all(
                 store.get_job(j).state is JobState.QUEUED for j in job_ids
             )
 
@@ -133,7 +94,7 @@ async def test_one_key_reporting_errors_cannot_fail_a_batch_alone(tmp_path: Path
         per_job = max(len(store.list_attempts(j)) for j in job_ids)
         print(
             f"\none key reporting 'error': {failed} of {JOBS} jobs failed, up to {per_job} "
-            f"attempts per job, all by that key ({agent.failed} results sent)"
+            f"attempts per job, all by that key ({agent.refused} results sent)"
         )
         assert failed == 0, f"{failed} of {JOBS} jobs failed by one agent alone"
         assert per_job == 1
