@@ -69,6 +69,11 @@ class StoreError(VcompError):
     """The job store refused an operation or is inconsistent."""
 
 
+class StoreUnavailable(StoreError):
+    """The job store cannot be reached now (connection refused or lost, database
+    restarting); the operation did not happen, or its commit is unknown. Retry later."""
+
+
 class SchemaVersionError(StoreError):
     """The job store's schema is not the version this vcomp uses; ``migrate`` fixes it."""
 

@@ -271,12 +271,15 @@ def test_wait_exits_3_when_a_job_failed(app_home: Path, agent_line: str, tmp_pat
 def test_reset_writes_a_request(home: Path, agent_line: str) -> None:
     ok("enroll", agent_line, "--config", home)
     agent_id = agent_line.split()[1]
+    seen = 0
     for who in (agent_id, agent_id[:8], "alice"):
         result = ok("reset", who, "--config", home)
         assert agent_id in result.stdout and "within a second" in result.stdout
         store = SqliteStore(home / "jobs.sqlite")
-        assert store.take_reset_requests() == [agent_id]
+        requests = store.reset_requests_after(seen)
         store.close()
+        assert [agent for _, agent in requests] == [agent_id]
+        seen = requests[0][0]
     assert_clean_error(run("reset", "bob", "--config", home), "no enrolled agent")
 
 

@@ -612,7 +612,7 @@ def reset(agent: str, config_path: Path) -> None:
         store.request_reset(target.agent_id)
     click.echo(
         f"reset requested for agent {target.agent_id} ({target.name}); "
-        "a running server sends it within a second"
+        "every running server with a session of it resets it within a second"
     )
 
 

@@ -59,6 +59,8 @@ __all__ = ["OrganisationServer", "ServerStats", "serve"]
 log = logging.getLogger("vcomp.server")
 
 TICK_SECONDS = 0.5
+RESET_REQUEST_TTL = 300.0  # seconds every server has to see a reset request
+RESET_PRUNE_SECONDS = 60.0
 
 
 class OrganisationServer:
@@ -92,6 +94,8 @@ class OrganisationServer:
         self._ak_cache: dict[str, tuple[str, rsa.RSAPublicKey]] = {}
         self._pending_clocks: dict[str, ClockInfo] = {}
         self._pending_touches: dict[str, tuple[float, str]] = {}
+        self._reset_cursor = 0  # the newest reset request this server has seen
+        self._reset_pruned = 0.0
         self.endpoint: ServerEndpoint | None = None
         self.address: tuple[str, int] | None = None
 
@@ -103,6 +107,7 @@ class OrganisationServer:
         if self._lock is not None:
             self._lock.acquire(f"pid {os.getpid()}, starting")
         await self.committer.run(self.store.discard_stale_uploads, time.time())
+        self._reset_cursor = await self.committer.run(self.store.newest_reset_request)
         self._load_trust()
         self.endpoint = ServerEndpoint(
             signing_key=self._signing_key,
@@ -373,6 +378,18 @@ class OrganisationServer:
             except Exception as exc:  # a bug: log it and keep ticking, expiry must go on
                 logfmt.event(log, "internal_error", logging.ERROR, work="tick", error=loggable(exc))
 
+    async def _poll_reset_requests(self, now: float) -> None:
+        # Every server sees every request and resets the sessions it holds; rows
+        # are pruned by age, not when taken, since the agent may be on several.
+        for request_id, agent in await self.committer.run(
+            self.store.reset_requests_after, self._reset_cursor
+        ):
+            self._reset_cursor = request_id
+            self._reset_agent(agent)
+        if now >= self._reset_pruned + RESET_PRUNE_SECONDS:
+            self._reset_pruned = now
+            await self.committer.run(self.store.prune_reset_requests, now - RESET_REQUEST_TTL)
+
     async def _tick(self) -> None:
         now = time.time()
         await self.scheduler.expire_and_renew(now)
@@ -380,8 +397,7 @@ class OrganisationServer:
             clocks, self._pending_clocks = self._pending_clocks, {}
             touches, self._pending_touches = self._pending_touches, {}
             await self.committer.run(self._flush_agent_updates, clocks, touches)
-        for agent in await self.committer.run(self.store.take_reset_requests):
-            self._reset_agent(agent)
+        await self._poll_reset_requests(now)
         self._load_trust()
         await self.scheduler.offer()
 

@@ -758,14 +758,32 @@ def test_measurement_allowlist(store: Store) -> None:
         store.allow_measurement("  ")
 
 
-def test_reset_requests(store: Store, agents: list[str]) -> None:
+def test_reset_requests_are_seen_by_every_poller(store: Store, agents: list[str]) -> None:
+    start = store.newest_reset_request()
     store.request_reset(agents[1])
     store.request_reset(agents[0])
-    store.request_reset(agents[1])
-    assert store.take_reset_requests() == [agents[1], agents[0]]
-    assert store.take_reset_requests() == []
+    seen = store.reset_requests_after(start)
+    assert [agent for _, agent in seen] == [agents[1], agents[0]]
+    # a second server polling from the same point sees the same requests
+    assert store.reset_requests_after(start) == seen
+    assert store.reset_requests_after(seen[-1][0]) == []
+    assert store.newest_reset_request() == seen[-1][0]
     with pytest.raises(StoreError, match="unknown agent"):
         store.request_reset("00" * 32)
+
+
+def test_pruned_reset_requests_never_reuse_an_id(make_store: StoreFactory) -> None:
+    clock = [1000.0]
+    store = make_store(clock=lambda: clock[0])
+    agents = [enroll(store, f"agent-{i}") for i in range(2)]
+    store.request_reset(agents[0])
+    store.request_reset(agents[1])
+    newest = store.newest_reset_request()
+    clock[0] += 1000
+    assert store.prune_reset_requests(clock[0]) == 1  # the newest row stays
+    store.request_reset(agents[0])
+    fresh = store.reset_requests_after(newest)
+    assert [agent for _, agent in fresh] == [agents[0]] and fresh[0][0] > newest
 
 
 def test_status_and_iter_results(store: Store, app: str, agents: list[str]) -> None:

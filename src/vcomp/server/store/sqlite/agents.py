@@ -153,10 +153,25 @@ class SqliteAgents:
                 (agent_id, self._clock()),
             )
 
-    def take_reset_requests(self) -> list[str]:
-        with self._db.transaction(write=True, durable=False) as conn:
+    def reset_requests_after(self, after: int) -> list[tuple[int, str]]:
+        with self._db.transaction() as conn:
             rows = conn.execute(
-                "SELECT agent_id, MIN(id) FROM reset_requests GROUP BY agent_id ORDER BY 2"
+                "SELECT id, agent_id FROM reset_requests WHERE id > ? ORDER BY id", (after,)
             ).fetchall()
-            conn.execute("DELETE FROM reset_requests")
-        return [str(r[0]) for r in rows]
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    def newest_reset_request(self) -> int:
+        with self._db.transaction() as conn:
+            row = conn.execute("SELECT MAX(id) FROM reset_requests").fetchone()
+        return 0 if row[0] is None else int(row[0])
+
+    def prune_reset_requests(self, before: float) -> int:
+        check_finite(before, "before")
+        with self._db.transaction(write=True, durable=False) as conn:
+            # The newest row stays: SQLite would reuse its id, and servers poll by id.
+            cur = conn.execute(
+                "DELETE FROM reset_requests WHERE requested_at < ? "
+                "AND id < (SELECT MAX(id) FROM reset_requests)",
+                (before,),
+            )
+        return int(cur.rowcount)

@@ -298,8 +298,14 @@ class SqliteStore:
     def request_reset(self, agent_id: str) -> None:
         self._agents.request_reset(agent_id)
 
-    def take_reset_requests(self) -> list[str]:
-        return self._agents.take_reset_requests()
+    def reset_requests_after(self, after: int) -> list[tuple[int, str]]:
+        return self._agents.reset_requests_after(after)
+
+    def newest_reset_request(self) -> int:
+        return self._agents.newest_reset_request()
+
+    def prune_reset_requests(self, before: float) -> int:
+        return self._agents.prune_reset_requests(before)
 
     # ------------------------------------------------------------------ status
 
