@@ -82,3 +82,26 @@ def test_peer_text_is_capped() -> None:
     # The escaped form of a capped field is bounded too (at most \\U plus 8 digits a char).
     out = _logged(message=logfmt.peer_text("\u2028" * 10_000))
     assert len(out) < 10 * logfmt.PEER_TEXT_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("value", "level", "warned"),
+    [
+        ("warning", logging.WARNING, False),
+        ("DEBUG", logging.DEBUG, False),
+        ("loud", logging.INFO, True),
+    ],
+)
+def test_log_level_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, level: int, warned: bool
+) -> None:
+    monkeypatch.setenv("VCOMP_LOG_LEVEL", value)
+    stream = io.StringIO()
+    root = logging.getLogger("vcomp")
+    saved = root.handlers[:], root.level, root.propagate
+    try:
+        logfmt.setup(stream=stream)
+        assert root.level == level
+        assert ("event=bad_log_level" in stream.getvalue()) is warned
+    finally:
+        root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]

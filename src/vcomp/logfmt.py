@@ -11,6 +11,7 @@ or ``\\uNNNN``, so a peer can neither forge a record nor rewrite one on a termin
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import unicodedata
@@ -66,8 +67,19 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
     logger.log(level, " ".join(parts))
 
 
+LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING}
+LEVELS["ERROR"] = logging.ERROR
+
+
 def setup(level: int = logging.INFO, stream: object = None) -> None:
-    """Log lines as ``<time> <level> <logger> event=...`` on stderr."""
+    """Log lines as ``<time> <level> <logger> event=...`` on stderr.
+
+    ``$VCOMP_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR) overrides ``level``: a busy
+    server may not want a line per job."""
+    wanted = os.environ.get("VCOMP_LOG_LEVEL", "").strip().upper()
+    bad_level = bool(wanted) and wanted not in LEVELS
+    if wanted in LEVELS:
+        level = LEVELS[wanted]
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.setFormatter(
         logging.Formatter(
@@ -78,3 +90,11 @@ def setup(level: int = logging.INFO, stream: object = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if bad_level:
+        event(
+            root,
+            "bad_log_level",
+            logging.WARNING,
+            value=wanted[:20],
+            using=logging.getLevelName(level),
+        )
