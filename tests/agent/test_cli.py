@@ -49,7 +49,7 @@ def test_init_prints_enrolment_and_measurement(home: tuple[Path, Result]) -> Non
     golden = line_starting(result, "sha256:")
     config = load_agent_config(d)
     assert Measurement.parse(golden) == golden_measurement(config.policy())
-    assert (config.server, config.server_key) == ("10.0.0.1:7461", FP)
+    assert (config.servers, config.server_key) == (("10.0.0.1:7461",), FP)
 
 
 def test_enrolment_and_measure_repeat_what_init_printed(home: tuple[Path, Result]) -> None:

@@ -32,7 +32,7 @@ FP = "ab" * 32
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("agent") / "home"
-    init_agent_home(d, name="alice laptop", server="127.0.0.1:7461", server_key=FP.upper())
+    init_agent_home(d, name="alice laptop", servers=["127.0.0.1:7461"], server_key=FP.upper())
     return d
 
 
@@ -53,7 +53,7 @@ def test_init_writes_a_loadable_config(home: Path) -> None:
     config = load_agent_config(home)
     assert config == load_agent_config(home / "agent.toml")
     assert config.name == "alice-laptop"  # whitespace is not allowed in the enrolment line
-    assert config.server_address() == ("127.0.0.1", 7461)
+    assert config.server_addresses() == (("127.0.0.1", 7461),)
     assert config.server_key == FP and config.server_fingerprint() == bytes.fromhex(FP)
     assert (config.mode, config.cpu_percent, config.core, config.cores) == (
         "background",
@@ -74,8 +74,10 @@ def test_init_refuses_a_non_empty_dir_and_force_keeps_the_identity(home: Path) -
     before = SimulatedTpm.open(home / "tpm").agent_id
     config = init_agent_home(home, name="renamed", force=True)
     assert SimulatedTpm.open(config.tpm_dir).agent_id == before
-    assert config.name == "renamed" and config.server == ""
-    init_agent_home(home, name="alice laptop", server="127.0.0.1:7461", server_key=FP, force=True)
+    assert config.name == "renamed" and config.servers == ()
+    init_agent_home(
+        home, name="alice laptop", servers=["127.0.0.1:7461"], server_key=FP, force=True
+    )
 
 
 def test_example_file_loads_with_the_defaults() -> None:
@@ -89,7 +91,7 @@ def test_policy_ignores_volunteer_preferences(home: Path) -> None:
     other = dataclasses.replace(
         config,
         name="bob",
-        server="",
+        servers=(),
         server_key="",
         mode="throttle",
         cpu_percent=30,
@@ -199,7 +201,7 @@ def test_resolve_server_key(tmp_path: Path) -> None:
 
 
 def test_render_round_trips_odd_names(tmp_path: Path) -> None:
-    config = AgentConfig(home=tmp_path, name='quote"back\\slash-é', server="[::1]:9")
+    config = AgentConfig(home=tmp_path, name='quote"back\\slash-é', servers=("[::1]:9", "h:1"))
     (tmp_path / "agent.toml").write_text(render_agent_toml(config))
     assert load_agent_config(tmp_path) == dataclasses.replace(config, home=tmp_path.absolute())
 
@@ -238,7 +240,7 @@ def test_capacity_declares_the_volunteer_limits() -> None:
 
 def test_volunteer_limits_refuse_a_work_dir_over_max_disk_bytes(tmp_path: Path) -> None:
     (tmp_path / "agent.toml").write_text(
-        render_agent_toml(AgentConfig(home=tmp_path, name="a", server="127.0.0.1:9")).replace(
+        render_agent_toml(AgentConfig(home=tmp_path, name="a", servers=("127.0.0.1:9",))).replace(
             "max_disk_bytes = 1073741824", "max_disk_bytes = 1048576"
         )
     )

@@ -63,7 +63,7 @@ async def _server_b(tmp_path: Path, pin: str | None) -> tuple[Org, AgentConfig]:
     org = await start_org(tmp_path, tpm, policy=config.policy(), name="server-b", code=JOB)
     host, port = org.address
     server_key = pin or org.fingerprint.hex()
-    config = dataclasses.replace(config, server=f"{host}:{port}", server_key=server_key)
+    config = dataclasses.replace(config, servers=(f"{host}:{port}",), server_key=server_key)
     return org, dataclasses.replace(config, mode="full")
 
 

@@ -465,7 +465,7 @@ class Lab:
         """A fresh agent home (mode full) pointing at ``server``, pinning ``fingerprint``."""
         host, port = server
         config = init_agent_home(
-            self.root / name, name=name, server=f"{host}:{port}", server_key=fingerprint
+            self.root / name, name=name, servers=[f"{host}:{port}"], server_key=fingerprint
         )
         config = dataclasses.replace(config, mode="full", cores=cores)
         self.agent_ids[name] = SimulatedTpm.open(config.tpm_dir).agent_id.hex()

@@ -22,6 +22,7 @@ from vcomp.agent.config import (
     default_agent_home,
     init_agent_home,
     load_agent_config,
+    normalise_servers,
     resolve_server_key,
 )
 from vcomp.agent.modes import MODE_KINDS
@@ -76,7 +77,13 @@ def _print_identity(config: AgentConfig) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", help="Name shown to the organisation [default: this host's name].")
-@click.option("--server", default="", help="The organisation's server, HOST:PORT.")
+@click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="An organisation server; repeat for several (tried in turn if one goes away).",
+)
 @click.option(
     "--server-key",
     default="",
@@ -84,19 +91,21 @@ def _print_identity(config: AgentConfig) -> None:
     help="The server key to pin: its 64-hex fingerprint or the server's server.pub.",
 )
 @click.option("--force", is_flag=True, help="Rewrite agent.toml in a non-empty DIR; keeps the TPM.")
-def init(directory: Path, name: str | None, server: str, server_key: str, force: bool) -> None:
+def init(
+    directory: Path, name: str | None, servers: tuple[str, ...], server_key: str, force: bool
+) -> None:
     """Create an agent home in DIRECTORY.
 
     Writes agent.toml, the simulated TPM (the agent's identity), spool/ and work/, and
     prints the enrolment line and the golden measurement to hand to the organisation.
     """
     config = init_agent_home(
-        directory, name=name, server=server, server_key=server_key, force=force
+        directory, name=name, servers=servers, server_key=server_key, force=force
     )
     _print_identity(config)
-    if not (config.server and config.server_key):
+    if not (config.servers and config.server_key):
         click.echo(
-            f"Before joining, set server and server_key in {config.config_path} "
+            f"Before joining, set servers and server_key in {config.config_path} "
             "or pass --server and --server-key to join.",
             err=True,
         )
@@ -126,7 +135,13 @@ def measure(config_path: Path | None) -> None:
 
 @main.command()
 @config_option
-@click.option("--server", metavar="HOST:PORT", help="Override server in agent.toml.")
+@click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Override servers in agent.toml; repeat for several.",
+)
 @click.option("--server-key", metavar="FINGERPRINT|FILE", help="Override server_key.")
 @click.option("--mode", type=click.Choice(MODE_KINDS), help="Override mode.")
 @click.option("--cpu-percent", type=click.IntRange(1, 100), help="For --mode throttle.")
@@ -134,7 +149,7 @@ def measure(config_path: Path | None) -> None:
 @click.option("--cores", type=click.IntRange(1, 1024), help="Concurrent jobs.")
 def join(
     config_path: Path | None,
-    server: str | None,
+    servers: tuple[str, ...],
     server_key: str | None,
     mode: str | None,
     cpu_percent: int | None,
@@ -148,8 +163,8 @@ def join(
     """
     config = load_config(config_path)
     changes: dict[str, Any] = {}
-    if server is not None:
-        changes["server"] = server.strip()
+    if servers:
+        changes["servers"] = normalise_servers(servers)
     if server_key is not None:
         changes["server_key"] = resolve_server_key(server_key)
     for key, value in (("mode", mode), ("cpu_percent", cpu_percent), ("core", core)):
@@ -163,7 +178,7 @@ def join(
     if core is not None and effective_mode != "dedicated":
         raise click.UsageError("--core applies to --mode dedicated")
     config = dataclasses.replace(config, **changes)
-    config.server_address()  # both raise a ConfigError saying what is missing
+    config.server_addresses()  # both raise a ConfigError saying what is missing
     config.server_fingerprint()
 
     from vcomp.agent.runtime import join as run_agent

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,7 @@ SPOOL_DIR = "spool"
 WORK_DIR = "work"
 POLICY_VERSION = 1
 MAX_NAME = 64
+MAX_SERVERS = 16  # a worker tries each in turn; more would only slow a full round
 MAX_KEY_FILE = 4096
 MiB = 1 << 20
 _FINGERPRINT_RE = re.compile(r"[0-9a-fA-F]{64}")
@@ -167,11 +169,11 @@ class SandboxPolicy:
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    """A loaded agent home. ``server``/``server_key`` may be empty until ``join``."""
+    """A loaded agent home. ``servers``/``server_key`` may be empty until ``join``."""
 
     home: Path
     name: str
-    server: str = ""  # HOST:PORT
+    servers: tuple[str, ...] = ()  # HOST:PORT each, in the order workers try them
     server_key: str = ""  # hex SHA-256 fingerprint of the organisation's Ed25519 key
     mode: str = "background"
     cpu_percent: int = 100
@@ -183,8 +185,7 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > MAX_NAME or not self.name.isprintable():
             raise ConfigError(f"name must be 1-{MAX_NAME} printable characters, got {self.name!r}")
-        if self.server:
-            parse_host_port(self.server, what="server")
+        check_servers(self.servers)
         if self.server_key and not _FINGERPRINT_RE.fullmatch(self.server_key):
             raise ConfigError("server_key must be the 64-hex-digit fingerprint of the server key")
         if self.mode not in MODE_KINDS:
@@ -214,10 +215,11 @@ class AgentConfig:
         return self.home / WORK_DIR
 
     # ---- derived values
-    def server_address(self) -> tuple[str, int]:
-        if not self.server:
-            raise ConfigError("no server set: give --server HOST:PORT or set server in agent.toml")
-        return parse_host_port(self.server, what="server")
+    def server_addresses(self) -> tuple[tuple[str, int], ...]:
+        """Every configured server, in order (all share the one organisation key)."""
+        if not self.servers:
+            raise ConfigError("no server set: give --server HOST:PORT or set servers in agent.toml")
+        return tuple(parse_host_port(s, what="server") for s in self.servers)
 
     def server_fingerprint(self) -> bytes:
         if not self.server_key:
@@ -284,6 +286,29 @@ class AgentConfig:
         )
 
 
+# ---------------------------------------------------------------------- servers
+
+
+def check_servers(servers: Sequence[str]) -> None:
+    """Each entry HOST:PORT, at most MAX_SERVERS, none twice (it would be tried twice a round)."""
+    if len(servers) > MAX_SERVERS:
+        raise ConfigError(f"at most {MAX_SERVERS} servers, got {len(servers)}")
+    seen: dict[tuple[str, int], str] = {}
+    for text in servers:
+        host, port = parse_host_port(text, what="server")
+        key = (host.lower(), port)
+        if key in seen:
+            raise ConfigError(f"server {text!r} is listed twice")
+        seen[key] = text
+
+
+def normalise_servers(servers: Sequence[str]) -> tuple[str, ...]:
+    """Entries stripped and checked (see :func:`check_servers`)."""
+    out = tuple(s.strip() for s in servers)
+    check_servers(out)
+    return out
+
+
 # ---------------------------------------------------------------------- server key
 
 
@@ -342,7 +367,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         check_sections(doc, ("agent", "limits", "sandbox"))
         agent = Table(doc, "agent")
         name = agent.text("name", default_name())
-        server = agent.text("server", "")
+        servers = _servers_of(agent)
         server_key = agent.text("server_key", "").lower()
         mode = agent.text("mode", "background")
         cpu_percent = agent.integer("cpu_percent", 100)
@@ -378,7 +403,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         return AgentConfig(
             home=file.parent.absolute(),
             name=name,
-            server=server,
+            servers=servers,
             server_key=server_key,
             mode=mode,
             cpu_percent=cpu_percent,
@@ -389,6 +414,15 @@ def load_agent_config(path: Path) -> AgentConfig:
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None
+
+
+def _servers_of(agent: Table) -> tuple[str, ...]:
+    """``servers = [...]``, or the older single ``server = "..."`` as a list of one."""
+    servers = agent.texts("servers", ())
+    single = agent.text("server", "")
+    if single and servers:
+        raise ConfigError("set servers (a list) or server (one address), not both")
+    return normalise_servers(servers or ((single,) if single else ()))
 
 
 def _toml_string(text: str) -> str:
@@ -417,8 +451,8 @@ def render_agent_toml(config: AgentConfig) -> str:
         "[agent]",
         _line(f"name = {_toml_string(config.name)}"),
         _line(
-            f"server = {_toml_string(config.server)}",
-            "HOST:PORT, may be set later or given to join",
+            f"servers = [{', '.join(_toml_string(s) for s in config.servers)}]",
+            "HOST:PORT each, tried in turn; may be set later or given to join",
         ),
         _line(
             f"server_key = {_toml_string(config.server_key)}",
@@ -444,7 +478,7 @@ def init_agent_home(
     dir: Path,
     *,
     name: str | None = None,
-    server: str = "",
+    servers: Sequence[str] = (),
     server_key: str = "",
     force: bool = False,
 ) -> AgentConfig:
@@ -460,7 +494,7 @@ def init_agent_home(
     config = AgentConfig(
         home=home,
         name=default_name() if name is None else re.sub(r"\s+", "-", name.strip()),
-        server=server.strip(),
+        servers=normalise_servers(servers),
         server_key=resolve_server_key(server_key) if server_key.strip() else "",
     )
     try:

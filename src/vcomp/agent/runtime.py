@@ -1,10 +1,17 @@
 """The volunteer agent: sessions to the organisation, jobs into the sandbox.
 
 :class:`AgentRuntime` measures itself into the simulated TPM, then runs one
-worker per configured core. Each worker keeps a session to the server (with
-jittered backoff between attempts), runs received jobs in the sandbox, spools
-each result sealed to the TPM before sending it, and deletes it only when the
-server confirms the commit.
+worker per configured core. Each worker keeps a session to one of the
+organisation's servers, runs received jobs in the sandbox, spools each result
+sealed to the TPM before sending it, and deletes it only when a server confirms
+the commit.
+
+Failover: when a session ends, or a server does not answer, the worker tries the
+next server in the list (workers start at different offsets, so an agent's
+workers spread), waiting a jittered backoff that resets after an established
+session and doubles after a full round of failures. A job cancelled because its
+session ended is reported lost (``JOB_LOST``) at the next established session,
+to whichever server, so the store requeues it at once instead of at lease expiry.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ REFUSED = "refused"
 AGENT_ERROR = "agent_error"  # the agent failed around the job; its outcome is unknown
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
+MAX_LOST = 8  # lost jobs a worker remembers (normally one: it runs one job at a time)
 
 
 @dataclass
@@ -70,6 +78,8 @@ class Worker:
         self._closed = asyncio.Event()
         self._result_sent_at: dict[tuple[int, int], float] = {}
         self._connect_started = 0.0
+        # Jobs cancelled because their session ended, reported at the next session.
+        self.lost: list[tuple[int, int]] = []
         work_root = runtime.config.work_dir / f"w{index}"
         clear_work_root(work_root, index)
         # Exactly the sandbox that PCR 18 measures.
@@ -78,18 +88,37 @@ class Worker:
     # ---- session loop --------------------------------------------------------
 
     async def run(self) -> None:
+        servers = self.rt.servers
+        current = self.index % len(servers)  # workers of one agent start spread out
         backoff = BACKOFF_START
+        failures = 0  # sessions in a row that were never established
         while not self.rt.stopping.is_set():
-            connected = await self._one_session()
+            connected = await self._one_session(servers[current])
             if self.rt.stopping.is_set():
                 break
-            backoff = BACKOFF_START if connected else min(backoff * 2, BACKOFF_MAX)
+            if connected:
+                backoff, failures = BACKOFF_START, 0
+            else:
+                failures += 1
+                if failures % len(servers) == 0:  # a full round failed
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+            after = (current + 1) % len(servers)
+            if after != current:
+                logfmt.event(
+                    log,
+                    "server_switch",
+                    logging.INFO,
+                    worker=self.index,
+                    **{"from": format_address(servers[current])},
+                    to=format_address(servers[after]),
+                )
+                current = after
             delay = backoff * random.uniform(0.5, 1.5)
             logfmt.event(log, "reconnect_wait", worker=self.index, seconds=round(delay, 2))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.rt.stopping.wait(), delay)
 
-    async def _one_session(self) -> bool:
+    async def _one_session(self, server: tuple[str, int]) -> bool:
         loop = asyncio.get_running_loop()
         cfg = self.rt.config
         session = AgentSession(
@@ -102,11 +131,17 @@ class Worker:
         self.session = session
         self._closed.clear()
         self._release_all()
-        host, port = self.rt.server
+        host, port = server
         try:
             adapter = await open_agent(session, self._on_event, host, port)
         except OSError as exc:
-            logfmt.event(log, "connect_failed", logging.WARNING, error=str(exc))
+            logfmt.event(
+                log,
+                "connect_failed",
+                logging.WARNING,
+                server=format_address(server),
+                error=str(exc),
+            )
             return False
         self.adapter = adapter
         self._connect_started = time.monotonic()
@@ -126,7 +161,9 @@ class Worker:
                     await self._leave(session, adapter)
                     break
         finally:
-            await self._cancel_job("session ended")
+            lost = await self._cancel_job("session ended")
+            if lost is not None and not self.rt.stopping.is_set():
+                self.lost = [*self.lost, lost][-MAX_LOST:]
             adapter.close()
             self.session = None
             self.adapter = None
@@ -182,6 +219,7 @@ class Worker:
                 handshake_ms=handshake_ms,
             )
             self._resend_spool(session)
+            self._report_lost(session)
         elif isinstance(e, ev.JobReceived):
             self._start_job(e)
         elif isinstance(e, ev.JobAborted):
@@ -275,6 +313,24 @@ class Worker:
             logfmt.event(
                 log, "result_resent", worker=self.index, job=item.job, attempt=item.attempt
             )
+
+    def _report_lost(self, session: AgentSession) -> None:
+        """Tell this server which jobs ended with their sessions, so they are requeued now.
+
+        Sent once, to whichever server this session is with: the store decides whether
+        the attempt is still leased to this agent. If the report is lost too, the lease
+        expires as before.
+        """
+        lost, self.lost = self.lost, []
+        for job, attempt in lost:
+            if self.rt.spool.has(job, attempt):
+                continue  # it finished after all: the result goes instead
+            session.report_lost_job(
+                job=job, attempt=attempt, reason="the session that held this job ended"
+            )
+            logfmt.event(log, "job_reported_lost", worker=self.index, job=job, attempt=attempt)
+        if lost and self.adapter is not None:
+            self.adapter.kick()
 
     def _submit(self, session: AgentSession, r: SpooledResult) -> None:
         try:
@@ -394,20 +450,28 @@ class Worker:
         output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
         return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
 
-    async def _cancel_job(self, reason: str) -> None:
+    async def _cancel_job(self, reason: str) -> tuple[int, int] | None:
+        """Stop the running job; returns its (job, attempt) if it was cut short."""
         running, self.running = self.running, None
-        if running is not None and not running.task.done():
-            running.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await running.task
-            logfmt.event(
-                log,
-                "job_cancelled",
-                worker=self.index,
-                job=running.job,
-                attempt=running.attempt,
-                reason=reason,
-            )
+        if running is None or running.task.done():
+            return None
+        running.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await running.task
+        logfmt.event(
+            log,
+            "job_cancelled",
+            worker=self.index,
+            job=running.job,
+            attempt=running.attempt,
+            reason=reason,
+        )
+        return running.job, running.attempt
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def clear_work_root(work_root: Path, worker: int) -> None:
@@ -458,7 +522,7 @@ class AgentRuntime:
         # Results being sent, and by which worker, so workers never send one twice.
         self.in_flight: dict[tuple[int, int], int] = {}
         self.pinned = config.server_fingerprint()
-        self.server = config.server_address()
+        self.servers = config.server_addresses()
         self.mode: ExecutionMode = config.execution_mode()
         agent_setup(self.mode)
         self.workers = [Worker(self, i) for i in range(config.cores)]
@@ -468,7 +532,7 @@ class AgentRuntime:
             log,
             "agent_started",
             agent=self.tpm.agent_id.hex()[:16],
-            server=self.config.server,
+            servers=",".join(self.config.servers),
             mode=self.mode.kind,
             cores=len(self.workers),
             measurement=self.measurement.format(),

@@ -118,6 +118,9 @@ class ResultSpool:
         sealed = nonce + self._aead.encrypt(nonce, plaintext, name.encode())
         _write_atomically(self.directory / name, sealed)
 
+    def has(self, job: int, attempt: int) -> bool:
+        return (self.directory / self._name(job, attempt)).exists()
+
     def remove(self, job: int, attempt: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.directory / self._name(job, attempt)).unlink()

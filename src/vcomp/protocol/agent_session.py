@@ -212,6 +212,21 @@ class AgentSession:
             self._running = None
             self.state = AgentState.READY
 
+    def report_lost_job(self, *, job: int, attempt: int, reason: str) -> None:
+        """Report a job that an earlier session held and lost (that session ended, and
+        the job was stopped with it), so the server can requeue it now."""
+        ch = self.channel
+        if ch is None or self.state is AgentState.CLOSED:
+            return
+        ch.send_reliable(
+            Error(
+                code=ErrorCode.JOB_LOST,
+                message=clip_text(reason, limits.MAX_TEXT),
+                job=job,
+                attempt=attempt,
+            )
+        )
+
     def close(self, reason: str, now: float) -> None:
         """Leave politely: the server learns at once instead of at idle expiry."""
         if self.channel is not None:

@@ -267,6 +267,14 @@ class Table:
             return value
         raise self._wrong(key, "a string", value)
 
+    def texts(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise self._wrong(key, "a list of strings", value)
+
     def flag(self, key: str, default: bool) -> bool:
         value = self._take(key)
         if value is None:

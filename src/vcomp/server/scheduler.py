@@ -39,6 +39,8 @@ from vcomp.server.store import REFUSAL_WINDOW, BlobReader, Lease, Store
 
 log = logging.getLogger("vcomp.server")
 
+LOST_REASON = "its session ended"
+
 Spawn = Callable[[Coroutine[Any, Any, object]], None]
 """Run a coroutine as background work of the server (its failure is logged, not raised)."""
 Key = tuple[int, int]
@@ -68,6 +70,8 @@ class ServerStats:
     results_committed: int = 0
     handshakes_rejected: int = 0
     sessions_established: int = 0
+    lost_released: int = 0  # leases released at once because the agent reported them lost
+    lost_reports_dropped: int = 0  # JOB_LOST reports past a session's budget
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -177,6 +181,39 @@ class Scheduler:
         """The holder refused ``key`` (``again``: a shutdown, it may be offered again)."""
         self.drop(key)
         self._spawn(self.record_refusal(agent_id, key, again))
+
+    def release_lost(self, agent_id: bytes, key: Key) -> None:
+        """``agent_id`` reports that the session holding ``key`` ended and the job stopped.
+
+        Released at once if the store says the attempt is leased to this very agent;
+        not a refusal (the agent did not choose it). Anything else is ignored. A job
+        still running in a live session here is not lost, whatever the report says.
+        """
+        a = self._assignments.get(key)
+        if a is not None:
+            if a.lease.agent_id != agent_id.hex():
+                return  # another agent's job
+            session = self._sessions.session(a.session_id)
+            if session is not None and session.current_job == key:
+                return
+        self._spawn(self._release_lost(agent_id.hex(), key))
+
+    async def _release_lost(self, agent: str, key: Key) -> None:
+        released = await self._committer.run(self._release_lost_now, agent, key)
+        if not released:
+            return
+        self.drop(key)
+        self._stats.lost_released += 1
+        logfmt.event(log, "lease_released", job=key[0], attempt=key[1], agent=agent[:16])
+        self.requeued()
+
+    def _release_lost_now(self, agent: str, key: Key) -> bool:
+        # Attempts are never reused, so an attempt owned by this agent and still leased
+        # (release_lease checks) is the very lease the report is about.
+        owner = self._store.attempt_owner(*key)
+        if owner is None or owner[0] != agent:
+            return False
+        return self._store.release_lease(*key, LOST_REASON, now=time.time())
 
     def requeued(self) -> None:
         """A job went back to the queue: let idle agents ask again."""

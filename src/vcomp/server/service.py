@@ -61,6 +61,10 @@ log = logging.getLogger("vcomp.server")
 TICK_SECONDS = 0.5
 RESET_REQUEST_TTL = 300.0  # seconds every server has to see a reset request
 RESET_PRUNE_SECONDS = 60.0
+# JOB_LOST reports a session may make. An honest worker sends at most one per session
+# (it runs one job at a time and reports at its next session); each report costs a
+# store lookup, so more are dropped unanswered (see PROTOCOL.md 8.7).
+LOST_REPORTS_PER_SESSION = 4
 
 
 class OrganisationServer:
@@ -94,6 +98,7 @@ class OrganisationServer:
         self._ak_cache: dict[str, tuple[str, rsa.RSAPublicKey]] = {}
         self._pending_clocks: dict[str, ClockInfo] = {}
         self._pending_touches: dict[str, tuple[float, str]] = {}
+        self._lost_reports: dict[int, int] = {}  # session -> JOB_LOST reports taken
         self._reset_cursor = 0  # the newest reset request this server has seen
         self._reset_pruned = 0.0
         self.endpoint: ServerEndpoint | None = None
@@ -273,6 +278,7 @@ class OrganisationServer:
         elif isinstance(e, ev.JobRefused):
             self._on_refused(e)
         elif isinstance(e, ev.SessionClosed):
+            self._lost_reports.pop(e.session_id, None)
             self.scheduler.session_closed(e.session_id)
             self.intake.abandon(e.session_id)
             logfmt.event(
@@ -301,6 +307,9 @@ class OrganisationServer:
         # Only the agent holding the lease may give it back (job ids are guessable),
         # and only its text is worth logging.
         session = self.session(e.session_id)
+        if session is not None and e.code == ErrorCode.JOB_LOST:
+            self._on_lost(session, e)
+            return
         if session is None or not self.scheduler.held_by((e.job, e.attempt), session.agent_id):
             return
         logfmt.event(
@@ -314,6 +323,29 @@ class OrganisationServer:
         )
         again = e.code == ErrorCode.JOB_ABANDONED  # a shutdown: it may come back
         self.scheduler.hand_back(session.agent_id, (e.job, e.attempt), again)
+
+    def _on_lost(self, session: ServerSession, e: ev.JobRefused) -> None:
+        """The agent's earlier session (here or on another server) ended with this job.
+
+        Bounded per session, since each report may cost a store lookup; the store
+        decides whether the attempt is still leased to this agent.
+        """
+        taken = self._lost_reports.get(session.session_id, 0)
+        if taken >= LOST_REPORTS_PER_SESSION:
+            self.stats.lost_reports_dropped += 1
+            if taken == LOST_REPORTS_PER_SESSION:  # logged once per session
+                logfmt.event(
+                    log,
+                    "lost_reports_dropped",
+                    logging.WARNING,
+                    session=f"{session.session_id:016x}",
+                    agent=session.agent_id.hex()[:16],
+                    limit=LOST_REPORTS_PER_SESSION,
+                )
+                self._lost_reports[session.session_id] = taken + 1
+            return
+        self._lost_reports[session.session_id] = taken + 1
+        self.scheduler.release_lost(session.agent_id, (e.job, e.attempt))
 
     # ---- datagrams out (what the scheduler and the intake call) --------------
 
