@@ -67,7 +67,7 @@ def test_enrolment_and_measure_repeat_what_init_printed(home: tuple[Path, Result
 def test_init_without_server_says_what_to_do(tmp_path: Path) -> None:
     result = run("init", tmp_path / "a")
     assert result.exit_code == 0
-    assert "set server and server_key" in result.stderr
+    assert "set servers and server_key" in result.stderr
     assert_clean_error(run("init", tmp_path / "a"), "not empty")
 
 
@@ -78,12 +78,32 @@ def test_init_rejects_a_bad_server_key(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists()  # nothing created for a refused init
 
 
+def test_init_takes_several_servers_in_order(tmp_path: Path) -> None:
+    d = tmp_path / "a"
+    result = run("init", d, "--server", "b.example:7461", "--server", "[::1]:9", "--server", "a:1")
+    assert result.exit_code == 0, result.output
+    assert load_agent_config(d).servers == ("b.example:7461", "[::1]:9", "a:1")
+    assert 'servers = ["b.example:7461", "[::1]:9", "a:1"]' in (d / "agent.toml").read_text()
+
+
+def test_init_refuses_duplicate_or_bad_servers(tmp_path: Path) -> None:
+    assert_clean_error(
+        run("init", tmp_path / "a", "--server", "h:1", "--server", "H:1"), "listed twice"
+    )
+    assert_clean_error(run("init", tmp_path / "b", "--server", "h:1", "--server", "h"), "HOST:PORT")
+    assert_clean_error(run("init", tmp_path / "c", "--server", "h:70000"), "out of range")
+    assert not any((tmp_path / n).exists() for n in "abc")  # nothing created
+
+
 def test_join_refuses_without_server_or_key(tmp_path: Path) -> None:
     d = tmp_path / "a"
     assert run("init", d).exit_code == 0
     assert_clean_error(run("join", "--config", d), "no server set")
     assert_clean_error(run("join", "--config", d, "--server", "h:1"), "no server key pinned")
     assert_clean_error(run("join", "--config", d, "--server", "nohost"), "HOST:PORT")
+    assert_clean_error(
+        run("join", "--config", d, "--server", "h:1", "--server", "h:1"), "listed twice"
+    )
     assert_clean_error(
         run("join", "--config", d, "--server", "h:1", "--server-key", "zz"), "fingerprint"
     )

@@ -250,3 +250,43 @@ def test_volunteer_limits_refuse_a_work_dir_over_max_disk_bytes(tmp_path: Path) 
     assert limits.refusal(**fits, disk_bytes=1 << 20) is None  # type: ignore[arg-type]
     reason = limits.refusal(**fits, disk_bytes=(1 << 20) + 1)  # type: ignore[arg-type]
     assert reason == "disk_bytes 1048577 above this volunteer's limit 1048576"
+
+
+def test_servers_list_is_read_in_order(tmp_path: Path) -> None:
+    text = '[agent]\nservers = ["a.example:1", "[::1]:2", "10.0.0.3:3"]\n'
+    config = load_agent_config(write_config(tmp_path, text))
+    assert config.servers == ("a.example:1", "[::1]:2", "10.0.0.3:3")
+    assert config.server_addresses() == (("a.example", 1), ("::1", 2), ("10.0.0.3", 3))
+
+
+def test_old_single_server_is_read_as_a_list_of_one(tmp_path: Path) -> None:
+    config = load_agent_config(write_config(tmp_path, '[agent]\nserver = "h:7461"\n'))
+    assert config.servers == ("h:7461",)
+    assert config.server_addresses() == (("h", 7461),)
+    # Written back in the new form, and read again the same.
+    (tmp_path / "agent.toml").write_text(render_agent_toml(config))
+    assert load_agent_config(tmp_path).servers == ("h:7461",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('servers = ["h:1", "h:1"]', "listed twice"),
+        ('servers = ["h:1", "H:1"]', "listed twice"),
+        ('servers = ["h:1", "nohost"]', "HOST:PORT"),
+        ('servers = ["h:0"]', "out of range"),
+        ('servers = "h:1"', "a list of strings"),
+        ("servers = [1]", "a list of strings"),
+        ('servers = ["a:1"]\nserver = "b:1"', "not both"),
+        ("servers = [" + ", ".join(f'"h:{p}"' for p in range(1, 18)) + "]", "at most 16"),
+    ],
+)
+def test_bad_servers_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_agent_config(write_config(tmp_path, f"[agent]\n{text}\n"))
+
+
+def test_no_servers_is_a_clear_error_at_join_time(tmp_path: Path) -> None:
+    config = load_agent_config(write_config(tmp_path, "[agent]\nservers = []\n"))
+    with pytest.raises(ConfigError, match="no server set"):
+        config.server_addresses()
