@@ -186,16 +186,13 @@ class Scheduler:
         """``agent_id`` reports that the session holding ``key`` ended and the job stopped.
 
         Released at once if the store says the attempt is leased to this very agent;
-        not a refusal (the agent did not choose it). Anything else is ignored. A job
-        still running in a live session here is not lost, whatever the report says.
+        not a refusal (the agent did not choose it). Anything else is ignored. The old
+        session may still look alive here (its idle timeout has not fired yet): the
+        agent knows better, it stopped the job.
         """
         a = self._assignments.get(key)
-        if a is not None:
-            if a.lease.agent_id != agent_id.hex():
-                return  # another agent's job
-            session = self._sessions.session(a.session_id)
-            if session is not None and session.current_job == key:
-                return
+        if a is not None and a.lease.agent_id != agent_id.hex():
+            return  # another agent's job, known without asking the store
         self._spawn(self._release_lost(agent_id.hex(), key))
 
     async def _release_lost(self, agent: str, key: Key) -> None:
