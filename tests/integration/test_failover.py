@@ -25,10 +25,12 @@ from tests.integration.conftest import (
     LogRecorder,
     Process,
     ProcessLog,
+    assert_results_unique,
     free_udp_port,
     python_job,
     wait_until,
 )
+from tests.udpproxy import Direction
 from vcomp.agent.config import AgentConfig, init_agent_home
 from vcomp.agent.enrolment import format_enrolment, parse_enrolment
 from vcomp.agent.measure import golden_measurement
@@ -223,3 +225,47 @@ async def test_a_job_lost_with_its_session_is_handed_back_at_the_next(
     await wait_until(lambda: len(org.store.list_attempts(job)) == 2, "the job to be re-leased")
     second = org.store.list_attempts(job)[1]
     assert second.agent_id == lab.agent_ids["agent"] and second.state is AttemptState.LEASED
+
+
+@pytest.mark.slow
+async def test_a_result_committed_by_a_server_that_died_is_recorded_once_by_the_next(
+    lab: Lab, logs: LogRecorder
+) -> None:
+    """Server A commits the result but its ACK never reaches the agent, and A is
+    SIGKILLed. The agent resends its spooled result to B, a server on the same store
+    (as on a shared database; SQLite allows one server at a time, so B starts once A
+    is dead): B answers "already recorded" (outcome duplicate, an ordinary ACK) and
+    the agent drops the result from its spool."""
+    cluster = make_cluster(lab, prepare_a=[])
+    home_a = cluster.homes["a"]
+    proxy = await lab.proxy(("127.0.0.1", cluster.ports["a"]))
+    agent = dataclasses.replace(
+        cluster.agent, servers=(f"127.0.0.1:{proxy.address[1]}", cluster.address("b"))
+    )
+    with SqliteStore(home_a / STORE_FILE) as store:
+        batch = quick_batch(store, 1)
+    server_a, _ = await serve(lab, cluster, "a")
+    handle = await lab.run_agent(agent)
+    await wait_until(lambda: logs.events("job_started", logger="vcomp.agent", job=1), "the job", 60)
+    proxy.cut(Direction.TO_AGENT)  # A hears the result; the agent never hears the ACK
+    with SqliteStore(home_a / STORE_FILE) as store:
+        await wait_until(lambda: store.result_exists(1, 1), "A to commit the result", 60)
+    server_a.killpg()
+    assert await server_a.wait(10) == -signal.SIGKILL
+
+    # B: the same home and store, on B's port.
+    toml = home_a / "server.toml"
+    toml.write_text(toml.read_text().replace(cluster.address("a"), cluster.address("b")))
+    cluster.homes["b"] = home_a
+    _, log_b = await serve(lab, cluster, "b")
+    await wait_until(
+        lambda: log_b.events("result_recorded", job=1, attempt=1, outcome="duplicate"),
+        "B to answer the resent result",
+        90,
+    )
+    await wait_until(lambda: len(handle.runtime.spool) == 0, "the spool to drain")
+    assert logs.events("result_resent", logger="vcomp.agent", job=1, attempt=1)
+    assert logs.events("result_committed", logger="vcomp.agent", job=1, attempt=1)
+    with SqliteStore(home_a / STORE_FILE) as store:
+        assert_results_unique(store, batch)
+        assert store.batch_status(batch).done == 1
