@@ -49,6 +49,7 @@ class ServerCore(Protocol):
 
 class AgentCore(Protocol):
     def receive_datagram(self, data: bytes, now: float) -> None: ...
+    def port_unreachable(self, now: float) -> None: ...
     def datagrams_to_send(self, now: float) -> list[bytes]: ...
     def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
@@ -91,6 +92,9 @@ class _Driver:
     def _timers(self) -> _TimerCore:
         raise NotImplementedError
 
+    def _refused(self, now: float) -> None:
+        """The kernel reported the peer's port closed (ICMP); only an agent acts on it."""
+
     def _core_timer(self) -> float | None:
         return self._timers().get_timer()
 
@@ -111,7 +115,9 @@ class _Driver:
                 break
             except OSError as exc:
                 # ICMP errors surface here on a connected socket; retransmission copes.
-                if exc.errno not in _QUIET_ERRORS:
+                if exc.errno == errno.ECONNREFUSED:
+                    self._refused(now)
+                elif exc.errno not in _QUIET_ERRORS:
                     log.debug("udp receive error: %s", exc)
                 break
             self._feed(data, (str(address[0]), int(address[1])), now)
@@ -234,6 +240,9 @@ class AgentAdapter(_Driver):
 
     def _outgoing(self, now: float) -> list[tuple[bytes, Address | None]]:
         return [(d, None) for d in self.core.datagrams_to_send(now)]
+
+    def _refused(self, now: float) -> None:
+        self.core.port_unreachable(now)
 
     def _timers(self) -> _TimerCore:
         return self.core

@@ -227,6 +227,21 @@ class AgentSession:
             )
         )
 
+    def port_unreachable(self, now: float) -> None:
+        """The kernel reports the server's port closed (an ICMP port unreachable).
+
+        During the handshake this ends the attempt at once, so the agent moves on to
+        its next server instead of retrying for ``HANDSHAKE_GIVE_UP``. An established
+        session ignores it: ICMP is not authenticated, and a stray one must not cost a
+        running job; the idle timeout decides there.
+        """
+        if self.state is AgentState.CLOSED or self.channel is not None:
+            return
+        self._events.append(
+            ev.Rejected(ErrorCode.TRANSFER_FAILED, "server unreachable: its port is closed")
+        )
+        self._finish("handshake failed: the server's port is closed", ErrorCode.TRANSFER_FAILED)
+
     def close(self, reason: str, now: float) -> None:
         """Leave politely: the server learns at once instead of at idle expiry."""
         if self.channel is not None:
