@@ -166,23 +166,37 @@ async def test_workers_move_to_the_next_server_when_one_is_killed(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("down", ["port_closed", "silent"])
 async def test_an_agent_whose_first_server_is_down_ends_up_on_the_next(
-    lab: Lab, logs: LogRecorder
+    lab: Lab, logs: LogRecorder, down: str
 ) -> None:
+    """A is not running: its port is closed (the kernel answers ICMP port unreachable,
+    and the handshake ends at once), or nothing answers at all (a relay that drops
+    everything: the handshake gives up after 30 s). Either way the worker moves on."""
     cluster = make_cluster(lab, prepare_a=[])
+    agent_config = cluster.agent
+    if down == "silent":
+        black_hole = await lab.proxy(("127.0.0.1", cluster.ports["a"]))
+        black_hole.cut()
+        first = f"127.0.0.1:{black_hole.address[1]}"
+        agent_config = dataclasses.replace(agent_config, servers=(first, cluster.address("b")))
+    else:
+        first = cluster.address("a")
     with cluster.store("b") as store:
         batch_b = quick_batch(store, 2)
     _, log_b = await serve(lab, cluster, "b")  # A never starts
-    agent: AgentHandle = await lab.run_agent(cluster.agent)
+    agent: AgentHandle = await lab.run_agent(agent_config)
     with cluster.store("b") as store:
         await wait_until(lambda: store.batch_status(batch_b).finished, "B's batch", 120)
         assert_done_by(store, batch_b, cluster.agent_id, 2)
     assert sessions_on(log_b, cluster.agent_id) == agent.connected_sessions >= 1
     assert logs.events(
-        "server_switch",
-        logger="vcomp.agent",
-        **{"from": cluster.address("a"), "to": cluster.address("b")},
+        "server_switch", logger="vcomp.agent", **{"from": first, "to": cluster.address("b")}
     )
+    refused = logs.events("session_refused", logger="vcomp.agent", code=40)
+    reason = refused[0]["reason"] if refused else ""
+    assert reason.startswith("server unreachable"), refused
+    assert ("port is closed" in reason) == (down == "port_closed"), reason
 
 
 @pytest.mark.slow
