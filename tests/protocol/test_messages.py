@@ -662,6 +662,7 @@ def test_error_codes_are_stable() -> None:
         "JOB_TOO_LARGE": 22,
         "SANDBOX_FAILURE": 23,
         "JOB_ABANDONED": 24,
+        "JOB_LOST": 25,
         "SESSION_EXPIRED": 30,
         "IDLE_TIMEOUT": 31,
         "SERVER_SHUTDOWN": 32,
@@ -670,6 +671,17 @@ def test_error_codes_are_stable() -> None:
         "BUSY": 41,
         "INTERNAL": 50,
     }
+
+
+def test_an_unknown_error_code_still_decodes() -> None:
+    """A peer that does not know a code (JOB_LOST, to a release before it) still
+    decodes the ERROR, with the number as it came: PROTOCOL.md section 6 has it treat
+    the code as INTERNAL, which for a job ERROR is a refusal of that job."""
+    for code in (int(ErrorCode.JOB_LOST), 777):
+        message = Error(seq=1, epoch=0, code=code, message="lost", job=5, attempt=1)
+        decoded = decode_body(PacketType.ERROR, encode_body(message))
+        assert isinstance(decoded, Error) and decoded.code == code
+    assert 777 not in {c.value for c in ErrorCode}
 
 
 # ---- helpers ---------------------------------------------------------------------------
