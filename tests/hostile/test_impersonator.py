@@ -172,7 +172,7 @@ async def test_server_b_replaying_a_key_and_signature_of_a_is_refused(tmp_path: 
     await mitm.start()
     mitm.rewrite_to_agent = wear_a_key
     host, port = mitm.address
-    config = dataclasses.replace(config, server=f"{host}:{port}")
+    config = dataclasses.replace(config, servers=(f"{host}:{port}",))
     try:
         with _agent_log() as log:
             runtime = await _run(config, lambda rt: rt.workers[0].stats.rejected >= 1)

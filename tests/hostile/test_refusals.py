@@ -187,7 +187,7 @@ async def test_refusals_per_hour_are_capped(tmp_path: Path) -> None:
 def _agent_home(root: Path, server: ServerProcess, max_memory: int) -> AgentConfig:
     host, port = server.address
     config = init_agent_home(
-        root, name="small", server=f"{host}:{port}", server_key=server.fingerprint.hex()
+        root, name="small", servers=[f"{host}:{port}"], server_key=server.fingerprint.hex()
     )
     return dataclasses.replace(
         config,
