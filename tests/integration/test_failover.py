@@ -233,6 +233,10 @@ async def test_a_job_lost_with_its_session_is_handed_back_at_the_next(
     first = org.store.list_attempts(job)[0]
     assert (first.state, first.reason) == (AttemptState.RELEASED, LOST_REASON)
     assert first.ended_at is not None and first.ended_at < first.deadline  # before expiry
+    print(
+        f"\nlost lease released {first.ended_at - first.leased_at:.1f} s after it was leased, "
+        f"{first.deadline - first.ended_at:.0f} s before its deadline"
+    )
     assert logs.events("job_reported_lost", logger="vcomp.agent", job=job, attempt=1)
     assert logs.events("lease_released", logger="vcomp.server", job=job, attempt=1)
     # Not a refusal (it would never be offered to this agent again): it is re-leased.
