@@ -45,7 +45,7 @@ REFUSED = "refused"
 AGENT_ERROR = "agent_error"  # the agent failed around the job; its outcome is unknown
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
-MAX_LOST = 8  # lost jobs a worker remembers (normally one: it runs one job at a time)
+MAX_LOST = 4  # lost jobs a worker remembers: normally one; servers take 4 a session
 
 
 @dataclass
