@@ -78,6 +78,7 @@ class Worker:
         self._closed = asyncio.Event()
         self._result_sent_at: dict[tuple[int, int], float] = {}
         self._connect_started = 0.0
+        self._server = ""  # the address of the current session's server
         # Jobs cancelled because their session ended, reported at the next session.
         self.lost: list[tuple[int, int]] = []
         work_root = runtime.config.work_dir / f"w{index}"
@@ -132,6 +133,7 @@ class Worker:
         self._closed.clear()
         self._release_all()
         host, port = server
+        self._server = format_address(server)
         try:
             adapter = await open_agent(session, self._on_event, host, port)
         except OSError as exc:
@@ -215,6 +217,7 @@ class Worker:
                 log,
                 "session_established",
                 worker=self.index,
+                server=self._server,
                 session=f"{e.session_id:016x}",
                 handshake_ms=handshake_ms,
             )
