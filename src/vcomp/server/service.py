@@ -66,7 +66,7 @@ RESET_PRUNE_SECONDS = 60.0
 class OrganisationServer:
     def __init__(self, config: ServerConfig, *, signing_key: Ed25519PrivateKey | None = None):
         self.config = config
-        self.store = open_store(config.store_url)
+        self.store = open_store(config.store_url, busy_timeout=config.store_busy_timeout)
         self.committer = GroupCommitter(self.store)
         self._signing_key = signing_key or load_signing_key(config.key_path)
         self.fingerprint = key_fingerprint(raw_public(self._signing_key)).hex()
