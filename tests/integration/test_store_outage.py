@@ -28,7 +28,7 @@ SLEEPER = python_job(
     "time.sleep(json.loads(data)['sleep'])\nreturn hashlib.sha256(data).hexdigest().encode()"
 )
 LONG, SHORT = 9.0, 0.2  # the long jobs run through the whole outage
-AGENTS = 3
+AGENTS = 3  # with two workers each: three run the long jobs, three the short ones
 OUTAGE = 6.0  # seconds the lock is held; three leases' worth
 LEASE = 2.0
 
@@ -77,7 +77,7 @@ async def test_store_locked_mid_batch(lab: Lab, logs: LogRecorder) -> None:
     inputs = [json.dumps({"sleep": LONG, "i": i}).encode() for i in range(AGENTS)]
     inputs += [json.dumps({"sleep": SHORT, "i": i}).encode() for i in range(AGENTS, 30)]
     batch = org.submit("sleeper", inputs, wall_seconds=30, max_attempts=5)
-    configs = [lab.agent_config(org, f"agent{i}") for i in range(AGENTS)]
+    configs = [lab.agent_config(org, f"agent{i}", cores=2) for i in range(AGENTS)]
     agents = [await lab.run_agent(c, org) for c in configs]
     store = org.store
     jobs = [store.get_job_by_index(batch, i).job_id for i in range(len(inputs))]
@@ -89,8 +89,12 @@ async def test_store_locked_mid_batch(lab: Lab, logs: LogRecorder) -> None:
     )
     await asyncio.sleep(1.0)
     lock = StoreLock(org.config.store_path)
+    finished_before = len(logs.events("job_finished", logger="vcomp.agent"))
     try:
         await asyncio.sleep(OUTAGE)
+        # Results came in meanwhile, and none could be committed.
+        finished = len(logs.events("job_finished", logger="vcomp.agent")) - finished_before
+        assert finished > 0, "no result arrived during the outage"
         # Nothing can commit now, so nothing may have been ACKed that is not stored
         # (reads still work: the store is in WAL mode).
         for job, attempt in sorted(committed(logs)):
@@ -100,9 +104,7 @@ async def test_store_locked_mid_batch(lab: Lab, logs: LogRecorder) -> None:
         lock.release()
 
     await org.wait_batch(batch, timeout=120)
-    await wait_until(
-        lambda: all(len(a.runtime.spool) == 0 for a in agents), "spools to drain", 60
-    )
+    await wait_until(lambda: all(len(a.runtime.spool) == 0 for a in agents), "spools to drain", 60)
     assert_results_unique(store, batch)
     for job in jobs:  # no lease expired and was reissued: every job went out once
         attempts = store.list_attempts(job)
@@ -111,8 +113,8 @@ async def test_store_locked_mid_batch(lab: Lab, logs: LogRecorder) -> None:
         assert store.result_exists(job, attempt), (job, attempt)
     # No session was closed for the outage: each agent still has its first one.
     assert logs.events("session_closed", logger="vcomp.server") == []
-    assert [a.connected_sessions for a in agents] == [1] * AGENTS
-    assert org.live_sessions() == AGENTS
+    assert [a.connected_sessions for a in agents] == [2] * AGENTS  # one per worker
+    assert org.live_sessions() == 2 * AGENTS
     # Logged once per state change, not per attempt or per result.
     down = logs.events("store_unavailable", logger="vcomp.server")
     up = logs.events("store_available", logger="vcomp.server")

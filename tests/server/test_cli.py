@@ -476,7 +476,7 @@ def test_serve_stops_with_one_line_on_a_store_at_another_version(tmp_path: Path)
     assert "vcomp-server migrate" in lines[0]
 
 
-# ---------------------------------------------------------------------- serve: --bind, start-up errors
+# ------------------------------------------------------- serve: --bind, start-up errors
 
 
 def _serve(home: Path, *extra: str) -> subprocess.Popen[str]:
