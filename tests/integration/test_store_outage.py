@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -23,6 +20,7 @@ from tests.integration.conftest import (
     python_job,
     wait_until,
 )
+from tests.sqlite_lock import HeldLock
 
 SLEEPER = python_job(
     "time.sleep(json.loads(data)['sleep'])\nreturn hashlib.sha256(data).hexdigest().encode()"
@@ -31,34 +29,6 @@ LONG, SHORT = 9.0, 0.2  # the long jobs run through the whole outage
 AGENTS = 3  # with two workers each: three run the long jobs, three the short ones
 OUTAGE = 6.0  # seconds the lock is held; three leases' worth
 LEASE = 2.0
-
-
-class StoreLock:
-    """Another process holding ``BEGIN EXCLUSIVE`` on an SQLite file until released."""
-
-    def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sqlite3, sys\n"
-                "c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
-                "c.execute('BEGIN EXCLUSIVE')\n"
-                "print('locked', flush=True)\n"
-                "sys.stdin.readline()\n"
-                "c.execute('ROLLBACK')\n",
-                str(path),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline() == "locked\n"
-
-    def release(self) -> None:
-        self.proc.communicate("\n", timeout=30)
-        assert self.proc.returncode == 0
 
 
 def committed(logs: LogRecorder) -> set[tuple[int, int]]:
@@ -88,7 +58,7 @@ async def test_store_locked_mid_batch(lab: Lab, logs: LogRecorder) -> None:
         lambda: all(store.list_attempts(j) for j in long_jobs), "the long jobs to be leased", 60
     )
     await asyncio.sleep(1.0)
-    lock = StoreLock(org.config.store_path)
+    lock = HeldLock(org.config.store_path)
     finished_before = len(logs.events("job_finished", logger="vcomp.agent"))
     try:
         await asyncio.sleep(OUTAGE)

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tests.server.store.support import downgrade_to_v1
+from tests.sqlite_lock import HeldLock
 from vcomp.agent.cli import main as agent_main
 from vcomp.protocol import handshake
 from vcomp.server.cli import main as server_main
@@ -552,25 +553,6 @@ def test_serve_stops_with_one_line_on_a_store_another_process_locks(home: Path) 
     """A store that stays locked past the busy timeout at start: StoreUnavailable, one line."""
     toml = home / "server.toml"
     toml.write_text(toml.read_text().replace("[store]\n", "[store]\nbusy_timeout = 0.5\n"))
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sqlite3, sys\n"
-            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-            "c.execute('BEGIN EXCLUSIVE')\n"
-            "print('locked', flush=True)\n"
-            "sys.stdin.readline()\n"
-            "c.execute('ROLLBACK')\n",
-            str(home / "jobs.sqlite"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    with HeldLock(home / "jobs.sqlite"):
         line = _one_error_line(_serve(home))
-    finally:
-        holder.communicate("\n", timeout=60)
     assert line == "error: job store unavailable: database is locked", line

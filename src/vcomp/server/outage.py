@@ -47,6 +47,8 @@ class StoreHealth:
     def __init__(self) -> None:
         self.available = True
         self.outages = 0
+        self.watching = False  # set once the server runs: a failed start says it in one line
+        self._logged = False  # this outage's store_unavailable line was written
         self._back: asyncio.Event | None = None  # made on first wait, inside the loop
         self._down_since = 0.0
         self._delay = RETRY_FIRST
@@ -66,7 +68,9 @@ class StoreHealth:
         self._delay = RETRY_FIRST
         if self._back is not None:
             self._back.clear()
-        logfmt.event(log, "store_unavailable", logging.WARNING, error=str(exc)[:300])
+        self._logged = self.watching
+        if self._logged:
+            logfmt.event(log, "store_unavailable", logging.WARNING, error=str(exc)[:300])
 
     def answered(self) -> None:
         """A store write succeeded: the store is back if it was away."""
@@ -76,7 +80,8 @@ class StoreHealth:
         if self._back is not None:
             self._back.set()
         outage = time.monotonic() - self._down_since
-        logfmt.event(log, "store_available", outage_s=f"{outage:.3f}")
+        if self._logged:
+            logfmt.event(log, "store_available", outage_s=f"{outage:.3f}")
         for listener in self._listeners:
             listener()
 

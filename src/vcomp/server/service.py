@@ -135,6 +135,7 @@ class OrganisationServer:
         self.address = (host, port)
         if self._lock is not None:
             self._lock.describe(f"pid {os.getpid()}, listening on {host}:{port}")
+        self.committer.health.watching = True
         logfmt.event(log, "server_started", bind=f"{host}:{port}", window=self.config.window)
         return self.address
 
