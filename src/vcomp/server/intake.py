@@ -43,6 +43,9 @@ UNHELD_RESULTS_ALLOWED = 3
 send, each refused with a WARNING line; the next closes it as a protocol violation.
 An honest agent sends none (its spooled results are of attempts it was leased)."""
 NOT_HELD = "sender does not hold this job"
+STORE_AWAY = "job store unavailable"
+"""Who holds the job could not be read (a lease not in this server's memory, asked of a
+store that is away): the session is closed as BUSY, and the agent resends later."""
 
 
 class Replies(Protocol):
@@ -129,6 +132,8 @@ class ResultIntake:
                 return  # the rest of an upload refused at its first chunk
             refusal = self._upload_refusal(e.session_id, (e.job, e.attempt), e.total)
             if refusal is not None:
+                if refusal == STORE_AWAY:
+                    return
                 if refusal == NOT_HELD and not self._log_unheld(e.session_id, (e.job, e.attempt)):
                     return
                 logfmt.event(
@@ -164,7 +169,12 @@ class ResultIntake:
 
     def _upload_refusal(self, sid: int, key: Key, total: int) -> str | None:
         """Why a result upload may not start (None: it may); checked before any buffering."""
-        limit = self._sender_limit(sid, key)
+        try:
+            limit = self._sender_limit(sid, key)
+        except StoreUnavailable as exc:
+            self._committer.health.lost(exc)
+            self._replies.close_session(sid, f"busy: {STORE_AWAY}", ErrorCode.BUSY)
+            return STORE_AWAY
         if limit is None:
             return NOT_HELD
         if total > limit:
@@ -195,7 +205,8 @@ class ResultIntake:
             return
         sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
         if sink is None and (refusal := self._upload_refusal(e.session_id, key, e.total)):
-            await self._commit_unadmitted(e, refusal)
+            if refusal != STORE_AWAY:
+                await self._commit_unadmitted(e, refusal)
             return
         if self._scheduler.held_by(key, e.agent_id):
             self._scheduler.drop(key)

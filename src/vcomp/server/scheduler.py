@@ -340,8 +340,9 @@ class Scheduler:
         self._idle.discard(sid)
         try:
             self._start(session, lease)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             # The job's code or input could not be opened: hand the lease back.
+            self._health.lost(exc)
             self._unreserve_lease(lease.agent_id)
             self._idle.add(sid)
             await self._release((lease.job_id, lease.attempt), "store unavailable at START")
