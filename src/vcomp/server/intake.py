@@ -314,18 +314,20 @@ class ResultIntake:
     async def _commit_through_outage(self, submission: ResultSubmission) -> RecordOutcome | None:
         """Commit ``submission``, holding it through a store outage (None: the upload
         budget cannot hold it meanwhile; nothing was ACKed)."""
-        held = 0
+        health, held = self._committer.health, 0
         try:
             while True:
-                try:
-                    return await self._committer.submit_result(submission)
-                except StoreUnavailable:
-                    if not held:
-                        held = max(1, len(submission.output or b""))
-                        if not self.budget.take(held):
-                            held = 0
-                            return None
-                    await self._committer.health.wait_back()
+                if health.available:  # while it is away, the probe alone asks the store
+                    try:
+                        return await self._committer.submit_result(submission)
+                    except StoreUnavailable:
+                        pass
+                if not held:
+                    held = max(1, len(submission.output or b""))
+                    if not self.budget.take(held):
+                        held = 0
+                        return None
+                await health.wait_back()
         finally:
             if held:
                 self.budget.give(held)
