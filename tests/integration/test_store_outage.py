@@ -9,6 +9,7 @@ agents that kept working, and log the outage once each way.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import pytest
@@ -23,8 +24,11 @@ from tests.integration.conftest import (
 from tests.sqlite_lock import HeldLock
 
 SLEEPER = python_job(
-    "time.sleep(json.loads(data)['sleep'])\nreturn hashlib.sha256(data).hexdigest().encode()"
+    "job = json.loads(data)\n"
+    "time.sleep(job['sleep'])\n"
+    "return hashlib.sha256(data).hexdigest().encode() * job.get('repeat', 1)"
 )
+BIG = 10_000  # 640 kB: staged in the store as it arrives, not committed inline
 LONG, SHORT = 9.0, 0.2  # the long jobs run through the whole outage
 AGENTS = 3  # with two workers each: three run the long jobs, three the short ones
 OUTAGE = 6.0  # seconds the lock is held; three leases' worth
@@ -45,7 +49,10 @@ async def test_store_locked_mid_batch(lab: Lab, logs: LogRecorder) -> None:
     await lab.start(org)
     org.add_app("sleeper", SLEEPER)
     inputs = [json.dumps({"sleep": LONG, "i": i}).encode() for i in range(AGENTS)]
-    inputs += [json.dumps({"sleep": SHORT, "i": i}).encode() for i in range(AGENTS, 30)]
+    inputs += [
+        json.dumps({"sleep": SHORT, "i": i, "repeat": BIG if i % 4 == 0 else 1}).encode()
+        for i in range(AGENTS, 30)
+    ]
     batch = org.submit("sleeper", inputs, wall_seconds=30, max_attempts=5)
     configs = [lab.agent_config(org, f"agent{i}", cores=2) for i in range(AGENTS)]
     agents = [await lab.run_agent(c, org) for c in configs]
@@ -81,6 +88,10 @@ async def test_store_locked_mid_batch(lab: Lab, logs: LogRecorder) -> None:
         assert len(attempts) == 1, [(a.attempt, a.state, a.reason) for a in attempts]
     for job, attempt in sorted(committed(logs)):
         assert store.result_exists(job, attempt), (job, attempt)
+    for index, (_result, output) in org.outputs(batch).items():
+        data = inputs[index]
+        repeat = json.loads(data).get("repeat", 1)
+        assert output == hashlib.sha256(data).hexdigest().encode() * repeat, index
     # No session was closed for the outage: each agent still has its first one.
     assert logs.events("session_closed", logger="vcomp.server") == []
     assert [a.connected_sessions for a in agents] == [2] * AGENTS  # one per worker
