@@ -29,7 +29,7 @@ SLEEPER = python_job(
     "return hashlib.sha256(data).hexdigest().encode() * job.get('repeat', 1)"
 )
 BIG = 10_000  # 640 kB: staged in the store as it arrives, not committed inline
-LONG, SHORT = 9.0, 0.2  # the long jobs run through the whole outage
+LONG, SHORT = 20.0, 0.2  # the long jobs run through the outage and past the return
 AGENTS = 3  # with two workers each: three run the long jobs, three the short ones
 OUTAGE = 6.0  # seconds the lock is held; three leases' worth
 LEASE = 2.0

@@ -226,12 +226,18 @@ class Scheduler:
         if a is None:
             return b""
         out = b""
-        if offset < a.code_size:
-            take = min(length, a.code_size - offset)
-            out = a.code.read(offset, take)
-            offset, length = offset + take, length - take
-        if length > 0:
-            out += a.data.read(offset - a.code_size, length)
+        try:
+            if offset < a.code_size:
+                take = min(length, a.code_size - offset)
+                out = a.code.read(offset, take)
+                offset, length = offset + take, length - take
+            if length > 0:
+                out += a.data.read(offset - a.code_size, length)
+        except StoreUnavailable as exc:
+            # A backend whose reads fail in an outage (SQLite's do not): the endpoint
+            # closes this one session (short code) rather than the error escaping it.
+            self._health.lost(exc)
+            return b""
         return bytes(out)
 
     # ---- jobs out ------------------------------------------------------------
