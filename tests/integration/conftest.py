@@ -425,6 +425,7 @@ class Lab:
         lease_seconds: float | None = None,
         idle_timeout: float | None = None,
         per_agent: int | None = None,
+        store_busy_timeout: float | None = None,
     ) -> Org:
         """A server home and an (unstarted) in-process server bound to 127.0.0.1:0.
 
@@ -443,6 +444,8 @@ class Lab:
             changes["jobs"] = dataclasses.replace(config.jobs, lease_seconds=lease_seconds)
         if per_agent is not None:
             changes["max_sessions_per_agent"] = changes["max_leases_per_agent"] = per_agent
+        if store_busy_timeout is not None:
+            changes["store_busy_timeout"] = store_busy_timeout
         config = dataclasses.replace(config, **changes)
         admin = SqliteStore(config.store_path)
 

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tests.server.store.support import downgrade_to_v1
+from tests.sqlite_lock import HeldLock
 from vcomp.agent.cli import main as agent_main
 from vcomp.protocol import handshake
 from vcomp.server.cli import main as server_main
@@ -474,3 +475,84 @@ def test_serve_stops_with_one_line_on_a_store_at_another_version(tmp_path: Path)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "vcomp-server migrate" in lines[0]
+
+
+# ------------------------------------------------------- serve: --bind, start-up errors
+
+
+def _serve(home: Path, *extra: str) -> subprocess.Popen[str]:
+    server = BIN / "vcomp-server"
+    if not server.exists():
+        pytest.skip("console scripts not installed in this environment")
+    return subprocess.Popen(
+        [str(server), "serve", "--config", str(home), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _first_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    return proc.stdout.readline() if ready else ""
+
+
+def _one_error_line(proc: subprocess.Popen[str]) -> str:
+    """The process's only stderr line, an ``error: ...``, after a non-zero exit."""
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, (proc.returncode, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_bind_overrides_the_configured_address(home: Path) -> None:
+    port = _free_udp_port()
+    proc = _serve(home, "--bind", f"127.0.0.1:{port}")
+    try:
+        line = _first_line(proc)
+        assert f"listening on 127.0.0.1:{port} " in line, line
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("bind", "message"),
+    [
+        ("7461", "--bind must look like HOST:PORT, got '7461'"),
+        ("127.0.0.1:99999", "--bind: port 99999 is out of range"),
+        (":7461", "--bind must look like HOST:PORT"),
+    ],
+)
+def test_serve_bind_refuses_a_bad_address(home: Path, bind: str, message: str) -> None:
+    result = run("serve", "--config", home, "--bind", bind)
+    assert_clean_error(result, message)
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_serve_stops_with_one_line_on_a_store_it_cannot_open(home: Path) -> None:
+    (home / "jobs.sqlite").unlink()
+    (home / "jobs.sqlite").mkdir()  # exists, but no database can be opened there
+    line = _one_error_line(_serve(home))
+    assert "cannot open job store" in line and "unable to open database file" in line, line
+
+
+def test_serve_stops_with_one_line_on_a_store_another_process_locks(home: Path) -> None:
+    """A store that stays locked past the busy timeout at start: StoreUnavailable, one line."""
+    toml = home / "server.toml"
+    toml.write_text(toml.read_text().replace("[store]\n", "[store]\nbusy_timeout = 0.5\n"))
+    with HeldLock(home / "jobs.sqlite"):
+        line = _one_error_line(_serve(home))
+    assert line == "error: job store unavailable: database is locked", line

@@ -265,6 +265,12 @@ def test_the_store_url_is_read_and_the_environment_overrides_it(
         load_server_config(path)
 
 
+def test_the_busy_timeout_is_read_with_a_default(tmp_path: Path) -> None:
+    assert load_server_config(write_config(tmp_path, "")).store_busy_timeout == 30.0
+    path = write_config(tmp_path, "[store]\nbusy_timeout = 0.5\n")
+    assert load_server_config(path).store_busy_timeout == 0.5
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -272,6 +278,8 @@ def test_the_store_url_is_read_and_the_environment_overrides_it(
         ('[store]\nurl = "postgresql://db/v"\n', "PostgreSQL store is not built yet"),
         ("[store]\nurl = 5\n", "[store] url must be"),
         ('[store]\npath = "x"\n', "unknown key 'path'"),
+        ("[store]\nbusy_timeout = 0\n", "busy_timeout must be positive"),
+        ('[store]\nbusy_timeout = "soon"\n', "[store] busy_timeout must be"),
     ],
 )
 def test_bad_store_settings_name_the_file(tmp_path: Path, text: str, message: str) -> None:

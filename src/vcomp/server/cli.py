@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import codecs
 import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -176,12 +177,20 @@ def migrate(config_path: Path) -> None:
 
 @main.command()
 @config_option
-def serve(config_path: Path) -> None:
+@click.option(
+    "--bind",
+    metavar="HOST:PORT",
+    help="Listen here instead of the configured [server] bind (two servers, one home).",
+)
+def serve(config_path: Path, bind: str | None) -> None:
     """Run the server (uvloop) until SIGINT or SIGTERM."""
-    from vcomp.server.config import load_signing_key
+    from vcomp.server.config import load_signing_key, parse_host_port
     from vcomp.server.service import serve as run_server
 
     config = load_server_config(config_path)
+    if bind is not None:
+        host, port = parse_host_port(bind, what="--bind", allow_zero=True)
+        config = dataclasses.replace(config, bind_host=host, bind_port=port)
     load_signing_key(config.key_path)  # fail here, readably, on a bad or exposed key
     run_server(config)
 

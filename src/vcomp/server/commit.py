@@ -9,6 +9,11 @@ under load the group grows by itself, and a lone result still commits at once.
 Within one group, results are recorded first (one transaction), then leases are handed
 out (one transaction), then :meth:`GroupCommitter.run` calls execute one by one in
 arrival order. A ``run`` call therefore sees every result and lease submitted before it.
+
+Every StoreUnavailable that comes back is reported to the committer's
+:class:`~vcomp.server.outage.StoreHealth`, and so is every committed group of results
+or leases (the store answered). :meth:`GroupCommitter.run_retrying` rides out an outage
+for calls that are safe to repeat.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from vcomp.errors import StoreError
+from vcomp.errors import StoreError, StoreUnavailable
 from vcomp.protocol.capacity import UNLIMITED, JobCapacity
+from vcomp.server.outage import StoreHealth
 from vcomp.server.store import Lease, LeaseRequest, RecordOutcome, ResultSubmission, Store
 
 __all__ = ["GroupCommitter"]
@@ -52,10 +58,18 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
 class GroupCommitter:
     """Serialises store writes on one thread and batches results into group commits."""
 
-    def __init__(self, store: Store, *, max_group: int = 4096, name: str = "vcomp-store") -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_group: int = 4096,
+        name: str = "vcomp-store",
+        health: StoreHealth | None = None,
+    ) -> None:
         if max_group < 1:
             raise ValueError("max_group must be at least 1")
         self._store = store
+        self.health = StoreHealth() if health is None else health
         self._max_group = max_group
         self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._closing = False
@@ -73,6 +87,7 @@ class GroupCommitter:
     async def submit_result(self, submission: ResultSubmission) -> RecordOutcome:
         """Resolve once the transaction holding this result has committed."""
         outcome: RecordOutcome = await self._submit("result", submission)
+        self.health.answered()
         return outcome
 
     async def lease(
@@ -87,6 +102,7 @@ class GroupCommitter:
         """``Store.lease_next``, batched with other lease requests into one commit."""
         request = LeaseRequest(agent_id, now, lease_seconds, capacity, refusal_cap)
         lease: Lease | None = await self._submit("lease", request)
+        self.health.answered()
         return lease
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -94,13 +110,28 @@ class GroupCommitter:
         result: T = await self._submit("run", (fn, args))
         return result
 
+    async def run_retrying(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`run` through a store outage: wait until the store is back, call again.
+
+        Only for calls that are safe to repeat (their first try may have committed)."""
+        while True:
+            await self.health.wait_back()
+            try:
+                return await self.run(fn, *args)
+            except StoreUnavailable:
+                continue  # reported to the health by _submit; wait for the store
+
     async def _submit(self, kind: _Kind, payload: Any) -> Any:
         if self._closing:
             raise StoreError("the group committer is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.put(_Request(kind, payload, future, loop))
-        return await future
+        try:
+            return await future
+        except StoreUnavailable as exc:
+            self.health.lost(exc)
+            raise
 
     async def close(self) -> None:
         """Stop taking work, finish everything already submitted, stop the thread."""
@@ -174,6 +205,9 @@ class GroupCommitter:
         if leases:
             try:
                 granted = self._store.lease_many([r.payload for r in leases])
+            except StoreUnavailable as exc:
+                for request in leases:  # one by one would only wait out the outage N times
+                    self._reply(request, None, exc)
             except StoreError:
                 # One bad request (say, an unknown agent) must not fail its neighbours:
                 # retry them one by one so each caller gets its own answer.

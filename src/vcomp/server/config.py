@@ -55,6 +55,7 @@ KEY_FILE = "server.key"
 PUBLIC_FILE = "server.pub"
 STORE_FILE = "jobs.sqlite"
 DEFAULT_STORE_URL = f"sqlite:{STORE_FILE}"  # relative to the server home
+DEFAULT_BUSY_TIMEOUT = 30.0  # [store] busy_timeout: a write waiting longer finds the store away
 STORE_URL_ENV = "VCOMP_STORE_URL"  # overrides [store] url
 DEFAULT_PORT = 7461
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anything huge
@@ -149,6 +150,8 @@ class ServerConfig:
     """Handshakes waiting for their ATTEST, server-wide; counted apart from sessions."""
     store_url: str = ""
     """The job store's URL, absolute; empty means the SQLite file at ``store_path``."""
+    store_busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    """Seconds a write waits for the store's lock before the store counts as unavailable."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -163,6 +166,7 @@ class ServerConfig:
         _check_int("max_leases_per_agent", self.max_leases_per_agent, 1, 10_000_000)
         _check_int("max_pending_handshakes", self.max_pending_handshakes, 1, 1_000_000)
         _check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
+        _check_seconds("[store] busy_timeout", self.store_busy_timeout)
 
     @property
     def public_path(self) -> Path:
@@ -353,6 +357,7 @@ def load_server_config(path: Path) -> ServerConfig:
         jobs.finish()
         store = Table(doc, "store")
         url = store.text("url", DEFAULT_STORE_URL)
+        busy_timeout = store.number("busy_timeout", DEFAULT_BUSY_TIMEOUT)
         store.finish()
         where = _store_url(url, home)
         return ServerConfig(
@@ -370,6 +375,7 @@ def load_server_config(path: Path) -> ServerConfig:
             upload_memory_bytes=upload_memory,
             max_pending_handshakes=pending,
             store_url=str(where),
+            store_busy_timeout=busy_timeout,
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None

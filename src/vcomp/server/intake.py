@@ -5,6 +5,15 @@ within the job's output limit and the server-wide :class:`UploadBudget`, and
 checks that before the first byte is kept. It sends the final ACK only after the
 result's transaction has committed; anything else (a refusal, a closed session)
 leaves the agent's spooled copy in place, so the result is never lost.
+
+A result whose commit fails because the store is unavailable is kept here and
+committed again once the store is back, then ACKed. The agent does not resend a result
+on a live session (only after a new session or a RESET), so leaving it unACKed would
+strand it until the session ends; closing or resetting the session instead would cost
+the agent its running job. Repeating the commit is safe: results are idempotent on
+``(job, attempt)``, so a first try that did commit (its answer lost) is not doubled.
+A held result stays charged to the upload budget; one that does not fit closes its
+session as BUSY, as an upload over the budget does, and the agent resends it later.
 """
 
 from __future__ import annotations
@@ -15,14 +24,14 @@ import time
 from typing import Protocol
 
 from vcomp import logfmt
-from vcomp.errors import VcompError
+from vcomp.errors import StoreUnavailable, VcompError
 from vcomp.protocol import events as ev
 from vcomp.protocol.messages import ErrorCode
 from vcomp.protocol.server_session import ServerSession
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.results import ResultSink, UploadBudget
 from vcomp.server.scheduler import Key, Scheduler, ServerStats, Spawn
-from vcomp.server.store import ResultSubmission, Store, UploadHandle
+from vcomp.server.store import RecordOutcome, ResultSubmission, Store, UploadHandle
 
 log = logging.getLogger("vcomp.server")
 
@@ -34,6 +43,9 @@ UNHELD_RESULTS_ALLOWED = 3
 send, each refused with a WARNING line; the next closes it as a protocol violation.
 An honest agent sends none (its spooled results are of attempts it was leased)."""
 NOT_HELD = "sender does not hold this job"
+STORE_AWAY = "job store unavailable"
+"""Who holds the job could not be read (a lease not in this server's memory, asked of a
+store that is away): the session is closed as BUSY, and the agent resends later."""
 
 
 class Replies(Protocol):
@@ -120,6 +132,8 @@ class ResultIntake:
                 return  # the rest of an upload refused at its first chunk
             refusal = self._upload_refusal(e.session_id, (e.job, e.attempt), e.total)
             if refusal is not None:
+                if refusal == STORE_AWAY:
+                    return
                 if refusal == NOT_HELD and not self._log_unheld(e.session_id, (e.job, e.attempt)):
                     return
                 logfmt.event(
@@ -155,7 +169,12 @@ class ResultIntake:
 
     def _upload_refusal(self, sid: int, key: Key, total: int) -> str | None:
         """Why a result upload may not start (None: it may); checked before any buffering."""
-        limit = self._sender_limit(sid, key)
+        try:
+            limit = self._sender_limit(sid, key)
+        except StoreUnavailable as exc:
+            self._committer.health.lost(exc)
+            self._replies.close_session(sid, f"busy: {STORE_AWAY}", ErrorCode.BUSY)
+            return STORE_AWAY
         if limit is None:
             return NOT_HELD
         if total > limit:
@@ -186,7 +205,8 @@ class ResultIntake:
             return
         sink = self._sinks.pop((e.session_id, e.job, e.attempt), None)
         if sink is None and (refusal := self._upload_refusal(e.session_id, key, e.total)):
-            await self._commit_unadmitted(e, refusal)
+            if refusal != STORE_AWAY:
+                await self._commit_unadmitted(e, refusal)
             return
         if self._scheduler.held_by(key, e.agent_id):
             self._scheduler.drop(key)
@@ -261,7 +281,12 @@ class ResultIntake:
         session = self._replies.session(e.session_id)
         prefetch = None if session is None else self._scheduler.prefetch(session, key)
         try:
-            outcome = await self._committer.submit_result(submission)
+            outcome = await self._commit_through_outage(submission)
+            if outcome is None:
+                self._replies.close_session(
+                    e.session_id, "server busy: too many results in flight", ErrorCode.BUSY
+                )
+                return
             logfmt.event(
                 log,
                 "result_recorded",
@@ -285,6 +310,27 @@ class ResultIntake:
                 await self._scheduler.use_prefetched(e.session_id, e.agent_id, prefetch)
         if outcome.job_state is not None and str(outcome.job_state) == "queued":
             self._scheduler.requeued()
+
+    async def _commit_through_outage(self, submission: ResultSubmission) -> RecordOutcome | None:
+        """Commit ``submission``, holding it through a store outage (None: the upload
+        budget cannot hold it meanwhile; nothing was ACKed)."""
+        health, held = self._committer.health, 0
+        try:
+            while True:
+                if health.available:  # while it is away, the probe alone asks the store
+                    try:
+                        return await self._committer.submit_result(submission)
+                    except StoreUnavailable:
+                        pass
+                if not held:
+                    held = max(1, len(submission.output or b""))
+                    if not self.budget.take(held):
+                        held = 0
+                        return None
+                await health.wait_back()
+        finally:
+            if held:
+                self.budget.give(held)
 
     async def _commit_refusal(self, e: ev.ResultComplete) -> bool:
         """A RESULT of status ``refused``: a refusal, not a failed run, if it is the

@@ -19,7 +19,7 @@ import hmac
 import logging
 
 from vcomp import logfmt
-from vcomp.errors import StoreError
+from vcomp.errors import StoreError, StoreUnavailable
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.store import Store, UploadHandle
 
@@ -105,13 +105,16 @@ class ResultSink:
 
     async def _write_loop(self, queue: asyncio.Queue[tuple[int, bytes] | None]) -> None:
         try:
-            self._upload = await self._committer.run(
+            # Through a store outage these wait and repeat: a repeated begin at worst
+            # leaves a stale staged upload (discarded at the next start), and a chunk
+            # write is positional.
+            self._upload = await self._committer.run_retrying(
                 self._store.begin_result_upload, self._job, self._attempt, self._total
             )
             while (item := await queue.get()) is not None:
                 offset, data = item
                 try:
-                    await self._committer.run(
+                    await self._committer.run_retrying(
                         self._store.write_result_chunk, self._upload, offset, data
                     )
                 finally:
@@ -156,14 +159,21 @@ class ResultSink:
         upload = self._upload
         # Hashing a big blob must not stall the writer thread's group commits.
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._store.finish_upload, upload, sha256)
-        return None, upload
+        health = self._committer.health
+        while True:
+            await health.wait_back()
+            try:
+                await loop.run_in_executor(None, self._store.finish_upload, upload, sha256)
+            except StoreUnavailable as exc:
+                health.lost(exc)
+                continue
+            return None, upload
 
     async def abandon(self) -> None:
         if self._writer is not None and self._writes is not None:
             self._writes.put_nowait(None)
             await asyncio.gather(self._writer, return_exceptions=True)
         if self._upload is not None:
-            await self._committer.run(self._store.discard_upload, self._upload)
+            await self._committer.run_retrying(self._store.discard_upload, self._upload)
         self._release(len(self._buffer))
         self._buffer.clear()

@@ -16,6 +16,18 @@ An agent whose lease request found nothing is not asked about again until the qu
 changes (a new batch, a requeued job) or its agent declares another capacity, with
 a slow refresh for what changes with time alone (refusals leaving their window).
 A scan is per agent key: the capacity of its latest READY, not one per session.
+
+Through a store outage (see :mod:`vcomp.server.outage`) nothing is leased; renewals
+that could not be written are retried; releases and refusals wait for the store. When
+it is back, every live lease is renewed at the next tick and expiry waits
+:func:`expiry_grace` first: a lease whose deadline passed during the outage while its
+agent kept working is renewed, not expired, on this server and on every other server
+sharing the store (each detects the return within one probe interval, RETRY_MAX).
+The hard deadline (``renew_lease``) still holds: an outage counts against it.
+
+Every server runs expiry, so a lease held in this server's memory may have been
+expired (or finished) through another server: its renewal then returns None, and the
+assignment is dropped here; the agent's later result is taken as late or as evidence.
 """
 
 from __future__ import annotations
@@ -29,12 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vcomp import logfmt
-from vcomp.errors import StoreError
+from vcomp.errors import StoreError, StoreUnavailable
 from vcomp.protocol import events as ev
 from vcomp.protocol.capacity import JobCapacity
 from vcomp.protocol.server_session import ServerSession, ServerState
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig
+from vcomp.server.outage import RETRY_MAX
 from vcomp.server.store import REFUSAL_WINDOW, BlobReader, Lease, Store
 
 log = logging.getLogger("vcomp.server")
@@ -50,6 +63,18 @@ RESCAN_SECONDS = 60.0
 NEW_CAPACITY_SECONDS = 5.0
 """An agent that found nothing is asked about again for a new capacity at most this often
 (each of its sessions may declare another one; it is one agent, not one scan each)."""
+TICK_SECONDS = 0.5
+"""How often the server runs expiry and renewals (``OrganisationServer``'s tick)."""
+
+
+def expiry_grace(lease_seconds: float) -> float:
+    """Seconds expiry waits after the store comes back from an outage.
+
+    One renewal period (a third of a lease), and at least long enough for every server
+    sharing the store to notice its return (one probe interval) and renew at its next
+    tick: until then, leases that lapsed during the outage may belong to agents that
+    kept working."""
+    return max(lease_seconds / 3, RETRY_MAX + 2 * TICK_SECONDS)
 
 
 class Sessions(Protocol):
@@ -118,6 +143,18 @@ class Scheduler:
         self._newest_batch = -1
         self._rescan_at = time.monotonic() + RESCAN_SECONDS
         self._prefetching: set[int] = set()
+        self._health = committer.health
+        self._expire_after = 0.0  # monotonic; expiry waits until then after an outage
+        self._health.on_back(self.store_back)
+
+    def store_back(self) -> None:
+        """The store answers again: renew every live lease next, expire only after the
+        grace, and let idle agents ask."""
+        for a in self._assignments.values():
+            a.renewed_at = 0.0
+        grace = expiry_grace(self._config.jobs.lease_seconds)
+        self._expire_after = time.monotonic() + grace
+        self.requeued()
 
     # ---- what the session glue tells us --------------------------------------
 
@@ -223,12 +260,18 @@ class Scheduler:
         if a is None:
             return b""
         out = b""
-        if offset < a.code_size:
-            take = min(length, a.code_size - offset)
-            out = a.code.read(offset, take)
-            offset, length = offset + take, length - take
-        if length > 0:
-            out += a.data.read(offset - a.code_size, length)
+        try:
+            if offset < a.code_size:
+                take = min(length, a.code_size - offset)
+                out = a.code.read(offset, take)
+                offset, length = offset + take, length - take
+            if length > 0:
+                out += a.data.read(offset - a.code_size, length)
+        except StoreUnavailable as exc:
+            # A backend whose reads fail in an outage (SQLite's do not): the endpoint
+            # closes this one session (short code) rather than the error escaping it.
+            self._health.lost(exc)
+            return b""
         return bytes(out)
 
     # ---- jobs out ------------------------------------------------------------
@@ -237,6 +280,8 @@ class Scheduler:
         # A None lease is about one agent (distinct-agent replicas, its capacity, its
         # refusals, its attempts of the job), not the queue: other agents still ask.
         for sid in list(self._idle):
+            if not self._health.available:
+                return  # no lease attempts while the store is away; store_back resumes
             if sid not in self._idle or sid in self._prefetching:
                 continue  # taken by another assign task, or its next job is on the way
             session = self._sessions.session(sid)
@@ -255,6 +300,10 @@ class Scheduler:
             self._asking.add(agent)
             try:
                 lease = await self._lease_for(session)
+            except StoreUnavailable:
+                self._unreserve_lease(agent.hex())
+                self._idle.add(sid)
+                return  # logged once by the store's health; store_back asks again
             finally:
                 self._asking.discard(agent)
                 if self._ask_again:
@@ -275,7 +324,8 @@ class Scheduler:
         both go in one group commit; hand the future to :meth:`use_prefetched`."""
         sid = session.session_id
         if (
-            session.agent_id in self._found_nothing
+            not self._health.available
+            or session.agent_id in self._found_nothing
             or session.current_job != key
             or sid in self._prefetching
             or not self._reserve_lease(session.agent_id)
@@ -289,6 +339,9 @@ class Scheduler:
     ) -> None:
         try:
             lease = await prefetch
+        except StoreUnavailable:
+            self._unreserve_lease(agent_id.hex())
+            return  # the session asks again (READY), or store_back offers to it
         except BaseException:
             self._unreserve_lease(agent_id.hex())
             raise
@@ -325,7 +378,14 @@ class Scheduler:
             await self._release((lease.job_id, lease.attempt), "agent left before START")
             return
         self._idle.discard(sid)
-        self._start(session, lease)
+        try:
+            self._start(session, lease)
+        except StoreUnavailable as exc:
+            # The job's code or input could not be opened: hand the lease back.
+            self._health.lost(exc)
+            self._unreserve_lease(lease.agent_id)
+            self._idle.add(sid)
+            await self._release((lease.job_id, lease.attempt), "store unavailable at START")
 
     def _start(self, session: ServerSession, lease: Lease) -> None:
         app = lease.app
@@ -385,7 +445,7 @@ class Scheduler:
             del self._leases_held[agent]
 
     async def _release(self, key: Key, reason: str) -> None:
-        await self._committer.run(self._release_now, key, reason)
+        await self._committer.run_retrying(self._release_now, key, reason)
         self.requeued()
 
     def _release_now(self, key: Key, reason: str) -> bool:
@@ -397,7 +457,7 @@ class Scheduler:
         Returns the agent's refusals in the last hour, or None if it did not hold the lease.
         """
         agent, cap = agent_id.hex(), self._config.jobs.refusals_per_hour
-        count = await self._committer.run(self._refuse_now, agent, key, again)
+        count = await self._committer.run_retrying(self._refuse_now, agent, key, again)
         if count is None:
             return None
         if count == cap:
@@ -424,7 +484,23 @@ class Scheduler:
     # ---- periodic work -------------------------------------------------------
 
     async def expire_and_renew(self, now: float) -> None:
-        """Requeue lapsed leases (resetting holders still on them); renew live ones."""
+        """Renew live leases, then requeue lapsed ones (resetting holders still on them).
+
+        Renewals go first, so a lease that lapsed while its renewal could not be written
+        is renewed rather than expired; expiry waits the grace after an outage."""
+        live = self._live_leases()
+        if live:
+            try:
+                gone = await self._committer.run(self._renew, live, now)
+            except StoreUnavailable:
+                for key in live:  # not written: due again at the next tick
+                    if (a := self._assignments.get(key)) is not None:
+                        a.renewed_at = 0.0
+                raise
+            for key in gone:
+                self._lease_gone(key)
+        if time.monotonic() < self._expire_after:
+            return
         expired = await self._committer.run(self._store.expire_leases, now)
         if expired:
             self._found_nothing.clear()  # their jobs are queued again
@@ -440,9 +516,6 @@ class Scheduler:
                 agent=x.agent_id[:16],
                 job_state=x.job_state,
             )
-        live = self._live_leases()
-        if live:
-            await self._committer.run(self._renew, live, now)
 
     async def offer(self) -> None:
         """Let idle agents ask again if a new batch came (or it is time to anyway)."""
@@ -465,12 +538,26 @@ class Scheduler:
                 keys.append(key)
         return keys
 
-    def _renew(self, keys: list[Key], now: float) -> None:
+    def _renew(self, keys: list[Key], now: float) -> list[Key]:
+        """Renew ``keys`` (on the store thread); returns those no longer leased."""
         jobs = self._config.jobs
+        gone = []
         for job, attempt in keys:
-            self._store.renew_lease(
+            deadline = self._store.renew_lease(
                 job, attempt, now, jobs.lease_seconds, transfer_seconds=jobs.transfer_seconds
             )
+            if deadline is None:
+                gone.append((job, attempt))
+        return gone
+
+    def _lease_gone(self, key: Key) -> None:
+        """The store no longer has ``key`` leased (another server expired it, or its job
+        is finished): forget it here. Its holder may still send the result, which the
+        store takes as late or as evidence; the job is not this server's to reset."""
+        if key not in self._assignments:
+            return
+        self.drop(key)
+        logfmt.event(log, "lease_gone", job=key[0], attempt=key[1])
 
     def _abort_on_holder(self, key: Key) -> None:
         """A lapsed lease is reissued: RESET its holder's session if it still works on it.

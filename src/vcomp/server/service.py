@@ -18,6 +18,12 @@ group that :meth:`start` opens and :meth:`stop` closes, so none outlives the ser
 Each piece is guarded: an exception in one job's work is logged as
 ``internal_error`` and does not cancel its siblings (a bare TaskGroup would tear
 the whole server down). Only BaseException (KeyboardInterrupt, SystemExit) ends it.
+
+A store outage (:mod:`vcomp.server.outage`) closes no session. The tick then makes one
+store call, a probe (a write that changes nothing, since on SQLite reads keep working
+while another process holds the write lock), at the backoff's pace; expiry, renewals,
+agent touches and reset polling wait for the store and resume; work that failed with
+StoreUnavailable is not logged as an error, since the outage is logged once.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp import logfmt
-from vcomp.errors import VcompError, loggable
+from vcomp.errors import StoreUnavailable, VcompError, loggable
 from vcomp.protocol import events as ev
 from vcomp.protocol.attestation import Measurement
 from vcomp.protocol.handshake import key_fingerprint, raw_public
@@ -48,7 +54,7 @@ from vcomp.protocol.trust import TrustPolicy
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig, load_signing_key
 from vcomp.server.intake import ResultIntake
-from vcomp.server.scheduler import Scheduler, ServerStats
+from vcomp.server.scheduler import TICK_SECONDS, Scheduler, ServerStats
 from vcomp.server.serve_lock import StoreLock
 from vcomp.server.store import open_store
 from vcomp.server.store.url import parse_store_url
@@ -58,7 +64,6 @@ __all__ = ["OrganisationServer", "ServerStats", "serve"]
 
 log = logging.getLogger("vcomp.server")
 
-TICK_SECONDS = 0.5
 RESET_REQUEST_TTL = 300.0  # seconds every server has to see a reset request
 RESET_PRUNE_SECONDS = 60.0
 # JOB_LOST reports a session may make. An honest worker sends at most one per session
@@ -70,7 +75,7 @@ LOST_REPORTS_PER_SESSION = 4
 class OrganisationServer:
     def __init__(self, config: ServerConfig, *, signing_key: Ed25519PrivateKey | None = None):
         self.config = config
-        self.store = open_store(config.store_url)
+        self.store = open_store(config.store_url, busy_timeout=config.store_busy_timeout)
         self.committer = GroupCommitter(self.store)
         self._signing_key = signing_key or load_signing_key(config.key_path)
         self.fingerprint = key_fingerprint(raw_public(self._signing_key)).hex()
@@ -135,6 +140,7 @@ class OrganisationServer:
         self.address = (host, port)
         if self._lock is not None:
             self._lock.describe(f"pid {os.getpid()}, listening on {host}:{port}")
+        self.committer.health.watching = True
         logfmt.event(log, "server_started", bind=f"{host}:{port}", window=self.config.window)
         return self.address
 
@@ -171,9 +177,10 @@ class OrganisationServer:
             if not isinstance(outcome, asyncio.CancelledError | None):
                 logfmt.event(log, "internal_error", logging.ERROR, error=loggable(outcome))
         if self._pending_clocks or self._pending_touches:
-            await self.committer.run(
-                self._flush_agent_updates, self._pending_clocks, self._pending_touches
-            )
+            with contextlib.suppress(StoreUnavailable):  # last-seen times: harmless to lose
+                await self.committer.run(
+                    self._flush_agent_updates, self._pending_clocks, self._pending_touches
+                )
         await self.committer.close()
         self.store.close()
         if self._lock is not None:
@@ -195,6 +202,8 @@ class OrganisationServer:
         # only this piece: logged here, never cancelling its siblings or the tick.
         try:
             await work
+        except StoreUnavailable:
+            pass  # the store's health logged the outage; what must not be lost retries
         except Exception as exc:
             logfmt.event(
                 log,
@@ -401,14 +410,31 @@ class OrganisationServer:
     # ---- periodic work -------------------------------------------------------
 
     async def _tick_forever(self) -> None:
+        health = self.committer.health
         while True:
+            if not health.available:
+                await asyncio.sleep(health.retry_delay())
+                await self._probe()
+                continue
             await asyncio.sleep(TICK_SECONDS)
             try:
                 await self._tick()
+            except StoreUnavailable as exc:
+                health.lost(exc)  # logged once; the probe takes over
             except VcompError as exc:
                 logfmt.event(log, "tick_failed", logging.ERROR, error=str(exc))
             except Exception as exc:  # a bug: log it and keep ticking, expiry must go on
                 logfmt.event(log, "internal_error", logging.ERROR, work="tick", error=loggable(exc))
+
+    async def _probe(self) -> None:
+        """One write that changes nothing (no reset request is older than 1970)."""
+        try:
+            await self.committer.run(self.store.prune_reset_requests, 0.0)
+        except StoreUnavailable:
+            return
+        except VcompError as exc:  # the store answered, if with an error: it is there
+            logfmt.event(log, "tick_failed", logging.ERROR, error=str(exc))
+        self.committer.health.answered()
 
     async def _poll_reset_requests(self, now: float) -> None:
         # Every server sees every request and resets the sessions it holds; rows
@@ -428,7 +454,13 @@ class OrganisationServer:
         if self._pending_clocks or self._pending_touches:
             clocks, self._pending_clocks = self._pending_clocks, {}
             touches, self._pending_touches = self._pending_touches, {}
-            await self.committer.run(self._flush_agent_updates, clocks, touches)
+            try:
+                await self.committer.run(self._flush_agent_updates, clocks, touches)
+            except StoreUnavailable:
+                # Not written: kept for the next tick, unless a newer value came meanwhile.
+                self._pending_clocks = clocks | self._pending_clocks
+                self._pending_touches = touches | self._pending_touches
+                raise
         await self._poll_reset_requests(now)
         self._load_trust()
         await self.scheduler.offer()

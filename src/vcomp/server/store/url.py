@@ -72,10 +72,13 @@ def _sqlite_path(where: StoreUrl) -> Path:
     return where.path
 
 
-def open_store(url: str, *, base: Path | None = None, migrate: bool = False) -> Store:
+def open_store(
+    url: str, *, base: Path | None = None, migrate: bool = False, busy_timeout: float = 30.0
+) -> Store:
     """The store at ``url``. Without ``migrate`` it must exist at this vcomp's schema
     version (else an error that names ``vcomp-server migrate``); with it, the schema
-    is created or upgraded first."""
+    is created or upgraded first. A write that waits ``busy_timeout`` seconds for the
+    store's lock fails with :class:`~vcomp.errors.StoreUnavailable`."""
     path = _sqlite_path(parse_store_url(url, base=base))
     from vcomp.server.store.sqlite import SqliteStore  # only opening a store needs it
 
@@ -83,7 +86,7 @@ def open_store(url: str, *, base: Path | None = None, migrate: bool = False) -> 
         raise StoreError(
             f"{path}: no job store (run `vcomp-server init` or `vcomp-server migrate`)"
         )
-    return SqliteStore(path, migrate=migrate)
+    return SqliteStore(path, migrate=migrate, busy_timeout=busy_timeout)
 
 
 def migrate_store(url: str, *, base: Path | None = None) -> tuple[int, int]:

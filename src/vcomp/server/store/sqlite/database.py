@@ -5,6 +5,9 @@ Thread rules
     its own connection (thread-local), and no connection is ever used by two threads.
     Write transactions start with ``BEGIN IMMEDIATE`` so writers queue on SQLite's lock
     (with a busy timeout) instead of failing when a read transaction tries to upgrade.
+    A lock still held by someone else after the busy timeout, or a disk I/O error, is
+    :class:`~vcomp.errors.StoreUnavailable` (the server rides it out); other errors are
+    :class:`~vcomp.errors.StoreError`.
     WAL lets readers (e.g. the event loop streaming CODE chunks) run while one writer
     (the :class:`~vcomp.server.commit.GroupCommitter` thread) commits. ``close()``
     closes every connection; call it once no thread uses the store any more.
@@ -36,8 +39,22 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from vcomp.errors import SchemaVersionError, StoreError
+from vcomp.errors import SchemaVersionError, StoreError, StoreUnavailable
 from vcomp.server.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+
+# Primary result codes that mean "the store cannot be used now", not "this operation is
+# wrong": another process holds the lock past the busy timeout, or the disk failed.
+_UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR})
+
+
+def store_error(what: str, exc: sqlite3.Error) -> StoreError:
+    """``exc`` as vcomp's error: StoreUnavailable for a lock held too long or an I/O
+    error (the server keeps its sessions and retries), else StoreError."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _UNAVAILABLE_CODES:
+        return StoreUnavailable(f"job store unavailable: {exc}")
+    return StoreError(f"{what}: {exc}")
+
 
 MIGRATE_HINT = "run `vcomp-server migrate --config DIR`"
 NEWER_HINT = "upgrade vcomp (`vcomp-server migrate` never downgrades)"
@@ -79,7 +96,7 @@ class SqliteDatabase:
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute("PRAGMA journal_size_limit=67108864")
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot open job store {self.path}: {exc}") from exc
+                raise store_error(f"cannot open job store {self.path}", exc) from exc
             self._connections.append(conn)
         self._local.conn = conn
         self._local.durable = True
@@ -98,21 +115,21 @@ class SqliteDatabase:
                 self._local.durable = durable
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
-            raise StoreError(f"job store unavailable: {exc}") from exc
+            raise store_error("job store unavailable", exc) from exc
         try:
             yield conn
         except BaseException as exc:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"job store error: {exc}") from exc
+                raise store_error("job store error", exc) from exc
             raise
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            raise StoreError(f"job store commit failed: {exc}") from exc
+            raise store_error("job store commit failed", exc) from exc
 
     # ------------------------------------------------------------------ schema
 
