@@ -69,6 +69,38 @@ async def test_a_lease_expired_by_another_server_is_dropped_here(
     assert [r.getMessage() for r in warnings.records] == []
 
 
+@pytest.mark.slow
+async def test_a_dead_sessions_lease_settled_elsewhere_is_forgotten_here(
+    lab: Lab, logs: LogRecorder
+) -> None:
+    """The session that held a lease dies and "another server" expires the lease: this
+    server's memory of it must not count against the agent's lease cap for good."""
+    org = lab.org(lease_seconds=LEASE, idle_timeout=3)
+    await lab.start(org)
+    proxy = await lab.proxy(org.address)
+    agent = await lab.run_agent(lab.agent_config(org, "agent0", server=proxy.address), org)
+    org.add_app("sleeper", SLEEPER)
+    batch = org.submit("sleeper", [json.dumps({"sleep": 60.0}).encode()], wall_seconds=90)
+    job = org.store.get_job_by_index(batch, 0).job_id
+    await wait_until(lambda: logs.events("job_started", logger="vcomp.agent"), "the job to start")
+    proxy.cut()  # for good: the agent never reaches this server again
+    await wait_until(
+        lambda: logs.events("session_closed", logger="vcomp.server"), "the server to drop it", 30
+    )
+    scheduler = org.server.scheduler
+    agent_id = bytes.fromhex(agent.agent_id)
+    assert scheduler.held_by((job, 1), agent_id)  # the lease outlives its session here
+    expired = org.store.expire_leases(time.time() + 2 * LEASE)  # "another server"
+    assert [(x.job_id, x.attempt) for x in expired] == [(job, 1)]
+    await wait_until(
+        lambda: logs.events("lease_forgotten", logger="vcomp.server", job=job, attempt=1),
+        "this server to forget the orphaned lease",
+        6 * LEASE,
+    )
+    assert not scheduler.held_by((job, 1), agent_id)
+    assert scheduler.leases_held(agent.agent_id) == 0
+
+
 class Records(logging.Handler):
     def __init__(self, level: int) -> None:
         super().__init__(level)

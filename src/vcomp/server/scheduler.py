@@ -63,6 +63,8 @@ RESCAN_SECONDS = 60.0
 NEW_CAPACITY_SECONDS = 5.0
 """An agent that found nothing is asked about again for a new capacity at most this often
 (each of its sessions may declare another one; it is one agent, not one scan each)."""
+ORPHAN_GRACE_MIN = 5.0
+"""An orphaned assignment is kept at least this long (and a lease) past its lease."""
 TICK_SECONDS = 0.5
 """How often the server runs expiry and renewals (``OrganisationServer``'s tick)."""
 
@@ -439,6 +441,10 @@ class Scheduler:
         self._leases_held[agent] += 1
         return True
 
+    def leases_held(self, agent: str) -> int:
+        """Assignments (and lease requests in flight) counted against ``agent``'s cap."""
+        return self._leases_held[agent]
+
     def _unreserve_lease(self, agent: str) -> None:
         self._leases_held[agent] -= 1
         if self._leases_held[agent] <= 0:
@@ -501,6 +507,7 @@ class Scheduler:
                 self._lease_gone(key)
         if time.monotonic() < self._expire_after:
             return
+        self._forget_orphans()
         expired = await self._committer.run(self._store.expire_leases, now)
         if expired:
             self._found_nothing.clear()  # their jobs are queued again
@@ -526,6 +533,20 @@ class Scheduler:
             self._found_nothing.clear()
         if self._idle:
             await self.assign()
+
+    def _forget_orphans(self) -> None:
+        """Drop assignments whose session is gone and whose lease ran out a grace ago.
+
+        This server's expiry drops those it expires; these were settled elsewhere (a
+        result resent to another server, a JOB_LOST there, another server's expiry)
+        and would otherwise count against ``max_leases_per_agent`` for good. A result
+        that still comes here is judged by the store, not by this memory."""
+        lease = self._config.jobs.lease_seconds
+        cutoff = time.monotonic() - lease - max(lease, ORPHAN_GRACE_MIN)
+        for key, a in list(self._assignments.items()):
+            if a.renewed_at < cutoff and self._sessions.session(a.session_id) is None:
+                self.drop(key)
+                logfmt.event(log, "lease_forgotten", job=key[0], attempt=key[1])
 
     def _live_leases(self) -> list[Key]:
         """Leases of jobs still in their session, due for renewal (a third used up)."""
