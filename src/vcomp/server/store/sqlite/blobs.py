@@ -1,7 +1,9 @@
-"""Payload blobs (code, inputs, outputs, staged uploads) in the ``blobs`` table.
+"""Payload blobs (code, inputs, outputs, staged uploads) in SQLite's ``blobs`` table.
 
 :class:`SqliteBlobs` writes and deletes blobs inside a caller's transaction and hands out
-:class:`SqliteBlobReader` range readers; the other repositories store only blob ids.
+:class:`SqliteBlobReader` range readers; the repositories store only blob ids. Ranges
+are read and written in place through SQLite's incremental blob I/O (``blobopen``), and
+a staged upload reserves its bytes with ``zeroblob``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,17 @@ from typing import BinaryIO
 
 from vcomp.errors import StoreError
 from vcomp.server.store.checks import COPY_CHUNK, MAX_READ_BYTES
+from vcomp.server.store.sql.database import Connection, returning_id
+from vcomp.server.store.sql.queries import READ_AHEAD
 from vcomp.server.store.sqlite.database import SqliteDatabase
-from vcomp.server.store.sqlite.schema import READ_AHEAD, rowid
+
+
+def _sqlite(conn: Connection) -> sqlite3.Connection:
+    # The SQLite database hands out sqlite3 connections; blob I/O needs the real one.
+    raw: object = conn
+    if not isinstance(raw, sqlite3.Connection):
+        raise StoreError("SQLite blobs need an SQLite connection")
+    return raw
 
 
 class SqliteBlobs:
@@ -27,42 +38,42 @@ class SqliteBlobs:
         self._db = db
 
     @staticmethod
-    def insert(conn: sqlite3.Connection, data: bytes, digest: bytes) -> int:
+    def insert(conn: Connection, data: bytes, digest: bytes) -> int:
         """A new sealed blob holding ``data`` whose SHA-256 is ``digest``."""
         cur = conn.execute(
-            "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?)", (len(data), digest, data)
+            "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?) RETURNING id",
+            (len(data), digest, data),
         )
-        return rowid(cur)
+        return returning_id(cur)
 
     @staticmethod
-    def reserve(conn: sqlite3.Connection, total: int) -> int:
+    def reserve(conn: Connection, total: int) -> int:
         """An unsealed blob of ``total`` zero bytes, to be filled by ranges.
 
         zeroblob reserves the space without materialising it in memory.
         """
         cur = conn.execute(
-            "INSERT INTO blobs (size, sha256, data) VALUES (?, NULL, zeroblob(?))", (total, total)
+            "INSERT INTO blobs (size, sha256, data) VALUES (?, NULL, zeroblob(?)) RETURNING id",
+            (total, total),
         )
-        return rowid(cur)
+        return returning_id(cur)
 
     @staticmethod
     def write_at(
-        conn: sqlite3.Connection, blob_id: int, offset: int, data: bytes | bytearray | memoryview
+        conn: Connection, blob_id: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
-        with conn.blobopen("blobs", "data", blob_id) as blob:
+        with _sqlite(conn).blobopen("blobs", "data", blob_id) as blob:
             blob.seek(offset)
             blob.write(data)
 
-    def stream_in(
-        self, conn: sqlite3.Connection, stream: BinaryIO, total: int
-    ) -> tuple[int, bytes]:
+    def stream_in(self, conn: Connection, stream: BinaryIO, total: int) -> tuple[int, bytes]:
         """A new sealed blob of exactly ``total`` bytes read from ``stream`` in chunks, so
         the payload is never in memory whole; returns (id, SHA-256)."""
         blob_id = self.reserve(conn, total)
         hasher = hashlib.sha256()
         written = 0
         try:
-            with conn.blobopen("blobs", "data", blob_id) as blob:
+            with _sqlite(conn).blobopen("blobs", "data", blob_id) as blob:
                 while written < total:
                     chunk = stream.read(min(COPY_CHUNK, total - written))
                     if not chunk:
@@ -79,11 +90,11 @@ class SqliteBlobs:
         return blob_id, digest
 
     @staticmethod
-    def seal(conn: sqlite3.Connection, blob_id: int, digest: bytes) -> None:
+    def seal(conn: Connection, blob_id: int, digest: bytes) -> None:
         conn.execute("UPDATE blobs SET sha256 = ? WHERE id = ?", (digest, blob_id))
 
     @staticmethod
-    def delete(conn: sqlite3.Connection, blob_id: int) -> None:
+    def delete(conn: Connection, blob_id: int) -> None:
         conn.execute("DELETE FROM blobs WHERE id = ?", (blob_id,))
 
     def reader(self, blob_id: int | None, size: int, sha256: bytes) -> SqliteBlobReader:
