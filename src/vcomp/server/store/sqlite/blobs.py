@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Callable
 from contextlib import suppress
-from types import TracebackType
 from typing import BinaryIO
 
 from vcomp.errors import StoreError
-from vcomp.server.store.checks import COPY_CHUNK, MAX_READ_BYTES
+from vcomp.server.store.checks import COPY_CHUNK
+from vcomp.server.store.sql.blobs import BlobHashing, WindowedBlobReader
 from vcomp.server.store.sql.database import Connection, returning_id
-from vcomp.server.store.sql.queries import READ_AHEAD
 from vcomp.server.store.sqlite.database import SqliteDatabase
 
 
@@ -31,7 +29,7 @@ def _sqlite(conn: Connection) -> sqlite3.Connection:
     return raw
 
 
-class SqliteBlobs:
+class SqliteBlobs(BlobHashing):
     """Blob rows: insert, reserve and fill in ranges, seal with a SHA-256, delete, read."""
 
     def __init__(self, db: SqliteDatabase) -> None:
@@ -100,27 +98,8 @@ class SqliteBlobs:
     def reader(self, blob_id: int | None, size: int, sha256: bytes) -> SqliteBlobReader:
         return SqliteBlobReader(self._db, blob_id, size, sha256)
 
-    def sha256(self, blob_id: int, size: int) -> bytes:
-        """Hash a stored blob in chunks, in read transactions of its own."""
-        hasher = hashlib.sha256()
-        with self.reader(blob_id, size, b"") as reader:
-            for offset in range(0, size, COPY_CHUNK):
-                hasher.update(reader.read(offset, COPY_CHUNK))
-        return hasher.digest()
 
-    def loader(self, blob_id: int | None, size: int) -> Callable[[], bytes]:
-        """Reads a whole blob when called (a comparator's ``CandidateResult.read``)."""
-
-        def load() -> bytes:
-            if blob_id is None:
-                return b""
-            with self.reader(blob_id, size, b"") as reader:
-                return reader.read(0, size)
-
-        return load
-
-
-class SqliteBlobReader:
+class SqliteBlobReader(WindowedBlobReader):
     """Range reads of one stored blob, with a read-ahead window.
 
     The blob handle stays open between reads on the thread that opened it: SQLite
@@ -132,49 +111,23 @@ class SqliteBlobReader:
     """
 
     def __init__(self, db: SqliteDatabase, blob_id: int | None, size: int, sha256: bytes) -> None:
+        super().__init__(blob_id, size, sha256)
         self._db = db
-        self._blob_id = blob_id
-        self._size = size
-        self._sha256 = sha256
-        self._window_start = 0
-        self._window = b""
         self._handle: sqlite3.Blob | None = None
         self._handle_thread = 0
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def sha256(self) -> bytes:
-        return self._sha256
-
-    def read(self, offset: int, n: int) -> bytes:
-        if offset < 0 or n < 0 or offset > self._size:
-            raise StoreError(f"read [{offset}, +{n}) is outside a {self._size}-byte blob")
-        if n > MAX_READ_BYTES:
-            raise StoreError(f"read of {n} bytes exceeds the {MAX_READ_BYTES}-byte bound")
-        n = min(n, self._size - offset)
-        if n == 0 or self._blob_id is None:
-            return b""
-        start = offset - self._window_start
-        if start >= 0 and start + n <= len(self._window):
-            return self._window[start : start + n]
-        length = min(max(n, READ_AHEAD), self._size - offset)
+    def _fetch(self, blob_id: int, offset: int, length: int) -> bytes:
         try:
             if self._handle is None or self._handle_thread != threading.get_ident():
                 self._drop_handle()
                 conn = self._db.connection()
-                self._handle = conn.blobopen("blobs", "data", self._blob_id, readonly=True)
+                self._handle = conn.blobopen("blobs", "data", blob_id, readonly=True)
                 self._handle_thread = threading.get_ident()
             self._handle.seek(offset)
-            data = self._handle.read(length)
+            return self._handle.read(length)
         except sqlite3.Error as exc:
             self._drop_handle()
             raise StoreError(f"cannot read stored blob: {exc}") from exc
-        if length > n:
-            self._window_start, self._window = offset, data
-        return data[:n]
 
     def _drop_handle(self) -> None:
         handle, self._handle = self._handle, None
@@ -183,19 +136,8 @@ class SqliteBlobReader:
                 handle.close()
 
     def close(self) -> None:
-        self._window = b""
+        super().close()
         self._drop_handle()
 
     def __del__(self) -> None:
         self._drop_handle()
-
-    def __enter__(self) -> SqliteBlobReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
