@@ -11,13 +11,14 @@ Sync, in the committer thread, not async
 
 Connections
     A ``psycopg_pool.ConnectionPool`` (thread-safe): each transaction takes a connection
-    and gives it back; a transaction opened inside another on the same thread joins it. Opening a store first connects once, so an unreachable database
-    is one clear :class:`~vcomp.errors.StoreUnavailable` at start. A connection that
-    breaks (a server restart, an admin shutdown, a lost socket) is discarded by the pool
-    and the other idle ones are checked, so the next transaction gets a fresh one; the
-    failed transaction raises StoreUnavailable (its commit did not happen or is unknown).
-    Any other database error is a :class:`~vcomp.errors.StoreError`. No message ever
-    repeats the URL (it may hold a password).
+    and gives it back; a transaction opened inside another on the same thread joins it.
+    Opening a store first connects once, so an unreachable database is one clear
+    :class:`~vcomp.errors.StoreUnavailable` at start. A connection that breaks (a
+    server restart, an admin shutdown, a lost socket) is discarded and the pool's idle
+    ones are checked, so the next transaction gets a fresh one; the failed transaction
+    raises StoreUnavailable (its commit did not happen or is unknown). Any other
+    database error is a :class:`~vcomp.errors.StoreError`. No message ever repeats the
+    URL (it may hold a password).
 
 Placeholders
     Shared SQL uses SQLite's ``?`` and ``:name``; :func:`pg_placeholders` rewrites a
