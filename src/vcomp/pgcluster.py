@@ -15,6 +15,7 @@ the tail of the server log.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -22,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -61,6 +63,29 @@ def postgres_bindir() -> Path | None:
     if initdb and pg_ctl and Path(initdb).parent == Path(pg_ctl).parent:
         return Path(initdb).parent
     return None
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a zombie holds no resources)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _parent(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 class PostgresCluster:
@@ -176,25 +201,29 @@ class PostgresCluster:
 
     def running(self) -> bool:
         pid = self.postmaster_pid()
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid is not None and _alive(pid)
 
     def kill(self) -> None:
-        """SIGKILL the postmaster, as a crash would (its backends exit on their own)."""
+        """SIGKILL the postmaster, as a crash would. Its backends exit on their own; this
+        waits until they have, so :meth:`start` finds no old process attached to the
+        shared memory (a real crash leaves the same state once they are gone)."""
         pid = self.postmaster_pid()
-        if pid is None:
+        if pid is None or not _alive(pid):
             raise VcompError(f"no running PostgreSQL in {self.data}{self._log_tail()}")
-        try:
+        children = [p for p in _all_pids() if _parent(p) == pid]
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        deadline = time.monotonic() + 60
+        while any(_alive(p) for p in (pid, *children)):
+            if time.monotonic() > deadline:
+                raise VcompError(f"PostgreSQL processes outlived SIGKILL{self._log_tail()}")
+            time.sleep(0.02)
+        if _stat(pid) is not None:
+            # A zombie nobody has reaped yet (our init may be slow to): PostgreSQL's
+            # own lock-file checks would take it for a live postmaster, so the stale
+            # lock files go, as they would once the zombie is reaped.
+            (self.data / "postmaster.pid").unlink(missing_ok=True)
+            (self.socket_dir / f".s.PGSQL.{PORT}.lock").unlink(missing_ok=True)
         self._started = False
 
     def close(self) -> None:
