@@ -176,7 +176,9 @@ class PostgresCluster:
         self._run("start", ["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "start"])
         self._started = True
         if fresh:
-            self._run("createdb", ["createdb", "-h", str(self.socket_dir), "-U", SUPERUSER, DATABASE])
+            self._run(
+                "createdb", ["createdb", "-h", str(self.socket_dir), "-U", SUPERUSER, DATABASE]
+            )
 
     def stop(self, mode: str = "fast") -> None:
         if mode not in ("smart", "fast", "immediate"):

@@ -43,9 +43,7 @@ def test_placeholders_become_psycopg_ones_outside_quotes() -> None:
     assert pg_placeholders("SELECT 'it''s ?'") == "SELECT 'it''s ?'"
 
 
-def test_the_lease_pick_skips_a_job_another_server_holds(
-    store: PostgresStore, url: str
-) -> None:
+def test_the_lease_pick_skips_a_job_another_server_holds(store: PostgresStore, url: str) -> None:
     agent = enroll(store, "a")
     store.create_batch("pi", [b"1", b"2"])
     first = store.get_job_by_index(1, 0).job_id
@@ -58,9 +56,7 @@ def test_the_lease_pick_skips_a_job_another_server_holds(
     assert lease(store, agent, now=1.0).index == 0
 
 
-def test_expiry_takes_only_unlocked_jobs_and_is_idempotent(
-    store: PostgresStore, url: str
-) -> None:
+def test_expiry_takes_only_unlocked_jobs_and_is_idempotent(store: PostgresStore, url: str) -> None:
     agent = enroll(store, "a")
     store.create_batch("pi", [b"1", b"2"])
     held, free = lease(store, agent, seconds=10), lease(store, agent, seconds=10)

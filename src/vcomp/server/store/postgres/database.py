@@ -105,6 +105,15 @@ def is_unavailable(exc: psycopg.Error, conn: psycopg.Connection[Any] | None = No
     return state.startswith(_UNAVAILABLE_CLASSES)
 
 
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    # psycopg prepares a statement it sees often, and PostgreSQL then switches to a
+    # generic plan; for the lease pick that plan ignores the window bounds and sorts
+    # the whole queue. A custom plan per execution keeps it a short index range scan.
+    conn.execute("SET plan_cache_mode = force_custom_plan")
+    conn.execute("SET join_collapse_limit = 1")
+    conn.commit()
+
+
 class PostgresDatabase:
     """A connection pool to one PostgreSQL database, transactions, the schema version."""
 
@@ -135,6 +144,7 @@ class PostgresDatabase:
             timeout=wait_timeout,
             name="vcomp-store",
             kwargs={"autocommit": False},
+            configure=_configure,
         )
         try:
             self._pool.open(wait=True, timeout=connect_timeout)

@@ -29,6 +29,9 @@ class PostgresDialect:
     # A constraint, or a value PostgreSQL cannot hold (a NUL in text): the savepoint
     # undoes the one statement and the rest of the group goes on.
     statement_errors: tuple[type[Exception], ...] = (psycopg.IntegrityError, psycopg.DataError)
+    # A batch adds thousands of queued jobs at once; without fresh statistics the
+    # planner takes them for one row and sorts the whole queue for every lease.
+    after_bulk_insert: tuple[str, ...] = ("ANALYZE jobs", "ANALYZE attempts")
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:

@@ -35,7 +35,7 @@ from vcomp.server.store.records import (
     JobState,
     StoreStatus,
 )
-from vcomp.server.store.sql.database import Blobs, Connection, Database, returning_id
+from vcomp.server.store.sql.database import Blobs, Connection, Database, Dialect, returning_id
 from vcomp.server.store.sql.queries import (
     APP_SELECT,
     ATTEMPT_SELECT,
@@ -49,8 +49,11 @@ from vcomp.server.store.sql.queries import (
 class Catalog:
     """Apps and batches (cached: they never change once written), jobs, inputs."""
 
-    def __init__(self, db: Database, blobs: Blobs, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, db: Database, dialect: Dialect, blobs: Blobs, clock: Callable[[], float]
+    ) -> None:
         self._db = db
+        self._dialect = dialect
         self._blobs = blobs
         self._clock = clock
         # Apps and batches never change once written, so every thread may share these.
@@ -212,6 +215,12 @@ class Catalog:
             if count == 0:
                 raise StoreError("a batch needs at least one input")
             conn.execute("UPDATE batches SET n_jobs = ? WHERE id = ?", (count, batch_id))
+        # Fresh statistics, so the lease pick walks the queue in id order and stops at
+        # the first fit rather than sorting every queued job (PostgreSQL's planner
+        # took thousands of new jobs for one).
+        with self._db.transaction(write=True, durable=False) as conn:
+            for statement in self._dialect.after_bulk_insert:
+                conn.execute(statement)
         return batch_id
 
     def get_batch(self, batch_id: int) -> Batch:

@@ -88,6 +88,8 @@ class Dialect(Protocol):
     lease_pick: str
     #: Errors of one statement that a savepoint undoes (a constraint, a bad value).
     statement_errors: tuple[type[Exception], ...]
+    #: Run after a batch's jobs are inserted (refresh the planner's statistics).
+    after_bulk_insert: tuple[str, ...]
 
     def text_list(self, values: Sequence[str]) -> object:
         """A list of strings as one parameter for the ``:kinds`` style list tests."""

@@ -10,6 +10,7 @@ writes it locks the job row first (:meth:`~.database.Dialect.lock_jobs`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from vcomp.server.store.checks import INT64_MAX, check_finite, check_positive, check_text
 from vcomp.server.store.records import (
@@ -30,7 +31,7 @@ from vcomp.server.store.rules import (
 from vcomp.server.store.sql.agents import Agents
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Connection, Database, Dialect
-from vcomp.server.store.sql.queries import REFUSALS_SINCE
+from vcomp.server.store.sql.queries import PICK_WINDOW, QUEUED_WINDOW, REFUSALS_SINCE
 from vcomp.server.store.sql.replicas import Replicas
 
 _CHARGED_STATES = [state.value for state in CHARGED_STATES]
@@ -105,9 +106,7 @@ class Leases:
             self._refusals(conn, agent_id, request.now), request.refusal_cap
         ):
             return None
-        row = conn.execute(
-            self._dialect.lease_pick, _pick_args(request, agent_id, self._dialect)
-        ).fetchone()
+        row = self._pick(conn, _pick_args(request, agent_id, self._dialect))
         if row is None:
             return None
         job_id, batch_id, index, pending = int(row[0]), int(row[1]), int(row[2]), int(row[3])
@@ -137,6 +136,19 @@ class Leases:
             deadline=deadline,
             batch_deadline=batch.deadline,
         )
+
+    def _pick(self, conn: Connection, args: dict[str, object]) -> Any:
+        """The first fitting queued job, one window of the queue at a time."""
+        after = 0
+        while True:
+            window = conn.execute(QUEUED_WINDOW, (after, PICK_WINDOW)).fetchall()
+            if not window:
+                return None
+            args["low"], args["high"] = int(window[0][0]), int(window[-1][0])
+            row = conn.execute(self._dialect.lease_pick, args).fetchone()
+            if row is not None:
+                return row
+            after = int(window[-1][0])
 
     def renew(
         self, job_id: int, attempt: int, now: float, lease_seconds: float, transfer_seconds: float

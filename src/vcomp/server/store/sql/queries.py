@@ -21,8 +21,14 @@ from vcomp.server.store.records import (
 READ_AHEAD = 256 << 10  # BlobReader read-ahead: a window of CODE chunks per read
 RESULTS_PAGE = 256  # iter_results page size
 
-# The first queued job that fits the agent's capacity (START's numbers: whole
-# seconds) and that it neither holds, has done, nor has refused.
+# The next few queued jobs in id order: the lease pick looks at one window at a time,
+# so its cost does not grow with the queue (PostgreSQL's planner, misled by the
+# product of the fit conditions' selectivities, sorted the whole queue per lease).
+QUEUED_WINDOW = "SELECT id FROM jobs WHERE state = 'queued' AND id > ? ORDER BY id LIMIT ?"
+PICK_WINDOW = 16
+
+# The first queued job in the window [:low, :high] that fits the agent's capacity
+# (START's numbers: whole seconds) and that it neither holds, has done, nor refused.
 # The per-agent cap is rules.agent_attempt_cap (max(1, max_attempts - 1)) over
 # rules.CHARGED_STATES; the store contract suite pins the two together.
 LEASE_PICK_TEMPLATE = """
@@ -33,6 +39,7 @@ JOIN apps AS ap ON ap.id = b.app_id
 JOIN blobs AS code ON code.id = ap.blob_id
 JOIN blobs AS bl ON bl.id = j.input_blob
 WHERE j.state = 'queued'
+  AND j.id BETWEEN :low AND :high
   AND (b.deadline IS NULL OR b.deadline > :now)
   AND b.memory_bytes <= :memory_bytes
   AND {whole_cpu} <= :cpu_seconds

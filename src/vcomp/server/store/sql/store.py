@@ -63,7 +63,7 @@ class SqlStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.database = db = database
-        self._catalog = catalog = Catalog(db, blobs, clock)
+        self._catalog = catalog = Catalog(db, dialect, blobs, clock)
         self._agents = agents = Agents(db, clock)
         replicas = Replicas(catalog, blobs, comparator)
         self._leases = Leases(db, dialect, catalog, agents, replicas, clock)

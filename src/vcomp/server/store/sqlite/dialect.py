@@ -20,6 +20,7 @@ class SqliteDialect:
         greatest="MAX({a}, {b})",
     )
     statement_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+    after_bulk_insert: tuple[str, ...] = ()  # SQLite's planner needs no statistics here
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:
