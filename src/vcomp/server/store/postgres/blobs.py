@@ -13,13 +13,12 @@ metadata. Deleting a blob unlinks its large object in the same transaction.
 
 from __future__ import annotations
 
-import hashlib
-from typing import BinaryIO
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from vcomp.errors import StoreError
-from vcomp.server.store.checks import COPY_CHUNK
 from vcomp.server.store.postgres.database import PostgresDatabase
-from vcomp.server.store.sql.blobs import BlobHashing, WindowedBlobReader
+from vcomp.server.store.sql.blobs import BlobStore, WindowedBlobReader
 from vcomp.server.store.sql.database import Connection, returning_id
 
 _READ = (
@@ -28,19 +27,11 @@ _READ = (
 )
 
 
-class PostgresBlobs(BlobHashing):
+class PostgresBlobs(BlobStore):
     """Blob rows: insert, reserve and fill in ranges, seal with a SHA-256, delete, read."""
 
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
-
-    @staticmethod
-    def insert(conn: Connection, data: bytes, digest: bytes) -> int:
-        cur = conn.execute(
-            "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?) RETURNING id",
-            (len(data), digest, data),
-        )
-        return returning_id(cur)
 
     @staticmethod
     def reserve(conn: Connection, total: int) -> int:
@@ -64,31 +55,9 @@ class PostgresBlobs(BlobHashing):
         if row is None:
             raise StoreError(f"blob {blob_id} cannot be written in ranges")
 
-    def stream_in(self, conn: Connection, stream: BinaryIO, total: int) -> tuple[int, bytes]:
-        """A new sealed blob of exactly ``total`` bytes read from ``stream`` in chunks, so
-        the payload is never in memory whole; returns (id, SHA-256)."""
-        blob_id = self.reserve(conn, total)
-        hasher = hashlib.sha256()
-        written = 0
-        try:
-            while written < total:
-                chunk = stream.read(min(COPY_CHUNK, total - written))
-                if not chunk:
-                    raise StoreError(f"code stream ended after {written} of {total} bytes")
-                self.write_at(conn, blob_id, written, chunk)
-                hasher.update(chunk)
-                written += len(chunk)
-            if stream.read(1):
-                raise StoreError(f"code stream is longer than the {total} bytes declared")
-        except OSError as exc:
-            raise StoreError(f"cannot read app code: {exc}") from exc
-        digest = hasher.digest()
-        self.seal(conn, blob_id, digest)
-        return blob_id, digest
-
-    @staticmethod
-    def seal(conn: Connection, blob_id: int, digest: bytes) -> None:
-        conn.execute("UPDATE blobs SET sha256 = ? WHERE id = ?", (digest, blob_id))
+    @contextmanager
+    def writer(self, conn: Connection, blob_id: int) -> Iterator[_SequentialWriter]:
+        yield _SequentialWriter(self, conn, blob_id)
 
     @staticmethod
     def delete(conn: Connection, blob_id: int) -> None:
@@ -99,6 +68,16 @@ class PostgresBlobs(BlobHashing):
 
     def reader(self, blob_id: int | None, size: int, sha256: bytes) -> PostgresBlobReader:
         return PostgresBlobReader(self._db, blob_id, size, sha256)
+
+
+class _SequentialWriter:
+    def __init__(self, blobs: PostgresBlobs, conn: Connection, blob_id: int) -> None:
+        self._blobs, self._conn, self._blob_id, self._offset = blobs, conn, blob_id, 0
+
+    def write(self, data: bytes, /) -> int:
+        self._blobs.write_at(self._conn, self._blob_id, self._offset, data)
+        self._offset += len(data)
+        return len(data)
 
 
 class PostgresBlobReader(WindowedBlobReader):

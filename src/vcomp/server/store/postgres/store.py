@@ -12,6 +12,7 @@ from vcomp.server.store.postgres.database import PostgresDatabase
 from vcomp.server.store.postgres.dialect import PostgresDialect
 from vcomp.server.store.records import ResultComparator
 from vcomp.server.store.rules import sha256_equal
+from vcomp.server.store.sql import versions
 from vcomp.server.store.sql.store import SqlStore
 
 
@@ -36,14 +37,7 @@ class PostgresStore(SqlStore):
         max_connections: int = 8,
     ) -> None:
         db = PostgresDatabase(url, max_connections=max_connections)
-        try:
-            if migrate:
-                db.migrate()
-            else:
-                db.check_schema()
-        except BaseException:
-            db.close()
-            raise
+        versions.ready(db, migrate=migrate)
         super().__init__(
             db, PostgresDialect(), PostgresBlobs(db), comparator=comparator, clock=clock
         )

@@ -1,17 +1,24 @@
-"""What every backend's blob store shares: hashing and loading a stored blob, and the
-bounds and read-ahead window of a range reader (:class:`WindowedBlobReader`)."""
+"""What every backend's blob store shares (:class:`BlobStore`: inserting, streaming in,
+sealing, hashing and loading a blob) and the bounds and read-ahead window of a range
+reader (:class:`WindowedBlobReader`)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Self
+from typing import BinaryIO, Protocol, Self
 
 from vcomp.errors import StoreError
 from vcomp.server.store.checks import COPY_CHUNK, MAX_READ_BYTES
 from vcomp.server.store.interface import BlobReader
+from vcomp.server.store.sql.database import Connection, returning_id
 from vcomp.server.store.sql.queries import READ_AHEAD
+
+
+class BlobWriter(Protocol):
+    def write(self, data: bytes, /) -> object: ...
 
 
 class WindowedBlobReader:
@@ -70,11 +77,55 @@ class WindowedBlobReader:
         self.close()
 
 
-class BlobHashing:
-    """Whole-blob helpers over a backend's :meth:`reader`."""
+class BlobStore:
+    """The blob operations whose SQL is the same everywhere, over a backend's
+    :meth:`reserve`, :meth:`writer` and :meth:`reader`."""
+
+    def reserve(self, conn: Connection, total: int) -> int:
+        raise NotImplementedError
+
+    def writer(self, conn: Connection, blob_id: int) -> AbstractContextManager[BlobWriter]:
+        """Sequential writes into a reserved blob, from offset 0."""
+        raise NotImplementedError
 
     def reader(self, blob_id: int | None, size: int, sha256: bytes) -> BlobReader:
         raise NotImplementedError
+
+    @staticmethod
+    def insert(conn: Connection, data: bytes, digest: bytes) -> int:
+        """A new sealed blob holding ``data`` whose SHA-256 is ``digest``."""
+        cur = conn.execute(
+            "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?) RETURNING id",
+            (len(data), digest, data),
+        )
+        return returning_id(cur)
+
+    @staticmethod
+    def seal(conn: Connection, blob_id: int, digest: bytes) -> None:
+        conn.execute("UPDATE blobs SET sha256 = ? WHERE id = ?", (digest, blob_id))
+
+    def stream_in(self, conn: Connection, stream: BinaryIO, total: int) -> tuple[int, bytes]:
+        """A new sealed blob of exactly ``total`` bytes read from ``stream`` in chunks, so
+        the payload is never in memory whole; returns (id, SHA-256)."""
+        blob_id = self.reserve(conn, total)
+        hasher = hashlib.sha256()
+        written = 0
+        try:
+            with self.writer(conn, blob_id) as blob:
+                while written < total:
+                    chunk = stream.read(min(COPY_CHUNK, total - written))
+                    if not chunk:
+                        raise StoreError(f"code stream ended after {written} of {total} bytes")
+                    blob.write(chunk)
+                    hasher.update(chunk)
+                    written += len(chunk)
+            if stream.read(1):
+                raise StoreError(f"code stream is longer than the {total} bytes declared")
+        except OSError as exc:
+            raise StoreError(f"cannot read app code: {exc}") from exc
+        digest = hasher.digest()
+        self.seal(conn, blob_id, digest)
+        return blob_id, digest
 
     def sha256(self, blob_id: int, size: int) -> bytes:
         """Hash a stored blob in chunks, in read transactions of its own."""

@@ -9,6 +9,7 @@ that names ``vcomp-server migrate``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from vcomp.errors import SchemaVersionError
 from vcomp.server.store.sql.database import Connection, Database
@@ -70,3 +71,21 @@ def check_schema(db: Database, target: int, where: str, *, has_table: str) -> No
 def read_version(conn: Connection) -> int:
     row = conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
     return int(row[0]) if row else 0
+
+
+class VersionedDatabase(Database, Protocol):
+    def migrate(self) -> tuple[int, int]: ...
+
+    def check_schema(self) -> None: ...
+
+
+def ready(db: VersionedDatabase, *, migrate: bool) -> None:
+    """Migrate a just-opened database, or check its version; closes it on failure."""
+    try:
+        if migrate:
+            db.migrate()
+        else:
+            db.check_schema()
+    except BaseException:
+        db.close()
+        raise

@@ -8,15 +8,12 @@ a staged upload reserves its bytes with ``zeroblob``.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import threading
 from contextlib import suppress
-from typing import BinaryIO
 
 from vcomp.errors import StoreError
-from vcomp.server.store.checks import COPY_CHUNK
-from vcomp.server.store.sql.blobs import BlobHashing, WindowedBlobReader
+from vcomp.server.store.sql.blobs import BlobStore, WindowedBlobReader
 from vcomp.server.store.sql.database import Connection, returning_id
 from vcomp.server.store.sqlite.database import SqliteDatabase
 
@@ -29,20 +26,11 @@ def _sqlite(conn: Connection) -> sqlite3.Connection:
     return raw
 
 
-class SqliteBlobs(BlobHashing):
+class SqliteBlobs(BlobStore):
     """Blob rows: insert, reserve and fill in ranges, seal with a SHA-256, delete, read."""
 
     def __init__(self, db: SqliteDatabase) -> None:
         self._db = db
-
-    @staticmethod
-    def insert(conn: Connection, data: bytes, digest: bytes) -> int:
-        """A new sealed blob holding ``data`` whose SHA-256 is ``digest``."""
-        cur = conn.execute(
-            "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?) RETURNING id",
-            (len(data), digest, data),
-        )
-        return returning_id(cur)
 
     @staticmethod
     def reserve(conn: Connection, total: int) -> int:
@@ -64,32 +52,10 @@ class SqliteBlobs(BlobHashing):
             blob.seek(offset)
             blob.write(data)
 
-    def stream_in(self, conn: Connection, stream: BinaryIO, total: int) -> tuple[int, bytes]:
-        """A new sealed blob of exactly ``total`` bytes read from ``stream`` in chunks, so
-        the payload is never in memory whole; returns (id, SHA-256)."""
-        blob_id = self.reserve(conn, total)
-        hasher = hashlib.sha256()
-        written = 0
-        try:
-            with _sqlite(conn).blobopen("blobs", "data", blob_id) as blob:
-                while written < total:
-                    chunk = stream.read(min(COPY_CHUNK, total - written))
-                    if not chunk:
-                        raise StoreError(f"code stream ended after {written} of {total} bytes")
-                    blob.write(chunk)
-                    hasher.update(chunk)
-                    written += len(chunk)
-            if stream.read(1):
-                raise StoreError(f"code stream is longer than the {total} bytes declared")
-        except OSError as exc:
-            raise StoreError(f"cannot read app code: {exc}") from exc
-        digest = hasher.digest()
-        self.seal(conn, blob_id, digest)
-        return blob_id, digest
-
     @staticmethod
-    def seal(conn: Connection, blob_id: int, digest: bytes) -> None:
-        conn.execute("UPDATE blobs SET sha256 = ? WHERE id = ?", (digest, blob_id))
+    def writer(conn: Connection, blob_id: int) -> sqlite3.Blob:
+        # One handle for the whole stream: reopening walks the overflow pages again.
+        return _sqlite(conn).blobopen("blobs", "data", blob_id)
 
     @staticmethod
     def delete(conn: Connection, blob_id: int) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from vcomp.server.store.records import ResultComparator
 from vcomp.server.store.rules import sha256_equal
+from vcomp.server.store.sql import versions
 from vcomp.server.store.sql.store import SqlStore
 from vcomp.server.store.sqlite.blobs import SqliteBlobs
 from vcomp.server.store.sqlite.database import SqliteDatabase
@@ -34,14 +35,7 @@ class SqliteStore(SqlStore):
         migrate: bool = True,
     ) -> None:
         db = SqliteDatabase(path, busy_timeout=busy_timeout)
-        try:
-            if migrate:
-                db.migrate()
-            else:
-                db.check_schema()
-        except BaseException:
-            db.close()
-            raise
+        versions.ready(db, migrate=migrate)
         super().__init__(db, SqliteDialect(), SqliteBlobs(db), comparator=comparator, clock=clock)
 
     def journal_mode(self) -> str:
