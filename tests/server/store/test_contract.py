@@ -557,6 +557,24 @@ def test_error_status_requeues_then_fails_with_reason(
     assert [a.state for a in store.list_attempts(job.job_id)] == [AttemptState.ERRORED] * 2
 
 
+def test_control_characters_in_an_error_are_kept_and_in_a_status_rejected(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    """Every backend alike (PostgreSQL text holds no NUL): an agent's error text is
+    kept with a NUL replaced; a status is a word, so one with a NUL is refused."""
+    store.create_batch(app, [b"x", b"y"])
+    first, second = lease(store, agents[0]), lease(store, agents[0])
+    bad_status = ResultSubmission(first.job_id, first.attempt, agents[0], "ok\x00", error="")
+    nul_error = ResultSubmission(
+        second.job_id, second.attempt, agents[0], "crashed", error="a\x00b"
+    )
+    o1, o2 = store.record_results([bad_status, nul_error])
+    assert o1.kind is OutcomeKind.REJECTED and "printable" in o1.detail
+    assert o2.kind is OutcomeKind.ACCEPTED
+    [stored] = store.list_results(second.job_id)
+    assert stored.error == "a\ufffdb"
+
+
 def test_wrong_agent_and_unknown_attempt_are_rejected(
     store: Store, app: str, agents: list[str]
 ) -> None:

@@ -149,6 +149,7 @@ class Results:
         limit = self._catalog.batch(conn, live.batch_id).limits.output_bytes
         blob_id, size, digest = self._take_output(conn, sub, job_state, limit)
         status, error = checked_status(sub.status, sub.error, size, limit)
+        error = error.replace("\x00", "\ufffd")  # PostgreSQL text holds no NUL
         ok = status == RESULT_OK
         kind = classify_result(
             job_state,
@@ -168,7 +169,7 @@ class Results:
                 sub.attempt,
                 sub.agent_id,
                 status,
-                error[:MAX_TEXT].replace("\x00", "\ufffd"),  # PostgreSQL text holds no NUL
+                error[:MAX_TEXT],
                 size,
                 digest,
                 sub.cpu_ms,
