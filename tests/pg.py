@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
-from urllib.parse import quote
-
-import psycopg
 import pytest
 
 from vcomp.pgcluster import PostgresCluster, postgres_bindir
-
-_schemas = itertools.count(1)
 
 
 def skip_without_postgres() -> None:
@@ -22,9 +16,5 @@ def skip_without_postgres() -> None:
 
 
 def fresh_schema_url(cluster: PostgresCluster) -> str:
-    """The cluster's URL with its own new, empty schema first on the search path, so
-    tests share one cluster and one database yet see nothing of each other."""
-    name = f"t_{next(_schemas)}"
-    with psycopg.connect(cluster.url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    return f"{cluster.url}&options={quote(f'-csearch_path={name}')}"
+    """A new, empty schema in the session's cluster (see PostgresCluster)."""
+    return cluster.fresh_schema_url()

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import quote
+
+import psycopg
 
 from vcomp.errors import VcompError
 
@@ -111,6 +114,7 @@ class PostgresCluster:
                 os.chown(path, nobody.pw_uid, nobody.pw_gid)
         self.url = f"postgresql://{SUPERUSER}@/{DATABASE}?host={self.socket_dir}"
         self._started = False
+        self._schemas = 0
 
     # ------------------------------------------------------------------ running
 
@@ -179,6 +183,18 @@ class PostgresCluster:
             self._run(
                 "createdb", ["createdb", "-h", str(self.socket_dir), "-U", SUPERUSER, DATABASE]
             )
+
+    def fresh_schema_url(self) -> str:
+        """The URL with a new, empty schema first on the search path: tests and
+        benchmarks share one cluster and one database yet see nothing of each other."""
+        self._schemas += 1
+        name = f"s{os.getpid()}_{self._schemas}"
+        try:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(f"CREATE SCHEMA {name}")
+        except psycopg.Error as exc:
+            raise VcompError(f"PostgreSQL create schema failed: {exc}{self._log_tail()}") from None
+        return f"{self.url}&options={quote(f'-csearch_path={name}')}"
 
     def stop(self, mode: str = "fast") -> None:
         if mode not in ("smart", "fast", "immediate"):
