@@ -46,6 +46,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from vcomp.errors import StoreError, StoreUnavailable
+from vcomp.server.store.postgres.dialect import PostgresDialect
 from vcomp.server.store.postgres.schema import (
     HAS_VERSION_TABLE,
     MIGRATE_LOCK,
@@ -79,13 +80,19 @@ class PostgresConnection:
 
     __slots__ = ("raw",)
 
+    #: Statements never prepared: psycopg prepares a statement it sees often, and
+    #: PostgreSQL may then switch to a generic plan, which for the lease pick ignores
+    #: the window bounds and sorts the whole queue. Planned per execution instead.
+    unprepared: frozenset[str] = frozenset({PostgresDialect.lease_pick})
+
     def __init__(self, raw: psycopg.Connection[Any]) -> None:
         self.raw = raw
 
     def execute(self, sql: str, params: Any = None, /) -> Cursor:
         if params is None:
             return self.raw.execute(sql)
-        return self.raw.execute(pg_placeholders(sql), params)
+        prepare = False if sql in self.unprepared else None
+        return self.raw.execute(pg_placeholders(sql), params, prepare=prepare)
 
 
 def _reason(exc: BaseException) -> str:
@@ -106,10 +113,8 @@ def is_unavailable(exc: psycopg.Error, conn: psycopg.Connection[Any] | None = No
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
-    # psycopg prepares a statement it sees often, and PostgreSQL then switches to a
-    # generic plan; for the lease pick that plan ignores the window bounds and sorts
-    # the whole queue. A custom plan per execution keeps it a short index range scan.
-    conn.execute("SET plan_cache_mode = force_custom_plan")
+    # Shared SQL writes its joins in a good order; planning the lease pick's six-way
+    # join from scratch cost more than running it.
     conn.execute("SET join_collapse_limit = 1")
     conn.commit()
 

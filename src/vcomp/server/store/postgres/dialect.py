@@ -31,7 +31,7 @@ class PostgresDialect:
     statement_errors: tuple[type[Exception], ...] = (psycopg.IntegrityError, psycopg.DataError)
     # A batch adds thousands of queued jobs at once; without fresh statistics the
     # planner takes them for one row and sorts the whole queue for every lease.
-    after_bulk_insert: tuple[str, ...] = ("ANALYZE jobs", "ANALYZE attempts")
+    after_bulk_insert: tuple[str, ...] = ("ANALYZE jobs",)
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:
