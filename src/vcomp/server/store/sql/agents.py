@@ -26,6 +26,7 @@ class Agents:
     def __init__(self, db: Database, clock: Callable[[], float]) -> None:
         self._db = db
         self._clock = clock
+        self._known: set[str] = set()
 
     # ------------------------------------------------------------------ agents
 
@@ -61,10 +62,14 @@ class Agents:
             raise StoreError(f"unknown agent {agent_id[:16]}")
         return agent_from_row(row)
 
-    @staticmethod
-    def known(conn: Connection, agent_id: str) -> str:
+    def known(self, conn: Connection, agent_id: str) -> str:
+        """The agent id, if it is enrolled. Agents are never deleted, so an id once
+        found is remembered (a lease then needs no round trip to check it)."""
+        if agent_id in self._known:
+            return agent_id
         if conn.execute("SELECT 1 FROM agents WHERE id = ?", (agent_id,)).fetchone() is None:
             raise StoreError(f"unknown agent {str(agent_id)[:16]}")
+        self._known.add(agent_id)
         return agent_id
 
     def list_agents(self) -> list[AgentRecord]:
