@@ -275,6 +275,18 @@ def test_each_declared_maximum_filters_the_lease(
     assert store.lease_many([request])[0] is not None
 
 
+def test_the_one_fitting_job_behind_many_that_do_not_fit_is_found(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    """However a backend walks the queue (PostgreSQL: in growing windows of ids)."""
+    store.create_batch(app, [b"x" * 100] * 500)
+    small = store.create_batch(app, [b"y"])
+    tight = LeaseRequest(agents[0], 0.0, 10.0, JobCapacity(job_bytes=len(b"print('pi')") + 1))
+    [got] = store.lease_many([tight])
+    assert got is not None and got.batch_id == small
+    assert store.lease_many([tight]) == [None]  # and nothing else fits
+
+
 def test_batch_disk_bytes_default_bound_and_lease(store: Store, app: str) -> None:
     default = store.create_batch(app, [b"x"])
     assert store.get_batch(default).limits.disk_bytes == DEFAULT_DISK_BYTES == 64 * MiB

@@ -32,6 +32,9 @@ class PostgresDialect:
     # A batch adds thousands of queued jobs at once; without fresh statistics the
     # planner takes them for one row and sorts the whole queue for every lease.
     after_bulk_insert: tuple[str, ...] = ("ANALYZE jobs",)
+    # The planner, misled by the product of the fit conditions' selectivities, may
+    # sort every queued job per pick; a window of ids bounds that sort.
+    pick_in_windows = True
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:

@@ -90,6 +90,8 @@ class Dialect(Protocol):
     statement_errors: tuple[type[Exception], ...]
     #: Run after a batch's jobs are inserted (refresh the planner's statistics).
     after_bulk_insert: tuple[str, ...]
+    #: Pick from growing windows of the queue (see ``Leases._pick``) rather than at once.
+    pick_in_windows: bool
 
     def text_list(self, values: Sequence[str]) -> object:
         """A list of strings as one parameter for the ``:kinds`` style list tests."""

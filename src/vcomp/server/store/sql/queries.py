@@ -21,9 +21,8 @@ from vcomp.server.store.records import (
 READ_AHEAD = 256 << 10  # BlobReader read-ahead: a window of CODE chunks per read
 RESULTS_PAGE = 256  # iter_results page size
 
-# The next few queued jobs in id order: the lease pick looks at one window at a time,
-# so its cost does not grow with the queue (PostgreSQL's planner, misled by the
-# product of the fit conditions' selectivities, sorted the whole queue per lease).
+# The next few queued jobs in id order: a window of the queue for the lease pick (on
+# the backends that pick in windows, see Dialect.pick_in_windows).
 QUEUED_WINDOW = "SELECT id FROM jobs WHERE state = 'queued' AND id > ? ORDER BY id LIMIT ?"
 PICK_WINDOW = 16
 

@@ -21,6 +21,7 @@ class SqliteDialect:
     )
     statement_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
     after_bulk_insert: tuple[str, ...] = ()  # SQLite's planner needs no statistics here
+    pick_in_windows = False  # SQLite walks jobs_queued in id order and stops at a fit
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:
