@@ -22,7 +22,8 @@ class PostgresStore(SqlStore):
 
     ``migrate`` (the default) creates or upgrades the schema on open; without it a
     database at another schema version is refused with an error that names
-    ``vcomp-server migrate``. An unreachable database is a StoreUnavailable.
+    ``vcomp-server migrate``. An unreachable database is a StoreUnavailable, at open
+    and whenever no connection can be had within ``wait_timeout`` seconds.
     """
 
     database: PostgresDatabase
@@ -35,8 +36,9 @@ class PostgresStore(SqlStore):
         clock: Callable[[], float] = time.time,
         migrate: bool = True,
         max_connections: int = 8,
+        wait_timeout: float = 10.0,
     ) -> None:
-        db = PostgresDatabase(url, max_connections=max_connections)
+        db = PostgresDatabase(url, max_connections=max_connections, wait_timeout=wait_timeout)
         versions.ready(db, migrate=migrate)
         super().__init__(
             db, PostgresDialect(), PostgresBlobs(db), comparator=comparator, clock=clock
