@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.pg import fresh_schema_url
 from tests.server.store.support import downgrade_to_v1
 from tests.sqlite_lock import HeldLock
 from vcomp.agent.cli import main as agent_main
+from vcomp.pgcluster import PostgresCluster
 from vcomp.protocol import handshake
 from vcomp.server.cli import main as server_main
 from vcomp.server.cli import parse_size
@@ -556,3 +558,27 @@ def test_serve_stops_with_one_line_on_a_store_another_process_locks(home: Path) 
     with HeldLock(home / "jobs.sqlite"):
         line = _one_error_line(_serve(home))
     assert line == "error: job store unavailable: database is locked", line
+
+
+def test_a_postgresql_store_that_is_down_is_one_line_and_a_nonzero_exit(
+    home: Path, tmp_path: Path
+) -> None:
+    """Through the console script: a store URL naming a socket where no PostgreSQL runs."""
+    env = {**os.environ, "VCOMP_STORE_URL": f"postgresql://vcomp:secret@/vcomp?host={tmp_path}"}
+    script = Path(sys.executable).parent / "vcomp-server"
+    for command in ("status", "migrate", "serve"):
+        done = subprocess.run(
+            [script, command, "--config", home], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode != 0, command
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("error: job store unavailable: cannot connect to PostgreSQL")
+        assert "secret" not in done.stderr and str(tmp_path) not in done.stderr
+
+
+def test_migrate_and_status_on_postgresql(home: Path, pg_cluster: PostgresCluster) -> None:
+    env = {"VCOMP_STORE_URL": fresh_schema_url(pg_cluster)}
+    migrated = run("migrate", "--config", home, env=env)
+    assert migrated.exit_code == 0 and "schema v0 -> v" in migrated.stdout, migrated.output
+    assert "search_path" not in migrated.stdout  # the query is not printed
+    assert run("status", "--config", home, env=env).exit_code == 0

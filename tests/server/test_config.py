@@ -275,7 +275,7 @@ def test_the_busy_timeout_is_read_with_a_default(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ('[store]\nurl = "mongodb://x"\n', "unknown store url scheme 'mongodb'"),
-        ('[store]\nurl = "postgresql://db/v"\n', "PostgreSQL store is not built yet"),
+        ('[store]\nurl = "postgresql://u:secret@db/"\n', "names no database"),
         ("[store]\nurl = 5\n", "[store] url must be"),
         ('[store]\npath = "x"\n', "unknown key 'path'"),
         ("[store]\nbusy_timeout = 0\n", "busy_timeout must be positive"),
@@ -287,6 +287,7 @@ def test_bad_store_settings_name_the_file(tmp_path: Path, text: str, message: st
     with pytest.raises(ConfigError) as caught:
         load_server_config(path)
     assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+    assert "secret" not in str(caught.value)
 
 
 def test_init_with_a_store_url_creates_that_store(tmp_path: Path) -> None:

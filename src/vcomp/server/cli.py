@@ -38,7 +38,7 @@ from vcomp.server.config import (
 from vcomp.server.store import JobState, ResultRecord, Store, StoreStatus
 from vcomp.server.store import open_store as open_store_url
 from vcomp.server.store.checks import MAX_BLOB_BYTES
-from vcomp.server.store.url import migrate_store
+from vcomp.server.store.url import migrate_store, redact_store_url
 
 EXIT_FAILED_JOBS = 3
 EXIT_TIMEOUT = 4
@@ -170,9 +170,9 @@ def migrate(config_path: Path) -> None:
     config = load_server_config(config_path)
     before, now = migrate_store(config.store_url)
     if before == now:
-        click.echo(f"job store {config.store_url}: schema v{now}, up to date")
+        click.echo(f"job store {redact_store_url(config.store_url)}: schema v{now}, up to date")
     else:
-        click.echo(f"job store {config.store_url}: schema v{before} -> v{now}")
+        click.echo(f"job store {redact_store_url(config.store_url)}: schema v{before} -> v{now}")
 
 
 @main.command()

@@ -1,8 +1,10 @@
 """The store fixtures, parametrised over every backend.
 
-``backend`` is the list of backends the contract suite runs against: today SQLite
-alone. A PostgreSQL backend adds a param here (and a branch in ``make_store`` and
-``count_rows``); the tests themselves do not change.
+``BACKENDS`` is the list of backends the contract suite runs against. A backend adds a
+param here and a branch in ``make_store``; the tests themselves do not change. Each
+PostgreSQL test gets a fresh schema in the session's throwaway cluster
+(``pg_cluster`` in tests/conftest.py), so tests stay independent; without PostgreSQL
+installed, its params skip and say why.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from typing import Any, Protocol
 
 import pytest
 
+from tests.pg import fresh_schema_url
 from tests.server.store.support import enroll
 from vcomp.server.store import Store
+from vcomp.server.store.sql.store import SqlStore
 from vcomp.server.store.sqlite import SqliteStore
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 
 class StoreFactory(Protocol):
@@ -38,12 +42,21 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_store(backend: str, tmp_path: Path) -> Iterator[StoreFactory]:
+def make_store(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[StoreFactory]:
     opened: list[Store] = []
+    if backend == "postgresql":
+        from vcomp.server.store.postgres import PostgresStore
+
+        cluster = request.getfixturevalue("pg_cluster")
 
     def make(**options: Any) -> Store:
-        assert backend == "sqlite", backend
-        store = SqliteStore(tmp_path / f"store-{len(opened)}.db", **options)
+        store: Store
+        if backend == "postgresql":
+            store = PostgresStore(fresh_schema_url(cluster), max_connections=4, **options)
+        else:
+            store = SqliteStore(tmp_path / f"store-{len(opened)}.db", **options)
         opened.append(store)
         return store
 
@@ -61,9 +74,10 @@ def store(make_store: StoreFactory) -> Store:
 @pytest.fixture
 def count_rows(backend: str, store: Store) -> RowCounter:
     def count(table: str, where: str = "1 = 1") -> int:
-        assert backend == "sqlite" and isinstance(store, SqliteStore), backend
-        conn = store.database.connection()
-        return int(conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()[0])
+        assert isinstance(store, SqlStore), backend
+        with store.database.transaction() as conn:
+            row = conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()
+        return int(row[0])
 
     return count
 

@@ -275,6 +275,18 @@ def test_each_declared_maximum_filters_the_lease(
     assert store.lease_many([request])[0] is not None
 
 
+def test_the_one_fitting_job_behind_many_that_do_not_fit_is_found(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    """However a backend walks the queue (PostgreSQL: in growing windows of ids)."""
+    store.create_batch(app, [b"x" * 100] * 500)
+    small = store.create_batch(app, [b"y"])
+    tight = LeaseRequest(agents[0], 0.0, 10.0, JobCapacity(job_bytes=len(b"print('pi')") + 1))
+    [got] = store.lease_many([tight])
+    assert got is not None and got.batch_id == small
+    assert store.lease_many([tight]) == [None]  # and nothing else fits
+
+
 def test_batch_disk_bytes_default_bound_and_lease(store: Store, app: str) -> None:
     default = store.create_batch(app, [b"x"])
     assert store.get_batch(default).limits.disk_bytes == DEFAULT_DISK_BYTES == 64 * MiB
@@ -555,6 +567,24 @@ def test_error_status_requeues_then_fails_with_reason(
     job = store.get_job(first.job_id)
     assert job.reason is not None and "timeout: wall clock 120 s" in job.reason
     assert [a.state for a in store.list_attempts(job.job_id)] == [AttemptState.ERRORED] * 2
+
+
+def test_control_characters_in_an_error_are_kept_and_in_a_status_rejected(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    """Every backend alike (PostgreSQL text holds no NUL): an agent's error text is
+    kept with a NUL replaced; a status is a word, so one with a NUL is refused."""
+    store.create_batch(app, [b"x", b"y"])
+    first, second = lease(store, agents[0]), lease(store, agents[0])
+    bad_status = ResultSubmission(first.job_id, first.attempt, agents[0], "ok\x00", error="")
+    nul_error = ResultSubmission(
+        second.job_id, second.attempt, agents[0], "crashed", error="a\x00b"
+    )
+    o1, o2 = store.record_results([bad_status, nul_error])
+    assert o1.kind is OutcomeKind.REJECTED and "printable" in o1.detail
+    assert o2.kind is OutcomeKind.ACCEPTED
+    [stored] = store.list_results(second.job_id)
+    assert stored.error == "a\ufffdb"
 
 
 def test_wrong_agent_and_unknown_attempt_are_rejected(

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from vcomp.errors import ConfigError, StoreError
+from tests.pg import fresh_schema_url
+from vcomp.errors import ConfigError, SchemaVersionError, StoreError, StoreUnavailable
+from vcomp.pgcluster import PostgresCluster
 from vcomp.server.store import open_store
+from vcomp.server.store.postgres import SCHEMA_VERSION, PostgresStore
 from vcomp.server.store.sqlite import SqliteStore
-from vcomp.server.store.url import migrate_store, parse_store_url, sqlite_url
+from vcomp.server.store.url import migrate_store, parse_store_url, redact_store_url, sqlite_url
 
 
 def test_sqlite_urls_absolute_and_relative_to_the_home(tmp_path: Path) -> None:
@@ -34,8 +37,10 @@ def test_sqlite_urls_absolute_and_relative_to_the_home(tmp_path: Path) -> None:
         ("sqlite:", "names no file"),
         ("sqlite:///", "names no file"),
         ("sqlite:rel.db", "relative and there is no home"),
-        ("postgresql://vcomp:secret@db/vcomp", "PostgreSQL store is not built yet"),
-        ("postgres://db/vcomp", "PostgreSQL store is not built yet"),
+        ("postgresql:vcomp:secret@db/vcomp", "starts postgresql://"),
+        ("postgresql://vcomp:secret@db/", "names no database"),
+        ("postgres://vcomp:secret@db:99999/vcomp", "malformed"),
+        ("postgresql://vcomp:secret@db/vc\nomp", "control character"),
     ],
 )
 def test_bad_urls_are_one_clear_config_error(url: str, message: str) -> None:
@@ -57,3 +62,53 @@ def test_open_store_needs_an_existing_store_and_migrate_creates_it(tmp_path: Pat
         assert store.list_apps() == []
     finally:
         store.close()
+
+
+def test_postgresql_urls_are_kept_whole_and_printed_without_the_password() -> None:
+    url = "postgresql://vcomp:secret@db.example:5433/jobs?sslmode=require"
+    where = parse_store_url(url)
+    assert (where.scheme, where.path, str(where)) == ("postgresql", None, url)
+    assert "secret" not in repr(where)
+    assert redact_store_url(url) == "postgresql://vcomp@db.example:5433/jobs"
+    socket = "postgres://vcomp@/vcomp?host=/tmp/x"
+    assert str(parse_store_url(socket)) == socket
+    assert redact_store_url(socket) == "postgres://vcomp@/vcomp"
+    assert redact_store_url("sqlite:///a/b.db") == "sqlite:///a/b.db"
+
+
+def test_an_unreachable_postgresql_is_one_line_without_the_url(tmp_path: Path) -> None:
+    url = f"postgresql://vcomp:secret@/vcomp?host={tmp_path}"  # no server on this socket
+    for attempt in (lambda: open_store(url), lambda: migrate_store(url)):
+        with pytest.raises(StoreUnavailable) as caught:
+            attempt()
+        message = str(caught.value)
+        assert message.startswith("job store unavailable: cannot connect to PostgreSQL")
+        assert "\n" not in message and "secret" not in message and str(tmp_path) not in message
+
+
+def test_postgresql_migrate_creates_and_open_checks_the_version(
+    pg_cluster: PostgresCluster,
+) -> None:
+    url = fresh_schema_url(pg_cluster)
+    with pytest.raises(SchemaVersionError, match=r"schema v0, older .*vcomp-server migrate"):
+        open_store(url)
+    assert migrate_store(url) == (0, SCHEMA_VERSION)
+    assert migrate_store(url) == (SCHEMA_VERSION, SCHEMA_VERSION)
+    store = open_store(url)
+    try:
+        assert isinstance(store, PostgresStore)
+        assert store.schema_version() == SCHEMA_VERSION and store.list_apps() == []
+        with store.database.transaction(write=True) as conn:  # back to schema v1
+            conn.execute("DROP INDEX attempts_refusals")
+            conn.execute("ALTER TABLE batches DROP COLUMN disk_bytes")
+            conn.execute("UPDATE schema_version SET version = 1")
+    finally:
+        store.close()
+    with pytest.raises(SchemaVersionError, match=r"schema v1, older .*vcomp-server migrate"):
+        open_store(url)
+    assert migrate_store(url) == (1, SCHEMA_VERSION)
+    with open_store(url) as store, store.database.transaction(write=True) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    for attempt in (lambda: open_store(url), lambda: migrate_store(url)):
+        with pytest.raises(SchemaVersionError, match=r"schema v99, newer .*never downgrades"):
+            attempt()

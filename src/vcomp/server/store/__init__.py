@@ -4,9 +4,13 @@ Layout
     ``records`` (frozen dataclasses of plain values), ``interface`` (the :class:`Store`
     and :class:`BlobReader` protocols), ``rules`` (the policy below as pure functions
     over records), ``checks`` (argument checks), ``url`` (:func:`open_store`: a store
-    from its URL) and one subpackage per backend (``sqlite``). Only this package names
-    a backend; everyone else opens a store with :func:`open_store` and uses
-    :class:`Store`. Every failure is a :class:`~vcomp.errors.StoreError`.
+    from its URL), ``sql`` (the repositories and their SQL, shared by every backend:
+    :class:`~.sql.store.SqlStore` over a database, a dialect and a blob store) and one
+    subpackage per backend (``sqlite``, the embedded default; ``postgres``, for several
+    servers over one database). Only this package names a backend; everyone else opens
+    a store with :func:`open_store` and uses :class:`Store`. Every failure is a
+    :class:`~vcomp.errors.StoreError` (:class:`~vcomp.errors.StoreUnavailable` when the
+    database cannot be reached: retry later).
 
 Vocabulary
     *app*: versioned job code. *batch*: one submission, many inputs. *job*: one input

@@ -85,8 +85,8 @@ def check_submission(sub: ResultSubmission) -> None:
         raise StoreError(f"inline output above {INLINE_OUTPUT_MAX} bytes; stage it instead")
     if sub.upload is not None and (sub.output_sha256 is None or len(sub.output_sha256) != 32):
         raise StoreError("a staged output needs its 32-byte output_sha256")
-    if not sub.status or len(sub.status) > 64:
-        raise StoreError("result status must be 1-64 characters")
+    if not sub.status or len(sub.status) > 64 or not sub.status.isprintable():
+        raise StoreError("result status must be 1-64 printable characters")
     check_int(sub.cpu_ms, "cpu_ms", 0, U64 >> 1)
     check_int(sub.wall_ms, "wall_ms", 0, U64 >> 1)
 

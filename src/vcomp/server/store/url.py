@@ -3,16 +3,20 @@
 URL rules
     ``sqlite:///abs/path``  an SQLite file at an absolute path (three slashes: no host).
     ``sqlite:rel/path``     an SQLite file relative to ``base`` (the server home).
-    ``postgresql://...``    the PostgreSQL backend (not built yet: a clear error).
-    The path is taken literally (no percent-decoding, no query string). Any other
+    ``postgresql://...``    a PostgreSQL database, as libpq reads the URL (``postgres://``
+                            too), e.g. ``postgresql://vcomp@db.example/vcomp`` or a Unix
+                            socket: ``postgresql://vcomp@/vcomp?host=/run/postgresql``.
+    An SQLite path is taken literally (no percent-decoding, no query string). Any other
     scheme, a host in an SQLite URL, or an empty path is a ConfigError naming the
-    problem; the error never repeats a non-SQLite URL whole, as it may hold a password.
+    problem; no message ever repeats a PostgreSQL URL whole, as it may hold a password
+    (:func:`redact_store_url` is what to show).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from vcomp.errors import ConfigError, StoreError
 from vcomp.server.store.interface import Store
@@ -23,13 +27,32 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 @dataclass(frozen=True, slots=True)
 class StoreUrl:
-    """A parsed store URL; ``path`` is set (absolute) for SQLite."""
+    """A parsed store URL; ``path`` is set (absolute) for SQLite, ``url`` (the libpq URL
+    as given) for PostgreSQL. ``str()`` is the URL to open, password included."""
 
     scheme: str
     path: Path | None = None
+    url: str | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
-        return f"{SQLITE}://{self.path}" if self.path is not None else f"{self.scheme}://..."
+        if self.path is not None:
+            return f"{SQLITE}://{self.path}"
+        return self.url or f"{self.scheme}://"
+
+
+def redact_store_url(url: str) -> str:
+    """A store URL fit to print: a PostgreSQL URL loses its password and query."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in POSTGRES_SCHEMES:
+        return url
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        user = f"{parts.username}@" if parts.username else ""
+    except ValueError:
+        return f"{scheme}://..."
+    return f"{scheme}://{user}{host}{port}{parts.path}"
 
 
 def sqlite_url(path: Path) -> str:
@@ -44,12 +67,12 @@ def parse_store_url(url: str, *, base: Path | None = None) -> StoreUrl:
     scheme, rest = url.split(":", 1)
     scheme = scheme.lower()
     if scheme in POSTGRES_SCHEMES:
-        raise ConfigError(
-            f"store url scheme {scheme!r}: the PostgreSQL store is not built yet; "
-            "use sqlite:///PATH"
-        )
+        return _postgres_url(url, scheme, rest)
     if scheme != SQLITE:
-        raise ConfigError(f"unknown store url scheme {scheme!r}; use sqlite:///PATH or sqlite:PATH")
+        raise ConfigError(
+            f"unknown store url scheme {scheme!r}; use sqlite:///PATH, sqlite:PATH "
+            "or postgresql://USER@HOST/DB"
+        )
     if rest.startswith("//"):
         if not rest.startswith("///"):
             raise ConfigError(f"store url {url!r}: an SQLite url has no host; use sqlite:///PATH")
@@ -65,8 +88,22 @@ def parse_store_url(url: str, *, base: Path | None = None) -> StoreUrl:
     return StoreUrl(SQLITE, path.absolute())
 
 
+def _postgres_url(url: str, scheme: str, rest: str) -> StoreUrl:
+    if not rest.startswith("//"):
+        raise ConfigError(f"a {scheme} store url starts {scheme}://; see the libpq docs")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in url):
+        raise ConfigError(f"a {scheme} store url holds a control character")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"the {scheme} store url is malformed (bad host or port)") from None
+    if parts.path.strip("/") == "" and "dbname=" not in parts.query:
+        raise ConfigError(f"the {scheme} store url names no database ({scheme}://USER@HOST/DB)")
+    return StoreUrl(POSTGRES_SCHEMES[0], None, url)
+
+
 def _sqlite_path(where: StoreUrl) -> Path:
-    # The one backend so far; parse_store_url refuses the others.
     if where.scheme != SQLITE or where.path is None:
         raise ConfigError(f"no store backend for scheme {where.scheme!r}")
     return where.path
@@ -77,9 +114,14 @@ def open_store(
 ) -> Store:
     """The store at ``url``. Without ``migrate`` it must exist at this vcomp's schema
     version (else an error that names ``vcomp-server migrate``); with it, the schema
-    is created or upgraded first. A write that waits ``busy_timeout`` seconds for the
-    store's lock fails with :class:`~vcomp.errors.StoreUnavailable`."""
-    path = _sqlite_path(parse_store_url(url, base=base))
+    is created or upgraded first. An unreachable database is a StoreUnavailable; on
+    SQLite, so is a write that waits ``busy_timeout`` seconds for the store's lock."""
+    where = parse_store_url(url, base=base)
+    if where.url is not None:
+        from vcomp.server.store.postgres import PostgresStore  # only opening it needs psycopg
+
+        return PostgresStore(where.url, migrate=migrate)
+    path = _sqlite_path(where)
     from vcomp.server.store.sqlite import SqliteStore  # only opening a store needs it
 
     if not migrate and not path.exists():
@@ -94,7 +136,16 @@ def migrate_store(url: str, *, base: Path | None = None) -> tuple[int, int]:
 
     Creates the SQLite file's directory if need be (``init --store sqlite:sub/jobs.db``).
     """
-    path = _sqlite_path(parse_store_url(url, base=base))
+    where = parse_store_url(url, base=base)
+    if where.url is not None:
+        from vcomp.server.store.postgres.database import PostgresDatabase
+
+        pg = PostgresDatabase(where.url, max_connections=1)
+        try:
+            return pg.migrate()
+        finally:
+            pg.close()
+    path = _sqlite_path(where)
     from vcomp.server.store.sqlite.database import SqliteDatabase
 
     try:

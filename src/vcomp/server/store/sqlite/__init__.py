@@ -1,5 +1,5 @@
 """The embedded SQLite backend of the job store (see :mod:`.database` for its thread,
-durability and schema rules)."""
+durability and schema rules; the SQL itself is shared, in :mod:`..sql`)."""
 
 from __future__ import annotations
 

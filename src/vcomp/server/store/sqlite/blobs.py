@@ -1,115 +1,71 @@
-"""Payload blobs (code, inputs, outputs, staged uploads) in the ``blobs`` table.
+"""Payload blobs (code, inputs, outputs, staged uploads) in SQLite's ``blobs`` table.
 
 :class:`SqliteBlobs` writes and deletes blobs inside a caller's transaction and hands out
-:class:`SqliteBlobReader` range readers; the other repositories store only blob ids.
+:class:`SqliteBlobReader` range readers; the repositories store only blob ids. Ranges
+are read and written in place through SQLite's incremental blob I/O (``blobopen``), and
+a staged upload reserves its bytes with ``zeroblob``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import threading
-from collections.abc import Callable
 from contextlib import suppress
-from types import TracebackType
-from typing import BinaryIO
 
 from vcomp.errors import StoreError
-from vcomp.server.store.checks import COPY_CHUNK, MAX_READ_BYTES
+from vcomp.server.store.sql.blobs import BlobStore, WindowedBlobReader
+from vcomp.server.store.sql.database import Connection, returning_id
 from vcomp.server.store.sqlite.database import SqliteDatabase
-from vcomp.server.store.sqlite.schema import READ_AHEAD, rowid
 
 
-class SqliteBlobs:
+def _sqlite(conn: Connection) -> sqlite3.Connection:
+    # The SQLite database hands out sqlite3 connections; blob I/O needs the real one.
+    raw: object = conn
+    if not isinstance(raw, sqlite3.Connection):
+        raise StoreError("SQLite blobs need an SQLite connection")
+    return raw
+
+
+class SqliteBlobs(BlobStore):
     """Blob rows: insert, reserve and fill in ranges, seal with a SHA-256, delete, read."""
 
     def __init__(self, db: SqliteDatabase) -> None:
         self._db = db
 
     @staticmethod
-    def insert(conn: sqlite3.Connection, data: bytes, digest: bytes) -> int:
-        """A new sealed blob holding ``data`` whose SHA-256 is ``digest``."""
-        cur = conn.execute(
-            "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?)", (len(data), digest, data)
-        )
-        return rowid(cur)
-
-    @staticmethod
-    def reserve(conn: sqlite3.Connection, total: int) -> int:
+    def reserve(conn: Connection, total: int) -> int:
         """An unsealed blob of ``total`` zero bytes, to be filled by ranges.
 
         zeroblob reserves the space without materialising it in memory.
         """
         cur = conn.execute(
-            "INSERT INTO blobs (size, sha256, data) VALUES (?, NULL, zeroblob(?))", (total, total)
+            "INSERT INTO blobs (size, sha256, data) VALUES (?, NULL, zeroblob(?)) RETURNING id",
+            (total, total),
         )
-        return rowid(cur)
+        return returning_id(cur)
 
     @staticmethod
     def write_at(
-        conn: sqlite3.Connection, blob_id: int, offset: int, data: bytes | bytearray | memoryview
+        conn: Connection, blob_id: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
-        with conn.blobopen("blobs", "data", blob_id) as blob:
+        with _sqlite(conn).blobopen("blobs", "data", blob_id) as blob:
             blob.seek(offset)
             blob.write(data)
 
-    def stream_in(
-        self, conn: sqlite3.Connection, stream: BinaryIO, total: int
-    ) -> tuple[int, bytes]:
-        """A new sealed blob of exactly ``total`` bytes read from ``stream`` in chunks, so
-        the payload is never in memory whole; returns (id, SHA-256)."""
-        blob_id = self.reserve(conn, total)
-        hasher = hashlib.sha256()
-        written = 0
-        try:
-            with conn.blobopen("blobs", "data", blob_id) as blob:
-                while written < total:
-                    chunk = stream.read(min(COPY_CHUNK, total - written))
-                    if not chunk:
-                        raise StoreError(f"code stream ended after {written} of {total} bytes")
-                    blob.write(chunk)
-                    hasher.update(chunk)
-                    written += len(chunk)
-            if stream.read(1):
-                raise StoreError(f"code stream is longer than the {total} bytes declared")
-        except OSError as exc:
-            raise StoreError(f"cannot read app code: {exc}") from exc
-        digest = hasher.digest()
-        self.seal(conn, blob_id, digest)
-        return blob_id, digest
+    @staticmethod
+    def writer(conn: Connection, blob_id: int) -> sqlite3.Blob:
+        # One handle for the whole stream: reopening walks the overflow pages again.
+        return _sqlite(conn).blobopen("blobs", "data", blob_id)
 
     @staticmethod
-    def seal(conn: sqlite3.Connection, blob_id: int, digest: bytes) -> None:
-        conn.execute("UPDATE blobs SET sha256 = ? WHERE id = ?", (digest, blob_id))
-
-    @staticmethod
-    def delete(conn: sqlite3.Connection, blob_id: int) -> None:
+    def delete(conn: Connection, blob_id: int) -> None:
         conn.execute("DELETE FROM blobs WHERE id = ?", (blob_id,))
 
     def reader(self, blob_id: int | None, size: int, sha256: bytes) -> SqliteBlobReader:
         return SqliteBlobReader(self._db, blob_id, size, sha256)
 
-    def sha256(self, blob_id: int, size: int) -> bytes:
-        """Hash a stored blob in chunks, in read transactions of its own."""
-        hasher = hashlib.sha256()
-        with self.reader(blob_id, size, b"") as reader:
-            for offset in range(0, size, COPY_CHUNK):
-                hasher.update(reader.read(offset, COPY_CHUNK))
-        return hasher.digest()
 
-    def loader(self, blob_id: int | None, size: int) -> Callable[[], bytes]:
-        """Reads a whole blob when called (a comparator's ``CandidateResult.read``)."""
-
-        def load() -> bytes:
-            if blob_id is None:
-                return b""
-            with self.reader(blob_id, size, b"") as reader:
-                return reader.read(0, size)
-
-        return load
-
-
-class SqliteBlobReader:
+class SqliteBlobReader(WindowedBlobReader):
     """Range reads of one stored blob, with a read-ahead window.
 
     The blob handle stays open between reads on the thread that opened it: SQLite
@@ -121,49 +77,23 @@ class SqliteBlobReader:
     """
 
     def __init__(self, db: SqliteDatabase, blob_id: int | None, size: int, sha256: bytes) -> None:
+        super().__init__(blob_id, size, sha256)
         self._db = db
-        self._blob_id = blob_id
-        self._size = size
-        self._sha256 = sha256
-        self._window_start = 0
-        self._window = b""
         self._handle: sqlite3.Blob | None = None
         self._handle_thread = 0
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def sha256(self) -> bytes:
-        return self._sha256
-
-    def read(self, offset: int, n: int) -> bytes:
-        if offset < 0 or n < 0 or offset > self._size:
-            raise StoreError(f"read [{offset}, +{n}) is outside a {self._size}-byte blob")
-        if n > MAX_READ_BYTES:
-            raise StoreError(f"read of {n} bytes exceeds the {MAX_READ_BYTES}-byte bound")
-        n = min(n, self._size - offset)
-        if n == 0 or self._blob_id is None:
-            return b""
-        start = offset - self._window_start
-        if start >= 0 and start + n <= len(self._window):
-            return self._window[start : start + n]
-        length = min(max(n, READ_AHEAD), self._size - offset)
+    def _fetch(self, blob_id: int, offset: int, length: int) -> bytes:
         try:
             if self._handle is None or self._handle_thread != threading.get_ident():
                 self._drop_handle()
                 conn = self._db.connection()
-                self._handle = conn.blobopen("blobs", "data", self._blob_id, readonly=True)
+                self._handle = conn.blobopen("blobs", "data", blob_id, readonly=True)
                 self._handle_thread = threading.get_ident()
             self._handle.seek(offset)
-            data = self._handle.read(length)
+            return self._handle.read(length)
         except sqlite3.Error as exc:
             self._drop_handle()
             raise StoreError(f"cannot read stored blob: {exc}") from exc
-        if length > n:
-            self._window_start, self._window = offset, data
-        return data[:n]
 
     def _drop_handle(self) -> None:
         handle, self._handle = self._handle, None
@@ -172,19 +102,8 @@ class SqliteBlobReader:
                 handle.close()
 
     def close(self) -> None:
-        self._window = b""
+        super().close()
         self._drop_handle()
 
     def __del__(self) -> None:
         self._drop_handle()
-
-    def __enter__(self) -> SqliteBlobReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

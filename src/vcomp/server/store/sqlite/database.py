@@ -25,10 +25,8 @@ Durability
     file and with it everything written before, since the WAL is one append-only file.
 
 Schema
-    The ``schema_version`` table says which of :data:`~.schema.MIGRATIONS` have run.
-    :meth:`migrate` applies the missing ones; :meth:`check_schema` refuses a store at
-    any other version with a :class:`~vcomp.errors.SchemaVersionError` that names
-    ``vcomp-server migrate``.
+    The ``schema_version`` table says which of :data:`~.schema.MIGRATIONS` have run
+    (:mod:`vcomp.server.store.sql.versions`, shared with PostgreSQL).
 """
 
 from __future__ import annotations
@@ -39,8 +37,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from vcomp.errors import SchemaVersionError, StoreError, StoreUnavailable
+from vcomp.errors import StoreError, StoreUnavailable
+from vcomp.server.store.sql import versions
 from vcomp.server.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+
+HAS_VERSION_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
 
 # Primary result codes that mean "the store cannot be used now", not "this operation is
 # wrong": another process holds the lock past the busy timeout, or the disk failed.
@@ -54,10 +55,6 @@ def store_error(what: str, exc: sqlite3.Error) -> StoreError:
     if code is not None and code & 0xFF in _UNAVAILABLE_CODES:
         return StoreUnavailable(f"job store unavailable: {exc}")
     return StoreError(f"{what}: {exc}")
-
-
-MIGRATE_HINT = "run `vcomp-server migrate --config DIR`"
-NEWER_HINT = "upgrade vcomp (`vcomp-server migrate` never downgrades)"
 
 
 class SqliteDatabase:
@@ -135,50 +132,15 @@ class SqliteDatabase:
 
     def migrate(self) -> tuple[int, int]:
         """Create or upgrade the schema; returns (version before, version now)."""
-        with self.transaction(write=True) as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version ("
-                "id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
-            )
-            current = self._version(conn)
-            if current > SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"job store {self.path} has schema v{current}, newer than this "
-                    f"vcomp's v{SCHEMA_VERSION}; {NEWER_HINT}"
-                )
-            for statements in MIGRATIONS[current:]:
-                for statement in statements:
-                    conn.execute(statement)
-            conn.execute(
-                "INSERT INTO schema_version (id, version) VALUES (1, ?) "
-                "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-                (SCHEMA_VERSION,),
-            )
-        return current, SCHEMA_VERSION
+        return versions.migrate(self, MIGRATIONS, self.path)
 
     def check_schema(self) -> None:
         """Refuse a store whose schema is not this vcomp's version."""
-        with self.transaction() as conn:
-            found = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-            ).fetchone()
-            current = self._version(conn) if found else 0
-        if current != SCHEMA_VERSION:
-            age = "older" if current < SCHEMA_VERSION else "newer"
-            hint = MIGRATE_HINT if current < SCHEMA_VERSION else NEWER_HINT
-            raise SchemaVersionError(
-                f"job store {self.path} has schema v{current}, {age} than this vcomp's "
-                f"v{SCHEMA_VERSION}; {hint}"
-            )
+        versions.check_schema(self, SCHEMA_VERSION, self.path, has_table=HAS_VERSION_TABLE)
 
     def schema_version(self) -> int:
         with self.transaction() as conn:
-            return self._version(conn)
-
-    @staticmethod
-    def _version(conn: sqlite3.Connection) -> int:
-        row = conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
-        return int(row[0]) if row else 0
+            return versions.read_version(conn)
 
     def journal_mode(self) -> str:
         with self.transaction() as conn:

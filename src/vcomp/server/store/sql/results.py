@@ -1,4 +1,4 @@
-"""Recording results in SQLite (group commit) and reading them back.
+"""Recording results (group commit) and reading them back.
 
 Which outcome a result gets and what it changes are :mod:`~vcomp.server.store.rules`
 decisions (``classify_result``, ``result_effect``); this module reads the rows those
@@ -8,11 +8,11 @@ rules need and writes what they decide.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 
-from vcomp.errors import StoreError
+from vcomp.errors import StoreError, StoreUnavailable
 from vcomp.server.store.checks import MAX_TEXT, check_submission
+from vcomp.server.store.interface import BlobReader
 from vcomp.server.store.records import (
     RESULT_OK,
     JobState,
@@ -29,17 +29,20 @@ from vcomp.server.store.rules import (
     failure_reason,
     result_effect,
 )
-from vcomp.server.store.sqlite.blobs import SqliteBlobReader, SqliteBlobs
-from vcomp.server.store.sqlite.catalog import SqliteCatalog
-from vcomp.server.store.sqlite.database import SqliteDatabase
-from vcomp.server.store.sqlite.replicas import SqliteReplicas
-from vcomp.server.store.sqlite.schema import RESULT_SELECT, RESULTS_PAGE, result_from_row
-from vcomp.server.store.sqlite.uploads import SqliteUploads
+from vcomp.server.store.sql.catalog import Catalog
+from vcomp.server.store.sql.database import Blobs, Connection, Database, Dialect
+from vcomp.server.store.sql.queries import RESULT_SELECT, RESULTS_PAGE, result_from_row
+from vcomp.server.store.sql.replicas import Replicas
+from vcomp.server.store.sql.uploads import Uploads
 
 _FREE_SLOT = {
     SlotChange.FREE_LEASED: "UPDATE jobs SET leased = leased - 1 WHERE id = ?",
     SlotChange.FILL_PENDING: "UPDATE jobs SET pending = pending - 1 WHERE id = ?",
 }
+
+
+class _AlreadyRecorded(Exception):
+    """Another transaction recorded this (job, attempt) first: undo ours, report duplicate."""
 
 
 class _Rejected(Exception):
@@ -51,19 +54,26 @@ class _Rejected(Exception):
         self.job_state = job_state
 
 
-class SqliteResults:
+def _storable(sub: ResultSubmission) -> bool:
+    # ids off the wire may not fit a BIGINT; such a submission is rejected later anyway
+    return 0 <= sub.job_id < 1 << 63
+
+
+class Results:
     """``record_results`` and the result queries."""
 
     def __init__(
         self,
-        db: SqliteDatabase,
-        blobs: SqliteBlobs,
-        catalog: SqliteCatalog,
-        replicas: SqliteReplicas,
-        uploads: SqliteUploads,
+        db: Database,
+        dialect: Dialect,
+        blobs: Blobs,
+        catalog: Catalog,
+        replicas: Replicas,
+        uploads: Uploads,
         clock: Callable[[], float],
     ) -> None:
         self._db = db
+        self._dialect = dialect
         self._blobs = blobs
         self._catalog = catalog
         self._replicas = replicas
@@ -74,11 +84,15 @@ class SqliteResults:
         """Record many results in ONE durable transaction (group commit).
 
         Per-result problems never abort the others: they come back as REJECTED outcomes.
+        The jobs are locked first, all in one statement in id order (see the locking
+        rule in :mod:`.database`).
         """
         if not results:
             return []
         outcomes: list[RecordOutcome] = []
+        row_errors: tuple[type[Exception], ...] = (StoreError, *self._dialect.statement_errors)
         with self._db.transaction(write=True) as conn:
+            self._dialect.lock_jobs(conn, [sub.job_id for sub in results if _storable(sub)])
             for sub in results:
                 conn.execute("SAVEPOINT record_one")
                 try:
@@ -91,7 +105,18 @@ class SqliteResults:
                         rejected.job_state,
                         rejected.detail,
                     )
-                except (StoreError, sqlite3.IntegrityError) as exc:
+                except _AlreadyRecorded:
+                    conn.execute("ROLLBACK TO record_one")
+                    outcome = RecordOutcome(
+                        sub.job_id,
+                        sub.attempt,
+                        OutcomeKind.DUPLICATE,
+                        self._replicas.get(conn, sub.job_id, sub.attempt).job_state,
+                        "already recorded",
+                    )
+                except StoreUnavailable:
+                    raise  # the database is gone: the whole group fails, nothing to undo
+                except row_errors as exc:
                     conn.execute("ROLLBACK TO record_one")
                     outcome = RecordOutcome(
                         sub.job_id, sub.attempt, OutcomeKind.REJECTED, None, str(exc)
@@ -100,7 +125,7 @@ class SqliteResults:
                 outcomes.append(outcome)
         return outcomes
 
-    def _record_one(self, conn: sqlite3.Connection, sub: ResultSubmission) -> RecordOutcome:
+    def _record_one(self, conn: Connection, sub: ResultSubmission) -> RecordOutcome:
         check_submission(sub)
         upload_id = None if sub.upload is None else sub.upload.upload_id
         live = self._replicas.find(conn, sub.job_id, sub.attempt)
@@ -124,6 +149,7 @@ class SqliteResults:
         limit = self._catalog.batch(conn, live.batch_id).limits.output_bytes
         blob_id, size, digest = self._take_output(conn, sub, job_state, limit)
         status, error = checked_status(sub.status, sub.error, size, limit)
+        error = error.replace("\x00", "\ufffd")  # PostgreSQL text holds no NUL
         ok = status == RESULT_OK
         kind = classify_result(
             job_state,
@@ -134,10 +160,10 @@ class SqliteResults:
         )
         effect = result_effect(kind, live.record.state, ok=ok)
         received = sub.received_at or self._clock()
-        conn.execute(
+        cur = conn.execute(
             "INSERT INTO results (job_id, attempt, agent_id, status, error, output_size, "
             "output_sha256, cpu_ms, wall_ms, received_at, counted, output_blob) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (
                 sub.job_id,
                 sub.attempt,
@@ -153,6 +179,8 @@ class SqliteResults:
                 blob_id,
             ),
         )
+        if cur.rowcount == 0:
+            raise _AlreadyRecorded
         failure = failure_reason(status, error, MAX_TEXT)
         if effect.ends_attempt is not None:
             self._replicas.end_attempt(
@@ -168,7 +196,7 @@ class SqliteResults:
         return RecordOutcome(sub.job_id, sub.attempt, kind, job_state, detail)
 
     def _take_output(
-        self, conn: sqlite3.Connection, sub: ResultSubmission, job_state: JobState, limit: int
+        self, conn: Connection, sub: ResultSubmission, job_state: JobState, limit: int
     ) -> tuple[int | None, int, bytes]:
         """Store the output: inline bytes into a new blob, or adopt a staged upload."""
         if sub.upload is None:
@@ -199,7 +227,7 @@ class SqliteResults:
         return blob_id, handle.total, digest
 
     def _take_inline(
-        self, conn: sqlite3.Connection, sub: ResultSubmission, job_state: JobState, limit: int
+        self, conn: Connection, sub: ResultSubmission, job_state: JobState, limit: int
     ) -> tuple[int | None, int, bytes]:
         data = sub.output or b""
         digest = hashlib.sha256(data).digest()
@@ -213,7 +241,7 @@ class SqliteResults:
             return None, len(data), digest
         return self._blobs.insert(conn, data, digest), len(data), digest
 
-    def _discard_if(self, conn: sqlite3.Connection, upload_id: int | None) -> None:
+    def _discard_if(self, conn: Connection, upload_id: int | None) -> None:
         if upload_id is not None:
             self._uploads.discard_row(conn, upload_id)
 
@@ -231,7 +259,7 @@ class SqliteResults:
             ).fetchall()
         return [result_from_row(r) for r in rows]
 
-    def open_output(self, job_id: int, attempt: int) -> SqliteBlobReader:
+    def open_output(self, job_id: int, attempt: int) -> BlobReader:
         with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT output_blob, output_size, output_sha256 FROM results "
@@ -268,7 +296,7 @@ class SqliteResults:
 
     @staticmethod
     def _record(
-        conn: sqlite3.Connection,
+        conn: Connection,
         job_id: int,
         index: int,
         input_sha: bytes,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import BinaryIO
@@ -23,7 +22,7 @@ from vcomp.server.store.checks import (
     check_size,
     stream_remaining,
 )
-from vcomp.server.store.interface import CodeSource
+from vcomp.server.store.interface import BlobReader, CodeSource
 from vcomp.server.store.records import (
     DEFAULT_DISK_BYTES,
     App,
@@ -36,24 +35,25 @@ from vcomp.server.store.records import (
     JobState,
     StoreStatus,
 )
-from vcomp.server.store.sqlite.blobs import SqliteBlobReader, SqliteBlobs
-from vcomp.server.store.sqlite.database import SqliteDatabase
-from vcomp.server.store.sqlite.schema import (
+from vcomp.server.store.sql.database import Blobs, Connection, Database, Dialect, returning_id
+from vcomp.server.store.sql.queries import (
     APP_SELECT,
     ATTEMPT_SELECT,
     JOB_SELECT,
     app_from_row,
     attempt_from_row,
     job_from_row,
-    rowid,
 )
 
 
-class SqliteCatalog:
+class Catalog:
     """Apps and batches (cached: they never change once written), jobs, inputs."""
 
-    def __init__(self, db: SqliteDatabase, blobs: SqliteBlobs, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, db: Database, dialect: Dialect, blobs: Blobs, clock: Callable[[], float]
+    ) -> None:
         self._db = db
+        self._dialect = dialect
         self._blobs = blobs
         self._clock = clock
         # Apps and batches never change once written, so every thread may share these.
@@ -93,10 +93,10 @@ class SqliteCatalog:
                 created = self._clock()
                 cur = conn.execute(
                     "INSERT INTO apps (name, version, kind, blob_id, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?) RETURNING id",
                     (name, version, app_kind.value, blob_id, created),
                 )
-                app_id = rowid(cur)
+                app_id = returning_id(cur)
         return App(app_id, name, version, app_kind, total, digest, created)
 
     def get_app(self, name: str, version: int | None = None) -> App:
@@ -120,7 +120,7 @@ class SqliteCatalog:
         with self._db.transaction() as conn:
             return self.app(conn, app_id)
 
-    def app(self, conn: sqlite3.Connection, app_id: int) -> App:
+    def app(self, conn: Connection, app_id: int) -> App:
         app = self._apps.get(app_id)
         if app is None:
             row = conn.execute(APP_SELECT + " WHERE a.id = ?", (app_id,)).fetchone()
@@ -134,7 +134,7 @@ class SqliteCatalog:
             rows = conn.execute(APP_SELECT + " ORDER BY a.name, a.version").fetchall()
         return [app_from_row(row) for row in rows]
 
-    def open_code(self, app_id: int) -> SqliteBlobReader:
+    def open_code(self, app_id: int) -> BlobReader:
         with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT b.id, b.size, b.sha256 FROM apps AS a JOIN blobs AS b ON b.id = a.blob_id "
@@ -183,7 +183,7 @@ class SqliteCatalog:
             cur = conn.execute(
                 "INSERT INTO batches (app_id, created_at, n_jobs, replicas, quorum, max_attempts, "
                 "cpu_seconds, memory_bytes, wall_seconds, output_bytes, disk_bytes, deadline) "
-                "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     app.app_id,
                     self._clock(),
@@ -198,7 +198,7 @@ class SqliteCatalog:
                     deadline,
                 ),
             )
-            batch_id = rowid(cur)
+            batch_id = returning_id(cur)
             count = 0
             for index, data in enumerate(inputs):
                 if not isinstance(data, bytes | bytearray | memoryview):
@@ -215,13 +215,19 @@ class SqliteCatalog:
             if count == 0:
                 raise StoreError("a batch needs at least one input")
             conn.execute("UPDATE batches SET n_jobs = ? WHERE id = ?", (count, batch_id))
+        # Fresh statistics, so the lease pick walks the queue in id order and stops at
+        # the first fit rather than sorting every queued job (PostgreSQL's planner
+        # took thousands of new jobs for one).
+        with self._db.transaction(write=True, durable=False) as conn:
+            for statement in self._dialect.after_bulk_insert:
+                conn.execute(statement)
         return batch_id
 
     def get_batch(self, batch_id: int) -> Batch:
         with self._db.transaction() as conn:
             return self.batch(conn, batch_id)
 
-    def batch(self, conn: sqlite3.Connection, batch_id: int) -> Batch:
+    def batch(self, conn: Connection, batch_id: int) -> Batch:
         batch = self._batches.get(batch_id)
         if batch is None:
             row = conn.execute(
@@ -286,7 +292,7 @@ class SqliteCatalog:
             ).fetchall()
         return [attempt_from_row(r) for r in rows]
 
-    def open_input(self, job_id: int) -> SqliteBlobReader:
+    def open_input(self, job_id: int) -> BlobReader:
         with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT b.id, b.size, b.sha256 FROM jobs AS j JOIN blobs AS b "
@@ -317,7 +323,7 @@ class SqliteCatalog:
         with self._db.transaction() as conn:
             return self._batch_status(conn, batch_id)
 
-    def _batch_status(self, conn: sqlite3.Connection, batch_id: int) -> BatchStatus:
+    def _batch_status(self, conn: Connection, batch_id: int) -> BatchStatus:
         batch = self.batch(conn, batch_id)
         counts = dict.fromkeys(JobState, 0)
         disagreements = 0

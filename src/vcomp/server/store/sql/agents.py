@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Callable
 
 from vcomp.errors import StoreError
@@ -17,16 +16,17 @@ from vcomp.server.store.checks import (
     spki_der,
 )
 from vcomp.server.store.records import AgentClock, AgentRecord, Measurement
-from vcomp.server.store.sqlite.database import SqliteDatabase
-from vcomp.server.store.sqlite.schema import AGENT_SELECT, agent_from_row
+from vcomp.server.store.sql.database import Connection, Database
+from vcomp.server.store.sql.queries import AGENT_SELECT, agent_from_row
 
 
-class SqliteAgents:
+class Agents:
     """Agent enrolment and bookkeeping, the measurement allowlist and reset requests."""
 
-    def __init__(self, db: SqliteDatabase, clock: Callable[[], float]) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float]) -> None:
         self._db = db
         self._clock = clock
+        self._known: set[str] = set()
 
     # ------------------------------------------------------------------ agents
 
@@ -56,16 +56,20 @@ class SqliteAgents:
             row = conn.execute(AGENT_SELECT + " WHERE id = ?", (agent_id,)).fetchone()
         return None if row is None else agent_from_row(row)
 
-    def _agent(self, conn: sqlite3.Connection, agent_id: str) -> AgentRecord:
+    def _agent(self, conn: Connection, agent_id: str) -> AgentRecord:
         row = conn.execute(AGENT_SELECT + " WHERE id = ?", (agent_id,)).fetchone()
         if row is None:
             raise StoreError(f"unknown agent {agent_id[:16]}")
         return agent_from_row(row)
 
-    @staticmethod
-    def known(conn: sqlite3.Connection, agent_id: str) -> str:
+    def known(self, conn: Connection, agent_id: str) -> str:
+        """The agent id, if it is enrolled. Agents are never deleted, so an id once
+        found is remembered (a lease then needs no round trip to check it)."""
+        if agent_id in self._known:
+            return agent_id
         if conn.execute("SELECT 1 FROM agents WHERE id = ?", (agent_id,)).fetchone() is None:
             raise StoreError(f"unknown agent {str(agent_id)[:16]}")
+        self._known.add(agent_id)
         return agent_id
 
     def list_agents(self) -> list[AgentRecord]:

@@ -1,14 +1,16 @@
-"""Leasing jobs to agents in SQLite: picking, renewing, releasing, refusing, expiring.
+"""Leasing jobs to agents: picking, renewing, releasing, refusing, expiring.
 
-Which job fits an agent is the ``LEASE_PICK`` query (the distinct-host and fit rules as
-SQL); every other decision is a call into :mod:`vcomp.server.store.rules`.
+Which job fits an agent is the dialect's lease pick (the distinct-host and fit rules as
+SQL, :func:`~.queries.lease_pick`; on PostgreSQL it skips rows other servers hold
+locked, so two servers never wait on or double-lease one job); every other decision is
+a call into :mod:`vcomp.server.store.rules`. Each path that reads a job's state and then
+writes it locks the job row first (:meth:`~.database.Dialect.lock_jobs`).
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from vcomp.server.store.checks import INT64_MAX, check_finite, check_positive, check_text
 from vcomp.server.store.records import (
@@ -26,19 +28,34 @@ from vcomp.server.store.rules import (
     refused_attempt_state,
     renewed_deadline,
 )
-from vcomp.server.store.sqlite.agents import SqliteAgents
-from vcomp.server.store.sqlite.catalog import SqliteCatalog
-from vcomp.server.store.sqlite.database import SqliteDatabase
-from vcomp.server.store.sqlite.replicas import SqliteReplicas
-from vcomp.server.store.sqlite.schema import (
-    LEASE_PICK,
-    REFUSALS_SINCE,
+from vcomp.server.store.sql.agents import Agents
+from vcomp.server.store.sql.catalog import Catalog
+from vcomp.server.store.sql.database import Connection, Database, Dialect
+from vcomp.server.store.sql.queries import PICK_WINDOW, QUEUED_WINDOW, REFUSALS_SINCE
+from vcomp.server.store.sql.replicas import Replicas
+
+_CHARGED_STATES = [state.value for state in CHARGED_STATES]
+
+# Leases past their deadline; the job rows are locked before the attempts are re-read.
+_EXPIRED_JOBS = "SELECT DISTINCT job_id FROM attempts WHERE state = 'leased' AND deadline <= ?"
+_EXPIRED_ATTEMPTS = (
+    "SELECT a.job_id, a.attempt, a.agent_id, j.state FROM attempts AS a "
+    "JOIN jobs AS j ON j.id = a.job_id "
+    "WHERE a.state = 'leased' AND a.deadline <= ? AND a.job_id = ? ORDER BY a.attempt"
 )
 
-_CHARGED_STATES = json.dumps([state.value for state in CHARGED_STATES])
+# Live jobs of batches whose deadline passed: they fail (locked first, like the above).
+_OVERDUE_JOBS = (
+    "SELECT j.id FROM jobs AS j JOIN batches AS b ON b.id = j.batch_id "
+    "WHERE j.state IN ('queued', 'leased') AND b.deadline IS NOT NULL AND b.deadline <= ?"
+)
+_FAIL_OVERDUE = (
+    "UPDATE jobs SET state = 'failed', pending = 0, reason = 'batch deadline passed', "
+    "finished_at = ? WHERE id = ? AND state IN ('queued', 'leased')"
+)
 
 
-def _pick_args(request: LeaseRequest, agent_id: str) -> dict[str, object]:
+def _pick_args(request: LeaseRequest, agent_id: str, dialect: Dialect) -> dict[str, object]:
     cap = request.capacity
     return {
         "now": request.now,
@@ -49,23 +66,25 @@ def _pick_args(request: LeaseRequest, agent_id: str) -> dict[str, object]:
         "output_bytes": cap.output_bytes,
         "disk_bytes": min(cap.disk_bytes, INT64_MAX),
         "job_bytes": cap.job_bytes,
-        "kinds": json.dumps(list(cap.kinds)),
-        "charged_states": _CHARGED_STATES,
+        "kinds": dialect.text_list(list(cap.kinds)),
+        "charged_states": dialect.text_list(_CHARGED_STATES),
     }
 
 
-class SqliteLeases:
+class Leases:
     """The lease half of the store; results are in :mod:`.results`."""
 
     def __init__(
         self,
-        db: SqliteDatabase,
-        catalog: SqliteCatalog,
-        agents: SqliteAgents,
-        replicas: SqliteReplicas,
+        db: Database,
+        dialect: Dialect,
+        catalog: Catalog,
+        agents: Agents,
+        replicas: Replicas,
         clock: Callable[[], float],
     ) -> None:
         self._db = db
+        self._dialect = dialect
         self._catalog = catalog
         self._agents = agents
         self._replicas = replicas
@@ -81,13 +100,13 @@ class SqliteLeases:
         with self._db.transaction(write=True) as conn:
             return [self._lease_one(conn, request) for request in requests]
 
-    def _lease_one(self, conn: sqlite3.Connection, request: LeaseRequest) -> Lease | None:
+    def _lease_one(self, conn: Connection, request: LeaseRequest) -> Lease | None:
         agent_id = self._agents.known(conn, request.agent_id)
         if request.refusal_cap is not None and refusals_exhausted(
             self._refusals(conn, agent_id, request.now), request.refusal_cap
         ):
             return None
-        row = conn.execute(LEASE_PICK, _pick_args(request, agent_id)).fetchone()
+        row = self._pick(conn, _pick_args(request, agent_id, self._dialect))
         if row is None:
             return None
         job_id, batch_id, index, pending = int(row[0]), int(row[1]), int(row[2]), int(row[3])
@@ -118,6 +137,24 @@ class SqliteLeases:
             batch_deadline=batch.deadline,
         )
 
+    def _pick(self, conn: Connection, args: dict[str, object]) -> Any:
+        """The first fitting queued job. Where the dialect asks for it, one window of
+        the queue at a time, each window four times the last, so a pick that finds
+        nothing costs a few queries over the whole queue, not one per window."""
+        if not self._dialect.pick_in_windows:
+            args["low"], args["high"] = 0, INT64_MAX
+            return conn.execute(self._dialect.lease_pick, args).fetchone()
+        after, size = 0, PICK_WINDOW
+        while True:
+            window = conn.execute(QUEUED_WINDOW, (after, size)).fetchall()
+            if not window:
+                return None
+            args["low"], args["high"] = int(window[0][0]), int(window[-1][0])
+            row = conn.execute(self._dialect.lease_pick, args).fetchone()
+            if row is not None or len(window) < size:
+                return row
+            after, size = int(window[-1][0]), size * 4
+
     def renew(
         self, job_id: int, attempt: int, now: float, lease_seconds: float, transfer_seconds: float
     ) -> float | None:
@@ -125,6 +162,7 @@ class SqliteLeases:
         check_positive(lease_seconds, "lease_seconds")
         check_positive(transfer_seconds, "transfer_seconds")
         with self._db.transaction(write=True, durable=False) as conn:
+            self._dialect.lock_jobs(conn, [job_id])
             live = self._replicas.get(conn, job_id, attempt)
             deadline = renewed_deadline(
                 live.record,
@@ -145,6 +183,7 @@ class SqliteLeases:
         reason = check_text(reason, "reason")
         when = self._clock() if now is None else now
         with self._db.transaction(write=True) as conn:
+            self._dialect.lock_jobs(conn, [job_id])
             live = self._replicas.get(conn, job_id, attempt)
             if live.record.state is not AttemptState.LEASED:
                 return False
@@ -160,6 +199,7 @@ class SqliteLeases:
         check_finite(now, "now")
         with self._db.transaction(write=True) as conn:
             agent_id = self._agents.known(conn, agent_id)
+            self._dialect.lock_jobs(conn, [job_id])
             live = self._replicas.get(conn, job_id, attempt)
             if live.record.state is not AttemptState.LEASED or live.record.agent_id != agent_id:
                 return None
@@ -170,32 +210,30 @@ class SqliteLeases:
             return self._refusals(conn, agent_id, now)
 
     @staticmethod
-    def _refusals(conn: sqlite3.Connection, agent_id: str, now: float) -> int:
+    def _refusals(conn: Connection, agent_id: str, now: float) -> int:
         since = refusal_window_start(now)
         return int(conn.execute(REFUSALS_SINCE, (agent_id, since)).fetchone()[0])
 
     def expire(self, now: float) -> list[ExpiredLease]:
+        """End every lease past its deadline. Jobs another transaction holds locked are
+        skipped (on PostgreSQL two servers expiring at once take disjoint jobs; the next
+        pass takes the rest), and each attempt is re-read after its job is locked, so
+        an attempt ends once however many servers expire."""
         check_finite(now, "now")
         expired: list[ExpiredLease] = []
         with self._db.transaction(write=True) as conn:
-            rows = conn.execute(
-                "SELECT a.job_id, a.attempt, a.agent_id, j.state FROM attempts AS a "
-                "JOIN jobs AS j ON j.id = a.job_id "
-                "WHERE a.state = 'leased' AND a.deadline <= ? ORDER BY a.deadline",
-                (now,),
-            ).fetchall()
-            for job_id, attempt, agent_id, state in rows:
-                self._replicas.end_attempt(
-                    conn, job_id, attempt, AttemptState.EXPIRED, now, "lease expired"
-                )
-                job_state = JobState(state)
-                if not job_state.terminal:
-                    job_state = self._replicas.fail_attempt(conn, job_id, "lease expired", now)
-                expired.append(ExpiredLease(int(job_id), int(attempt), str(agent_id), job_state))
-            conn.execute(
-                "UPDATE jobs SET state = 'failed', pending = 0, reason = 'batch deadline passed', "
-                "finished_at = ? WHERE state IN ('queued', 'leased') AND batch_id IN "
-                "(SELECT id FROM batches WHERE deadline IS NOT NULL AND deadline <= ?)",
-                (now, now),
-            )
+            candidates = [int(r[0]) for r in conn.execute(_EXPIRED_JOBS, (now,)).fetchall()]
+            for job_id in self._dialect.lock_jobs(conn, candidates, skip_locked=True):
+                rows = conn.execute(_EXPIRED_ATTEMPTS, (now, job_id)).fetchall()
+                for _, attempt, agent_id, state in rows:
+                    self._replicas.end_attempt(
+                        conn, job_id, attempt, AttemptState.EXPIRED, now, "lease expired"
+                    )
+                    job_state = JobState(state)
+                    if not job_state.terminal:
+                        job_state = self._replicas.fail_attempt(conn, job_id, "lease expired", now)
+                    expired.append(ExpiredLease(job_id, int(attempt), str(agent_id), job_state))
+            overdue = [int(r[0]) for r in conn.execute(_OVERDUE_JOBS, (now,)).fetchall()]
+            for job_id in self._dialect.lock_jobs(conn, overdue, skip_locked=True):
+                conn.execute(_FAIL_OVERDUE, (now, job_id))
         return expired

@@ -1,13 +1,12 @@
 """A job's replicas in SQLite: attempts ending, and settling the job by the rules.
 
-Every change to a live job's leases or results ends here: :meth:`SqliteReplicas.settle`
+Every change to a live job's leases or results ends here: :meth:`Replicas.settle`
 reads the job's counters and counted ok results, asks :func:`~vcomp.server.store.rules.settle`
 what the job's state is now, and writes that down.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 from vcomp.errors import StoreError
@@ -20,9 +19,9 @@ from vcomp.server.store.records import (
     ResultComparator,
 )
 from vcomp.server.store.rules import charged_attempts, settle
-from vcomp.server.store.sqlite.blobs import SqliteBlobs
-from vcomp.server.store.sqlite.catalog import SqliteCatalog
-from vcomp.server.store.sqlite.schema import ATTEMPT_WITH_JOB, attempt_from_row
+from vcomp.server.store.sql.catalog import Catalog
+from vcomp.server.store.sql.database import Blobs, Connection
+from vcomp.server.store.sql.queries import ATTEMPT_WITH_JOB, attempt_from_row
 
 # Attempts that drew nothing from the budget (the agents' refusals).
 UNCHARGED = "SELECT COUNT(*) FROM attempts WHERE job_id = ? AND state IN ('refused', 'abandoned')"
@@ -38,24 +37,22 @@ class LiveAttempt:
     pending: int  # the job's replica slots waiting for a lease
 
 
-class SqliteReplicas:
+class Replicas:
     """Attempt rows and the job counters that follow them."""
 
-    def __init__(
-        self, catalog: SqliteCatalog, blobs: SqliteBlobs, comparator: ResultComparator
-    ) -> None:
+    def __init__(self, catalog: Catalog, blobs: Blobs, comparator: ResultComparator) -> None:
         self._catalog = catalog
         self._blobs = blobs
         self._comparator = comparator
 
     @staticmethod
-    def find(conn: sqlite3.Connection, job_id: int, attempt: int) -> LiveAttempt | None:
+    def find(conn: Connection, job_id: int, attempt: int) -> LiveAttempt | None:
         row = conn.execute(ATTEMPT_WITH_JOB, (job_id, attempt)).fetchone()
         if row is None:
             return None
         return LiveAttempt(attempt_from_row(row), JobState(row[8]), int(row[9]), int(row[10]))
 
-    def get(self, conn: sqlite3.Connection, job_id: int, attempt: int) -> LiveAttempt:
+    def get(self, conn: Connection, job_id: int, attempt: int) -> LiveAttempt:
         found = self.find(conn, job_id, attempt)
         if found is None:
             raise StoreError(f"job {job_id} has no attempt {attempt}")
@@ -63,7 +60,7 @@ class SqliteReplicas:
 
     @staticmethod
     def end_attempt(
-        conn: sqlite3.Connection,
+        conn: Connection,
         job_id: int,
         attempt: int,
         state: AttemptState,
@@ -77,7 +74,7 @@ class SqliteReplicas:
         )
 
     @staticmethod
-    def agent_holds(conn: sqlite3.Connection, job_id: int, agent_id: str) -> bool:
+    def agent_holds(conn: Connection, job_id: int, agent_id: str) -> bool:
         """Does this agent hold a live lease or a counted ok result for this job?"""
         row = conn.execute(
             "SELECT 1 FROM attempts WHERE job_id = ? AND agent_id = ? "
@@ -86,9 +83,7 @@ class SqliteReplicas:
         ).fetchone()
         return row is not None
 
-    def fail_attempt(
-        self, conn: sqlite3.Connection, job_id: int, reason: str, now: float
-    ) -> JobState:
+    def fail_attempt(self, conn: Connection, job_id: int, reason: str, now: float) -> JobState:
         """A live job lost one leased replica: note why and let settle requeue or fail."""
         conn.execute(
             "UPDATE jobs SET leased = leased - 1, reason = ? WHERE id = ?", (reason, job_id)
@@ -96,7 +91,7 @@ class SqliteReplicas:
         return self.settle(conn, job_id, now)
 
     def settle(
-        self, conn: sqlite3.Connection, job_id: int, now: float, new_attempt: int | None = None
+        self, conn: Connection, job_id: int, now: float, new_attempt: int | None = None
     ) -> JobState:
         """Bring a live job's state in line with its results, leases and budget."""
         row = conn.execute(
@@ -146,7 +141,7 @@ class SqliteReplicas:
             )
         return verdict.state
 
-    def _candidates(self, conn: sqlite3.Connection, job_id: int) -> list[CandidateResult]:
+    def _candidates(self, conn: Connection, job_id: int) -> list[CandidateResult]:
         rows = conn.execute(
             "SELECT attempt, agent_id, output_size, output_sha256, output_blob FROM results "
             "WHERE job_id = ? AND counted = 1 AND status = ? ORDER BY attempt",

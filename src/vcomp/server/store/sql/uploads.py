@@ -3,26 +3,23 @@ then adopted in place when the result is recorded."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 
 from vcomp.errors import StoreError
 from vcomp.server.store.checks import check_size
 from vcomp.server.store.records import UploadHandle
-from vcomp.server.store.sqlite.blobs import SqliteBlobs
-from vcomp.server.store.sqlite.catalog import SqliteCatalog
-from vcomp.server.store.sqlite.database import SqliteDatabase
-from vcomp.server.store.sqlite.schema import rowid
+from vcomp.server.store.sql.catalog import Catalog
+from vcomp.server.store.sql.database import Blobs, Connection, Database, returning_id
 
 
-class SqliteUploads:
+class Uploads:
     """Staging blobs for results too large to submit inline."""
 
     def __init__(
         self,
-        db: SqliteDatabase,
-        blobs: SqliteBlobs,
-        catalog: SqliteCatalog,
+        db: Database,
+        blobs: Blobs,
+        catalog: Catalog,
         clock: Callable[[], float],
     ) -> None:
         self._db = db
@@ -64,10 +61,10 @@ class SqliteUploads:
             blob_id = self._blobs.reserve(conn, total)
             cur = conn.execute(
                 "INSERT INTO uploads (job_id, attempt, blob_id, total, high_water, created_at) "
-                "VALUES (?, ?, ?, ?, 0, ?)",
+                "VALUES (?, ?, ?, ?, 0, ?) RETURNING id",
                 (job_id, attempt, blob_id, total, self._clock()),
             )
-            return UploadHandle(rowid(cur), job_id, attempt, total)
+            return UploadHandle(returning_id(cur), job_id, attempt, total)
 
     def write_result_chunk(
         self, handle: UploadHandle, offset: int, data: bytes | bytearray | memoryview
@@ -127,7 +124,7 @@ class SqliteUploads:
         return len(ids)
 
     @staticmethod
-    def row(conn: sqlite3.Connection, handle: UploadHandle) -> tuple[int, int, bytes | None]:
+    def row(conn: Connection, handle: UploadHandle) -> tuple[int, int, bytes | None]:
         """(blob id, bytes written so far, SHA-256 once finish_upload verified it)."""
         row = conn.execute(
             "SELECT u.blob_id, u.high_water, u.job_id, u.attempt, u.total, b.sha256 "
@@ -142,13 +139,13 @@ class SqliteUploads:
             raise StoreError(f"unknown or finished upload {handle.upload_id}")
         return int(row[0]), int(row[1]), None if row[5] is None else bytes(row[5])
 
-    def discard_row(self, conn: sqlite3.Connection, upload_id: int) -> None:
+    def discard_row(self, conn: Connection, upload_id: int) -> None:
         row = conn.execute("SELECT blob_id FROM uploads WHERE id = ?", (upload_id,)).fetchone()
         if row is not None:
             conn.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
             self._blobs.delete(conn, int(row[0]))
 
-    def adopt(self, conn: sqlite3.Connection, upload_id: int, blob_id: int, digest: bytes) -> None:
+    def adopt(self, conn: Connection, upload_id: int, blob_id: int, digest: bytes) -> None:
         """The staging blob becomes the result blob in place: no copy of the payload."""
         self._blobs.seal(conn, blob_id, digest)
         conn.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))

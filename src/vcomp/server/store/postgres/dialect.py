@@ -1,0 +1,51 @@
+"""PostgreSQL's words for the statements that differ between backends.
+
+Row locks (READ COMMITTED, the default isolation): the lease pick takes the job row
+``FOR NO KEY UPDATE OF j SKIP LOCKED``, so two servers never wait on or double-lease one
+job, and the NO KEY strength leaves the foreign-key checks of attempt inserts unblocked.
+Every other read-then-write path locks its jobs with :meth:`lock_jobs`, in id order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import psycopg
+
+from vcomp.server.store.sql.database import Connection
+from vcomp.server.store.sql.queries import lease_pick
+
+LOCK_JOBS = "SELECT id FROM jobs WHERE id = ANY(?) ORDER BY id FOR NO KEY UPDATE"
+LOCK_FREE_JOBS = LOCK_JOBS + " SKIP LOCKED"
+
+
+class PostgresDialect:
+    lease_pick = lease_pick(
+        in_list="{column} = ANY(:{name})",
+        whole="TRUNC({value})",
+        greatest="GREATEST({a}, {b})",
+        lock="\nFOR NO KEY UPDATE OF j SKIP LOCKED",
+    )
+    # A constraint, or a value PostgreSQL cannot hold (a NUL in text): the savepoint
+    # undoes the one statement and the rest of the group goes on.
+    statement_errors: tuple[type[Exception], ...] = (psycopg.IntegrityError, psycopg.DataError)
+    # A batch adds thousands of queued jobs at once; without fresh statistics the
+    # planner takes them for one row and sorts the whole queue for every lease.
+    after_bulk_insert: tuple[str, ...] = ("ANALYZE jobs",)
+    # The planner, misled by the product of the fit conditions' selectivities, may
+    # sort every queued job per pick; a window of ids bounds that sort.
+    pick_in_windows = True
+
+    @staticmethod
+    def text_list(values: Sequence[str]) -> object:
+        return list(values)
+
+    @staticmethod
+    def lock_jobs(
+        conn: Connection, job_ids: Sequence[int], *, skip_locked: bool = False
+    ) -> list[int]:
+        if not job_ids:
+            return []
+        ids = sorted(set(job_ids))
+        rows = conn.execute(LOCK_FREE_JOBS if skip_locked else LOCK_JOBS, (ids,)).fetchall()
+        return [int(row[0]) for row in rows]

@@ -1,0 +1,34 @@
+"""SQLite's words for the statements that differ between backends."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+
+from vcomp.server.store.sql.database import Connection
+from vcomp.server.store.sql.queries import lease_pick
+
+
+class SqliteDialect:
+    """List parameters as JSON arrays (``json_each``); no row locks: ``BEGIN IMMEDIATE``
+    already serialises every writer of the file."""
+
+    lease_pick = lease_pick(
+        in_list="{column} IN (SELECT value FROM json_each(:{name}))",
+        whole="CAST({value} AS INTEGER)",
+        greatest="MAX({a}, {b})",
+    )
+    statement_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+    after_bulk_insert: tuple[str, ...] = ()  # SQLite's planner needs no statistics here
+    pick_in_windows = False  # SQLite walks jobs_queued in id order and stops at a fit
+
+    @staticmethod
+    def text_list(values: Sequence[str]) -> object:
+        return json.dumps(list(values))
+
+    @staticmethod
+    def lock_jobs(
+        conn: Connection, job_ids: Sequence[int], *, skip_locked: bool = False
+    ) -> list[int]:
+        return sorted(set(job_ids))
