@@ -7,13 +7,23 @@ work the server does afterwards (a job leased, run and recorded), not what it sa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.hostile.harness import add_batch, new_tpm, start_org, until
+from tests.hostile.harness import add_batch, new_tpm, prepare_store, start_org, until
+from tests.pg import fresh_schema_url
+from vcomp.errors import StoreError
+from vcomp.pgcluster import PostgresCluster
 from vcomp.protocol import handshake
+from vcomp.server.config import init_server_home, load_server_config
+from vcomp.server.service import OrganisationServer
+from vcomp.server.store import open_store
+from vcomp.server.store.postgres import PostgresStore
 
 
 async def test_a_failure_in_one_piece_of_work_does_not_stop_the_server(
@@ -70,3 +80,37 @@ async def test_fingerprint_is_what_agents_pin(tmp_path: Path) -> None:
         assert org.server.fingerprint == handshake.key_fingerprint(bytes.fromhex(raw)).hex()
     finally:
         await org.server.stop()
+
+
+async def test_a_server_starting_on_a_shared_store_keeps_the_others_uploads(
+    tmp_path: Path, pg_cluster: PostgresCluster
+) -> None:
+    """On PostgreSQL another server may be receiving a result: a server that starts must
+    not throw its staged upload away, only uploads old enough to be dead (on SQLite a
+    server has the store to itself, and every staged upload it finds at start is dead)."""
+    url = fresh_schema_url(pg_cluster)
+    home = tmp_path / "srv"
+    init_server_home(home, store_url=url)
+    toml = home / "server.toml"
+    toml.write_text(re.sub(r'bind = "[^"]*"', 'bind = "127.0.0.1:0"', toml.read_text()))
+    long_ago = time.time() - 24 * 3600
+    with PostgresStore(url, clock=lambda: long_ago) as past:
+        prepare_store(past, new_tpm(tmp_path / "tpm"))
+        batch = add_batch(past, 2)
+        agent = past.list_agents()[0].agent_id
+        leases = [past.lease_next(agent, long_ago, 48 * 3600) for _ in range(2)]
+        keys = [(lease.job_id, lease.attempt) for lease in leases if lease is not None]
+        dead = past.begin_result_upload(*keys[1], 10)  # its server died a day ago
+    with open_store(url) as admin:
+        live = admin.begin_result_upload(*keys[0], 10)  # another server is receiving it
+        admin.write_result_chunk(live, 0, b"01234")
+        server = OrganisationServer(load_server_config(home))
+        try:
+            await server.start()
+        finally:
+            await server.stop()
+        admin.write_result_chunk(live, 5, b"56789")
+        admin.finish_upload(live, hashlib.sha256(b"0123456789").digest())
+        with pytest.raises(StoreError):
+            admin.write_result_chunk(dead, 0, b"01234")
+    assert batch

@@ -66,6 +66,7 @@ log = logging.getLogger("vcomp.server")
 
 RESET_REQUEST_TTL = 300.0  # seconds every server has to see a reset request
 RESET_PRUNE_SECONDS = 60.0
+UPLOAD_SWEEP_SECONDS = 300.0
 # JOB_LOST reports a session may make. An honest worker sends at most one per session
 # (it runs one job at a time and reports at its next session); each report costs a
 # store lookup, so more are dropped unanswered (see PROTOCOL.md 8.7).
@@ -106,6 +107,7 @@ class OrganisationServer:
         self._lost_reports: dict[int, int] = {}  # session -> JOB_LOST reports taken
         self._reset_cursor = 0  # the newest reset request this server has seen
         self._reset_pruned = 0.0
+        self._uploads_swept = time.time()
         self.endpoint: ServerEndpoint | None = None
         self.address: tuple[str, int] | None = None
 
@@ -116,7 +118,12 @@ class OrganisationServer:
         loop = asyncio.get_running_loop()
         if self._lock is not None:
             self._lock.acquire(f"pid {os.getpid()}, starting")
-        await self.committer.run(self.store.discard_stale_uploads, time.time())
+        # With the store to itself (SQLite's serve lock) every staged upload is a dead
+        # one; on a shared store other servers may be writing theirs, so only old ones.
+        alone = self._lock is not None
+        await self.committer.run(
+            self.store.discard_stale_uploads, time.time() - (0 if alone else self._upload_ttl)
+        )
         self._reset_cursor = await self.committer.run(self.store.newest_reset_request)
         self._load_trust()
         self.endpoint = ServerEndpoint(
@@ -436,6 +443,11 @@ class OrganisationServer:
             logfmt.event(log, "tick_failed", logging.ERROR, error=str(exc))
         self.committer.health.answered()
 
+    @property
+    def _upload_ttl(self) -> float:
+        """How old a staged upload must be before any server may take it for dead."""
+        return 2 * max(self.config.jobs.transfer_seconds, UPLOAD_SWEEP_SECONDS)
+
     async def _poll_reset_requests(self, now: float) -> None:
         # Every server sees every request and resets the sessions it holds; rows
         # are pruned by age, not when taken, since the agent may be on several.
@@ -462,6 +474,9 @@ class OrganisationServer:
                 self._pending_touches = touches | self._pending_touches
                 raise
         await self._poll_reset_requests(now)
+        if now >= self._uploads_swept + UPLOAD_SWEEP_SECONDS:
+            self._uploads_swept = now  # uploads whose server died mid-transfer
+            await self.committer.run(self.store.discard_stale_uploads, now - self._upload_ttl)
         self._load_trust()
         await self.scheduler.offer()
 
