@@ -582,3 +582,11 @@ def test_migrate_and_status_on_postgresql(home: Path, pg_cluster: PostgresCluste
     assert migrated.exit_code == 0 and "schema v0 -> v" in migrated.stdout, migrated.output
     assert "search_path" not in migrated.stdout  # the query is not printed
     assert run("status", "--config", home, env=env).exit_code == 0
+
+
+def test_init_on_a_postgresql_store_that_is_down_says_how_to_finish(tmp_path: Path) -> None:
+    url = f"postgresql://vcomp:secret@/vcomp?host={tmp_path}"
+    result = run("init", tmp_path / "org", "--store", url)
+    assert_clean_error(result, "job store unavailable")
+    assert "vcomp-server migrate --config" in result.stderr and "secret" not in result.stderr
+    assert (tmp_path / "org" / "server.toml").exists()  # the home stands; migrate finishes it

@@ -27,7 +27,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from vcomp.errors import ConfigError
+from vcomp.errors import ConfigError, StoreError
 from vcomp.protocol import handshake, limits
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
 from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
@@ -480,5 +480,12 @@ def init_server_home(
         _write_new(home / CONFIG_FILE, config_text(url).encode(), 0o644)
     except OSError as exc:
         raise ConfigError(f"cannot initialise {home}: {exc}") from None
-    migrate_store(url, base=home.absolute())
+    try:
+        migrate_store(url, base=home.absolute())
+    except StoreError as exc:
+        # The key and server.toml stand; only the schema is missing.
+        raise type(exc)(
+            f"{exc}; {home} is initialised but its store has no schema yet: run "
+            f"`vcomp-server migrate --config {home}` once the store is reachable"
+        ) from None
     return handshake.key_fingerprint(raw).hex()
