@@ -76,9 +76,15 @@ def pg_placeholders(sql: str) -> str:
 
 
 class PostgresConnection:
-    """One pooled connection inside a transaction, speaking the shared placeholders."""
+    """One pooled connection inside a transaction, speaking the shared placeholders.
 
-    __slots__ = ("raw",)
+    Deferred writes (:meth:`defer`: statements whose result nobody reads) wait here and
+    go out in one pipeline with the next statement or at commit, so they cost no round
+    trip of their own. Statements still run in the order they were issued; an error in a
+    deferred write raises from that next :meth:`execute` (or :meth:`flush`).
+    """
+
+    __slots__ = ("_deferred", "raw")
 
     #: Statements never prepared: psycopg prepares a statement it sees often, and
     #: PostgreSQL may then switch to a generic plan, which for the lease pick ignores
@@ -87,8 +93,32 @@ class PostgresConnection:
 
     def __init__(self, raw: psycopg.Connection[Any]) -> None:
         self.raw = raw
+        self._deferred: list[tuple[str, Any]] = []
 
     def execute(self, sql: str, params: Any = None, /) -> Cursor:
+        if not self._deferred:
+            return self._send(sql, params)
+        deferred, self._deferred = self._deferred, []
+        with self.raw.pipeline():
+            for statement, args in deferred:
+                self._send(statement, args)
+            cur = self._send(sql, params)
+        return cur  # the pipeline's end fetched every result (or raised the first error)
+
+    def defer(self, sql: str, params: Any = None, /) -> None:
+        self._deferred.append((sql, params))
+
+    def drop_deferred(self) -> None:
+        self._deferred = []
+
+    def flush(self) -> None:
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            with self.raw.pipeline():
+                for statement, args in deferred:
+                    self._send(statement, args)
+
+    def _send(self, sql: str, params: Any) -> Cursor:
         if params is None:
             return self.raw.execute(sql)
         prepare = False if sql in self.unprepared else None
@@ -184,9 +214,10 @@ class PostgresDatabase:
             try:
                 if write and not durable:
                     conn.execute("SET LOCAL synchronous_commit = off")
-                self._local.active = PostgresConnection(conn)
+                self._local.active = active = PostgresConnection(conn)
                 try:
-                    yield self._local.active
+                    yield active
+                    active.flush()
                 finally:
                     self._local.active = None
                 conn.commit()

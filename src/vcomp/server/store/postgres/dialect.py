@@ -9,10 +9,11 @@ Every other read-then-write path locks its jobs with :meth:`lock_jobs`, in id or
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import psycopg
 
-from vcomp.server.store.sql.database import Connection
+from vcomp.server.store.sql.database import Connection, DeferringConnection
 from vcomp.server.store.sql.queries import lease_pick
 
 LOCK_JOBS = "SELECT id FROM jobs WHERE id = ANY(?) ORDER BY id FOR NO KEY UPDATE"
@@ -35,6 +36,17 @@ class PostgresDialect:
     # The planner, misled by the product of the fit conditions' selectivities, may
     # sort every queued job per pick; a window of ids bounds that sort.
     pick_in_windows = True
+
+    @staticmethod
+    def defer(conn: Connection, sql: str, params: Any) -> None:
+        # Every connection the PostgreSQL database hands out can defer (PostgresConnection).
+        cast(DeferringConnection, conn).defer(sql, params)
+
+    @staticmethod
+    def rollback_to(conn: Connection, savepoint: str) -> None:
+        # The writes not yet sent would be undone anyway; one failing would stop the undo.
+        cast(DeferringConnection, conn).drop_deferred()
+        conn.execute(f"ROLLBACK TO {savepoint}")
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:

@@ -36,6 +36,14 @@ class Connection(Protocol):
     def execute(self, sql: str, params: Any = ..., /) -> Cursor: ...
 
 
+class DeferringConnection(Connection, Protocol):
+    """A connection that can hold a write back and send it with the next statement."""
+
+    def defer(self, sql: str, params: Any = ..., /) -> None: ...
+
+    def drop_deferred(self) -> None: ...
+
+
 class Database(Protocol):
     """Connections and transactions. Any database error inside a transaction becomes a
     :class:`~vcomp.errors.StoreError` (:class:`~vcomp.errors.StoreUnavailable` when the
@@ -92,6 +100,16 @@ class Dialect(Protocol):
     after_bulk_insert: tuple[str, ...]
     #: Pick from growing windows of the queue (see ``Leases._pick``) rather than at once.
     pick_in_windows: bool
+
+    def defer(self, conn: Connection, sql: str, params: Any) -> None:
+        """Run a write whose result (row count, rows) nobody reads, now or, where the
+        backend can, together with the next statement (one round trip for both). A
+        database error it raises may surface from that next statement."""
+        ...
+
+    def rollback_to(self, conn: Connection, savepoint: str) -> None:
+        """Undo this transaction back to ``savepoint``, writes not yet sent included."""
+        ...
 
     def text_list(self, values: Sequence[str]) -> object:
         """A list of strings as one parameter for the ``:kinds`` style list tests."""

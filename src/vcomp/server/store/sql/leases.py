@@ -112,12 +112,14 @@ class Leases:
         job_id, batch_id, index, pending = int(row[0]), int(row[1]), int(row[2]), int(row[3])
         attempt = int(row[4]) + 1
         deadline = float(request.now + request.lease_seconds)
-        conn.execute(
+        self._dialect.defer(
+            conn,
             "UPDATE jobs SET pending = pending - 1, leased = leased + 1, attempts = ?, state = ? "
             "WHERE id = ?",
             (attempt, job_state_after_lease(pending).value, job_id),
         )
-        conn.execute(
+        self._dialect.defer(
+            conn,
             "INSERT INTO attempts (job_id, attempt, agent_id, state, leased_at, deadline) "
             "VALUES (?, ?, ?, 'leased', ?, ?)",
             (job_id, attempt, agent_id, request.now, deadline),

@@ -20,7 +20,7 @@ from vcomp.server.store.records import (
 )
 from vcomp.server.store.rules import charged_attempts, settle
 from vcomp.server.store.sql.catalog import Catalog
-from vcomp.server.store.sql.database import Blobs, Connection
+from vcomp.server.store.sql.database import Blobs, Connection, Dialect
 from vcomp.server.store.sql.queries import ATTEMPT_WITH_JOB, attempt_from_row
 
 # Attempts that drew nothing from the budget (the agents' refusals).
@@ -40,8 +40,11 @@ class LiveAttempt:
 class Replicas:
     """Attempt rows and the job counters that follow them."""
 
-    def __init__(self, catalog: Catalog, blobs: Blobs, comparator: ResultComparator) -> None:
+    def __init__(
+        self, catalog: Catalog, dialect: Dialect, blobs: Blobs, comparator: ResultComparator
+    ) -> None:
         self._catalog = catalog
+        self._dialect = dialect
         self._blobs = blobs
         self._comparator = comparator
 
@@ -58,8 +61,8 @@ class Replicas:
             raise StoreError(f"job {job_id} has no attempt {attempt}")
         return found
 
-    @staticmethod
     def end_attempt(
+        self,
         conn: Connection,
         job_id: int,
         attempt: int,
@@ -67,7 +70,8 @@ class Replicas:
         when: float,
         reason: str | None,
     ) -> None:
-        conn.execute(
+        self._dialect.defer(
+            conn,
             "UPDATE attempts SET state = ?, ended_at = ?, reason = ? "
             "WHERE job_id = ? AND attempt = ?",
             (state.value, when, reason, job_id, attempt),
@@ -85,8 +89,8 @@ class Replicas:
 
     def fail_attempt(self, conn: Connection, job_id: int, reason: str, now: float) -> JobState:
         """A live job lost one leased replica: note why and let settle requeue or fail."""
-        conn.execute(
-            "UPDATE jobs SET leased = leased - 1, reason = ? WHERE id = ?", (reason, job_id)
+        self._dialect.defer(
+            conn, "UPDATE jobs SET leased = leased - 1, reason = ? WHERE id = ?", (reason, job_id)
         )
         return self.settle(conn, job_id, now)
 
@@ -113,29 +117,33 @@ class Replicas:
             new_attempt=new_attempt,
         )
         if settlement.disagreeing_groups is not None:
-            conn.execute(
+            self._dialect.defer(
+                conn,
                 "INSERT INTO disagreements (job_id, attempt, groups, detected_at) "
                 "VALUES (?, ?, ?, ?)",
                 (job_id, new_attempt, settlement.disagreeing_groups, now),
             )
-            conn.execute(
-                "UPDATE jobs SET disagreements = disagreements + 1 WHERE id = ?", (job_id,)
+            self._dialect.defer(
+                conn, "UPDATE jobs SET disagreements = disagreements + 1 WHERE id = ?", (job_id,)
             )
         verdict = settlement.verdict
         if verdict.state is JobState.DONE:
-            conn.execute(
+            self._dialect.defer(
+                conn,
                 "UPDATE jobs SET state = 'done', pending = 0, canonical_attempt = ?, "
                 "reason = NULL, finished_at = ? WHERE id = ?",
                 (verdict.canonical_attempt, now, job_id),
             )
         elif verdict.state is JobState.FAILED:
-            conn.execute(
+            self._dialect.defer(
+                conn,
                 "UPDATE jobs SET state = 'failed', pending = 0, reason = ?, finished_at = ? "
                 "WHERE id = ?",
                 (verdict.reason, now, job_id),
             )
         else:
-            conn.execute(
+            self._dialect.defer(
+                conn,
                 "UPDATE jobs SET state = ?, pending = ? WHERE id = ?",
                 (verdict.state.value, verdict.pending, job_id),
             )

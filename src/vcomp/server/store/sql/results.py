@@ -85,45 +85,61 @@ class Results:
 
         Per-result problems never abort the others: they come back as REJECTED outcomes.
         The jobs are locked first, all in one statement in id order (see the locking
-        rule in :mod:`.database`).
+        rule in :mod:`.database`). The group first runs under one savepoint; only if a
+        statement fails (a constraint, a lost race) is it undone and run again with a
+        savepoint per result, so the usual group pays two savepoint round trips, not
+        two per result.
         """
         if not results:
             return []
-        outcomes: list[RecordOutcome] = []
-        row_errors: tuple[type[Exception], ...] = (StoreError, *self._dialect.statement_errors)
         with self._db.transaction(write=True) as conn:
+            self._dialect.defer(conn, "SAVEPOINT record_group", ())
             self._dialect.lock_jobs(conn, [sub.job_id for sub in results if _storable(sub)])
-            for sub in results:
-                conn.execute("SAVEPOINT record_one")
-                try:
-                    outcome = self._record_one(conn, sub)
-                except _Rejected as rejected:  # keep its cleanup (discarded upload)
-                    outcome = RecordOutcome(
-                        sub.job_id,
-                        sub.attempt,
-                        OutcomeKind.REJECTED,
-                        rejected.job_state,
-                        rejected.detail,
-                    )
-                except _AlreadyRecorded:
-                    conn.execute("ROLLBACK TO record_one")
-                    outcome = RecordOutcome(
-                        sub.job_id,
-                        sub.attempt,
-                        OutcomeKind.DUPLICATE,
-                        self._replicas.get(conn, sub.job_id, sub.attempt).job_state,
-                        "already recorded",
-                    )
-                except StoreUnavailable:
-                    raise  # the database is gone: the whole group fails, nothing to undo
-                except row_errors as exc:
-                    conn.execute("ROLLBACK TO record_one")
-                    outcome = RecordOutcome(
-                        sub.job_id, sub.attempt, OutcomeKind.REJECTED, None, str(exc)
-                    )
-                conn.execute("RELEASE record_one")
-                outcomes.append(outcome)
-        return outcomes
+            undo_group: tuple[type[Exception], ...] = (_AlreadyRecorded, *self._row_errors())
+            try:
+                outcomes = [self._record_rejecting(conn, sub) for sub in results]
+                conn.execute("RELEASE record_group")  # and the last deferred writes
+                return outcomes
+            except StoreUnavailable:
+                raise  # the database is gone: the whole group fails, nothing to undo
+            except undo_group:
+                self._dialect.rollback_to(conn, "record_group")
+            return [self._record_isolated(conn, sub) for sub in results]
+
+    def _row_errors(self) -> tuple[type[Exception], ...]:
+        return (StoreError, *self._dialect.statement_errors)
+
+    def _record_rejecting(self, conn: Connection, sub: ResultSubmission) -> RecordOutcome:
+        try:
+            return self._record_one(conn, sub)
+        except _Rejected as rejected:  # keep its cleanup (discarded upload)
+            return RecordOutcome(
+                sub.job_id, sub.attempt, OutcomeKind.REJECTED, rejected.job_state, rejected.detail
+            )
+
+    def _record_isolated(self, conn: Connection, sub: ResultSubmission) -> RecordOutcome:
+        """One result under its own savepoint: a failed statement undoes only this one."""
+        conn.execute("SAVEPOINT record_one")
+        try:
+            outcome = self._record_rejecting(conn, sub)
+            conn.execute("RELEASE record_one")  # sends its deferred writes: errors land here
+            return outcome
+        except _AlreadyRecorded:
+            self._dialect.rollback_to(conn, "record_one")
+            outcome = RecordOutcome(
+                sub.job_id,
+                sub.attempt,
+                OutcomeKind.DUPLICATE,
+                self._replicas.get(conn, sub.job_id, sub.attempt).job_state,
+                "already recorded",
+            )
+        except StoreUnavailable:
+            raise
+        except self._row_errors() as exc:
+            self._dialect.rollback_to(conn, "record_one")
+            outcome = RecordOutcome(sub.job_id, sub.attempt, OutcomeKind.REJECTED, None, str(exc))
+        conn.execute("RELEASE record_one")
+        return outcome
 
     def _record_one(self, conn: Connection, sub: ResultSubmission) -> RecordOutcome:
         check_submission(sub)
@@ -190,7 +206,7 @@ class Results:
             job_state = self._replicas.fail_attempt(conn, sub.job_id, failure or status, received)
         elif effect.slots is not SlotChange.NONE:
             freed = _FREE_SLOT[effect.slots]
-            conn.execute(freed, (sub.job_id,))
+            self._dialect.defer(conn, freed, (sub.job_id,))
             job_state = self._replicas.settle(conn, sub.job_id, received, new_attempt=sub.attempt)
         detail = "" if effect.counted else f"job is {job_state.value}; kept as evidence"
         return RecordOutcome(sub.job_id, sub.attempt, kind, job_state, detail)

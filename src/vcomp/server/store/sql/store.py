@@ -65,7 +65,7 @@ class SqlStore:
         self.database = db = database
         self._catalog = catalog = Catalog(db, dialect, blobs, clock)
         self._agents = agents = Agents(db, clock)
-        replicas = Replicas(catalog, blobs, comparator)
+        replicas = Replicas(catalog, dialect, blobs, comparator)
         self._leases = Leases(db, dialect, catalog, agents, replicas, clock)
         self._uploads = uploads = Uploads(db, blobs, catalog, clock)
         self._results = Results(db, dialect, blobs, catalog, replicas, uploads, clock)

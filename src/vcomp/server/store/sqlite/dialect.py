@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
 from vcomp.server.store.sql.database import Connection
 from vcomp.server.store.sql.queries import lease_pick
@@ -22,6 +23,14 @@ class SqliteDialect:
     statement_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
     after_bulk_insert: tuple[str, ...] = ()  # SQLite's planner needs no statistics here
     pick_in_windows = False  # SQLite walks jobs_queued in id order and stops at a fit
+
+    @staticmethod
+    def defer(conn: Connection, sql: str, params: Any) -> None:
+        conn.execute(sql, params)  # a local call: nothing to save by waiting
+
+    @staticmethod
+    def rollback_to(conn: Connection, savepoint: str) -> None:
+        conn.execute(f"ROLLBACK TO {savepoint}")
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:
