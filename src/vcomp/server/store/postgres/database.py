@@ -46,7 +46,6 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from vcomp.errors import StoreError, StoreUnavailable
-from vcomp.server.store.postgres.dialect import PostgresDialect
 from vcomp.server.store.postgres.schema import (
     HAS_VERSION_TABLE,
     MIGRATE_LOCK,
@@ -86,11 +85,6 @@ class PostgresConnection:
 
     __slots__ = ("_deferred", "raw")
 
-    #: Statements never prepared: psycopg prepares a statement it sees often, and
-    #: PostgreSQL may then switch to a generic plan, which for the lease pick ignores
-    #: the window bounds and sorts the whole queue. Planned per execution instead.
-    unprepared: frozenset[str] = frozenset({PostgresDialect.lease_pick})
-
     def __init__(self, raw: psycopg.Connection[Any]) -> None:
         self.raw = raw
         self._deferred: list[tuple[str, Any]] = []
@@ -121,8 +115,7 @@ class PostgresConnection:
     def _send(self, sql: str, params: Any) -> Cursor:
         if params is None:
             return self.raw.execute(sql)
-        prepare = False if sql in self.unprepared else None
-        return self.raw.execute(pg_placeholders(sql), params, prepare=prepare)
+        return self.raw.execute(pg_placeholders(sql), params)
 
 
 def _reason(exc: BaseException) -> str:

@@ -92,14 +92,17 @@ class Blobs(Protocol):
 class Dialect(Protocol):
     """The few statements that differ between backends."""
 
-    #: The lease pick (see :func:`~.queries.lease_pick`).
-    lease_pick: str
     #: Errors of one statement that a savepoint undoes (a constraint, a bad value).
     statement_errors: tuple[type[Exception], ...]
     #: Run after a batch's jobs are inserted (refresh the planner's statistics).
     after_bulk_insert: tuple[str, ...]
     #: Pick from growing windows of the queue (see ``Leases._pick``) rather than at once.
     pick_in_windows: bool
+
+    def lease_pick(self, window: int | None) -> str:
+        """The lease pick (see :func:`~.queries.lease_pick`) over a window of the queue
+        of this many jobs (with ``pick_in_windows``), or else over the whole queue."""
+        ...
 
     def defer(self, conn: Connection, sql: str, params: Any) -> None:
         """Run a write whose result (row count, rows) nobody reads, now or, where the

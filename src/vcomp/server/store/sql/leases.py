@@ -31,7 +31,7 @@ from vcomp.server.store.rules import (
 from vcomp.server.store.sql.agents import Agents
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Connection, Database, Dialect
-from vcomp.server.store.sql.queries import PICK_WINDOW, QUEUED_WINDOW, REFUSALS_SINCE
+from vcomp.server.store.sql.queries import PICK_WINDOW, QUEUED_WINDOW_END, REFUSALS_SINCE
 from vcomp.server.store.sql.replicas import Replicas
 
 _CHARGED_STATES = [state.value for state in CHARGED_STATES]
@@ -143,19 +143,18 @@ class Leases:
         """The first fitting queued job. Where the dialect asks for it, one window of
         the queue at a time, each window four times the last, so a pick that finds
         nothing costs a few queries over the whole queue, not one per window."""
+        args["after"] = 0
         if not self._dialect.pick_in_windows:
-            args["low"], args["high"] = 0, INT64_MAX
-            return conn.execute(self._dialect.lease_pick, args).fetchone()
-        after, size = 0, PICK_WINDOW
+            return conn.execute(self._dialect.lease_pick(None), args).fetchone()
+        size = PICK_WINDOW
         while True:
-            window = conn.execute(QUEUED_WINDOW, (after, size)).fetchall()
-            if not window:
-                return None
-            args["low"], args["high"] = int(window[0][0]), int(window[-1][0])
-            row = conn.execute(self._dialect.lease_pick, args).fetchone()
-            if row is not None or len(window) < size:
+            row = conn.execute(self._dialect.lease_pick(size), args).fetchone()
+            if row is not None:
                 return row
-            after, size = int(window[-1][0]), size * 4
+            last, count = conn.execute(QUEUED_WINDOW_END, (args["after"], size)).fetchone()
+            if count < size:
+                return None  # that window was the rest of the queue
+            args["after"], size = int(last), size * 4
 
     def renew(
         self, job_id: int, attempt: int, now: float, lease_seconds: float, transfer_seconds: float

@@ -21,24 +21,29 @@ from vcomp.server.store.records import (
 READ_AHEAD = 256 << 10  # BlobReader read-ahead: a window of CODE chunks per read
 RESULTS_PAGE = 256  # iter_results page size
 
-# The next few queued jobs in id order: a window of the queue for the lease pick (on
-# the backends that pick in windows, see Dialect.pick_in_windows).
-QUEUED_WINDOW = "SELECT id FROM jobs WHERE state = 'queued' AND id > ? ORDER BY id LIMIT ?"
+# Where a window of the queue (the next ``size`` queued jobs after ``after``) ends, and
+# how many jobs it holds: the next window starts after it (on the backends that pick in
+# windows, see Dialect.pick_in_windows).
+QUEUED_WINDOW_END = (
+    "SELECT MAX(id), COUNT(*) FROM (SELECT id FROM jobs WHERE state = 'queued' AND id > ? "
+    "ORDER BY id LIMIT ?) AS w"
+)
 PICK_WINDOW = 16
 
-# The first queued job in the window [:low, :high] that fits the agent's capacity
-# (START's numbers: whole seconds) and that it neither holds, has done, nor refused.
+# The first queued job after :after (in the queue, or in a window of it: see
+# QUEUED_WINDOW) that fits the agent's capacity (START's numbers: whole seconds) and
+# that it neither holds, has done, nor refused.
 # The per-agent cap is rules.agent_attempt_cap (max(1, max_attempts - 1)) over
 # rules.CHARGED_STATES; the store contract suite pins the two together.
 LEASE_PICK_TEMPLATE = """
 SELECT j.id, j.batch_id, j.idx, j.pending, j.attempts, bl.size, bl.sha256
-FROM jobs AS j
+FROM {queue}
 JOIN batches AS b ON b.id = j.batch_id
 JOIN apps AS ap ON ap.id = b.app_id
 JOIN blobs AS code ON code.id = ap.blob_id
 JOIN blobs AS bl ON bl.id = j.input_blob
 WHERE j.state = 'queued'
-  AND j.id BETWEEN :low AND :high
+  AND j.id > :after
   AND (b.deadline IS NULL OR b.deadline > :now)
   AND b.memory_bytes <= :memory_bytes
   AND {whole_cpu} <= :cpu_seconds
@@ -60,11 +65,25 @@ LIMIT 1{lock}
 """
 
 
-def lease_pick(*, in_list: str, whole: str, greatest: str, lock: str = "") -> str:
+# The whole queue, walked in id order (a backend whose planner does so by itself).
+WHOLE_QUEUE = "jobs AS j"
+# A window of the queue: its ``{size}`` next queued jobs, a constant so that a prepared
+# statement's generic plan is as bounded as a planned one.
+QUEUED_WINDOW = (
+    "(SELECT id FROM jobs WHERE state = 'queued' AND id > :after ORDER BY id LIMIT {size}) "
+    "AS w\nJOIN jobs AS j ON j.id = w.id"
+)
+
+
+def lease_pick(
+    *, in_list: str, whole: str, greatest: str, lock: str = "", window: int | None = None
+) -> str:
     """The lease pick in a backend's words. ``in_list`` tests ``{column}`` against a list
     parameter ``:{name}``; ``whole`` truncates ``{value}`` to an integer; ``greatest``
-    is the larger of ``{a}`` and ``{b}``; ``lock`` ends the query (row locks)."""
+    is the larger of ``{a}`` and ``{b}``; ``lock`` ends the query (row locks); ``window``
+    looks only at that many queued jobs (None: the whole queue)."""
     return LEASE_PICK_TEMPLATE.format(
+        queue=WHOLE_QUEUE if window is None else QUEUED_WINDOW.format(size=int(window)),
         whole_cpu=whole.format(value="b.cpu_seconds"),
         whole_wall=whole.format(value="b.wall_seconds"),
         kind_in_kinds=in_list.format(column="ap.kind", name="kinds"),

@@ -15,7 +15,7 @@ class SqliteDialect:
     """List parameters as JSON arrays (``json_each``); no row locks: ``BEGIN IMMEDIATE``
     already serialises every writer of the file."""
 
-    lease_pick = lease_pick(
+    _pick = lease_pick(
         in_list="{column} IN (SELECT value FROM json_each(:{name}))",
         whole="CAST({value} AS INTEGER)",
         greatest="MAX({a}, {b})",
@@ -23,6 +23,9 @@ class SqliteDialect:
     statement_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
     after_bulk_insert: tuple[str, ...] = ()  # SQLite's planner needs no statistics here
     pick_in_windows = False  # SQLite walks jobs_queued in id order and stops at a fit
+
+    def lease_pick(self, window: int | None) -> str:
+        return self._pick
 
     @staticmethod
     def defer(conn: Connection, sql: str, params: Any) -> None:
