@@ -8,6 +8,7 @@ what the job's state is now, and writes that down.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vcomp.errors import StoreError
 from vcomp.server.store.records import (
@@ -21,10 +22,24 @@ from vcomp.server.store.records import (
 from vcomp.server.store.rules import charged_attempts, settle
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Blobs, Connection, Dialect
-from vcomp.server.store.sql.queries import ATTEMPT_WITH_JOB, attempt_from_row
+from vcomp.server.store.sql.queries import (
+    ATTEMPT_WITH_JOB,
+    ATTEMPT_WITH_JOB_AND_RESULT,
+    attempt_from_row,
+)
 
-# Attempts that drew nothing from the budget (the agents' refusals).
-UNCHARGED = "SELECT COUNT(*) FROM attempts WHERE job_id = ? AND state IN ('refused', 'abandoned')"
+# What settle reads, in one statement: the job's counters, its attempts that drew nothing
+# from the budget (the agents' refusals), and its counted ok results (a row each, or one
+# row of NULLs when there are none).
+SETTLE_READ = (
+    "SELECT j.state, j.batch_id, j.pending, j.leased, j.attempts, j.reason, "
+    "(SELECT COUNT(*) FROM attempts AS a WHERE a.job_id = j.id "
+    "AND a.state IN ('refused', 'abandoned')), "
+    "r.attempt, r.agent_id, r.output_size, r.output_sha256, r.output_blob "
+    "FROM jobs AS j LEFT JOIN results AS r "
+    "ON r.job_id = j.id AND r.counted = 1 AND r.status = ? "
+    "WHERE j.id = ? ORDER BY r.attempt"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +69,17 @@ class Replicas:
         if row is None:
             return None
         return LiveAttempt(attempt_from_row(row), JobState(row[8]), int(row[9]), int(row[10]))
+
+    @staticmethod
+    def find_with_result(
+        conn: Connection, job_id: int, attempt: int
+    ) -> tuple[LiveAttempt | None, bytes | None]:
+        """The attempt (as :meth:`find`) and the digest of its recorded result, if any."""
+        row = conn.execute(ATTEMPT_WITH_JOB_AND_RESULT, (job_id, attempt)).fetchone()
+        if row is None:
+            return None, None
+        live = LiveAttempt(attempt_from_row(row), JobState(row[8]), int(row[9]), int(row[10]))
+        return live, None if row[11] is None else bytes(row[11])
 
     def get(self, conn: Connection, job_id: int, attempt: int) -> LiveAttempt:
         found = self.find(conn, job_id, attempt)
@@ -98,16 +124,14 @@ class Replicas:
         self, conn: Connection, job_id: int, now: float, new_attempt: int | None = None
     ) -> JobState:
         """Bring a live job's state in line with its results, leases and budget."""
-        row = conn.execute(
-            "SELECT state, batch_id, pending, leased, attempts, reason FROM jobs WHERE id = ?",
-            (job_id,),
-        ).fetchone()
+        rows = conn.execute(SETTLE_READ, (RESULT_OK, job_id)).fetchall()
+        row = rows[0]
         state = JobState(row[0])
         if state.terminal:
             return state
-        uncharged = int(conn.execute(UNCHARGED, (job_id,)).fetchone()[0])
+        uncharged = int(row[6])
         settlement = settle(
-            self._candidates(conn, job_id),
+            self._candidates(job_id, [r[7:] for r in rows if r[7] is not None]),
             self._comparator,
             self._catalog.batch(conn, int(row[1])),
             pending=int(row[2]),
@@ -149,12 +173,8 @@ class Replicas:
             )
         return verdict.state
 
-    def _candidates(self, conn: Connection, job_id: int) -> list[CandidateResult]:
-        rows = conn.execute(
-            "SELECT attempt, agent_id, output_size, output_sha256, output_blob FROM results "
-            "WHERE job_id = ? AND counted = 1 AND status = ? ORDER BY attempt",
-            (job_id, RESULT_OK),
-        ).fetchall()
+    def _candidates(self, job_id: int, rows: list[Any]) -> list[CandidateResult]:
+        """Counted ok results (attempt, agent, size, digest, blob) as the rules see them."""
         return [
             CandidateResult(
                 job_id=job_id,

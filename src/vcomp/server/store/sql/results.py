@@ -144,7 +144,7 @@ class Results:
     def _record_one(self, conn: Connection, sub: ResultSubmission) -> RecordOutcome:
         check_submission(sub)
         upload_id = None if sub.upload is None else sub.upload.upload_id
-        live = self._replicas.find(conn, sub.job_id, sub.attempt)
+        live, previous = self._replicas.find_with_result(conn, sub.job_id, sub.attempt)
         if live is None:
             self._discard_if(conn, upload_id)
             raise _Rejected(f"job {sub.job_id} has no attempt {sub.attempt}", None)
@@ -152,13 +152,9 @@ class Results:
         if live.record.agent_id != sub.agent_id:
             self._discard_if(conn, upload_id)
             raise _Rejected(f"attempt {sub.attempt} was leased to another agent", job_state)
-        previous = conn.execute(
-            "SELECT output_sha256 FROM results WHERE job_id = ? AND attempt = ?",
-            (sub.job_id, sub.attempt),
-        ).fetchone()
         if previous is not None:
             self._discard_if(conn, upload_id)
-            same = sub.output_sha256 is None or bytes(previous[0]) == sub.output_sha256
+            same = sub.output_sha256 is None or previous == sub.output_sha256
             detail = "already recorded" if same else "already recorded (first result kept)"
             return RecordOutcome(sub.job_id, sub.attempt, OutcomeKind.DUPLICATE, job_state, detail)
 
