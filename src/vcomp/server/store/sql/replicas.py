@@ -19,7 +19,7 @@ from vcomp.server.store.records import (
     JobState,
     ResultComparator,
 )
-from vcomp.server.store.rules import charged_attempts, settle
+from vcomp.server.store.rules import SlotChange, charged_attempts, settle
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Blobs, Connection, Dialect
 from vcomp.server.store.sql.queries import (
@@ -121,21 +121,38 @@ class Replicas:
         return self.settle(conn, job_id, now)
 
     def settle(
-        self, conn: Connection, job_id: int, now: float, new_attempt: int | None = None
+        self,
+        conn: Connection,
+        job_id: int,
+        now: float,
+        new_attempt: int | None = None,
+        *,
+        slot: SlotChange = SlotChange.NONE,
     ) -> JobState:
-        """Bring a live job's state in line with its results, leases and budget."""
+        """Bring a live job's state in line with its results, leases and budget.
+
+        ``slot`` (FREE_LEASED or FILL_PENDING) is a replica slot the caller's change
+        fills: its counter is lowered by one in the same write as the settlement."""
         rows = conn.execute(SETTLE_READ, (RESULT_OK, job_id)).fetchall()
         row = rows[0]
         state = JobState(row[0])
+        pending = int(row[2]) - (slot is SlotChange.FILL_PENDING)
+        leased = int(row[3]) - (slot is SlotChange.FREE_LEASED)
         if state.terminal:
+            if slot is not SlotChange.NONE:
+                self._dialect.defer(
+                    conn,
+                    "UPDATE jobs SET pending = ?, leased = ? WHERE id = ?",
+                    (pending, leased, job_id),
+                )
             return state
         uncharged = int(row[6])
         settlement = settle(
             self._candidates(job_id, [r[7:] for r in rows if r[7] is not None]),
             self._comparator,
             self._catalog.batch(conn, int(row[1])),
-            pending=int(row[2]),
-            leased=int(row[3]),
+            pending=pending,
+            leased=leased,
             charged=charged_attempts(int(row[4]), uncharged),
             last_failure=row[5],
             new_attempt=new_attempt,
@@ -154,22 +171,22 @@ class Replicas:
         if verdict.state is JobState.DONE:
             self._dialect.defer(
                 conn,
-                "UPDATE jobs SET state = 'done', pending = 0, canonical_attempt = ?, "
+                "UPDATE jobs SET state = 'done', pending = 0, leased = ?, canonical_attempt = ?, "
                 "reason = NULL, finished_at = ? WHERE id = ?",
-                (verdict.canonical_attempt, now, job_id),
+                (leased, verdict.canonical_attempt, now, job_id),
             )
         elif verdict.state is JobState.FAILED:
             self._dialect.defer(
                 conn,
-                "UPDATE jobs SET state = 'failed', pending = 0, reason = ?, finished_at = ? "
-                "WHERE id = ?",
-                (verdict.reason, now, job_id),
+                "UPDATE jobs SET state = 'failed', pending = 0, leased = ?, reason = ?, "
+                "finished_at = ? WHERE id = ?",
+                (leased, verdict.reason, now, job_id),
             )
         else:
             self._dialect.defer(
                 conn,
-                "UPDATE jobs SET state = ?, pending = ? WHERE id = ?",
-                (verdict.state.value, verdict.pending, job_id),
+                "UPDATE jobs SET state = ?, pending = ?, leased = ? WHERE id = ?",
+                (verdict.state.value, verdict.pending, leased, job_id),
             )
         return verdict.state
 

@@ -35,11 +35,6 @@ from vcomp.server.store.sql.queries import RESULT_SELECT, RESULTS_PAGE, result_f
 from vcomp.server.store.sql.replicas import Replicas
 from vcomp.server.store.sql.uploads import Uploads
 
-_FREE_SLOT = {
-    SlotChange.FREE_LEASED: "UPDATE jobs SET leased = leased - 1 WHERE id = ?",
-    SlotChange.FILL_PENDING: "UPDATE jobs SET pending = pending - 1 WHERE id = ?",
-}
-
 
 class _AlreadyRecorded(Exception):
     """Another transaction recorded this (job, attempt) first: undo ours, report duplicate."""
@@ -201,9 +196,9 @@ class Results:
         if effect.slots is SlotChange.FAIL_LEASED:
             job_state = self._replicas.fail_attempt(conn, sub.job_id, failure or status, received)
         elif effect.slots is not SlotChange.NONE:
-            freed = _FREE_SLOT[effect.slots]
-            self._dialect.defer(conn, freed, (sub.job_id,))
-            job_state = self._replicas.settle(conn, sub.job_id, received, new_attempt=sub.attempt)
+            job_state = self._replicas.settle(
+                conn, sub.job_id, received, new_attempt=sub.attempt, slot=effect.slots
+            )
         detail = "" if effect.counted else f"job is {job_state.value}; kept as evidence"
         return RecordOutcome(sub.job_id, sub.attempt, kind, job_state, detail)
 
