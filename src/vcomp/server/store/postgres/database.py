@@ -78,9 +78,9 @@ class PostgresConnection:
     """One pooled connection inside a transaction, speaking the shared placeholders.
 
     Deferred writes (:meth:`defer`: statements whose result nobody reads) wait here and
-    go out in one pipeline with the next statement or at commit, so they cost no round
-    trip of their own. Statements still run in the order they were issued; an error in a
-    deferred write raises from that next :meth:`execute` (or :meth:`flush`).
+    go out in one pipeline with the next statement or with the COMMIT, so they cost no
+    round trip of their own. Statements still run in the order they were issued; an error
+    in a deferred write raises from that next :meth:`execute` (or :meth:`commit`).
     """
 
     __slots__ = ("_deferred", "raw")
@@ -105,12 +105,16 @@ class PostgresConnection:
     def drop_deferred(self) -> None:
         self._deferred = []
 
-    def flush(self) -> None:
-        if self._deferred:
-            deferred, self._deferred = self._deferred, []
-            with self.raw.pipeline():
-                for statement, args in deferred:
-                    self._send(statement, args)
+    def commit(self) -> None:
+        """Send the deferred writes and COMMIT in one pipeline (one round trip)."""
+        if not self._deferred:
+            self.raw.commit()
+            return
+        deferred, self._deferred = self._deferred, []
+        with self.raw.pipeline():
+            for statement, args in deferred:
+                self._send(statement, args)
+            self.raw.commit()
 
     def _send(self, sql: str, params: Any) -> Cursor:
         if params is None:
@@ -210,10 +214,9 @@ class PostgresDatabase:
                 self._local.active = active = PostgresConnection(conn)
                 try:
                     yield active
-                    active.flush()
                 finally:
                     self._local.active = None
-                conn.commit()
+                active.commit()
             except psycopg.Error as exc:
                 lost = is_unavailable(exc, conn)
                 if not conn.broken:

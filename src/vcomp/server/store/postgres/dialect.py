@@ -15,8 +15,10 @@ from typing import Any, cast
 import psycopg
 
 from vcomp.server.store.sql.database import Connection, DeferringConnection
-from vcomp.server.store.sql.queries import lease_pick
+from vcomp.server.store.sql.queries import lease_pick, lease_window_end
 
+_IN_LIST = "{column} = ANY(:{name})"
+_WHOLE = "TRUNC({value})"
 LOCK_JOBS = "SELECT id FROM jobs WHERE id = ANY(?) ORDER BY id FOR NO KEY UPDATE"
 LOCK_FREE_JOBS = LOCK_JOBS + " SKIP LOCKED"
 
@@ -38,12 +40,17 @@ class PostgresDialect:
     @functools.cache
     def lease_pick(window: int | None) -> str:
         return lease_pick(
-            in_list="{column} = ANY(:{name})",
-            whole="TRUNC({value})",
+            in_list=_IN_LIST,
+            whole=_WHOLE,
             greatest="GREATEST({a}, {b})",
             lock="\nFOR NO KEY UPDATE OF j SKIP LOCKED",
             window=window,
         )
+
+    @staticmethod
+    @functools.cache
+    def lease_window_end(window: int) -> str:
+        return lease_window_end(in_list=_IN_LIST, whole=_WHOLE, window=window)
 
     @staticmethod
     def defer(conn: Connection, sql: str, params: Any) -> None:

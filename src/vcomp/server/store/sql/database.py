@@ -104,6 +104,11 @@ class Dialect(Protocol):
         of this many jobs (with ``pick_in_windows``), or else over the whole queue."""
         ...
 
+    def lease_window_end(self, window: int) -> str:
+        """With ``pick_in_windows``: where that window ends and how many jobs it holds
+        (see :func:`~.queries.lease_window_end`)."""
+        ...
+
     def defer(self, conn: Connection, sql: str, params: Any) -> None:
         """Run a write whose result (row count, rows) nobody reads, now or, where the
         backend can, together with the next statement (one round trip for both). A

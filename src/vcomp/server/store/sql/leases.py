@@ -31,7 +31,7 @@ from vcomp.server.store.rules import (
 from vcomp.server.store.sql.agents import Agents
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Connection, Database, Dialect
-from vcomp.server.store.sql.queries import PICK_WINDOW, QUEUED_WINDOW_END, REFUSALS_SINCE
+from vcomp.server.store.sql.queries import PICK_WINDOW, REFUSALS_SINCE
 from vcomp.server.store.sql.replicas import Replicas
 
 _CHARGED_STATES = [state.value for state in CHARGED_STATES]
@@ -151,7 +151,7 @@ class Leases:
             row = conn.execute(self._dialect.lease_pick(size), args).fetchone()
             if row is not None:
                 return row
-            last, count = conn.execute(QUEUED_WINDOW_END, (args["after"], size)).fetchone()
+            last, count = conn.execute(self._dialect.lease_window_end(size), args).fetchone()
             if count < size:
                 return None  # that window was the rest of the queue
             args["after"], size = int(last), size * 4

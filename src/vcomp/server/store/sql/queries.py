@@ -21,14 +21,7 @@ from vcomp.server.store.records import (
 READ_AHEAD = 256 << 10  # BlobReader read-ahead: a window of CODE chunks per read
 RESULTS_PAGE = 256  # iter_results page size
 
-# Where a window of the queue (the next ``size`` queued jobs after ``after``) ends, and
-# how many jobs it holds: the next window starts after it (on the backends that pick in
-# windows, see Dialect.pick_in_windows).
-QUEUED_WINDOW_END = (
-    "SELECT MAX(id), COUNT(*) FROM (SELECT id FROM jobs WHERE state = 'queued' AND id > ? "
-    "ORDER BY id LIMIT ?) AS w"
-)
-PICK_WINDOW = 16
+PICK_WINDOW = 16  # the first window of the queue a lease pick looks at (then 4x, 16x...)
 
 # The first queued job after :after (in the queue, or in a window of it: see
 # QUEUED_WINDOW) that fits the agent's capacity (START's numbers: whole seconds) and
@@ -44,14 +37,8 @@ JOIN blobs AS code ON code.id = ap.blob_id
 JOIN blobs AS bl ON bl.id = j.input_blob
 WHERE j.state = 'queued'
   AND j.id > :after
-  AND (b.deadline IS NULL OR b.deadline > :now)
-  AND b.memory_bytes <= :memory_bytes
-  AND {whole_cpu} <= :cpu_seconds
-  AND {whole_wall} <= :wall_seconds
-  AND b.output_bytes <= :output_bytes
-  AND b.disk_bytes <= :disk_bytes
+  AND {batch_fits}
   AND code.size + bl.size <= :job_bytes
-  AND {kind_in_kinds}
   AND NOT EXISTS (
     SELECT 1 FROM attempts AS a
     WHERE a.job_id = j.id AND a.agent_id = :agent
@@ -67,12 +54,27 @@ LIMIT 1{lock}
 
 # The whole queue, walked in id order (a backend whose planner does so by itself).
 WHOLE_QUEUE = "jobs AS j"
-# A window of the queue: its ``{size}`` next queued jobs, a constant so that a prepared
-# statement's generic plan is as bounded as a planned one.
-QUEUED_WINDOW = (
-    "(SELECT id FROM jobs WHERE state = 'queued' AND id > :after ORDER BY id LIMIT {size}) "
-    "AS w\nJOIN jobs AS j ON j.id = w.id"
-)
+# A window of the queue: its next ``{size}`` queued jobs of batches that fit the agent
+# (a constant size, so that a prepared statement's generic plan is as bounded as a
+# planned one). The fitting batches are one array computed first, so the window walks
+# jobs_queued in id order and stops after ``{size}`` of them, however many queued jobs
+# of other batches it passes; the pick below still checks every condition.
+# (PostgreSQL's words: only the backends that pick in windows use it.)
+QUEUED_WINDOW = """(SELECT id FROM jobs
+  WHERE state = 'queued' AND id > :after
+    AND batch_id = ANY(ARRAY(
+      SELECT b.id FROM batches AS b JOIN apps AS ap ON ap.id = b.app_id
+      WHERE {batch_fits}))
+  ORDER BY id LIMIT {size}) AS w"""
+WINDOW_END_TEMPLATE = "SELECT MAX(w.id), COUNT(*) FROM {window}"
+# What a batch decides of the fit (its limits, deadline and app kind).
+BATCH_FITS = """(b.deadline IS NULL OR b.deadline > :now)
+  AND b.memory_bytes <= :memory_bytes
+  AND {whole_cpu} <= :cpu_seconds
+  AND {whole_wall} <= :wall_seconds
+  AND b.output_bytes <= :output_bytes
+  AND b.disk_bytes <= :disk_bytes
+  AND {kind_in_kinds}"""
 
 
 def lease_pick(
@@ -82,14 +84,34 @@ def lease_pick(
     parameter ``:{name}``; ``whole`` truncates ``{value}`` to an integer; ``greatest``
     is the larger of ``{a}`` and ``{b}``; ``lock`` ends the query (row locks); ``window``
     looks only at that many queued jobs (None: the whole queue)."""
+    batch_fits = _batch_fits(in_list=in_list, whole=whole)
+    if window is None:
+        queue = WHOLE_QUEUE
+    else:
+        queue = QUEUED_WINDOW.format(batch_fits=batch_fits, size=int(window))
+        queue += "\nJOIN jobs AS j ON j.id = w.id"
     return LEASE_PICK_TEMPLATE.format(
-        queue=WHOLE_QUEUE if window is None else QUEUED_WINDOW.format(size=int(window)),
-        whole_cpu=whole.format(value="b.cpu_seconds"),
-        whole_wall=whole.format(value="b.wall_seconds"),
-        kind_in_kinds=in_list.format(column="ap.kind", name="kinds"),
+        queue=queue,
+        batch_fits=batch_fits,
         state_in_charged=in_list.format(column="a.state", name="charged_states"),
         agent_cap=greatest.format(a="1", b="b.max_attempts - 1"),
         lock=lock,
+    )
+
+
+def lease_window_end(*, in_list: str, whole: str, window: int) -> str:
+    """Where the lease pick's window of ``window`` jobs after ``:after`` ends, and how many
+    jobs it holds (same parameters as the pick): the next window starts after it."""
+    batch_fits = _batch_fits(in_list=in_list, whole=whole)
+    window_sql = QUEUED_WINDOW.format(batch_fits=batch_fits, size=int(window))
+    return WINDOW_END_TEMPLATE.format(window=window_sql)
+
+
+def _batch_fits(*, in_list: str, whole: str) -> str:
+    return BATCH_FITS.format(
+        whole_cpu=whole.format(value="b.cpu_seconds"),
+        whole_wall=whole.format(value="b.wall_seconds"),
+        kind_in_kinds=in_list.format(column="ap.kind", name="kinds"),
     )
 
 

@@ -27,6 +27,9 @@ class SqliteDialect:
     def lease_pick(self, window: int | None) -> str:
         return self._pick
 
+    def lease_window_end(self, window: int) -> str:
+        raise NotImplementedError("SQLite picks from the whole queue")
+
     @staticmethod
     def defer(conn: Connection, sql: str, params: Any) -> None:
         conn.execute(sql, params)  # a local call: nothing to save by waiting
