@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -85,6 +87,29 @@ def counting(tally: Tally) -> Iterator[None]:
         tally.count.pop("BEGIN", None)
 
 
+def server_cpu_seconds(postmaster: int | None) -> float:
+    """CPU seconds used so far by the postmaster and its live children (the backends)."""
+    if postmaster is None:
+        return 0.0
+    total = 0.0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            text = open(f"/proc/{name}/stat").read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(name) == postmaster or int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
@@ -97,6 +122,7 @@ def main() -> None:
         store.create_batch("tiny", (b"%d" % i for i in range(args.jobs)))
         lease_tally, record_tally = Tally(), Tally()
         leased = recorded = 0
+        server_cpu, client_cpu = server_cpu_seconds(cluster.postmaster_pid()), client_cpu_seconds()
         start = time.perf_counter()
         while True:
             with counting(lease_tally):
@@ -109,10 +135,16 @@ def main() -> None:
                 store.record_results([tiny_result(lease) for lease in leases])
             recorded += len(leases)
         elapsed = time.perf_counter() - start
+        server_cpu = server_cpu_seconds(cluster.postmaster_pid()) - server_cpu
+        client_cpu = client_cpu_seconds() - client_cpu
         store.close()
     lease_tally.report("per lease", leased)
     record_tally.report("per record", recorded)
     print(f"\n{recorded} lease+record cycles in groups of {args.group}: {recorded / elapsed:.0f}/s")
+    print(
+        f"per cycle: {elapsed / recorded * 1e6:.0f} µs wall, {client_cpu / recorded * 1e6:.0f} µs "
+        f"CPU in this process, {server_cpu / recorded * 1e6:.0f} µs CPU in PostgreSQL"
+    )
 
 
 if __name__ == "__main__":
