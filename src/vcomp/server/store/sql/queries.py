@@ -21,7 +21,8 @@ from vcomp.server.store.records import (
 READ_AHEAD = 256 << 10  # BlobReader read-ahead: a window of CODE chunks per read
 RESULTS_PAGE = 256  # iter_results page size
 
-PICK_WINDOW = 16  # the first window of the queue a lease pick looks at (then 4x, 16x...)
+PICK_WINDOW = 4  # the first window of the queue a lease pick looks at (then 16, 64...): each
+# row of a window goes through the whole join, so a small one makes the usual pick cheap
 
 # The first queued job after :after (in the queue, or in a window of it: see
 # QUEUED_WINDOW) that fits the agent's capacity (START's numbers: whole seconds) and
