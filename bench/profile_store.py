@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from bench_store import enroll, tiny_result
@@ -96,7 +97,7 @@ def server_cpu_seconds(postmaster: int | None) -> float:
         if not name.isdigit():
             continue
         try:
-            text = open(f"/proc/{name}/stat").read()
+            text = Path(f"/proc/{name}/stat").read_text()
         except OSError:
             continue
         fields = text[text.rindex(")") + 2 :].split()

@@ -10,6 +10,13 @@ Locking rule (a no-op on SQLite, where ``BEGIN IMMEDIATE`` serialises writers)
     Every write path that reads a job's state and then writes it first locks that job's
     row with :meth:`Dialect.lock_jobs`. Several jobs are locked in one statement in
     job-id order, so two servers' group commits never deadlock.
+
+Round trips (each statement on PostgreSQL is one, ~75 µs here)
+    A write whose result nobody reads goes through :meth:`Dialect.defer`: PostgreSQL
+    sends it in one pipeline with the next statement or the COMMIT. Reads that need no
+    decision in between are one statement (joins, scalar subqueries), and a result group
+    runs under one savepoint (see :mod:`.results`). ``bench/profile_store.py`` counts
+    the statements of a lease and a record.
 """
 
 from __future__ import annotations
