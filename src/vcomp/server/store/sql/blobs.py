@@ -77,6 +77,10 @@ class WindowedBlobReader:
         self.close()
 
 
+#: A new sealed blob (size, sha256, data); returns its id.
+INSERT_BLOB = "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?) RETURNING id"
+
+
 class BlobStore:
     """The blob operations whose SQL is the same everywhere, over a backend's
     :meth:`reserve`, :meth:`writer` and :meth:`reader`."""
@@ -94,10 +98,7 @@ class BlobStore:
     @staticmethod
     def insert(conn: Connection, data: bytes, digest: bytes) -> int:
         """A new sealed blob holding ``data`` whose SHA-256 is ``digest``."""
-        cur = conn.execute(
-            "INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?) RETURNING id",
-            (len(data), digest, data),
-        )
+        cur = conn.execute(INSERT_BLOB, (len(data), digest, data))
         return returning_id(cur)
 
     @staticmethod

@@ -103,6 +103,8 @@ class Dialect(Protocol):
     statement_errors: tuple[type[Exception], ...]
     #: Run after a batch's jobs are inserted (refresh the planner's statistics).
     after_bulk_insert: tuple[str, ...]
+    #: INSERT ... RETURNING in a WITH clause feeds the statement after it.
+    writes_in_with: bool
     #: Pick from growing windows of the queue (see ``Leases._pick``) rather than at once.
     pick_in_windows: bool
 

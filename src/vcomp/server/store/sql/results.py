@@ -35,6 +35,20 @@ from vcomp.server.store.sql.queries import RESULT_SELECT, RESULTS_PAGE, result_f
 from vcomp.server.store.sql.replicas import Replicas
 from vcomp.server.store.sql.uploads import Uploads
 
+_INSERT_RESULT = (
+    "INSERT INTO results (job_id, attempt, agent_id, status, error, output_size, "
+    "output_sha256, cpu_ms, wall_ms, received_at, counted, output_blob) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+# The output's blob (as blobs.INSERT_BLOB) and the result in one statement, where the
+# dialect has writes in WITH.
+_INSERT_RESULT_WITH_BLOB = (
+    "WITH new_blob AS (INSERT INTO blobs (size, sha256, data) VALUES (?, ?, ?) RETURNING id) "
+    "INSERT INTO results (job_id, attempt, agent_id, status, error, output_size, "
+    "output_sha256, cpu_ms, wall_ms, received_at, counted, output_blob) "
+    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, new_blob.id FROM new_blob ON CONFLICT DO NOTHING"
+)
+
 
 class _AlreadyRecorded(Exception):
     """Another transaction recorded this (job, attempt) first: undo ours, report duplicate."""
@@ -154,7 +168,7 @@ class Results:
             return RecordOutcome(sub.job_id, sub.attempt, OutcomeKind.DUPLICATE, job_state, detail)
 
         limit = self._catalog.batch(conn, live.batch_id).limits.output_bytes
-        blob_id, size, digest = self._take_output(conn, sub, job_state, limit)
+        blob, size, digest = self._take_output(conn, sub, job_state, limit)
         status, error = checked_status(sub.status, sub.error, size, limit)
         error = error.replace("\x00", "\ufffd")  # PostgreSQL text holds no NUL
         ok = status == RESULT_OK
@@ -167,25 +181,25 @@ class Results:
         )
         effect = result_effect(kind, live.record.state, ok=ok)
         received = sub.received_at or self._clock()
-        cur = conn.execute(
-            "INSERT INTO results (job_id, attempt, agent_id, status, error, output_size, "
-            "output_sha256, cpu_ms, wall_ms, received_at, counted, output_blob) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (
-                sub.job_id,
-                sub.attempt,
-                sub.agent_id,
-                status,
-                error[:MAX_TEXT],
-                size,
-                digest,
-                sub.cpu_ms,
-                sub.wall_ms,
-                received,
-                int(effect.counted),
-                blob_id,
-            ),
+        values = (
+            sub.job_id,
+            sub.attempt,
+            sub.agent_id,
+            status,
+            error[:MAX_TEXT],
+            size,
+            digest,
+            sub.cpu_ms,
+            sub.wall_ms,
+            received,
+            int(effect.counted),
         )
+        if isinstance(blob, bytes) and self._dialect.writes_in_with:
+            cur = conn.execute(_INSERT_RESULT_WITH_BLOB, (len(blob), digest, blob, *values))
+        else:
+            if isinstance(blob, bytes):
+                blob = self._blobs.insert(conn, blob, digest)
+            cur = conn.execute(_INSERT_RESULT, (*values, blob))
         if cur.rowcount == 0:
             raise _AlreadyRecorded
         failure = failure_reason(status, error, MAX_TEXT)
@@ -204,8 +218,9 @@ class Results:
 
     def _take_output(
         self, conn: Connection, sub: ResultSubmission, job_state: JobState, limit: int
-    ) -> tuple[int | None, int, bytes]:
-        """Store the output: inline bytes into a new blob, or adopt a staged upload."""
+    ) -> tuple[int | bytes | None, int, bytes]:
+        """The output's blob (an adopted staged upload's id, or inline bytes to store with
+        the result, or None: nothing kept), its size and its SHA-256."""
         if sub.upload is None:
             return self._take_inline(conn, sub, job_state, limit)
         handle = sub.upload
@@ -235,7 +250,7 @@ class Results:
 
     def _take_inline(
         self, conn: Connection, sub: ResultSubmission, job_state: JobState, limit: int
-    ) -> tuple[int | None, int, bytes]:
+    ) -> tuple[bytes | None, int, bytes]:
         data = sub.output or b""
         digest = hashlib.sha256(data).digest()
         if sub.output_size is not None and sub.output_size != len(data):
@@ -246,7 +261,7 @@ class Results:
             raise _Rejected("sha256 mismatch on inline output", job_state)
         if not data or len(data) > limit:  # nothing to keep, or too big to keep
             return None, len(data), digest
-        return self._blobs.insert(conn, data, digest), len(data), digest
+        return data, len(data), digest
 
     def _discard_if(self, conn: Connection, upload_id: int | None) -> None:
         if upload_id is not None:

@@ -22,6 +22,7 @@ class SqliteDialect:
     )
     statement_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
     after_bulk_insert: tuple[str, ...] = ()  # SQLite's planner needs no statistics here
+    writes_in_with = False
     pick_in_windows = False  # SQLite walks jobs_queued in id order and stops at a fit
 
     def lease_pick(self, window: int | None) -> str:
