@@ -34,6 +34,7 @@ from vcomp.server.store import (
     ResultSubmission,
     Store,
 )
+from vcomp.server.store.sql.store import SqlStore
 
 # --------------------------------------------------------------------------- apps
 
@@ -585,6 +586,53 @@ def test_control_characters_in_an_error_are_kept_and_in_a_status_rejected(
     assert o2.kind is OutcomeKind.ACCEPTED
     [stored] = store.list_results(second.job_id)
     assert stored.error == "a\ufffdb"
+
+
+# A constraint the database enforces on one result (a real failing statement).
+_REFUSE_CPU_4242 = {
+    "sqlite": (
+        "CREATE TRIGGER refuse_4242 BEFORE INSERT ON results WHEN NEW.cpu_ms = 4242 "
+        "BEGIN SELECT RAISE(ABORT, 'cpu_ms 4242 refused'); END",
+    ),
+    "postgresql": (
+        "CREATE FUNCTION refuse_4242() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.cpu_ms = 4242 THEN RAISE check_violation USING MESSAGE = 'cpu_ms 4242 refused'; "
+        "END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_4242 BEFORE INSERT ON results FOR EACH ROW "
+        "EXECUTE FUNCTION refuse_4242()",
+    ),
+}
+
+
+def test_a_statement_failing_mid_group_rejects_only_its_result(
+    store: Store, app: str, agents: list[str], backend: str, count_rows: RowCounter
+) -> None:
+    """A group runs under one savepoint; a statement that fails in it undoes the group,
+    which runs again result by result: the others are recorded once each, with their
+    outputs and settled jobs, and the failed one leaves nothing behind."""
+    assert isinstance(store, SqlStore)
+    with store.database.transaction(write=True) as conn:
+        for statement in _REFUSE_CPU_4242[backend]:
+            conn.execute(statement)
+    store.create_batch(app, [b"x", b"y", b"z"])
+    first, second, third = (lease(store, agents[0]) for _ in range(3))
+    blobs_before = count_rows("blobs")
+    refused = replace(ok(second), cpu_ms=4242)
+    o1, o2, o3 = store.record_results([ok(first), refused, ok(third)])
+    assert (o1.kind, o2.kind, o3.kind) == (
+        OutcomeKind.ACCEPTED,
+        OutcomeKind.REJECTED,
+        OutcomeKind.ACCEPTED,
+    )
+    assert "4242 refused" in o2.detail
+    assert count_rows("results") == 2
+    assert count_rows("blobs") == blobs_before + 2  # the two outputs, no orphan
+    states = [store.get_job(g.job_id).state for g in (first, second, third)]
+    assert states == [JobState.DONE, JobState.LEASED, JobState.DONE]
+    assert [a.state for a in store.list_attempts(first.job_id)] == [AttemptState.SUCCEEDED]
+    assert [a.state for a in store.list_attempts(second.job_id)] == [AttemptState.LEASED]
+    [again] = store.record_results([ok(second)])
+    assert again.kind is OutcomeKind.ACCEPTED and again.job_state is JobState.DONE
 
 
 def test_wrong_agent_and_unknown_attempt_are_rejected(
