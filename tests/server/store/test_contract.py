@@ -635,6 +635,22 @@ def test_a_statement_failing_mid_group_rejects_only_its_result(
     assert again.kind is OutcomeKind.ACCEPTED and again.job_state is JobState.DONE
 
 
+def test_a_second_result_for_a_job_in_one_group_sees_the_first(
+    store: Store, app: str, agents: list[str], count_rows: RowCounter
+) -> None:
+    """A group's attempts are read once up front; a job's second result in the group
+    must see what the first did: here the first settles the job (quorum 1), so the
+    second is kept as evidence, not counted."""
+    store.create_batch(app, [b"x"], replicas=2, quorum=1)
+    a, b = lease(store, agents[0]), lease(store, agents[1])
+    assert a.job_id == b.job_id
+    first, second = store.record_results([ok(a), ok(b, b"other")])
+    assert first.kind is OutcomeKind.ACCEPTED and first.job_state is JobState.DONE
+    assert second.job_state is JobState.DONE and "kept as evidence" in second.detail
+    assert count_rows("results", "counted = 1") == 1
+    assert store.get_job(a.job_id).canonical_attempt == a.attempt
+
+
 def test_wrong_agent_and_unknown_attempt_are_rejected(
     store: Store, app: str, agents: list[str]
 ) -> None:

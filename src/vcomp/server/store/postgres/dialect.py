@@ -35,6 +35,7 @@ class PostgresDialect:
     # window's size a constant, the generic plan of the prepared pick is as bounded, so
     # the pick is planned once per connection, not on every execution (1 ms).
     pick_in_windows = True
+    in_list = _IN_LIST
     writes_in_with = True  # a result and its output's blob are one statement
 
     @staticmethod
@@ -66,6 +67,10 @@ class PostgresDialect:
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:
+        return list(values)
+
+    @staticmethod
+    def id_list(values: Sequence[int]) -> object:
         return list(values)
 
     @staticmethod

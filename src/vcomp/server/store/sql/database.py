@@ -103,6 +103,8 @@ class Dialect(Protocol):
     statement_errors: tuple[type[Exception], ...]
     #: Run after a batch's jobs are inserted (refresh the planner's statistics).
     after_bulk_insert: tuple[str, ...]
+    #: Tests ``{column}`` against a list parameter ``:{name}`` (made by text_list/id_list).
+    in_list: str
     #: INSERT ... RETURNING in a WITH clause feeds the statement after it.
     writes_in_with: bool
     #: Pick from growing windows of the queue (see ``Leases._pick``) rather than at once.
@@ -130,6 +132,10 @@ class Dialect(Protocol):
 
     def text_list(self, values: Sequence[str]) -> object:
         """A list of strings as one parameter for the ``:kinds`` style list tests."""
+        ...
+
+    def id_list(self, values: Sequence[int]) -> object:
+        """A list of ids as one parameter for :attr:`in_list`."""
         ...
 
     def lock_jobs(

@@ -142,13 +142,14 @@ ATTEMPT_WITH_JOB = (
     "a.reason, j.state, j.batch_id, j.pending FROM attempts AS a JOIN jobs AS j "
     "ON j.id = a.job_id WHERE a.job_id = ? AND a.attempt = ?"
 )
-#: ATTEMPT_WITH_JOB and the digest of a result already recorded for it (or NULL).
-ATTEMPT_WITH_JOB_AND_RESULT = (
+#: ATTEMPT_WITH_JOB and the digest of a result already recorded for it (or NULL), for
+#: every attempt of the jobs in a list (``{job_in_jobs}``: the dialect's in_list test).
+ATTEMPTS_WITH_JOB_AND_RESULT = (
     "SELECT a.job_id, a.attempt, a.agent_id, a.state, a.leased_at, a.deadline, a.ended_at, "
     "a.reason, j.state, j.batch_id, j.pending, r.output_sha256 FROM attempts AS a "
     "JOIN jobs AS j ON j.id = a.job_id "
     "LEFT JOIN results AS r ON r.job_id = a.job_id AND r.attempt = a.attempt "
-    "WHERE a.job_id = ? AND a.attempt = ?"
+    "WHERE {job_in_jobs}"
 )
 AGENT_SELECT = "SELECT id, name, ak_public_pem, enrolled_at, last_seen, address FROM agents"
 

@@ -7,6 +7,7 @@ what the job's state is now, and writes that down.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Blobs, Connection, Dialect
 from vcomp.server.store.sql.queries import (
     ATTEMPT_WITH_JOB,
-    ATTEMPT_WITH_JOB_AND_RESULT,
+    ATTEMPTS_WITH_JOB_AND_RESULT,
     attempt_from_row,
 )
 
@@ -60,6 +61,9 @@ class Replicas:
     ) -> None:
         self._catalog = catalog
         self._dialect = dialect
+        self._with_results = ATTEMPTS_WITH_JOB_AND_RESULT.format(
+            job_in_jobs=dialect.in_list.format(column="a.job_id", name="jobs")
+        )
         self._blobs = blobs
         self._comparator = comparator
 
@@ -70,16 +74,20 @@ class Replicas:
             return None
         return LiveAttempt(attempt_from_row(row), JobState(row[8]), int(row[9]), int(row[10]))
 
-    @staticmethod
-    def find_with_result(
-        conn: Connection, job_id: int, attempt: int
-    ) -> tuple[LiveAttempt | None, bytes | None]:
-        """The attempt (as :meth:`find`) and the digest of its recorded result, if any."""
-        row = conn.execute(ATTEMPT_WITH_JOB_AND_RESULT, (job_id, attempt)).fetchone()
-        if row is None:
-            return None, None
-        live = LiveAttempt(attempt_from_row(row), JobState(row[8]), int(row[9]), int(row[10]))
-        return live, None if row[11] is None else bytes(row[11])
+    def find_with_results(
+        self, conn: Connection, job_ids: Sequence[int]
+    ) -> dict[tuple[int, int], tuple[LiveAttempt, bytes | None]]:
+        """Every attempt of these jobs (as :meth:`find`), by (job, attempt), with the
+        digest of its recorded result if it has one: one statement for a result group."""
+        if not job_ids:
+            return {}
+        args = {"jobs": self._dialect.id_list(sorted(set(job_ids)))}
+        found: dict[tuple[int, int], tuple[LiveAttempt, bytes | None]] = {}
+        for row in conn.execute(self._with_results, args).fetchall():
+            live = LiveAttempt(attempt_from_row(row), JobState(row[8]), int(row[9]), int(row[10]))
+            digest = None if row[11] is None else bytes(row[11])
+            found[live.record.job_id, live.record.attempt] = live, digest
+        return found
 
     def get(self, conn: Connection, job_id: int, attempt: int) -> LiveAttempt:
         found = self.find(conn, job_id, attempt)

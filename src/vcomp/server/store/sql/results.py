@@ -32,7 +32,7 @@ from vcomp.server.store.rules import (
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Blobs, Connection, Database, Dialect
 from vcomp.server.store.sql.queries import RESULT_SELECT, RESULTS_PAGE, result_from_row
-from vcomp.server.store.sql.replicas import Replicas
+from vcomp.server.store.sql.replicas import LiveAttempt, Replicas
 from vcomp.server.store.sql.uploads import Uploads
 
 _INSERT_RESULT = (
@@ -66,6 +66,32 @@ class _Rejected(Exception):
 def _storable(sub: ResultSubmission) -> bool:
     # ids off the wire may not fit a BIGINT; such a submission is rejected later anyway
     return 0 <= sub.job_id < 1 << 63
+
+
+class _GroupReads:
+    """The attempts a result group names, read in one statement before any is recorded.
+    A job's first result in a pass uses them; a later one reads its job again (the first
+    may have changed it)."""
+
+    def __init__(self, replicas: Replicas, conn: Connection, job_ids: list[int]) -> None:
+        self._replicas = replicas
+        self._read = replicas.find_with_results(conn, job_ids)
+        self._touched: set[int] = set()
+
+    def new_pass(self) -> None:
+        """The group was undone: what was read before it holds again."""
+        self._touched.clear()
+
+    def find(
+        self, conn: Connection, sub: ResultSubmission
+    ) -> tuple[LiveAttempt, bytes | None] | None:
+        if not _storable(sub):
+            return None
+        key = sub.job_id, sub.attempt
+        if sub.job_id in self._touched:
+            return self._replicas.find_with_results(conn, [sub.job_id]).get(key)
+        self._touched.add(sub.job_id)
+        return self._read.get(key)
 
 
 class Results:
@@ -103,34 +129,41 @@ class Results:
             return []
         with self._db.transaction(write=True) as conn:
             self._dialect.defer(conn, "SAVEPOINT record_group", ())
-            self._dialect.lock_jobs(conn, [sub.job_id for sub in results if _storable(sub)])
+            job_ids = [sub.job_id for sub in results if _storable(sub)]
+            self._dialect.lock_jobs(conn, job_ids)
+            reads = _GroupReads(self._replicas, conn, job_ids)
             undo_group: tuple[type[Exception], ...] = (_AlreadyRecorded, *self._row_errors())
             try:
-                outcomes = [self._record_rejecting(conn, sub) for sub in results]
+                outcomes = [self._record_rejecting(conn, sub, reads) for sub in results]
                 conn.execute("RELEASE record_group")  # and the last deferred writes
                 return outcomes
             except StoreUnavailable:
                 raise  # the database is gone: the whole group fails, nothing to undo
             except undo_group:
                 self._dialect.rollback_to(conn, "record_group")
-            return [self._record_isolated(conn, sub) for sub in results]
+            reads.new_pass()
+            return [self._record_isolated(conn, sub, reads) for sub in results]
 
     def _row_errors(self) -> tuple[type[Exception], ...]:
         return (StoreError, *self._dialect.statement_errors)
 
-    def _record_rejecting(self, conn: Connection, sub: ResultSubmission) -> RecordOutcome:
+    def _record_rejecting(
+        self, conn: Connection, sub: ResultSubmission, reads: _GroupReads
+    ) -> RecordOutcome:
         try:
-            return self._record_one(conn, sub)
+            return self._record_one(conn, sub, reads)
         except _Rejected as rejected:  # keep its cleanup (discarded upload)
             return RecordOutcome(
                 sub.job_id, sub.attempt, OutcomeKind.REJECTED, rejected.job_state, rejected.detail
             )
 
-    def _record_isolated(self, conn: Connection, sub: ResultSubmission) -> RecordOutcome:
+    def _record_isolated(
+        self, conn: Connection, sub: ResultSubmission, reads: _GroupReads
+    ) -> RecordOutcome:
         """One result under its own savepoint: a failed statement undoes only this one."""
         conn.execute("SAVEPOINT record_one")
         try:
-            outcome = self._record_rejecting(conn, sub)
+            outcome = self._record_rejecting(conn, sub, reads)
             conn.execute("RELEASE record_one")  # sends its deferred writes: errors land here
             return outcome
         except _AlreadyRecorded:
@@ -150,13 +183,16 @@ class Results:
         conn.execute("RELEASE record_one")
         return outcome
 
-    def _record_one(self, conn: Connection, sub: ResultSubmission) -> RecordOutcome:
+    def _record_one(
+        self, conn: Connection, sub: ResultSubmission, reads: _GroupReads
+    ) -> RecordOutcome:
         check_submission(sub)
         upload_id = None if sub.upload is None else sub.upload.upload_id
-        live, previous = self._replicas.find_with_result(conn, sub.job_id, sub.attempt)
-        if live is None:
+        found = reads.find(conn, sub)
+        if found is None:
             self._discard_if(conn, upload_id)
             raise _Rejected(f"job {sub.job_id} has no attempt {sub.attempt}", None)
+        live, previous = found
         job_state = live.job_state
         if live.record.agent_id != sub.agent_id:
             self._discard_if(conn, upload_id)

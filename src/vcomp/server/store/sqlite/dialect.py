@@ -10,18 +10,21 @@ from typing import Any
 from vcomp.server.store.sql.database import Connection
 from vcomp.server.store.sql.queries import lease_pick
 
+_IN_LIST = "{column} IN (SELECT value FROM json_each(:{name}))"
+
 
 class SqliteDialect:
     """List parameters as JSON arrays (``json_each``); no row locks: ``BEGIN IMMEDIATE``
     already serialises every writer of the file."""
 
     _pick = lease_pick(
-        in_list="{column} IN (SELECT value FROM json_each(:{name}))",
+        in_list=_IN_LIST,
         whole="CAST({value} AS INTEGER)",
         greatest="MAX({a}, {b})",
     )
     statement_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
     after_bulk_insert: tuple[str, ...] = ()  # SQLite's planner needs no statistics here
+    in_list = _IN_LIST
     writes_in_with = False
     pick_in_windows = False  # SQLite walks jobs_queued in id order and stops at a fit
 
@@ -41,6 +44,10 @@ class SqliteDialect:
 
     @staticmethod
     def text_list(values: Sequence[str]) -> object:
+        return json.dumps(list(values))
+
+    @staticmethod
+    def id_list(values: Sequence[int]) -> object:
         return json.dumps(list(values))
 
     @staticmethod
