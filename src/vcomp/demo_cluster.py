@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vcomp.demo import AGENT, SERVER, build_job, fields, free_port, run
+from vcomp.demo import AGENT, SERVER, build_job, fields, free_port, run, stop_all
 from vcomp.pgcluster import PostgresCluster, postgres_bindir
 from vcomp.server.store import Store, open_store
 
@@ -83,15 +83,7 @@ def main() -> int:
             print(f"PostgreSQL running on a Unix socket in {pg.root}")
             return _demo(work, pg.url, procs)
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs)
         if os.environ.get("VCOMP_DEMO_KEEP"):
             print(f"kept {work} (VCOMP_DEMO_KEEP set)")
         else:
