@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+# make demo-cluster needs PostgreSQL's server binaries (Debian: postgresql).
+.PHONY: demo demo-cluster test lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +15,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m vcomp.demo
+
+demo-cluster: $(STAMP)
+	$(BIN)/python -m vcomp.demo_cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -95,6 +95,17 @@ def dispatch_goals(d: dict[str, Any]) -> list[Goal]:
     return [goal(3, text, d["best_per_second"], float(d.get("target_per_second", 2000.0)))]
 
 
+def cluster_goals(d: dict[str, Any]) -> list[Goal]:
+    share = "PostgreSQL, one server >= 60% of SQLite's dispatch rate"
+    two = "PostgreSQL, two servers >= 1,500 tiny jobs/s in total"
+    if d.get("skipped"):
+        return [not_run(8, share, d["skipped"]), not_run(8, two, d["skipped"])]
+    return [
+        goal(8, share, 100 * d["pg_share"], 100 * d["target_pg_share"]),
+        goal(8, two, d["two_servers_per_second"], d["target_two_servers"]),
+    ]
+
+
 def sandbox_goals(d: dict[str, Any]) -> list[Goal]:
     out = [
         goal(
@@ -228,6 +239,19 @@ SUITE: tuple[Bench, ...] = (
         3,
         dispatch_goals,
         ("dispatch >= 2,000 tiny jobs/s, durable commits (BOINC ~100/s)",),
+    ),
+    Bench(
+        "cluster",
+        "bench_cluster.py",
+        "Several servers: SQLite vs PostgreSQL, one and two servers",
+        8,
+        cluster_goals,
+        (
+            "PostgreSQL, one server >= 60% of SQLite's dispatch rate",
+            "PostgreSQL, two servers >= 1,500 tiny jobs/s in total",
+        ),
+        240,
+        900,
     ),
     Bench("store", "bench_store.py", "Job store: group commit", 3, lambda d: [], (), 60, 300),
     Bench(

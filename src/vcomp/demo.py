@@ -51,6 +51,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> list[int]:
+    """SIGTERM every process still running (newest first); their exit codes."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in reversed(procs):
+        try:
+            codes.append(p.wait(timeout=20))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
 def build_job(work: Path) -> tuple[Path, str, int]:
     """pi.c compiled natively if a C compiler exists (the paper's binary code), else pi.py."""
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -216,16 +231,7 @@ def main() -> int:
             print(f"  {name:<14} {median_ms(lines, event, key)}  ({what})")
         return 0
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        codes = []
-        for p in reversed(procs):
-            try:
-                codes.append(p.wait(timeout=20))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                codes.append(p.wait())
+        codes = stop_all(procs)
         if procs:
             clean = all(c == 0 for c in codes)
             print(f"stopped server and agents ({'cleanly' if clean else f'exit codes {codes}'})")

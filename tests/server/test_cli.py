@@ -590,3 +590,33 @@ def test_init_on_a_postgresql_store_that_is_down_says_how_to_finish(tmp_path: Pa
     assert_clean_error(result, "job store unavailable")
     assert "vcomp-server migrate --config" in result.stderr and "secret" not in result.stderr
     assert (tmp_path / "org" / "server.toml").exists()  # the home stands; migrate finishes it
+
+
+def test_every_admin_command_works_on_postgresql(
+    tmp_path: Path, agent_line: str, pg_cluster: PostgresCluster
+) -> None:
+    """The commands an operator runs, against a home whose store is PostgreSQL."""
+    home = tmp_path / "org"
+    assert run("init", home, "--store", fresh_schema_url(pg_cluster)).exit_code == 0
+
+    def pg(*args: str | Path) -> Result:
+        result = run(*args, "--config", home)
+        assert result.exit_code == 0, (args, result.output, result.exception)
+        return result
+
+    agent_id = agent_line.split()[1]
+    pg("enroll", agent_line)
+    pg("allow-measurement", "sha256:17=" + "1" * 64 + ",18=" + "2" * 64, "--note", "r1")
+    assert "r1" in pg("allow-measurement", "--list").stdout
+    program = tmp_path / "echo.py"
+    program.write_text("print('hello')\n")
+    pg("app", "add", "echo", program, "--kind", "python")
+    assert "echo" in pg("app", "list").stdout
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"a": 1}\n{"a": 2}\n')
+    batch = pg("submit", "echo", "--inputs", inputs).stdout.strip()
+    assert json.loads(pg("status", "--json").stdout)["batches"][0]["total"] == 2
+    assert run("wait", batch, "--timeout", "0", "--config", home).exit_code == 4  # not done
+    rows = [json.loads(ln) for ln in pg("results", batch).stdout.splitlines()]
+    assert [(r["index"], r["state"]) for r in rows] == [(0, "queued"), (1, "queued")]
+    assert agent_id in pg("reset", "alice").stdout

@@ -197,17 +197,8 @@ class AgentSession:
 
     def abandon_job(self, *, job: int, attempt: int, reason: str) -> None:
         """Hand a job back unfinished (shutdown): the server requeues it at once."""
-        ch = self.channel
-        if ch is None or self.state is AgentState.CLOSED:
+        if not self._send_job_error(ErrorCode.JOB_ABANDONED, job, attempt, reason):
             return
-        ch.send_reliable(
-            Error(
-                code=ErrorCode.JOB_ABANDONED,
-                message=clip_text(reason, limits.MAX_TEXT),
-                job=job,
-                attempt=attempt,
-            )
-        )
         if self._running == (job, attempt):
             self._running = None
             self.state = AgentState.READY
@@ -215,17 +206,15 @@ class AgentSession:
     def report_lost_job(self, *, job: int, attempt: int, reason: str) -> None:
         """Report a job that an earlier session held and lost (that session ended, and
         the job was stopped with it), so the server can requeue it now."""
+        self._send_job_error(ErrorCode.JOB_LOST, job, attempt, reason)
+
+    def _send_job_error(self, code: ErrorCode, job: int, attempt: int, reason: str) -> bool:
         ch = self.channel
         if ch is None or self.state is AgentState.CLOSED:
-            return
-        ch.send_reliable(
-            Error(
-                code=ErrorCode.JOB_LOST,
-                message=clip_text(reason, limits.MAX_TEXT),
-                job=job,
-                attempt=attempt,
-            )
-        )
+            return False
+        message = clip_text(reason, limits.MAX_TEXT)
+        ch.send_reliable(Error(code=code, message=message, job=job, attempt=attempt))
+        return True
 
     def port_unreachable(self, now: float) -> None:
         """The kernel reports the server's port closed (an ICMP port unreachable).

@@ -65,10 +65,12 @@ class GroupCommitter:
         max_group: int = 4096,
         name: str = "vcomp-store",
         health: StoreHealth | None = None,
+        server_id: str | None = None,
     ) -> None:
         if max_group < 1:
             raise ValueError("max_group must be at least 1")
         self._store = store
+        self._server_id = server_id  # stamped on every lease (see release_orphaned_leases)
         self.health = StoreHealth() if health is None else health
         self._max_group = max_group
         self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
@@ -100,7 +102,9 @@ class GroupCommitter:
         refusal_cap: int | None = None,
     ) -> Lease | None:
         """``Store.lease_next``, batched with other lease requests into one commit."""
-        request = LeaseRequest(agent_id, now, lease_seconds, capacity, refusal_cap)
+        request = LeaseRequest(
+            agent_id, now, lease_seconds, capacity, refusal_cap, server_id=self._server_id
+        )
         lease: Lease | None = await self._submit("lease", request)
         self.health.answered()
         return lease

@@ -63,6 +63,8 @@ RESCAN_SECONDS = 60.0
 NEW_CAPACITY_SECONDS = 5.0
 """An agent that found nothing is asked about again for a new capacity at most this often
 (each of its sessions may declare another one; it is one agent, not one scan each)."""
+SILENT_SERVER_SECONDS = 30.0
+"""A server not heard from this long (it heartbeats every 2 s) has its leases released."""
 ORPHAN_GRACE_MIN = 5.0
 """An orphaned assignment is kept at least this long (and a lease) past its lease."""
 TICK_SECONDS = 0.5
@@ -511,6 +513,24 @@ class Scheduler:
         expired = await self._committer.run(self._store.expire_leases, now)
         if expired:
             self._found_nothing.clear()  # their jobs are queued again
+        # Leases of a server that fell silent: their START may never have reached the
+        # agent, which then has nothing to hand back (JOB_LOST) when it moves on.
+        orphans = await self._committer.run(
+            self._store.release_orphaned_leases, now, now - SILENT_SERVER_SECONDS
+        )
+        for x in orphans:
+            self.drop((x.job_id, x.attempt))
+            logfmt.event(
+                log,
+                "lease_orphaned",
+                logging.WARNING,
+                job=x.job_id,
+                attempt=x.attempt,
+                agent=x.agent_id[:16],
+            )
+        if orphans:
+            self._found_nothing.clear()
+            self.requeued()
         for x in expired:
             self._abort_on_holder((x.job_id, x.attempt))
             self.drop((x.job_id, x.attempt))

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Coroutine
@@ -67,6 +68,7 @@ log = logging.getLogger("vcomp.server")
 RESET_REQUEST_TTL = 300.0  # seconds every server has to see a reset request
 RESET_PRUNE_SECONDS = 60.0
 UPLOAD_SWEEP_SECONDS = 300.0
+HEARTBEAT_SECONDS = 2.0
 # JOB_LOST reports a session may make. An honest worker sends at most one per session
 # (it runs one job at a time and reports at its next session); each report costs a
 # store lookup, so more are dropped unanswered (see PROTOCOL.md 8.7).
@@ -77,7 +79,10 @@ class OrganisationServer:
     def __init__(self, config: ServerConfig, *, signing_key: Ed25519PrivateKey | None = None):
         self.config = config
         self.store = open_store(config.store_url, busy_timeout=config.store_busy_timeout)
-        self.committer = GroupCommitter(self.store)
+        # Names this process in the store: its leases carry it, and its heartbeat tells
+        # the other servers on a shared store that they are still held.
+        self.server_id = secrets.token_hex(8)
+        self.committer = GroupCommitter(self.store, server_id=self.server_id)
         self._signing_key = signing_key or load_signing_key(config.key_path)
         self.fingerprint = key_fingerprint(raw_public(self._signing_key)).hex()
         """What agents pin: SHA-256 of the raw public key, in hex."""
@@ -108,6 +113,7 @@ class OrganisationServer:
         self._reset_cursor = 0  # the newest reset request this server has seen
         self._reset_pruned = 0.0
         self._uploads_swept = time.time()
+        self._heartbeat_at = 0.0
         self.endpoint: ServerEndpoint | None = None
         self.address: tuple[str, int] | None = None
 
@@ -125,6 +131,8 @@ class OrganisationServer:
             self.store.discard_stale_uploads, time.time() - (0 if alone else self._upload_ttl)
         )
         self._reset_cursor = await self.committer.run(self.store.newest_reset_request)
+        # Registered before any lease is taken: a lease of an unknown server is an orphan.
+        await self._heartbeat(time.time())
         self._load_trust()
         self.endpoint = ServerEndpoint(
             signing_key=self._signing_key,
@@ -460,8 +468,15 @@ class OrganisationServer:
             self._reset_pruned = now
             await self.committer.run(self.store.prune_reset_requests, now - RESET_REQUEST_TTL)
 
+    async def _heartbeat(self, now: float) -> None:
+        self._heartbeat_at = now
+        host, port = self.address or (self.config.bind_host, self.config.bind_port)
+        await self.committer.run(self.store.server_alive, self.server_id, f"{host}:{port}", now)
+
     async def _tick(self) -> None:
         now = time.time()
+        if now >= self._heartbeat_at + HEARTBEAT_SECONDS or self._heartbeat_at > now:
+            await self._heartbeat(now)
         await self.scheduler.expire_and_renew(now)
         if self._pending_clocks or self._pending_touches:
             clocks, self._pending_clocks = self._pending_clocks, {}

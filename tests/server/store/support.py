@@ -48,7 +48,10 @@ def lease(store: Store, agent: str, now: float = 0.0, seconds: float = 30.0) -> 
 def downgrade_to_v1(path: Path) -> None:
     """Turn a current store file back into schema 1 (before disk_bytes)."""
     raw = sqlite3.connect(path)
-    raw.execute("DROP INDEX attempts_refusals")
+    raw.execute("DROP INDEX attempts_by_server")  # v3
+    raw.execute("ALTER TABLE attempts DROP COLUMN server_id")
+    raw.execute("DROP TABLE servers")
+    raw.execute("DROP INDEX attempts_refusals")  # v2
     raw.execute("ALTER TABLE batches DROP COLUMN disk_bytes")
     raw.execute("UPDATE schema_version SET version = 1")
     raw.commit()

@@ -34,6 +34,7 @@ from vcomp.server.store import (
     ResultSubmission,
     Store,
 )
+from vcomp.server.store.sql.leases import ORPHAN_REASON
 from vcomp.server.store.sql.store import SqlStore
 
 # --------------------------------------------------------------------------- apps
@@ -357,6 +358,42 @@ def test_an_expired_lease_counts_against_its_agent(
     job = store.get_job(first.job_id)
     assert job.state is JobState.QUEUED
     assert lease(store, agents[1], now=102.0).attempt == 2
+
+
+def test_leases_of_a_silent_server_are_released_once(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    store.create_batch(app, [b"a", b"b", b"c"], max_attempts=3)
+    store.server_alive("server-a", "192.0.2.1:7461", 1000.0)
+    store.server_alive("server-b", "192.0.2.2:7461", 1000.0)
+    by_a, by_b = store.lease_many(
+        [
+            LeaseRequest(agents[0], 1000.0, 600.0, server_id="server-a"),
+            LeaseRequest(agents[1], 1000.0, 600.0, server_id="server-b"),
+        ]
+    )
+    by_cli = lease(store, agents[2], now=1000.0)  # no server: only expiry ends it
+    assert by_a is not None and by_b is not None
+    store.server_alive("server-b", "192.0.2.2:7461", 1060.0)  # a goes silent
+    assert store.release_orphaned_leases(1060.0, silent_since=1000.0) == []  # not yet
+    [released] = store.release_orphaned_leases(1061.0, silent_since=1030.0)
+    assert (released.job_id, released.attempt, released.agent_id) == (
+        by_a.job_id,
+        by_a.attempt,
+        agents[0],
+    )
+    assert store.release_orphaned_leases(1062.0, silent_since=1030.0) == []  # once
+    [attempt] = store.list_attempts(by_a.job_id)
+    assert (attempt.state, attempt.reason) == (AttemptState.RELEASED, ORPHAN_REASON)
+    assert store.get_job(by_a.job_id).state is JobState.QUEUED
+    for live in (by_b, by_cli):
+        assert store.list_attempts(live.job_id)[0].state is AttemptState.LEASED
+    assert [(s[0], s[1]) for s in store.list_servers()] == [
+        ("server-a", "192.0.2.1:7461"),
+        ("server-b", "192.0.2.2:7461"),
+    ]
+    # The job goes to another agent at once, like an expired lease (not a refusal).
+    assert lease(store, agents[3], now=1063.0).job_id == by_a.job_id
 
 
 def test_only_the_holder_refuses_its_live_lease(store: Store, app: str, agents: list[str]) -> None:

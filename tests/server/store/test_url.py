@@ -99,6 +99,9 @@ def test_postgresql_migrate_creates_and_open_checks_the_version(
         assert isinstance(store, PostgresStore)
         assert store.schema_version() == SCHEMA_VERSION and store.list_apps() == []
         with store.database.transaction(write=True) as conn:  # back to schema v1
+            conn.execute("DROP INDEX attempts_by_server")
+            conn.execute("ALTER TABLE attempts DROP COLUMN server_id")
+            conn.execute("DROP TABLE servers")
             conn.execute("DROP INDEX attempts_refusals")
             conn.execute("ALTER TABLE batches DROP COLUMN disk_bytes")
             conn.execute("UPDATE schema_version SET version = 1")

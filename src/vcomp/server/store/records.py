@@ -138,6 +138,7 @@ class LeaseRequest:
     lease_seconds: float
     capacity: JobCapacity = UNLIMITED  # only jobs within it
     refusal_cap: int | None = None  # no lease once the agent refused this many per window
+    server_id: str | None = None  # the issuing server: its leases end if it falls silent
 
 
 @dataclass(frozen=True, slots=True)

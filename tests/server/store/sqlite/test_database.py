@@ -111,10 +111,8 @@ def test_memory_database_is_refused() -> None:
 def test_a_store_from_before_disk_bytes_gets_the_default(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     SqliteStore(path).close()
-    raw = sqlite3.connect(path)  # back to schema 1: no disk_bytes, no refusal index
-    raw.execute("DROP INDEX attempts_refusals")
-    raw.execute("ALTER TABLE batches DROP COLUMN disk_bytes")
-    raw.execute("UPDATE schema_version SET version = 1")
+    downgrade_to_v1(path)  # no disk_bytes, no refusal index, no servers
+    raw = sqlite3.connect(path)
     raw.execute("INSERT INTO blobs (id, size, sha256, data) VALUES (1, 1, x'00', x'00')")
     raw.execute("INSERT INTO apps VALUES (1, 'a', 1, 'python', 1, 0)")
     raw.execute(

@@ -44,6 +44,19 @@ _EXPIRED_ATTEMPTS = (
     "WHERE a.state = 'leased' AND a.deadline <= ? AND a.job_id = ? ORDER BY a.attempt"
 )
 
+# Leases issued by a server not heard from since a time (or never registered).
+ORPHAN_REASON = "its server stopped"
+_ORPHANED_JOBS = (
+    "SELECT DISTINCT job_id FROM attempts WHERE state = 'leased' AND server_id IS NOT NULL "
+    "AND server_id NOT IN (SELECT id FROM servers WHERE last_seen >= ?)"
+)
+_ORPHANED_ATTEMPTS = (
+    "SELECT a.job_id, a.attempt, a.agent_id, j.state FROM attempts AS a "
+    "JOIN jobs AS j ON j.id = a.job_id WHERE a.state = 'leased' AND a.server_id IS NOT NULL "
+    "AND a.server_id NOT IN (SELECT id FROM servers WHERE last_seen >= ?) "
+    "AND a.job_id = ? ORDER BY a.attempt"
+)
+
 # Live jobs of batches whose deadline passed: they fail (locked first, like the above).
 _OVERDUE_JOBS = (
     "SELECT j.id FROM jobs AS j JOIN batches AS b ON b.id = j.batch_id "
@@ -120,9 +133,9 @@ class Leases:
         )
         self._dialect.defer(
             conn,
-            "INSERT INTO attempts (job_id, attempt, agent_id, state, leased_at, deadline) "
-            "VALUES (?, ?, ?, 'leased', ?, ?)",
-            (job_id, attempt, agent_id, request.now, deadline),
+            "INSERT INTO attempts (job_id, attempt, agent_id, state, leased_at, deadline, "
+            "server_id) VALUES (?, ?, ?, 'leased', ?, ?, ?)",
+            (job_id, attempt, agent_id, request.now, deadline, request.server_id),
         )
         batch = self._catalog.batch(conn, batch_id)
         return Lease(
@@ -221,20 +234,54 @@ class Leases:
         pass takes the rest), and each attempt is re-read after its job is locked, so
         an attempt ends once however many servers expire."""
         check_finite(now, "now")
-        expired: list[ExpiredLease] = []
         with self._db.transaction(write=True) as conn:
-            candidates = [int(r[0]) for r in conn.execute(_EXPIRED_JOBS, (now,)).fetchall()]
-            for job_id in self._dialect.lock_jobs(conn, candidates, skip_locked=True):
-                rows = conn.execute(_EXPIRED_ATTEMPTS, (now, job_id)).fetchall()
-                for _, attempt, agent_id, state in rows:
-                    self._replicas.end_attempt(
-                        conn, job_id, attempt, AttemptState.EXPIRED, now, "lease expired"
-                    )
-                    job_state = JobState(state)
-                    if not job_state.terminal:
-                        job_state = self._replicas.fail_attempt(conn, job_id, "lease expired", now)
-                    expired.append(ExpiredLease(job_id, int(attempt), str(agent_id), job_state))
+            expired = self._end_leases(
+                conn,
+                (_EXPIRED_JOBS, _EXPIRED_ATTEMPTS),
+                (now,),
+                AttemptState.EXPIRED,
+                "lease expired",
+                now,
+            )
             overdue = [int(r[0]) for r in conn.execute(_OVERDUE_JOBS, (now,)).fetchall()]
             for job_id in self._dialect.lock_jobs(conn, overdue, skip_locked=True):
                 conn.execute(_FAIL_OVERDUE, (now, job_id))
         return expired
+
+    def release_orphans(self, now: float, silent_since: float) -> list[ExpiredLease]:
+        """Release the leases of servers not heard from since ``silent_since``: their
+        START may never have reached the agent, which then cannot hand the job back."""
+        check_finite(now, "now")
+        check_finite(silent_since, "silent_since")
+        with self._db.transaction(write=True) as conn:
+            return self._end_leases(
+                conn,
+                (_ORPHANED_JOBS, _ORPHANED_ATTEMPTS),
+                (silent_since,),
+                AttemptState.RELEASED,
+                ORPHAN_REASON,
+                now,
+            )
+
+    def _end_leases(
+        self,
+        conn: Connection,
+        queries: tuple[str, str],
+        params: tuple[object, ...],
+        state: AttemptState,
+        reason: str,
+        now: float,
+    ) -> list[ExpiredLease]:
+        jobs_sql, attempts_sql = queries
+        ended: list[ExpiredLease] = []
+        candidates = [int(r[0]) for r in conn.execute(jobs_sql, params).fetchall()]
+        for job_id in self._dialect.lock_jobs(conn, candidates, skip_locked=True):
+            for _, attempt, agent_id, job_state_text in conn.execute(
+                attempts_sql, (*params, job_id)
+            ).fetchall():
+                self._replicas.end_attempt(conn, job_id, attempt, state, now, reason)
+                job_state = JobState(job_state_text)
+                if not job_state.terminal:
+                    job_state = self._replicas.fail_attempt(conn, job_id, reason, now)
+                ended.append(ExpiredLease(job_id, int(attempt), str(agent_id), job_state))
+        return ended

@@ -47,6 +47,7 @@ from vcomp.server.store.sql.database import Blobs, Database, Dialect
 from vcomp.server.store.sql.leases import Leases
 from vcomp.server.store.sql.replicas import Replicas
 from vcomp.server.store.sql.results import Results
+from vcomp.server.store.sql.servers import Servers
 from vcomp.server.store.sql.uploads import Uploads
 
 
@@ -69,6 +70,7 @@ class SqlStore:
         self._leases = Leases(db, dialect, catalog, agents, replicas, clock)
         self._uploads = uploads = Uploads(db, blobs, catalog, clock)
         self._results = Results(db, dialect, blobs, catalog, replicas, uploads, clock)
+        self._servers = Servers(db)
 
     def schema_version(self) -> int:
         return self.database.schema_version()
@@ -204,6 +206,17 @@ class SqlStore:
 
     def expire_leases(self, now: float) -> list[ExpiredLease]:
         return self._leases.expire(now)
+
+    def release_orphaned_leases(self, now: float, silent_since: float) -> list[ExpiredLease]:
+        return self._leases.release_orphans(now, silent_since)
+
+    # ------------------------------------------------------------------ servers
+
+    def server_alive(self, server_id: str, address: str, now: float) -> None:
+        self._servers.alive(server_id, address, now)
+
+    def list_servers(self) -> list[tuple[str, str, float, float]]:
+        return self._servers.list()
 
     # ------------------------------------------------------------------ results
 

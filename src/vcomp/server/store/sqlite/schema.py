@@ -115,5 +115,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX attempts_refusals ON attempts(agent_id, ended_at) "
         "WHERE state IN ('refused', 'abandoned')",
     ),
+    (
+        # Servers sharing the store heartbeat here; a lease names the server that issued
+        # it, so the others can release it when that server falls silent.
+        """CREATE TABLE servers (
+            id TEXT PRIMARY KEY,
+            address TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            last_seen REAL NOT NULL)""",
+        "ALTER TABLE attempts ADD COLUMN server_id TEXT",
+        "CREATE INDEX attempts_by_server ON attempts(server_id) WHERE state = 'leased'",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
