@@ -46,7 +46,8 @@ async def test_a_failure_in_one_piece_of_work_does_not_stop_the_server(
         await agent.start()
         batch = add_batch(org.store, 3)  # picked up by the tick, after the failure
         await until(lambda: org.store.batch_status(batch).done == 3, 60, "the batch")
-        assert agent.stats.committed == 3
+        # The ACK of the last result follows its commit over UDP: wait for it too.
+        await until(lambda: agent.stats.committed == 3, 10, "the last ACK")
     finally:
         await agent.stop()
         await org.server.stop()
