@@ -10,6 +10,7 @@ agents were told (every result they saw acknowledged is in the store).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import signal
@@ -42,7 +43,9 @@ from vcomp.server.store import AttemptState, JobState, LeaseRequest, Store, open
 from vcomp.server.store.sql.leases import ORPHAN_REASON
 
 JOBS = 40
-POINTS = 200_000
+# About 1 s of CPU a job either way (the job uses numpy when the interpreter has it), so
+# work is still left when the killed server's agents arrive on the other one.
+POINTS = 150_000_000 if importlib.util.find_spec("numpy") else 6_000_000
 
 
 @pytest.fixture
