@@ -590,6 +590,15 @@ class Lab:
 
     # ---- subprocesses ----------------------------------------------------------
 
+    async def serve(
+        self, home: Path, name: str, *, bind: str | None = None
+    ) -> tuple[Process, ProcessLog]:
+        """``vcomp-server serve`` on ``home`` (at ``bind``, if given), once it listens."""
+        extra = [] if bind is None else ["--bind", bind]
+        proc, log = self.spawn([SERVER_CLI, "serve", "--config", str(home), *extra], name)
+        await wait_until(lambda: "listening on" in proc.stdout, f"{name} to listen", 30)
+        return proc, log
+
     def spawn(self, argv: Sequence[str], name: str, **kwargs: Any) -> tuple[Process, ProcessLog]:
         """Start a subprocess in its own process group; stderr goes to a log file."""
         log_path = self.root / f"{name}.stderr"

@@ -21,7 +21,6 @@ import pytest
 
 from tests.integration.conftest import (
     PI_PY,
-    SERVER_CLI,
     AgentHandle,
     Lab,
     LogRecorder,
@@ -64,12 +63,6 @@ class Cluster:
     agents: list[AgentHandle] = dataclasses.field(default_factory=list)
 
 
-async def serve(lab: Lab, home: Path, address: str, name: str) -> tuple[Process, ProcessLog]:
-    proc, log = lab.spawn([SERVER_CLI, "serve", "--config", str(home), "--bind", address], name)
-    await wait_until(lambda: "listening on" in proc.stdout, f"{name} to listen", 30)
-    return proc, log
-
-
 async def start_cluster(lab: Lab, url: str, n_agents: int = 3) -> Cluster:
     home = lab.root / "srv"
     fingerprint = init_server_home(home, store_url=url)
@@ -99,7 +92,7 @@ async def start_cluster(lab: Lab, url: str, n_agents: int = 3) -> Cluster:
     batch = store.create_batch("pi", inputs, cpu_seconds=30, wall_seconds=60, max_attempts=5)
     c = Cluster(home, store, batch, inputs, addresses)
     for i, address in enumerate(addresses):
-        c.servers.append(await serve(lab, home, address, f"serve{i}"))
+        c.servers.append(await lab.serve(home, f"serve{i}", bind=address))
     for config in configs:
         c.agents.append(await lab.run_agent(config))
     return c
@@ -229,7 +222,7 @@ async def test_a_silent_servers_leases_are_released_by_the_others(
             [LeaseRequest(e.agent_id, time.time(), 3600.0, server_id="killed-server")]
         )
         assert lease is not None
-        _, log = await serve(lab, home, f"127.0.0.1:{free_udp_port()}", "serve")
+        _, log = await lab.serve(home, "serve", bind=f"127.0.0.1:{free_udp_port()}")
 
         def released() -> bool:
             return admin.list_attempts(lease.job_id)[0].state is AttemptState.RELEASED

@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import (
-    SERVER_CLI,
     AgentHandle,
     Lab,
     LogRecorder,
-    Process,
     ProcessLog,
     assert_results_unique,
     free_udp_port,
@@ -101,12 +99,6 @@ def make_cluster(lab: Lab, prepare_a: list[bytes]) -> Cluster:
     return Cluster(homes, ports, agent, agent_id, other_id)
 
 
-async def serve(lab: Lab, cluster: Cluster, name: str) -> tuple[Process, ProcessLog]:
-    proc, log = lab.spawn([SERVER_CLI, "serve", "--config", str(cluster.homes[name])], name)
-    await wait_until(lambda: "listening on" in proc.stdout, f"server {name} to listen", 30)
-    return proc, log
-
-
 def quick_batch(store: SqliteStore, n: int) -> int:
     inputs = [f"job {i}".encode() for i in range(n)]
     return store.create_batch("quick", inputs, **JOB_LIMITS)  # type: ignore[arg-type]
@@ -137,8 +129,8 @@ async def test_workers_move_to_the_next_server_when_one_is_killed(
         held = store.lease_next(cluster.other_id, time.time(), 3600)
         assert held is not None and (held.job_id, held.attempt) == (1, 1)
         batch_b = quick_batch(store, 4)
-    server_a, log_a = await serve(lab, cluster, "a")
-    _, log_b = await serve(lab, cluster, "b")
+    server_a, log_a = await lab.serve(cluster.homes["a"], "a")
+    _, log_b = await lab.serve(cluster.homes["b"], "b")
     agent = await lab.run_agent(cluster.agent)  # one worker: it starts on A, the first
     await wait_until(
         lambda: logs.events("job_started", logger="vcomp.agent", job=1), "the job on A", 60
@@ -184,7 +176,7 @@ async def test_an_agent_whose_first_server_is_down_ends_up_on_the_next(
         first = cluster.address("a")
     with cluster.store("b") as store:
         batch_b = quick_batch(store, 2)
-    _, log_b = await serve(lab, cluster, "b")  # A never starts
+    _, log_b = await lab.serve(cluster.homes["b"], "b")  # A never starts
     agent: AgentHandle = await lab.run_agent(agent_config)
     with cluster.store("b") as store:
         await wait_until(lambda: store.batch_status(batch_b).finished, "B's batch", 120)
@@ -262,7 +254,7 @@ async def test_a_result_committed_by_a_server_that_died_is_recorded_once_by_the_
     )
     with SqliteStore(home_a / STORE_FILE) as store:
         batch = quick_batch(store, 1)
-    server_a, _ = await serve(lab, cluster, "a")
+    server_a, _ = await lab.serve(cluster.homes["a"], "a")
     handle = await lab.run_agent(agent)
     await wait_until(lambda: logs.events("job_started", logger="vcomp.agent", job=1), "the job", 60)
     proxy.cut(Direction.TO_AGENT)  # A hears the result; the agent never hears the ACK
@@ -275,7 +267,7 @@ async def test_a_result_committed_by_a_server_that_died_is_recorded_once_by_the_
     toml = home_a / "server.toml"
     toml.write_text(toml.read_text().replace(cluster.address("a"), cluster.address("b")))
     cluster.homes["b"] = home_a
-    _, log_b = await serve(lab, cluster, "b")
+    _, log_b = await lab.serve(cluster.homes["b"], "b")
     await wait_until(
         lambda: log_b.events("result_recorded", job=1, attempt=1, outcome="duplicate"),
         "B to answer the resent result",

@@ -14,10 +14,8 @@ import pytest
 
 from tests.integration.conftest import (
     PI_PY,
-    SERVER_CLI,
     Lab,
     LogRecorder,
-    Process,
     assert_results_unique,
     free_udp_port,
     pi_inputs,
@@ -32,12 +30,6 @@ from vcomp.server.store import JobState
 from vcomp.server.store.sqlite import SqliteStore
 
 JOBS = 40
-
-
-async def serve(lab: Lab, home: str, name: str) -> Process:
-    proc, _ = lab.spawn([SERVER_CLI, "serve", "--config", home], name)
-    await wait_until(lambda: "listening on" in proc.stdout, f"{name} to listen", 30)
-    return proc
 
 
 def committed(logs: LogRecorder) -> set[tuple[int, int]]:
@@ -71,7 +63,7 @@ async def test_server_killed_while_results_arrive(lab: Lab, logs: LogRecorder) -
             store.enroll_agent(e.agent_id, e.ak_public_pem, e.name)
             store.allow_measurement(golden_measurement(a.policy()).format())
 
-    first = await serve(lab, str(home), "serve1")
+    first, _ = await lab.serve(home, "serve1")
     agents = [await lab.run_agent(a) for a in agent_homes]
     await wait_until(lambda: len(committed(logs)) >= 8, "results to arrive", 60)
     first.killpg()
@@ -85,7 +77,7 @@ async def test_server_killed_while_results_arrive(lab: Lab, logs: LogRecorder) -
             assert store.result_exists(job, attempt), (job, attempt)
     assert done_at_kill < JOBS, "the kill came too late to test anything"
 
-    await serve(lab, str(home), "serve2")
+    await lab.serve(home, "serve2")
     with SqliteStore(home / STORE_FILE) as store:
         await wait_until(lambda: store.batch_status(batch).finished, "the batch to finish", 120)
         # The agents' spools drain: every result they made was acknowledged.
