@@ -19,10 +19,10 @@ postmaster with every backend, and the agent fleets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +39,7 @@ from bench import common
 from vcomp.agent.enrolment import format_enrolment, parse_enrolment
 from vcomp.agent.measure import golden_measurement
 from vcomp.agent.tpm import SimulatedTpm
+from vcomp.demo import free_port
 from vcomp.pgcluster import PostgresCluster, postgres_bindir
 from vcomp.server.config import init_server_home
 from vcomp.server.store import open_store
@@ -52,7 +53,6 @@ TARGET_PG_SHARE = 0.60  # PostgreSQL with one server vs SQLite
 TARGET_TWO_SERVERS = 1500.0  # jobs/s in total
 POLL_SECONDS = 0.05
 JOB_TIMEOUT = 600.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -84,14 +84,12 @@ class Row:
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
-    total = 0
+    total = 0.0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # a backend that ended: its CPU is lost to the count
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
+        # A backend that ended meanwhile: its CPU is lost to the count.
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += common.process_cpu_seconds(pid)
+    return total
 
 
 def postgres_pids(cluster: PostgresCluster) -> list[int]:
@@ -101,12 +99,6 @@ def postgres_pids(cluster: PostgresCluster) -> list[int]:
         raise RuntimeError("PostgreSQL is not running")
     children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
     return [postmaster, *map(int, children)]
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((common.LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 def make_home(root: Path, name: str, url: str | None, n_tpms: int) -> tuple[Path, str, list[str]]:
@@ -139,7 +131,7 @@ async def start_servers(
     servers = []
     env = {**os.environ, "VCOMP_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
     for i in range(n):
-        port = free_udp_port()
+        port = free_port()
         out = root / f"{home.name}-serve{i}.out"
         err = root / f"{home.name}-serve{i}.err"
         proc = subprocess.Popen(

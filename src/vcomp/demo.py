@@ -51,6 +51,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            print(log.read_text()[-3000:])
+            raise SystemExit(f"demo: {what} did not start")
+        time.sleep(0.05)
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> list[int]:
     """SIGTERM every process still running (newest first); their exit codes."""
     for p in reversed(procs):
@@ -134,29 +152,14 @@ def main() -> int:
         print(f"job: Monte-Carlo pi, {kind} ({program.name}), {JOBS} jobs x {per_job:,} points")
 
         logs["server"] = work / "server.log"
-        procs.append(
-            subprocess.Popen(
-                [SERVER, "serve", "--config", str(srv)],
-                stdout=subprocess.DEVNULL,
-                stderr=logs["server"].open("wb"),
-            )
-        )
-        deadline = time.monotonic() + 30
-        while "event=server_started" not in logs["server"].read_text():
-            if procs[0].poll() is not None or time.monotonic() > deadline:
-                print(logs["server"].read_text())
-                raise SystemExit("demo: the server did not start")
-            time.sleep(0.05)
+        procs.append(start([SERVER, "serve", "--config", str(srv)], logs["server"]))
+        wait_for(logs["server"], "event=server_started", procs[0], "the server")
         for home in agents:
             logs[home.name] = work / f"{home.name}.log"
             # Full mode: two agents on one machine would each see the other's job as
             # the owner's load and keep suspending in background mode.
             procs.append(
-                subprocess.Popen(
-                    [AGENT, "join", "--config", str(home), "--mode", "full"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=logs[home.name].open("wb"),
-                )
+                start([AGENT, "join", "--config", str(home), "--mode", "full"], logs[home.name])
             )
         started = time.monotonic()
         batch = run(

@@ -22,30 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from vcomp.demo import AGENT, SERVER, build_job, fields, free_port, run, stop_all
+from vcomp.demo import AGENT, SERVER, build_job, fields, free_port, run, start, stop_all, wait_for
 from vcomp.pgcluster import PostgresCluster, postgres_bindir
 from vcomp.server.store import Store, open_store
 
 JOBS = 40
 AGENTS = 3
-
-
-def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while text not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            print(log.read_text()[-3000:])
-            raise SystemExit(f"demo-cluster: {what} did not start")
-        time.sleep(0.05)
 
 
 def sessions(log: Path) -> list[tuple[float, str]]:
