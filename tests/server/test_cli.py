@@ -78,7 +78,9 @@ def submit(home: Path, inputs: Path, *extra: str) -> int:
     return int(result.stdout.strip())  # the batch id, alone on stdout
 
 
-def finish(home: Path, batch_id: int, agent_id: str, outputs: list[bytes], status: str) -> None:
+def finish(
+    home: Path, batch_id: int, agent_id: str, outputs: list[bytes], status: str, error: str = ""
+) -> None:
     """Play the server's part: lease every job to the agent and record its result."""
     store = SqliteStore(home / "jobs.sqlite")
     try:
@@ -87,7 +89,13 @@ def finish(home: Path, batch_id: int, agent_id: str, outputs: list[bytes], statu
             lease = store.lease_next(agent_id, now, 60.0)
             assert lease is not None and lease.batch_id == batch_id
             sub = ResultSubmission(
-                lease.job_id, lease.attempt, agent_id, status=status, output=output, cpu_ms=7
+                lease.job_id,
+                lease.attempt,
+                agent_id,
+                status=status,
+                error=error,
+                output=output,
+                cpu_ms=7,
             )
             assert store.record_results([sub])[0].durable
     finally:
@@ -269,6 +277,20 @@ def test_wait_exits_3_when_a_job_failed(app_home: Path, agent_line: str, tmp_pat
     lines = ok("results", str(batch), "--config", app_home).stdout.splitlines()
     assert {json.loads(ln)["state"] for ln in lines} == {"failed"}
     assert_clean_error(run("wait", "999", "--config", app_home), "")
+
+
+def test_results_of_a_success_have_no_error(
+    app_home: Path, agent_line: str, tmp_path: Path
+) -> None:
+    # A real agent describes a success as "ok" (its outcome kind); that is no error.
+    ok("enroll", agent_line, "--config", app_home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n")
+    batch = submit(app_home, jsonl)
+    finish(app_home, batch, agent_line.split()[1], [b"fine"], RESULT_OK, error="ok")
+    (line,) = ok("results", str(batch), "--config", app_home).stdout.splitlines()
+    assert json.loads(line)["error"] is None
+    assert json.loads(line)["status"] == "ok"
 
 
 def test_reset_writes_a_request(home: Path, agent_line: str) -> None:

@@ -35,7 +35,7 @@ from vcomp.server.config import (
     init_server_home,
     load_server_config,
 )
-from vcomp.server.store import JobState, ResultRecord, Store, StoreStatus
+from vcomp.server.store import RESULT_OK, JobState, ResultRecord, Store, StoreStatus
 from vcomp.server.store import open_store as open_store_url
 from vcomp.server.store.checks import MAX_BLOB_BYTES
 from vcomp.server.store.url import migrate_store, redact_store_url
@@ -541,7 +541,8 @@ def write_result_line(out: BinaryIO, store: Store, rec: ResultRecord) -> None:
         "state": rec.state.value,
         "reason": rec.reason,
         "status": r.status if r else None,
-        "error": (r.error or None) if r else None,
+        # A success has no error (real agents describe one as "ok", its outcome kind).
+        "error": (r.error or None) if r and r.status != RESULT_OK else None,
         "agent_id": r.agent_id if r else None,
         "attempt": r.attempt if r else None,
         "output_size": r.output_size if r else None,
