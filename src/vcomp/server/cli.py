@@ -35,6 +35,7 @@ from vcomp.server.config import (
     init_server_home,
     load_server_config,
 )
+from vcomp.server.hooks import load as load_hook
 from vcomp.server.store import RESULT_OK, JobState, ResultRecord, Store, StoreStatus
 from vcomp.server.store import open_store as open_store_url
 from vcomp.server.store.checks import MAX_BLOB_BYTES
@@ -275,11 +276,41 @@ def app() -> None:
 @click.argument("name")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--kind", type=click.Choice(["python", "exec"]), required=True)
+@click.option(
+    "--validator",
+    metavar="MODULE:FUNCTION",
+    help="Decides whether replicas agree, instead of byte equality "
+    "(e.g. vcomp.validators:json_close?rel_tol=1e-6).",
+)
+@click.option(
+    "--assimilator",
+    metavar="MODULE:FUNCTION",
+    help="Called (at least once) with each done job's canonical output.",
+)
 @config_option
-def app_add(name: str, file: Path, kind: str, config_path: Path) -> None:
-    """Store FILE as the next version of app NAME."""
+def app_add(
+    name: str,
+    file: Path,
+    kind: str,
+    validator: str | None,
+    assimilator: str | None,
+    config_path: Path,
+) -> None:
+    """Store FILE as the next version of app NAME.
+
+    Hooks are named MODULE:FUNCTION[?key=value&...] and run inside `vcomp-server serve`
+    (the module must be importable there; it is imported here to check). A validator is
+    called as fn([output_a, output_b], **options) and returns the canonical output (one
+    of them) or vcomp.validators.DISAGREE; it runs on the store's writer thread, so it
+    must be quick. An assimilator is called as fn(job, output, **options) on a hook
+    thread, at least once per done job (again after a crash or restart before it
+    returned); one that raises is retried with backoff and `status` shows its error.
+    """
+    for hook in (validator, assimilator):
+        if hook is not None:
+            load_hook(hook)  # a HookError names what is wrong
     with open_store(config_path) as (_, store):
-        a = store.add_app(name, kind, file)
+        a = store.add_app(name, kind, file, validator=validator, assimilator=assimilator)
     click.echo(
         f"app {a.name} version {a.version} ({a.kind}): {a.size} bytes sha256 {a.sha256.hex()}"
     )
@@ -291,7 +322,14 @@ def app_list(config_path: Path) -> None:
     """Show every app version."""
     with open_store(config_path) as (_, store):
         for a in store.list_apps():
-            click.echo(f"{a.name}  v{a.version}  {a.kind}  {a.size} bytes  {a.sha256.hex()[:16]}")
+            hooks = "".join(
+                f"  {what} {hook}"
+                for what, hook in (("validator", a.validator), ("assimilator", a.assimilator))
+                if hook is not None
+            )
+            click.echo(
+                f"{a.name}  v{a.version}  {a.kind}  {a.size} bytes  {a.sha256.hex()[:16]}{hooks}"
+            )
 
 
 # ---------------------------------------------------------------------- batches

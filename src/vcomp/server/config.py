@@ -79,6 +79,7 @@ max_sessions_per_agent = 16
 max_pending_handshakes = 1024
 max_leases_per_agent = 16
 upload_memory_bytes = 67108864
+hook_threads = 2          # threads that run the apps' assimilators (see `app add --help`)
 
 [jobs]
 lease_seconds = 300.0     # lease = transfer + run + result; renewed while the agent works
@@ -152,6 +153,8 @@ class ServerConfig:
     """The job store's URL, absolute; empty means the SQLite file at ``store_path``."""
     store_busy_timeout: float = DEFAULT_BUSY_TIMEOUT
     """Seconds a write waits for the store's lock before the store counts as unavailable."""
+    hook_threads: int = 2
+    """Threads that call assimilators: a hook that hangs holds one of them, not dispatch."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -167,6 +170,7 @@ class ServerConfig:
         _check_int("max_pending_handshakes", self.max_pending_handshakes, 1, 1_000_000)
         _check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
         _check_seconds("[store] busy_timeout", self.store_busy_timeout)
+        _check_int("hook_threads", self.hook_threads, 1, 256)
 
     @property
     def public_path(self) -> Path:
@@ -339,6 +343,7 @@ def load_server_config(path: Path) -> ServerConfig:
         leases_per_agent = server.integer("max_leases_per_agent", sessions_per_agent)
         pending = server.integer("max_pending_handshakes", DEFAULT_PENDING_HANDSHAKES)
         upload_memory = server.integer("upload_memory_bytes", DEFAULT_UPLOAD_MEMORY)
+        hook_threads = server.integer("hook_threads", 2)
         server.finish()
         jobs = Table(doc, "jobs")
         defaults = JobDefaults(
@@ -376,6 +381,7 @@ def load_server_config(path: Path) -> ServerConfig:
             max_pending_handshakes=pending,
             store_url=str(where),
             store_busy_timeout=busy_timeout,
+            hook_threads=hook_threads,
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None

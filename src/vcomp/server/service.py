@@ -54,6 +54,7 @@ from vcomp.protocol.tpm_format import ClockInfo
 from vcomp.protocol.trust import TrustPolicy
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig, load_signing_key
+from vcomp.server.hooks import Assimilation
 from vcomp.server.intake import ResultIntake
 from vcomp.server.scheduler import TICK_SECONDS, Scheduler, ServerStats
 from vcomp.server.serve_lock import StoreLock
@@ -97,6 +98,9 @@ class OrganisationServer:
             self.spawn,
             self.stats,
             config.upload_memory_bytes,
+        )
+        self.assimilation = Assimilation(
+            self.store, self.committer, self.spawn, threads=config.hook_threads
         )
         # One server per SQLite file; on a shared database server several are the point.
         store_file = parse_store_url(config.store_url).path
@@ -165,6 +169,7 @@ class OrganisationServer:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks, self._accepting = tasks, True
                 self._tick_task = tasks.create_task(self._tick_forever())
+                tasks.create_task(self.assimilation.run_forever())
                 running.set_result(None)
                 await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
@@ -196,6 +201,7 @@ class OrganisationServer:
                 await self.committer.run(
                     self._flush_agent_updates, self._pending_clocks, self._pending_touches
                 )
+        self.assimilation.close()
         await self.committer.close()
         self.store.close()
         if self._lock is not None:

@@ -14,10 +14,12 @@ from vcomp.server.store.records import (
     AgentRecord,
     App,
     AppKind,
+    AssimilationDue,
     AttemptRecord,
     Batch,
     BatchStatus,
     ExpiredLease,
+    HookFailure,
     Job,
     Lease,
     LeaseRequest,
@@ -76,13 +78,26 @@ class Store(Protocol):
 
     # apps
     def add_app(
-        self, name: str, kind: AppKind | str, code: CodeSource, *, size: int | None = None
+        self,
+        name: str,
+        kind: AppKind | str,
+        code: CodeSource,
+        *,
+        size: int | None = None,
+        validator: str | None = None,
+        assimilator: str | None = None,
     ) -> App: ...
     def get_app(self, name: str, version: int | None = None) -> App: ...
     def get_app_by_id(self, app_id: int) -> App: ...
     def list_apps(self) -> list[App]: ...
     def open_code(self, app_id: int) -> BlobReader: ...
     def read_code_chunk(self, app_id: int, offset: int, n: int) -> bytes: ...
+
+    # operator hooks (vcomp.server.hooks)
+    def due_assimilations(self, now: float, limit: int) -> list[AssimilationDue]: ...
+    def assimilated(self, job_id: int, now: float) -> None: ...
+    def assimilation_failed(self, job_id: int, error: str, retry_at: float) -> None: ...
+    def hook_failures(self, limit: int = 20) -> list[HookFailure]: ...
 
     # batches and jobs
     def create_batch(

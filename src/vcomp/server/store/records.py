@@ -71,6 +71,10 @@ class App:
     size: int
     sha256: bytes
     created_at: float
+    # Operator hooks, ``module:function`` (see vcomp.server.hooks); None: byte-equal
+    # replicas agree, and nothing is called after a job is done.
+    validator: str | None = None
+    assimilator: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,3 +303,30 @@ class CandidateResult:
 
 #: Decides whether two results agree. Must be an equivalence relation.
 ResultComparator = Callable[[CandidateResult, CandidateResult], bool]
+#: The comparator of one app (its validator, or byte equality).
+ComparatorFor = Callable[[App], ResultComparator]
+
+
+@dataclass(frozen=True, slots=True)
+class AssimilationDue:
+    """A done job whose app's assimilator has not yet returned for it."""
+
+    job_id: int
+    batch_id: int
+    index: int
+    canonical_attempt: int
+    app: App
+    tries: int  # calls that raised so far
+
+
+@dataclass(frozen=True, slots=True)
+class HookFailure:
+    """A job whose hook failed: ``hook`` is "validator" or "assimilator"."""
+
+    job_id: int
+    batch_id: int
+    index: int
+    hook: str
+    error: str
+    tries: int
+    retry_at: float | None  # the assimilator's next call; None: not due

@@ -15,7 +15,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vcomp.errors import StoreError
+from vcomp.errors import HookError, StoreError
 from vcomp.server.store.records import (
     REFUSAL_WINDOW,
     RESULT_OK,
@@ -45,11 +45,15 @@ class Verdict:
 
 
 def group_results(
-    candidates: Sequence[CandidateResult], comparator: ResultComparator, quorum: int
+    candidates: Sequence[CandidateResult],
+    comparator: ResultComparator,
+    quorum: int,
+    hook_errors: list[str] | None = None,
 ) -> list[list[CandidateResult]]:
     """Partition ok results (in attempt order) into groups that agree.
 
-    With ``quorum == 1`` the first result wins and nothing is compared.
+    With ``quorum == 1`` the first result wins and nothing is compared. A validator
+    that fails (HookError) counts as a disagreement; its text goes to ``hook_errors``.
     """
     if quorum == 1:
         return [list(candidates[:1])] if candidates else []
@@ -58,6 +62,11 @@ def group_results(
         for group in groups:
             try:
                 same = comparator(group[0], candidate)
+            except HookError as exc:
+                if hook_errors is None:
+                    raise
+                hook_errors.append(str(exc))
+                same = False
             except Exception as exc:
                 raise StoreError(f"result comparator failed: {exc}") from exc
             if same:
@@ -274,6 +283,7 @@ class Settlement:
 
     verdict: Verdict
     disagreeing_groups: int | None
+    hook_error: str | None = None  # the app's validator failed (the last error)
 
 
 def settle(
@@ -288,7 +298,8 @@ def settle(
     new_attempt: int | None = None,
 ) -> Settlement:
     """Bring a live job in line with its counted ok results, leases and budget."""
-    groups = group_results(candidates, comparator, batch.quorum)
+    hook_errors: list[str] = []
+    groups = group_results(candidates, comparator, batch.quorum, hook_errors)
     disagreeing = None
     if new_attempt is not None and is_disagreement(groups, new_attempt):
         disagreeing = len(groups)
@@ -301,4 +312,7 @@ def settle(
         attempts=charged,
         last_failure=last_failure,
     )
-    return Settlement(verdict, disagreeing)
+    hook_error = hook_errors[-1] if hook_errors else None
+    if hook_error is not None and verdict.reason is not None:
+        verdict = Verdict(verdict.state, verdict.pending, reason=f"{hook_error}; {verdict.reason}")
+    return Settlement(verdict, disagreeing, hook_error)

@@ -132,6 +132,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE attempts ADD COLUMN server_id TEXT",
         "CREATE INDEX attempts_by_server ON attempts(server_id) WHERE state = 'leased'",
     ),
+    (
+        # Operator hooks per app version, and each done job's assimilation: due (a time
+        # to call the assimilator at or after) until it returns, then assimilated_at.
+        "ALTER TABLE apps ADD COLUMN validator TEXT",
+        "ALTER TABLE apps ADD COLUMN assimilator TEXT",
+        "ALTER TABLE jobs ADD COLUMN assimilate_due DOUBLE PRECISION",
+        "ALTER TABLE jobs ADD COLUMN assimilated_at DOUBLE PRECISION",
+        "ALTER TABLE jobs ADD COLUMN hook_error TEXT",
+        "ALTER TABLE jobs ADD COLUMN hook_tries BIGINT NOT NULL DEFAULT 0",
+        "CREATE INDEX jobs_assimilate_due ON jobs(assimilate_due) WHERE assimilate_due IS NOT NULL",
+        "CREATE INDEX jobs_hook_error ON jobs(id) WHERE hook_error IS NOT NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

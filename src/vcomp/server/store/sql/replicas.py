@@ -14,6 +14,7 @@ from typing import Any
 from vcomp.errors import StoreError
 from vcomp.server.store.records import (
     RESULT_OK,
+    App,
     AttemptRecord,
     AttemptState,
     CandidateResult,
@@ -66,6 +67,7 @@ class Replicas:
         )
         self._blobs = blobs
         self._comparator = comparator
+        self._validators: dict[str, ResultComparator] = {}
 
     @staticmethod
     def find(conn: Connection, job_id: int, attempt: int) -> LiveAttempt | None:
@@ -155,10 +157,11 @@ class Replicas:
                 )
             return state
         uncharged = int(row[6])
+        batch = self._catalog.batch(conn, int(row[1]))
         settlement = settle(
             self._candidates(job_id, [r[7:] for r in rows if r[7] is not None]),
-            self._comparator,
-            self._catalog.batch(conn, int(row[1])),
+            self._comparator_for(batch.app),
+            batch,
             pending=pending,
             leased=leased,
             charged=charged_attempts(int(row[4]), uncharged),
@@ -175,13 +178,21 @@ class Replicas:
             self._dialect.defer(
                 conn, "UPDATE jobs SET disagreements = disagreements + 1 WHERE id = ?", (job_id,)
             )
+        if settlement.hook_error is not None:
+            self._dialect.defer(
+                conn,
+                "UPDATE jobs SET hook_error = ?, hook_tries = hook_tries + 1 WHERE id = ?",
+                (settlement.hook_error, job_id),
+            )
         verdict = settlement.verdict
         if verdict.state is JobState.DONE:
+            # An app with an assimilator: the job is due for it from now on.
+            due = now if batch.app.assimilator is not None else None
             self._dialect.defer(
                 conn,
                 "UPDATE jobs SET state = 'done', pending = 0, leased = ?, canonical_attempt = ?, "
-                "reason = NULL, finished_at = ? WHERE id = ?",
-                (leased, verdict.canonical_attempt, now, job_id),
+                "reason = NULL, finished_at = ?, assimilate_due = ? WHERE id = ?",
+                (leased, verdict.canonical_attempt, now, due, job_id),
             )
         elif verdict.state is JobState.FAILED:
             self._dialect.defer(
@@ -197,6 +208,18 @@ class Replicas:
                 (verdict.state.value, verdict.pending, leased, job_id),
             )
         return verdict.state
+
+    def _comparator_for(self, app: App) -> ResultComparator:
+        """The app's validator (vcomp.server.hooks), or the store's comparator."""
+        if app.validator is None:
+            return self._comparator
+        found = self._validators.get(app.validator)
+        if found is None:
+            # Imported here: hooks is server code that itself uses the store.
+            from vcomp.server.hooks import validator_comparator
+
+            found = self._validators[app.validator] = validator_comparator(app.validator)
+        return found
 
     def _candidates(self, job_id: int, rows: list[Any]) -> list[CandidateResult]:
         """Counted ok results (attempt, agent, size, digest, blob) as the rules see them."""

@@ -24,10 +24,12 @@ from vcomp.server.store.records import (
     AgentRecord,
     App,
     AppKind,
+    AssimilationDue,
     AttemptRecord,
     Batch,
     BatchStatus,
     ExpiredLease,
+    HookFailure,
     Job,
     Lease,
     LeaseRequest,
@@ -42,6 +44,7 @@ from vcomp.server.store.records import (
 )
 from vcomp.server.store.rules import sha256_equal
 from vcomp.server.store.sql.agents import Agents
+from vcomp.server.store.sql.assimilation import Assimilations
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Blobs, Database, Dialect
 from vcomp.server.store.sql.leases import Leases
@@ -71,6 +74,7 @@ class SqlStore:
         self._uploads = uploads = Uploads(db, blobs, catalog, clock)
         self._results = Results(db, dialect, blobs, catalog, replicas, uploads, clock)
         self._servers = Servers(db)
+        self._assimilations = Assimilations(db, catalog)
 
     def schema_version(self) -> int:
         return self.database.schema_version()
@@ -92,9 +96,32 @@ class SqlStore:
     # ------------------------------------------------------------------ apps
 
     def add_app(
-        self, name: str, kind: AppKind | str, code: CodeSource, *, size: int | None = None
+        self,
+        name: str,
+        kind: AppKind | str,
+        code: CodeSource,
+        *,
+        size: int | None = None,
+        validator: str | None = None,
+        assimilator: str | None = None,
     ) -> App:
-        return self._catalog.add_app(name, kind, code, size=size)
+        return self._catalog.add_app(
+            name, kind, code, size=size, validator=validator, assimilator=assimilator
+        )
+
+    # ------------------------------------------------------------------ operator hooks
+
+    def due_assimilations(self, now: float, limit: int) -> list[AssimilationDue]:
+        return self._assimilations.due(now, limit)
+
+    def assimilated(self, job_id: int, now: float) -> None:
+        self._assimilations.done(job_id, now)
+
+    def assimilation_failed(self, job_id: int, error: str, retry_at: float) -> None:
+        self._assimilations.failed(job_id, error, retry_at)
+
+    def hook_failures(self, limit: int = 20) -> list[HookFailure]:
+        return self._assimilations.failures(limit)
 
     def get_app(self, name: str, version: int | None = None) -> App:
         return self._catalog.get_app(name, version)
