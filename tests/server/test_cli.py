@@ -293,6 +293,47 @@ def test_results_of_a_success_have_no_error(
     assert json.loads(line)["status"] == "ok"
 
 
+def test_status_lists_failed_jobs_with_their_error(
+    app_home: Path, agent_line: str, tmp_path: Path
+) -> None:
+    ok("enroll", agent_line, "--config", app_home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n2\n")
+    batch = submit(app_home, jsonl, "--max-attempts", "1")
+    agent = agent_line.split()[1]
+    finish(app_home, batch, agent, [b"", b""], "nonzero_exit", error="ZeroDivisionError: boom")
+    text = ok("status", "--config", app_home).stdout
+    assert "ZeroDivisionError: boom" in text
+    assert f"#{batch} job 0" in text and f"#{batch} job 1" in text
+    failed = json.loads(ok("status", "--json", "--config", app_home).stdout)["failed_jobs"]
+    assert [(f["batch_id"], f["index"]) for f in failed] == [(batch, 1), (batch, 0)]
+    assert all("nonzero_exit: ZeroDivisionError: boom" in f["reason"] for f in failed)
+
+
+def test_status_shows_the_defaults_submit_takes(home: Path) -> None:
+    config = home / "server.toml"
+    config.write_text(config.read_text().replace("max_attempts = 3", "max_attempts = 7"))
+    text = ok("status", "--config", home).stdout
+    assert "submit defaults (server.toml [jobs]):" in text and "max_attempts 7" in text
+    defaults = json.loads(ok("status", "--json", "--config", home).stdout)["submit_defaults"]
+    assert defaults["max_attempts"] == 7 and defaults["replicas"] == 1
+    assert defaults["memory_bytes"] == 512 << 20
+
+
+def test_more_replicas_than_enrolled_agents_warns_and_status_says_why(
+    app_home: Path, agent_line: str, tmp_path: Path
+) -> None:
+    ok("enroll", agent_line, "--config", app_home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n")
+    result = ok("submit", "echo", "--inputs", jsonl, "--replicas", "2", "--config", app_home)
+    assert "warning: 2 replicas of a job go to 2 distinct agents; 1 enrolled" in result.stderr
+    batch = int(result.stdout.strip())
+    assert "warning" not in ok("submit", "echo", "--inputs", jsonl, "--config", app_home).stderr
+    text = ok("status", "--config", app_home).stdout
+    assert f"#{batch}: replicas wait: each job needs 2 distinct agents, 1 enrolled" in text
+
+
 def test_reset_writes_a_request(home: Path, agent_line: str) -> None:
     ok("enroll", agent_line, "--config", home)
     agent_id = agent_line.split()[1]

@@ -27,6 +27,7 @@ import click
 from vcomp import __version__
 from vcomp.cligroup import VcompGroup
 from vcomp.errors import ConfigError
+from vcomp.server import status_notes
 from vcomp.server.config import (
     CONFIG_FILE,
     KEY_FILE,
@@ -426,6 +427,9 @@ def submit(
             deadline=None if deadline is None else time.time() + deadline,
         )
         batch = store.get_batch(batch_id)
+        warning = status_notes.replica_warning(batch.replicas, len(store.list_agents()))
+    if warning is not None:
+        click.echo(warning, err=True)
     click.echo(
         f"batch {batch_id}: {batch.n_jobs} jobs of {batch.app.name} v{batch.app.version}, "
         f"{batch.replicas} replica(s), quorum {batch.quorum}",
@@ -474,9 +478,10 @@ def _ago(when: float | None, now: float) -> str:
 @config_option
 def status(as_json: bool, config_path: Path) -> None:
     """Show agents, jobs and batches."""
-    with open_store(config_path) as (_, store):
+    with open_store(config_path) as (config, store):
         st = store.status()
         agents = store.list_agents()
+        notes = status_notes.gather(store, st, config.jobs)
     if as_json:
         rows = [
             {
@@ -488,7 +493,7 @@ def status(as_json: bool, config_path: Path) -> None:
             }
             for a in agents
         ]
-        click.echo(json.dumps(_status_json(st, rows), indent=2))
+        click.echo(json.dumps(_status_json(st, rows) | status_notes.notes_json(notes), indent=2))
         return
     now = time.time()
     click.echo(f"agents: {len(agents)} enrolled")
@@ -505,6 +510,8 @@ def status(as_json: bool, config_path: Path) -> None:
             + (f", disagreements {b.disagreements}" if b.disagreements else "")
             + f")  {state}"
         )
+    for line in status_notes.notes_text(notes):
+        click.echo(line)
 
 
 @main.command()

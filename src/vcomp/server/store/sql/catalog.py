@@ -285,6 +285,17 @@ class Catalog:
             raise StoreError(f"unknown job {job_id}")
         return job_from_row(row)
 
+    def failed_jobs(self, batch_id: int, limit: int) -> list[Job]:
+        """The batch's failed jobs, the most recent first (their reason says why)."""
+        check_int(limit, "limit", 1, 10_000)
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                JOB_SELECT + " WHERE j.batch_id = ? AND j.state = 'failed' "
+                "ORDER BY j.finished_at DESC, j.idx DESC LIMIT ?",
+                (batch_id, limit),
+            ).fetchall()
+        return [job_from_row(row) for row in rows]
+
     def get_job_by_index(self, batch_id: int, index: int) -> Job:
         with self._db.transaction() as conn:
             row = conn.execute(

@@ -183,6 +183,9 @@ class SqlStore:
     def get_job(self, job_id: int) -> Job:
         return self._catalog.get_job(job_id)
 
+    def failed_jobs(self, batch_id: int, limit: int = 10) -> list[Job]:
+        return self._catalog.failed_jobs(batch_id, limit)
+
     def get_job_by_index(self, batch_id: int, index: int) -> Job:
         return self._catalog.get_job_by_index(batch_id, index)
 
