@@ -166,6 +166,26 @@ def test_app_add_and_list(home: Path, tmp_path: Path) -> None:
     )
 
 
+def test_app_add_with_hooks(home: Path, tmp_path: Path) -> None:
+    program = tmp_path / "echo.py"
+    program.write_text("print('hello')\n")
+    validator = "vcomp.validators:json_close?rel_tol=1e-6"
+    assimilator = "tests.integration.hookfns:record?log=/tmp/x"
+    args = ("app", "add", "echo", program, "--kind", "python", "--config", home)
+    ok(*args, "--validator", validator, "--assimilator", assimilator)
+    listed = ok("app", "list", "--config", home).stdout
+    assert f"validator {validator}" in listed and f"assimilator {assimilator}" in listed
+    for bad, message in (
+        ("json_close", "is not module:function"),
+        ("no_such_module_z:fn", "cannot import no_such_module_z"),
+        ("vcomp.validators:nope", "has no function nope"),
+        ("vcomp.validators:json_close?x", "bad options"),
+    ):
+        assert_clean_error(run(*args, "--validator", bad), message)
+        assert_clean_error(run(*args, "--assimilator", bad), message)
+    assert ok("app", "list", "--config", home).stdout == listed  # nothing added
+
+
 def test_submit_from_jsonl_and_dir(app_home: Path, tmp_path: Path) -> None:
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text('{"n": 1}\n\n  {"n": 2}  \n')
