@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vcomp.errors import ConfigError, StoreError
 from vcomp.protocol import handshake, limits
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
+from vcomp.server.store.rules import DEFAULT_SAME_FAILURES
 from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
 
 __all__ = [
@@ -93,6 +94,7 @@ wall_seconds = 120
 output_bytes = 16777216
 disk_bytes = 67108864     # the job's work directory
 refusals_per_hour = 30    # past this, an agent gets no leases until the hour has passed
+stop_after_same_failures = 2  # a job failing alike this often is not retried; 0: never
 
 [store]
 # sqlite:PATH (relative to this directory) or sqlite:///ABS/PATH; $VCOMP_STORE_URL overrides it
@@ -116,6 +118,9 @@ class JobDefaults:
     disk_bytes: int = DEFAULT_DISK_BYTES
     refusals_per_hour: int = 30
     """Refusals one agent may make per hour; then it gets no lease until older ones age out."""
+    stop_after_same_failures: int = DEFAULT_SAME_FAILURES
+    """A job whose attempts failed with the same status and error this many times is
+    failed, not retried (a deterministic failure); 0 retries up to max_attempts."""
 
     def __post_init__(self) -> None:
         _check_seconds("lease_seconds", self.lease_seconds)
@@ -129,6 +134,7 @@ class JobDefaults:
         _check_int("output_bytes", self.output_bytes, 0, limits.MAX_RESULT_SIZE)
         _check_int("disk_bytes", self.disk_bytes, 1, 1 << 62)
         _check_int("refusals_per_hour", self.refusals_per_hour, 1, 1_000_000)
+        _check_int("stop_after_same_failures", self.stop_after_same_failures, 0, 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +364,9 @@ def load_server_config(path: Path) -> ServerConfig:
             output_bytes=jobs.integer("output_bytes", 16 << 20),
             disk_bytes=jobs.integer("disk_bytes", DEFAULT_DISK_BYTES),
             refusals_per_hour=jobs.integer("refusals_per_hour", 30),
+            stop_after_same_failures=jobs.integer(
+                "stop_after_same_failures", DEFAULT_SAME_FAILURES
+            ),
         )
         jobs.finish()
         store = Table(doc, "store")

@@ -79,7 +79,11 @@ LOST_REPORTS_PER_SESSION = 4
 class OrganisationServer:
     def __init__(self, config: ServerConfig, *, signing_key: Ed25519PrivateKey | None = None):
         self.config = config
-        self.store = open_store(config.store_url, busy_timeout=config.store_busy_timeout)
+        self.store = open_store(
+            config.store_url,
+            busy_timeout=config.store_busy_timeout,
+            same_failures=config.jobs.stop_after_same_failures,
+        )
         # Names this process in the store: its leases carry it, and its heartbeat tells
         # the other servers on a shared store that they are still held.
         self.server_id = secrets.token_hex(8)

@@ -87,6 +87,6 @@ def notes_text(notes: StatusNotes) -> list[str]:
         f"replicas {d.replicas}, quorum {d.quorum}, max_attempts {d.max_attempts}, "
         f"cpu_seconds {d.cpu_seconds}, memory_bytes {d.memory_bytes}, "
         f"wall_seconds {d.wall_seconds:g}, output_bytes {d.output_bytes}, "
-        f"disk_bytes {d.disk_bytes}"
+        f"disk_bytes {d.disk_bytes}, stop_after_same_failures {d.stop_after_same_failures}"
     )
     return lines

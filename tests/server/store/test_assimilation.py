@@ -6,7 +6,8 @@ from __future__ import annotations
 import io
 import json
 
-from tests.server.store.support import lease, ok
+from tests.server.store.conftest import StoreFactory
+from tests.server.store.support import enroll, lease, ok
 from vcomp.server.store import JobState, Store
 
 HOOKS = "tests.integration.hookfns"
@@ -84,3 +85,63 @@ def test_a_validator_that_raises_fails_no_other_result(store: Store, agents: lis
         assert len(store.list_results(job.job_id)) == 2  # the outputs are kept
     assert {f.hook for f in store.hook_failures()} == {"validator"}
     assert len(store.hook_failures()) == 2
+
+
+# ------------------------------------------------------------- deterministic failures
+# (here with the other result policies an operator configures: [jobs] in server.toml)
+
+
+def fail(store: Store, agent: str, error: str, status: str = "nonzero_exit") -> JobState:
+    (outcome,) = store.record_results([ok(lease(store, agent), b"", status=status, error=error)])
+    return outcome.job_state
+
+
+def test_the_same_failure_twice_stops_the_retries(store: Store, agents: list[str]) -> None:
+    store.add_app("app", "python", io.BytesIO(b"x"))
+    batch = store.create_batch("app", [b"0"], max_attempts=5)
+    assert fail(store, agents[0], "ZeroDivisionError: division by zero") is JobState.QUEUED
+    assert fail(store, agents[1], "ZeroDivisionError: division by zero") is JobState.FAILED
+    job = store.get_job_by_index(batch, 0)
+    assert job.attempts == 2 and job.reason is not None
+    assert job.reason.startswith("nonzero_exit: ZeroDivisionError: division by zero")
+    assert "the same failure 2 times" in job.reason
+
+
+def test_one_agent_repeating_a_failure_cannot_fail_a_job_alone(
+    store: Store, agents: list[str]
+) -> None:
+    # A hostile (or broken) agent answers every job with the same failure: each of its
+    # attempts costs budget as before, but its repeats are one voice, not two.
+    store.add_app("app", "python", io.BytesIO(b"x"))
+    batch = store.create_batch("app", [b"0"], max_attempts=4)
+    assert fail(store, agents[0], "forged: same text") is JobState.QUEUED
+    assert fail(store, agents[0], "forged: same text") is JobState.QUEUED
+    assert fail(store, agents[0], "forged: same text") is JobState.QUEUED
+    assert store.get_job_by_index(batch, 0).attempts == 3
+    (honest,) = store.record_results([ok(lease(store, agents[1]), b"42")])
+    assert honest.job_state is JobState.DONE
+
+
+def test_different_failures_are_retried(store: Store, agents: list[str]) -> None:
+    store.add_app("app", "python", io.BytesIO(b"x"))
+    batch = store.create_batch("app", [b"0"], max_attempts=3)
+    assert fail(store, agents[0], "MemoryError") is JobState.QUEUED
+    assert fail(store, agents[1], "MemoryError", status="memory_limit") is JobState.QUEUED
+    assert fail(store, agents[2], "ValueError") is JobState.FAILED  # the budget, as before
+    assert "failed after 3 attempts" in (store.get_job_by_index(batch, 0).reason or "")
+
+
+def test_stopping_on_the_same_failure_can_be_turned_off(
+    make_store: StoreFactory, agents: list[str]
+) -> None:
+    store = make_store(same_failures=0)
+    for name in ("a", "b", "c"):
+        enroll(store, name)
+    agents = [a.agent_id for a in store.list_agents()]
+    store.add_app("app", "python", io.BytesIO(b"x"))
+    store.create_batch("app", [b"0"], max_attempts=3)
+    assert [fail(store, a, "boom") for a in agents] == [
+        JobState.QUEUED,
+        JobState.QUEUED,
+        JobState.FAILED,
+    ]

@@ -212,6 +212,22 @@ def failure_reason(status: str, error: str, max_len: int) -> str | None:
     return f"{status}: {error}"[:max_len] if error else status
 
 
+#: A job failing with the same status and error this many times stops being retried
+#: (``[jobs] stop_after_same_failures``; 0 retries up to the attempt budget).
+DEFAULT_SAME_FAILURES = 2
+
+
+def repeated_failure(failure: str, earlier_same: int, limit: int) -> str | None:
+    """The reason to fail a job now, when this failure makes ``limit`` alike (a
+    deterministic failure: running it again would fail again); else None."""
+    if limit < 1 or earlier_same + 1 < limit:
+        return None
+    return (
+        f"{failure} (the same failure {earlier_same + 1} times: not retried, "
+        f"see [jobs] stop_after_same_failures)"
+    )
+
+
 def classify_result(
     job_state: JobState,
     attempt_state: AttemptState,

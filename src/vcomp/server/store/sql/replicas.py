@@ -130,6 +130,17 @@ class Replicas:
         )
         return self.settle(conn, job_id, now)
 
+    def fail_job(self, conn: Connection, job_id: int, reason: str, now: float) -> JobState:
+        """A live job fails now (its failure repeats): one leased replica ends with it;
+        others still out come back as evidence."""
+        self._dialect.defer(
+            conn,
+            "UPDATE jobs SET state = 'failed', pending = 0, leased = leased - 1, reason = ?, "
+            "finished_at = ? WHERE id = ?",
+            (reason, now, job_id),
+        )
+        return JobState.FAILED
+
     def settle(
         self,
         conn: Connection,

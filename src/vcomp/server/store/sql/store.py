@@ -42,7 +42,7 @@ from vcomp.server.store.records import (
     StoreStatus,
     UploadHandle,
 )
-from vcomp.server.store.rules import sha256_equal
+from vcomp.server.store.rules import DEFAULT_SAME_FAILURES, sha256_equal
 from vcomp.server.store.sql.agents import Agents
 from vcomp.server.store.sql.assimilation import Assimilations
 from vcomp.server.store.sql.catalog import Catalog
@@ -65,6 +65,7 @@ class SqlStore:
         *,
         comparator: ResultComparator = sha256_equal,
         clock: Callable[[], float] = time.time,
+        same_failures: int = DEFAULT_SAME_FAILURES,
     ) -> None:
         self.database = db = database
         self._catalog = catalog = Catalog(db, dialect, blobs, clock)
@@ -72,7 +73,9 @@ class SqlStore:
         replicas = Replicas(catalog, dialect, blobs, comparator)
         self._leases = Leases(db, dialect, catalog, agents, replicas, clock)
         self._uploads = uploads = Uploads(db, blobs, catalog, clock)
-        self._results = Results(db, dialect, blobs, catalog, replicas, uploads, clock)
+        self._results = Results(
+            db, dialect, blobs, catalog, replicas, uploads, clock, same_failures
+        )
         self._servers = Servers(db)
         self._assimilations = Assimilations(db, catalog)
 
