@@ -311,6 +311,8 @@ class OrganisationServer:
             )
         elif isinstance(e, ev.JobRefused):
             self._on_refused(e)
+        elif isinstance(e, ev.ResultUnverified):
+            self._on_unverified(e)
         elif isinstance(e, ev.SessionClosed):
             self._lost_reports.pop(e.session_id, None)
             self.scheduler.session_closed(e.session_id)
@@ -350,6 +352,8 @@ class OrganisationServer:
             log,
             "job_refused",
             logging.WARNING,
+            by="agent",
+            agent=session.agent_id.hex()[:16],
             job=e.job,
             attempt=e.attempt,
             code=e.code,
@@ -357,6 +361,26 @@ class OrganisationServer:
         )
         again = e.code == ErrorCode.JOB_ABANDONED  # a shutdown: it may come back
         self.scheduler.hand_back(session.agent_id, (e.job, e.attempt), again)
+
+    def _on_unverified(self, e: ev.ResultUnverified) -> None:
+        """This server refused the agent's result (it does not match its SHA-256). The
+        lease goes back as a refusal would (never to this agent again), and the record
+        says who refused what."""
+        session = self.session(e.session_id)
+        agent = None if session is None else session.agent_id
+        logfmt.event(
+            log,
+            "result_refused",
+            logging.WARNING,
+            by="server",
+            agent=None if agent is None else agent.hex()[:16],
+            job=e.job,
+            attempt=e.attempt,
+            reason=e.reason,
+        )
+        if agent is not None and self.scheduler.held_by((e.job, e.attempt), agent):
+            reason = f"result refused by the server: {e.reason}"
+            self.scheduler.hand_back(agent, (e.job, e.attempt), False, reason=reason)
 
     def _on_lost(self, session: ServerSession, e: ev.JobRefused) -> None:
         """The agent's earlier session (here or on another server) ended with this job.
