@@ -613,6 +613,24 @@ def test_serve_bind_overrides_the_configured_address(home: Path) -> None:
     assert proc.returncode == 0
 
 
+def test_serve_log_file_appends_the_log_there(home: Path, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("kept\n")
+    proc = _serve(home, "--bind", f"127.0.0.1:{_free_udp_port()}", "--log-file", str(log))
+    try:
+        assert "listening on" in _first_line(proc)
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    lines = log.read_text().splitlines()
+    assert lines[0] == "kept" and any("event=server_started" in ln for ln in lines)
+    assert any("event=server_stopped" in ln for ln in lines)
+    assert "event=" not in err  # the log went to the file, not stderr
+    line = _one_error_line(_serve(home, "--log-file", str(tmp_path / "no" / "dir.log")))
+    assert "--log-file" in line and "No such file or directory" in line
+
+
 @pytest.mark.parametrize(
     ("bind", "message"),
     [

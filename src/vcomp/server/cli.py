@@ -184,7 +184,12 @@ def migrate(config_path: Path) -> None:
     metavar="HOST:PORT",
     help="Listen here instead of the configured [server] bind (two servers, one home).",
 )
-def serve(config_path: Path, bind: str | None) -> None:
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append the log here instead of stderr; reopened when logrotate moves it.",
+)
+def serve(config_path: Path, bind: str | None, log_file: Path | None) -> None:
     """Run the server (uvloop) until SIGINT or SIGTERM."""
     from vcomp.server.config import load_signing_key, parse_host_port
     from vcomp.server.service import serve as run_server
@@ -194,7 +199,7 @@ def serve(config_path: Path, bind: str | None) -> None:
         host, port = parse_host_port(bind, what="--bind", allow_zero=True)
         config = dataclasses.replace(config, bind_host=host, bind_port=port)
     load_signing_key(config.key_path)  # fail here, readably, on a bad or exposed key
-    run_server(config)
+    run_server(config, log_file=log_file)
 
 
 # ---------------------------------------------------------------------- agents and allowlist

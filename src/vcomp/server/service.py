@@ -36,6 +36,7 @@ import secrets
 import signal
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -530,9 +531,9 @@ class OrganisationServer:
         await self.scheduler.offer()
 
 
-def serve(config: ServerConfig) -> None:
+def serve(config: ServerConfig, *, log_file: Path | None = None) -> None:
     """Run until SIGINT or SIGTERM (``vcomp-server serve``)."""
-    logfmt.setup()
+    logfmt.setup(log_file=log_file)
     try:
         import uvloop
 
