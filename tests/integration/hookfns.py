@@ -55,3 +55,12 @@ def first_always(outputs: Sequence[bytes]) -> bytes | Disagree:
 
 def not_an_output(outputs: Sequence[bytes]) -> bytes | Disagree:
     return b"made up"
+
+
+def gate_validator(outputs: Sequence[bytes], *, log: str, gate: str) -> bytes | Disagree:
+    """Say it was entered, block until the file ``gate`` exists, then agree on bytes."""
+    _append(f"{log}.entered", str(len(outputs)))
+    stop = time.monotonic() + 120
+    while not os.path.exists(gate) and time.monotonic() < stop:
+        time.sleep(0.02)
+    return outputs[0] if all(o == outputs[0] for o in outputs) else DISAGREE

@@ -201,9 +201,45 @@ async def test_a_blocked_assimilator_does_not_stall_dispatch(lab: Lab) -> None:
     assert len(lines) == jobs + 1  # exactly once each
 
 
+async def test_a_blocked_validator_does_not_stall_dispatch(lab: Lab) -> None:
+    org = lab.org()
+    await org.server.stop()  # never started: one with a single hook thread instead
+    org = dataclasses.replace(
+        org, server=OrganisationServer(dataclasses.replace(org.config, hook_threads=1))
+    )
+    await lab.start(org)
+    await two_lites(lab, org)
+    log, gate = lab.root / "vgate.log", lab.root / "vgate.open"
+    entered = Path(f"{log}.entered")
+    org.add_app("echo", b"echo")
+    path = org.home / "echo.app"
+    org.store.add_app(
+        "gated", "python", path, validator=f"{HOOKS}:gate_validator?log={log}&gate={gate}"
+    )
+    validated = replicated(org, "gated", [b"v0", b"v1"])
+    await wait_until(entered.exists, "the validator to block")
+    plain = small_batch(org, "echo", 20)
+    await org.wait_batch(plain)
+    # The plain batch ran and committed while the one validator thread stayed blocked.
+    assert org.store.batch_status(plain).done == 20
+    assert len(entered.read_text().split()) == 1
+    assert org.store.batch_status(validated).done == 0
+    gate.touch()
+    await org.wait_batch(validated)
+    assert org.store.batch_status(validated).done == 2
+
+
 async def test_assimilation_survives_a_server_restart(lab: Lab) -> None:
     org = lab.org()
-    await lab.start(org)
+    stopped: list[bool] = []
+
+    async def stop_once() -> None:  # stopped by the test, or at teardown if it failed
+        if not stopped:
+            stopped.append(True)
+            await org.server.stop()
+
+    await org.server.start()
+    lab.on_close(stop_once)
     await two_lites(lab, org)
     log, gate = lab.root / "restart.log", lab.root / "restart.open"
     org.add_app("echo", b"echo")
@@ -221,7 +257,7 @@ async def test_assimilation_survives_a_server_restart(lab: Lab) -> None:
     await org.wait_batch(batch)
     await wait_until(lambda: Path(f"{log}.entered").exists(), "the hook to be entered")
     # Stopped between the commit and the hook's return: nothing was marked assimilated.
-    await org.server.stop()
+    await stop_once()
     gate.touch()
     assert len(org.store.due_assimilations(1e18, 10)) == 3
     again = OrganisationServer(org.config)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
 from vcomp.errors import HookError
@@ -13,17 +11,10 @@ from vcomp.server.hooks import (
     load,
     parse_spec,
     retry_delay,
-    validator_comparator,
+    validate_pair,
 )
-from vcomp.server.store import CandidateResult
 
 HOOKS = "tests.integration.hookfns"
-
-
-def candidate(output: bytes, attempt: int = 1) -> CandidateResult:
-    return CandidateResult(
-        1, attempt, "agent", len(output), hashlib.sha256(output).digest(), lambda: output
-    )
 
 
 def test_parse_spec_with_options() -> None:
@@ -66,14 +57,16 @@ def test_load_names_what_is_missing() -> None:
         load("tests.server.test_hooks:HOOKS")  # not callable
 
 
-def test_validator_comparator() -> None:
-    close = validator_comparator("vcomp.validators:json_close?rel_tol=1e-3")
-    assert close(candidate(b'{"x": 1.0}'), candidate(b'{"x": 1.0001}', 2))
-    assert not close(candidate(b'{"x": 1.0}'), candidate(b'{"x": 2.0}', 2))
+def test_validate_pair() -> None:
+    close = "vcomp.validators:json_close?rel_tol=1e-3"
+    assert validate_pair(close, b'{"x": 1.0}', b'{"x": 1.0001}')
+    assert not validate_pair(close, b'{"x": 1.0}', b'{"x": 2.0}')
     with pytest.raises(HookError, match="validator: RuntimeError: validator bug"):
-        validator_comparator(f"{HOOKS}:broken_validator")(candidate(b"a"), candidate(b"a", 2))
+        validate_pair(f"{HOOKS}:broken_validator", b"a", b"a")
     with pytest.raises(HookError, match="neither one of the outputs"):
-        validator_comparator(f"{HOOKS}:not_an_output")(candidate(b"a"), candidate(b"a", 2))
+        validate_pair(f"{HOOKS}:not_an_output", b"a", b"a")
+    with pytest.raises(HookError, match=r"validator: hook .*cannot import"):
+        validate_pair("no_such_module_v:fn", b"a", b"a")
 
 
 def test_hook_error_text_is_bounded() -> None:

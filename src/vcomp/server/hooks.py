@@ -4,16 +4,20 @@ They are the organisation's own code and run in the server process, never on the
 loop thread:
 
 * A **validator** replaces byte equality for its app's replicas. It is called as
-  ``fn([output_a, output_b], **options)`` and returns the canonical output (one of the
-  outputs it was given) or :data:`vcomp.validators.DISAGREE`. It runs where results are
-  compared, on the store's writer thread, inside the result's transaction: it must be
-  quick (a slow validator delays commits; put slow work in the assimilator). One that
-  raises, or cannot be imported, counts as a disagreement; the job records
-  ``validator: ...`` as its hook error (``status`` lists it), keeps its results, and
-  gets further replicas while its attempt budget lasts (then fails with that reason).
+  ``fn([output_a, output_b], **options)`` for each pair of ok results of a job and
+  returns the canonical output (one of the two) or :data:`vcomp.validators.DISAGREE`.
+  The store settles such a job only once every pair has a verdict; until then the job
+  waits (``validate_due``) and :class:`Validation` asks the hook on its thread pool and
+  hands the verdicts back (``Store.record_verdicts``). One that raises, or cannot be
+  imported, counts as a disagreement; the job records ``validator: ...`` as its hook
+  error (``status`` lists it), keeps its results, and gets further replicas while its
+  attempt budget lasts (then fails with that reason).
 * An **assimilator** is called as ``fn(job, output, **options)`` once per done job,
-  after the commit, with the canonical output (:class:`Assimilation` below). It runs in
-  a thread pool, so a slow one holds a pool thread, never dispatch.
+  after the commit, with the canonical output (:class:`Assimilation`), on a pool of its
+  own.
+
+A hook that hangs holds one thread of its pool: leases and results go on, and so do the
+other hooks' calls while the pool has threads left.
 
 ``options`` come from the spec: ``module:function?rel_tol=1e-6&key=text`` passes
 ``rel_tol=1e-6`` (int, float, else text) on every call.
@@ -27,23 +31,16 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
 from vcomp import logfmt
 from vcomp.errors import HookError, StoreUnavailable, VcompError
 from vcomp.server.commit import GroupCommitter
-from vcomp.server.store import (
-    App,
-    AssimilationDue,
-    CandidateResult,
-    ResultComparator,
-    Store,
-    sha256_equal,
-)
+from vcomp.server.store import AssimilationDue, JobState, PairVerdict, Store, ValidationDue
 from vcomp.validators import DISAGREE
 
 log = logging.getLogger("vcomp.server.hooks")
@@ -141,38 +138,40 @@ def hook_error(hook: str, exc: BaseException) -> str:
 # ---------------------------------------------------------------------- validators
 
 
-def validator_comparator(text: str) -> ResultComparator:
-    """A comparator that asks the validator ``text`` whether two results agree."""
+def validate_pair(text: str, a: bytes, b: bytes) -> bool:
+    """Do outputs ``a`` and ``b`` agree, by the validator ``text``? HookError if it
+    failed (raised, or answered neither one of the outputs nor DISAGREE)."""
+    try:
+        fn, kwargs = load(text)
+        verdict = fn([a, b], **kwargs)
+    except Exception as exc:
+        raise HookError(hook_error("validator", exc)) from None
+    if verdict is DISAGREE:
+        return False
+    if not isinstance(verdict, bytes) or verdict not in (a, b):
+        raise HookError(f"validator: {text} returned neither one of the outputs nor DISAGREE")
+    return True
 
-    def compare(a: CandidateResult, b: CandidateResult) -> bool:
-        outputs = [a.read(), b.read()]
+
+def judge_pairs(store: Store, due: ValidationDue) -> list[PairVerdict]:
+    """Run on a pool thread: the validator's verdict on each unjudged pair."""
+    assert due.app.validator is not None
+    outputs: dict[int, bytes] = {}
+    for attempt in sorted({n for pair in due.pairs for n in pair}):
+        with store.open_output(due.job_id, attempt) as blob:
+            outputs[attempt] = blob.read(0, blob.size)
+    verdicts = []
+    for a, b in due.pairs:
         try:
-            fn, kwargs = load(text)
-            verdict = fn(outputs, **kwargs)
-        except Exception as exc:
+            agree = validate_pair(due.app.validator, outputs[a], outputs[b])
+        except HookError as exc:
             logfmt.event(
-                log,
-                "validator_error",
-                logging.ERROR,
-                job=a.job_id,
-                hook=text,
-                error_type=type(exc).__name__,
+                log, "validator_error", logging.ERROR, job=due.job_id, hook=due.app.validator
             )
-            raise HookError(hook_error("validator", exc)) from None
-        if verdict is DISAGREE:
-            return False
-        if not isinstance(verdict, bytes) or verdict not in outputs:
-            raise HookError(f"validator: {text} returned neither one of the outputs nor DISAGREE")
-        return True
-
-    return compare
-
-
-def comparator_for(app: App) -> ResultComparator:
-    """The app's validator as a comparator, or byte equality when it has none."""
-    if app.validator is None:
-        return sha256_equal
-    return validator_comparator(app.validator)
+            verdicts.append(PairVerdict(a, b, False, str(exc)))
+        else:
+            verdicts.append(PairVerdict(a, b, agree))
+    return verdicts
 
 
 # ---------------------------------------------------------------------- assimilators
@@ -193,14 +192,20 @@ def call_assimilator(store: Store, due: AssimilationDue) -> None:
     fn(job, output, **kwargs)
 
 
-class Assimilation:
-    """Calls each done job's assimilator (at least once) on a thread pool.
+# ---------------------------------------------------------------------- runners
 
-    The store keeps which jobs are due, so a job done before a restart is assimilated
-    after it. A poll takes due jobs up to the free pool threads; ``_running`` keeps a
-    job from being handed out twice while its call runs. A job whose hook raises is
-    retried with backoff; a hook that blocks holds its thread only.
+Item = TypeVar("Item", ValidationDue, AssimilationDue)
+
+
+class _HookRunner(Generic[Item]):
+    """Polls the store for due work and runs each item's hook on a pool of its own.
+
+    The store keeps what is due, so work due before a restart is done after it. A poll
+    takes items up to the free threads; ``_running`` keeps an item from being handed out
+    twice while its call runs.
     """
+
+    name = "hook"
 
     def __init__(
         self,
@@ -215,11 +220,17 @@ class Assimilation:
         self._committer = committer
         self._spawn = spawn
         self._threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vcomp-hook")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"vcomp-{self.name}")
         self._poll = poll_seconds
-        self._running: set[int] = set()
+        self._running: set[Hashable] = set()
         self.calls = 0
         self.failures = 0
+
+    def _fetch(self, now: float, limit: int) -> list[Item]:
+        raise NotImplementedError
+
+    async def _handle(self, item: Item) -> None:
+        raise NotImplementedError
 
     async def run_forever(self) -> None:
         while True:
@@ -228,53 +239,95 @@ class Assimilation:
             except StoreUnavailable:
                 await self._committer.health.wait_back()
             except VcompError as exc:
-                logfmt.event(log, "assimilation_poll_failed", logging.ERROR, error=str(exc))
-            except Exception as exc:  # a bug: log it and keep polling, jobs stay due
-                logfmt.event(
-                    log, "internal_error", logging.ERROR, work="assimilation", error=repr(exc)
-                )
+                logfmt.event(log, f"{self.name}_poll_failed", logging.ERROR, error=str(exc))
+            except Exception as exc:  # a bug: log it and keep polling, the work stays due
+                logfmt.event(log, "internal_error", logging.ERROR, work=self.name, error=repr(exc))
             await asyncio.sleep(self._poll)
 
     async def poll(self) -> None:
         free = self._threads - len(self._running)
         if free <= 0:
             return
-        due = await self._committer.run(
-            self._store.due_assimilations, time.time(), free + len(self._running)
-        )
-        for item in due:
+        items = await self._committer.run(self._fetch, time.time(), free + len(self._running))
+        for item in items:
             if item.job_id in self._running or len(self._running) >= self._threads:
                 continue
             self._running.add(item.job_id)
             self._spawn(self._one(item))
 
-    async def _one(self, due: AssimilationDue) -> None:
-        loop = asyncio.get_running_loop()
+    async def _one(self, item: Item) -> None:
         try:
             self.calls += 1
-            try:
-                await loop.run_in_executor(self._pool, call_assimilator, self._store, due)
-            except Exception as exc:
-                self.failures += 1
-                retry_at = time.time() + retry_delay(due.tries)
-                logfmt.event(
-                    log,
-                    "assimilator_error",
-                    logging.ERROR,
-                    job=due.job_id,
-                    hook=due.app.assimilator,
-                    tries=due.tries + 1,
-                    error_type=type(exc).__name__,
-                )
-                text = hook_error("assimilator", exc)
-                await self._committer.run_retrying(
-                    self._store.assimilation_failed, due.job_id, text, retry_at
-                )
-            else:
-                await self._committer.run_retrying(self._store.assimilated, due.job_id, time.time())
+            await self._handle(item)
         finally:
-            self._running.discard(due.job_id)
+            self._running.discard(item.job_id)
+
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
         """Stop taking work; a hook still running keeps its thread until it returns."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Validation(_HookRunner[ValidationDue]):
+    """Asks validator apps' validators about unjudged pairs of replicas."""
+
+    name = "validation"
+
+    def __init__(
+        self,
+        store: Store,
+        committer: GroupCommitter,
+        spawn: Callable[[Coroutine[Any, Any, object]], None],
+        *,
+        requeued: Callable[[], None],
+        threads: int = 2,
+        poll_seconds: float = 0.5,
+    ) -> None:
+        super().__init__(store, committer, spawn, threads=threads, poll_seconds=poll_seconds)
+        self._requeued = requeued  # a verdict put a job back in the queue (wants a replica)
+
+    def _fetch(self, now: float, limit: int) -> list[ValidationDue]:
+        return self._store.due_validations(now, limit)
+
+    async def _handle(self, item: ValidationDue) -> None:
+        verdicts: list[PairVerdict] = await self._in_pool(judge_pairs, self._store, item)
+        self.failures += sum(v.error is not None for v in verdicts)
+        state = await self._committer.run_retrying(
+            self._store.record_verdicts, item.job_id, verdicts, time.time()
+        )
+        if state is JobState.QUEUED:
+            self._requeued()
+
+
+class Assimilation(_HookRunner[AssimilationDue]):
+    """Calls each done job's assimilator (at least once); one that raises is retried
+    with backoff, its error kept with the job."""
+
+    name = "assimilation"
+
+    def _fetch(self, now: float, limit: int) -> list[AssimilationDue]:
+        return self._store.due_assimilations(now, limit)
+
+    async def _handle(self, item: AssimilationDue) -> None:
+        try:
+            await self._in_pool(call_assimilator, self._store, item)
+        except Exception as exc:
+            self.failures += 1
+            retry_at = time.time() + retry_delay(item.tries)
+            logfmt.event(
+                log,
+                "assimilator_error",
+                logging.ERROR,
+                job=item.job_id,
+                hook=item.app.assimilator,
+                tries=item.tries + 1,
+                error_type=type(exc).__name__,
+            )
+            text = hook_error("assimilator", exc)
+            await self._committer.run_retrying(
+                self._store.assimilation_failed, item.job_id, text, retry_at
+            )
+        else:
+            await self._committer.run_retrying(self._store.assimilated, item.job_id, time.time())

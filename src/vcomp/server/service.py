@@ -55,7 +55,7 @@ from vcomp.protocol.tpm_format import ClockInfo
 from vcomp.protocol.trust import TrustPolicy
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig, load_signing_key
-from vcomp.server.hooks import Assimilation
+from vcomp.server.hooks import Assimilation, Validation
 from vcomp.server.intake import ResultIntake
 from vcomp.server.scheduler import TICK_SECONDS, Scheduler, ServerStats
 from vcomp.server.serve_lock import StoreLock
@@ -103,6 +103,13 @@ class OrganisationServer:
             self.spawn,
             self.stats,
             config.upload_memory_bytes,
+        )
+        self.validation = Validation(
+            self.store,
+            self.committer,
+            self.spawn,
+            requeued=self.scheduler.requeued,
+            threads=config.hook_threads,
         )
         self.assimilation = Assimilation(
             self.store, self.committer, self.spawn, threads=config.hook_threads
@@ -174,6 +181,7 @@ class OrganisationServer:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks, self._accepting = tasks, True
                 self._tick_task = tasks.create_task(self._tick_forever())
+                tasks.create_task(self.validation.run_forever())
                 tasks.create_task(self.assimilation.run_forever())
                 running.set_result(None)
                 await asyncio.get_running_loop().create_future()  # until cancelled
@@ -206,6 +214,7 @@ class OrganisationServer:
                 await self.committer.run(
                     self._flush_agent_updates, self._pending_clocks, self._pending_touches
                 )
+        self.validation.close()
         self.assimilation.close()
         await self.committer.close()
         self.store.close()

@@ -47,6 +47,9 @@ def lease(store: Store, agent: str, now: float = 0.0, seconds: float = 30.0) -> 
 
 # Undoes migration 4 (operator hooks) on either backend.
 UNDO_V4 = (
+    "DROP TABLE verdicts",
+    "DROP INDEX jobs_validate_due",
+    "ALTER TABLE jobs DROP COLUMN validate_due",
     "DROP INDEX jobs_hook_error",
     "DROP INDEX jobs_assimilate_due",
     *(

@@ -79,6 +79,7 @@ from vcomp.server.store.records import (
     LeaseRequest,
     Measurement,
     OutcomeKind,
+    PairVerdict,
     RecordOutcome,
     ResultComparator,
     ResultRecord,
@@ -86,6 +87,7 @@ from vcomp.server.store.records import (
     StoredResult,
     StoreStatus,
     UploadHandle,
+    ValidationDue,
 )
 from vcomp.server.store.rules import Verdict, group_results, is_disagreement, judge, sha256_equal
 from vcomp.server.store.url import open_store
@@ -117,6 +119,7 @@ __all__ = [
     "LeaseRequest",
     "Measurement",
     "OutcomeKind",
+    "PairVerdict",
     "RecordOutcome",
     "ResultComparator",
     "ResultRecord",
@@ -126,6 +129,7 @@ __all__ = [
     "StoreStatus",
     "StoredResult",
     "UploadHandle",
+    "ValidationDue",
     "Verdict",
     "group_results",
     "is_disagreement",

@@ -21,15 +21,18 @@ from vcomp.server.store.records import (
     ExpiredLease,
     HookFailure,
     Job,
+    JobState,
     Lease,
     LeaseRequest,
     Measurement,
+    PairVerdict,
     RecordOutcome,
     ResultRecord,
     ResultSubmission,
     StoredResult,
     StoreStatus,
     UploadHandle,
+    ValidationDue,
 )
 
 
@@ -94,6 +97,10 @@ class Store(Protocol):
     def read_code_chunk(self, app_id: int, offset: int, n: int) -> bytes: ...
 
     # operator hooks (vcomp.server.hooks)
+    def due_validations(self, now: float, limit: int) -> list[ValidationDue]: ...
+    def record_verdicts(
+        self, job_id: int, verdicts: Sequence[PairVerdict], now: float
+    ) -> JobState: ...
     def due_assimilations(self, now: float, limit: int) -> list[AssimilationDue]: ...
     def assimilated(self, job_id: int, now: float) -> None: ...
     def assimilation_failed(self, job_id: int, error: str, retry_at: float) -> None: ...

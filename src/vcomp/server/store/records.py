@@ -320,6 +320,27 @@ class AssimilationDue:
 
 
 @dataclass(frozen=True, slots=True)
+class ValidationDue:
+    """A job of a validator app whose ok results include pairs not yet judged."""
+
+    job_id: int
+    batch_id: int
+    index: int
+    app: App
+    pairs: tuple[tuple[int, int], ...]  # (attempt, later attempt) to ask the validator
+
+
+@dataclass(frozen=True, slots=True)
+class PairVerdict:
+    """The validator's answer for two attempts; ``error``: it failed (a disagreement)."""
+
+    attempt_a: int
+    attempt_b: int
+    agree: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HookFailure:
     """A job whose hook failed: ``hook`` is "validator" or "assimilator"."""
 

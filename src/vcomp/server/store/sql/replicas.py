@@ -7,18 +7,19 @@ what the job's state is now, and writes that down.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vcomp.errors import StoreError
+from vcomp.errors import HookError, StoreError
 from vcomp.server.store.records import (
     RESULT_OK,
-    App,
     AttemptRecord,
     AttemptState,
     CandidateResult,
     JobState,
+    PairVerdict,
     ResultComparator,
 )
 from vcomp.server.store.rules import SlotChange, charged_attempts, settle
@@ -67,7 +68,6 @@ class Replicas:
         )
         self._blobs = blobs
         self._comparator = comparator
-        self._validators: dict[str, ResultComparator] = {}
 
     @staticmethod
     def find(conn: Connection, job_id: int, attempt: int) -> LiveAttempt | None:
@@ -169,9 +169,23 @@ class Replicas:
             return state
         uncharged = int(row[6])
         batch = self._catalog.batch(conn, int(row[1]))
+        candidates = self._candidates(job_id, [r[7:] for r in rows if r[7] is not None])
+        comparator = self._comparator
+        if batch.app.validator is not None and batch.quorum > 1:
+            validated = self._validated(conn, job_id, candidates)
+            if validated is None:  # judged once the validator answered
+                waiting = JobState.QUEUED if pending > 0 else JobState.LEASED
+                self._dialect.defer(
+                    conn,
+                    "UPDATE jobs SET state = ?, pending = ?, leased = ?, validate_due = ? "
+                    "WHERE id = ?",
+                    (waiting.value, pending, leased, now, job_id),
+                )
+                return waiting
+            comparator = validated
         settlement = settle(
-            self._candidates(job_id, [r[7:] for r in rows if r[7] is not None]),
-            self._comparator_for(batch.app),
+            candidates,
+            comparator,
             batch,
             pending=pending,
             leased=leased,
@@ -220,17 +234,34 @@ class Replicas:
             )
         return verdict.state
 
-    def _comparator_for(self, app: App) -> ResultComparator:
-        """The app's validator (vcomp.server.hooks), or the store's comparator."""
-        if app.validator is None:
-            return self._comparator
-        found = self._validators.get(app.validator)
-        if found is None:
-            # Imported here: hooks is server code that itself uses the store.
-            from vcomp.server.hooks import validator_comparator
+    @staticmethod
+    def verdicts(conn: Connection, job_id: int) -> dict[tuple[int, int], PairVerdict]:
+        rows = conn.execute(
+            "SELECT attempt_a, attempt_b, agree, error FROM verdicts WHERE job_id = ?", (job_id,)
+        ).fetchall()
+        return {
+            (int(r[0]), int(r[1])): PairVerdict(int(r[0]), int(r[1]), bool(r[2]), r[3])
+            for r in rows
+        }
 
-            found = self._validators[app.validator] = validator_comparator(app.validator)
-        return found
+    def _validated(
+        self, conn: Connection, job_id: int, candidates: list[CandidateResult]
+    ) -> ResultComparator | None:
+        """The comparator of a validator app: its recorded verdicts. None while a pair of
+        ok results has none yet (the validator runs off the writer thread, see
+        vcomp.server.hooks, and the job is settled again when it answered)."""
+        verdicts = self.verdicts(conn, job_id)
+        pairs = {(a.attempt, b.attempt) for a, b in itertools.combinations(candidates, 2)}
+        if not pairs <= verdicts.keys():
+            return None
+
+        def recorded(a: CandidateResult, b: CandidateResult) -> bool:
+            found = verdicts[min(a.attempt, b.attempt), max(a.attempt, b.attempt)]
+            if found.error is not None:
+                raise HookError(found.error)
+            return found.agree
+
+        return recorded
 
     def _candidates(self, job_id: int, rows: list[Any]) -> list[CandidateResult]:
         """Counted ok results (attempt, agent, size, digest, blob) as the rules see them."""

@@ -31,9 +31,11 @@ from vcomp.server.store.records import (
     ExpiredLease,
     HookFailure,
     Job,
+    JobState,
     Lease,
     LeaseRequest,
     Measurement,
+    PairVerdict,
     RecordOutcome,
     ResultComparator,
     ResultRecord,
@@ -41,12 +43,13 @@ from vcomp.server.store.records import (
     StoredResult,
     StoreStatus,
     UploadHandle,
+    ValidationDue,
 )
 from vcomp.server.store.rules import DEFAULT_SAME_FAILURES, sha256_equal
 from vcomp.server.store.sql.agents import Agents
-from vcomp.server.store.sql.assimilation import Assimilations
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Blobs, Database, Dialect
+from vcomp.server.store.sql.hooks import HookWork
 from vcomp.server.store.sql.leases import Leases
 from vcomp.server.store.sql.replicas import Replicas
 from vcomp.server.store.sql.results import Results
@@ -77,7 +80,7 @@ class SqlStore:
             db, dialect, blobs, catalog, replicas, uploads, clock, same_failures
         )
         self._servers = Servers(db)
-        self._assimilations = Assimilations(db, catalog)
+        self._hooks = HookWork(db, catalog, replicas)
 
     def schema_version(self) -> int:
         return self.database.schema_version()
@@ -114,17 +117,23 @@ class SqlStore:
 
     # ------------------------------------------------------------------ operator hooks
 
+    def due_validations(self, now: float, limit: int) -> list[ValidationDue]:
+        return self._hooks.due_validations(now, limit)
+
+    def record_verdicts(self, job_id: int, verdicts: Sequence[PairVerdict], now: float) -> JobState:
+        return self._hooks.record_verdicts(job_id, verdicts, now)
+
     def due_assimilations(self, now: float, limit: int) -> list[AssimilationDue]:
-        return self._assimilations.due(now, limit)
+        return self._hooks.due_assimilations(now, limit)
 
     def assimilated(self, job_id: int, now: float) -> None:
-        self._assimilations.done(job_id, now)
+        self._hooks.assimilated(job_id, now)
 
     def assimilation_failed(self, job_id: int, error: str, retry_at: float) -> None:
-        self._assimilations.failed(job_id, error, retry_at)
+        self._hooks.assimilation_failed(job_id, error, retry_at)
 
     def hook_failures(self, limit: int = 20) -> list[HookFailure]:
-        return self._assimilations.failures(limit)
+        return self._hooks.failures(limit)
 
     def get_app(self, name: str, version: int | None = None) -> App:
         return self._catalog.get_app(name, version)

@@ -8,9 +8,19 @@ import json
 
 from tests.server.store.conftest import StoreFactory
 from tests.server.store.support import enroll, lease, ok
+from vcomp.server.hooks import judge_pairs
 from vcomp.server.store import JobState, Store
 
 HOOKS = "tests.integration.hookfns"
+
+
+def validate(store: Store) -> int:
+    """What the server's Validation runner does, here on this thread: pairs judged."""
+    judged = 0
+    for due in store.due_validations(1e18, 100):
+        store.record_verdicts(due.job_id, judge_pairs(store, due), 1e9)
+        judged += len(due.pairs)
+    return judged
 
 
 def replicated(store: Store, app: str, n: int = 1) -> int:
@@ -56,6 +66,12 @@ def test_a_validator_replaces_byte_equality(store: Store, agents: list[str]) -> 
     tolerant = replicated(store, "close")
     first, second = lease(store, agents[0]), lease(store, agents[1])
     store.record_results([ok(first, outputs[0]), ok(second, outputs[1])])
+    # Not judged in the result's transaction: the job waits for its validator.
+    job = store.get_job_by_index(tolerant, 0)
+    assert job.state is JobState.LEASED and job.leased == job.pending == 0
+    (due,) = store.due_validations(1e18, 10)
+    assert due.job_id == job.job_id and due.pairs == ((first.attempt, second.attempt),)
+    assert validate(store) == 1 and store.due_validations(1e18, 10) == []
     job = store.get_job_by_index(tolerant, 0)
     assert job.state is JobState.DONE and job.canonical_attempt == first.attempt
 
@@ -63,6 +79,22 @@ def test_a_validator_replaces_byte_equality(store: Store, agents: list[str]) -> 
     first, second = lease(store, agents[0]), lease(store, agents[1])
     store.record_results([ok(first, outputs[0]), ok(second, outputs[1])])
     assert store.get_job_by_index(exact, 0).disagreements == 1
+    assert store.due_validations(1e18, 10) == []  # byte equality needs no validator
+
+
+def test_a_validator_disagreement_asks_for_another_replica(store: Store, agents: list[str]) -> None:
+    store.add_app("close", "python", io.BytesIO(b"x"), validator="vcomp.validators:json_close")
+    batch = store.create_batch("close", [b"0"], replicas=2, quorum=2, max_attempts=2)
+    first, second = lease(store, agents[0]), lease(store, agents[1])
+    store.record_results([ok(first, b'{"x": 1}'), ok(second, b'{"x": 2}')])
+    validate(store)
+    job = store.get_job_by_index(batch, 0)
+    assert job.state is JobState.QUEUED and job.disagreements == 1 and job.pending == 1
+    third = lease(store, agents[2])
+    store.record_results([ok(third, b'{"x": 1.0}')])
+    assert validate(store) == 2  # the new result against each earlier one
+    job = store.get_job_by_index(batch, 0)
+    assert job.state is JobState.DONE and job.canonical_attempt == first.attempt
 
 
 def test_a_validator_that_raises_fails_no_other_result(store: Store, agents: list[str]) -> None:
@@ -74,10 +106,10 @@ def test_a_validator_that_raises_fails_no_other_result(store: Store, agents: lis
     fine = store.create_batch("fine", [b"0"])
     held = [lease(store, a) for a in agents[:2] for _ in range(2)]
     held.append(lease(store, agents[2]))
-    # One group commit: the failing validators must not take the other result down.
     outcomes = store.record_results([ok(h) for h in held])
     assert all(o.durable for o in outcomes)
     assert store.get_job_by_index(fine, 0).state is JobState.DONE
+    assert validate(store) == 2
     for batch, text in ((broken, "RuntimeError: validator bug"), (missing, "cannot import")):
         job = store.get_job_by_index(batch, 0)
         assert job.state is JobState.FAILED and job.reason is not None
