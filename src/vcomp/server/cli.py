@@ -307,10 +307,11 @@ def app_add(
     Hooks are named MODULE:FUNCTION[?key=value&...] and run inside `vcomp-server serve`
     (the module must be importable there; it is imported here to check). A validator is
     called as fn([output_a, output_b], **options) and returns the canonical output (one
-    of them) or vcomp.validators.DISAGREE; it runs on the store's writer thread, so it
-    must be quick. An assimilator is called as fn(job, output, **options) on a hook
-    thread, at least once per done job (again after a crash or restart before it
-    returned); one that raises is retried with backoff and `status` shows its error.
+    of them) or vcomp.validators.DISAGREE, for each pair of a job's replicas. An
+    assimilator is called as fn(job, output, **options) at least once per done job
+    (again after a crash or restart before it returned); one that raises is retried
+    with backoff and `status` shows its error. Both run on hook threads
+    ([server] hook_threads each), never holding up dispatch.
     """
     for hook in (validator, assimilator):
         if hook is not None:

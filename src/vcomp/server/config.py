@@ -80,7 +80,7 @@ max_sessions_per_agent = 16
 max_pending_handshakes = 1024
 max_leases_per_agent = 16
 upload_memory_bytes = 67108864
-hook_threads = 2          # threads that run the apps' assimilators (see `app add --help`)
+hook_threads = 2          # threads for the apps' validators, as many for assimilators
 
 [jobs]
 lease_seconds = 300.0     # lease = transfer + run + result; renewed while the agent works
@@ -160,7 +160,8 @@ class ServerConfig:
     store_busy_timeout: float = DEFAULT_BUSY_TIMEOUT
     """Seconds a write waits for the store's lock before the store counts as unavailable."""
     hook_threads: int = 2
-    """Threads that call assimilators: a hook that hangs holds one of them, not dispatch."""
+    """Threads that call validators, and as many for assimilators: a hook that hangs
+    holds one of them, not dispatch."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
