@@ -330,6 +330,25 @@ def test_status_lists_failed_jobs_with_their_error(
     assert all("nonzero_exit: ZeroDivisionError: boom" in f["reason"] for f in failed)
 
 
+def test_status_shows_hook_errors(home: Path, agent_line: str, tmp_path: Path) -> None:
+    ok("enroll", agent_line, "--config", home)
+    program = tmp_path / "echo.py"
+    program.write_text("print('hello')\n")
+    hook = "tests.integration.hookfns:record?log=/nonexistent/x"
+    ok("app", "add", "echo", program, "--kind", "python", "--assimilator", hook, "--config", home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n")
+    batch = submit(home, jsonl)
+    finish(home, batch, agent_line.split()[1], [b"out"], RESULT_OK)
+    with SqliteStore(home / "jobs.sqlite") as store:
+        (due,) = store.due_assimilations(time.time(), 10)
+        store.assimilation_failed(due.job_id, "assimilator: OSError: disk full", 2e9)
+    text = ok("status", "--config", home).stdout
+    assert "hook errors" in text and f"#{batch} job 0: assimilator: OSError: disk full" in text
+    (failure,) = json.loads(ok("status", "--json", "--config", home).stdout)["hook_failures"]
+    assert failure["hook"] == "assimilator" and failure["tries"] == 1
+
+
 def test_status_shows_the_defaults_submit_takes(home: Path) -> None:
     config = home / "server.toml"
     config.write_text(config.read_text().replace("max_attempts = 3", "max_attempts = 7"))
