@@ -39,6 +39,8 @@ def test_parse_spec_with_options() -> None:
         "mod:fn?x",
         "m:" + "f" * 400,
         "os;rm:fn",
+        "mod:fn\n",
+        "mod:fn?a=1\n",
     ],
 )
 def test_parse_spec_refuses_malformed_specs(text: str) -> None:

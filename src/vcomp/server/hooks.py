@@ -46,7 +46,7 @@ from vcomp.validators import DISAGREE
 log = logging.getLogger("vcomp.server.hooks")
 
 MAX_SPEC = 300
-_SPEC = re.compile(r"^([A-Za-z_][\w.]*):([A-Za-z_]\w*)(?:\?(.*))?$")
+_SPEC = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)(?:\?(.*))?")
 #: Longest hook error kept with a job (the rest is cut).
 MAX_HOOK_ERROR = 500
 #: Assimilator retries wait BACKOFF_BASE * 2**tries seconds, at most BACKOFF_MAX.
@@ -87,7 +87,7 @@ def _option(text: str) -> int | float | str:
 
 def parse_spec(text: str) -> HookSpec:
     """``module:function[?key=value&...]``, or a HookError saying what is wrong."""
-    match = _SPEC.match(text) if len(text) <= MAX_SPEC else None
+    match = _SPEC.fullmatch(text) if len(text) <= MAX_SPEC else None
     if match is None:
         raise HookError(
             f"hook {text[:MAX_SPEC]!r} is not module:function[?key=value&...] "
@@ -236,7 +236,8 @@ class _HookRunner(Generic[Item]):
         while True:
             try:
                 await self.poll()
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                self._committer.health.lost(exc)  # logged once; the server's probe finds it back
                 await self._committer.health.wait_back()
             except VcompError as exc:
                 logfmt.event(log, f"{self.name}_poll_failed", logging.ERROR, error=str(exc))
@@ -248,7 +249,8 @@ class _HookRunner(Generic[Item]):
         free = self._threads - len(self._running)
         if free <= 0:
             return
-        items = await self._committer.run(self._fetch, time.time(), free + len(self._running))
+        # A read, on a free pool thread: the store's writer thread is for commits.
+        items: list[Item] = await self._in_pool(self._fetch, time.time(), free + len(self._running))
         for item in items:
             if item.job_id in self._running or len(self._running) >= self._threads:
                 continue
