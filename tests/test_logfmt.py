@@ -6,10 +6,12 @@ import io
 import logging
 import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 
 from vcomp import logfmt
+from vcomp.errors import ConfigError
 
 LINE_BREAKS = [c for c in map(chr, range(sys.maxunicode + 1)) if len(f"a{c}b".splitlines()) > 1]
 CONTROLS = [chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]]
@@ -105,3 +107,30 @@ def test_log_level_from_the_environment(
         assert ("event=bad_log_level" in stream.getvalue()) is warned
     finally:
         root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+
+
+def test_log_file_appends_and_follows_a_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "vcomp.log"
+    path.write_text("an older line\n")
+    root = logging.getLogger("vcomp")
+    saved = root.handlers[:], root.level, root.propagate
+    try:
+        logfmt.setup(log_file=path)
+        logfmt.event(logging.getLogger("vcomp.test"), "first")
+        # logrotate (the default, create mode) renames the file and the process goes on:
+        path.rename(tmp_path / "vcomp.log.1")
+        logfmt.event(logging.getLogger("vcomp.test"), "second")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+    rotated = (tmp_path / "vcomp.log.1").read_text().splitlines()
+    assert rotated[0] == "an older line" and rotated[1].endswith("event=first")
+    assert len(rotated) == 2
+    (line,) = path.read_text().splitlines()  # reopened at the path
+    assert line.endswith("event=second")
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--log-file .*nope"):
+        logfmt.setup(log_file=tmp_path / "nope" / "vcomp.log")

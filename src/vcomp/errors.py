@@ -88,3 +88,8 @@ def loggable(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{name}: {exc.strerror}"
     return name
+
+
+class HookError(VcompError):
+    """An operator hook (a validator or assimilator named ``module:function``) is
+    malformed, cannot be imported, or raised; the job it was called for is kept."""

@@ -11,10 +11,14 @@ or ``\\uNNNN``, so a peer can neither forge a record nor rewrite one on a termin
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import re
 import sys
 import unicodedata
+from pathlib import Path
+
+from vcomp.errors import ConfigError
 
 PEER_TEXT_LIMIT = 256
 """Characters of peer-chosen text kept in a log field (the wire's MAX_TEXT is 256 bytes)."""
@@ -71,16 +75,28 @@ LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNI
 LEVELS["ERROR"] = logging.ERROR
 
 
-def setup(level: int = logging.INFO, stream: object = None) -> None:
-    """Log lines as ``<time> <level> <logger> event=...`` on stderr.
+def setup(
+    level: int = logging.INFO, stream: object = None, *, log_file: Path | None = None
+) -> None:
+    """Log lines as ``<time> <level> <logger> event=...`` on stderr, or appended to
+    ``log_file`` (``--log-file``).
 
-    ``$VCOMP_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR) overrides ``level``: a busy
-    server may not want a line per job."""
+    Rotation is left to the system: the file is a WatchedFileHandler, which reopens the
+    path when the file was renamed or removed (logrotate's default ``create`` mode; no
+    ``copytruncate`` needed). ``$VCOMP_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR)
+    overrides ``level``: a busy server may not want a line per job."""
     wanted = os.environ.get("VCOMP_LOG_LEVEL", "").strip().upper()
     bad_level = bool(wanted) and wanted not in LEVELS
     if wanted in LEVELS:
         level = LEVELS[wanted]
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler: logging.Handler
+    if log_file is not None:
+        try:
+            handler = logging.handlers.WatchedFileHandler(log_file, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--log-file {log_file}: {exc.strerror or exc}") from None
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.setFormatter(
         logging.Formatter(
             "%(asctime)s.%(msecs)03d %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S"

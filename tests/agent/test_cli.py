@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +157,34 @@ def test_every_command_has_help() -> None:
     for command in ("init", "enrolment", "measure", "join", "quote", "doctor", "sandbox-run"):
         result = run(command, "--help")
         assert result.exit_code == 0 and "Usage:" in result.stdout
+
+
+def test_join_log_file_appends_the_log_there(tmp_path: Path) -> None:
+    agent = Path(sys.executable).parent / "vcomp-agent"
+    if not agent.exists():
+        pytest.skip("console scripts not installed in this environment")
+    d = tmp_path / "a"
+    assert run("init", d).exit_code == 0
+    log = tmp_path / "agent.log"
+    log.write_text("kept\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # nobody answers here
+        s.bind(("127.0.0.1", 0))
+        server = f"127.0.0.1:{s.getsockname()[1]}"
+        args = ["join", "--config", str(d), "--server", server, "--server-key", "ab" * 32]
+        proc = subprocess.Popen(
+            [str(agent), *args, "--log-file", str(log)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            for _ in range(600):  # until it logged past the kept line (at most 60 s)
+                if proc.poll() is not None or len(log.read_text().splitlines()) > 1:
+                    break
+                time.sleep(0.1)
+        finally:
+            proc.terminate()
+            _out, err = proc.communicate(timeout=60)
+    lines = log.read_text().splitlines()
+    assert lines[0] == "kept" and len(lines) > 1 and "event=" in lines[1], (lines, err)
+    assert "event=" not in err

@@ -78,7 +78,9 @@ def submit(home: Path, inputs: Path, *extra: str) -> int:
     return int(result.stdout.strip())  # the batch id, alone on stdout
 
 
-def finish(home: Path, batch_id: int, agent_id: str, outputs: list[bytes], status: str) -> None:
+def finish(
+    home: Path, batch_id: int, agent_id: str, outputs: list[bytes], status: str, error: str = ""
+) -> None:
     """Play the server's part: lease every job to the agent and record its result."""
     store = SqliteStore(home / "jobs.sqlite")
     try:
@@ -87,7 +89,13 @@ def finish(home: Path, batch_id: int, agent_id: str, outputs: list[bytes], statu
             lease = store.lease_next(agent_id, now, 60.0)
             assert lease is not None and lease.batch_id == batch_id
             sub = ResultSubmission(
-                lease.job_id, lease.attempt, agent_id, status=status, output=output, cpu_ms=7
+                lease.job_id,
+                lease.attempt,
+                agent_id,
+                status=status,
+                error=error,
+                output=output,
+                cpu_ms=7,
             )
             assert store.record_results([sub])[0].durable
     finally:
@@ -156,6 +164,26 @@ def test_app_add_and_list(home: Path, tmp_path: Path) -> None:
     assert_clean_error(
         run("app", "add", "bad name", program, "--kind", "python", "--config", home), "app name"
     )
+
+
+def test_app_add_with_hooks(home: Path, tmp_path: Path) -> None:
+    program = tmp_path / "echo.py"
+    program.write_text("print('hello')\n")
+    validator = "vcomp.validators:json_close?rel_tol=1e-6"
+    assimilator = "tests.integration.hookfns:record?log=/tmp/x"
+    args = ("app", "add", "echo", program, "--kind", "python", "--config", home)
+    ok(*args, "--validator", validator, "--assimilator", assimilator)
+    listed = ok("app", "list", "--config", home).stdout
+    assert f"validator {validator}" in listed and f"assimilator {assimilator}" in listed
+    for bad, message in (
+        ("json_close", "is not module:function"),
+        ("no_such_module_z:fn", "cannot import no_such_module_z"),
+        ("vcomp.validators:nope", "has no function nope"),
+        ("vcomp.validators:json_close?x", "bad options"),
+    ):
+        assert_clean_error(run(*args, "--validator", bad), message)
+        assert_clean_error(run(*args, "--assimilator", bad), message)
+    assert ok("app", "list", "--config", home).stdout == listed  # nothing added
 
 
 def test_submit_from_jsonl_and_dir(app_home: Path, tmp_path: Path) -> None:
@@ -269,6 +297,80 @@ def test_wait_exits_3_when_a_job_failed(app_home: Path, agent_line: str, tmp_pat
     lines = ok("results", str(batch), "--config", app_home).stdout.splitlines()
     assert {json.loads(ln)["state"] for ln in lines} == {"failed"}
     assert_clean_error(run("wait", "999", "--config", app_home), "")
+
+
+def test_results_of_a_success_have_no_error(
+    app_home: Path, agent_line: str, tmp_path: Path
+) -> None:
+    # A real agent describes a success as "ok" (its outcome kind); that is no error.
+    ok("enroll", agent_line, "--config", app_home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n")
+    batch = submit(app_home, jsonl)
+    finish(app_home, batch, agent_line.split()[1], [b"fine"], RESULT_OK, error="ok")
+    (line,) = ok("results", str(batch), "--config", app_home).stdout.splitlines()
+    assert json.loads(line)["error"] is None
+    assert json.loads(line)["status"] == "ok"
+
+
+def test_status_lists_failed_jobs_with_their_error(
+    app_home: Path, agent_line: str, tmp_path: Path
+) -> None:
+    ok("enroll", agent_line, "--config", app_home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n2\n")
+    batch = submit(app_home, jsonl, "--max-attempts", "1")
+    agent = agent_line.split()[1]
+    finish(app_home, batch, agent, [b"", b""], "nonzero_exit", error="ZeroDivisionError: boom")
+    text = ok("status", "--config", app_home).stdout
+    assert "ZeroDivisionError: boom" in text
+    assert f"#{batch} job 0" in text and f"#{batch} job 1" in text
+    failed = json.loads(ok("status", "--json", "--config", app_home).stdout)["failed_jobs"]
+    assert [(f["batch_id"], f["index"]) for f in failed] == [(batch, 1), (batch, 0)]
+    assert all("nonzero_exit: ZeroDivisionError: boom" in f["reason"] for f in failed)
+
+
+def test_status_shows_hook_errors(home: Path, agent_line: str, tmp_path: Path) -> None:
+    ok("enroll", agent_line, "--config", home)
+    program = tmp_path / "echo.py"
+    program.write_text("print('hello')\n")
+    hook = "tests.integration.hookfns:record?log=/nonexistent/x"
+    ok("app", "add", "echo", program, "--kind", "python", "--assimilator", hook, "--config", home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n")
+    batch = submit(home, jsonl)
+    finish(home, batch, agent_line.split()[1], [b"out"], RESULT_OK)
+    with SqliteStore(home / "jobs.sqlite") as store:
+        (due,) = store.due_assimilations(time.time(), 10)
+        store.assimilation_failed(due.job_id, "assimilator: OSError: disk full", 2e9)
+    text = ok("status", "--config", home).stdout
+    assert "hook errors" in text and f"#{batch} job 0: assimilator: OSError: disk full" in text
+    (failure,) = json.loads(ok("status", "--json", "--config", home).stdout)["hook_failures"]
+    assert failure["hook"] == "assimilator" and failure["tries"] == 1
+
+
+def test_status_shows_the_defaults_submit_takes(home: Path) -> None:
+    config = home / "server.toml"
+    config.write_text(config.read_text().replace("max_attempts = 3", "max_attempts = 7"))
+    text = ok("status", "--config", home).stdout
+    assert "submit defaults (server.toml [jobs]):" in text and "max_attempts 7" in text
+    defaults = json.loads(ok("status", "--json", "--config", home).stdout)["submit_defaults"]
+    assert defaults["max_attempts"] == 7 and defaults["replicas"] == 1
+    assert defaults["memory_bytes"] == 512 << 20
+
+
+def test_more_replicas_than_enrolled_agents_warns_and_status_says_why(
+    app_home: Path, agent_line: str, tmp_path: Path
+) -> None:
+    ok("enroll", agent_line, "--config", app_home)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("1\n")
+    result = ok("submit", "echo", "--inputs", jsonl, "--replicas", "2", "--config", app_home)
+    assert "warning: 2 replicas of a job go to 2 distinct agents; 1 enrolled" in result.stderr
+    batch = int(result.stdout.strip())
+    assert "warning" not in ok("submit", "echo", "--inputs", jsonl, "--config", app_home).stderr
+    text = ok("status", "--config", app_home).stdout
+    assert f"#{batch}: replicas wait: each job needs 2 distinct agents, 1 enrolled" in text
 
 
 def test_reset_writes_a_request(home: Path, agent_line: str) -> None:
@@ -528,6 +630,24 @@ def test_serve_bind_overrides_the_configured_address(home: Path) -> None:
         proc.terminate()
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_serve_log_file_appends_the_log_there(home: Path, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("kept\n")
+    proc = _serve(home, "--bind", f"127.0.0.1:{_free_udp_port()}", "--log-file", str(log))
+    try:
+        assert "listening on" in _first_line(proc)
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    lines = log.read_text().splitlines()
+    assert lines[0] == "kept" and any("event=server_started" in ln for ln in lines)
+    assert any("event=server_stopped" in ln for ln in lines)
+    assert "event=" not in err  # the log went to the file, not stderr
+    line = _one_error_line(_serve(home, "--log-file", str(tmp_path / "no" / "dir.log")))
+    assert "--log-file" in line and "No such file or directory" in line
 
 
 @pytest.mark.parametrize(

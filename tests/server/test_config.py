@@ -116,7 +116,9 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
         output_bytes=16777216,
         disk_bytes=67108864,
         refusals_per_hour=30,
+        stop_after_same_failures=2,
     )
+    assert config.hook_threads == 2
     assert (
         config.max_sessions_per_agent,
         config.max_leases_per_agent,
@@ -136,6 +138,12 @@ def test_refusal_cap_and_disk_bytes_are_read(tmp_path: Path) -> None:
     text = "[jobs]\nrefusals_per_hour = 5\ndisk_bytes = 1048576\n"
     jobs = load_server_config(write_config(tmp_path, text)).jobs
     assert (jobs.refusals_per_hour, jobs.disk_bytes) == (5, 1 << 20)
+
+
+def test_hook_threads_and_stopping_on_the_same_failure_are_read(tmp_path: Path) -> None:
+    text = "[server]\nhook_threads = 4\n[jobs]\nstop_after_same_failures = 0\n"
+    config = load_server_config(write_config(tmp_path, text))
+    assert (config.hook_threads, config.jobs.stop_after_same_failures) == (4, 0)
 
 
 def test_missing_keys_take_defaults(tmp_path: Path) -> None:
@@ -158,6 +166,9 @@ def test_missing_keys_take_defaults(tmp_path: Path) -> None:
         ("[jobs]\noutput_bytes = 1073741824\n", "output_bytes must be between"),
         ("[jobs]\nrefusals_per_hour = 0\n", "refusals_per_hour must be between"),
         ("[jobs]\ndisk_bytes = 0\n", "disk_bytes must be between"),
+        ("[jobs]\nstop_after_same_failures = -1\n", "stop_after_same_failures must be between"),
+        ("[jobs]\nstop_after_same_failures = true\n", "stop_after_same_failures must be an"),
+        ("[server]\nhook_threads = 0\n", "hook_threads must be between 1"),
         ("[server]\nmax_sessions_per_agent = 0\n", "max_sessions_per_agent must be between 1"),
         (
             "[server]\nmax_sessions = 10\nmax_sessions_per_agent = 11\n",

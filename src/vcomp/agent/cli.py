@@ -147,6 +147,11 @@ def measure(config_path: Path | None) -> None:
 @click.option("--cpu-percent", type=click.IntRange(1, 100), help="For --mode throttle.")
 @click.option("--core", type=click.IntRange(min=0), help="For --mode dedicated.")
 @click.option("--cores", type=click.IntRange(1, 1024), help="Concurrent jobs.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append the log here instead of stderr; reopened when logrotate moves it.",
+)
 def join(
     config_path: Path | None,
     servers: tuple[str, ...],
@@ -155,6 +160,7 @@ def join(
     cpu_percent: int | None,
     core: int | None,
     cores: int | None,
+    log_file: Path | None,
 ) -> None:
     """Run jobs for the organisation until SIGINT or SIGTERM.
 
@@ -183,7 +189,7 @@ def join(
 
     from vcomp.agent.runtime import join as run_agent
 
-    run_agent(config)
+    run_agent(config, log_file)
 
 
 # ---------------------------------------------------------------------- tools

@@ -552,9 +552,9 @@ class AgentRuntime:
         self.stopping.set()
 
 
-def join(config: AgentConfig) -> None:
+def join(config: AgentConfig, log_file: Path | None = None) -> None:
     """Run until SIGINT or SIGTERM (``vcomp-agent join``)."""
-    logfmt.setup()
+    logfmt.setup(log_file=log_file)
     # The default loop, not uvloop: the sandbox forks its launcher from this
     # process, and libuv's state is not safe to use in a forked child (its
     # fd bookkeeping aborts with an assertion). One session per core needs no

@@ -107,6 +107,17 @@ class JobRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultUnverified:
+    """The server refused an agent's result: its chunks do not match the size or SHA-256
+    the agent declared (the agent is told with an ERROR, so it drops the result)."""
+
+    session_id: int
+    job: int
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResetDone:
     session_id: int
     epoch: int
@@ -186,6 +197,7 @@ Event = (
     | ResultChunk
     | ResultComplete
     | JobRefused
+    | ResultUnverified
     | ResetDone
     | Connected
     | Rejected

@@ -287,9 +287,7 @@ class ServerSession:
         assert r.sha256 is not None
         if up.next_offset != up.total or not hmac.compare_digest(up.hasher.digest(), r.sha256):
             message = "result size or SHA-256 does not match its chunks"
-            self._events.append(
-                ev.JobRefused(self.session_id, r.job, r.attempt, ErrorCode.HASH_MISMATCH, message)
-            )
+            self._events.append(ev.ResultUnverified(self.session_id, r.job, r.attempt, message))
             # Tell the agent, so it drops a spooled result that can never verify.
             if self.channel is not None:
                 self.channel.send_reliable(

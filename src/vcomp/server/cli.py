@@ -27,6 +27,7 @@ import click
 from vcomp import __version__
 from vcomp.cligroup import VcompGroup
 from vcomp.errors import ConfigError
+from vcomp.server import status_notes
 from vcomp.server.config import (
     CONFIG_FILE,
     KEY_FILE,
@@ -35,7 +36,8 @@ from vcomp.server.config import (
     init_server_home,
     load_server_config,
 )
-from vcomp.server.store import JobState, ResultRecord, Store, StoreStatus
+from vcomp.server.hooks import load as load_hook
+from vcomp.server.store import RESULT_OK, JobState, ResultRecord, Store, StoreStatus
 from vcomp.server.store import open_store as open_store_url
 from vcomp.server.store.checks import MAX_BLOB_BYTES
 from vcomp.server.store.url import migrate_store, redact_store_url
@@ -182,7 +184,12 @@ def migrate(config_path: Path) -> None:
     metavar="HOST:PORT",
     help="Listen here instead of the configured [server] bind (two servers, one home).",
 )
-def serve(config_path: Path, bind: str | None) -> None:
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append the log here instead of stderr; reopened when logrotate moves it.",
+)
+def serve(config_path: Path, bind: str | None, log_file: Path | None) -> None:
     """Run the server (uvloop) until SIGINT or SIGTERM."""
     from vcomp.server.config import load_signing_key, parse_host_port
     from vcomp.server.service import serve as run_server
@@ -192,7 +199,7 @@ def serve(config_path: Path, bind: str | None) -> None:
         host, port = parse_host_port(bind, what="--bind", allow_zero=True)
         config = dataclasses.replace(config, bind_host=host, bind_port=port)
     load_signing_key(config.key_path)  # fail here, readably, on a bad or exposed key
-    run_server(config)
+    run_server(config, log_file=log_file)
 
 
 # ---------------------------------------------------------------------- agents and allowlist
@@ -275,11 +282,42 @@ def app() -> None:
 @click.argument("name")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--kind", type=click.Choice(["python", "exec"]), required=True)
+@click.option(
+    "--validator",
+    metavar="MODULE:FUNCTION",
+    help="Decides whether replicas agree, instead of byte equality "
+    "(e.g. vcomp.validators:json_close?rel_tol=1e-6).",
+)
+@click.option(
+    "--assimilator",
+    metavar="MODULE:FUNCTION",
+    help="Called (at least once) with each done job's canonical output.",
+)
 @config_option
-def app_add(name: str, file: Path, kind: str, config_path: Path) -> None:
-    """Store FILE as the next version of app NAME."""
+def app_add(
+    name: str,
+    file: Path,
+    kind: str,
+    validator: str | None,
+    assimilator: str | None,
+    config_path: Path,
+) -> None:
+    """Store FILE as the next version of app NAME.
+
+    Hooks are named MODULE:FUNCTION[?key=value&...] and run inside `vcomp-server serve`
+    (the module must be importable there; it is imported here to check). A validator is
+    called as fn([output_a, output_b], **options) and returns the canonical output (one
+    of them) or vcomp.validators.DISAGREE, for each pair of a job's replicas. An
+    assimilator is called as fn(job, output, **options) at least once per done job
+    (again after a crash or restart before it returned); one that raises is retried
+    with backoff and `status` shows its error. Both run on hook threads
+    ([server] hook_threads each), never holding up dispatch.
+    """
+    for hook in (validator, assimilator):
+        if hook is not None:
+            load_hook(hook)  # a HookError names what is wrong
     with open_store(config_path) as (_, store):
-        a = store.add_app(name, kind, file)
+        a = store.add_app(name, kind, file, validator=validator, assimilator=assimilator)
     click.echo(
         f"app {a.name} version {a.version} ({a.kind}): {a.size} bytes sha256 {a.sha256.hex()}"
     )
@@ -291,7 +329,14 @@ def app_list(config_path: Path) -> None:
     """Show every app version."""
     with open_store(config_path) as (_, store):
         for a in store.list_apps():
-            click.echo(f"{a.name}  v{a.version}  {a.kind}  {a.size} bytes  {a.sha256.hex()[:16]}")
+            hooks = "".join(
+                f"  {what} {hook}"
+                for what, hook in (("validator", a.validator), ("assimilator", a.assimilator))
+                if hook is not None
+            )
+            click.echo(
+                f"{a.name}  v{a.version}  {a.kind}  {a.size} bytes  {a.sha256.hex()[:16]}{hooks}"
+            )
 
 
 # ---------------------------------------------------------------------- batches
@@ -388,6 +433,9 @@ def submit(
             deadline=None if deadline is None else time.time() + deadline,
         )
         batch = store.get_batch(batch_id)
+        warning = status_notes.replica_warning(batch.replicas, len(store.list_agents()))
+    if warning is not None:
+        click.echo(warning, err=True)
     click.echo(
         f"batch {batch_id}: {batch.n_jobs} jobs of {batch.app.name} v{batch.app.version}, "
         f"{batch.replicas} replica(s), quorum {batch.quorum}",
@@ -436,9 +484,10 @@ def _ago(when: float | None, now: float) -> str:
 @config_option
 def status(as_json: bool, config_path: Path) -> None:
     """Show agents, jobs and batches."""
-    with open_store(config_path) as (_, store):
+    with open_store(config_path) as (config, store):
         st = store.status()
         agents = store.list_agents()
+        notes = status_notes.gather(store, st, config.jobs)
     if as_json:
         rows = [
             {
@@ -450,7 +499,7 @@ def status(as_json: bool, config_path: Path) -> None:
             }
             for a in agents
         ]
-        click.echo(json.dumps(_status_json(st, rows), indent=2))
+        click.echo(json.dumps(_status_json(st, rows) | status_notes.notes_json(notes), indent=2))
         return
     now = time.time()
     click.echo(f"agents: {len(agents)} enrolled")
@@ -467,6 +516,8 @@ def status(as_json: bool, config_path: Path) -> None:
             + (f", disagreements {b.disagreements}" if b.disagreements else "")
             + f")  {state}"
         )
+    for line in status_notes.notes_text(notes):
+        click.echo(line)
 
 
 @main.command()
@@ -541,7 +592,8 @@ def write_result_line(out: BinaryIO, store: Store, rec: ResultRecord) -> None:
         "state": rec.state.value,
         "reason": rec.reason,
         "status": r.status if r else None,
-        "error": (r.error or None) if r else None,
+        # A success has no error (real agents describe one as "ok", its outcome kind).
+        "error": (r.error or None) if r and r.status != RESULT_OK else None,
         "agent_id": r.agent_id if r else None,
         "attempt": r.attempt if r else None,
         "output_size": r.output_size if r else None,

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vcomp.errors import ConfigError, StoreError
 from vcomp.protocol import handshake, limits
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
+from vcomp.server.store.rules import DEFAULT_SAME_FAILURES
 from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
 
 __all__ = [
@@ -79,6 +80,7 @@ max_sessions_per_agent = 16
 max_pending_handshakes = 1024
 max_leases_per_agent = 16
 upload_memory_bytes = 67108864
+hook_threads = 2          # threads for the apps' validators, as many for assimilators
 
 [jobs]
 lease_seconds = 300.0     # lease = transfer + run + result; renewed while the agent works
@@ -92,6 +94,7 @@ wall_seconds = 120
 output_bytes = 16777216
 disk_bytes = 67108864     # the job's work directory
 refusals_per_hour = 30    # past this, an agent gets no leases until the hour has passed
+stop_after_same_failures = 2  # a job failing alike this often is not retried; 0: never
 
 [store]
 # sqlite:PATH (relative to this directory) or sqlite:///ABS/PATH; $VCOMP_STORE_URL overrides it
@@ -115,6 +118,9 @@ class JobDefaults:
     disk_bytes: int = DEFAULT_DISK_BYTES
     refusals_per_hour: int = 30
     """Refusals one agent may make per hour; then it gets no lease until older ones age out."""
+    stop_after_same_failures: int = DEFAULT_SAME_FAILURES
+    """A job whose attempts failed with the same status and error this many times is
+    failed, not retried (a deterministic failure); 0 retries up to max_attempts."""
 
     def __post_init__(self) -> None:
         _check_seconds("lease_seconds", self.lease_seconds)
@@ -128,6 +134,7 @@ class JobDefaults:
         _check_int("output_bytes", self.output_bytes, 0, limits.MAX_RESULT_SIZE)
         _check_int("disk_bytes", self.disk_bytes, 1, 1 << 62)
         _check_int("refusals_per_hour", self.refusals_per_hour, 1, 1_000_000)
+        _check_int("stop_after_same_failures", self.stop_after_same_failures, 0, 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +159,9 @@ class ServerConfig:
     """The job store's URL, absolute; empty means the SQLite file at ``store_path``."""
     store_busy_timeout: float = DEFAULT_BUSY_TIMEOUT
     """Seconds a write waits for the store's lock before the store counts as unavailable."""
+    hook_threads: int = 2
+    """Threads that call validators, and as many for assimilators: a hook that hangs
+    holds one of them, not dispatch."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -167,6 +177,7 @@ class ServerConfig:
         _check_int("max_pending_handshakes", self.max_pending_handshakes, 1, 1_000_000)
         _check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
         _check_seconds("[store] busy_timeout", self.store_busy_timeout)
+        _check_int("hook_threads", self.hook_threads, 1, 256)
 
     @property
     def public_path(self) -> Path:
@@ -339,6 +350,7 @@ def load_server_config(path: Path) -> ServerConfig:
         leases_per_agent = server.integer("max_leases_per_agent", sessions_per_agent)
         pending = server.integer("max_pending_handshakes", DEFAULT_PENDING_HANDSHAKES)
         upload_memory = server.integer("upload_memory_bytes", DEFAULT_UPLOAD_MEMORY)
+        hook_threads = server.integer("hook_threads", 2)
         server.finish()
         jobs = Table(doc, "jobs")
         defaults = JobDefaults(
@@ -353,6 +365,9 @@ def load_server_config(path: Path) -> ServerConfig:
             output_bytes=jobs.integer("output_bytes", 16 << 20),
             disk_bytes=jobs.integer("disk_bytes", DEFAULT_DISK_BYTES),
             refusals_per_hour=jobs.integer("refusals_per_hour", 30),
+            stop_after_same_failures=jobs.integer(
+                "stop_after_same_failures", DEFAULT_SAME_FAILURES
+            ),
         )
         jobs.finish()
         store = Table(doc, "store")
@@ -376,6 +391,7 @@ def load_server_config(path: Path) -> ServerConfig:
             max_pending_handshakes=pending,
             store_url=str(where),
             store_busy_timeout=busy_timeout,
+            hook_threads=hook_threads,
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None

@@ -218,10 +218,13 @@ class Scheduler:
         self.drop(key)
         self._spawn(self._release(key, reason))
 
-    def hand_back(self, agent_id: bytes, key: Key, again: bool) -> None:
-        """The holder refused ``key`` (``again``: a shutdown, it may be offered again)."""
+    def hand_back(
+        self, agent_id: bytes, key: Key, again: bool, *, reason: str | None = None
+    ) -> None:
+        """The holder refused ``key`` (``again``: a shutdown, it may be offered again);
+        ``reason`` replaces the attempt's default "refused by the agent"."""
         self.drop(key)
-        self._spawn(self.record_refusal(agent_id, key, again))
+        self._spawn(self.record_refusal(agent_id, key, again, reason=reason))
 
     def release_lost(self, agent_id: bytes, key: Key) -> None:
         """``agent_id`` reports that the session holding ``key`` ended and the job stopped.
@@ -459,13 +462,15 @@ class Scheduler:
     def _release_now(self, key: Key, reason: str) -> bool:
         return self._store.release_lease(*key, reason, now=time.time())
 
-    async def record_refusal(self, agent_id: bytes, key: Key, again: bool) -> int | None:
+    async def record_refusal(
+        self, agent_id: bytes, key: Key, again: bool, *, reason: str | None = None
+    ) -> int | None:
         """The lease holder refused its job: requeue it without charging its budget.
 
         Returns the agent's refusals in the last hour, or None if it did not hold the lease.
         """
         agent, cap = agent_id.hex(), self._config.jobs.refusals_per_hour
-        count = await self._committer.run_retrying(self._refuse_now, agent, key, again)
+        count = await self._committer.run_retrying(self._refuse_now, agent, key, again, reason)
         if count is None:
             return None
         if count == cap:
@@ -482,8 +487,9 @@ class Scheduler:
         self.requeued()
         return count
 
-    def _refuse_now(self, agent: str, key: Key, again: bool) -> int | None:
-        reason = "handed back by the agent" if again else "refused by the agent"
+    def _refuse_now(self, agent: str, key: Key, again: bool, reason: str | None) -> int | None:
+        if reason is None:
+            reason = "handed back by the agent" if again else "refused by the agent"
         try:
             return self._store.refuse_lease(*key, agent, reason, now=time.time(), offer_again=again)
         except StoreError:

@@ -36,6 +36,7 @@ import secrets
 import signal
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -54,6 +55,7 @@ from vcomp.protocol.tpm_format import ClockInfo
 from vcomp.protocol.trust import TrustPolicy
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig, load_signing_key
+from vcomp.server.hooks import Assimilation, Validation
 from vcomp.server.intake import ResultIntake
 from vcomp.server.scheduler import TICK_SECONDS, Scheduler, ServerStats
 from vcomp.server.serve_lock import StoreLock
@@ -78,7 +80,11 @@ LOST_REPORTS_PER_SESSION = 4
 class OrganisationServer:
     def __init__(self, config: ServerConfig, *, signing_key: Ed25519PrivateKey | None = None):
         self.config = config
-        self.store = open_store(config.store_url, busy_timeout=config.store_busy_timeout)
+        self.store = open_store(
+            config.store_url,
+            busy_timeout=config.store_busy_timeout,
+            same_failures=config.jobs.stop_after_same_failures,
+        )
         # Names this process in the store: its leases carry it, and its heartbeat tells
         # the other servers on a shared store that they are still held.
         self.server_id = secrets.token_hex(8)
@@ -97,6 +103,16 @@ class OrganisationServer:
             self.spawn,
             self.stats,
             config.upload_memory_bytes,
+        )
+        self.validation = Validation(
+            self.store,
+            self.committer,
+            self.spawn,
+            requeued=self.scheduler.requeued,
+            threads=config.hook_threads,
+        )
+        self.assimilation = Assimilation(
+            self.store, self.committer, self.spawn, threads=config.hook_threads
         )
         # One server per SQLite file; on a shared database server several are the point.
         store_file = parse_store_url(config.store_url).path
@@ -165,6 +181,8 @@ class OrganisationServer:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks, self._accepting = tasks, True
                 self._tick_task = tasks.create_task(self._tick_forever())
+                tasks.create_task(self.validation.run_forever())
+                tasks.create_task(self.assimilation.run_forever())
                 running.set_result(None)
                 await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
@@ -196,6 +214,8 @@ class OrganisationServer:
                 await self.committer.run(
                     self._flush_agent_updates, self._pending_clocks, self._pending_touches
                 )
+        self.validation.close()
+        self.assimilation.close()
         await self.committer.close()
         self.store.close()
         if self._lock is not None:
@@ -301,6 +321,8 @@ class OrganisationServer:
             )
         elif isinstance(e, ev.JobRefused):
             self._on_refused(e)
+        elif isinstance(e, ev.ResultUnverified):
+            self._on_unverified(e)
         elif isinstance(e, ev.SessionClosed):
             self._lost_reports.pop(e.session_id, None)
             self.scheduler.session_closed(e.session_id)
@@ -340,6 +362,8 @@ class OrganisationServer:
             log,
             "job_refused",
             logging.WARNING,
+            by="agent",
+            agent=session.agent_id.hex()[:16],
             job=e.job,
             attempt=e.attempt,
             code=e.code,
@@ -347,6 +371,26 @@ class OrganisationServer:
         )
         again = e.code == ErrorCode.JOB_ABANDONED  # a shutdown: it may come back
         self.scheduler.hand_back(session.agent_id, (e.job, e.attempt), again)
+
+    def _on_unverified(self, e: ev.ResultUnverified) -> None:
+        """This server refused the agent's result (it does not match its SHA-256). The
+        lease goes back as a refusal would (never to this agent again), and the record
+        says who refused what."""
+        session = self.session(e.session_id)
+        agent = None if session is None else session.agent_id
+        logfmt.event(
+            log,
+            "result_refused",
+            logging.WARNING,
+            by="server",
+            agent=None if agent is None else agent.hex()[:16],
+            job=e.job,
+            attempt=e.attempt,
+            reason=e.reason,
+        )
+        if agent is not None and self.scheduler.held_by((e.job, e.attempt), agent):
+            reason = f"result refused by the server: {e.reason}"
+            self.scheduler.hand_back(agent, (e.job, e.attempt), False, reason=reason)
 
     def _on_lost(self, session: ServerSession, e: ev.JobRefused) -> None:
         """The agent's earlier session (here or on another server) ended with this job.
@@ -496,9 +540,9 @@ class OrganisationServer:
         await self.scheduler.offer()
 
 
-def serve(config: ServerConfig) -> None:
+def serve(config: ServerConfig, *, log_file: Path | None = None) -> None:
     """Run until SIGINT or SIGTERM (``vcomp-server serve``)."""
-    logfmt.setup()
+    logfmt.setup(log_file=log_file)
     try:
         import uvloop
 

@@ -45,9 +45,32 @@ def lease(store: Store, agent: str, now: float = 0.0, seconds: float = 30.0) -> 
     return got
 
 
+# Undoes migration 4 (operator hooks) on either backend.
+UNDO_V4 = (
+    "DROP TABLE verdicts",
+    "DROP INDEX jobs_validate_due",
+    "ALTER TABLE jobs DROP COLUMN validate_due",
+    "DROP INDEX jobs_hook_error",
+    "DROP INDEX jobs_assimilate_due",
+    *(
+        f"ALTER TABLE {table} DROP COLUMN {column}"
+        for table, column in (
+            ("apps", "validator"),
+            ("apps", "assimilator"),
+            ("jobs", "assimilate_due"),
+            ("jobs", "assimilated_at"),
+            ("jobs", "hook_error"),
+            ("jobs", "hook_tries"),
+        )
+    ),
+)
+
+
 def downgrade_to_v1(path: Path) -> None:
     """Turn a current store file back into schema 1 (before disk_bytes)."""
     raw = sqlite3.connect(path)
+    for statement in UNDO_V4:
+        raw.execute(statement)
     raw.execute("DROP INDEX attempts_by_server")  # v3
     raw.execute("ALTER TABLE attempts DROP COLUMN server_id")
     raw.execute("DROP TABLE servers")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.pg import fresh_schema_url
+from tests.server.store.support import UNDO_V4
 from vcomp.errors import ConfigError, SchemaVersionError, StoreError, StoreUnavailable
 from vcomp.pgcluster import PostgresCluster
 from vcomp.server.store import open_store
@@ -99,6 +100,8 @@ def test_postgresql_migrate_creates_and_open_checks_the_version(
         assert isinstance(store, PostgresStore)
         assert store.schema_version() == SCHEMA_VERSION and store.list_apps() == []
         with store.database.transaction(write=True) as conn:  # back to schema v1
+            for statement in UNDO_V4:
+                conn.execute(statement)
             conn.execute("DROP INDEX attempts_by_server")
             conn.execute("ALTER TABLE attempts DROP COLUMN server_id")
             conn.execute("DROP TABLE servers")

@@ -14,20 +14,25 @@ from vcomp.server.store.records import (
     AgentRecord,
     App,
     AppKind,
+    AssimilationDue,
     AttemptRecord,
     Batch,
     BatchStatus,
     ExpiredLease,
+    HookFailure,
     Job,
+    JobState,
     Lease,
     LeaseRequest,
     Measurement,
+    PairVerdict,
     RecordOutcome,
     ResultRecord,
     ResultSubmission,
     StoredResult,
     StoreStatus,
     UploadHandle,
+    ValidationDue,
 )
 
 
@@ -76,13 +81,30 @@ class Store(Protocol):
 
     # apps
     def add_app(
-        self, name: str, kind: AppKind | str, code: CodeSource, *, size: int | None = None
+        self,
+        name: str,
+        kind: AppKind | str,
+        code: CodeSource,
+        *,
+        size: int | None = None,
+        validator: str | None = None,
+        assimilator: str | None = None,
     ) -> App: ...
     def get_app(self, name: str, version: int | None = None) -> App: ...
     def get_app_by_id(self, app_id: int) -> App: ...
     def list_apps(self) -> list[App]: ...
     def open_code(self, app_id: int) -> BlobReader: ...
     def read_code_chunk(self, app_id: int, offset: int, n: int) -> bytes: ...
+
+    # operator hooks (vcomp.server.hooks)
+    def due_validations(self, now: float, limit: int) -> list[ValidationDue]: ...
+    def record_verdicts(
+        self, job_id: int, verdicts: Sequence[PairVerdict], now: float
+    ) -> JobState: ...
+    def due_assimilations(self, now: float, limit: int) -> list[AssimilationDue]: ...
+    def assimilated(self, job_id: int, now: float) -> None: ...
+    def assimilation_failed(self, job_id: int, error: str, retry_at: float) -> None: ...
+    def hook_failures(self, limit: int = 20) -> list[HookFailure]: ...
 
     # batches and jobs
     def create_batch(
@@ -107,6 +129,7 @@ class Store(Protocol):
         """The id of the newest batch (0: none); a cheap "new work was added" mark."""
 
     def get_job(self, job_id: int) -> Job: ...
+    def failed_jobs(self, batch_id: int, limit: int = 10) -> list[Job]: ...
     def get_job_by_index(self, batch_id: int, index: int) -> Job: ...
     def list_attempts(self, job_id: int) -> list[AttemptRecord]: ...
     def open_input(self, job_id: int) -> BlobReader: ...

@@ -71,6 +71,10 @@ class App:
     size: int
     sha256: bytes
     created_at: float
+    # Operator hooks, ``module:function`` (see vcomp.server.hooks); None: byte-equal
+    # replicas agree, and nothing is called after a job is done.
+    validator: str | None = None
+    assimilator: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,3 +303,51 @@ class CandidateResult:
 
 #: Decides whether two results agree. Must be an equivalence relation.
 ResultComparator = Callable[[CandidateResult, CandidateResult], bool]
+#: The comparator of one app (its validator, or byte equality).
+ComparatorFor = Callable[[App], ResultComparator]
+
+
+@dataclass(frozen=True, slots=True)
+class AssimilationDue:
+    """A done job whose app's assimilator has not yet returned for it."""
+
+    job_id: int
+    batch_id: int
+    index: int
+    canonical_attempt: int
+    app: App
+    tries: int  # calls that raised so far
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationDue:
+    """A job of a validator app whose ok results include pairs not yet judged."""
+
+    job_id: int
+    batch_id: int
+    index: int
+    app: App
+    pairs: tuple[tuple[int, int], ...]  # (attempt, later attempt) to ask the validator
+
+
+@dataclass(frozen=True, slots=True)
+class PairVerdict:
+    """The validator's answer for two attempts; ``error``: it failed (a disagreement)."""
+
+    attempt_a: int
+    attempt_b: int
+    agree: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HookFailure:
+    """A job whose hook failed: ``hook`` is "validator" or "assimilator"."""
+
+    job_id: int
+    batch_id: int
+    index: int
+    hook: str
+    error: str
+    tries: int
+    retry_at: float | None  # the assimilator's next call; None: not due

@@ -15,7 +15,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vcomp.errors import StoreError
+from vcomp.errors import HookError, StoreError
 from vcomp.server.store.records import (
     REFUSAL_WINDOW,
     RESULT_OK,
@@ -45,11 +45,15 @@ class Verdict:
 
 
 def group_results(
-    candidates: Sequence[CandidateResult], comparator: ResultComparator, quorum: int
+    candidates: Sequence[CandidateResult],
+    comparator: ResultComparator,
+    quorum: int,
+    hook_errors: list[str] | None = None,
 ) -> list[list[CandidateResult]]:
     """Partition ok results (in attempt order) into groups that agree.
 
-    With ``quorum == 1`` the first result wins and nothing is compared.
+    With ``quorum == 1`` the first result wins and nothing is compared. A validator
+    that fails (HookError) counts as a disagreement; its text goes to ``hook_errors``.
     """
     if quorum == 1:
         return [list(candidates[:1])] if candidates else []
@@ -58,6 +62,11 @@ def group_results(
         for group in groups:
             try:
                 same = comparator(group[0], candidate)
+            except HookError as exc:
+                if hook_errors is None:
+                    raise
+                hook_errors.append(str(exc))
+                same = False
             except Exception as exc:
                 raise StoreError(f"result comparator failed: {exc}") from exc
             if same:
@@ -203,6 +212,22 @@ def failure_reason(status: str, error: str, max_len: int) -> str | None:
     return f"{status}: {error}"[:max_len] if error else status
 
 
+#: A job failing with the same status and error this many times stops being retried
+#: (``[jobs] stop_after_same_failures``; 0 retries up to the attempt budget).
+DEFAULT_SAME_FAILURES = 2
+
+
+def repeated_failure(failure: str, earlier_same: int, limit: int) -> str | None:
+    """The reason to fail a job now, when this failure makes ``limit`` alike (a
+    deterministic failure: running it again would fail again); else None."""
+    if limit < 1 or earlier_same + 1 < limit:
+        return None
+    return (
+        f"{failure} (the same failure {earlier_same + 1} times: not retried, "
+        f"see [jobs] stop_after_same_failures)"
+    )
+
+
 def classify_result(
     job_state: JobState,
     attempt_state: AttemptState,
@@ -274,6 +299,7 @@ class Settlement:
 
     verdict: Verdict
     disagreeing_groups: int | None
+    hook_error: str | None = None  # the app's validator failed (the last error)
 
 
 def settle(
@@ -288,7 +314,8 @@ def settle(
     new_attempt: int | None = None,
 ) -> Settlement:
     """Bring a live job in line with its counted ok results, leases and budget."""
-    groups = group_results(candidates, comparator, batch.quorum)
+    hook_errors: list[str] = []
+    groups = group_results(candidates, comparator, batch.quorum, hook_errors)
     disagreeing = None
     if new_attempt is not None and is_disagreement(groups, new_attempt):
         disagreeing = len(groups)
@@ -301,4 +328,7 @@ def settle(
         attempts=charged,
         last_failure=last_failure,
     )
-    return Settlement(verdict, disagreeing)
+    hook_error = hook_errors[-1] if hook_errors else None
+    if hook_error is not None and verdict.reason is not None:
+        verdict = Verdict(verdict.state, verdict.pending, reason=f"{hook_error}; {verdict.reason}")
+    return Settlement(verdict, disagreeing, hook_error)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from vcomp.errors import ConfigError, StoreError
 from vcomp.server.store.interface import Store
+from vcomp.server.store.rules import DEFAULT_SAME_FAILURES
 
 SQLITE = "sqlite"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -110,7 +111,12 @@ def _sqlite_path(where: StoreUrl) -> Path:
 
 
 def open_store(
-    url: str, *, base: Path | None = None, migrate: bool = False, busy_timeout: float = 30.0
+    url: str,
+    *,
+    base: Path | None = None,
+    migrate: bool = False,
+    busy_timeout: float = 30.0,
+    same_failures: int = DEFAULT_SAME_FAILURES,
 ) -> Store:
     """The store at ``url``. Without ``migrate`` it must exist at this vcomp's schema
     version (else an error that names ``vcomp-server migrate``); with it, the schema
@@ -120,7 +126,7 @@ def open_store(
     if where.url is not None:
         from vcomp.server.store.postgres import PostgresStore  # only opening it needs psycopg
 
-        return PostgresStore(where.url, migrate=migrate)
+        return PostgresStore(where.url, migrate=migrate, same_failures=same_failures)
     path = _sqlite_path(where)
     from vcomp.server.store.sqlite import SqliteStore  # only opening a store needs it
 
@@ -128,7 +134,9 @@ def open_store(
         raise StoreError(
             f"{path}: no job store (run `vcomp-server init` or `vcomp-server migrate`)"
         )
-    return SqliteStore(path, migrate=migrate, busy_timeout=busy_timeout)
+    return SqliteStore(
+        path, migrate=migrate, busy_timeout=busy_timeout, same_failures=same_failures
+    )
 
 
 def migrate_store(url: str, *, base: Path | None = None) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from vcomp.server.store.postgres.blobs import PostgresBlobs
 from vcomp.server.store.postgres.database import PostgresDatabase
 from vcomp.server.store.postgres.dialect import PostgresDialect
 from vcomp.server.store.records import ResultComparator
-from vcomp.server.store.rules import sha256_equal
+from vcomp.server.store.rules import DEFAULT_SAME_FAILURES, sha256_equal
 from vcomp.server.store.sql import versions
 from vcomp.server.store.sql.store import SqlStore
 
@@ -37,9 +37,15 @@ class PostgresStore(SqlStore):
         migrate: bool = True,
         max_connections: int = 8,
         wait_timeout: float = 10.0,
+        same_failures: int = DEFAULT_SAME_FAILURES,
     ) -> None:
         db = PostgresDatabase(url, max_connections=max_connections, wait_timeout=wait_timeout)
         versions.ready(db, migrate=migrate)
         super().__init__(
-            db, PostgresDialect(), PostgresBlobs(db), comparator=comparator, clock=clock
+            db,
+            PostgresDialect(),
+            PostgresBlobs(db),
+            comparator=comparator,
+            clock=clock,
+            same_failures=same_failures,
         )

@@ -20,6 +20,7 @@ from vcomp.server.store.checks import (
     check_name,
     check_positive,
     check_size,
+    check_text,
     stream_remaining,
 )
 from vcomp.server.store.interface import BlobReader, CodeSource
@@ -63,9 +64,19 @@ class Catalog:
     # ------------------------------------------------------------------ apps
 
     def add_app(
-        self, name: str, kind: AppKind | str, code: CodeSource, *, size: int | None = None
+        self,
+        name: str,
+        kind: AppKind | str,
+        code: CodeSource,
+        *,
+        size: int | None = None,
+        validator: str | None = None,
+        assimilator: str | None = None,
     ) -> App:
         name = check_name(name, "app name")
+        for hook, what in ((validator, "validator"), (assimilator, "assimilator")):
+            if hook is not None:
+                check_text(hook, what)
         try:
             app_kind = AppKind(kind)
         except ValueError:
@@ -92,12 +103,12 @@ class Catalog:
                 )
                 created = self._clock()
                 cur = conn.execute(
-                    "INSERT INTO apps (name, version, kind, blob_id, created_at) "
-                    "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                    (name, version, app_kind.value, blob_id, created),
+                    "INSERT INTO apps (name, version, kind, blob_id, created_at, validator, "
+                    "assimilator) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (name, version, app_kind.value, blob_id, created, validator, assimilator),
                 )
                 app_id = returning_id(cur)
-        return App(app_id, name, version, app_kind, total, digest, created)
+        return App(app_id, name, version, app_kind, total, digest, created, validator, assimilator)
 
     def get_app(self, name: str, version: int | None = None) -> App:
         with self._db.transaction() as conn:
@@ -273,6 +284,17 @@ class Catalog:
         if row is None:
             raise StoreError(f"unknown job {job_id}")
         return job_from_row(row)
+
+    def failed_jobs(self, batch_id: int, limit: int) -> list[Job]:
+        """The batch's failed jobs, the most recent first (their reason says why)."""
+        check_int(limit, "limit", 1, 10_000)
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                JOB_SELECT + " WHERE j.batch_id = ? AND j.state = 'failed' "
+                "ORDER BY j.finished_at DESC, j.idx DESC LIMIT ?",
+                (batch_id, limit),
+            ).fetchall()
+        return [job_from_row(row) for row in rows]
 
     def get_job_by_index(self, batch_id: int, index: int) -> Job:
         with self._db.transaction() as conn:

@@ -121,7 +121,8 @@ REFUSALS_SINCE = (
     "AND state IN ('refused', 'abandoned')"
 )
 APP_SELECT = (
-    "SELECT a.id, a.name, a.version, a.kind, b.size, b.sha256, a.created_at "
+    "SELECT a.id, a.name, a.version, a.kind, b.size, b.sha256, a.created_at, "
+    "a.validator, a.assimilator "
     "FROM apps AS a JOIN blobs AS b ON b.id = a.blob_id"
 )
 JOB_SELECT = (
@@ -166,6 +167,8 @@ def app_from_row(row: Any) -> App:
         size=int(row[4]),
         sha256=bytes(row[5]),
         created_at=float(row[6]),
+        validator=row[7],
+        assimilator=row[8],
     )
 
 

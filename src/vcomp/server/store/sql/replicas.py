@@ -7,17 +7,19 @@ what the job's state is now, and writes that down.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vcomp.errors import StoreError
+from vcomp.errors import HookError, StoreError
 from vcomp.server.store.records import (
     RESULT_OK,
     AttemptRecord,
     AttemptState,
     CandidateResult,
     JobState,
+    PairVerdict,
     ResultComparator,
 )
 from vcomp.server.store.rules import SlotChange, charged_attempts, settle
@@ -128,6 +130,17 @@ class Replicas:
         )
         return self.settle(conn, job_id, now)
 
+    def fail_job(self, conn: Connection, job_id: int, reason: str, now: float) -> JobState:
+        """A live job fails now (its failure repeats): one leased replica ends with it;
+        others still out come back as evidence."""
+        self._dialect.defer(
+            conn,
+            "UPDATE jobs SET state = 'failed', pending = 0, leased = leased - 1, reason = ?, "
+            "finished_at = ? WHERE id = ?",
+            (reason, now, job_id),
+        )
+        return JobState.FAILED
+
     def settle(
         self,
         conn: Connection,
@@ -155,10 +168,25 @@ class Replicas:
                 )
             return state
         uncharged = int(row[6])
+        batch = self._catalog.batch(conn, int(row[1]))
+        candidates = self._candidates(job_id, [r[7:] for r in rows if r[7] is not None])
+        comparator = self._comparator
+        if batch.app.validator is not None and batch.quorum > 1:
+            validated = self._validated(conn, job_id, candidates)
+            if validated is None:  # judged once the validator answered
+                waiting = JobState.QUEUED if pending > 0 else JobState.LEASED
+                self._dialect.defer(
+                    conn,
+                    "UPDATE jobs SET state = ?, pending = ?, leased = ?, validate_due = ? "
+                    "WHERE id = ?",
+                    (waiting.value, pending, leased, now, job_id),
+                )
+                return waiting
+            comparator = validated
         settlement = settle(
-            self._candidates(job_id, [r[7:] for r in rows if r[7] is not None]),
-            self._comparator,
-            self._catalog.batch(conn, int(row[1])),
+            candidates,
+            comparator,
+            batch,
             pending=pending,
             leased=leased,
             charged=charged_attempts(int(row[4]), uncharged),
@@ -175,13 +203,21 @@ class Replicas:
             self._dialect.defer(
                 conn, "UPDATE jobs SET disagreements = disagreements + 1 WHERE id = ?", (job_id,)
             )
+        if settlement.hook_error is not None:
+            self._dialect.defer(
+                conn,
+                "UPDATE jobs SET hook_error = ?, hook_tries = hook_tries + 1 WHERE id = ?",
+                (settlement.hook_error, job_id),
+            )
         verdict = settlement.verdict
         if verdict.state is JobState.DONE:
+            # An app with an assimilator: the job is due for it from now on.
+            due = now if batch.app.assimilator is not None else None
             self._dialect.defer(
                 conn,
                 "UPDATE jobs SET state = 'done', pending = 0, leased = ?, canonical_attempt = ?, "
-                "reason = NULL, finished_at = ? WHERE id = ?",
-                (leased, verdict.canonical_attempt, now, job_id),
+                "reason = NULL, finished_at = ?, assimilate_due = ? WHERE id = ?",
+                (leased, verdict.canonical_attempt, now, due, job_id),
             )
         elif verdict.state is JobState.FAILED:
             self._dialect.defer(
@@ -197,6 +233,35 @@ class Replicas:
                 (verdict.state.value, verdict.pending, leased, job_id),
             )
         return verdict.state
+
+    @staticmethod
+    def verdicts(conn: Connection, job_id: int) -> dict[tuple[int, int], PairVerdict]:
+        rows = conn.execute(
+            "SELECT attempt_a, attempt_b, agree, error FROM verdicts WHERE job_id = ?", (job_id,)
+        ).fetchall()
+        return {
+            (int(r[0]), int(r[1])): PairVerdict(int(r[0]), int(r[1]), bool(r[2]), r[3])
+            for r in rows
+        }
+
+    def _validated(
+        self, conn: Connection, job_id: int, candidates: list[CandidateResult]
+    ) -> ResultComparator | None:
+        """The comparator of a validator app: its recorded verdicts. None while a pair of
+        ok results has none yet (the validator runs off the writer thread, see
+        vcomp.server.hooks, and the job is settled again when it answered)."""
+        verdicts = self.verdicts(conn, job_id)
+        pairs = {(a.attempt, b.attempt) for a, b in itertools.combinations(candidates, 2)}
+        if not pairs <= verdicts.keys():
+            return None
+
+        def recorded(a: CandidateResult, b: CandidateResult) -> bool:
+            found = verdicts[min(a.attempt, b.attempt), max(a.attempt, b.attempt)]
+            if found.error is not None:
+                raise HookError(found.error)
+            return found.agree
+
+        return recorded
 
     def _candidates(self, job_id: int, rows: list[Any]) -> list[CandidateResult]:
         """Counted ok results (attempt, agent, size, digest, blob) as the rules see them."""

@@ -23,10 +23,12 @@ from vcomp.server.store.records import (
     StoredResult,
 )
 from vcomp.server.store.rules import (
+    DEFAULT_SAME_FAILURES,
     SlotChange,
     checked_status,
     classify_result,
     failure_reason,
+    repeated_failure,
     result_effect,
 )
 from vcomp.server.store.sql.catalog import Catalog
@@ -106,8 +108,10 @@ class Results:
         replicas: Replicas,
         uploads: Uploads,
         clock: Callable[[], float],
+        same_failures: int = DEFAULT_SAME_FAILURES,
     ) -> None:
         self._db = db
+        self._same_failures = same_failures
         self._dialect = dialect
         self._blobs = blobs
         self._catalog = catalog
@@ -244,13 +248,38 @@ class Results:
                 conn, sub.job_id, sub.attempt, effect.ends_attempt, received, failure
             )
         if effect.slots is SlotChange.FAIL_LEASED:
-            job_state = self._replicas.fail_attempt(conn, sub.job_id, failure or status, received)
+            final = repeated_failure(
+                failure or status,
+                self._same_failures_before(conn, sub, status, error),
+                self._same_failures,
+            )
+            if final is not None:
+                job_state = self._replicas.fail_job(conn, sub.job_id, final, received)
+            else:
+                job_state = self._replicas.fail_attempt(
+                    conn, sub.job_id, failure or status, received
+                )
         elif effect.slots is not SlotChange.NONE:
             job_state = self._replicas.settle(
                 conn, sub.job_id, received, new_attempt=sub.attempt, slot=effect.slots
             )
         detail = "" if effect.counted else f"job is {job_state.value}; kept as evidence"
         return RecordOutcome(sub.job_id, sub.attempt, kind, job_state, detail)
+
+    def _same_failures_before(
+        self, conn: Connection, sub: ResultSubmission, status: str, error: str
+    ) -> int:
+        """Other agents whose counted results of this job failed with this status and
+        error (one agent alone, repeating itself, must not fail a job: see
+        ``agent_attempt_cap``)."""
+        if self._same_failures < 2:
+            return 0
+        row = conn.execute(
+            "SELECT COUNT(DISTINCT agent_id) FROM results WHERE job_id = ? AND agent_id <> ? "
+            "AND counted = 1 AND status = ? AND error = ?",
+            (sub.job_id, sub.agent_id, status, error),
+        ).fetchone()
+        return int(row[0])
 
     def _take_output(
         self, conn: Connection, sub: ResultSubmission, job_state: JobState, limit: int

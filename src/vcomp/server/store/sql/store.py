@@ -24,14 +24,18 @@ from vcomp.server.store.records import (
     AgentRecord,
     App,
     AppKind,
+    AssimilationDue,
     AttemptRecord,
     Batch,
     BatchStatus,
     ExpiredLease,
+    HookFailure,
     Job,
+    JobState,
     Lease,
     LeaseRequest,
     Measurement,
+    PairVerdict,
     RecordOutcome,
     ResultComparator,
     ResultRecord,
@@ -39,11 +43,13 @@ from vcomp.server.store.records import (
     StoredResult,
     StoreStatus,
     UploadHandle,
+    ValidationDue,
 )
-from vcomp.server.store.rules import sha256_equal
+from vcomp.server.store.rules import DEFAULT_SAME_FAILURES, sha256_equal
 from vcomp.server.store.sql.agents import Agents
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Blobs, Database, Dialect
+from vcomp.server.store.sql.hooks import HookWork
 from vcomp.server.store.sql.leases import Leases
 from vcomp.server.store.sql.replicas import Replicas
 from vcomp.server.store.sql.results import Results
@@ -62,6 +68,7 @@ class SqlStore:
         *,
         comparator: ResultComparator = sha256_equal,
         clock: Callable[[], float] = time.time,
+        same_failures: int = DEFAULT_SAME_FAILURES,
     ) -> None:
         self.database = db = database
         self._catalog = catalog = Catalog(db, dialect, blobs, clock)
@@ -69,8 +76,11 @@ class SqlStore:
         replicas = Replicas(catalog, dialect, blobs, comparator)
         self._leases = Leases(db, dialect, catalog, agents, replicas, clock)
         self._uploads = uploads = Uploads(db, blobs, catalog, clock)
-        self._results = Results(db, dialect, blobs, catalog, replicas, uploads, clock)
+        self._results = Results(
+            db, dialect, blobs, catalog, replicas, uploads, clock, same_failures
+        )
         self._servers = Servers(db)
+        self._hooks = HookWork(db, catalog, replicas)
 
     def schema_version(self) -> int:
         return self.database.schema_version()
@@ -92,9 +102,38 @@ class SqlStore:
     # ------------------------------------------------------------------ apps
 
     def add_app(
-        self, name: str, kind: AppKind | str, code: CodeSource, *, size: int | None = None
+        self,
+        name: str,
+        kind: AppKind | str,
+        code: CodeSource,
+        *,
+        size: int | None = None,
+        validator: str | None = None,
+        assimilator: str | None = None,
     ) -> App:
-        return self._catalog.add_app(name, kind, code, size=size)
+        return self._catalog.add_app(
+            name, kind, code, size=size, validator=validator, assimilator=assimilator
+        )
+
+    # ------------------------------------------------------------------ operator hooks
+
+    def due_validations(self, now: float, limit: int) -> list[ValidationDue]:
+        return self._hooks.due_validations(now, limit)
+
+    def record_verdicts(self, job_id: int, verdicts: Sequence[PairVerdict], now: float) -> JobState:
+        return self._hooks.record_verdicts(job_id, verdicts, now)
+
+    def due_assimilations(self, now: float, limit: int) -> list[AssimilationDue]:
+        return self._hooks.due_assimilations(now, limit)
+
+    def assimilated(self, job_id: int, now: float) -> None:
+        self._hooks.assimilated(job_id, now)
+
+    def assimilation_failed(self, job_id: int, error: str, retry_at: float) -> None:
+        self._hooks.assimilation_failed(job_id, error, retry_at)
+
+    def hook_failures(self, limit: int = 20) -> list[HookFailure]:
+        return self._hooks.failures(limit)
 
     def get_app(self, name: str, version: int | None = None) -> App:
         return self._catalog.get_app(name, version)
@@ -155,6 +194,9 @@ class SqlStore:
 
     def get_job(self, job_id: int) -> Job:
         return self._catalog.get_job(job_id)
+
+    def failed_jobs(self, batch_id: int, limit: int = 10) -> list[Job]:
+        return self._catalog.failed_jobs(batch_id, limit)
 
     def get_job_by_index(self, batch_id: int, index: int) -> Job:
         return self._catalog.get_job_by_index(batch_id, index)

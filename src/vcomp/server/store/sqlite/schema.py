@@ -126,5 +126,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE attempts ADD COLUMN server_id TEXT",
         "CREATE INDEX attempts_by_server ON attempts(server_id) WHERE state = 'leased'",
     ),
+    (
+        # Operator hooks per app version, and each done job's assimilation: due (a time
+        # to call the assimilator at or after) until it returns, then assimilated_at.
+        "ALTER TABLE apps ADD COLUMN validator TEXT",
+        "ALTER TABLE apps ADD COLUMN assimilator TEXT",
+        "ALTER TABLE jobs ADD COLUMN assimilate_due REAL",
+        "ALTER TABLE jobs ADD COLUMN assimilated_at REAL",
+        "ALTER TABLE jobs ADD COLUMN hook_error TEXT",
+        "ALTER TABLE jobs ADD COLUMN hook_tries INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX jobs_assimilate_due ON jobs(assimilate_due) WHERE assimilate_due IS NOT NULL",
+        "CREATE INDEX jobs_hook_error ON jobs(id) WHERE hook_error IS NOT NULL",
+        # A validator app's pairs of replicas, judged off the writer thread: a job whose
+        # ok results lack a verdict waits, validate_due set, until the hook has run.
+        "ALTER TABLE jobs ADD COLUMN validate_due REAL",
+        "CREATE INDEX jobs_validate_due ON jobs(validate_due) WHERE validate_due IS NOT NULL",
+        """CREATE TABLE verdicts (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            attempt_a INTEGER NOT NULL,
+            attempt_b INTEGER NOT NULL,
+            agree INTEGER NOT NULL,
+            error TEXT,
+            PRIMARY KEY (job_id, attempt_a, attempt_b))""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from vcomp.server.store.records import ResultComparator
-from vcomp.server.store.rules import sha256_equal
+from vcomp.server.store.rules import DEFAULT_SAME_FAILURES, sha256_equal
 from vcomp.server.store.sql import versions
 from vcomp.server.store.sql.store import SqlStore
 from vcomp.server.store.sqlite.blobs import SqliteBlobs
@@ -33,10 +33,18 @@ class SqliteStore(SqlStore):
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 30.0,
         migrate: bool = True,
+        same_failures: int = DEFAULT_SAME_FAILURES,
     ) -> None:
         db = SqliteDatabase(path, busy_timeout=busy_timeout)
         versions.ready(db, migrate=migrate)
-        super().__init__(db, SqliteDialect(), SqliteBlobs(db), comparator=comparator, clock=clock)
+        super().__init__(
+            db,
+            SqliteDialect(),
+            SqliteBlobs(db),
+            comparator=comparator,
+            clock=clock,
+            same_failures=same_failures,
+        )
 
     def journal_mode(self) -> str:
         return self.database.journal_mode()
