@@ -26,6 +26,7 @@ from vcomp.agent.config import (
     resolve_server_key,
 )
 from vcomp.agent.modes import MODE_KINDS
+from vcomp.agent.preferences.options import override_preferences, preference_options
 from vcomp.cligroup import VcompGroup
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -147,6 +148,7 @@ def measure(config_path: Path | None) -> None:
 @click.option("--cpu-percent", type=click.IntRange(1, 100), help="For --mode throttle.")
 @click.option("--core", type=click.IntRange(min=0), help="For --mode dedicated.")
 @click.option("--cores", type=click.IntRange(1, 1024), help="Concurrent jobs.")
+@preference_options
 def join(
     config_path: Path | None,
     servers: tuple[str, ...],
@@ -155,6 +157,7 @@ def join(
     cpu_percent: int | None,
     core: int | None,
     cores: int | None,
+    **preferences: Any,
 ) -> None:
     """Run jobs for the organisation until SIGINT or SIGTERM.
 
@@ -177,13 +180,71 @@ def join(
         raise click.UsageError("--cpu-percent applies to --mode throttle")
     if core is not None and effective_mode != "dedicated":
         raise click.UsageError("--core applies to --mode dedicated")
-    config = dataclasses.replace(config, **changes)
+    config = dataclasses.replace(
+        config, preferences=override_preferences(config.preferences, preferences), **changes
+    )
     config.server_addresses()  # both raise a ConfigError saying what is missing
     config.server_fingerprint()
 
     from vcomp.agent.runtime import join as run_agent
 
     run_agent(config)
+
+
+# ---------------------------------------------------------------------- live status
+
+
+def _ask(config_path: Path | None, command: str) -> dict[str, Any]:
+    from vcomp.agent.status import StatusError, request
+
+    try:
+        return request(load_config(config_path).status_socket, command)
+    except StatusError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Show what the running agent is doing now.
+
+    The server and session of each worker, the current job with its progress and CPU,
+    the mode, why the agent is paused if it is, jobs done today and in total, and the
+    CPU-seconds donated. Asks the agent through status.sock in its home.
+    """
+    from vcomp.agent.status import format_status
+
+    doc = _ask(config_path, "status")
+    doc.pop("ok", None)
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else format_status(doc))
+
+
+@main.command()
+@config_option
+def pause(config_path: Path | None) -> None:
+    """Stop the running agent's jobs until `vcomp-agent resume` (no work is lost).
+
+    Running jobs are stopped where they are (frozen, or SIGSTOP) and continue on resume;
+    the agent keeps its sessions and leases meanwhile.
+    """
+    _ask(config_path, "pause")
+    click.echo("paused: jobs are stopped until `vcomp-agent resume`")
+
+
+@main.command()
+@config_option
+def resume(config_path: Path | None) -> None:
+    """Let the running agent's jobs continue after `vcomp-agent pause`.
+
+    Other rules (schedule, battery, user activity) may still hold them; `status` says.
+    """
+    doc = _ask(config_path, "resume")
+    reasons = dict(doc.get("paused_because") or {})
+    if reasons:
+        click.echo("resumed; still held by: " + "; ".join(reasons.values()))
+    else:
+        click.echo("resumed")
 
 
 # ---------------------------------------------------------------------- tools

@@ -23,15 +23,22 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 from vcomp import logfmt
 from vcomp.agent.config import AgentConfig
 from vcomp.agent.measure import measured_launch
 from vcomp.agent.modes import ExecutionMode, agent_setup
+from vcomp.agent.preferences.controller import PreferenceController
+from vcomp.agent.preferences.memory import MemoryBudget
+from vcomp.agent.preferences.rate import TokenBucket
 from vcomp.agent.sandbox import JobOutcome, OutcomeKind
+from vcomp.agent.sandbox.hold import Hold, JobControl
 from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
+from vcomp.agent.status import AgentTotals, StatusServer, runtime_status
 from vcomp.agent.tpm import SimulatedTpm
 from vcomp.errors import SessionClosed, loggable
 from vcomp.protocol import events as ev
@@ -63,6 +70,8 @@ class _Running:
     attempt: int
     task: asyncio.Task[None]
     started: float = field(default_factory=time.monotonic)
+    control: JobControl = field(default_factory=JobControl)
+    progress: float | None = None
 
 
 class Worker:
@@ -85,6 +94,11 @@ class Worker:
         clear_work_root(work_root, index)
         # Exactly the sandbox that PCR 18 measures.
         self.sandbox = runtime.config.make_sandbox(work_root=work_root)
+
+    @property
+    def server(self) -> str:
+        """The current session's server, HOST:PORT ("" between sessions)."""
+        return self._server if self.session is not None else ""
 
     # ---- session loop --------------------------------------------------------
 
@@ -127,7 +141,7 @@ class Worker:
             pinned_server=self.rt.pinned,
             quote=lambda extra, pcrs: self.rt.tpm.quote(extra, pcrs),
             now=loop.time(),
-            capacity=cfg.limits.capacity(),
+            capacity=cfg.limits.capacity(cfg.preferences.max_memory),
         )
         self.session = session
         self._closed.clear()
@@ -135,7 +149,14 @@ class Worker:
         host, port = server
         self._server = format_address(server)
         try:
-            adapter = await open_agent(session, self._on_event, host, port)
+            adapter = await open_agent(
+                session,
+                self._on_event,
+                host,
+                port,
+                upload=self.rt.upload,
+                download=self.rt.download,
+            )
         except OSError as exc:
             logfmt.event(
                 log,
@@ -357,7 +378,7 @@ class Worker:
         d = e.description
         self.stats.jobs += 1
         task = asyncio.ensure_future(self._run_job(e))
-        self.running = _Running(d.job, d.attempt, task)
+        self.running = _Running(d.job, d.attempt, task, control=JobControl(self.rt.hold))
         logfmt.event(
             log,
             "job_started",
@@ -372,6 +393,8 @@ class Worker:
     def _refusal(self, d: ev.JobDescription) -> str | None:
         if d.kind not in ("python", "exec"):
             return f"unknown job kind {d.kind!r}"
+        if (never := self.rt.memory.refusal(d.memory_bytes)) is not None:
+            return never  # it can never fit here; the server leases it elsewhere
         return self.rt.config.limits.refusal(
             job_bytes=d.code_size + d.input_size,
             cpu_seconds=d.cpu_seconds,
@@ -425,6 +448,8 @@ class Worker:
             output_bytes=len(output),
         )
         self.running = None
+        if status != REFUSED:
+            self.rt.record_job(cpu_ms / 1000)
         session = self.session
         if session is not None and session.state is not AgentState.CLOSED:
             self._claim((d.job, d.attempt))
@@ -437,19 +462,30 @@ class Worker:
         refusal = self._refusal(d)
         if refusal is not None:
             return REFUSED, b"", refusal, 0
-        outcome = await self.sandbox.run(
-            kind="python" if d.kind == "python" else "exec",
-            code=e.code,
-            input=e.input,
-            # The [sandbox] process and file limits are part of what PCR 18 vouches for.
-            limits=self.rt.config.job_limits(
-                cpu_seconds=d.cpu_seconds,
-                memory_bytes=d.memory_bytes,
-                wall_seconds=float(d.wall_seconds),
-                output_bytes=d.output_bytes,
-                disk_bytes=d.disk_bytes,
-            ),
-        )
+        running = self.running
+        control = running.control if running is not None else JobControl(self.rt.hold)
+
+        def on_progress(fraction: float) -> None:
+            if self.running is not None:
+                self.running.progress = fraction
+
+        # Waits while other jobs hold the memory this one needs (max_memory).
+        async with self.rt.memory.reserve(d.memory_bytes):
+            outcome = await self.sandbox.run(
+                kind="python" if d.kind == "python" else "exec",
+                code=e.code,
+                input=e.input,
+                # The [sandbox] process and file limits are part of what PCR 18 vouches for.
+                limits=self.rt.config.job_limits(
+                    cpu_seconds=d.cpu_seconds,
+                    memory_bytes=d.memory_bytes,
+                    wall_seconds=float(d.wall_seconds),
+                    output_bytes=d.output_bytes,
+                    disk_bytes=d.disk_bytes,
+                ),
+                on_progress=on_progress,
+                control=control,
+            )
         output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
         return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
 
@@ -528,7 +564,43 @@ class AgentRuntime:
         self.servers = config.server_addresses()
         self.mode: ExecutionMode = config.execution_mode()
         agent_setup(self.mode)
+        # The volunteer's preferences: one hold over every job, one memory budget,
+        # one rate cap each way over every session.
+        prefs = config.preferences
+        self.hold = Hold()
+        self.preferences = PreferenceController(
+            prefs, self.hold, own_cpu_seconds=self.jobs_cpu_seconds
+        )
+        self.memory = MemoryBudget(prefs.max_memory)
+        now = time.monotonic()  # the event loop's clock, which the adapters pass in
+        self.upload = TokenBucket(prefs.max_upload_rate, now) if prefs.max_upload_rate else None
+        self.download = (
+            TokenBucket(prefs.max_download_rate, now) if prefs.max_download_rate else None
+        )
+        self.totals = AgentTotals.load(config.stats_path)
+        self.started_at = time.time()
         self.workers = [Worker(self, i) for i in range(config.cores)]
+
+    def jobs_cpu_seconds(self) -> float:
+        return sum(w.running.control.cpu_seconds() for w in self.workers if w.running is not None)
+
+    def record_job(self, cpu_seconds: float) -> None:
+        """Count a job this agent ran (refusals are not work) in the saved totals."""
+        self.totals.record(cpu_seconds, date.today())
+        try:
+            self.totals.save(self.config.stats_path)
+        except OSError as exc:
+            logfmt.event(log, "stats_not_saved", logging.WARNING, error=loggable(exc))
+
+    def command(self, name: str) -> dict[str, Any]:
+        """A request on the status socket: ``status``, ``pause`` or ``resume``."""
+        if name == "pause":
+            self.preferences.pause()
+            logfmt.event(log, "agent_paused", reasons=",".join(self.hold.reasons))
+        elif name == "resume":
+            self.preferences.resume()
+            logfmt.event(log, "agent_resumed", still_held=",".join(self.hold.reasons))
+        return runtime_status(self)
 
     async def run(self) -> None:
         logfmt.event(
@@ -541,9 +613,17 @@ class AgentRuntime:
             measurement=self.measurement.format(),
             spooled=len(self.spool),
         )
+        status = StatusServer(self.config.status_socket, self.command)
         try:
-            await asyncio.gather(*(w.run() for w in self.workers))
+            await status.start()
+        except OSError as exc:  # the agent still works; only `status` cannot reach it
+            logfmt.event(log, "status_socket_failed", logging.WARNING, error=loggable(exc))
+        try:
+            await asyncio.gather(
+                self.preferences.run(self.stopping), *(w.run() for w in self.workers)
+            )
         finally:
+            await status.close()
             for w in self.workers:
                 w.sandbox.close()
         logfmt.event(log, "agent_stopped")
