@@ -1,0 +1,157 @@
+"""The volunteer's preferences with a real agent, a real server and real jobs.
+
+Pause and resume go through the real CLI from another process; a paused job is judged
+by the CPU-seconds its tree consumed (read from /proc) over the paused interval, and by
+the result it delivers after resume. max_memory is judged by what ran at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+from tests.integration.conftest import (
+    AGENT_CLI,
+    PI_PY,
+    AgentHandle,
+    Lab,
+    pi_inputs,
+    pi_reference,
+    wait_until,
+)
+from vcomp.agent.preferences.settings import Preferences
+
+# About 2-3 CPU-seconds of pi.py (numpy) on this machine: long enough to pause mid-job.
+POINTS = 20_000_000
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """Run vcomp-agent in another process without blocking this loop (the agent runs here)."""
+    proc = await asyncio.create_subprocess_exec(
+        AGENT_CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def running_control(agent: AgentHandle):  # type: ignore[no-untyped-def]
+    for w in agent.runtime.workers:
+        if w.running is not None and w.running.control.tree is not None:
+            return w.running.control
+    return None
+
+
+async def test_pause_stops_a_running_job_and_resume_finishes_it(lab: Lab) -> None:
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "paused")
+    agent = await lab.run_agent(config, org)
+    home = str(config.home)
+    org.add_app("pi", PI_PY)
+    inputs = pi_inputs(1, POINTS)
+    batch = org.submit("pi", inputs, wall_seconds=30)
+
+    control = await wait_until(lambda: running_control(agent), "the job to start", timeout=60)
+    await wait_until(lambda: control.cpu_seconds() > 0.2, "the job to compute", timeout=60)
+    code, out, err = await cli("pause", "--config", home)
+    assert code == 0, err
+    await wait_until(lambda: control.stopped, "the job to stop")
+    await asyncio.sleep(0.3)
+    before = control.cpu_seconds()
+    await asyncio.sleep(3.0)
+    during = control.cpu_seconds() - before
+
+    code, out, err = await cli("status", "--json", "--config", home)
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["paused"] is True
+    assert "pause" in status["paused_because"]
+    job = status["workers"][0]["job"]
+    assert job is not None and job["stopped"] is True
+    # The session (and with it the lease) lives on while the job stands still.
+    assert status["workers"][0]["session"] == "running"
+    assert status["workers"][0]["server"] == org.server_str
+
+    code, out, err = await cli("resume", "--config", home)
+    assert code == 0, err
+    await org.wait_batch(batch, timeout=120)
+
+    assert during < 0.05, f"the paused job used {during:.3f} CPU-seconds"
+    outputs = org.outputs(batch)
+    result, output = outputs[0]
+    assert result.status == "ok"
+    assert output == pi_reference(inputs[0])
+    # The lease held through the pause: the first attempt delivered the result.
+    assert result.attempt == 1
+
+    code, out, err = await cli("status", "--json", "--config", home)
+    status = json.loads(out)
+    assert status["paused"] is False
+    assert status["jobs_total"] == 1 and status["jobs_today"] == 1
+    assert status["cpu_seconds_donated"] > 0.2
+
+
+async def test_max_memory_runs_jobs_one_at_a_time_when_two_do_not_fit(lab: Lab) -> None:
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "memcap", cores=2)
+    job_memory = 256 << 20
+    config = dataclasses.replace(
+        config, preferences=Preferences(max_memory=job_memory + job_memory // 2)
+    )
+    agent = await lab.run_agent(config, org)
+    await wait_until(lambda: agent.connected_sessions >= 2, "two sessions")
+    org.add_app("pi", PI_PY)
+    inputs = pi_inputs(4, POINTS // 8)
+    batch = org.submit("pi", inputs, memory_bytes=job_memory)
+
+    most_at_once = 0
+    most_reserved = 0
+
+    def sample() -> None:
+        nonlocal most_at_once, most_reserved
+        live = sum(
+            1
+            for w in agent.runtime.workers
+            if w.running is not None and w.running.control.tree is not None
+        )
+        most_at_once = max(most_at_once, live)
+        most_reserved = max(most_reserved, agent.runtime.memory.reserved)
+
+    done = asyncio.ensure_future(org.wait_batch(batch, timeout=120))
+    while not done.done():
+        sample()
+        await asyncio.sleep(0.01)
+    await done
+    outputs = org.outputs(batch)
+    assert sorted(outputs) == [0, 1, 2, 3]
+    for index, (result, output) in outputs.items():
+        assert result.status == "ok"
+        assert output == pi_reference(inputs[index])
+    assert most_at_once == 1, "two jobs ran at once above max_memory"
+    assert most_reserved <= config.preferences.max_memory
+
+
+async def test_a_job_above_max_memory_is_never_leased_here(lab: Lab) -> None:
+    # READY declares the cap, so the server keeps the job for an agent it fits.
+    org = lab.org()
+    await lab.start(org)
+    small = lab.agent_config(org, "small")
+    small = dataclasses.replace(small, preferences=Preferences(max_memory=128 << 20))
+    agent = await lab.run_agent(small, org)
+    await wait_until(lambda: agent.connected_sessions >= 1, "a session")
+    org.add_app("pi", PI_PY)
+    inputs = pi_inputs(1, 1000)
+    batch = org.submit("pi", inputs, memory_bytes=256 << 20)
+    await asyncio.sleep(3.0)
+    job_id = org.store.get_job_by_index(batch, 0).job_id
+    assert list(org.store.list_attempts(job_id)) == [], "leased to an agent it cannot fit"
+    assert agent.runtime.totals.jobs_total == 0
+    big = lab.agent_config(org, "big")
+    await lab.run_agent(big, org)
+    await org.wait_batch(batch, timeout=60)
+    result, output = org.outputs(batch)[0]
+    assert result.agent_id == lab.agent_ids["big"]
+    assert output == pi_reference(inputs[0])
