@@ -197,8 +197,7 @@ class _Driver:
 
     def _paced_send(self) -> None:
         self._paced_write = None
-        if not self.closed:
-            self._write_backlog()
+        self.flush()  # the backlog first, then whatever the core has queued meanwhile
 
     def _writable(self) -> None:
         self._write_backlog()
