@@ -307,16 +307,22 @@ def quote(
 
 
 @main.command()
-def doctor() -> None:
+@config_option
+def doctor(config_path: Path | None) -> None:
     """Show every sandbox protection as active, unavailable or failed, with the reason.
 
-    Exits 1 if the sandbox cannot give at least the rlimit, cleared-environment,
-    process-tree-kill and unprivileged-uid guarantees.
+    Then the volunteer's preferences from agent.toml (if there is one), with where user
+    activity and the battery are read from. Exits 1 if the sandbox cannot give at least
+    the rlimit, cleared-environment, process-tree-kill and unprivileged-uid guarantees.
     """
 
     from vcomp.agent.sandbox.commands import doctor as run_doctor
 
-    raise SystemExit(run_doctor(sys.stdout))
+    home = default_agent_home() if config_path is None else config_path
+    prefs = None
+    if config_path is not None or (home / CONFIG_FILE).is_file():
+        prefs = load_agent_config(home).preferences
+    raise SystemExit(run_doctor(sys.stdout, preferences=prefs))
 
 
 @main.command(
