@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from tests.integration.conftest import (
     AGENT_CLI,
@@ -18,6 +22,7 @@ from tests.integration.conftest import (
     Lab,
     pi_inputs,
     pi_reference,
+    python_job,
     wait_until,
 )
 from vcomp.agent.preferences.settings import Preferences
@@ -155,3 +160,101 @@ async def test_a_job_above_max_memory_is_never_leased_here(lab: Lab) -> None:
     result, output = org.outputs(batch)[0]
     assert result.agent_id == lab.agent_ids["big"]
     assert output == pi_reference(inputs[0])
+
+
+def battery_at(root: Path, percent: int) -> None:
+    bat = root / "BAT0"
+    bat.mkdir(parents=True, exist_ok=True)
+    (bat / "type").write_text("Battery\n")
+    tmp = bat / "capacity.tmp"
+    tmp.write_text(f"{percent}\n")
+    tmp.replace(bat / "capacity")
+
+
+async def paused_cpu(control: Any, seconds: float) -> float:
+    """CPU-seconds the job's tree used over ``seconds`` of wall time."""
+    await asyncio.sleep(0.3)
+    before = control.cpu_seconds()
+    await asyncio.sleep(seconds)
+    return control.cpu_seconds() - before
+
+
+async def test_low_battery_stops_the_job_until_charged_above_the_hysteresis(
+    lab: Lab, tmp_path: Path
+) -> None:
+    sysfs = tmp_path / "power_supply"
+    battery_at(sysfs, 50)
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "laptop")
+    prefs = Preferences(battery_below=20, battery_hysteresis=10, power_supply=str(sysfs))
+    agent = await lab.run_agent(dataclasses.replace(config, preferences=prefs), org)
+    org.add_app("pi", PI_PY)
+    inputs = pi_inputs(1, POINTS)
+    batch = org.submit("pi", inputs, wall_seconds=30)
+    control = await wait_until(lambda: running_control(agent), "the job to start", timeout=60)
+    await wait_until(lambda: control.cpu_seconds() > 0.2, "the job to compute", timeout=60)
+
+    battery_at(sysfs, 15)
+    await wait_until(lambda: control.stopped, "the job to stop on low battery")
+    assert "battery" in agent.runtime.hold.reasons
+    assert await paused_cpu(control, 2.0) < 0.05
+    battery_at(sysfs, 25)  # above the threshold, below threshold + hysteresis: still stopped
+    await asyncio.sleep(2.5)
+    assert control.stopped and "battery" in agent.runtime.hold.reasons
+    battery_at(sysfs, 31)
+    await org.wait_batch(batch, timeout=120)
+    result, output = org.outputs(batch)[0]
+    assert result.status == "ok" and result.attempt == 1
+    assert output == pi_reference(inputs[0])
+
+
+async def test_schedule_stops_the_job_outside_its_window(lab: Lab) -> None:
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "nightly")
+    prefs = Preferences(schedule="Mon-Fri 18:00-08:00, Sat-Sun all")
+    agent = await lab.run_agent(dataclasses.replace(config, preferences=prefs), org)
+    # The agent's local clock for the schedule, set by the test: Monday night first.
+    now = [datetime(2026, 11, 30, 23, 0)]
+    agent.runtime.preferences.wall = lambda: now[0]
+    org.add_app("pi", PI_PY)
+    inputs = pi_inputs(1, POINTS)
+    batch = org.submit("pi", inputs, wall_seconds=30)
+    control = await wait_until(lambda: running_control(agent), "the job to start", timeout=60)
+    await wait_until(lambda: control.cpu_seconds() > 0.2, "the job to compute", timeout=60)
+
+    now[0] = datetime(2026, 12, 1, 8, 0)  # Tuesday 08:00: the window is over
+    await wait_until(lambda: control.stopped, "the job to stop outside the schedule")
+    assert "schedule" in agent.runtime.hold.reasons
+    assert await paused_cpu(control, 2.0) < 0.05
+    now[0] = datetime(2026, 12, 5, 12, 0)  # Saturday
+    await org.wait_batch(batch, timeout=120)
+    result, output = org.outputs(batch)[0]
+    assert result.status == "ok" and result.attempt == 1
+    assert output == pi_reference(inputs[0])
+
+
+async def test_rate_caps_still_deliver_the_job_and_its_result(lab: Lab) -> None:
+    # 300 kB of code at 100 kB/s down, with upload capped too: the session copes.
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "slowlink")
+    prefs = Preferences(max_download_rate=100_000, max_upload_rate=50_000)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    agent = await lab.run_agent(dataclasses.replace(config, preferences=prefs), org)
+    code = python_job("return hashlib.sha256(data).hexdigest().encode() * 1000", pad=300_000)
+    org.add_app("big", code)
+    batch = org.submit("big", [b"x"])
+    await org.wait_batch(batch, timeout=120)
+    result, output = org.outputs(batch)[0]
+    assert result.status == "ok"
+    assert output == hashlib.sha256(b"x").hexdigest().encode() * 1000
+    download, upload = agent.runtime.download, agent.runtime.upload
+    assert download is not None and upload is not None
+    elapsed = loop.time() - started
+    # Every byte read went through the cap, and no more than it allows went through.
+    assert download.taken >= 300_000
+    assert download.taken <= download.burst + 100_000 * elapsed + 2048
+    assert upload.taken <= upload.burst + 50_000 * elapsed + 2048

@@ -19,7 +19,7 @@ from vcomp.agent.preferences.battery import BatteryHysteresis, BatteryReading, r
 from vcomp.agent.preferences.settings import Preferences
 from vcomp.agent.sandbox.hold import Hold
 
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0
 PAUSE, SCHEDULE, BATTERY, USER_ACTIVE = "pause", "schedule", "battery", "user_active"
 
 
@@ -31,6 +31,7 @@ class PreferenceController:
         *,
         own_cpu_seconds: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = datetime.now,
     ) -> None:
         self.prefs = prefs
         self.hold = hold
@@ -38,6 +39,7 @@ class PreferenceController:
         self.battery = BatteryHysteresis(prefs.battery_below, prefs.battery_hysteresis)
         self._own_cpu = own_cpu_seconds
         self._clock = clock
+        self.wall = wall  # local time for the schedule (tests give their own)
         self._cpu_activity = CpuActivity(clock())
         self.input: IdleReading | None = None  # the input source found at start
         self.last_battery: BatteryReading | None = None
@@ -118,6 +120,6 @@ class PreferenceController:
         while not stopping.is_set():
             battery, idle = await asyncio.to_thread(self.read)
             # On the loop: the hold stops and continues job trees the regulators also drive.
-            self.evaluate(when=datetime.now(), battery=battery, idle=idle)
+            self.evaluate(when=self.wall(), battery=battery, idle=idle)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), POLL_SECONDS)

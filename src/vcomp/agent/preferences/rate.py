@@ -19,6 +19,7 @@ class TokenBucket:
         self.burst = max(float(rate), float(MIN_BURST))
         self._tokens = self.burst
         self._at = now
+        self.taken = 0  # bytes charged in all
 
     def _refill(self, now: float) -> None:
         if now > self._at:
@@ -34,3 +35,4 @@ class TokenBucket:
         """Charge ``size`` bytes that went (the balance may go negative: paid by waiting)."""
         self._refill(now)
         self._tokens -= size
+        self.taken += size
