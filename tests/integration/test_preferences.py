@@ -258,3 +258,27 @@ async def test_rate_caps_still_deliver_the_job_and_its_result(lab: Lab) -> None:
     assert download.taken >= 300_000
     assert download.taken <= download.burst + 100_000 * elapsed + 2048
     assert upload.taken <= upload.burst + 50_000 * elapsed + 2048
+
+
+async def test_a_paused_idle_agent_holds_no_session_and_takes_no_lease(lab: Lab) -> None:
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "idle")
+    agent = await lab.run_agent(config, org)
+    await wait_until(lambda: org.live_sessions() == 1, "the agent's session")
+    code, _, err = await cli("pause", "--config", str(config.home))
+    assert code == 0, err
+    await wait_until(lambda: org.live_sessions() == 0, "the paused agent to leave")
+    org.add_app("pi", PI_PY)
+    inputs = pi_inputs(1, 1000)
+    batch = org.submit("pi", inputs)
+    await asyncio.sleep(3.0)
+    job_id = org.store.get_job_by_index(batch, 0).job_id
+    assert list(org.store.list_attempts(job_id)) == [], "a paused agent took a lease"
+    code, out, err = await cli("status", "--json", "--config", str(config.home))
+    assert json.loads(out)["workers"][0]["session"] == "disconnected"
+    code, _, err = await cli("resume", "--config", str(config.home))
+    assert code == 0, err
+    await org.wait_batch(batch, timeout=60)
+    assert org.outputs(batch)[0][1] == pi_reference(inputs[0])
+    assert agent.runtime.totals.jobs_total == 1

@@ -22,6 +22,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -85,6 +86,7 @@ class Worker:
         self.adapter: AgentAdapter | None = None
         self.running: _Running | None = None
         self._closed = asyncio.Event()
+        self.wake = asyncio.Event()  # the hold changed or a job ended: look again
         self._result_sent_at: dict[tuple[int, int], float] = {}
         self._connect_started = 0.0
         self._server = ""  # the address of the current session's server
@@ -108,6 +110,9 @@ class Worker:
         backoff = BACKOFF_START
         failures = 0  # sessions in a row that were never established
         while not self.rt.stopping.is_set():
+            if self.rt.hold.held:  # paused with no job: hold no session, take no lease
+                await _first(self.rt.stopping.wait(), self.rt.released.wait())
+                continue
             connected = await self._one_session(servers[current])
             if self.rt.stopping.is_set():
                 break
@@ -173,15 +178,16 @@ class Worker:
         sessions_before = self.stats.sessions
         try:
             while not self._closed.is_set():
-                stop = asyncio.ensure_future(self.rt.stopping.wait())
-                closed = asyncio.ensure_future(self._closed.wait())
-                _done, pending = await asyncio.wait(
-                    {stop, closed}, return_when=asyncio.FIRST_COMPLETED
-                )
-                for p in pending:
-                    p.cancel()
+                await _first(self.rt.stopping.wait(), self._closed.wait(), self.wake.wait())
+                self.wake.clear()
                 if self.rt.stopping.is_set():
                     await self._leave(session, adapter)
+                    break
+                if self.rt.hold.held and self.running is None and not self._closed.is_set():
+                    # A running job stays (stopped) in its session; an idle worker leaves,
+                    # so no lease waits on a paused machine.
+                    logfmt.event(log, "session_left_while_held", worker=self.index)
+                    await self._leave(session, adapter, reason="agent paused")
                     break
         finally:
             lost = await self._cancel_job("session ended")
@@ -192,7 +198,9 @@ class Worker:
             self.adapter = None
         return self.stats.sessions > sessions_before
 
-    async def _leave(self, session: AgentSession, adapter: AgentAdapter) -> None:
+    async def _leave(
+        self, session: AgentSession, adapter: AgentAdapter, reason: str = "agent shutting down"
+    ) -> None:
         """SIGTERM: let the job finish within the grace period, else hand it back."""
         grace = self.rt.shutdown_grace
         running = self.running
@@ -221,7 +229,7 @@ class Worker:
         ):
             await asyncio.sleep(0.05)
         if session.state is not AgentState.CLOSED:
-            session.close("agent shutting down", asyncio.get_running_loop().time())
+            session.close(reason, asyncio.get_running_loop().time())
             adapter.kick()
             await asyncio.sleep(0.05)
 
@@ -448,6 +456,7 @@ class Worker:
             output_bytes=len(output),
         )
         self.running = None
+        self.wake.set()
         if status != REFUSED:
             self.rt.record_job(cpu_ms / 1000)
         session = self.session
@@ -506,6 +515,16 @@ class Worker:
             reason=reason,
         )
         return running.job, running.attempt
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``waits`` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def format_address(address: tuple[str, int]) -> str:
@@ -568,6 +587,9 @@ class AgentRuntime:
         # one rate cap each way over every session.
         prefs = config.preferences
         self.hold = Hold()
+        self.released = asyncio.Event()  # set while nothing holds jobs
+        self.released.set()
+        self.hold.subscribe(self._hold_changed)
         self.preferences = PreferenceController(
             prefs, self.hold, own_cpu_seconds=self.jobs_cpu_seconds
         )
@@ -580,6 +602,14 @@ class AgentRuntime:
         self.totals = AgentTotals.load(config.stats_path)
         self.started_at = time.time()
         self.workers = [Worker(self, i) for i in range(config.cores)]
+
+    def _hold_changed(self, held: bool) -> None:
+        if held:
+            self.released.clear()
+        else:
+            self.released.set()
+        for w in self.workers:
+            w.wake.set()
 
     def jobs_cpu_seconds(self) -> float:
         return sum(w.running.control.cpu_seconds() for w in self.workers if w.running is not None)
