@@ -71,7 +71,7 @@ def test_agent_unit_is_gentle_and_leaves_the_sandbox_its_namespaces() -> None:
 def test_server_unit_is_locked_down() -> None:
     s = settings(SERVER_UNIT)
     for key, value in (
-        ("DynamicUser", "yes"),
+        ("User", "vcomp-server"),
         ("ProtectSystem", "strict"),
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
