@@ -457,13 +457,13 @@ class Worker:
         )
         self.running = None
         self.wake.set()
-        if status != REFUSED:
-            self.rt.record_job(cpu_ms / 1000)
         session = self.session
         if session is not None and session.state is not AgentState.CLOSED:
             self._claim((d.job, d.attempt))
             self._result_sent_at[(d.job, d.attempt)] = time.monotonic()
             self._submit(session, result)
+        if status != REFUSED:
+            await self.rt.record_job(cpu_ms / 1000)  # after the result is on its way
 
     async def _execute(self, e: ev.JobReceived) -> tuple[str, bytes, str, int]:
         """Run the job (or refuse it): its status, output, detail and CPU milliseconds."""
@@ -600,6 +600,7 @@ class AgentRuntime:
             TokenBucket(prefs.max_download_rate, now) if prefs.max_download_rate else None
         )
         self.totals = AgentTotals.load(config.stats_path)
+        self._totals_saving = asyncio.Lock()
         self.started_at = time.time()
         self.workers = [Worker(self, i) for i in range(config.cores)]
 
@@ -614,13 +615,14 @@ class AgentRuntime:
     def jobs_cpu_seconds(self) -> float:
         return sum(w.running.control.cpu_seconds() for w in self.workers if w.running is not None)
 
-    def record_job(self, cpu_seconds: float) -> None:
+    async def record_job(self, cpu_seconds: float) -> None:
         """Count a job this agent ran (refusals are not work) in the saved totals."""
         self.totals.record(cpu_seconds, date.today())
-        try:
-            self.totals.save(self.config.stats_path)
-        except OSError as exc:
-            logfmt.event(log, "stats_not_saved", logging.WARNING, error=loggable(exc))
+        async with self._totals_saving:  # one write at a time, each of the latest totals
+            try:
+                await asyncio.to_thread(self.totals.save, self.config.stats_path)
+            except OSError as exc:
+                logfmt.event(log, "stats_not_saved", logging.WARNING, error=loggable(exc))
 
     def command(self, name: str) -> dict[str, Any]:
         """A request on the status socket: ``status``, ``pause`` or ``resume``."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vcomp import logfmt
+from vcomp.agent.spool import _write_atomically as write_atomically
 from vcomp.errors import ConfigError, VcompError, loggable
 
 if TYPE_CHECKING:
@@ -93,16 +94,12 @@ class AgentTotals:
             return cls()
         return totals
 
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        data = json.dumps(asdict(self)).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        """Replace ``path`` atomically (fsynced, like the spool's files); blocking."""
+        write_atomically(path, self.encode())
 
 
 # ---------------------------------------------------------------------- the view
