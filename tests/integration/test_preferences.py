@@ -20,12 +20,16 @@ from tests.integration.conftest import (
     PI_PY,
     AgentHandle,
     Lab,
+    LogRecorder,
     pi_inputs,
     pi_reference,
     python_job,
     wait_until,
 )
+from vcomp.agent.preferences.memory import MemoryBudget
 from vcomp.agent.preferences.settings import Preferences
+from vcomp.server.store import AttemptState
+from vcomp.server.store.records import AttemptRecord
 
 # About 2-3 CPU-seconds of pi.py (numpy) on this machine: long enough to pause mid-job.
 POINTS = 20_000_000
@@ -282,3 +286,36 @@ async def test_a_paused_idle_agent_holds_no_session_and_takes_no_lease(lab: Lab)
     await org.wait_batch(batch, timeout=60)
     assert org.outputs(batch)[0][1] == pi_reference(inputs[0])
     assert agent.runtime.totals.jobs_total == 1
+
+
+async def test_a_job_above_max_memory_that_arrives_anyway_is_refused_and_runs_elsewhere(
+    lab: Lab, logs: LogRecorder
+) -> None:
+    # As from a server that ignores READY's capacity: this agent declares its [limits]
+    # (2 GiB) but its memory budget is 128 MiB, so the job reaches it and must be refused.
+    org = lab.org()
+    await lab.start(org)
+    small = lab.agent_config(org, "small")
+    agent = await lab.run_agent(small, org)
+    agent.runtime.memory = MemoryBudget(128 << 20)
+    await wait_until(lambda: agent.connected_sessions >= 1, "a session")
+    org.add_app("pi", PI_PY)
+    inputs = pi_inputs(1, 1000)
+    batch = org.submit("pi", inputs, memory_bytes=256 << 20, max_attempts=1)
+    job_id = org.store.get_job_by_index(batch, 0).job_id
+
+    def refused() -> list[AttemptRecord]:
+        return [a for a in org.store.list_attempts(job_id) if a.state is AttemptState.REFUSED]
+
+    attempts = await wait_until(refused, "the refusal", timeout=60)
+    assert attempts[0].agent_id == lab.agent_ids["small"]
+    # The server heard why (it logs the agent's reason).
+    said = logs.events("job_refused", logger="vcomp.server")
+    assert said and "max_memory 134217728" in said[0]["message"]
+    assert agent.runtime.totals.jobs_total == 0  # nothing ran here
+    await lab.run_agent(lab.agent_config(org, "big"), org)
+    # max_attempts=1: the refusal cost the job nothing.
+    await org.wait_batch(batch, timeout=60)
+    result, output = org.outputs(batch)[0]
+    assert result.agent_id == lab.agent_ids["big"]
+    assert output == pi_reference(inputs[0])
