@@ -111,3 +111,16 @@ def test_format_status_shows_pause_reasons_and_job() -> None:
     assert "CPU-seconds donated 3.0" in text
     assert json.dumps(text)  # plain text
     assert os.linesep in text or "\n" in text
+
+
+async def test_a_live_socket_of_another_agent_is_not_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "status.sock"
+    first = await _serve(path, lambda c: {"who": "first"})
+    try:
+        second = StatusServer(path, lambda c: {"who": "second"})
+        with pytest.raises(OSError, match="in use by another running agent"):
+            await second.start()
+        await second.close()  # as the runtime does on its way out: the file stays
+        assert (await asyncio.to_thread(request, path, "status"))["who"] == "first"
+    finally:
+        await first.close()

@@ -87,6 +87,7 @@ async def test_pause_stops_a_running_job_and_resume_finishes_it(lab: Lab) -> Non
     assert code == 0, err
     await org.wait_batch(batch, timeout=120)
 
+    print(f"\npaused 3 s: the job's tree used {during:.3f} CPU-seconds")
     assert during < 0.05, f"the paused job used {during:.3f} CPU-seconds"
     outputs = org.outputs(batch)
     result, output = outputs[0]
@@ -202,7 +203,9 @@ async def test_low_battery_stops_the_job_until_charged_above_the_hysteresis(
     battery_at(sysfs, 15)
     await wait_until(lambda: control.stopped, "the job to stop on low battery")
     assert "battery" in agent.runtime.hold.reasons
-    assert await paused_cpu(control, 2.0) < 0.05
+    during = await paused_cpu(control, 2.0)
+    print(f"\nlow battery 2 s: the job's tree used {during:.3f} CPU-seconds")
+    assert during < 0.05
     battery_at(sysfs, 25)  # above the threshold, below threshold + hysteresis: still stopped
     await asyncio.sleep(2.5)
     assert control.stopped and "battery" in agent.runtime.hold.reasons
@@ -231,7 +234,9 @@ async def test_schedule_stops_the_job_outside_its_window(lab: Lab) -> None:
     now[0] = datetime(2026, 12, 1, 8, 0)  # Tuesday 08:00: the window is over
     await wait_until(lambda: control.stopped, "the job to stop outside the schedule")
     assert "schedule" in agent.runtime.hold.reasons
-    assert await paused_cpu(control, 2.0) < 0.05
+    during = await paused_cpu(control, 2.0)
+    print(f"\noutside the schedule 2 s: the job's tree used {during:.3f} CPU-seconds")
+    assert during < 0.05
     now[0] = datetime(2026, 12, 5, 12, 0)  # Saturday
     await org.wait_batch(batch, timeout=120)
     result, output = org.outputs(batch)[0]
@@ -258,6 +263,10 @@ async def test_rate_caps_still_deliver_the_job_and_its_result(lab: Lab) -> None:
     download, upload = agent.runtime.download, agent.runtime.upload
     assert download is not None and upload is not None
     elapsed = loop.time() - started
+    print(
+        f"\nrate caps: {download.taken} B read in {elapsed:.1f} s at a 100000 B/s cap "
+        f"(burst {download.burst:.0f} B), {upload.taken} B sent at a 50000 B/s cap"
+    )
     # Every byte read went through the cap, and no more than it allows went through.
     assert download.taken >= 300_000
     assert download.taken <= download.burst + 100_000 * elapsed + 2048

@@ -196,9 +196,10 @@ class StatusServer:
     async def start(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                if self.path.is_socket():
-                    self.path.unlink()  # left by an agent that died (the home is locked)
+            if self.path.is_socket():
+                if _answers(self.path):
+                    raise OSError(f"{self.path} is in use by another running agent")
+                self.path.unlink()  # left by an agent that died
             old = os.umask(0o177)
             try:
                 sock.bind(str(self.path))
@@ -212,11 +213,13 @@ class StatusServer:
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+        """Stop serving and remove the socket file, only if this server made it."""
+        if self._server is None:
+            return
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
+        self._server = None
         with contextlib.suppress(OSError):
             self.path.unlink()
 
@@ -258,6 +261,17 @@ class StatusServer:
         except Exception as exc:  # a bug here must not take the agent down
             logfmt.event(log, "status_failed", logging.ERROR, error=loggable(exc))
             return {"ok": False, "error": "the agent could not answer"}
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
