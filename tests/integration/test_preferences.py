@@ -53,7 +53,8 @@ def running_control(agent: AgentHandle):  # type: ignore[no-untyped-def]
 
 
 async def test_pause_stops_a_running_job_and_resume_finishes_it(lab: Lab) -> None:
-    org = lab.org()
+    # A 2 s lease, paused for longer: the agent keeps answering, so it is renewed.
+    org = lab.org(lease_seconds=2)
     await lab.start(org)
     config = lab.agent_config(org, "paused")
     agent = await lab.run_agent(config, org)
@@ -69,7 +70,7 @@ async def test_pause_stops_a_running_job_and_resume_finishes_it(lab: Lab) -> Non
     await wait_until(lambda: control.stopped, "the job to stop")
     await asyncio.sleep(0.3)
     before = control.cpu_seconds()
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(5.0)
     during = control.cpu_seconds() - before
 
     code, out, err = await cli("status", "--json", "--config", home)
@@ -87,7 +88,7 @@ async def test_pause_stops_a_running_job_and_resume_finishes_it(lab: Lab) -> Non
     assert code == 0, err
     await org.wait_batch(batch, timeout=120)
 
-    print(f"\npaused 3 s: the job's tree used {during:.3f} CPU-seconds")
+    print(f"\npaused 5 s: the job's tree used {during:.3f} CPU-seconds")
     assert during < 0.05, f"the paused job used {during:.3f} CPU-seconds"
     outputs = org.outputs(batch)
     result, output = outputs[0]
@@ -95,6 +96,8 @@ async def test_pause_stops_a_running_job_and_resume_finishes_it(lab: Lab) -> Non
     assert output == pi_reference(inputs[0])
     # The lease held through the pause: the first attempt delivered the result.
     assert result.attempt == 1
+    job_id = org.store.get_job_by_index(batch, 0).job_id
+    assert [a.state for a in org.store.list_attempts(job_id)] == [AttemptState.SUCCEEDED]
 
     code, out, err = await cli("status", "--json", "--config", home)
     status = json.loads(out)
@@ -119,9 +122,13 @@ async def test_max_memory_runs_jobs_one_at_a_time_when_two_do_not_fit(lab: Lab) 
 
     most_at_once = 0
     most_reserved = 0
+    saw_waiting = False
 
     def sample() -> None:
-        nonlocal most_at_once, most_reserved
+        nonlocal most_at_once, most_reserved, saw_waiting
+        saw_waiting = saw_waiting or any(
+            w.running is not None and w.running.waiting_for_memory for w in agent.runtime.workers
+        )
         live = sum(
             1
             for w in agent.runtime.workers
@@ -142,6 +149,7 @@ async def test_max_memory_runs_jobs_one_at_a_time_when_two_do_not_fit(lab: Lab) 
         assert output == pi_reference(inputs[index])
     assert most_at_once == 1, "two jobs ran at once above max_memory"
     assert most_reserved <= config.preferences.max_memory
+    assert saw_waiting, "no job ever waited for memory: the test did not exercise the cap"
 
 
 async def test_a_job_above_max_memory_is_never_leased_here(lab: Lab) -> None:

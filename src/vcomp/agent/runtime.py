@@ -73,6 +73,7 @@ class _Running:
     started: float = field(default_factory=time.monotonic)
     control: JobControl = field(default_factory=JobControl)
     progress: float | None = None
+    waiting_for_memory: bool = False  # other jobs hold the memory it needs (max_memory)
 
 
 class Worker:
@@ -479,7 +480,11 @@ class Worker:
                 self.running.progress = fraction
 
         # Waits while other jobs hold the memory this one needs (max_memory).
+        if running is not None:
+            running.waiting_for_memory = not self.rt.memory.fits(d.memory_bytes)
         async with self.rt.memory.reserve(d.memory_bytes):
+            if running is not None:
+                running.waiting_for_memory = False
             outcome = await self.sandbox.run(
                 kind="python" if d.kind == "python" else "exec",
                 code=e.code,

@@ -120,6 +120,7 @@ def runtime_status(rt: AgentRuntime) -> dict[str, Any]:
                 "progress": r.progress,
                 "cpu_seconds": round(r.control.cpu_seconds(), 3),
                 "stopped": r.control.stopped,
+                "waiting_for_memory": r.waiting_for_memory,
             }
         workers.append(
             {
@@ -164,6 +165,8 @@ def format_status(doc: dict[str, Any]) -> str:
             progress = job.get("progress")
             shown = f"{progress:.0%}" if isinstance(progress, int | float) else "?"
             stopped = " (stopped)" if job.get("stopped") else ""
+            if job.get("waiting_for_memory"):
+                stopped = " (waiting for memory other jobs hold)"
             line += (
                 f"  job {job.get('job')}/{job.get('attempt')} progress {shown} "
                 f"cpu {job.get('cpu_seconds')} s{stopped}"

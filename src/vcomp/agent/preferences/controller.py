@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
 
+from vcomp import logfmt
 from vcomp.agent.cpu_monitor import read_machine_times
 from vcomp.agent.preferences.activity import CpuActivity, IdleReading, input_source
 from vcomp.agent.preferences.battery import BatteryHysteresis, BatteryReading, read_battery
 from vcomp.agent.preferences.settings import Preferences
 from vcomp.agent.sandbox.hold import Hold
+
+log = logging.getLogger("vcomp.agent")
 
 POLL_SECONDS = 1.0
 PAUSE, SCHEDULE, BATTERY, USER_ACTIVE = "pause", "schedule", "battery", "user_active"
@@ -117,6 +121,9 @@ class PreferenceController:
         return self.read_battery(), self.read_idle()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        if not self.prefs.run_if_user_active:
+            source = await asyncio.to_thread(self.activity_source)
+            logfmt.event(log, "user_activity_source", source=source.source, detail=source.detail)
         while not stopping.is_set():
             battery, idle = await asyncio.to_thread(self.read)
             # On the loop: the hold stops and continues job trees the regulators also drive.
