@@ -125,6 +125,7 @@ async def _raw(path: Path, payload: bytes, *, shut: bool = True) -> dict[str, An
         (b'["pause"]\n', "command must be one of"),
         (b'{"command": "pause"}', "one JSON line"),  # no newline, then EOF
         (b"\xff\xfe\n", "not JSON"),
+        (b"[" * 1000 + b"]" * 20 + b"\n", "not JSON"),  # nested past the recursion limit
         (b"{" + b" " * (4 * MAX_REQUEST) + b"}\n", "longer than"),
     ],
 )

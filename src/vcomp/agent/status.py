@@ -254,7 +254,7 @@ class StatusServer:
             return {"ok": False, "error": "no request within the timeout"}
         try:
             request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: too deep
             return {"ok": False, "error": "request is not JSON"}
         command = request.get("command") if isinstance(request, dict) else None
         if command not in COMMANDS:
