@@ -184,9 +184,9 @@ class Worker:
                 if self.rt.stopping.is_set():
                     await self._leave(session, adapter)
                     break
-                if self.rt.hold.held and self.running is None and not self._closed.is_set():
-                    # A running job stays (stopped) in its session; an idle worker leaves,
-                    # so no lease waits on a paused machine.
+                if self.rt.hold.held and self._idle() and not self._closed.is_set():
+                    # A running job stays (stopped) in its session; an idle worker leaves
+                    # once its results are committed, so no lease waits on a paused machine.
                     logfmt.event(log, "session_left_while_held", worker=self.index)
                     await self._leave(session, adapter, reason="agent paused")
                     break
@@ -198,6 +198,10 @@ class Worker:
             self.session = None
             self.adapter = None
         return self.stats.sessions > sessions_before
+
+    def _idle(self) -> bool:
+        """No job here and no result of ours waiting for its commit."""
+        return self.running is None and self.index not in self.rt.in_flight.values()
 
     async def _leave(
         self, session: AgentSession, adapter: AgentAdapter, reason: str = "agent shutting down"
@@ -280,6 +284,7 @@ class Worker:
             self.stats.committed += 1
             self.rt.spool.remove(e.job, e.attempt)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
+            self.wake.set()
             sent = self._result_sent_at.pop((e.job, e.attempt), None)
             result_ms = None if sent is None else int((time.monotonic() - sent) * 1000)
             logfmt.event(
@@ -303,6 +308,7 @@ class Worker:
             )
             self.rt.spool.remove(e.job, e.attempt)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
+            self.wake.set()
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1
             self.stats.last_reject = logfmt.peer_text(e.reason)
