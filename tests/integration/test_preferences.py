@@ -83,6 +83,10 @@ async def test_pause_stops_a_running_job_and_resume_finishes_it(lab: Lab) -> Non
     # The session (and with it the lease) lives on while the job stands still.
     assert status["workers"][0]["session"] == "running"
     assert status["workers"][0]["server"] == org.server_str
+    code, out, err = await cli("status", "--config", home)
+    assert code == 0, err
+    assert "PAUSED: pause: paused by the volunteer" in out
+    assert f"worker 0: running {org.server_str}" in out and "(stopped)" in out
 
     code, out, err = await cli("resume", "--config", home)
     assert code == 0, err
