@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from vcomp.agent.status import AgentTotals, StatusError, StatusServer, format_status, request
+from vcomp.agent.status import AgentTotals, StatusServer, format_status, request
+from vcomp.errors import AgentUnreachable
 
 
 def test_totals_count_today_and_in_total_and_survive_a_restart(tmp_path: Path) -> None:
@@ -82,7 +83,7 @@ async def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
 
 
 def test_client_says_when_the_agent_is_not_running(tmp_path: Path) -> None:
-    with pytest.raises(StatusError, match="not running"):
+    with pytest.raises(AgentUnreachable, match="not running"):
         request(tmp_path / "status.sock", "status")
 
 

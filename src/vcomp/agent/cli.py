@@ -195,11 +195,12 @@ def join(
 
 
 def _ask(config_path: Path | None, command: str) -> dict[str, Any]:
-    from vcomp.agent.status import StatusError, request
+    from vcomp.agent.status import request
+    from vcomp.errors import AgentUnreachable
 
     try:
         return request(load_config(config_path).status_socket, command)
-    except StatusError as exc:
+    except AgentUnreachable as exc:
         raise click.ClickException(str(exc)) from None
 
 

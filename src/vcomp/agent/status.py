@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from vcomp import logfmt
 from vcomp.agent.spool import _write_atomically as write_atomically
-from vcomp.errors import ConfigError, VcompError, loggable
+from vcomp.errors import AgentUnreachable, ConfigError, loggable
 
 if TYPE_CHECKING:
     from vcomp.agent.runtime import AgentRuntime
@@ -38,10 +38,6 @@ MAX_STATS_FILE = 4096
 REQUEST_TIMEOUT = 5.0  # a client that says nothing is dropped
 MAX_CLIENTS = 8
 COMMANDS = ("status", "pause", "resume")
-
-
-class StatusError(VcompError):
-    """The status socket could not be reached or answered wrongly."""
 
 
 # ---------------------------------------------------------------------- totals
@@ -293,7 +289,7 @@ def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
 
 
 def request(path: Path, command: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask the agent at ``path``; raises StatusError with a clear message."""
+    """Ask the agent at ``path``; raises AgentUnreachable with a clear message."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown status command {command!r}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -302,11 +298,11 @@ def request(path: Path, command: str, timeout: float = 10.0) -> dict[str, Any]:
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise StatusError(
+            raise AgentUnreachable(
                 f"the agent is not running (no live status socket at {path})"
             ) from None
         except PermissionError:
-            raise StatusError(f"{path}: permission denied (run as the agent's user)") from None
+            raise AgentUnreachable(f"{path}: permission denied (run as the agent's user)") from None
         sock.sendall(json.dumps({"command": command}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n") and len(data) <= MAX_RESPONSE:
@@ -315,15 +311,15 @@ def request(path: Path, command: str, timeout: float = 10.0) -> dict[str, Any]:
                 break
             data += chunk
     except OSError as exc:
-        raise StatusError(f"cannot talk to the agent at {path}: {exc}") from None
+        raise AgentUnreachable(f"cannot talk to the agent at {path}: {exc}") from None
     finally:
         sock.close()
     try:
         answer = json.loads(data)
     except ValueError:
-        raise StatusError(f"the agent at {path} sent an unreadable answer") from None
+        raise AgentUnreachable(f"the agent at {path} sent an unreadable answer") from None
     if not isinstance(answer, dict):
-        raise StatusError(f"the agent at {path} sent an unreadable answer")
+        raise AgentUnreachable(f"the agent at {path} sent an unreadable answer")
     if not answer.get("ok"):
-        raise StatusError(f"the agent refused: {answer.get('error', 'no reason given')}")
+        raise AgentUnreachable(f"the agent refused: {answer.get('error', 'no reason given')}")
     return answer
