@@ -393,7 +393,7 @@ class Worker:
         d = e.description
         self.stats.jobs += 1
         task = asyncio.ensure_future(self._run_job(e))
-        self.running = _Running(d.job, d.attempt, task, control=JobControl(self.rt.hold))
+        self.running = _Running(d.job, d.attempt, task, control=self.rt.job_control())
         logfmt.event(
             log,
             "job_started",
@@ -479,7 +479,7 @@ class Worker:
         if refusal is not None:
             return REFUSED, b"", refusal, 0
         running = self.running
-        control = running.control if running is not None else JobControl(self.rt.hold)
+        control = running.control if running is not None else self.rt.job_control()
 
         def on_progress(fraction: float) -> None:
             if self.running is not None:
@@ -598,6 +598,7 @@ class AgentRuntime:
         # one rate cap each way over every session.
         prefs = config.preferences
         self.hold = Hold()
+        self.finished_jobs_cpu = 0.0  # see jobs_cpu_seconds
         self.released = asyncio.Event()  # set while nothing holds jobs
         self.released.set()
         self.hold.subscribe(self._hold_changed)
@@ -623,8 +624,17 @@ class AgentRuntime:
         for w in self.workers:
             w.wake.set()
 
+    def job_control(self) -> JobControl:
+        """A running job's handle: the shared hold, and its CPU counted when it ends."""
+        return JobControl(self.hold, on_done=self._job_done)
+
+    def _job_done(self, cpu_seconds: float) -> None:
+        self.finished_jobs_cpu += cpu_seconds
+
     def jobs_cpu_seconds(self) -> float:
-        return sum(w.running.control.cpu_seconds() for w in self.workers if w.running is not None)
+        """CPU-seconds of every job this agent ran, cumulative (never goes down)."""
+        live = (w.running.control for w in self.workers if w.running is not None)
+        return self.finished_jobs_cpu + sum(c.cpu_seconds() for c in live if not c.done)
 
     async def record_job(self, cpu_seconds: float) -> None:
         """Count a job this agent ran (refusals are not work) in the saved totals."""

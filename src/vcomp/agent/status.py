@@ -135,7 +135,9 @@ def runtime_status(rt: AgentRuntime) -> dict[str, Any]:
         "paused": rt.hold.held,
         "paused_because": rt.hold.reasons,
         "workers": workers,
-        "cpu_seconds_running": round(rt.jobs_cpu_seconds(), 3),
+        "cpu_seconds_running": round(
+            sum(w.running.control.cpu_seconds() for w in rt.workers if w.running is not None), 3
+        ),
         "jobs_today": rt.totals.today(today),
         "jobs_total": rt.totals.jobs_total,
         "cpu_seconds_donated": rt.totals.cpu_seconds_donated,

@@ -128,9 +128,13 @@ class JobControl:
     after the job ends) :meth:`cpu_seconds` is the last value seen.
     """
 
-    def __init__(self, hold: Hold | None = None) -> None:
+    def __init__(
+        self, hold: Hold | None = None, on_done: Callable[[float], None] | None = None
+    ) -> None:
         self.hold = hold
         self.tree: HeldTree | None = None
+        self.done = False  # the job's tree is gone; on_done had its final CPU
+        self._on_done = on_done
         self._unsubscribe: Callable[[], None] | None = None
         self._last_cpu = 0.0
 
@@ -146,6 +150,10 @@ class JobControl:
             self._unsubscribe = None
         self.cpu_seconds()
         self.tree = None
+        if not self.done:
+            self.done = True
+            if self._on_done is not None:
+                self._on_done(self._last_cpu)
 
     def cpu_seconds(self) -> float:
         if self.tree is not None:
