@@ -16,7 +16,13 @@ from datetime import datetime
 
 from vcomp import logfmt
 from vcomp.agent.cpu_monitor import read_machine_times
-from vcomp.agent.preferences.activity import CpuActivity, IdleReading, input_source
+from vcomp.agent.preferences.activity import (
+    CpuActivity,
+    IdleReading,
+    input_source,
+    read_logind,
+    read_x11,
+)
 from vcomp.agent.preferences.battery import BatteryHysteresis, BatteryReading, read_battery
 from vcomp.agent.preferences.settings import Preferences
 from vcomp.agent.sandbox.hold import Hold
@@ -28,6 +34,8 @@ PAUSE, SCHEDULE, BATTERY, USER_ACTIVE = "pause", "schedule", "battery", "user_ac
 
 
 class PreferenceController:
+    """One per agent: the volunteer's pause and rules, as reasons on ``hold``."""
+
     def __init__(
         self,
         prefs: Preferences,
@@ -104,12 +112,8 @@ class PreferenceController:
             return None
         source = self.activity_source()
         if source.source == "x11":
-            from vcomp.agent.preferences.activity import read_x11
-
             return read_x11()
         if source.source == "logind":
-            from vcomp.agent.preferences.activity import read_logind
-
             return read_logind()
         return self._cpu_activity.feed(read_machine_times(), self._own_cpu(), self._clock())
 
