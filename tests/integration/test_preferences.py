@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import signal
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -348,3 +350,44 @@ async def test_a_job_above_max_memory_that_arrives_anyway_is_refused_and_runs_el
     result, output = org.outputs(batch)[0]
     assert result.agent_id == lab.agent_ids["big"]
     assert output == pi_reference(inputs[0])
+
+
+async def test_join_flags_set_the_preferences_that_status_shows(lab: Lab) -> None:
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "flags")
+    await org.synced()
+    join, join_log = lab.spawn(
+        [
+            AGENT_CLI,
+            "join",
+            "--config",
+            str(config.home),
+            "--mode",
+            "full",
+            "--max-memory",
+            str(512 << 20),
+            "--schedule",
+            "Sat-Sun all",
+            "--battery-below",
+            "15",
+            "--max-upload-rate",
+            "1000000",
+        ],
+        "join",
+    )
+    sock = config.status_socket
+    await wait_until(sock.exists, "the status socket", timeout=60)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    code, out, err = await cli("status", "--json", "--config", str(config.home))
+    assert code == 0, err
+    prefs = json.loads(out)["preferences"]
+    assert prefs["max_memory"] == 512 << 20
+    assert prefs["schedule"] == "Sat-Sun all"
+    assert prefs["battery_below"] == 15
+    assert prefs["max_upload_rate"] == 1_000_000
+    assert prefs["run_if_user_active"] is True
+    join.signal(signal.SIGTERM)
+    assert await join.wait(30) == 0
+    assert join_log.events("agent_stopped")
+    assert not sock.exists(), "the socket outlived the agent"
