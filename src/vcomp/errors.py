@@ -78,6 +78,10 @@ class SchemaVersionError(StoreError):
     """The job store's schema is not the version this vcomp uses; ``migrate`` fixes it."""
 
 
+class AgentUnreachable(VcompError):
+    """The running agent's status socket could not be reached, or answered wrongly."""
+
+
 def loggable(exc: BaseException) -> str:
     """What an unexpected exception may say in a log line: vcomp's own messages, an
     OSError's errno text (not its file names, which a job may have chosen), else the

@@ -78,6 +78,8 @@ class _Driver:
         self._flush_scheduled = False
         self._backlog: deque[tuple[bytes, Address | None]] = deque()
         self._writing = False
+        self._paced_write: asyncio.TimerHandle | None = None
+        self._paced_read: asyncio.TimerHandle | None = None
         self.closed = False
         self._loop.add_reader(sock.fileno(), self._readable)
 
@@ -95,6 +97,17 @@ class _Driver:
     def _refused(self, now: float) -> None:
         """The kernel reported the peer's port closed (ICMP); only an agent acts on it."""
 
+    def _send_delay(self, size: int, now: float) -> float:
+        """Seconds to wait before sending ``size`` bytes (a rate cap); 0.0 sends now."""
+        return 0.0
+
+    def _receive_delay(self, now: float) -> float:
+        """Seconds to wait before reading more (a rate cap); 0.0 reads now."""
+        return 0.0
+
+    def _received(self, size: int, now: float) -> None:
+        """``size`` bytes were read (charged to a rate cap)."""
+
     def _core_timer(self) -> float | None:
         return self._timers().get_timer()
 
@@ -109,6 +122,10 @@ class _Driver:
     def _readable(self) -> None:
         now = self._loop.time()
         for _ in range(BATCH):
+            wait = self._receive_delay(now)
+            if wait > 0:
+                self._pause_reading(wait)
+                break
             try:
                 data, address = self.sock.recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
@@ -120,8 +137,20 @@ class _Driver:
                 elif exc.errno not in _QUIET_ERRORS:
                     log.debug("udp receive error: %s", exc)
                 break
+            self._received(len(data), now)
             self._feed(data, (str(address[0]), int(address[1])), now)
         self.flush()
+
+    def _pause_reading(self, wait: float) -> None:
+        # Unread datagrams wait in the kernel buffer; the peer's window stops on our ACKs.
+        self._loop.remove_reader(self.sock.fileno())
+        self._paced_read = self._loop.call_later(wait, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        self._paced_read = None
+        if not self.closed:
+            self._loop.add_reader(self.sock.fileno(), self._readable)
+            self._readable()
 
     # ---- writing -------------------------------------------------------------
 
@@ -143,8 +172,14 @@ class _Driver:
 
     def _write_backlog(self) -> None:
         sock, backlog = self.sock, self._backlog
+        if self._paced_write is not None:
+            return  # a paced write is due; it sends the backlog in order
         while backlog:
             data, address = backlog[0]
+            wait = self._send_delay(len(data), self._loop.time())
+            if wait > 0:
+                self._paced_write = self._loop.call_later(wait, self._paced_send)
+                return
             try:
                 if address is None:
                     sock.send(data)
@@ -159,6 +194,10 @@ class _Driver:
                 if exc.errno not in _QUIET_ERRORS:
                     log.debug("udp send error: %s", exc)
             backlog.popleft()
+
+    def _paced_send(self) -> None:
+        self._paced_write = None
+        self.flush()  # the backlog first, then whatever the core has queued meanwhile
 
     def _writable(self) -> None:
         self._write_backlog()
@@ -200,6 +239,9 @@ class _Driver:
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+        for handle in (self._paced_write, self._paced_read):
+            if handle is not None:
+                handle.cancel()
         self._loop.remove_reader(self.sock.fileno())
         if self._writing:
             self._loop.remove_writer(self.sock.fileno())
@@ -228,12 +270,44 @@ class ServerAdapter(_Driver):
         return self.core
 
 
+class RateCap(Protocol):
+    """A bytes-per-second cap (vcomp.agent.preferences.rate.TokenBucket); clock passed in."""
+
+    def delay(self, now: float) -> float: ...
+    def take(self, size: int, now: float) -> None: ...
+
+
 class AgentAdapter(_Driver):
+    """The agent's side. ``upload`` / ``download`` cap its bytes per second: sends wait
+    for the bucket, and reads pause (so ACKs, and with them the server's window, slow)."""
+
     def __init__(
-        self, core: AgentCore, sock: socket.socket, on_event: Callable[[Event], None]
+        self,
+        core: AgentCore,
+        sock: socket.socket,
+        on_event: Callable[[Event], None],
+        *,
+        upload: RateCap | None = None,
+        download: RateCap | None = None,
     ) -> None:
         self.core = core
+        self._upload, self._download = upload, download
         super().__init__(sock, on_event)
+
+    def _send_delay(self, size: int, now: float) -> float:
+        if self._upload is None:
+            return 0.0
+        wait = self._upload.delay(now)
+        if wait <= 0:
+            self._upload.take(size, now)
+        return wait
+
+    def _receive_delay(self, now: float) -> float:
+        return 0.0 if self._download is None else self._download.delay(now)
+
+    def _received(self, size: int, now: float) -> None:
+        if self._download is not None:
+            self._download.take(size, now)
 
     def _feed(self, data: bytes, address: Address, now: float) -> None:
         self.core.receive_datagram(data, now)
@@ -265,7 +339,13 @@ async def open_server(
 
 
 async def open_agent(
-    core: AgentCore, on_event: Callable[[Event], None], host: str, port: int
+    core: AgentCore,
+    on_event: Callable[[Event], None],
+    host: str,
+    port: int,
+    *,
+    upload: RateCap | None = None,
+    download: RateCap | None = None,
 ) -> AgentAdapter:
     """A socket connected to the server, so only its datagrams reach ``core``."""
     loop = asyncio.get_running_loop()
@@ -277,4 +357,4 @@ async def open_agent(
     except OSError:
         sock.close()
         raise
-    return AgentAdapter(core, sock, on_event)
+    return AgentAdapter(core, sock, on_event, upload=upload, download=download)

@@ -154,7 +154,8 @@ def test_quote_without_a_home_keeps_the_old_behaviour(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for command in ("init", "enrolment", "measure", "join", "quote", "doctor", "sandbox-run"):
+    commands = ("init", "enrolment", "measure", "join", "quote", "doctor", "sandbox-run")
+    for command in (*commands, "status", "pause", "resume"):
         result = run(command, "--help")
         assert result.exit_code == 0 and "Usage:" in result.stdout
 
@@ -188,3 +189,23 @@ def test_join_log_file_appends_the_log_there(tmp_path: Path) -> None:
     lines = log.read_text().splitlines()
     assert lines[0] == "kept" and len(lines) > 1 and "event=" in lines[1], (lines, err)
     assert "event=" not in err
+
+
+def test_join_preference_options_are_checked(home: tuple[Path, Result]) -> None:
+    d, _ = home
+    assert_clean_error(run("join", "--config", d, "--schedule", "Mon 9-10"), "not a time HH:MM")
+    assert_clean_error(
+        run("join", "--config", d, "--battery-below", "95", "--battery-hysteresis", "10"),
+        "at most 100",
+    )
+    result = run("join", "--config", d, "--max-memory", "-1")
+    assert result.exit_code == 2 and "--max-memory" in result.stderr
+
+
+def test_status_pause_resume_without_a_running_agent(home: tuple[Path, Result]) -> None:
+    d, _ = home
+    for command in ("status", "pause", "resume"):
+        result = run(command, "--config", d)
+        assert result.exit_code == 1, result.output
+        assert "the agent is not running" in result.stderr
+        assert "Traceback" not in result.output

@@ -26,6 +26,7 @@ from vcomp.agent.config import (
     resolve_server_key,
 )
 from vcomp.agent.modes import MODE_KINDS
+from vcomp.agent.preferences.options import override_preferences, preference_options
 from vcomp.cligroup import VcompGroup
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -152,6 +153,7 @@ def measure(config_path: Path | None) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Append the log here instead of stderr; reopened when logrotate moves it.",
 )
+@preference_options
 def join(
     config_path: Path | None,
     servers: tuple[str, ...],
@@ -161,6 +163,7 @@ def join(
     core: int | None,
     cores: int | None,
     log_file: Path | None,
+    **preferences: Any,
 ) -> None:
     """Run jobs for the organisation until SIGINT or SIGTERM.
 
@@ -183,13 +186,72 @@ def join(
         raise click.UsageError("--cpu-percent applies to --mode throttle")
     if core is not None and effective_mode != "dedicated":
         raise click.UsageError("--core applies to --mode dedicated")
-    config = dataclasses.replace(config, **changes)
+    config = dataclasses.replace(
+        config, preferences=override_preferences(config.preferences, preferences), **changes
+    )
     config.server_addresses()  # both raise a ConfigError saying what is missing
     config.server_fingerprint()
 
     from vcomp.agent.runtime import join as run_agent
 
     run_agent(config, log_file)
+
+
+# ---------------------------------------------------------------------- live status
+
+
+def _ask(config_path: Path | None, command: str) -> dict[str, Any]:
+    from vcomp.agent.status import request
+    from vcomp.errors import AgentUnreachable
+
+    try:
+        return request(load_config(config_path).status_socket, command)
+    except AgentUnreachable as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Show what the running agent is doing now.
+
+    The server and session of each worker, the current job with its progress and CPU,
+    the mode, why the agent is paused if it is, jobs done today and in total, and the
+    CPU-seconds donated. Asks the agent through status.sock in its home.
+    """
+    from vcomp.agent.status import format_status
+
+    doc = _ask(config_path, "status")
+    doc.pop("ok", None)
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else format_status(doc))
+
+
+@main.command()
+@config_option
+def pause(config_path: Path | None) -> None:
+    """Stop the running agent's jobs until `vcomp-agent resume` (no work is lost).
+
+    Running jobs are stopped where they are (frozen, or SIGSTOP) and continue on resume;
+    the agent keeps its sessions and leases meanwhile.
+    """
+    _ask(config_path, "pause")
+    click.echo("paused: jobs are stopped until `vcomp-agent resume`")
+
+
+@main.command()
+@config_option
+def resume(config_path: Path | None) -> None:
+    """Let the running agent's jobs continue after `vcomp-agent pause`.
+
+    Other rules (schedule, battery, user activity) may still hold them; `status` says.
+    """
+    doc = _ask(config_path, "resume")
+    reasons = dict(doc.get("paused_because") or {})
+    if reasons:
+        click.echo("resumed; still held by: " + "; ".join(reasons.values()))
+    else:
+        click.echo("resumed")
 
 
 # ---------------------------------------------------------------------- tools
@@ -252,16 +314,22 @@ def quote(
 
 
 @main.command()
-def doctor() -> None:
+@config_option
+def doctor(config_path: Path | None) -> None:
     """Show every sandbox protection as active, unavailable or failed, with the reason.
 
-    Exits 1 if the sandbox cannot give at least the rlimit, cleared-environment,
-    process-tree-kill and unprivileged-uid guarantees.
+    Then the volunteer's preferences from agent.toml (if there is one), with where user
+    activity and the battery are read from. Exits 1 if the sandbox cannot give at least
+    the rlimit, cleared-environment, process-tree-kill and unprivileged-uid guarantees.
     """
 
     from vcomp.agent.sandbox.commands import doctor as run_doctor
 
-    raise SystemExit(run_doctor(sys.stdout))
+    home = default_agent_home() if config_path is None else config_path
+    prefs = None
+    if config_path is not None or (home / CONFIG_FILE).is_file():
+        prefs = load_agent_config(home).preferences
+    raise SystemExit(run_doctor(sys.stdout, preferences=prefs))
 
 
 @main.command(

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vcomp.agent.modes import MODE_KINDS, ExecutionMode, parse_mode
+from vcomp.agent.preferences.settings import Preferences, render_preferences
 from vcomp.agent.sandbox import REQUIRED_PROTECTIONS, JobLimits
 from vcomp.agent.sandbox.policy import NOBODY
 from vcomp.errors import ConfigError
@@ -55,6 +56,8 @@ CONFIG_FILE = "agent.toml"
 TPM_DIR = "tpm"
 SPOOL_DIR = "spool"
 WORK_DIR = "work"
+STATUS_SOCKET = "status.sock"  # 0600, `vcomp-agent status/pause/resume` talk to it
+STATS_FILE = "stats.json"  # jobs done and CPU-seconds donated, across restarts
 POLICY_VERSION = 1
 MAX_NAME = 64
 MAX_SERVERS = 16  # a worker tries each in turn; more would only slow a full round
@@ -97,10 +100,13 @@ class VolunteerLimits:
         _check_int("max_output_bytes", self.max_output_bytes, 0, limits.MAX_RESULT_SIZE)
         _check_int("max_disk_bytes", self.max_disk_bytes, 1, 1 << 62)
 
-    def capacity(self) -> JobCapacity:
-        """These limits as READY declares them, so the server sends only jobs within them."""
+    def capacity(self, max_memory: int = 0) -> JobCapacity:
+        """These limits as READY declares them, so the server sends only jobs within them.
+
+        ``max_memory`` (the preference, 0: none) caps the memory a job may ask for too.
+        """
         return JobCapacity.clamped(
-            memory_bytes=self.max_memory_bytes,
+            memory_bytes=min(self.max_memory_bytes, max_memory or self.max_memory_bytes),
             cpu_seconds=self.max_cpu_seconds,
             wall_seconds=self.max_wall_seconds,
             output_bytes=self.max_output_bytes,
@@ -181,6 +187,7 @@ class AgentConfig:
     cores: int = 1
     limits: VolunteerLimits = field(default_factory=VolunteerLimits)
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
+    preferences: Preferences = field(default_factory=Preferences)
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > MAX_NAME or not self.name.isprintable():
@@ -213,6 +220,14 @@ class AgentConfig:
     @property
     def work_dir(self) -> Path:
         return self.home / WORK_DIR
+
+    @property
+    def status_socket(self) -> Path:
+        return self.home / STATUS_SOCKET
+
+    @property
+    def stats_path(self) -> Path:
+        return self.home / STATS_FILE
 
     # ---- derived values
     def server_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -364,7 +379,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{file}: no such file{hint}")
     doc = read_toml(file)
     try:
-        check_sections(doc, ("agent", "limits", "sandbox"))
+        check_sections(doc, ("agent", "limits", "sandbox", "preferences"))
         agent = Table(doc, "agent")
         name = agent.text("name", default_name())
         servers = _servers_of(agent)
@@ -400,6 +415,9 @@ def load_agent_config(path: Path) -> AgentConfig:
             log_bytes=sb.integer("log_bytes", s.log_bytes),
         )
         sb.finish()
+        prefs = Table(doc, "preferences")
+        preferences = Preferences.from_table(prefs)
+        prefs.finish()
         return AgentConfig(
             home=file.parent.absolute(),
             name=name,
@@ -411,6 +429,7 @@ def load_agent_config(path: Path) -> AgentConfig:
             cores=cores,
             limits=volunteer,
             sandbox=sandbox,
+            preferences=preferences,
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None
@@ -470,6 +489,8 @@ def render_agent_toml(config: AgentConfig) -> str:
         f"max_wall_seconds = {_number(lim.max_wall_seconds)}",
         f"max_output_bytes = {lim.max_output_bytes}",
         f"max_disk_bytes = {lim.max_disk_bytes}",
+        "",
+        *render_preferences(config.preferences),
     ]
     return "\n".join(lines) + "\n"
 

@@ -22,16 +22,24 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 from vcomp import logfmt
 from vcomp.agent.config import AgentConfig
 from vcomp.agent.measure import measured_launch
 from vcomp.agent.modes import ExecutionMode, agent_setup
+from vcomp.agent.preferences.controller import PreferenceController
+from vcomp.agent.preferences.memory import MemoryBudget
+from vcomp.agent.preferences.rate import TokenBucket
 from vcomp.agent.sandbox import JobOutcome, OutcomeKind
+from vcomp.agent.sandbox.hold import Hold, JobControl
 from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
+from vcomp.agent.status import AgentTotals, StatusServer, runtime_status
 from vcomp.agent.tpm import SimulatedTpm
 from vcomp.errors import SessionClosed, loggable
 from vcomp.protocol import events as ev
@@ -63,6 +71,9 @@ class _Running:
     attempt: int
     task: asyncio.Task[None]
     started: float = field(default_factory=time.monotonic)
+    control: JobControl = field(default_factory=JobControl)
+    progress: float | None = None
+    waiting_for_memory: bool = False  # other jobs hold the memory it needs (max_memory)
 
 
 class Worker:
@@ -76,6 +87,7 @@ class Worker:
         self.adapter: AgentAdapter | None = None
         self.running: _Running | None = None
         self._closed = asyncio.Event()
+        self.wake = asyncio.Event()  # the hold changed or a job ended: look again
         self._result_sent_at: dict[tuple[int, int], float] = {}
         self._connect_started = 0.0
         self._server = ""  # the address of the current session's server
@@ -86,6 +98,11 @@ class Worker:
         # Exactly the sandbox that PCR 18 measures.
         self.sandbox = runtime.config.make_sandbox(work_root=work_root)
 
+    @property
+    def server(self) -> str:
+        """The current session's server, HOST:PORT ("" between sessions)."""
+        return self._server if self.session is not None else ""
+
     # ---- session loop --------------------------------------------------------
 
     async def run(self) -> None:
@@ -94,6 +111,9 @@ class Worker:
         backoff = BACKOFF_START
         failures = 0  # sessions in a row that were never established
         while not self.rt.stopping.is_set():
+            if self.rt.hold.held:  # paused with no job: hold no session, take no lease
+                await _first(self.rt.stopping.wait(), self.rt.released.wait())
+                continue
             connected = await self._one_session(servers[current])
             if self.rt.stopping.is_set():
                 break
@@ -127,7 +147,7 @@ class Worker:
             pinned_server=self.rt.pinned,
             quote=lambda extra, pcrs: self.rt.tpm.quote(extra, pcrs),
             now=loop.time(),
-            capacity=cfg.limits.capacity(),
+            capacity=cfg.limits.capacity(cfg.preferences.max_memory),
         )
         self.session = session
         self._closed.clear()
@@ -135,7 +155,14 @@ class Worker:
         host, port = server
         self._server = format_address(server)
         try:
-            adapter = await open_agent(session, self._on_event, host, port)
+            adapter = await open_agent(
+                session,
+                self._on_event,
+                host,
+                port,
+                upload=self.rt.upload,
+                download=self.rt.download,
+            )
         except OSError as exc:
             logfmt.event(
                 log,
@@ -152,15 +179,16 @@ class Worker:
         sessions_before = self.stats.sessions
         try:
             while not self._closed.is_set():
-                stop = asyncio.ensure_future(self.rt.stopping.wait())
-                closed = asyncio.ensure_future(self._closed.wait())
-                _done, pending = await asyncio.wait(
-                    {stop, closed}, return_when=asyncio.FIRST_COMPLETED
-                )
-                for p in pending:
-                    p.cancel()
+                await _first(self.rt.stopping.wait(), self._closed.wait(), self.wake.wait())
+                self.wake.clear()
                 if self.rt.stopping.is_set():
                     await self._leave(session, adapter)
+                    break
+                if self.rt.hold.held and self._idle() and not self._closed.is_set():
+                    # A running job stays (stopped) in its session; an idle worker leaves
+                    # once its results are committed, so no lease waits on a paused machine.
+                    logfmt.event(log, "session_left_while_held", worker=self.index)
+                    await self._leave(session, adapter, reason="agent paused")
                     break
         finally:
             lost = await self._cancel_job("session ended")
@@ -171,7 +199,13 @@ class Worker:
             self.adapter = None
         return self.stats.sessions > sessions_before
 
-    async def _leave(self, session: AgentSession, adapter: AgentAdapter) -> None:
+    def _idle(self) -> bool:
+        """No job here and no result of ours waiting for its commit."""
+        return self.running is None and self.index not in self.rt.in_flight.values()
+
+    async def _leave(
+        self, session: AgentSession, adapter: AgentAdapter, reason: str = "agent shutting down"
+    ) -> None:
         """SIGTERM: let the job finish within the grace period, else hand it back."""
         grace = self.rt.shutdown_grace
         running = self.running
@@ -200,7 +234,7 @@ class Worker:
         ):
             await asyncio.sleep(0.05)
         if session.state is not AgentState.CLOSED:
-            session.close("agent shutting down", asyncio.get_running_loop().time())
+            session.close(reason, asyncio.get_running_loop().time())
             adapter.kick()
             await asyncio.sleep(0.05)
 
@@ -250,6 +284,7 @@ class Worker:
             self.stats.committed += 1
             self.rt.spool.remove(e.job, e.attempt)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
+            self.wake.set()
             sent = self._result_sent_at.pop((e.job, e.attempt), None)
             result_ms = None if sent is None else int((time.monotonic() - sent) * 1000)
             logfmt.event(
@@ -273,6 +308,7 @@ class Worker:
             )
             self.rt.spool.remove(e.job, e.attempt)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
+            self.wake.set()
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1
             self.stats.last_reject = logfmt.peer_text(e.reason)
@@ -357,7 +393,7 @@ class Worker:
         d = e.description
         self.stats.jobs += 1
         task = asyncio.ensure_future(self._run_job(e))
-        self.running = _Running(d.job, d.attempt, task)
+        self.running = _Running(d.job, d.attempt, task, control=self.rt.job_control())
         logfmt.event(
             log,
             "job_started",
@@ -372,6 +408,8 @@ class Worker:
     def _refusal(self, d: ev.JobDescription) -> str | None:
         if d.kind not in ("python", "exec"):
             return f"unknown job kind {d.kind!r}"
+        if (never := self.rt.memory.refusal(d.memory_bytes)) is not None:
+            return never  # it can never fit here; the server leases it elsewhere
         return self.rt.config.limits.refusal(
             job_bytes=d.code_size + d.input_size,
             cpu_seconds=d.cpu_seconds,
@@ -425,11 +463,14 @@ class Worker:
             output_bytes=len(output),
         )
         self.running = None
+        self.wake.set()
         session = self.session
         if session is not None and session.state is not AgentState.CLOSED:
             self._claim((d.job, d.attempt))
             self._result_sent_at[(d.job, d.attempt)] = time.monotonic()
             self._submit(session, result)
+        if status != REFUSED:
+            await self.rt.record_job(cpu_ms / 1000)  # after the result is on its way
 
     async def _execute(self, e: ev.JobReceived) -> tuple[str, bytes, str, int]:
         """Run the job (or refuse it): its status, output, detail and CPU milliseconds."""
@@ -437,19 +478,34 @@ class Worker:
         refusal = self._refusal(d)
         if refusal is not None:
             return REFUSED, b"", refusal, 0
-        outcome = await self.sandbox.run(
-            kind="python" if d.kind == "python" else "exec",
-            code=e.code,
-            input=e.input,
-            # The [sandbox] process and file limits are part of what PCR 18 vouches for.
-            limits=self.rt.config.job_limits(
-                cpu_seconds=d.cpu_seconds,
-                memory_bytes=d.memory_bytes,
-                wall_seconds=float(d.wall_seconds),
-                output_bytes=d.output_bytes,
-                disk_bytes=d.disk_bytes,
-            ),
-        )
+        running = self.running
+        control = running.control if running is not None else self.rt.job_control()
+
+        def on_progress(fraction: float) -> None:
+            if self.running is not None:
+                self.running.progress = fraction
+
+        # Waits while other jobs hold the memory this one needs (max_memory).
+        if running is not None:
+            running.waiting_for_memory = not self.rt.memory.fits(d.memory_bytes)
+        async with self.rt.memory.reserve(d.memory_bytes):
+            if running is not None:
+                running.waiting_for_memory = False
+            outcome = await self.sandbox.run(
+                kind="python" if d.kind == "python" else "exec",
+                code=e.code,
+                input=e.input,
+                # The [sandbox] process and file limits are part of what PCR 18 vouches for.
+                limits=self.rt.config.job_limits(
+                    cpu_seconds=d.cpu_seconds,
+                    memory_bytes=d.memory_bytes,
+                    wall_seconds=float(d.wall_seconds),
+                    output_bytes=d.output_bytes,
+                    disk_bytes=d.disk_bytes,
+                ),
+                on_progress=on_progress,
+                control=control,
+            )
         output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
         return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
 
@@ -470,6 +526,16 @@ class Worker:
             reason=reason,
         )
         return running.job, running.attempt
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``waits`` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def format_address(address: tuple[str, int]) -> str:
@@ -528,7 +594,66 @@ class AgentRuntime:
         self.servers = config.server_addresses()
         self.mode: ExecutionMode = config.execution_mode()
         agent_setup(self.mode)
+        # The volunteer's preferences: one hold over every job, one memory budget,
+        # one rate cap each way over every session.
+        prefs = config.preferences
+        self.hold = Hold()
+        self.finished_jobs_cpu = 0.0  # see jobs_cpu_seconds
+        self.released = asyncio.Event()  # set while nothing holds jobs
+        self.released.set()
+        self.hold.subscribe(self._hold_changed)
+        self.preferences = PreferenceController(
+            prefs, self.hold, own_cpu_seconds=self.jobs_cpu_seconds
+        )
+        self.memory = MemoryBudget(prefs.max_memory)
+        now = time.monotonic()  # the event loop's clock, which the adapters pass in
+        self.upload = TokenBucket(prefs.max_upload_rate, now) if prefs.max_upload_rate else None
+        self.download = (
+            TokenBucket(prefs.max_download_rate, now) if prefs.max_download_rate else None
+        )
+        self.totals = AgentTotals.load(config.stats_path)
+        self._totals_saving = asyncio.Lock()
+        self.started_at = time.time()
         self.workers = [Worker(self, i) for i in range(config.cores)]
+
+    def _hold_changed(self, held: bool) -> None:
+        if held:
+            self.released.clear()
+        else:
+            self.released.set()
+        for w in self.workers:
+            w.wake.set()
+
+    def job_control(self) -> JobControl:
+        """A running job's handle: the shared hold, and its CPU counted when it ends."""
+        return JobControl(self.hold, on_done=self._job_done)
+
+    def _job_done(self, cpu_seconds: float) -> None:
+        self.finished_jobs_cpu += cpu_seconds
+
+    def jobs_cpu_seconds(self) -> float:
+        """CPU-seconds of every job this agent ran, cumulative (never goes down)."""
+        live = (w.running.control for w in self.workers if w.running is not None)
+        return self.finished_jobs_cpu + sum(c.cpu_seconds() for c in live if not c.done)
+
+    async def record_job(self, cpu_seconds: float) -> None:
+        """Count a job this agent ran (refusals are not work) in the saved totals."""
+        self.totals.record(cpu_seconds, date.today())
+        async with self._totals_saving:  # one write at a time, each of the latest totals
+            try:
+                await asyncio.to_thread(self.totals.save, self.config.stats_path)
+            except OSError as exc:
+                logfmt.event(log, "stats_not_saved", logging.WARNING, error=loggable(exc))
+
+    def command(self, name: str) -> dict[str, Any]:
+        """A request on the status socket: ``status``, ``pause`` or ``resume``."""
+        if name == "pause":
+            self.preferences.pause()
+            logfmt.event(log, "agent_paused", reasons=",".join(self.hold.reasons))
+        elif name == "resume":
+            self.preferences.resume()
+            logfmt.event(log, "agent_resumed", still_held=",".join(self.hold.reasons))
+        return runtime_status(self)
 
     async def run(self) -> None:
         logfmt.event(
@@ -541,9 +666,17 @@ class AgentRuntime:
             measurement=self.measurement.format(),
             spooled=len(self.spool),
         )
+        status = StatusServer(self.config.status_socket, self.command)
         try:
-            await asyncio.gather(*(w.run() for w in self.workers))
+            await status.start()
+        except OSError as exc:  # the agent still works; only `status` cannot reach it
+            logfmt.event(log, "status_socket_failed", logging.WARNING, error=loggable(exc))
+        try:
+            await asyncio.gather(
+                self.preferences.run(self.stopping), *(w.run() for w in self.workers)
+            )
         finally:
+            await status.close()
             for w in self.workers:
                 w.sandbox.close()
         logfmt.event(log, "agent_stopped")

@@ -1316,3 +1316,73 @@ async def test_without_a_cgroup_message_queues_are_bounded(tmp_path: Path) -> No
     print("\n" + seen)
     assert watch.rise <= JOB_BOUND + SLACK, seen
     await assert_still_works(sandbox)
+
+
+# Children that keep forking busy grandchildren and SIGCONT everything they can reach:
+# a hold (the volunteer's pause, battery, schedule) must stop them all the same.
+HOLD_BREAKER = job("""
+kids = []
+for _ in range(16):
+    try:
+        pid = os.fork()
+    except OSError:  # the process limit: the children already running will do
+        continue
+    if pid == 0:
+        end = time.monotonic() + 8.0
+        while time.monotonic() < end:
+            try:
+                os.kill(-1, signal.SIGCONT)
+                if os.fork() == 0:
+                    x = 0
+                    for i in range(200000):
+                        x += i
+                    os._exit(0)
+                os.waitpid(-1, os.WNOHANG)
+            except OSError:
+                pass
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+return b"done"
+""")
+
+
+@pytest.mark.parametrize("use_cgroup", [True, False], ids=["freezer", "sigstop"])
+async def test_job_cannot_run_while_held(tmp_path: Path, use_cgroup: bool) -> None:
+    """A job that forks and SIGCONTs without pause is held still, by the cgroup freezer
+    or, without a cgroup, by SIGSTOP of the whole tree (seccomp denies the job SIGCONT):
+    the CPU its tree used over a held interval stays near zero, and it still finishes
+    once released."""
+    from vcomp.agent.sandbox.hold import Hold, JobControl
+
+    sandbox = Sandbox(
+        work_root=tmp_path / "work", mode=ExecutionMode(kind="full"), use_cgroup=use_cgroup
+    )
+    hold = Hold()
+    control = JobControl(hold)
+    task = asyncio.ensure_future(
+        sandbox.run(
+            kind="python",
+            code=HOLD_BREAKER,
+            input=b"",
+            limits=dataclasses.replace(LIMITS, cpu_seconds=60, wall_seconds=60.0),
+            control=control,
+        )
+    )
+    deadline = time.monotonic() + 60
+    while control.cpu_seconds() < 0.3:
+        assert time.monotonic() < deadline and not task.done(), "the job never ran"
+        await asyncio.sleep(0.02)
+    hold.set("pause", "held by the test")
+    await asyncio.sleep(0.5)
+    before = control.cpu_seconds()
+    await asyncio.sleep(2.0)
+    during = control.cpu_seconds() - before
+    hold.clear("pause")
+    outcome = await task
+    print(f"\nheld job ({use_cgroup=}): {during:.3f} CPU s over 2 s held; then {outcome.kind}")
+    assert during < 0.1, f"the held job used {during:.3f} CPU-seconds"
+    assert outcome.kind is OutcomeKind.OK, outcome
+    await assert_still_works(sandbox)
+    sandbox.close()

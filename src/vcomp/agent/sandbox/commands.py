@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import IO
 
 from vcomp.agent.modes import ExecutionMode, agent_setup, sched_idle_available
+from vcomp.agent.preferences.doctor import preference_report
+from vcomp.agent.preferences.settings import Preferences
 from vcomp.agent.sandbox.outcome import EXIT_CODES, OutcomeKind, Protection
 from vcomp.agent.sandbox.policy import JobLimits, MiB
 from vcomp.agent.sandbox.protections import REQUIRED_PROTECTIONS
@@ -27,9 +29,12 @@ SANDBOX_RUN_EXIT_HELP = "Exit codes: " + ", ".join(
 )
 
 
-def doctor(out: IO[str], *, work_root: Path | None = None) -> int:
+def doctor(
+    out: IO[str], *, work_root: Path | None = None, preferences: Preferences | None = None
+) -> int:
     """Print every protection as active / unavailable / failed; nonzero if the minimum
     (rlimits, cleared environment, process-tree kill, unprivileged uid) is missing.
+    Then the volunteer's rules (``preferences``, default: agent.toml's defaults).
     """
     out.write(f"kernel   {platform.system()} {platform.release()} ({platform.machine()})\n")
     out.write(f"python   {sys.executable} {platform.python_version()}\n")
@@ -45,12 +50,21 @@ def doctor(out: IO[str], *, work_root: Path | None = None) -> int:
     width = max(len(p.name) for p in prots)
     for p in prots:
         out.write(f"{p.name:<{width}}  {p.status:<11}  {p.reason}\n")
+    _write_preferences(out, preferences or Preferences())
     missing = minimum_missing(prots)
     if missing:
         out.write(f"\nINSUFFICIENT: not active: {', '.join(missing)}\n")
         return EXIT_DOCTOR_INSUFFICIENT
     out.write("\nminimum guarantees present\n")
     return 0
+
+
+def _write_preferences(out: IO[str], prefs: Preferences) -> None:
+    out.write("\npreferences\n")
+    rows = preference_report(prefs)
+    width = max(len(name) for name, _, _ in rows)
+    for name, status, reason in rows:
+        out.write(f"{name:<{width}}  {status:<11}  {reason}\n")
 
 
 def minimum_missing(prots: Sequence[Protection]) -> list[str]:

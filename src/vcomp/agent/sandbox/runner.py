@@ -23,6 +23,7 @@ from vcomp import logfmt
 from vcomp.agent.modes import ExecutionMode, child_setup
 from vcomp.agent.sandbox import cgroup, landlock, pyjob
 from vcomp.agent.sandbox.cgroup_policy import CgroupPolicy
+from vcomp.agent.sandbox.hold import JobControl
 from vcomp.agent.sandbox.launch import (
     Launch,
     PreparedLauncher,
@@ -177,10 +178,12 @@ class Sandbox:
         limits: JobLimits,
         on_progress: Callable[[float], None] | None = None,
         cancel: asyncio.Event | None = None,
+        control: JobControl | None = None,
     ) -> JobOutcome:
         """Run one job to its end. Cancelling the task kills the whole tree first.
 
-        Setting ``cancel`` does the same but returns a ``cancelled`` outcome.
+        Setting ``cancel`` does the same but returns a ``cancelled`` outcome. ``control``
+        lets the agent hold the job still (see :mod:`.hold`) and read its CPU time.
         """
         if kind not in ("python", "exec"):
             raise SandboxError(f"unknown job kind {kind!r}")
@@ -207,6 +210,7 @@ class Sandbox:
                 on_progress=on_progress,
                 cancel=cancel,
                 started=started,
+                control=control,
             )
         finally:
             if launch is not None:

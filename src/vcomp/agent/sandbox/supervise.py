@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from vcomp.agent.modes import ExecutionMode, Regulator
+from vcomp.agent.sandbox.hold import HeldTree, JobControl
 from vcomp.agent.sandbox.launch import Launch
 from vcomp.agent.sandbox.outcome import JobOutcome, OutcomeKind, Protection
 from vcomp.agent.sandbox.pipes import JobIO
@@ -36,15 +37,17 @@ async def supervise(
     on_progress: Callable[[float], None] | None,
     cancel: asyncio.Event | None,
     started: float,
+    control: JobControl | None = None,
 ) -> JobOutcome:
     """Feed the job, watch it until it ends or breaks a limit, kill and reap its tree."""
     tree = JobTree(launch.pid, launch.cgroup)
+    # The mode's regulator and the volunteer's hold both stop the tree through this.
+    gate = HeldTree(tree)
     regulator = Regulator(mode) if mode is not None else None
 
     def active_clock() -> float:
-        # Time the execution mode kept the job suspended does not count.
-        paused = regulator.paused_seconds if regulator is not None else 0.0
-        return time.monotonic() - paused
+        # Time the job stood stopped (its mode, or the volunteer's hold) does not count.
+        return time.monotonic() - gate.paused_seconds
 
     io = JobIO(launch, input_bytes, limits, on_progress, active_clock)
     reg_task: asyncio.Task[None] | None = None
@@ -56,8 +59,10 @@ async def supervise(
         while io.job_status is None:
             if io.job_pid is not None and tree.job_pid is None:
                 tree.job_pid = io.job_pid
+                if control is not None:
+                    control.attach(gate)
                 if regulator is not None:
-                    reg_task = asyncio.create_task(regulator.supervise(tree))
+                    reg_task = asyncio.create_task(regulator.supervise(gate))
             now_active = active_clock()
             wall_left = limits.wall_seconds - (now_active - start_active)
             idle_left = math.inf
@@ -93,6 +98,9 @@ async def supervise(
     finally:
         # Also on cancellation: nothing of the job may outlive this call.
         tree.kill()
+        if control is not None:
+            control.detach()
+        gate.release()
         io.detach()
         if reg_task is not None:
             reg_task.cancel()
@@ -100,7 +108,7 @@ async def supervise(
     if reg_task is not None:
         with contextlib.suppress(asyncio.CancelledError):
             await reg_task
-    paused = regulator.paused_seconds if regulator is not None else 0.0
+    paused = gate.paused_seconds
     prots, failure = from_setup(io.setup_text(), mode=mode, cgroup_note=launch.cgroup_note)
     if kill_reason is None and failure is None:
         failure = missing_required(prots, required)
