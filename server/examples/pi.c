@@ -3,7 +3,7 @@
  *
  * Input  (START payload):  {"points": N, "seed": S}
  * Output (RESULT payload): {"inside": k, "points": N}
- *                          (with "resumed_at": D when the input has "report_resume": 1
+ *                          (with "resumed_at": D when the input has "report_resume": true
  *                          and the run resumed from a checkpoint with D points done)
  * Progress: a PROGRESS frame every 1/100 of the points, each after a CHECKPOINT frame
  * holding "done inside s0 s1 s2 s3" (decimal: points done, hits, generator state).
@@ -147,8 +147,13 @@ int main(void) {
     uint64_t points, seed;
     if (json_u64(input, "points", &points) < 0) return fail("input needs \"points\"");
     if (json_u64(input, "seed", &seed) < 0) seed = 0;
+    const char *report = strstr(input, "\"report_resume\"");
     uint64_t report_resume = 0;
-    if (json_u64(input, "report_resume", &report_resume) < 0) report_resume = 0;
+    if (report) {
+        report += strlen("\"report_resume\"");
+        while (*report == ' ' || *report == ':' || *report == '\t' || *report == '\n') report++;
+        report_resume = strncmp(report, "true", 4) == 0 || (*report >= '1' && *report <= '9');
+    }
 
     uint64_t s[4], sm = seed;
     for (int i = 0; i < 4; i++) s[i] = splitmix64(&sm);

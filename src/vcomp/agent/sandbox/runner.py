@@ -32,6 +32,7 @@ from vcomp.agent.sandbox.launch import (
     sealed_memfd,
 )
 from vcomp.agent.sandbox.outcome import JobOutcome, Protection
+from vcomp.agent.sandbox.pipes import Checkpointing
 from vcomp.agent.sandbox.plan import JobSpec, LaunchPlan
 from vcomp.agent.sandbox.policy import JOB_PATH, NOBODY, JobLimits
 from vcomp.agent.sandbox.protections import REQUIRED_PROTECTIONS, from_setup
@@ -177,10 +178,12 @@ class Sandbox:
         limits: JobLimits,
         on_progress: Callable[[float], None] | None = None,
         cancel: asyncio.Event | None = None,
+        checkpoints: Checkpointing | None = None,
     ) -> JobOutcome:
         """Run one job to its end. Cancelling the task kills the whole tree first.
 
         Setting ``cancel`` does the same but returns a ``cancelled`` outcome.
+        ``checkpoints`` hands the job a state to resume from and takes its checkpoints.
         """
         if kind not in ("python", "exec"):
             raise SandboxError(f"unknown job kind {kind!r}")
@@ -207,6 +210,7 @@ class Sandbox:
                 on_progress=on_progress,
                 cancel=cancel,
                 started=started,
+                checkpoints=checkpoints,
             )
         finally:
             if launch is not None:

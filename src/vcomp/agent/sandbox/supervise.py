@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from vcomp.agent.modes import ExecutionMode, Regulator
 from vcomp.agent.sandbox.launch import Launch
 from vcomp.agent.sandbox.outcome import JobOutcome, OutcomeKind, Protection
-from vcomp.agent.sandbox.pipes import JobIO
+from vcomp.agent.sandbox.pipes import Checkpointing, JobIO
 from vcomp.agent.sandbox.policy import JobLimits
 from vcomp.agent.sandbox.protections import from_setup, missing_required
 from vcomp.agent.sandbox.tree import JobTree
@@ -36,6 +36,7 @@ async def supervise(
     on_progress: Callable[[float], None] | None,
     cancel: asyncio.Event | None,
     started: float,
+    checkpoints: Checkpointing | None = None,
 ) -> JobOutcome:
     """Feed the job, watch it until it ends or breaks a limit, kill and reap its tree."""
     tree = JobTree(launch.pid, launch.cgroup)
@@ -46,7 +47,7 @@ async def supervise(
         paused = regulator.paused_seconds if regulator is not None else 0.0
         return time.monotonic() - paused
 
-    io = JobIO(launch, input_bytes, limits, on_progress, active_clock)
+    io = JobIO(launch, input_bytes, limits, on_progress, active_clock, checkpoints)
     reg_task: asyncio.Task[None] | None = None
     kill_reason: tuple[OutcomeKind, str] | None = None
     try:
