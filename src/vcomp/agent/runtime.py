@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vcomp import logfmt
+from vcomp.agent.checkpoints import JobCheckpoints, job_binding, sweep_stale
 from vcomp.agent.config import AgentConfig
 from vcomp.agent.measure import measured_launch
 from vcomp.agent.modes import ExecutionMode, agent_setup
-from vcomp.agent.sandbox import JobOutcome, OutcomeKind
+from vcomp.agent.sandbox import Checkpointing, JobKind, JobOutcome, OutcomeKind
 from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
 from vcomp.agent.tpm import SimulatedTpm
@@ -241,6 +242,7 @@ class Worker:
                 self.running.task.cancel()
                 self.running = None
             self.rt.spool.remove(e.job, e.attempt)
+            self.rt.spool.remove_checkpoint(e.job)
         elif isinstance(e, ev.ResetReceived):
             logfmt.event(log, "reset_received", worker=self.index, epoch=e.epoch)
             # The reset dropped everything in flight: every uncommitted result goes again.
@@ -249,6 +251,7 @@ class Worker:
         elif isinstance(e, ev.ResultCommitted):
             self.stats.committed += 1
             self.rt.spool.remove(e.job, e.attempt)
+            self.rt.spool.remove_checkpoint(e.job)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
             sent = self._result_sent_at.pop((e.job, e.attempt), None)
             result_ms = None if sent is None else int((time.monotonic() - sent) * 1000)
@@ -272,6 +275,7 @@ class Worker:
                 message=logfmt.peer_text(e.message),
             )
             self.rt.spool.remove(e.job, e.attempt)
+            self.rt.spool.remove_checkpoint(e.job)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1
@@ -437,8 +441,32 @@ class Worker:
         refusal = self._refusal(d)
         if refusal is not None:
             return REFUSED, b"", refusal, 0
-        outcome = await self.sandbox.run(
-            kind="python" if d.kind == "python" else "exec",
+        kind: JobKind = "python" if d.kind == "python" else "exec"
+        checkpoints = JobCheckpoints(self.rt.spool, d.job, job_binding(kind, e.code, e.input))
+        resume = checkpoints.resume()
+        if resume is not None:
+            logfmt.event(
+                log,
+                "job_resumed",
+                worker=self.index,
+                job=d.job,
+                attempt=d.attempt,
+                state_bytes=len(resume),
+            )
+        try:
+            outcome = await self._sandbox_run(e, kind, checkpoints.sandbox_side(resume))
+        finally:
+            checkpoints.close()
+        output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
+        return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
+
+    async def _sandbox_run(
+        self, e: ev.JobReceived, kind: JobKind, checkpoints: Checkpointing
+    ) -> JobOutcome:
+        d = e.description
+        return await self.sandbox.run(
+            kind=kind,
+            checkpoints=checkpoints,
             code=e.code,
             input=e.input,
             # The [sandbox] process and file limits are part of what PCR 18 vouches for.
@@ -450,8 +478,6 @@ class Worker:
                 disk_bytes=d.disk_bytes,
             ),
         )
-        output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
-        return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
 
     async def _cancel_job(self, reason: str) -> tuple[int, int] | None:
         """Stop the running job; returns its (job, attempt) if it was cut short."""
@@ -522,6 +548,7 @@ class AgentRuntime:
                 path=str(self.spool.set_aside),
                 reason="sealed by a different agent build or sandbox policy; unreadable here",
             )
+        sweep_stale(self.spool)
         # Results being sent, and by which worker, so workers never send one twice.
         self.in_flight: dict[tuple[int, int], int] = {}
         self.pinned = config.server_fingerprint()

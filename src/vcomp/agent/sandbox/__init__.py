@@ -14,9 +14,9 @@ from vcomp.agent.sandbox.runner import JobKind, Sandbox
 from vcomp.agent.sandbox.tree import JobTree
 
 __all__ = [
-    "Checkpointing",
     "EXIT_CODES",
     "REQUIRED_PROTECTIONS",
+    "Checkpointing",
     "JobKind",
     "JobLimits",
     "JobOutcome",
