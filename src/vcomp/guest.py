@@ -14,7 +14,8 @@ the last state saved, else None.
 
 The job reads an optional RESUME frame and one START frame on fd 3 and writes
 PROGRESS and CHECKPOINT frames and one RESULT (or ERROR) frame on fd 4. stdout and
-stderr are free for logs; the agent keeps a bounded tail of them. Exit status: 0 after RESULT, 1 after ERROR, 12 when memory ran out.
+stderr are free for logs; the agent keeps a bounded tail of them. Exit status: 0
+after RESULT, 1 after ERROR, 12 when memory ran out.
 
 Standard library only (plus vcomp.domain, which is too), so it runs in the sandbox.
 It is imported at every job start, so it keeps its imports cheap: no typing at run
