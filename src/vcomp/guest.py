@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 
 _resume: bytes | None = None
-_out_fd = OUT_FD
+_out_fd: int | None = None  # set by run(): outside it (a handler called directly) no-op
 
 
 def read_start(fd: int = IN_FD) -> bytes:
@@ -88,11 +88,13 @@ def checkpoint(state: bytes) -> None:
     """Save ``state`` (bytes, at most the agent's checkpoint bound) to resume from.
 
     Only the latest checkpoint is kept. A state over the bound ends the job with an
-    error, so keep it small: counters and seeds, not data.
+    error, so keep it small: counters and seeds, not data. Outside :func:`run` (a
+    handler called directly, e.g. in a test) it does nothing.
     """
     if not isinstance(state, bytes | bytearray | memoryview):
         raise TypeError(f"checkpoint state must be bytes, not {type(state).__name__}")
-    write_all(_out_fd, encode_checkpoint(bytes(state)))
+    if _out_fd is not None:
+        write_all(_out_fd, encode_checkpoint(bytes(state)))
 
 
 def write_all(fd: int, data: bytes) -> None:

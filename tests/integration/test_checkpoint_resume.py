@@ -1,0 +1,123 @@
+"""Checkpoint and resume across an agent SIGKILL: real `vcomp-agent join` processes,
+real UDP, the real sandbox.
+
+The agent is killed mid-job once it has a checkpoint in its spool; a new agent process
+on the same home (same TPM, same sealed spool) gets the job back when the lease is
+handed out again, resumes from the checkpoint (the job says where it started), and
+the π counts are exactly those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import AGENT_CLI, EXAMPLES, PI_PY, Lab, wait_until
+
+
+def _pi_c(tmp_path: Path) -> Path:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed; cannot build server/examples/pi.c")
+    out = tmp_path / "pi"
+    subprocess.run([gcc, "-O2", "-o", str(out), str(EXAMPLES / "pi.c")], check=True)
+    return out
+
+
+def _uninterrupted_pi_c(binary: Path, data: bytes) -> dict[str, int]:
+    """pi.c run outside any sandbox, speaking fds 3 and 4 through pipes."""
+    import os
+
+    from vcomp.domain import RESULT, FrameDecoder, encode_start
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    proc = subprocess.Popen([str(binary)], pass_fds=(), preexec_fn=lambda: _wire(in_r, out_w))
+    os.close(in_r)
+    os.close(out_w)
+    os.write(in_w, encode_start(data))
+    os.close(in_w)
+    decoder = FrameDecoder(1 << 20, max_checkpoint=1 << 20)
+    result = b""
+    while chunk := os.read(out_r, 1 << 16):
+        result = next((f.payload for f in decoder.feed(chunk) if f.type == RESULT), result)
+    os.close(out_r)
+    assert proc.wait(60) == 0
+    answer: dict[str, int] = json.loads(result)
+    return answer
+
+
+def _wire(in_r: int, out_w: int) -> None:
+    import fcntl
+    import os
+
+    a = fcntl.fcntl(in_r, fcntl.F_DUPFD, 10)
+    b = fcntl.fcntl(out_w, fcntl.F_DUPFD, 10)
+    os.dup2(a, 3)
+    os.dup2(b, 4)
+
+
+def _uninterrupted_pi_py(data: bytes) -> dict[str, int]:
+    spec = importlib.util.spec_from_file_location("vcomp_example_pi_ck", PI_PY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    answer: dict[str, int] = json.loads(module.handler(data, lambda _f: None))
+    return answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["python", "exec"])
+async def test_killed_agent_resumes_from_its_checkpoint(
+    lab: Lab, tmp_path: Path, kind: str
+) -> None:
+    if kind == "python":
+        app: Path | bytes = PI_PY
+        # A few seconds of CPU either way: numpy draws ~50x faster than pure Python.
+        points = 400_000_000 if importlib.util.find_spec("numpy") else 8_000_000
+    else:
+        app = _pi_c(tmp_path)
+        points = 400_000_000
+    data = json.dumps({"points": points, "seed": 5, "report_resume": True}).encode()
+    expected = (
+        _uninterrupted_pi_py(data) if kind == "python" else _uninterrupted_pi_c(app, data)  # type: ignore[arg-type]
+    )
+
+    org = lab.org(lease_seconds=2, idle_timeout=10)
+    await lab.start(org)
+    home = lab.agent_config(org, "volunteer")
+    await org.synced()
+    org.add_app("pi", app, kind=kind)
+    batch = org.submit("pi", [data], cpu_seconds=120, wall_seconds=300)
+    job_id = org.store.get_job_by_index(batch, 0).job_id
+    checkpoint = home.spool_dir / f"{job_id}.checkpoint"
+
+    first, first_log = lab.spawn(
+        [AGENT_CLI, "join", "--config", str(home.home), "--mode", "full"], "first"
+    )
+    await wait_until(checkpoint.exists, "a checkpoint in the agent's spool", 120)
+    first.killpg()  # SIGKILL mid-job: no goodbye, the sandbox dies with it
+    assert await first.wait(10) == -signal.SIGKILL
+    assert first_log.events("job_finished") == []  # it really died mid-job
+    assert checkpoint.exists()  # the checkpoint survived the kill
+
+    second, second_log = lab.spawn(
+        [AGENT_CLI, "join", "--config", str(home.home), "--mode", "full"], "second"
+    )
+    await org.wait_batch(batch, timeout=300)
+
+    _result, output = org.outputs(batch)[0]
+    answer = json.loads(output)
+    resumed_at = answer.pop("resumed_at", 0)
+    assert 0 < resumed_at < points  # it did not start from zero
+    assert answer == expected  # and the π counts are exact
+    assert second_log.events("job_resumed", job=str(job_id))
+    await wait_until(lambda: not checkpoint.exists(), "the checkpoint removed after commit", 30)
+    second.signal(signal.SIGTERM)
+    await second.wait(30)
