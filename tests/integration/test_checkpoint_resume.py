@@ -38,7 +38,7 @@ def _uninterrupted_pi_c(binary: Path, data: bytes) -> dict[str, int]:
 
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
-    proc = subprocess.Popen([str(binary)], pass_fds=(), preexec_fn=lambda: _wire(in_r, out_w))
+    proc = subprocess.Popen([str(binary)], close_fds=False, preexec_fn=lambda: _wire(in_r, out_w))
     os.close(in_r)
     os.close(out_w)
     os.write(in_w, encode_start(data))
@@ -83,7 +83,7 @@ async def test_killed_agent_resumes_from_its_checkpoint(
         points = 400_000_000 if importlib.util.find_spec("numpy") else 8_000_000
     else:
         app = _pi_c(tmp_path)
-        points = 400_000_000
+        points = 1_500_000_000  # about 3 s
     data = json.dumps({"points": points, "seed": 5, "report_resume": True}).encode()
     expected = (
         _uninterrupted_pi_py(data) if kind == "python" else _uninterrupted_pi_c(app, data)  # type: ignore[arg-type]
