@@ -2,9 +2,10 @@
 real UDP, the real sandbox.
 
 The agent is killed mid-job once it has a checkpoint in its spool; a new agent process
-on the same home (same TPM, same sealed spool) gets the job back when the lease is
-handed out again, resumes from the checkpoint (the job says where it started), and
-the π counts are exactly those of an uninterrupted run.
+on the same home (same TPM, same sealed spool) reports the interrupted attempt lost,
+gets the job back at once (the lease is 10 minutes: expiry plays no part), resumes
+from the checkpoint (the job says where it started), and the π counts are exactly
+those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -89,14 +90,16 @@ async def test_killed_agent_resumes_from_its_checkpoint(
         _uninterrupted_pi_py(data) if kind == "python" else _uninterrupted_pi_c(app, data)  # type: ignore[arg-type]
     )
 
-    org = lab.org(lease_seconds=2, idle_timeout=10)
+    # A long lease: the job comes back at once only because the restarted agent reports
+    # the attempt it holds a checkpoint of as lost (JOB_LOST).
+    org = lab.org(lease_seconds=600, idle_timeout=600)
     await lab.start(org)
     home = lab.agent_config(org, "volunteer")
     await org.synced()
     org.add_app("pi", app, kind=kind)
     batch = org.submit("pi", [data], cpu_seconds=120, wall_seconds=300)
     job_id = org.store.get_job_by_index(batch, 0).job_id
-    checkpoint = home.spool_dir / f"{job_id}.checkpoint"
+    checkpoint = home.spool_dir / f"{job_id}-1.checkpoint"
 
     first, first_log = lab.spawn(
         [AGENT_CLI, "join", "--config", str(home.home), "--mode", "full"], "first"
@@ -110,7 +113,8 @@ async def test_killed_agent_resumes_from_its_checkpoint(
     second, second_log = lab.spawn(
         [AGENT_CLI, "join", "--config", str(home.home), "--mode", "full"], "second"
     )
-    await org.wait_batch(batch, timeout=300)
+    await org.wait_batch(batch, timeout=120)
+    assert second_log.events("job_reported_lost", job=str(job_id), attempt="1")
 
     _result, output = org.outputs(batch)[0]
     answer = json.loads(output)
@@ -118,6 +122,10 @@ async def test_killed_agent_resumes_from_its_checkpoint(
     assert 0 < resumed_at < points  # it did not start from zero
     assert answer == expected  # and the π counts are exact
     assert second_log.events("job_resumed", job=str(job_id))
-    await wait_until(lambda: not checkpoint.exists(), "the checkpoint removed after commit", 30)
+    await wait_until(
+        lambda: not list(home.spool_dir.glob(f"{job_id}-*.checkpoint")),
+        "the checkpoint removed after commit",
+        30,
+    )
     second.signal(signal.SIGTERM)
     await second.wait(30)

@@ -4,9 +4,12 @@ state it saved, kept sealed in the spool (spec: protocol/spec/domain.md, "Checkp
 Only the latest checkpoint of a job is kept, written at most once per
 WRITE_INTERVAL (a job that floods CHECKPOINT frames costs one fsync a second and
 one state in memory). A job that comes back to this agent (the same job id with the
-same code and input, e.g. after the agent was SIGKILLed or the machine rebooted and
-the lease was handed out again) resumes from it. The file goes when the job's result
-is committed or refused, when the server aborts the job, or after MAX_AGE_SECONDS.
+same code and input) resumes from it. After the agent was SIGKILLed or the machine
+rebooted, the agent reports each attempt it holds a checkpoint of as lost (JOB_LOST) at
+its first session, so the server requeues the job at once instead of at lease expiry,
+and hands it out again, normally to this agent, which is asking for work. The file
+goes when the job's result is committed or refused, when the server aborts the job,
+or after MAX_AGE_SECONDS.
 """
 
 from __future__ import annotations
@@ -45,11 +48,13 @@ class JobCheckpoints:
         self,
         spool: ResultSpool,
         job: int,
+        attempt: int,
         binding: bytes,
         max_bytes: int = DEFAULT_MAX_CHECKPOINT,
     ) -> None:
         self.spool = spool
         self.job = job
+        self.attempt = attempt
         self.binding = binding
         self.max_bytes = max_bytes
         self.received = 0
@@ -91,7 +96,7 @@ class JobCheckpoints:
             return
         self._last_write = time.monotonic()
         try:
-            self.spool.put_checkpoint(self.job, self.binding, state)
+            self.spool.put_checkpoint(self.job, self.attempt, self.binding, state)
             self.written += 1
         except Exception as exc:  # the job goes on; only this checkpoint is not kept
             logfmt.event(
@@ -104,6 +109,15 @@ class JobCheckpoints:
             self._timer.cancel()
             self._timer = None
         self._closed = True
+
+
+def interrupted_attempts(spool: ResultSpool) -> list[tuple[int, int]]:
+    """The attempts a killed run of this agent left checkpoints of and no result."""
+    return [
+        (job, attempt)
+        for job, attempt in spool.checkpoint_holdings()
+        if not spool.has(job, attempt)
+    ]
 
 
 def sweep_stale(spool: ResultSpool, max_age: float = MAX_AGE_SECONDS) -> int:

@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vcomp import logfmt
-from vcomp.agent.checkpoints import JobCheckpoints, job_binding, sweep_stale
+from vcomp.agent.checkpoints import (
+    JobCheckpoints,
+    interrupted_attempts,
+    job_binding,
+    sweep_stale,
+)
 from vcomp.agent.config import AgentConfig
 from vcomp.agent.measure import measured_launch
 from vcomp.agent.modes import ExecutionMode, agent_setup
@@ -442,7 +447,9 @@ class Worker:
         if refusal is not None:
             return REFUSED, b"", refusal, 0
         kind: JobKind = "python" if d.kind == "python" else "exec"
-        checkpoints = JobCheckpoints(self.rt.spool, d.job, job_binding(kind, e.code, e.input))
+        checkpoints = JobCheckpoints(
+            self.rt.spool, d.job, d.attempt, job_binding(kind, e.code, e.input)
+        )
         resume = checkpoints.resume()
         if resume is not None:
             logfmt.event(
@@ -556,6 +563,10 @@ class AgentRuntime:
         self.mode: ExecutionMode = config.execution_mode()
         agent_setup(self.mode)
         self.workers = [Worker(self, i) for i in range(config.cores)]
+        # Jobs a killed or rebooted run of this agent was running: reported lost at the
+        # first session so the server requeues them now; they resume from the checkpoint.
+        for n, held in enumerate(interrupted_attempts(self.spool)[-MAX_LOST * config.cores :]):
+            self.workers[n % len(self.workers)].lost.append(held)
 
     async def run(self) -> None:
         logfmt.event(

@@ -6,7 +6,8 @@ agent cannot read or forge spooled results, and the volunteer cannot read
 them at rest. Each entry is AES-256-GCM under that key, bound to its file
 name, written atomically and fsynced before the result is sent.
 
-The latest checkpoint of each running job is kept the same way (``<job>.checkpoint``),
+The latest checkpoint of each running job is kept the same way
+(``<job>-<attempt>.checkpoint``),
 bound to its file name and to a digest of the job's code and input, so a checkpoint
 is only ever handed back to the very job that wrote it.
 """
@@ -48,6 +49,13 @@ class SpooledResult:
     cpu_ms: int
     wall_ms: int
     output: bytes
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -155,31 +163,41 @@ class ResultSpool:
     # --- checkpoints -------------------------------------------------------------------
 
     @staticmethod
-    def _checkpoint_name(job: int) -> str:
-        return f"{job}{CHECKPOINT_SUFFIX}"
+    def _checkpoint_name(job: int, attempt: int) -> str:
+        return f"{job}-{attempt}{CHECKPOINT_SUFFIX}"
+
+    def _checkpoint_paths(self, job: int) -> list[Path]:
+        return list(self.directory.glob(f"{job}-*{CHECKPOINT_SUFFIX}"))
 
     @staticmethod
     def _checkpoint_aad(name: str, binding: bytes) -> bytes:
         return name.encode() + b"\0" + binding
 
-    def put_checkpoint(self, job: int, binding: bytes, state: bytes) -> None:
+    def put_checkpoint(self, job: int, attempt: int, binding: bytes, state: bytes) -> None:
         """Keep ``state`` as job's latest checkpoint (sealed, atomic, fsynced).
 
-        ``binding`` names the job's content (a digest of its code and input).
+        ``binding`` names the job's content (a digest of its code and input); the
+        attempt that wrote it is in the (authenticated) file name.
         """
-        name = self._checkpoint_name(job)
+        name = self._checkpoint_name(job, attempt)
         nonce = os.urandom(12)
         sealed = nonce + self._aead.encrypt(nonce, state, self._checkpoint_aad(name, binding))
         _write_atomically(self.directory / name, sealed)
+        for path in self._checkpoint_paths(job):  # an earlier attempt's
+            if path.name != name:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def checkpoint(self, job: int, binding: bytes, max_bytes: int) -> bytes | None:
-        """Job's latest checkpoint, or None if there is none.
+        """Job's latest checkpoint (of whichever attempt), or None if there is none.
 
         Raises SpoolError (and removes the file) when the file is larger than
         ``max_bytes`` allows, was tampered with, or belongs to another job's content.
         """
-        name = self._checkpoint_name(job)
-        path = self.directory / name
+        paths = sorted(self._checkpoint_paths(job), key=_mtime, reverse=True)
+        if not paths:
+            return None
+        path = paths[0]
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -195,24 +213,30 @@ class ResultSpool:
             os.close(fd)
         if blob is None or len(blob) > max_bytes + _SEAL_OVERHEAD:
             self.remove_checkpoint(job)
-            raise SpoolError(f"checkpoint {name} is over {max_bytes} bytes")
+            raise SpoolError(f"checkpoint {path.name} is over {max_bytes} bytes")
         try:
-            return self._aead.decrypt(blob[:12], blob[12:], self._checkpoint_aad(name, binding))
+            return self._aead.decrypt(
+                blob[:12], blob[12:], self._checkpoint_aad(path.name, binding)
+            )
         except (InvalidTag, ValueError):
             self.remove_checkpoint(job)
-            raise SpoolError(f"checkpoint {name} was tampered with or is another job's") from None
+            raise SpoolError(
+                f"checkpoint {path.name} was tampered with or is another job's"
+            ) from None
 
     def remove_checkpoint(self, job: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.directory / self._checkpoint_name(job)).unlink()
+        for path in self._checkpoint_paths(job):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
-    def checkpoint_jobs(self) -> list[int]:
-        """The jobs with a kept checkpoint."""
-        jobs = []
+    def checkpoint_holdings(self) -> list[tuple[int, int]]:
+        """(job, attempt) of every kept checkpoint, from the file names."""
+        held = []
         for path in self.directory.glob("*" + CHECKPOINT_SUFFIX):
+            job, _, attempt = path.name[: -len(CHECKPOINT_SUFFIX)].partition("-")
             with contextlib.suppress(ValueError):
-                jobs.append(int(path.name[: -len(CHECKPOINT_SUFFIX)]))
-        return jobs
+                held.append((int(job), int(attempt)))
+        return sorted(held)
 
     def pending(self) -> Iterator[SpooledResult | SpoolError]:
         """Every spooled result, oldest first; unreadable ones as SpoolError."""
