@@ -448,7 +448,11 @@ class Worker:
             return REFUSED, b"", refusal, 0
         kind: JobKind = "python" if d.kind == "python" else "exec"
         checkpoints = JobCheckpoints(
-            self.rt.spool, d.job, d.attempt, job_binding(kind, e.code, e.input)
+            self.rt.spool,
+            d.job,
+            d.attempt,
+            job_binding(kind, e.code, e.input),
+            max_bytes=self.rt.config.limits.max_checkpoint_bytes,
         )
         resume = checkpoints.resume()
         if resume is not None:
