@@ -10,8 +10,10 @@ those of an uninterrupted run.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import AGENT_CLI, EXAMPLES, PI_PY, Lab, wait_until
+from tests.integration.conftest import AGENT_CLI, EXAMPLES, PI_PY, Lab, python_job, wait_until
+from vcomp.domain import RESULT, FrameDecoder, encode_start
+from vcomp.server.store import AttemptState
 
 
 def _pi_c(tmp_path: Path) -> Path:
@@ -33,10 +37,6 @@ def _pi_c(tmp_path: Path) -> Path:
 
 def _uninterrupted_pi_c(binary: Path, data: bytes) -> dict[str, int]:
     """pi.c run outside any sandbox, speaking fds 3 and 4 through pipes."""
-    import os
-
-    from vcomp.domain import RESULT, FrameDecoder, encode_start
-
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     proc = subprocess.Popen([str(binary)], close_fds=False, preexec_fn=lambda: _wire(in_r, out_w))
@@ -55,9 +55,6 @@ def _uninterrupted_pi_c(binary: Path, data: bytes) -> dict[str, int]:
 
 
 def _wire(in_r: int, out_w: int) -> None:
-    import fcntl
-    import os
-
     a = fcntl.fcntl(in_r, fcntl.F_DUPFD, 10)
     b = fcntl.fcntl(out_w, fcntl.F_DUPFD, 10)
     os.dup2(a, 3)
@@ -129,3 +126,21 @@ async def test_killed_agent_resumes_from_its_checkpoint(
     )
     second.signal(signal.SIGTERM)
     await second.wait(30)
+
+
+@pytest.mark.slow
+async def test_lease_is_renewed_while_the_job_makes_no_progress(lab: Lab) -> None:
+    """Renewal follows the session, not the job: a job silent (or suspended) for four
+    lease periods keeps its one lease and its result is committed as attempt 1."""
+    org = lab.org(lease_seconds=2, idle_timeout=30)
+    await lab.start(org)
+    home = lab.agent_config(org, "volunteer")
+    await org.synced()
+    org.add_app("silent", python_job("time.sleep(8)\nreturn data"))
+    batch = org.submit("silent", [b"quiet"])
+    await lab.run_agent(home, org)
+    await org.wait_batch(batch, timeout=120)
+    job_id = org.store.get_job_by_index(batch, 0).job_id
+    attempts = org.store.list_attempts(job_id)
+    assert [(a.attempt, a.state) for a in attempts] == [(1, AttemptState.SUCCEEDED)]
+    assert org.outputs(batch)[0][1] == b"quiet"
