@@ -7,7 +7,6 @@ tests/integration/test_checkpoint_resume.py.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -41,14 +40,16 @@ async def test_first_checkpoint_is_written_at_once_and_later_ones_are_coalesced(
     binding = job_binding("python", b"code", b"input")
     jc = JobCheckpoints(spool, 4, 1, binding, max_bytes=1024)
     assert jc.resume() is None
-    for i in range(50):
-        jc.keep(b"state %d" % i)
-    assert (jc.received, jc.written) == (50, 1)
+    jc.keep(b"state 0")
+    await jc.settled()
+    assert (jc.received, jc.written) == (1, 1)
     assert spool.checkpoint(4, binding, 1024) == b"state 0"
-    await asyncio.sleep(1.2)  # the interval's timer writes the latest one
-    assert jc.written == 2
+    for i in range(1, 50):
+        jc.keep(b"state %d" % i)
+    await jc.settled()  # the interval's timer writes the latest one only
+    assert (jc.received, jc.written) == (50, 2)
     assert spool.checkpoint(4, binding, 1024) == b"state 49"
-    jc.close()
+    await jc.close()
     jc.keep(b"after the end")  # ignored
     assert spool.checkpoint(4, binding, 1024) == b"state 49"
     again = JobCheckpoints(spool, 4, 2, binding, max_bytes=1024)
@@ -57,7 +58,9 @@ async def test_first_checkpoint_is_written_at_once_and_later_ones_are_coalesced(
 
 async def test_a_tampered_checkpoint_is_not_used(spool: ResultSpool) -> None:
     binding = job_binding("exec", b"code", b"input")
-    JobCheckpoints(spool, 6, 1, binding).keep(b"good state")
+    jc = JobCheckpoints(spool, 6, 1, binding)
+    jc.keep(b"good state")
+    await jc.close()
     path = spool.directory / "6-1.checkpoint"
     blob = bytearray(path.read_bytes())
     blob[20] ^= 0x40

@@ -62,6 +62,7 @@ class JobCheckpoints:
         self._pending: bytes | None = None
         self._last_write = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._writing: asyncio.Future[None] | None = None
         self._closed = False
 
     def resume(self) -> bytes | None:
@@ -78,23 +79,33 @@ class JobCheckpoints:
         return Checkpointing(resume=resume, on_checkpoint=self.keep, max_bytes=self.max_bytes)
 
     def keep(self, state: bytes) -> None:
-        """A CHECKPOINT from the job: write it now, or at the end of the interval."""
+        """A CHECKPOINT from the job: written now, or when the interval is over."""
         if self._closed:
             return
         self.received += 1
-        self._pending = state
+        self._pending = state  # a later one replaces one not yet written
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._writing is not None or self._timer is not None:
+            return  # the write in flight, or the timer, takes the pending state
         wait = self._last_write + WRITE_INTERVAL - time.monotonic()
         if wait <= 0:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(wait, self.flush)
+            self._start_write()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._start_write)
 
-    def flush(self) -> None:
+    def _start_write(self) -> None:
         self._timer = None
         state, self._pending = self._pending, None
         if state is None or self._closed:
             return
         self._last_write = time.monotonic()
+        # Off the event loop: an fsync of megabytes must not stall the other workers.
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, state))
+        self._writing.add_done_callback(self._written)
+
+    def _write(self, state: bytes) -> None:
         try:
             self.spool.put_checkpoint(self.job, self.attempt, self.binding, state)
             self.written += 1
@@ -103,12 +114,29 @@ class JobCheckpoints:
                 log, "checkpoint_write_failed", logging.ERROR, job=self.job, error=loggable(exc)
             )
 
-    def close(self) -> None:
-        """The run ended: keep what is on disk until the job's result is settled."""
+    def _written(self, _done: asyncio.Future[None]) -> None:
+        self._writing = None
+        if self._pending is not None and not self._closed:
+            self._schedule()
+
+    async def settled(self) -> None:
+        """Until no write is in flight and none is due (for tests and for close)."""
+        while self._writing is not None or self._timer is not None:
+            if self._writing is not None:
+                await asyncio.shield(self._writing)
+            else:
+                await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        """The run ended: no more writes, and the one in flight has landed, so a later
+        removal (the result committed) cannot be overtaken by it."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._closed = True
+        if self._writing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writing)
 
 
 def interrupted_attempts(spool: ResultSpool) -> list[tuple[int, int]]:

@@ -467,7 +467,7 @@ class Worker:
         try:
             outcome = await self._sandbox_run(e, kind, checkpoints.sandbox_side(resume))
         finally:
-            checkpoints.close()
+            await checkpoints.close()
         output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
         return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
 

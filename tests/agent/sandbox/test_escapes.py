@@ -1343,7 +1343,7 @@ async def test_checkpoint_flood_costs_the_agent_one_file_and_few_writes(
     outcome = await sandbox.run(
         kind="python", code=flood, input=b"", limits=LIMITS, checkpoints=jc.sandbox_side(None)
     )
-    jc.close()
+    await jc.close()
     assert outcome.kind is OutcomeKind.OK, outcome
     assert jc.received == 256
     assert jc.written <= 256 // 8  # one write a second at most
