@@ -8,20 +8,25 @@ from hypothesis import strategies as st
 
 from vcomp.domain import (
     AGENT_FRAME_TYPES,
+    CHECKPOINT,
+    DEFAULT_MAX_CHECKPOINT,
     ERROR,
     MAX_ERROR_BYTES,
     PROGRESS,
     RESULT,
+    RESUME,
     START,
     DomainProtocolError,
     Frame,
     FrameDecoder,
     FrameTooLarge,
     decode_progress,
+    encode_checkpoint,
     encode_error,
     encode_frame,
     encode_progress,
     encode_result,
+    encode_resume,
     encode_start,
 )
 from vcomp.errors import SandboxError
@@ -160,3 +165,38 @@ def test_coalescing_still_refuses_a_bad_progress_inside_a_run() -> None:
     bad = b"\x03\x00\x00\x00\x04" + (1_000_001).to_bytes(4, "big")
     with pytest.raises(DomainProtocolError):
         FrameDecoder(100, coalesce_progress=True).feed(encode_progress(0.5) * 50 + bad)
+
+
+def test_checkpoint_and_resume_layout() -> None:
+    assert encode_checkpoint(b"st") == b"\x05\x00\x00\x00\x02st"
+    assert encode_resume(b"") == b"\x06\x00\x00\x00\x00"
+
+
+def test_checkpoint_is_a_job_frame_bounded_by_its_own_limit() -> None:
+    decoder = FrameDecoder(10, max_checkpoint=1000)  # above the RESULT bound, on purpose
+    state = bytes(range(256)) * 3
+    frames = decoder.feed(encode_checkpoint(state) + encode_result(b"ok"))
+    assert frames == [Frame(CHECKPOINT, state), Frame(RESULT, b"ok")]
+    with pytest.raises(FrameTooLarge, match="CHECKPOINT frame of 1001 bytes exceeds 1000"):
+        FrameDecoder(10, max_checkpoint=1000).feed(b"\x05" + (1001).to_bytes(4, "big"))
+    default = FrameDecoder(1 << 30)
+    with pytest.raises(FrameTooLarge):  # the default bound holds even under a big output cap
+        default.feed(b"\x05" + (DEFAULT_MAX_CHECKPOINT + 1).to_bytes(4, "big"))
+    assert default.pending == 5  # refused from the header: only the header is held
+
+
+def test_resume_goes_agent_to_job_only() -> None:
+    agent_side = FrameDecoder(100, allowed=AGENT_FRAME_TYPES)
+    frames = agent_side.feed(encode_resume(b"state") + encode_start(b"in"))
+    assert frames == [Frame(RESUME, b"state"), Frame(START, b"in")]
+    with pytest.raises(DomainProtocolError, match="unexpected frame type 0x06"):
+        FrameDecoder(100).feed(encode_resume(b"state"))  # a job cannot send RESUME
+    with pytest.raises(DomainProtocolError, match="unexpected frame type 0x05"):
+        FrameDecoder(100, allowed=AGENT_FRAME_TYPES).feed(encode_checkpoint(b""))
+    with pytest.raises(FrameTooLarge):
+        FrameDecoder(4, allowed=AGENT_FRAME_TYPES).feed(b"\x06\x00\x00\x00\x05")
+
+
+def test_max_checkpoint_must_fit_a_u32() -> None:
+    with pytest.raises(ValueError):
+        FrameDecoder(10, max_checkpoint=1 << 32)

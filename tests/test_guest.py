@@ -10,12 +10,22 @@ import textwrap
 
 import pytest
 
-from vcomp.domain import ERROR, PROGRESS, RESULT, Frame, FrameDecoder, decode_progress, encode_start
+from vcomp.domain import (
+    CHECKPOINT,
+    ERROR,
+    PROGRESS,
+    RESULT,
+    Frame,
+    FrameDecoder,
+    decode_progress,
+    encode_resume,
+    encode_start,
+)
 from vcomp.guest import EXIT_ERROR, EXIT_NO_MEMORY, EXIT_OK
 
 
 def run_guest(
-    body: str, data: bytes, *, close_input_early: bool = False
+    body: str, data: bytes, *, close_input_early: bool = False, before_start: bytes = b""
 ) -> tuple[int, list[Frame]]:
     code = "from vcomp.guest import run\n" + textwrap.dedent(body)
     in_r, in_w = os.pipe()
@@ -36,10 +46,10 @@ def run_guest(
     )
     os.close(in_r)
     os.close(out_w)
-    message = encode_start(data)
+    message = before_start + encode_start(data)
     os.write(in_w, message[:3] if close_input_early else message)
     os.close(in_w)
-    decoder = FrameDecoder(1 << 20)
+    decoder = FrameDecoder(1 << 20, max_checkpoint=1 << 20)
     frames: list[Frame] = []
     while chunk := os.read(out_r, 65536):
         frames += decoder.feed(chunk)
@@ -107,3 +117,60 @@ def test_input_sizes(size: int) -> None:
     status, frames = run_guest("run(lambda d, p: str(len(d)).encode())", b"z" * size)
     assert status == EXIT_OK
     assert frames[-1].payload == str(size).encode()
+
+
+RESUMER = """
+    from vcomp.guest import checkpoint, resume_state
+    def handler(data, progress):
+        state = resume_state()
+        start = 0 if state is None else int(state)
+        for i in range(start, 5):
+            checkpoint(str(i + 1).encode())
+        return b"from %d" % start
+    run(handler)
+    """
+
+
+def test_checkpoint_frames_and_no_resume_state_on_a_fresh_start() -> None:
+    status, frames = run_guest(RESUMER, b"")
+    assert status == EXIT_OK
+    assert [f.payload for f in frames if f.type == CHECKPOINT] == [b"1", b"2", b"3", b"4", b"5"]
+    assert frames[-1] == Frame(RESULT, b"from 0")
+
+
+def test_resume_state_is_the_resume_frame_before_start() -> None:
+    status, frames = run_guest(RESUMER, b"", before_start=encode_resume(b"3"))
+    assert status == EXIT_OK
+    assert [f.payload for f in frames if f.type == CHECKPOINT] == [b"4", b"5"]
+    assert frames[-1] == Frame(RESULT, b"from 3")
+
+
+def test_two_resume_frames_are_a_protocol_error() -> None:
+    status, frames = run_guest(RESUMER, b"", before_start=encode_resume(b"1") + encode_resume(b"2"))
+    assert status == EXIT_ERROR
+    assert frames[-1].type == ERROR and b"more than one RESUME" in frames[-1].payload
+
+
+def test_checkpoint_of_a_non_bytes_state_is_an_error() -> None:
+    status, frames = run_guest(
+        """
+        from vcomp.guest import checkpoint
+        run(lambda data, progress: checkpoint("text") or b"")
+        """,
+        b"",
+    )
+    assert status == EXIT_ERROR
+    assert frames == [Frame(ERROR, b"TypeError: checkpoint state must be bytes, not str")]
+
+
+def test_checkpoint_outside_run_does_nothing() -> None:
+    """A handler called directly (a test, a local run) may checkpoint harmlessly."""
+    code = (
+        "import os\n"
+        "from vcomp.guest import checkpoint, resume_state\n"
+        "checkpoint(b'state')\n"
+        "assert resume_state() is None\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert done.stdout == b"ok\n", done.stderr

@@ -1,7 +1,8 @@
 """Framing of the domain interface between the agent and a job (spec: protocol/spec/domain.md).
 
 A frame is one type byte, a u32 big-endian payload length, then the payload. The
-agent sends one START; the job answers with PROGRESS frames and one RESULT or ERROR.
+agent sends an optional RESUME (the job's last checkpoint) then one START; the job
+answers with PROGRESS and CHECKPOINT frames and one RESULT or ERROR.
 
 Standard library only: the guest SDK ships this module into the sandbox, where it is
 imported at every job start. So it avoids costly imports (dataclasses alone pulls in
@@ -23,15 +24,25 @@ START = 0x01  # agent -> job: the input bytes
 RESULT = 0x02  # job -> agent: the output bytes
 PROGRESS = 0x03  # job -> agent: u32 BE millionths of completion, 0..1_000_000
 ERROR = 0x04  # job -> agent: UTF-8 text, at most MAX_ERROR_BYTES
+CHECKPOINT = 0x05  # job -> agent: opaque state to resume from, at most max_checkpoint bytes
+RESUME = 0x06  # agent -> job, before START: the last CHECKPOINT payload of this job
 
-FRAME_NAMES = {START: "START", RESULT: "RESULT", PROGRESS: "PROGRESS", ERROR: "ERROR"}
-JOB_FRAME_TYPES = frozenset({RESULT, PROGRESS, ERROR})
-AGENT_FRAME_TYPES = frozenset({START})
+FRAME_NAMES = {
+    START: "START",
+    RESULT: "RESULT",
+    PROGRESS: "PROGRESS",
+    ERROR: "ERROR",
+    CHECKPOINT: "CHECKPOINT",
+    RESUME: "RESUME",
+}
+JOB_FRAME_TYPES = frozenset({RESULT, PROGRESS, ERROR, CHECKPOINT})
+AGENT_FRAME_TYPES = frozenset({START, RESUME})
 
 HEADER_SIZE = 5
 MAX_ERROR_BYTES = 4096
 PROGRESS_SCALE = 1_000_000
 MAX_PAYLOAD = 0xFFFF_FFFF
+DEFAULT_MAX_CHECKPOINT = 4 * 1024 * 1024  # [jobs] max_checkpoint_bytes when not set
 
 PROGRESS_FRAME_SIZE = 9
 _HEADER = struct.Struct(">BI")
@@ -96,6 +107,14 @@ def encode_result(data: bytes) -> bytes:
     return encode_frame(RESULT, data)
 
 
+def encode_checkpoint(state: bytes) -> bytes:
+    return encode_frame(CHECKPOINT, state)
+
+
+def encode_resume(state: bytes) -> bytes:
+    return encode_frame(RESUME, state)
+
+
 def encode_progress(fraction: float) -> bytes:
     """Encode a completion fraction; values outside [0, 1] are clamped, NaN is refused."""
     if fraction != fraction:  # NaN
@@ -128,8 +147,9 @@ def decode_error(payload: bytes) -> str:
 class FrameDecoder:
     """Incremental decoder. Every length is checked against its bound before buffering.
 
-    ``max_payload`` bounds RESULT and START payloads (the job's output cap on the agent
-    side). ``allowed`` is the set of frame types the peer may send.
+    ``max_payload`` bounds RESULT, START and RESUME payloads (the job's output cap on
+    the agent side), ``max_checkpoint`` bounds CHECKPOINT payloads. ``allowed`` is the
+    set of frame types the peer may send.
 
     With ``coalesce_progress`` (the agent's side), a run of consecutive valid PROGRESS
     frames in the buffer yields only its last frame, found by one regular-expression
@@ -144,10 +164,14 @@ class FrameDecoder:
         allowed: frozenset[int] = JOB_FRAME_TYPES,
         *,
         coalesce_progress: bool = False,
+        max_checkpoint: int = DEFAULT_MAX_CHECKPOINT,
     ) -> None:
         if not 0 <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [0, {MAX_PAYLOAD}]")
+        if not 0 <= max_checkpoint <= MAX_PAYLOAD:
+            raise ValueError(f"max_checkpoint must be in [0, {MAX_PAYLOAD}]")
         self._max_payload = max_payload
+        self._max_checkpoint = max_checkpoint
         self._allowed = allowed
         self._buffer = bytearray()
         self._need: tuple[int, int] | None = None  # (type, length) of the frame in progress
@@ -201,6 +225,8 @@ class FrameDecoder:
             limit = 4
         elif frame_type == ERROR:
             limit = MAX_ERROR_BYTES
+        elif frame_type == CHECKPOINT:
+            limit = self._max_checkpoint
         else:
             limit = self._max_payload
         if length > limit:

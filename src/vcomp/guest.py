@@ -8,9 +8,14 @@
 
     run(handler)
 
-The job reads one START frame on fd 3 and writes PROGRESS frames and one RESULT (or
-ERROR) frame on fd 4. stdout and stderr are free for logs; the agent keeps a bounded
-tail of them. Exit status: 0 after RESULT, 1 after ERROR, 12 when memory ran out.
+A long job saves its state now and then with ``checkpoint(state)``; when the agent
+restarts it (after a crash, a reboot or on another agent), ``resume_state()`` returns
+the last state saved, else None.
+
+The job reads an optional RESUME frame and one START frame on fd 3 and writes
+PROGRESS and CHECKPOINT frames and one RESULT (or ERROR) frame on fd 4. stdout and
+stderr are free for logs; the agent keeps a bounded tail of them. Exit status: 0
+after RESULT, 1 after ERROR, 12 when memory ran out.
 
 Standard library only (plus vcomp.domain, which is too), so it runs in the sandbox.
 It is imported at every job start, so it keeps its imports cheap: no typing at run
@@ -25,9 +30,11 @@ import sys
 from vcomp.domain import (
     AGENT_FRAME_TYPES,
     MAX_PAYLOAD,
+    RESUME,
     START,
     DomainProtocolError,
     FrameDecoder,
+    encode_checkpoint,
     encode_error,
     encode_progress,
     encode_result,
@@ -48,16 +55,46 @@ if TYPE_CHECKING:
     Handler = Callable[[bytes, Progress], bytes]
 
 
+_resume: bytes | None = None
+_out_fd: int | None = None  # set by run(): outside it (a handler called directly) no-op
+
+
 def read_start(fd: int = IN_FD) -> bytes:
-    """Read fd until one complete START frame has arrived; return its payload."""
+    """Read fd until one complete START frame has arrived; return its payload.
+
+    A RESUME frame before it is kept for :func:`resume_state`.
+    """
+    global _resume
     decoder = FrameDecoder(MAX_PAYLOAD, allowed=AGENT_FRAME_TYPES)
     while True:
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             raise DomainProtocolError("input closed before a complete START frame")
         for frame in decoder.feed(chunk):
-            if frame.type == START:
+            if frame.type == RESUME:
+                if _resume is not None:
+                    raise DomainProtocolError("more than one RESUME frame")
+                _resume = frame.payload
+            elif frame.type == START:
                 return frame.payload
+
+
+def resume_state() -> bytes | None:
+    """The state of this job's last :func:`checkpoint` before a restart, else None."""
+    return _resume
+
+
+def checkpoint(state: bytes) -> None:
+    """Save ``state`` (bytes, at most the agent's checkpoint bound) to resume from.
+
+    Only the latest checkpoint is kept. A state over the bound ends the job with an
+    error, so keep it small: counters and seeds, not data. Outside :func:`run` (a
+    handler called directly, e.g. in a test) it does nothing.
+    """
+    if not isinstance(state, bytes | bytearray | memoryview):
+        raise TypeError(f"checkpoint state must be bytes, not {type(state).__name__}")
+    if _out_fd is not None:
+        write_all(_out_fd, encode_checkpoint(bytes(state)))
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -69,6 +106,8 @@ def write_all(fd: int, data: bytes) -> None:
 
 def run(handler: Handler, *, in_fd: int = IN_FD, out_fd: int = OUT_FD) -> NoReturn:
     """Run ``handler`` on the job's input and send its result; never returns."""
+    global _out_fd
+    _out_fd = out_fd
     status = EXIT_OK
     try:
         data = read_start(in_fd)

@@ -228,6 +228,15 @@ def test_max_disk_bytes_is_read_bounded_and_declared(tmp_path: Path) -> None:
             VolunteerLimits(max_disk_bytes=bad)
 
 
+def test_max_checkpoint_bytes_is_read_and_bounded(tmp_path: Path) -> None:
+    config = load_agent_config(write_config(tmp_path, "[limits]\nmax_checkpoint_bytes = 4096\n"))
+    assert config.limits.max_checkpoint_bytes == 4096
+    assert VolunteerLimits().max_checkpoint_bytes == 4 << 20
+    for bad in (-1, (64 << 20) + 1):
+        with pytest.raises(ConfigError):
+            VolunteerLimits(max_checkpoint_bytes=bad)
+
+
 def test_capacity_declares_the_volunteer_limits() -> None:
     limits = VolunteerLimits(max_memory_bytes=256 << 20, max_wall_seconds=90.5)
     cap = limits.capacity()

@@ -32,6 +32,7 @@ from vcomp.agent.modes import MODE_KINDS, ExecutionMode, parse_mode
 from vcomp.agent.preferences.settings import Preferences, render_preferences
 from vcomp.agent.sandbox import REQUIRED_PROTECTIONS, JobLimits
 from vcomp.agent.sandbox.policy import NOBODY
+from vcomp.domain import DEFAULT_MAX_CHECKPOINT
 from vcomp.errors import ConfigError
 from vcomp.protocol import limits
 from vcomp.protocol.capacity import JobCapacity
@@ -90,6 +91,7 @@ class VolunteerLimits:
     max_wall_seconds: float = 7200.0
     max_output_bytes: int = 64 * MiB
     max_disk_bytes: int = 1024 * MiB  # the job's work dir, a tmpfs: it takes RAM
+    max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT  # a larger CHECKPOINT ends the job
 
     def __post_init__(self) -> None:
         _check_int("max_job_bytes", self.max_job_bytes, 1, 1 << 40)
@@ -99,6 +101,7 @@ class VolunteerLimits:
             raise ConfigError(f"max_wall_seconds must be positive, got {self.max_wall_seconds}")
         _check_int("max_output_bytes", self.max_output_bytes, 0, limits.MAX_RESULT_SIZE)
         _check_int("max_disk_bytes", self.max_disk_bytes, 1, 1 << 62)
+        _check_int("max_checkpoint_bytes", self.max_checkpoint_bytes, 0, limits.MAX_RESULT_SIZE)
 
     def capacity(self, max_memory: int = 0) -> JobCapacity:
         """These limits as READY declares them, so the server sends only jobs within them.
@@ -398,6 +401,7 @@ def load_agent_config(path: Path) -> AgentConfig:
             max_wall_seconds=lim.number("max_wall_seconds", d.max_wall_seconds),
             max_output_bytes=lim.integer("max_output_bytes", d.max_output_bytes),
             max_disk_bytes=lim.integer("max_disk_bytes", d.max_disk_bytes),
+            max_checkpoint_bytes=lim.integer("max_checkpoint_bytes", d.max_checkpoint_bytes),
         )
         lim.finish()
         sb = Table(doc, "sandbox")
@@ -489,6 +493,7 @@ def render_agent_toml(config: AgentConfig) -> str:
         f"max_wall_seconds = {_number(lim.max_wall_seconds)}",
         f"max_output_bytes = {lim.max_output_bytes}",
         f"max_disk_bytes = {lim.max_disk_bytes}",
+        f"max_checkpoint_bytes = {lim.max_checkpoint_bytes}",
         "",
         *render_preferences(config.preferences),
     ]

@@ -29,13 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from vcomp import logfmt
+from vcomp.agent.checkpoints import (
+    JobCheckpoints,
+    interrupted_attempts,
+    job_binding,
+    sweep_stale,
+)
 from vcomp.agent.config import AgentConfig
 from vcomp.agent.measure import measured_launch
 from vcomp.agent.modes import ExecutionMode, agent_setup
 from vcomp.agent.preferences.controller import PreferenceController
 from vcomp.agent.preferences.memory import MemoryBudget
 from vcomp.agent.preferences.rate import TokenBucket
-from vcomp.agent.sandbox import JobOutcome, OutcomeKind
+from vcomp.agent.sandbox import Checkpointing, JobKind, JobOutcome, OutcomeKind
 from vcomp.agent.sandbox.hold import Hold, JobControl
 from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
@@ -275,6 +281,7 @@ class Worker:
                 self.running.task.cancel()
                 self.running = None
             self.rt.spool.remove(e.job, e.attempt)
+            self.rt.spool.remove_checkpoint(e.job)
         elif isinstance(e, ev.ResetReceived):
             logfmt.event(log, "reset_received", worker=self.index, epoch=e.epoch)
             # The reset dropped everything in flight: every uncommitted result goes again.
@@ -283,6 +290,7 @@ class Worker:
         elif isinstance(e, ev.ResultCommitted):
             self.stats.committed += 1
             self.rt.spool.remove(e.job, e.attempt)
+            self.rt.spool.remove_checkpoint(e.job)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
             self.wake.set()
             sent = self._result_sent_at.pop((e.job, e.attempt), None)
@@ -307,6 +315,7 @@ class Worker:
                 message=logfmt.peer_text(e.message),
             )
             self.rt.spool.remove(e.job, e.attempt)
+            self.rt.spool.remove_checkpoint(e.job)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
             self.wake.set()
         elif isinstance(e, ev.Rejected):
@@ -480,34 +489,64 @@ class Worker:
             return REFUSED, b"", refusal, 0
         running = self.running
         control = running.control if running is not None else self.rt.job_control()
+        kind: JobKind = "python" if d.kind == "python" else "exec"
+        checkpoints = JobCheckpoints(
+            self.rt.spool,
+            d.job,
+            d.attempt,
+            job_binding(kind, e.code, e.input),
+            max_bytes=self.rt.config.limits.max_checkpoint_bytes,
+        )
+        resume = checkpoints.resume()
+        if resume is not None:
+            logfmt.event(
+                log,
+                "job_resumed",
+                worker=self.index,
+                job=d.job,
+                attempt=d.attempt,
+                state_bytes=len(resume),
+            )
+        # Waits while other jobs hold the memory this one needs (max_memory).
+        if running is not None:
+            running.waiting_for_memory = not self.rt.memory.fits(d.memory_bytes)
+        try:
+            async with self.rt.memory.reserve(d.memory_bytes):
+                if running is not None:
+                    running.waiting_for_memory = False
+                outcome = await self._sandbox_run(
+                    e, kind, checkpoints.sandbox_side(resume), control
+                )
+        finally:
+            await checkpoints.close()
+        output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
+        return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
+
+    async def _sandbox_run(
+        self, e: ev.JobReceived, kind: JobKind, checkpoints: Checkpointing, control: JobControl
+    ) -> JobOutcome:
+        d = e.description
 
         def on_progress(fraction: float) -> None:
             if self.running is not None:
                 self.running.progress = fraction
 
-        # Waits while other jobs hold the memory this one needs (max_memory).
-        if running is not None:
-            running.waiting_for_memory = not self.rt.memory.fits(d.memory_bytes)
-        async with self.rt.memory.reserve(d.memory_bytes):
-            if running is not None:
-                running.waiting_for_memory = False
-            outcome = await self.sandbox.run(
-                kind="python" if d.kind == "python" else "exec",
-                code=e.code,
-                input=e.input,
-                # The [sandbox] process and file limits are part of what PCR 18 vouches for.
-                limits=self.rt.config.job_limits(
-                    cpu_seconds=d.cpu_seconds,
-                    memory_bytes=d.memory_bytes,
-                    wall_seconds=float(d.wall_seconds),
-                    output_bytes=d.output_bytes,
-                    disk_bytes=d.disk_bytes,
-                ),
-                on_progress=on_progress,
-                control=control,
-            )
-        output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
-        return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
+        return await self.sandbox.run(
+            kind=kind,
+            checkpoints=checkpoints,
+            code=e.code,
+            input=e.input,
+            # The [sandbox] process and file limits are part of what PCR 18 vouches for.
+            limits=self.rt.config.job_limits(
+                cpu_seconds=d.cpu_seconds,
+                memory_bytes=d.memory_bytes,
+                wall_seconds=float(d.wall_seconds),
+                output_bytes=d.output_bytes,
+                disk_bytes=d.disk_bytes,
+            ),
+            on_progress=on_progress,
+            control=control,
+        )
 
     async def _cancel_job(self, reason: str) -> tuple[int, int] | None:
         """Stop the running job; returns its (job, attempt) if it was cut short."""
@@ -588,6 +627,7 @@ class AgentRuntime:
                 path=str(self.spool.set_aside),
                 reason="sealed by a different agent build or sandbox policy; unreadable here",
             )
+        sweep_stale(self.spool)
         # Results being sent, and by which worker, so workers never send one twice.
         self.in_flight: dict[tuple[int, int], int] = {}
         self.pinned = config.server_fingerprint()
@@ -615,6 +655,10 @@ class AgentRuntime:
         self._totals_saving = asyncio.Lock()
         self.started_at = time.time()
         self.workers = [Worker(self, i) for i in range(config.cores)]
+        # Jobs a killed or rebooted run of this agent was running: reported lost at the
+        # first session so the server requeues them now; they resume from the checkpoint.
+        for n, held in enumerate(interrupted_attempts(self.spool)[-MAX_LOST * config.cores :]):
+            self.workers[n % len(self.workers)].lost.append(held)
 
     def _hold_changed(self, held: bool) -> None:
         if held:

@@ -5,6 +5,11 @@ only this agent build with this sandbox policy can unseal it: a modified
 agent cannot read or forge spooled results, and the volunteer cannot read
 them at rest. Each entry is AES-256-GCM under that key, bound to its file
 name, written atomically and fsynced before the result is sent.
+
+The latest checkpoint of each running job is kept the same way
+(``<job>-<attempt>.checkpoint``),
+bound to its file name and to a digest of the job's code and input, so a checkpoint
+is only ever handed back to the very job that wrote it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from vcomp.errors import VcompError
 
 KEY_FILE = "spool.key.sealed"
 SUFFIX = ".result"
+CHECKPOINT_SUFFIX = ".checkpoint"
+_SEAL_OVERHEAD = 12 + 16  # nonce and GCM tag
 _META_LEN = struct.Struct(">I")
 MAX_META = 4096
 
@@ -42,6 +49,13 @@ class SpooledResult:
     cpu_ms: int
     wall_ms: int
     output: bytes
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -90,7 +104,8 @@ class ResultSpool:
         while (target := self.directory / f"sealed-elsewhere-{n}").exists():
             n += 1
         target.mkdir(mode=0o700)
-        for path in [key_path, *self.directory.glob("*" + SUFFIX)]:
+        sealed = [*self.directory.glob("*" + SUFFIX), *self.directory.glob("*" + CHECKPOINT_SUFFIX)]
+        for path in [key_path, *sealed]:
             path.rename(target / path.name)
         return target
 
@@ -144,6 +159,84 @@ class ResultSpool:
             wall_ms=int(meta["wall_ms"]),
             output=bytes(plaintext[4 + n :]),
         )
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    @staticmethod
+    def _checkpoint_name(job: int, attempt: int) -> str:
+        return f"{job}-{attempt}{CHECKPOINT_SUFFIX}"
+
+    def _checkpoint_paths(self, job: int) -> list[Path]:
+        return list(self.directory.glob(f"{job}-*{CHECKPOINT_SUFFIX}"))
+
+    @staticmethod
+    def _checkpoint_aad(name: str, binding: bytes) -> bytes:
+        return name.encode() + b"\0" + binding
+
+    def put_checkpoint(self, job: int, attempt: int, binding: bytes, state: bytes) -> None:
+        """Keep ``state`` as job's latest checkpoint (sealed, atomic, fsynced).
+
+        ``binding`` names the job's content (a digest of its code and input); the
+        attempt that wrote it is in the (authenticated) file name.
+        """
+        name = self._checkpoint_name(job, attempt)
+        nonce = os.urandom(12)
+        sealed = nonce + self._aead.encrypt(nonce, state, self._checkpoint_aad(name, binding))
+        _write_atomically(self.directory / name, sealed)
+        for path in self._checkpoint_paths(job):  # an earlier attempt's
+            if path.name != name:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def checkpoint(self, job: int, binding: bytes, max_bytes: int) -> bytes | None:
+        """Job's latest checkpoint (of whichever attempt), or None if there is none.
+
+        Raises SpoolError (and removes the file) when the file is larger than
+        ``max_bytes`` allows, was tampered with, or belongs to another job's content.
+        """
+        paths = sorted(self._checkpoint_paths(job), key=_mtime, reverse=True)
+        if not paths:
+            return None
+        path = paths[0]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size > max_bytes + _SEAL_OVERHEAD:  # checked before reading it in
+                blob = None
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    blob = f.read(size + 1)
+        finally:
+            os.close(fd)
+        if blob is None or len(blob) > max_bytes + _SEAL_OVERHEAD:
+            self.remove_checkpoint(job)
+            raise SpoolError(f"checkpoint {path.name} is over {max_bytes} bytes")
+        try:
+            return self._aead.decrypt(
+                blob[:12], blob[12:], self._checkpoint_aad(path.name, binding)
+            )
+        except (InvalidTag, ValueError):
+            self.remove_checkpoint(job)
+            raise SpoolError(
+                f"checkpoint {path.name} was tampered with or is another job's"
+            ) from None
+
+    def remove_checkpoint(self, job: int) -> None:
+        for path in self._checkpoint_paths(job):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def checkpoint_holdings(self) -> list[tuple[int, int]]:
+        """(job, attempt) of every kept checkpoint, from the file names."""
+        held = []
+        for path in self.directory.glob("*" + CHECKPOINT_SUFFIX):
+            job, _, attempt = path.name[: -len(CHECKPOINT_SUFFIX)].partition("-")
+            with contextlib.suppress(ValueError):
+                held.append((int(job), int(attempt)))
+        return sorted(held)
 
     def pending(self) -> Iterator[SpooledResult | SpoolError]:
         """Every spooled result, oldest first; unreadable ones as SpoolError."""

@@ -1386,3 +1386,61 @@ async def test_job_cannot_run_while_held(tmp_path: Path, use_cgroup: bool) -> No
     assert outcome.kind is OutcomeKind.OK, outcome
     await assert_still_works(sandbox)
     sandbox.close()
+
+
+# --- checkpoints (issue 11) -------------------------------------------------------------
+
+
+async def test_checkpoint_flood_costs_the_agent_one_file_and_few_writes(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A job writes 256 checkpoints of 1 MiB as fast as it can: the agent's spool ends
+    with one file of at most 1 MiB, written a few times, not 256 MiB or 256 fsyncs."""
+    from vcomp.agent.checkpoints import JobCheckpoints
+    from vcomp.agent.spool import ResultSpool
+    from vcomp.agent.tpm import SimulatedTpm
+
+    spool = ResultSpool(tmp_path / "spool", SimulatedTpm.open(tmp_path / "tpm"))
+    jc = JobCheckpoints(spool, 1, 1, b"\0" * 32, max_bytes=1 << 20)
+    flood = (
+        b"from vcomp.guest import checkpoint, run\n"
+        b"def handler(data, progress):\n"
+        b"    for i in range(256):\n"
+        b"        checkpoint(i.to_bytes(4, 'big') * (1 << 18))\n"
+        b"    return b'done'\n"
+        b"run(handler)\n"
+    )
+    outcome = await sandbox.run(
+        kind="python", code=flood, input=b"", limits=LIMITS, checkpoints=jc.sandbox_side(None)
+    )
+    await jc.close()
+    assert outcome.kind is OutcomeKind.OK, outcome
+    assert jc.received == 256
+    assert jc.written <= 256 // 8  # one write a second at most
+    files = [p for p in spool.directory.iterdir() if p.name.endswith(".checkpoint")]
+    assert len(files) == 1 and files[0].stat().st_size <= (1 << 20) + 28
+    await assert_still_works(sandbox)
+
+
+async def test_oversized_checkpoint_is_refused_from_its_header(sandbox: Sandbox) -> None:
+    """A CHECKPOINT declaring 4 GiB ends the job (output_too_large); nothing is kept."""
+    from vcomp.agent.sandbox import Checkpointing
+
+    kept: list[bytes] = []
+    code = job(
+        """
+        os.write(4, b"\\x05\\xff\\xff\\xff\\xff" + b"x" * 65536)
+        time.sleep(30)
+        return b""
+        """
+    )
+    outcome = await sandbox.run(
+        kind="python",
+        code=code,
+        input=b"",
+        limits=SHORT,
+        checkpoints=Checkpointing(on_checkpoint=kept.append, max_bytes=1 << 20),
+    )
+    assert outcome.kind is OutcomeKind.OUTPUT_TOO_LARGE, outcome
+    assert kept == []
+    await assert_still_works(sandbox)

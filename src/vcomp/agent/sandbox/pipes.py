@@ -14,6 +14,8 @@ from vcomp.agent.sandbox.outcome import OutcomeKind
 from vcomp.agent.sandbox.policy import JobLimits
 from vcomp.agent.sandbox.tree import JobTree
 from vcomp.domain import (
+    CHECKPOINT,
+    DEFAULT_MAX_CHECKPOINT,
     ERROR,
     PROGRESS,
     RESULT,
@@ -22,6 +24,7 @@ from vcomp.domain import (
     FrameTooLarge,
     decode_error,
     decode_progress,
+    encode_resume,
     encode_start,
 )
 
@@ -36,6 +39,19 @@ READ_CHUNK = 1 << 16
 PROGRESS_PAUSE = 0.1
 # A read this short costs the agent more per byte than the job: pause after it.
 SMALL_READ = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpointing:
+    """A job's checkpoints: the state it resumes from, and where new ones go.
+
+    ``on_checkpoint`` gets each CHECKPOINT payload (at most ``max_bytes``; a larger
+    one ends the job as OUTPUT_TOO_LARGE before it is buffered).
+    """
+
+    resume: bytes | None = None
+    on_checkpoint: Callable[[bytes], None] | None = None
+    max_bytes: int = DEFAULT_MAX_CHECKPOINT
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +89,17 @@ class JobIO:
         limits: JobLimits,
         on_progress: Callable[[float], None] | None,
         clock: Callable[[], float],
+        checkpoints: Checkpointing | None = None,
     ) -> None:
         self.launch = launch
-        self._input = memoryview(encode_start(input_bytes))
-        self._decoder = FrameDecoder(limits.output_bytes, coalesce_progress=True)
+        ck = checkpoints or Checkpointing()
+        resume = b"" if ck.resume is None else encode_resume(ck.resume)
+        self._input = memoryview(resume + encode_start(input_bytes))
+        self._decoder = FrameDecoder(
+            limits.output_bytes, coalesce_progress=True, max_checkpoint=ck.max_bytes
+        )
+        self._on_checkpoint = ck.on_checkpoint
+        self.checkpoints = 0
         self._on_progress = on_progress
         self._clock = clock
         self.last_frame_at = clock()
@@ -207,6 +230,11 @@ class JobIO:
                 if self._on_progress is not None:
                     with contextlib.suppress(Exception):
                         self._on_progress(self.progress)
+            elif frame.type == CHECKPOINT:
+                self.checkpoints += 1
+                if self._on_checkpoint is not None:
+                    with contextlib.suppress(Exception):
+                        self._on_checkpoint(frame.payload)
             elif frame.type == RESULT:
                 self.result = frame.payload
             elif frame.type == ERROR:

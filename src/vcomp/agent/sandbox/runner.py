@@ -33,6 +33,7 @@ from vcomp.agent.sandbox.launch import (
     sealed_memfd,
 )
 from vcomp.agent.sandbox.outcome import JobOutcome, Protection
+from vcomp.agent.sandbox.pipes import Checkpointing
 from vcomp.agent.sandbox.plan import JobSpec, LaunchPlan
 from vcomp.agent.sandbox.policy import JOB_PATH, NOBODY, JobLimits
 from vcomp.agent.sandbox.protections import REQUIRED_PROTECTIONS, from_setup
@@ -179,11 +180,13 @@ class Sandbox:
         on_progress: Callable[[float], None] | None = None,
         cancel: asyncio.Event | None = None,
         control: JobControl | None = None,
+        checkpoints: Checkpointing | None = None,
     ) -> JobOutcome:
         """Run one job to its end. Cancelling the task kills the whole tree first.
 
         Setting ``cancel`` does the same but returns a ``cancelled`` outcome. ``control``
         lets the agent hold the job still (see :mod:`.hold`) and read its CPU time.
+        ``checkpoints`` hands the job a state to resume from and takes its checkpoints.
         """
         if kind not in ("python", "exec"):
             raise SandboxError(f"unknown job kind {kind!r}")
@@ -211,6 +214,7 @@ class Sandbox:
                 cancel=cancel,
                 started=started,
                 control=control,
+                checkpoints=checkpoints,
             )
         finally:
             if launch is not None:

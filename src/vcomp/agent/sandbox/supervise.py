@@ -15,7 +15,7 @@ from vcomp.agent.modes import ExecutionMode, Regulator
 from vcomp.agent.sandbox.hold import HeldTree, JobControl
 from vcomp.agent.sandbox.launch import Launch
 from vcomp.agent.sandbox.outcome import JobOutcome, OutcomeKind, Protection
-from vcomp.agent.sandbox.pipes import JobIO
+from vcomp.agent.sandbox.pipes import Checkpointing, JobIO
 from vcomp.agent.sandbox.policy import JobLimits
 from vcomp.agent.sandbox.protections import from_setup, missing_required
 from vcomp.agent.sandbox.tree import JobTree
@@ -38,6 +38,7 @@ async def supervise(
     cancel: asyncio.Event | None,
     started: float,
     control: JobControl | None = None,
+    checkpoints: Checkpointing | None = None,
 ) -> JobOutcome:
     """Feed the job, watch it until it ends or breaks a limit, kill and reap its tree."""
     tree = JobTree(launch.pid, launch.cgroup)
@@ -49,7 +50,7 @@ async def supervise(
         # Time the job stood stopped (its mode, or the volunteer's hold) does not count.
         return time.monotonic() - gate.paused_seconds
 
-    io = JobIO(launch, input_bytes, limits, on_progress, active_clock)
+    io = JobIO(launch, input_bytes, limits, on_progress, active_clock, checkpoints)
     reg_task: asyncio.Task[None] | None = None
     kill_reason: tuple[OutcomeKind, str] | None = None
     try:
