@@ -88,7 +88,8 @@ def _print_identity(config: AgentConfig) -> None:
     "--server-key",
     default="",
     metavar="FINGERPRINT|FILE",
-    help="The server key to pin: its 64-hex fingerprint or the server's server.pub.",
+    help="The server key to pin: its fingerprint (64 hex digits; what vcomp-server init "
+    "prints and server.pub holds) or the path of server.pub.",
 )
 @click.option("--force", is_flag=True, help="Rewrite agent.toml in a non-empty DIR; keeps the TPM.")
 def init(
@@ -113,12 +114,27 @@ def init(
 
 @main.command()
 @config_option
-def enrolment(config_path: Path | None) -> None:
+@click.option(
+    "--line",
+    "line_only",
+    is_flag=True,
+    help="Only the enrolment line (the default when stdout is not a terminal).",
+)
+def enrolment(config_path: Path | None, line_only: bool) -> None:
     """Print this agent's enrolment line again.
 
-    Also prints the agent id and the golden measurement, as init did.
+    On a terminal it also prints the agent id and the golden measurement, as init did.
+    Piped or with --line, only the line:
+    vcomp-server enroll "$(vcomp-agent enrolment)".
     """
-    _print_identity(load_config(config_path))
+    config = load_config(config_path)
+    if line_only or not sys.stdout.isatty():
+        from vcomp.agent.enrolment import format_enrolment
+        from vcomp.agent.tpm import SimulatedTpm
+
+        click.echo(format_enrolment(SimulatedTpm.open(config.tpm_dir), config.name))
+        return
+    _print_identity(config)
 
 
 @main.command()
@@ -144,7 +160,11 @@ def measure(config_path: Path | None) -> None:
 )
 @click.option("--server-key", metavar="FINGERPRINT|FILE", help="Override server_key.")
 @click.option("--mode", type=click.Choice(MODE_KINDS), help="Override mode.")
-@click.option("--cpu-percent", type=click.IntRange(1, 100), help="For --mode throttle.")
+@click.option(
+    "--cpu-percent",
+    type=click.IntRange(1, 99),
+    help="For --mode throttle (required there): the share of one core a job may use.",
+)
 @click.option("--core", type=click.IntRange(min=0), help="For --mode dedicated.")
 @click.option("--cores", type=click.IntRange(1, 1024), help="Concurrent jobs.")
 def join(

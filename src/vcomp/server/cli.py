@@ -153,10 +153,12 @@ def init(directory: Path, force: bool, new_key: bool, store_url: str | None) -> 
             "kept the organisation key and the job store; server.toml is back to the "
             f"defaults (the previous one, if any, is {directory / (CONFIG_FILE + '.bak')})"
         )
+    port = load_server_config(directory).bind_port
     click.echo(
-        f"Agents pin this key: vcomp-agent init AGENT_DIR --server-key {fingerprint}\n"
-        f"(or give them {directory / PUBLIC_FILE}). Then: vcomp-server serve "
-        f"--config {directory}"
+        f"Agents pin this key: vcomp-agent init AGENT_DIR --server HOST:{port} "
+        f"--server-key {fingerprint}\n"
+        f"(HOST: this server's address as volunteers reach it; {directory / PUBLIC_FILE} "
+        f"holds the same fingerprint). Then: vcomp-server serve --config {directory}"
     )
 
 
