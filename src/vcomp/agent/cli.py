@@ -27,6 +27,7 @@ from vcomp.agent.config import (
 )
 from vcomp.agent.modes import MODE_KINDS
 from vcomp.cligroup import VcompGroup
+from vcomp.units import DURATION, SIZE
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -288,9 +289,19 @@ def doctor() -> None:
 @click.option("--kind", type=click.Choice(["python", "exec"]), default="python", show_default=True)
 @click.option("--input", "input_path", type=click.Path(exists=True, path_type=Path))
 @click.option("--cpu-seconds", type=click.IntRange(min=1), default=60, show_default=True)
-@click.option("--memory", type=click.IntRange(min=1), default=1 << 30, show_default=True)
-@click.option("--wall", type=click.FloatRange(min=0.001), default=300.0, show_default=True)
-@click.option("--idle", type=click.FloatRange(min=0.001), default=None)
+@click.option(
+    "--memory", type=SIZE, default="1G", show_default=True, help="Bytes, or 512M, 2G (x1024)."
+)
+@click.option(
+    "--wall",
+    "--wall-seconds",
+    "wall",
+    type=DURATION,
+    default="300",
+    show_default=True,
+    help="Seconds, or 90s, 5m, 1h.",
+)
+@click.option("--idle", type=DURATION, default=None, help="Seconds, or 90s, 5m, 1h.")
 @click.option(
     "--mode",
     type=click.Choice(["full", "throttle", "dedicated", "background"]),
