@@ -174,3 +174,53 @@ def test_checkpoint_outside_run_does_nothing() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
     assert done.stdout == b"ok\n", done.stderr
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "run(lambda data: data.upper())",
+        "def handler(data):\n    return data.upper()\nrun(handler)",
+        "import functools\nrun(functools.partial(lambda suffix, data: data.upper() + suffix, b''))",
+        "class Job:\n    def __call__(self, data):\n        return data.upper()\nrun(Job())",
+        "class Job:\n    def go(self, data):\n        return data.upper()\nrun(Job().go)",
+    ],
+    ids=["lambda", "function", "partial", "callable_object", "bound_method"],
+)
+def test_one_argument_handler_gets_only_the_input(body: str) -> None:
+    status, frames = run_guest(body, b"abc")
+    assert status == EXIT_OK, frames
+    assert frames == [Frame(RESULT, b"ABC")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "def handler(data, progress=None):\n    progress(0.5)\n    return data\nrun(handler)",
+        "def handler(*args):\n    args[1](0.5)\n    return args[0]\nrun(handler)",
+        "class Job:\n    def go(self, data, progress):\n        progress(0.5)\n"
+        "        return data\nrun(Job().go)",
+    ],
+    ids=["optional_progress", "varargs", "bound_method"],
+)
+def test_handler_that_can_take_progress_gets_it(body: str) -> None:
+    status, frames = run_guest(body, b"abc")
+    assert status == EXIT_OK, frames
+    assert [f.type for f in frames] == [PROGRESS, RESULT]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "run(lambda: b'')",
+        "run(lambda data, progress, extra: b'')",
+        "def handler(data, *, key):\n    return data\nrun(handler)",
+        "run(42)",
+    ],
+    ids=["no_args", "three_args", "required_keyword", "not_callable"],
+)
+def test_incompatible_handler_is_a_clear_error(body: str) -> None:
+    status, frames = run_guest(body, b"abc")
+    assert status == EXIT_ERROR
+    assert len(frames) == 1 and frames[0].type == ERROR
+    assert b"handler must take (data) or (data, progress)" in frames[0].payload, frames

@@ -8,6 +8,8 @@
 
     run(handler)
 
+A handler that needs no progress reports may take only the input: ``handler(data)``.
+
 A long job saves its state now and then with ``checkpoint(state)``; when the agent
 restarts it (after a crash, a reboot or on another agent), ``resume_state()`` returns
 the last state saved, else None.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 from vcomp.domain import (
     AGENT_FRAME_TYPES,
@@ -52,7 +55,10 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     Progress = Callable[[float], None]
-    Handler = Callable[[bytes, Progress], bytes]
+    Handler = Callable[[bytes, Progress], bytes] | Callable[[bytes], bytes]
+
+_VARARGS = 0x04  # inspect.CO_VARARGS, without importing inspect
+_UNBOUNDED = float("inf")
 
 
 _resume: bytes | None = None
@@ -110,12 +116,13 @@ def run(handler: Handler, *, in_fd: int = IN_FD, out_fd: int = OUT_FD) -> NoRetu
     _out_fd = out_fd
     status = EXIT_OK
     try:
+        wants_progress = takes_progress(handler)
         data = read_start(in_fd)
 
         def progress(fraction: float) -> None:
             write_all(out_fd, encode_progress(float(fraction)))
 
-        output = handler(data, progress)
+        output = handler(data, progress) if wants_progress else handler(data)  # type: ignore[call-arg]
         if not isinstance(output, bytes | bytearray | memoryview):
             raise TypeError(f"handler must return bytes, not {type(output).__name__}")
         write_all(out_fd, encode_result(bytes(output)))
@@ -129,6 +136,51 @@ def run(handler: Handler, *, in_fd: int = IN_FD, out_fd: int = OUT_FD) -> NoRetu
         status = _report_failure(out_fd, text, EXIT_ERROR)
     _flush_logs()
     os._exit(status)
+
+
+def takes_progress(handler: object) -> bool:
+    """True for ``handler(data, progress)``, False for ``handler(data)``; TypeError otherwise.
+
+    Asked once, before the input is read, so a wrong handler fails as one clear ERROR.
+    """
+    if callable(handler):
+        arity = _positional_arity(handler)
+        if arity is None:  # no readable signature (some builtins): the full form
+            return True
+        required, most = arity
+        for n in (2, 1):
+            if required <= n <= most:
+                return n == 2
+    raise TypeError(f"handler must take (data) or (data, progress), not {handler!r}")
+
+
+def _positional_arity(handler: Callable[..., object]) -> tuple[float, float] | None:
+    """(required, maximum) positional arguments; a required keyword-only one makes it
+    uncallable. Plain functions and methods are read from their code object: importing
+    inspect would cost ~9 ms at every job start."""
+    required: float
+    func, bound = handler, 0
+    if isinstance(func, types.MethodType):
+        func, bound = func.__func__, 1
+    if isinstance(func, types.FunctionType):
+        code = func.__code__
+        most = _UNBOUNDED if code.co_flags & _VARARGS else code.co_argcount - bound
+        required = code.co_argcount - bound - len(func.__defaults__ or ())
+        if code.co_kwonlyargcount > len(func.__kwdefaults__ or {}):
+            required = _UNBOUNDED
+        return required, most
+    import inspect
+
+    try:
+        params = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in positional)
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params):
+        required = _UNBOUNDED
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    return required, _UNBOUNDED if varargs else len(positional)
 
 
 def _report_failure(out_fd: int, text: str, status: int) -> int:

@@ -77,7 +77,7 @@ def test_init_without_server_says_what_to_do(tmp_path: Path) -> None:
 
 def test_init_rejects_a_bad_server_key(tmp_path: Path) -> None:
     assert_clean_error(
-        run("init", tmp_path / "a", "--server-key", "1234"), "64-hex-digit fingerprint"
+        run("init", tmp_path / "a", "--server-key", "1234"), "fingerprint (64 hex digits"
     )
     assert not (tmp_path / "a").exists()  # nothing created for a refused init
 
@@ -209,3 +209,73 @@ def test_status_pause_resume_without_a_running_agent(home: tuple[Path, Result]) 
         assert result.exit_code == 1, result.output
         assert "the agent is not running" in result.stderr
         assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------- issue 11, part 6
+
+
+def test_every_printed_form_of_the_server_key_pins_the_same_fingerprint(tmp_path: Path) -> None:
+    """What `vcomp-server init` prints, the contents of server.pub, and the path of
+    server.pub: the three forms the README offers all pin the one fingerprint."""
+    srv = tmp_path / "srv"
+    printed = server_main_run("init", srv)
+    fingerprint = next(
+        ln.split()[-1] for ln in printed.splitlines() if ln.startswith("fingerprint:")
+    )
+    contents = (srv / "server.pub").read_text().strip()
+    for n, form in enumerate((fingerprint, contents, str(srv / "server.pub"))):
+        result = run("init", tmp_path / f"a{n}", "--server", "h:1", "--server-key", form)
+        assert result.exit_code == 0, result.output
+        assert load_agent_config(tmp_path / f"a{n}").server_key == fingerprint, form
+
+
+def test_server_key_that_cannot_be_a_fingerprint_is_refused(tmp_path: Path) -> None:
+    for value in ("1234", "zz" * 32, "-----BEGIN PUBLIC KEY-----", str(tmp_path / "nofile")):
+        result = run("init", tmp_path / "a", "--server-key", value)
+        assert_clean_error(result, "the server's fingerprint (64 hex digits")
+    assert not (tmp_path / "a").exists()
+
+
+def server_main_run(*args: str | Path) -> str:
+    from vcomp.server.cli import main as server_main
+
+    result = CliRunner().invoke(server_main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_server_init_hint_includes_the_server_address(tmp_path: Path) -> None:
+    printed = server_main_run("init", tmp_path / "srv")
+    hint = next(ln for ln in printed.splitlines() if "vcomp-agent init" in ln)
+    assert "--server HOST:7461" in hint and "--server-key" in hint, hint
+
+
+def test_enrolment_line_alone_for_scripts(home: tuple[Path, Result]) -> None:
+    d, result = home
+    line = line_starting(result, "vcomp-enrol/1 ")
+    for args in (("enrolment", "--line", "--config", d), ("enrolment", "--config", d)):
+        # CliRunner's stdout is not a terminal: both give exactly the line, for
+        # vcomp-server enroll "$(vcomp-agent enrolment)".
+        again = run(*args)
+        assert again.exit_code == 0, again.output
+        assert again.stdout == line + "\n"
+    parse_enrolment(line)
+
+
+def test_throttle_needs_a_cpu_percentage(tmp_path: Path) -> None:
+    d = tmp_path / "a"
+    assert run("init", d, "--server", "h:1", "--server-key", FP).exit_code == 0
+    assert_clean_error(run("join", "--config", d, "--mode", "throttle"), "--cpu-percent")
+    toml = d / "agent.toml"
+    toml.write_text(toml.read_text().replace('mode = "background"', 'mode = "throttle"'))
+    assert_clean_error(run("measure", "--config", d), "cpu_percent")
+
+
+def test_default_names_are_unique_per_agent(tmp_path: Path) -> None:
+    for n in "ab":
+        assert run("init", tmp_path / n).exit_code == 0
+    a, b = (load_agent_config(tmp_path / n) for n in "ab")
+    assert a.name != b.name
+    for config in (a, b):
+        agent_id = SimulatedTpm.open(config.tpm_dir).agent_id.hex()
+        assert config.name.endswith("-" + agent_id[:6]), config.name

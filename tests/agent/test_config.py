@@ -182,7 +182,7 @@ def test_resolve_server_key(tmp_path: Path) -> None:
     raw = handshake.raw_public(key)
     fingerprint = handshake.key_fingerprint(raw).hex()
     pub = tmp_path / "server.pub"
-    pub.write_text(raw.hex() + "\n")
+    pub.write_text(fingerprint + "\n")  # what vcomp-server init writes there
     pem = tmp_path / "server.pem"
     pem.write_bytes(
         key.public_key().public_bytes(
@@ -196,7 +196,9 @@ def test_resolve_server_key(tmp_path: Path) -> None:
     bad.write_text("not a key")
     with pytest.raises(ConfigError, match="neither"):
         resolve_server_key(str(bad))
-    with pytest.raises(ConfigError, match=r"fingerprint or a server\.pub"):
+    with pytest.raises(
+        ConfigError, match=r"fingerprint \(64 hex digits.*or the path of server\.pub"
+    ):
         resolve_server_key("abc123")
 
 

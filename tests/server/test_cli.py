@@ -23,10 +23,10 @@ from vcomp.agent.cli import main as agent_main
 from vcomp.pgcluster import PostgresCluster
 from vcomp.protocol import handshake
 from vcomp.server.cli import main as server_main
-from vcomp.server.cli import parse_size
 from vcomp.server.config import load_signing_key
 from vcomp.server.store import RESULT_OK, ResultSubmission
 from vcomp.server.store.sqlite import SqliteStore
+from vcomp.units import parse_size
 
 MEASUREMENT = "sha256:17=" + "ab" * 32 + ",18=" + "cd" * 32
 BIN = Path(sys.executable).parent

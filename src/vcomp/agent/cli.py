@@ -28,6 +28,7 @@ from vcomp.agent.config import (
 from vcomp.agent.modes import MODE_KINDS
 from vcomp.agent.preferences.options import override_preferences, preference_options
 from vcomp.cligroup import VcompGroup
+from vcomp.units import DURATION, SIZE
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -89,7 +90,8 @@ def _print_identity(config: AgentConfig) -> None:
     "--server-key",
     default="",
     metavar="FINGERPRINT|FILE",
-    help="The server key to pin: its 64-hex fingerprint or the server's server.pub.",
+    help="The server key to pin: its fingerprint (64 hex digits; what vcomp-server init "
+    "prints and server.pub holds) or the path of server.pub.",
 )
 @click.option("--force", is_flag=True, help="Rewrite agent.toml in a non-empty DIR; keeps the TPM.")
 def init(
@@ -114,12 +116,27 @@ def init(
 
 @main.command()
 @config_option
-def enrolment(config_path: Path | None) -> None:
+@click.option(
+    "--line",
+    "line_only",
+    is_flag=True,
+    help="Only the enrolment line (the default when stdout is not a terminal).",
+)
+def enrolment(config_path: Path | None, line_only: bool) -> None:
     """Print this agent's enrolment line again.
 
-    Also prints the agent id and the golden measurement, as init did.
+    On a terminal it also prints the agent id and the golden measurement, as init did.
+    Piped or with --line, only the line:
+    vcomp-server enroll "$(vcomp-agent enrolment)".
     """
-    _print_identity(load_config(config_path))
+    config = load_config(config_path)
+    if line_only or not sys.stdout.isatty():
+        from vcomp.agent.enrolment import format_enrolment
+        from vcomp.agent.tpm import SimulatedTpm
+
+        click.echo(format_enrolment(SimulatedTpm.open(config.tpm_dir), config.name))
+        return
+    _print_identity(config)
 
 
 @main.command()
@@ -145,7 +162,11 @@ def measure(config_path: Path | None) -> None:
 )
 @click.option("--server-key", metavar="FINGERPRINT|FILE", help="Override server_key.")
 @click.option("--mode", type=click.Choice(MODE_KINDS), help="Override mode.")
-@click.option("--cpu-percent", type=click.IntRange(1, 100), help="For --mode throttle.")
+@click.option(
+    "--cpu-percent",
+    type=click.IntRange(1, 99),
+    help="For --mode throttle (required there): the share of one core a job may use.",
+)
 @click.option("--core", type=click.IntRange(min=0), help="For --mode dedicated.")
 @click.option("--cores", type=click.IntRange(1, 1024), help="Concurrent jobs.")
 @click.option(
@@ -342,9 +363,19 @@ def doctor(config_path: Path | None) -> None:
 @click.option("--kind", type=click.Choice(["python", "exec"]), default="python", show_default=True)
 @click.option("--input", "input_path", type=click.Path(exists=True, path_type=Path))
 @click.option("--cpu-seconds", type=click.IntRange(min=1), default=60, show_default=True)
-@click.option("--memory", type=click.IntRange(min=1), default=1 << 30, show_default=True)
-@click.option("--wall", type=click.FloatRange(min=0.001), default=300.0, show_default=True)
-@click.option("--idle", type=click.FloatRange(min=0.001), default=None)
+@click.option(
+    "--memory", type=SIZE, default="1G", show_default=True, help="Bytes, or 512M, 2G (x1024)."
+)
+@click.option(
+    "--wall",
+    "--wall-seconds",
+    "wall",
+    type=DURATION,
+    default="300",
+    show_default=True,
+    help="Seconds, or 90s, 5m, 1h.",
+)
+@click.option("--idle", type=DURATION, default=None, help="Seconds, or 90s, 5m, 1h.")
 @click.option(
     "--mode",
     type=click.Choice(["full", "throttle", "dedicated", "background"]),

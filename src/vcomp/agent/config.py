@@ -64,6 +64,7 @@ MAX_NAME = 64
 MAX_SERVERS = 16  # a worker tries each in turn; more would only slow a full round
 MAX_KEY_FILE = 4096
 MiB = 1 << 20
+_UNSET = "\0"  # no TOML file a person writes holds a NUL name
 _FINGERPRINT_RE = re.compile(r"[0-9a-fA-F]{64}")
 # The sandbox's own defaults for per-job process limits, so the policy follows them.
 _SANDBOX_DEFAULTS = JobLimits(cpu_seconds=1, memory_bytes=1, wall_seconds=1.0, output_bytes=0)
@@ -203,6 +204,11 @@ class AgentConfig:
         _check_int("cpu_percent", self.cpu_percent, 1, 100)
         _check_int("core", self.core, -1, 4095)
         _check_int("cores", self.cores, 1, 1024)
+        if self.mode == "throttle" and self.cpu_percent >= 100:
+            raise ConfigError(
+                "mode throttle needs cpu_percent between 1 and 99 (join --cpu-percent N, "
+                "or cpu_percent in agent.toml): at 100 it would not throttle"
+            )
         if self.mode == "dedicated" and self.cores != 1:
             raise ConfigError("dedicated mode runs one job on one core; set cores = 1")
         self.execution_mode()  # dedicated needs a core, and so on
@@ -330,39 +336,45 @@ def normalise_servers(servers: Sequence[str]) -> tuple[str, ...]:
 # ---------------------------------------------------------------------- server key
 
 
+KEY_FORMS = (
+    "the server's fingerprint (64 hex digits, as `vcomp-server init` prints it and its "
+    "server.pub holds) or the path of server.pub"
+)
+
+
 def _fingerprint_of_key_file(path: Path) -> str:
+    """server.pub holds the fingerprint; a PEM Ed25519 public key is hashed to one."""
     try:
         if path.stat().st_size > MAX_KEY_FILE:
             raise ConfigError(f"{path}: too large for a server key file")
         text = path.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read server key file {path}: {exc}") from None
-    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
-        raw = bytes.fromhex(text)  # server.pub: the raw Ed25519 public key
-    else:
-        try:
-            key = serialization.load_pem_public_key(text.encode())
-        except ValueError:
-            raise ConfigError(
-                f"{path} holds neither a raw Ed25519 public key in hex (server.pub) "
-                "nor a PEM public key"
-            ) from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"{path} is not an Ed25519 public key")
-        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if _FINGERPRINT_RE.fullmatch(text):
+        return text.lower()
+    try:
+        key = serialization.load_pem_public_key(text.encode())
+    except ValueError:
+        raise ConfigError(f"{path} holds neither a fingerprint nor a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path} is not an Ed25519 public key")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
 
 
 def resolve_server_key(value: str) -> str:
-    """A 64-hex fingerprint as given, or the fingerprint of a ``server.pub`` file."""
+    """The fingerprint: given as 64 hex digits, or read from a ``server.pub`` file.
+
+    One key has one printed form: the fingerprint that ``vcomp-server init`` prints,
+    ``serve`` logs and server.pub holds. A value that is neither that nor an existing
+    file is refused here, not found out at the first handshake.
+    """
     value = value.strip()
     if _FINGERPRINT_RE.fullmatch(value):
         return value.lower()
     path = Path(value).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"--server-key must be a 64-hex-digit fingerprint or a server.pub file, got {value!r}"
-        )
+    if "\n" in value or len(value) > 4096 or not path.is_file():
+        raise ConfigError(f"--server-key must be {KEY_FORMS}, got {value[:80]!r}")
     return _fingerprint_of_key_file(path)
 
 
@@ -384,7 +396,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     try:
         check_sections(doc, ("agent", "limits", "sandbox", "preferences"))
         agent = Table(doc, "agent")
-        name = agent.text("name", default_name())
+        name = agent.text("name", _UNSET)
+        if name == _UNSET:  # absent (an empty name stays an error)
+            name = default_name(_agent_id_if_any(file.parent))
         servers = _servers_of(agent)
         server_key = agent.text("server_key", "").lower()
         mode = agent.text("mode", "background")
@@ -439,6 +453,15 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{file}: {exc}") from None
 
 
+def _agent_id_if_any(home: Path) -> bytes | None:
+    """The agent id of an existing identity, without creating one."""
+    from vcomp.agent.tpm import AK_FILE, SimulatedTpm
+
+    if not (home / TPM_DIR / AK_FILE).is_file():
+        return None
+    return SimulatedTpm.open(home / TPM_DIR).agent_id
+
+
 def _servers_of(agent: Table) -> tuple[str, ...]:
     """``servers = [...]``, or the older single ``server = "..."`` as a list of one."""
     servers = agent.texts("servers", ())
@@ -453,9 +476,12 @@ def _toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def default_name() -> str:
-    name = re.sub(r"\s+", "-", socket.gethostname().strip())[:MAX_NAME]
-    return name or "agent"
+def default_name(agent_id: bytes | None = None) -> str:
+    """This host's name, plus the start of the agent id where it is known: two agents
+    on one machine must not show the organisation the same name."""
+    suffix = f"-{agent_id.hex()[:6]}" if agent_id else ""
+    host = re.sub(r"\s+", "-", socket.gethostname().strip()) or "agent"
+    return host[: MAX_NAME - len(suffix)] + suffix
 
 
 def _number(value: float) -> str:
@@ -519,7 +545,7 @@ def init_agent_home(
     home = Path(dir).expanduser().absolute()
     config = AgentConfig(
         home=home,
-        name=default_name() if name is None else re.sub(r"\s+", "-", name.strip()),
+        name="agent" if name is None else re.sub(r"\s+", "-", name.strip()),
         servers=normalise_servers(servers),
         server_key=resolve_server_key(server_key) if server_key.strip() else "",
     )
@@ -537,5 +563,12 @@ def init_agent_home(
         os.replace(tmp, config.config_path)
     except OSError as exc:
         raise ConfigError(f"cannot initialise {home}: {exc}") from None
-    SimulatedTpm.open(config.tpm_dir)  # creates the attestation key on first use
+    tpm = SimulatedTpm.open(config.tpm_dir)  # creates the attestation key on first use
+    if name is None:  # the default name needs the agent id, so it is written now
+        named = dataclasses.replace(config, name=default_name(tpm.agent_id))
+        try:
+            tmp.write_text(render_agent_toml(named), encoding="utf-8")
+            os.replace(tmp, config.config_path)
+        except OSError as exc:
+            raise ConfigError(f"cannot initialise {home}: {exc}") from None
     return load_agent_config(home)

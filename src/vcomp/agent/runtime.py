@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import random
 import signal
 import time
+import weakref
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import date
@@ -47,9 +50,10 @@ from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
 from vcomp.agent.status import AgentTotals, StatusServer, runtime_status
 from vcomp.agent.tpm import SimulatedTpm
-from vcomp.errors import SessionClosed, loggable
+from vcomp.errors import ConfigError, SessionClosed, loggable
 from vcomp.protocol import events as ev
 from vcomp.protocol.agent_session import AgentSession, AgentState
+from vcomp.protocol.handshake import key_fingerprint
 from vcomp.protocol.messages import ErrorCode
 from vcomp.transport import AgentAdapter, open_agent
 
@@ -60,6 +64,15 @@ AGENT_ERROR = "agent_error"  # the agent failed around the job; its outcome is u
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
 MAX_LOST = 4  # lost jobs a worker remembers: normally one; servers take 4 a session
+KEY_MISMATCH_LIMIT = 3  # handshakes in a row with a wrong server key before giving up
+LOCK_FILE = "agent.lock"
+# What a volunteer can do about a refusal; the reason itself comes from the server.
+REFUSAL_HINTS = {
+    "unknown_key": "this agent is not enrolled: send the line that `vcomp-agent enrolment "
+    "--line` prints to the organisation (they run vcomp-server enroll LINE)",
+    "measurement_not_allowed": "the organisation has not allowed this agent build: send "
+    "them the line that `vcomp-agent measure` prints (vcomp-server allow-measurement)",
+}
 
 
 @dataclass
@@ -160,6 +173,7 @@ class Worker:
         self._release_all()
         host, port = server
         self._server = format_address(server)
+        logfmt.event(log, "connecting", worker=self.index, server=self._server)
         try:
             adapter = await open_agent(
                 session,
@@ -252,6 +266,7 @@ class Worker:
             return
         if isinstance(e, ev.Connected):
             self.stats.sessions += 1
+            self.rt.key_mismatches = 0
             handshake_ms = int((time.monotonic() - self._connect_started) * 1000)
             logfmt.event(
                 log,
@@ -318,6 +333,15 @@ class Worker:
             self.rt.spool.remove_checkpoint(e.job)
             self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
             self.wake.set()
+        elif isinstance(e, ev.HandshakeRetry):
+            logfmt.event(
+                log,
+                "no_answer",
+                worker=self.index,
+                server=self._server,
+                tries=e.tries,
+                retry_in=f"{e.next_in:g}s",
+            )
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1
             self.stats.last_reject = logfmt.peer_text(e.reason)
@@ -329,7 +353,10 @@ class Worker:
                 worker=self.index,
                 code=e.code,
                 reason=logfmt.peer_text(e.reason),
+                hint=REFUSAL_HINTS.get(e.reason),
             )
+            if e.offered_key:
+                self.rt.wrong_server_key(self._server, e.offered_key)
         elif isinstance(e, ev.SessionClosed):
             logfmt.event(
                 log,
@@ -611,11 +638,35 @@ def describe(outcome: JobOutcome) -> str:
     return "; ".join(parts)
 
 
+def lock_home(home: Path) -> int:
+    """Hold the agent home for this process (flock on agent.lock); ConfigError if
+    another agent holds it. Two agents on one home would share one identity, spool
+    and TPM state."""
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"another vcomp-agent (pid {holder}) is already running with {home}; "
+            "one agent home runs one agent (for a second agent, init another home)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class AgentRuntime:
     def __init__(self, config: AgentConfig, *, shutdown_grace: float = 10.0) -> None:
         self.config = config
         self.shutdown_grace = shutdown_grace
         self.stopping = asyncio.Event()
+        lock = lock_home(config.home)
+        # Released by close(), or when this object goes, whatever happened to run().
+        self._unlock = weakref.finalize(self, os.close, lock)
+        self.fatal: str | None = None  # a configuration error found while running
+        self.key_mismatches = 0
         self.tpm = SimulatedTpm.open(config.tpm_dir)
         self.measurement = measured_launch(self.tpm, config.policy())
         self.spool = ResultSpool(config.spool_dir, self.tpm)
@@ -723,10 +774,40 @@ class AgentRuntime:
             await status.close()
             for w in self.workers:
                 w.sandbox.close()
+            self.close()
         logfmt.event(log, "agent_stopped")
+        if self.fatal is not None:
+            raise ConfigError(self.fatal)
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def close(self) -> None:
+        """Release the agent home (run() does it when it ends)."""
+        self._unlock()
+
+    def wrong_server_key(self, server: str, offered: bytes) -> None:
+        """A server proved a key other than the pinned one. That is configuration, not
+        the network: after a few in a row, stop with one line that says what it
+        offered (shown, never trusted)."""
+        self.key_mismatches += 1
+        if self.key_mismatches < KEY_MISMATCH_LIMIT or self.fatal is not None:
+            return
+        pinned = self.pinned.hex()
+        if offered.hex() == pinned:
+            why = (
+                "the pinned value is that server's raw public key (server.pub of an older "
+                "vcomp), not its fingerprint"
+            )
+        else:
+            why = "check the fingerprint with the organisation"
+        self.fatal = (
+            f"the server at {server} offered key fingerprint {key_fingerprint(offered).hex()}, "
+            f"but this agent pins {pinned} ({why}); stopped after {self.key_mismatches} "
+            "tries. Fix server_key in agent.toml or give --server-key."
+        )
+        logfmt.event(log, "server_key_mismatch", logging.ERROR, server=server, error=self.fatal)
+        self.stop()
 
 
 def join(config: AgentConfig, log_file: Path | None = None) -> None:

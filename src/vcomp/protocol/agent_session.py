@@ -336,7 +336,8 @@ class AgentSession:
             )
             session_key = hs.unwrap_session_key(self._ephemeral[0], key.wrapped)
         except (AuthenticationFailed, CryptoError) as exc:
-            self._events.append(ev.Rejected(ErrorCode.SERVER_KEY_MISMATCH, str(exc)))
+            offered = b"" if hs.key_fingerprint(key.server_key) == self._pinned else key.server_key
+            self._events.append(ev.Rejected(ErrorCode.SERVER_KEY_MISMATCH, str(exc), offered))
             self._finish(str(exc), ErrorCode.SERVER_KEY_MISMATCH)
             return
         self._ephemeral = None
@@ -546,6 +547,8 @@ class AgentSession:
                 self._finish("handshake timed out: server unreachable", ErrorCode.TRANSFER_FAILED)
                 return
             self._send_handshake(self._last_handshake, now, fresh=False)
+            assert self._retry_at is not None
+            self._events.append(ev.HandshakeRetry(self._tries, self._retry_at - now))
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         out = list(self._out)

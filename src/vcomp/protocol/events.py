@@ -133,10 +133,23 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """The server refused us, or proved to be someone other than the pinned key."""
+    """The server refused us, or proved to be someone other than the pinned key.
+
+    ``offered_key`` is the raw key a server offered that is not the pinned one
+    (unauthenticated: only for telling the volunteer what the server presented)."""
 
     code: int
     reason: str
+    offered_key: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeRetry:
+    """No answer yet: the handshake packet went again (``tries`` so far); the next
+    try is ``next_in`` seconds away unless an answer comes."""
+
+    tries: int
+    next_in: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +214,7 @@ Event = (
     | ResetDone
     | Connected
     | Rejected
+    | HandshakeRetry
     | JobReceived
     | JobAborted
     | ResetReceived

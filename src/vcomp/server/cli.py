@@ -41,12 +41,12 @@ from vcomp.server.store import RESULT_OK, JobState, ResultRecord, Store, StoreSt
 from vcomp.server.store import open_store as open_store_url
 from vcomp.server.store.checks import MAX_BLOB_BYTES
 from vcomp.server.store.url import migrate_store, redact_store_url
+from vcomp.units import DURATION, SIZE
 
 EXIT_FAILED_JOBS = 3
 EXIT_TIMEOUT = 4
 MAX_ENROL_FILE = 1 << 20
 OUTPUT_CHUNK = 3 << 18  # a multiple of 3, so base64 chunks concatenate cleanly
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -71,19 +71,6 @@ def open_store(config_path: Path) -> Iterator[tuple[ServerConfig, Store]]:
         yield config, store
     finally:
         store.close()
-
-
-def parse_size(text: str) -> int:
-    """``512M``, ``2G``, ``1048576``: binary multiples (K = 1024)."""
-    match = _SIZE_RE.fullmatch(text.strip())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size like 536870912, 512M or 2G")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    return int(match.group(1)) << (10 * power)
-
-
-def _size_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    return None if value is None else parse_size(value)
 
 
 @click.group(cls=VcompGroup)
@@ -155,10 +142,12 @@ def init(directory: Path, force: bool, new_key: bool, store_url: str | None) -> 
             "kept the organisation key and the job store; server.toml is back to the "
             f"defaults (the previous one, if any, is {directory / (CONFIG_FILE + '.bak')})"
         )
+    port = load_server_config(directory).bind_port
     click.echo(
-        f"Agents pin this key: vcomp-agent init AGENT_DIR --server-key {fingerprint}\n"
-        f"(or give them {directory / PUBLIC_FILE}). Then: vcomp-server serve "
-        f"--config {directory}"
+        f"Agents pin this key: vcomp-agent init AGENT_DIR --server HOST:{port} "
+        f"--server-key {fingerprint}\n"
+        f"(HOST: this server's address as volunteers reach it; {directory / PUBLIC_FILE} "
+        f"holds the same fingerprint). Then: vcomp-server serve --config {directory}"
     )
 
 
@@ -383,14 +372,14 @@ def _dir_inputs(path: Path) -> Iterator[bytes]:
     help="Agreeing results needed [default: [jobs] quorum, or a majority with --replicas].",
 )
 @click.option("--max-attempts", type=click.IntRange(min=1))
-@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), help="Seconds from now.")
+@click.option("--deadline", type=DURATION, help="From now: seconds, or 90s, 5m, 1h.")
 @click.option("--cpu-seconds", type=click.IntRange(min=1))
-@click.option("--memory", callback=_size_option, help="Bytes; K, M, G suffixes (x1024).")
-@click.option("--wall-seconds", type=click.FloatRange(min=0, min_open=True))
-@click.option("--output-bytes", callback=_size_option, help="Bytes; K, M, G suffixes.")
+@click.option("--memory", type=SIZE, help="Bytes, or 512M, 2G (x1024).")
 @click.option(
-    "--disk-bytes", callback=_size_option, help="Job work directory; bytes, K, M, G suffixes."
+    "--wall", "--wall-seconds", "wall_seconds", type=DURATION, help="Seconds, or 90s, 5m, 1h."
 )
+@click.option("--output-bytes", type=SIZE, help="Bytes, or 512K, 1M (x1024).")
+@click.option("--disk-bytes", type=SIZE, help="Job work directory: bytes, or 64M, 1G (x1024).")
 @config_option
 def submit(
     app_name: str,

@@ -4,7 +4,7 @@ Layout of a server home (``vcomp-server init DIR``)::
 
     server.toml   bind address, session limits, job defaults (see server/server.example.toml)
     server.key    Ed25519 private key, PEM PKCS#8, mode 0600
-    server.pub    the raw 32-byte public key, hex; agents may pin it instead of the fingerprint
+    server.pub    the key's fingerprint (what `init` prints and agents pin), one line
     jobs.sqlite   the SQLite job store (the default ``[store] url``)
 
 The job store is named by a URL (``[store] url``, overridden by ``$VCOMP_STORE_URL``);
@@ -492,7 +492,9 @@ def init_server_home(
             os.replace(home / CONFIG_FILE, home / (CONFIG_FILE + ".bak"))
         for name in (PUBLIC_FILE, CONFIG_FILE):
             (home / name).unlink(missing_ok=True)
-        _write_new(home / PUBLIC_FILE, raw.hex().encode() + b"\n", 0o644)
+        # The fingerprint, not the raw key: one printed form of the key everywhere.
+        fingerprint = handshake.key_fingerprint(raw).hex()
+        _write_new(home / PUBLIC_FILE, fingerprint.encode() + b"\n", 0o644)
         _write_new(home / CONFIG_FILE, config_text(url).encode(), 0o644)
     except OSError as exc:
         raise ConfigError(f"cannot initialise {home}: {exc}") from None

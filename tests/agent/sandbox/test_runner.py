@@ -312,3 +312,18 @@ return b"done"
     assert failures and "entries left" in failures[0]
     await assert_still_works(sandbox)
     assert empty_dir(sandbox.work_root) == 1  # what start-up clears
+
+
+async def test_readme_names_exactly_the_environment_a_job_gets(sandbox: Sandbox) -> None:
+    """The README and `doctor` (cleared_environment) must tell the same story."""
+    outcome = await run_python(sandbox, job("return json.dumps(dict(os.environ)).encode()"))
+    assert outcome.kind is OutcomeKind.OK, outcome
+    env = json.loads(outcome.result or b"")
+    readme = (EXAMPLES.parents[1] / "README.md").read_text()
+    section = readme[readme.index("## What runs on the volunteer's machine") :]
+    section = section[: section.index("What bounds what")]
+    assert "empty environment" not in section
+    for name in env:
+        assert f"`{name}`" in section, name
+    doctor = {p.name: p.reason for p in outcome.protections}["cleared_environment"]
+    assert sorted(doctor.split(",")) == sorted(env)

@@ -105,7 +105,7 @@ async def supervise(
         io.detach()
         if reg_task is not None:
             reg_task.cancel()
-        _reap_sync(launch.pid, tree)
+        await _reap(launch.pid, tree)
     if reg_task is not None:
         with contextlib.suppress(asyncio.CancelledError):
             await reg_task
@@ -125,24 +125,41 @@ async def supervise(
     )
 
 
-def _reap_sync(pid: int, tree: JobTree) -> None:
-    """Make sure the launcher is gone and reaped; kills it if it lingers."""
+async def _reap(pid: int, tree: JobTree) -> None:
+    """Wait until the launcher is gone and reaped, killing it if it lingers past
+    KILL_GRACE. The wait polls with backoff and sleeps on the loop: the loop is shared
+    by every worker of the agent, and a launcher outlives its job's kill while the
+    job's namespaces are torn down (long for a job that filled its memory or tmpfs).
+    """
     deadline = time.monotonic() + KILL_GRACE
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done == pid:
-            return
-        if time.monotonic() > deadline:
-            tree.kill()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            return
-        time.sleep(0.002)
+    delay = 0.002
+    try:
+        while not _reaped(pid):
+            if time.monotonic() > deadline:
+                _kill_and_reap(pid, tree)
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.05)
+    except asyncio.CancelledError:
+        _kill_and_reap(pid, tree)  # cancelled while waiting: still leave no process
+        raise
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+
+def _kill_and_reap(pid: int, tree: JobTree) -> None:
+    """The last resort: SIGKILL the tree and the launcher, then reap it (at once)."""
+    tree.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def classify(
