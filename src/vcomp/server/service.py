@@ -514,9 +514,19 @@ async def _serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    http = None
+    if config.http.enabled:
+        from vcomp.server.http.app import HttpListener  # aiohttp only when serving HTTP
+
+        http = HttpListener(server, config.http)
     try:
         host, port = await server.start()
         print(f"vcomp-server listening on {host}:{port} key {server.fingerprint}", flush=True)
+        if http is not None:
+            await http.start()
+            print(f"vcomp-server http on {http.url}", flush=True)
         await stop.wait()
     finally:
+        if http is not None:
+            await http.stop()
         await server.stop()

@@ -12,6 +12,7 @@ from vcomp.server.store.records import (
     DEFAULT_TRANSFER_SECONDS,
     AgentClock,
     AgentRecord,
+    ApiToken,
     App,
     AppKind,
     AttemptRecord,
@@ -149,6 +150,20 @@ class Store(Protocol):
 
     def list_servers(self) -> list[tuple[str, str, float, float]]:
         """(id, address, started at, last seen) of the servers heard from lately."""
+        ...
+
+    def create_token(self, name: str, scope: str, token_sha256: bytes) -> ApiToken:
+        """Store an API token's digest under ``name`` with ``scope``."""
+        ...
+
+    def find_token(self, token_sha256: bytes) -> ApiToken | None:
+        """The live (not revoked) token with this SHA-256, or None."""
+        ...
+
+    def list_tokens(self) -> list[ApiToken]: ...
+
+    def revoke_token(self, name: str) -> None:
+        """Refuse the token from now on; revoking twice is harmless."""
         ...
 
     # results

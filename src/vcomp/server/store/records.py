@@ -299,3 +299,17 @@ class CandidateResult:
 
 #: Decides whether two results agree. Must be an equivalence relation.
 ResultComparator = Callable[[CandidateResult, CandidateResult], bool]
+
+
+SCOPES = ("read", "submit", "admin")
+"""API token scopes, ordered: each may do everything the ones before it may."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An HTTP API token as stored: its name and scope; the token itself is never kept."""
+
+    name: str
+    scope: str
+    created_at: float
+    revoked_at: float | None
