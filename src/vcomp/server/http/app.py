@@ -16,7 +16,7 @@ from aiohttp import web
 
 from vcomp import logfmt
 from vcomp.errors import ConfigError
-from vcomp.server.http import apps, dashboard, metrics
+from vcomp.server.http import apps, batches, dashboard, metrics
 from vcomp.server.http.context import CONTEXT_KEY, HttpContext
 from vcomp.server.http.errors import json_errors
 from vcomp.server.http.settings import HttpSettings
@@ -31,6 +31,7 @@ def build_app(ctx: HttpContext) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=ctx.settings.max_request_bytes)
     app[CONTEXT_KEY] = ctx
     apps.register(app)
+    batches.register(app)
     metrics.register(app, ctx)
     dashboard.register(app, ctx)
     return app
