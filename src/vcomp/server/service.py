@@ -470,6 +470,13 @@ class OrganisationServer:
 
     async def _heartbeat(self, now: float) -> None:
         self._heartbeat_at = now
+        # Every live session's agent is seen now: "connected" in status and the API is
+        # an agent seen within CONNECTED_SECONDS, on whichever server holds its session.
+        if self.endpoint is not None:
+            for s in self.endpoint.sessions.values():
+                if s.channel is not None and s.agent_id:
+                    address = f"{s.address[0]}:{s.address[1]}"
+                    self._pending_touches[s.agent_id.hex()] = (now, address)
         host, port = self.address or (self.config.bind_host, self.config.bind_port)
         await self.committer.run(self.store.server_alive, self.server_id, f"{host}:{port}", now)
 

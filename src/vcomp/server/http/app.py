@@ -16,7 +16,7 @@ from aiohttp import web
 
 from vcomp import logfmt
 from vcomp.errors import ConfigError
-from vcomp.server.http import apps, batches, dashboard, metrics
+from vcomp.server.http import agents, apps, batches, dashboard, metrics
 from vcomp.server.http.context import CONTEXT_KEY, HttpContext
 from vcomp.server.http.errors import json_errors
 from vcomp.server.http.settings import HttpSettings
@@ -32,6 +32,7 @@ def build_app(ctx: HttpContext) -> web.Application:
     app[CONTEXT_KEY] = ctx
     apps.register(app)
     batches.register(app)
+    agents.register(app)
     metrics.register(app, ctx)
     dashboard.register(app, ctx)
     return app

@@ -11,6 +11,7 @@ from vcomp.server.store.records import (
     DEFAULT_DISK_BYTES,
     DEFAULT_TRANSFER_SECONDS,
     AgentClock,
+    AgentCredit,
     AgentRecord,
     ApiToken,
     App,
@@ -186,6 +187,11 @@ class Store(Protocol):
     def get_agent(self, agent_id: str) -> AgentRecord: ...
     def find_agent(self, agent_id: str) -> AgentRecord | None: ...
     def list_agents(self) -> list[AgentRecord]: ...
+
+    def agent_credit(self) -> dict[str, AgentCredit]:
+        """Per agent id: jobs whose ok result counted, and their CPU-seconds."""
+        ...
+
     def set_agent_clock(
         self, agent_id: str, clock: int, reset_count: int, restart_count: int
     ) -> None: ...

@@ -313,3 +313,15 @@ class ApiToken:
     scope: str
     created_at: float
     revoked_at: float | None
+
+
+CONNECTED_SECONDS = 10.0
+"""An agent seen this recently has a live session: servers touch theirs every 2 s."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCredit:
+    """What an agent gave: jobs whose ok result counted, and their CPU-seconds."""
+
+    jobs_done: int
+    cpu_seconds: float

@@ -21,6 +21,7 @@ from vcomp.server.store.records import (
     DEFAULT_DISK_BYTES,
     DEFAULT_TRANSFER_SECONDS,
     AgentClock,
+    AgentCredit,
     AgentRecord,
     ApiToken,
     App,
@@ -286,6 +287,9 @@ class SqlStore:
 
     def list_agents(self) -> list[AgentRecord]:
         return self._agents.list_agents()
+
+    def agent_credit(self) -> dict[str, AgentCredit]:
+        return self._agents.credit()
 
     def set_agent_clock(
         self, agent_id: str, clock: int, reset_count: int, restart_count: int
