@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 import json
 import sqlite3
+import time
 
 import pytest
 
