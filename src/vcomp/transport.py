@@ -79,6 +79,11 @@ class _Driver:
         self._backlog: deque[tuple[bytes, Address | None]] = deque()
         self._writing = False
         self.closed = False
+        # Traffic totals for /metrics, added once per read or write burst (not per datagram).
+        self.datagrams_received = 0
+        self.bytes_received = 0
+        self.datagrams_sent = 0
+        self.bytes_sent = 0
         self._loop.add_reader(sock.fileno(), self._readable)
 
     # ---- subclass hooks ------------------------------------------------------
@@ -108,6 +113,7 @@ class _Driver:
 
     def _readable(self) -> None:
         now = self._loop.time()
+        count = size = 0
         for _ in range(BATCH):
             try:
                 data, address = self.sock.recvfrom(MAX_DATAGRAM)
@@ -120,7 +126,11 @@ class _Driver:
                 elif exc.errno not in _QUIET_ERRORS:
                     log.debug("udp receive error: %s", exc)
                 break
+            count += 1
+            size += len(data)
             self._feed(data, (str(address[0]), int(address[1])), now)
+        self.datagrams_received += count
+        self.bytes_received += size
         self.flush()
 
     # ---- writing -------------------------------------------------------------
@@ -143,22 +153,30 @@ class _Driver:
 
     def _write_backlog(self) -> None:
         sock, backlog = self.sock, self._backlog
-        while backlog:
-            data, address = backlog[0]
-            try:
-                if address is None:
-                    sock.send(data)
+        count = size = 0
+        try:
+            while backlog:
+                data, address = backlog[0]
+                try:
+                    if address is None:
+                        sock.send(data)
+                    else:
+                        sock.sendto(data, address)
+                except (BlockingIOError, InterruptedError):
+                    if not self._writing:
+                        self._writing = True
+                        self._loop.add_writer(sock.fileno(), self._writable)
+                    return
+                except OSError as exc:
+                    if exc.errno not in _QUIET_ERRORS:
+                        log.debug("udp send error: %s", exc)
                 else:
-                    sock.sendto(data, address)
-            except (BlockingIOError, InterruptedError):
-                if not self._writing:
-                    self._writing = True
-                    self._loop.add_writer(sock.fileno(), self._writable)
-                return
-            except OSError as exc:
-                if exc.errno not in _QUIET_ERRORS:
-                    log.debug("udp send error: %s", exc)
-            backlog.popleft()
+                    count += 1
+                    size += len(data)
+                backlog.popleft()
+        finally:
+            self.datagrams_sent += count
+            self.bytes_sent += size
 
     def _writable(self) -> None:
         self._write_backlog()

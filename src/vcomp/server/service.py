@@ -117,6 +117,11 @@ class OrganisationServer:
         self.endpoint: ServerEndpoint | None = None
         self.address: tuple[str, int] | None = None
 
+    @property
+    def adapter(self) -> ServerAdapter | None:
+        """The UDP socket driver while serving (its traffic totals feed /metrics)."""
+        return self._adapter
+
     # ---- lifecycle -----------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:

@@ -334,6 +334,9 @@ class SqlStore:
     def batch_status(self, batch_id: int) -> BatchStatus:
         return self._catalog.batch_status(batch_id)
 
+    def queued_by_app(self) -> dict[str, int]:
+        return self._catalog.queued_by_app()
+
 
 def _conforms(store: SqlStore) -> Store:
     """Never called: makes mypy prove that SqlStore implements the Store protocol."""
