@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 from vcomp.errors import StoreError, StoreUnavailable
 from vcomp.protocol.capacity import UNLIMITED, JobCapacity
-from vcomp.server.histogram import LatencyHistogram
+from vcomp.server.commit_stats import LatencyHistogram, Throughput
 from vcomp.server.outage import StoreHealth
 from vcomp.server.store import (
     Lease,
@@ -46,6 +46,7 @@ __all__ = ["GroupCommitter"]
 T = TypeVar("T")
 
 _Kind = Literal["result", "lease", "run", "stop"]
+_COUNTED = (OutcomeKind.ACCEPTED, OutcomeKind.LATE)  # the results that count for their job
 
 
 @dataclass(slots=True)
@@ -97,6 +98,7 @@ class GroupCommitter:
         self.outcomes: Counter[str] = Counter(dict.fromkeys(map(str, OutcomeKind), 0))
         # From a result's arrival (upload complete) to its transaction committed.
         self.result_latency = LatencyHistogram()
+        self.throughput = Throughput()  # results that counted, per 10 s, last 15 min
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -225,6 +227,7 @@ class GroupCommitter:
                     done - r.payload.received_at for r in results if r.payload.received_at
                 )
                 self.outcomes.update(str(o.kind) for o in outcomes)
+                self.throughput.add(sum(o.kind in _COUNTED for o in outcomes), done)
                 for request, outcome in zip(results, outcomes, strict=True):
                     self._reply(request, outcome, None)
         if leases:

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from vcomp.server.histogram import HistogramSnapshot
+from vcomp.server.commit_stats import HistogramSnapshot
 from vcomp.server.http.context import HttpContext, context_of
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ from vcomp.server.store.records import (
     Batch,
     BatchStatus,
     ExpiredLease,
+    FailedJob,
     Job,
     Lease,
     LeaseRequest,
@@ -222,6 +223,10 @@ class Store(Protocol):
     # status
     def status(self) -> StoreStatus: ...
     def batch_status(self, batch_id: int) -> BatchStatus: ...
+    def recent_failures(self, limit: int) -> list[FailedJob]:
+        """The ``limit`` most recently created jobs that failed for good, newest first."""
+        ...
+
     def queued_by_app(self) -> dict[str, int]:
         """Jobs waiting for an agent, per app name (apps with none left out)."""
         ...

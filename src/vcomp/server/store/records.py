@@ -279,6 +279,17 @@ class BatchStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class FailedJob:
+    """A job that failed for good, and why (for the dashboard's recent failures)."""
+
+    batch_id: int
+    index: int
+    job_id: int
+    reason: str
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStatus:
     agents: int
     jobs: Mapping[JobState, int]

@@ -30,6 +30,7 @@ from vcomp.server.store.records import (
     Batch,
     BatchStatus,
     ExpiredLease,
+    FailedJob,
     Job,
     Lease,
     LeaseRequest,
@@ -333,6 +334,9 @@ class SqlStore:
 
     def batch_status(self, batch_id: int) -> BatchStatus:
         return self._catalog.batch_status(batch_id)
+
+    def recent_failures(self, limit: int) -> list[FailedJob]:
+        return self._catalog.recent_failures(limit)
 
     def queued_by_app(self) -> dict[str, int]:
         return self._catalog.queued_by_app()

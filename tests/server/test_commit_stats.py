@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from vcomp.server.histogram import COMMIT_BUCKETS, LatencyHistogram
+from vcomp.server.commit_stats import COMMIT_BUCKETS, LatencyHistogram, Throughput
 
 
 def test_observations_land_in_cumulative_buckets() -> None:
@@ -46,3 +46,20 @@ def test_a_reader_never_sees_a_half_written_group() -> None:
         stop.set()
         writer.join()
     assert h.snapshot().count > 0
+
+
+def test_throughput_keeps_the_last_slots_and_forgets_older_ones() -> None:
+    ring = Throughput(slot_seconds=10, slots=3)
+    ring.add(2, 100.0)
+    ring.add(3, 105.0)  # same slot as 100
+    ring.add(4, 115.0)
+    assert ring.series(119.0) == [0, 5, 4]
+    assert ring.series(125.0) == [5, 4, 0]
+    ring.add(1, 131.0)  # reuses the cell of slot 10 (t=100): that count is gone
+    assert ring.series(131.0) == [4, 0, 1]
+    assert ring.series(1000.0) == [0, 0, 0]
+
+
+def test_a_bad_throughput_ring_is_refused() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Throughput(slot_seconds=0)

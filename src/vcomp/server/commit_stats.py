@@ -1,7 +1,8 @@
-"""A cumulative latency histogram filled a batch at a time, read at scrape time.
+"""Tallies the group committer keeps for /metrics and the dashboard.
 
-The group committer's thread observes every result of a group at once (one lock per
-group, not per result); ``/metrics`` reads a consistent copy from the event loop.
+Both are filled a whole committed group at a time on the committer's thread (one lock
+per group, not per result) and read as consistent copies from the event loop:
+a cumulative latency histogram, and results committed per time slot (jobs/s).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["COMMIT_BUCKETS", "HistogramSnapshot", "LatencyHistogram"]
+__all__ = ["COMMIT_BUCKETS", "HistogramSnapshot", "LatencyHistogram", "Throughput"]
 
 #: Upper bounds in seconds: a group commit takes a fraction of a millisecond on tmpfs,
 #: tens of ms behind an fsync, and seconds only when the store is in trouble.
@@ -54,3 +55,35 @@ class LatencyHistogram:
             running += n
             cumulative.append(running)
         return HistogramSnapshot(self._bounds, tuple(cumulative), total)
+
+
+class Throughput:
+    """Results committed per ``slot_seconds``, over the last ``slots`` slots (a ring)."""
+
+    def __init__(self, slot_seconds: float = 10.0, slots: int = 90) -> None:
+        if slot_seconds <= 0 or slots < 1:
+            raise ValueError("a throughput ring needs a positive slot length and a slot")
+        self.slot_seconds = slot_seconds
+        self._counts = [0] * slots
+        self._slot_of = [-1] * slots  # which absolute slot each cell holds now
+        self._lock = threading.Lock()
+
+    def add(self, n: int, now: float) -> None:
+        slot = int(now // self.slot_seconds)
+        cell = slot % len(self._counts)
+        with self._lock:
+            if self._slot_of[cell] != slot:
+                self._slot_of[cell], self._counts[cell] = slot, 0
+            self._counts[cell] += n
+
+    def series(self, now: float) -> list[int]:
+        """Counts per slot, oldest first, ending with the slot holding ``now``."""
+        newest = int(now // self.slot_seconds)
+        size = len(self._counts)
+        with self._lock:
+            cells = list(zip(self._slot_of, self._counts, strict=True))
+        out = []
+        for slot in range(newest - size + 1, newest + 1):
+            held, n = cells[slot % size]
+            out.append(n if held == slot else 0)
+        return out
