@@ -67,8 +67,11 @@ class Scene:
 
 
 @contextlib.asynccontextmanager
-async def dashboard_scene(root: Path) -> AsyncIterator[Scene]:
-    """A server with a batch in flight and two online agents, its dashboard's URL."""
+async def dashboard_scene(root: Path, *, history: int = 0) -> AsyncIterator[Scene]:
+    """A server with a batch in flight and two online agents, its dashboard's URL.
+
+    ``history`` quick jobs run to the end first (a finished batch), for a graph with
+    something in it (the screenshot script)."""
     lab = Lab(root)
     try:
         org = lab.org()
@@ -85,6 +88,9 @@ async def dashboard_scene(root: Path) -> AsyncIterator[Scene]:
         agents = [await lab.run_agent(c, org) for c in configs]
         await wait_until(lambda: all(a.connected_sessions for a in agents), "2 agents connected")
         org.add_app("sleepy", JOB)
+        if history:
+            quick = [json.dumps({"do": "run", "sleep": 0}).encode()] * history
+            await org.wait_batch(org.submit("sleepy", quick), timeout=600)
         batch = org.submit("sleepy", INPUTS, wall_seconds=900, max_attempts=1)
 
         def in_flight() -> bool:
