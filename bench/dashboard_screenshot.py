@@ -32,7 +32,7 @@ async def take(out: Path, history: int) -> None:
                 root,
                 scene.url,
                 f"--screenshot={out.resolve()}",
-                "--window-size=1280,1150",
+                "--window-size=1280,760",
                 "--hide-scrollbars",
             )
 

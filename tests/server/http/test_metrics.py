@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import PI_PY, Lab, pi_inputs, wait_until
 from tests.server.http.conftest import Api, start_api
+from tests.udpproxy import Direction, Faults
 from vcomp.server.http.app import HttpListener
 from vcomp.server.http.settings import HttpSettings
 
@@ -106,7 +107,32 @@ async def test_a_scrape_shows_the_counters_move_as_real_jobs_complete(lab: Lab) 
     assert sent - value(before, "vcomp_udp_bytes_sent_total") > code_and_inputs
     assert received > value(before, "vcomp_udp_bytes_received_total")
     assert value(after, "vcomp_udp_datagrams_received_total") > JOBS
-    assert value(after, "vcomp_retransmissions_total") >= 0  # present; loopback loses little
+
+
+async def test_retransmissions_are_counted_and_outlive_their_session(lab: Lab) -> None:
+    """A path that drops a fifth of the server's datagrams: the server must send again,
+    and the total stays when the session that did it is gone."""
+    org = lab.org()
+    await lab.start(org)
+    listener = HttpListener(org.server, HttpSettings(bind="127.0.0.1:0", open_metrics=True))
+    await listener.start()
+    lab.on_close(listener.stop)
+    http = aiohttp.ClientSession()
+    lab.on_close(http.close)
+    proxy = await lab.proxy(org.address, to_agent=Faults(drop=0.2), seed=7)
+    org.add_app("echo", b"tiny job")
+    agent = await lab.lite(lab.lite_tpm(org, "lite"), proxy.address, org.fingerprint, org=org)
+    batch = org.submit("echo", [b"%d" % i for i in range(30)])
+    await org.wait_batch(batch, timeout=120)
+    assert proxy.stats.of(Direction.TO_AGENT)["dropped"] > 0  # the path really lost some
+
+    during = value(await scrape(http, listener.url, {}), "vcomp_retransmissions_total")
+    assert during > 0
+    await agent.stop()
+    await wait_until(lambda: not org.server.endpoint or not org.server.endpoint.sessions, "close")
+    closed = await scrape(http, listener.url, {})
+    assert value(closed, "vcomp_retransmissions_total") >= during
+    assert value(closed, "vcomp_sessions_active", state="established") == 0
 
 
 async def test_metrics_need_a_read_token(api: Api) -> None:
