@@ -74,6 +74,9 @@ async def snapshot(request: web.Request) -> web.Response:
 
 
 async def build_snapshot(ctx: HttpContext) -> dict[str, Any]:
+    # Four reads on the store's writer thread per poll (one page polls every 3 s).
+    # store.status() counts every batch's jobs by state (indexed per batch), so its cost
+    # grows with the store's history; fine for one operator's page, not for hundreds.
     store = ctx.store
     status = await ctx.run(store.status)
     agents = await ctx.run(store.list_agents)
