@@ -81,6 +81,11 @@ class _Driver:
         self._paced_write: asyncio.TimerHandle | None = None
         self._paced_read: asyncio.TimerHandle | None = None
         self.closed = False
+        # Traffic totals for /metrics, added once per read or write burst (not per datagram).
+        self.datagrams_received = 0
+        self.bytes_received = 0
+        self.datagrams_sent = 0
+        self.bytes_sent = 0
         self._loop.add_reader(sock.fileno(), self._readable)
 
     # ---- subclass hooks ------------------------------------------------------
@@ -121,6 +126,7 @@ class _Driver:
 
     def _readable(self) -> None:
         now = self._loop.time()
+        count = size = 0
         for _ in range(BATCH):
             wait = self._receive_delay(now)
             if wait > 0:
@@ -138,7 +144,11 @@ class _Driver:
                     log.debug("udp receive error: %s", exc)
                 break
             self._received(len(data), now)
+            count += 1
+            size += len(data)
             self._feed(data, (str(address[0]), int(address[1])), now)
+        self.datagrams_received += count
+        self.bytes_received += size
         self.flush()
 
     def _pause_reading(self, wait: float) -> None:
@@ -174,26 +184,34 @@ class _Driver:
         sock, backlog = self.sock, self._backlog
         if self._paced_write is not None:
             return  # a paced write is due; it sends the backlog in order
-        while backlog:
-            data, address = backlog[0]
-            wait = self._send_delay(len(data), self._loop.time())
-            if wait > 0:
-                self._paced_write = self._loop.call_later(wait, self._paced_send)
-                return
-            try:
-                if address is None:
-                    sock.send(data)
+        count = size = 0
+        try:
+            while backlog:
+                data, address = backlog[0]
+                wait = self._send_delay(len(data), self._loop.time())
+                if wait > 0:
+                    self._paced_write = self._loop.call_later(wait, self._paced_send)
+                    return
+                try:
+                    if address is None:
+                        sock.send(data)
+                    else:
+                        sock.sendto(data, address)
+                except (BlockingIOError, InterruptedError):
+                    if not self._writing:
+                        self._writing = True
+                        self._loop.add_writer(sock.fileno(), self._writable)
+                    return
+                except OSError as exc:
+                    if exc.errno not in _QUIET_ERRORS:
+                        log.debug("udp send error: %s", exc)
                 else:
-                    sock.sendto(data, address)
-            except (BlockingIOError, InterruptedError):
-                if not self._writing:
-                    self._writing = True
-                    self._loop.add_writer(sock.fileno(), self._writable)
-                return
-            except OSError as exc:
-                if exc.errno not in _QUIET_ERRORS:
-                    log.debug("udp send error: %s", exc)
-            backlog.popleft()
+                    count += 1
+                    size += len(data)
+                backlog.popleft()
+        finally:
+            self.datagrams_sent += count
+            self.bytes_sent += size
 
     def _paced_send(self) -> None:
         self._paced_write = None

@@ -159,6 +159,7 @@ class ServerEndpoint:
             return
         assert isinstance(hello, Hello)
         if VERSION not in hello.versions:
+            self.counters["rejected_version"] += 1
             self._reply(
                 PacketType.REJECT,
                 Reject(
@@ -334,6 +335,25 @@ class ServerEndpoint:
         self._dirty.clear()
         return out
 
+    # ---- read at scrape time (/metrics) ----------------------------------------
+
+    def retransmissions(self) -> int:
+        """Packets sent again, over every session this endpoint has had."""
+        live = sum(
+            int(s.channel.stats["retransmissions"])
+            for s in self.sessions.values()
+            if s.channel is not None
+        )
+        return self.counters["retransmissions_closed"] + live
+
+    def agents_connected(self) -> int:
+        """Distinct agents with at least one attested session open now."""
+        return len(self._per_agent)
+
+    def sessions_open(self) -> tuple[int, int]:
+        """(attested sessions, handshakes still in progress)."""
+        return len(self._verified), len(self._half_open)
+
     def _pump(self, session: ServerSession, now: float) -> None:
         while (want := session.code_wanted()) is not None:
             job = session.current_job
@@ -349,6 +369,8 @@ class ServerEndpoint:
         self.sessions.pop(session.session_id, None)
         self._timer_of.pop(session.session_id, None)
         self.counters["sessions_closed"] += 1
+        if session.channel is not None:  # kept, so the total survives the session
+            self.counters["retransmissions_closed"] += int(session.channel.stats["retransmissions"])
         self._end_half_open(session.session_id)
         agent = self._verified.pop(session.session_id, None)
         if agent is not None:

@@ -22,20 +22,31 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from vcomp.errors import StoreError, StoreUnavailable
 from vcomp.protocol.capacity import UNLIMITED, JobCapacity
+from vcomp.server.commit_stats import LatencyHistogram, Throughput
 from vcomp.server.outage import StoreHealth
-from vcomp.server.store import Lease, LeaseRequest, RecordOutcome, ResultSubmission, Store
+from vcomp.server.store import (
+    Lease,
+    LeaseRequest,
+    OutcomeKind,
+    RecordOutcome,
+    ResultSubmission,
+    Store,
+)
 
 __all__ = ["GroupCommitter"]
 
 T = TypeVar("T")
 
 _Kind = Literal["result", "lease", "run", "stop"]
+_COUNTED = (OutcomeKind.ACCEPTED, OutcomeKind.LATE)  # the results that count for their job
 
 
 @dataclass(slots=True)
@@ -81,6 +92,13 @@ class GroupCommitter:
         self.leases_committed = 0
         self.groups = 0
         self.largest_group = 0
+        # For /metrics, updated once per committed group on the writer thread.
+        # Results by OutcomeKind; every key present from the start, so a scrape on the
+        # event loop can copy it while this thread adds (its size never changes).
+        self.outcomes: Counter[str] = Counter(dict.fromkeys(map(str, OutcomeKind), 0))
+        # From a result's arrival (upload complete) to its transaction committed.
+        self.result_latency = LatencyHistogram()
+        self.throughput = Throughput()  # results that counted, per 10 s, last 15 min
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -204,6 +222,12 @@ class GroupCommitter:
             else:
                 self.commits += 1
                 self.results_committed += len(results)
+                done = time.time()
+                self.result_latency.observe_many(
+                    done - r.payload.received_at for r in results if r.payload.received_at
+                )
+                self.outcomes.update(str(o.kind) for o in outcomes)
+                self.throughput.add(sum(o.kind in _COUNTED for o in outcomes), done)
                 for request, outcome in zip(results, outcomes, strict=True):
                     self._reply(request, outcome, None)
         if leases:

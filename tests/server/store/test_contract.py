@@ -917,6 +917,47 @@ def test_pruned_reset_requests_never_reuse_an_id(make_store: StoreFactory) -> No
     assert [agent for _, agent in fresh] == [agents[0]] and fresh[0][0] > newest
 
 
+def test_queued_by_app_counts_only_queued_jobs_per_app(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    assert store.queued_by_app() == {}
+    store.add_app("echo", "python", io.BytesIO(b"print('echo')"))
+    store.create_batch(app, [b"a", b"b", b"c"], max_attempts=1)
+    store.create_batch("echo", [b"x"], max_attempts=1)
+    store.create_batch(app, [b"d"], max_attempts=1)
+    assert store.queued_by_app() == {app: 4, "echo": 1}
+    leased = [lease(store, a) for a in agents[:2]]  # lowest ids first: two of the first batch
+    assert store.queued_by_app() == {app: 2, "echo": 1}
+    store.record_results([ok(leased[0], b"done")])
+    assert store.queued_by_app() == {app: 2, "echo": 1}  # done is not queued either
+    while store.lease_next(agents[2], 0.0, 30.0) is not None:
+        pass
+    assert store.queued_by_app() == {}  # apps with nothing queued are left out
+
+
+def test_recent_failures_lists_failed_jobs_newest_first_with_their_reason(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    assert store.recent_failures(10) == []
+    batch = store.create_batch(app, [b"a", b"b", b"c"], max_attempts=1)
+    first, second, third = (lease(store, a) for a in agents[:3])
+    store.record_results(
+        [
+            ResultSubmission(first.job_id, 1, agents[0], "crashed", error="<b>boom</b>"),
+            ok(second, b"fine"),
+            ResultSubmission(third.job_id, 1, agents[2], "timeout", error="wall clock 9 s"),
+        ]
+    )
+    failures = store.recent_failures(10)
+    assert [(f.batch_id, f.index) for f in failures] == [(batch, 2), (batch, 0)]
+    assert "wall clock 9 s" in failures[0].reason and "<b>boom</b>" in failures[1].reason
+    assert failures[0].finished_at is not None
+    assert [f.index for f in store.recent_failures(1)] == [2]
+    for bad in (0, -1, 1001):
+        with pytest.raises(StoreError, match="limit"):
+            store.recent_failures(bad)
+
+
 def test_status_and_iter_results(store: Store, app: str, agents: list[str]) -> None:
     batch_id = store.create_batch(app, [b"a", b"b", b"c"], max_attempts=1)
     l0, l1, _ = (lease(store, a) for a in agents[:3])

@@ -283,6 +283,17 @@ class BatchStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class FailedJob:
+    """A job that failed for good, and why (for the dashboard's recent failures)."""
+
+    batch_id: int
+    index: int
+    job_id: int
+    reason: str
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStatus:
     agents: int
     jobs: Mapping[JobState, int]
@@ -351,3 +362,29 @@ class HookFailure:
     error: str
     tries: int
     retry_at: float | None  # the assimilator's next call; None: not due
+
+
+SCOPES = ("read", "submit", "admin")
+"""API token scopes, ordered: each may do everything the ones before it may."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An HTTP API token as stored: its name and scope; the token itself is never kept."""
+
+    name: str
+    scope: str
+    created_at: float
+    revoked_at: float | None
+
+
+CONNECTED_SECONDS = 10.0
+"""An agent seen this recently has a live session: servers touch theirs every 2 s."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCredit:
+    """What an agent gave: jobs whose ok result counted, and their CPU-seconds."""
+
+    jobs_done: int
+    cpu_seconds: float

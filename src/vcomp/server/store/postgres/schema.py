@@ -155,6 +155,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             error TEXT,
             PRIMARY KEY (job_id, attempt_a, attempt_b))""",
     ),
+    (
+        # API tokens for the HTTP API: only a SHA-256 of each token is kept.
+        """CREATE TABLE api_tokens (
+            name TEXT PRIMARY KEY,
+            scope TEXT NOT NULL CHECK (scope IN ('read', 'submit', 'admin')),
+            token_sha256 BYTEA NOT NULL UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION)""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

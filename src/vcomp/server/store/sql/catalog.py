@@ -31,6 +31,7 @@ from vcomp.server.store.records import (
     AttemptRecord,
     Batch,
     BatchStatus,
+    FailedJob,
     Job,
     JobLimits,
     JobState,
@@ -340,6 +341,29 @@ class Catalog:
             ids = [int(r[0]) for r in conn.execute("SELECT id FROM batches ORDER BY id")]
             batches = tuple(self._batch_status(conn, batch_id) for batch_id in ids)
         return StoreStatus(agents, jobs, batches)
+
+    def recent_failures(self, limit: int) -> list[FailedJob]:
+        if not 0 < limit <= 1000:
+            raise StoreError(f"recent_failures: limit must be 1..1000, got {limit}")
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT batch_id, idx, id, reason, finished_at FROM jobs WHERE state = 'failed' "
+                "ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            FailedJob(int(b), int(i), int(j), str(r or ""), None if f is None else float(f))
+            for b, i, j, r, f in rows
+        ]
+
+    def queued_by_app(self) -> dict[str, int]:
+        # One pass over the partial index of queued jobs: cheap enough for every scrape.
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT a.name, COUNT(*) FROM jobs AS j JOIN batches AS b ON b.id = j.batch_id "
+                "JOIN apps AS a ON a.id = b.app_id WHERE j.state = 'queued' GROUP BY a.name"
+            ).fetchall()
+        return {str(name): int(count) for name, count in rows}
 
     def batch_status(self, batch_id: int) -> BatchStatus:
         with self._db.transaction() as conn:
