@@ -60,7 +60,7 @@ async def test_console_scripts_end_to_end(lab: Lab, tmp_path: Path) -> None:
     run_cli([SERVER_CLI, "allow-measurement", measurement, "--note", "test build", *cfg])
     run_cli([SERVER_CLI, "app", "add", "pi", str(PI_PY), "--kind", "python", *cfg])
 
-    serve, serve_log = lab.spawn([SERVER_CLI, "serve", *cfg], "serve")
+    serve, serve_log = lab.spawn([SERVER_CLI, "serve", *cfg, "--http-bind", "127.0.0.1:0"], "serve")
     await wait_until(lambda: f"key {fingerprint}" in serve.stdout, "serve to listen", 30)
     join, join_log = lab.spawn(
         [AGENT_CLI, "join", "--config", str(agent_home), "--mode", "full"], "join"

@@ -588,8 +588,10 @@ def _serve(home: Path, *extra: str) -> subprocess.Popen[str]:
     server = BIN / "vcomp-server"
     if not server.exists():
         pytest.skip("console scripts not installed in this environment")
+    # Not the configured 127.0.0.1:7462: another test's server may still hold it.
+    http = [] if "--http-bind" in extra else ["--http-bind", "127.0.0.1:0"]
     return subprocess.Popen(
-        [str(server), "serve", "--config", str(home), *extra],
+        [str(server), "serve", "--config", str(home), *http, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

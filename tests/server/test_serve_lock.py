@@ -29,7 +29,7 @@ class Serve:
         self.stderr = stderr
         with stderr.open("wb") as err:
             self.proc = subprocess.Popen(
-                [SERVER, "serve", "--config", str(config)],
+                [SERVER, "serve", "--config", str(config), "--http-bind", "127.0.0.1:0"],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
