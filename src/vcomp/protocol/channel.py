@@ -231,7 +231,7 @@ class SecureChannel:
             except KeyExhausted:
                 self._close("session key usage limit reached", 30)
                 return []
-            self._sender.on_sent(seq, pn, now)
+            self._sender.on_sent(seq, pn, now, len(self._outbox[-1]))
         out = self._outbox
         self._outbox = []
         return out
