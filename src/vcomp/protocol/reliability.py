@@ -82,20 +82,20 @@ class ReliableSender(Generic[T]):
         "_base",
         "_bytes_in_flight",
         "_first_sample_at",
-        "_limited",
         "_largest_acked",
         "_largest_sent",
+        "_limited",
         "_loss_time",
         "_n_lost",
         "_n_retransmitted",
         "_n_sent",
         "_n_timeouts",
         "_next_new",
+        "_probes",
+        "_pto_base",
+        "_pto_count",
         "_queue",
         "_retry",
-        "_probes",
-        "_pto_count",
-        "_pto_base",
         "_rtx",
         "_rtx_set",
         "_sent",
@@ -211,9 +211,7 @@ class ReliableSender(Generic[T]):
         unacked[seq] = item
         return seq, item
 
-    def on_sent(
-        self, seq: int, packet_number: int, now: float, size: int = MAX_DATAGRAM
-    ) -> None:
+    def on_sent(self, seq: int, packet_number: int, now: float, size: int = MAX_DATAGRAM) -> None:
         """Record that ``seq`` left in packet ``packet_number`` (``size`` bytes) at ``now``."""
         if packet_number <= self._largest_sent:
             raise ValueError(f"packet number {packet_number} does not increase")
