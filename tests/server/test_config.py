@@ -104,6 +104,7 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
     assert config == load_server_config(d / "server.toml")
     assert (config.bind_host, config.bind_port) == ("127.0.0.1", 7461)
     assert (config.window, config.idle_timeout, config.max_sessions) == (64, 60.0, 100000)
+    assert config.congestion == "newreno"
     assert config.jobs == JobDefaults(
         lease_seconds=300.0,
         transfer_seconds=300.0,
@@ -151,6 +152,8 @@ def test_missing_keys_take_defaults(tmp_path: Path) -> None:
         ("[jobs]\ncpu_seconds = 1.5\n", "cpu_seconds must be an integer"),
         ("[server]\nwindow = true\n", "window must be an integer"),
         ("[server]\nwindow = 0\n", "window must be between 1 and 1024"),
+        ("[server]\ncongestion = 'bbr'\n", "congestion: 'bbr' is not one of newreno, cubic"),
+        ("[server]\ncongestion = 1\n", "congestion must be a string"),
         ("[server]\nbind = 'localhost'\n", "bind must look like HOST:PORT"),
         ("[server]\nbind = 'h:70000'\n", "out of range"),
         ("[jobs]\nreplicas = 2\nquorum = 3\n", "quorum must be between 1 and 2"),
@@ -179,6 +182,11 @@ def test_bad_config_names_the_file_and_key(tmp_path: Path, text: str, message: s
     with pytest.raises(ConfigError, match=message) as info:
         load_server_config(path)
     assert str(path) in str(info.value)
+
+
+def test_the_congestion_controller_is_read(tmp_path: Path) -> None:
+    config = load_server_config(write_config(tmp_path, "[server]\ncongestion = 'cubic'\n"))
+    assert config.congestion == "cubic"
 
 
 def test_leases_per_agent_follow_sessions_per_agent(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp.errors import ConfigError, StoreError
-from vcomp.protocol import handshake, limits
+from vcomp.protocol import congestion, handshake, limits
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
 from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
 
@@ -73,6 +73,7 @@ DEFAULT_CONFIG = f"""\
 [server]
 bind = "127.0.0.1:{DEFAULT_PORT}"
 window = 64
+congestion = "newreno"
 idle_timeout = 60.0
 max_sessions = 100000
 max_sessions_per_agent = 16
@@ -152,6 +153,8 @@ class ServerConfig:
     """The job store's URL, absolute; empty means the SQLite file at ``store_path``."""
     store_busy_timeout: float = DEFAULT_BUSY_TIMEOUT
     """Seconds a write waits for the store's lock before the store counts as unavailable."""
+    congestion: str = "newreno"
+    """The congestion controller of the server's sending side: "newreno" or "cubic"."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -167,6 +170,10 @@ class ServerConfig:
         _check_int("max_pending_handshakes", self.max_pending_handshakes, 1, 1_000_000)
         _check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
         _check_seconds("[store] busy_timeout", self.store_busy_timeout)
+        if self.congestion not in congestion.ALGORITHMS:
+            raise ConfigError(
+                f"congestion: {self.congestion!r} is not one of {', '.join(congestion.ALGORITHMS)}"
+            )
 
     @property
     def public_path(self) -> Path:
@@ -333,6 +340,7 @@ def load_server_config(path: Path) -> ServerConfig:
             server.text("bind", f"127.0.0.1:{DEFAULT_PORT}"), what="bind", allow_zero=True
         )
         window = server.integer("window", 64)
+        controller = server.text("congestion", "newreno")
         idle_timeout = server.number("idle_timeout", limits.IDLE_TIMEOUT)
         max_sessions = server.integer("max_sessions", 100_000)
         sessions_per_agent = server.integer("max_sessions_per_agent", DEFAULT_SESSIONS_PER_AGENT)
@@ -373,6 +381,7 @@ def load_server_config(path: Path) -> ServerConfig:
             max_sessions_per_agent=sessions_per_agent,
             max_leases_per_agent=leases_per_agent,
             upload_memory_bytes=upload_memory,
+            congestion=controller,
             max_pending_handshakes=pending,
             store_url=str(where),
             store_busy_timeout=busy_timeout,
