@@ -54,12 +54,13 @@ from vcomp.agent.tpm import SimulatedTpm
 from vcomp.loadgen import LiteAgent
 from vcomp.protocol import events as ev
 from vcomp.protocol import limits
+from vcomp.server import config as config_defaults
 from vcomp.server.config import init_server_home, load_server_config
 from vcomp.server.service import OrganisationServer
 
 MIB = 1 << 20
 KIB = 1 << 10
-DEFAULT_WINDOW = 64
+DEFAULT_WINDOW = config_defaults.DEFAULT_WINDOW  # flow control only: cwnd sizes the flight
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def test_init_refuses_a_non_empty_dir_unless_forced(tmp_path: Path) -> None:
     second = init_server_home(tmp_path, force=True)
     assert second == first  # --force alone keeps the organisation key: agents stay pinned
     assert (tmp_path / "server.toml.bak").read_text() == "[server]\nwindow = 8\n"
-    assert load_server_config(tmp_path).window == 64  # the config went back to defaults
+    assert load_server_config(tmp_path).window == 1024  # the config went back to defaults
     store = SqliteStore(tmp_path / "jobs.sqlite")
     assert [m.note for m in store.list_measurements()] == ["kept"]  # the store survives
     store.close()
@@ -103,7 +103,8 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
     config = load_server_config(d)
     assert config == load_server_config(d / "server.toml")
     assert (config.bind_host, config.bind_port) == ("127.0.0.1", 7461)
-    assert (config.window, config.idle_timeout, config.max_sessions) == (64, 60.0, 100000)
+    # The window is flow control only since congestion control sizes the flight (issue 10).
+    assert (config.window, config.idle_timeout, config.max_sessions) == (1024, 60.0, 100000)
     assert config.congestion == "newreno"
     assert config.jobs == JobDefaults(
         lease_seconds=300.0,
@@ -141,7 +142,7 @@ def test_refusal_cap_and_disk_bytes_are_read(tmp_path: Path) -> None:
 
 def test_missing_keys_take_defaults(tmp_path: Path) -> None:
     config = load_server_config(write_config(tmp_path, "[server]\nbind = '[::1]:0'\n"))
-    assert (config.bind_host, config.bind_port, config.window) == ("::1", 0, 64)
+    assert (config.bind_host, config.bind_port, config.window) == ("::1", 0, 1024)
 
 
 @pytest.mark.parametrize(

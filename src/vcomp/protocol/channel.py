@@ -166,6 +166,13 @@ class SecureChannel:
         return self._sender.in_flight
 
     @property
+    def send_allowance(self) -> int:
+        """Packets the sender may have in flight now: min(flow-control window, cwnd)."""
+        sender = self._sender
+        cc = sender.cc
+        return min(self._window, -(-cc.cwnd // cc.max_datagram))
+
+    @property
     def forgeries(self) -> int:
         """Datagrams that failed authentication under this session's key."""
         return self._key.forgeries

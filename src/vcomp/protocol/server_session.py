@@ -377,8 +377,9 @@ class ServerSession:
             return None
         if job.offset >= job.total:
             return None
-        # Keep only about a window's worth queued beyond what is in flight.
-        if ch.queue_space <= 0 or ch.queued >= max(2 * self._window, 8):
+        # Keep only about what the path takes per round trip queued beyond what is in
+        # flight: the congestion window, not the (much larger) flow-control window.
+        if ch.queue_space <= 0 or ch.queued >= max(2 * ch.send_allowance, 8):
             return None
         return job.offset, min(limits.DEFAULT_CHUNK, job.total - job.offset)
 

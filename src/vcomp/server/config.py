@@ -66,13 +66,16 @@ DEFAULT_SESSIONS_PER_AGENT = 16  # an honest agent opens one session per worker 
 DEFAULT_UPLOAD_MEMORY = 64 << 20  # result bytes in flight (buffered or queued), server-wide
 MIN_UPLOAD_MEMORY = 1 << 20  # room for a few 256 KiB write batches
 
+# Flow control only (congestion control sizes the flight): the largest window, so it
+# never caps a long fat path (1024 x 1200 B per RTT: 24 MB/s at 50 ms).
+DEFAULT_WINDOW = limits.MAX_WINDOW
 DEFAULT_PENDING_HANDSHAKES = 1024  # half-open handshakes (HELLO answered, no ATTEST yet)
 
 DEFAULT_CONFIG = f"""\
 # vcomp organisation server. Created by `vcomp-server init`; see server/server.example.toml.
 [server]
 bind = "127.0.0.1:{DEFAULT_PORT}"
-window = 64
+window = 1024
 congestion = "newreno"
 idle_timeout = 60.0
 max_sessions = 100000
@@ -339,7 +342,7 @@ def load_server_config(path: Path) -> ServerConfig:
         host, port = parse_host_port(
             server.text("bind", f"127.0.0.1:{DEFAULT_PORT}"), what="bind", allow_zero=True
         )
-        window = server.integer("window", 64)
+        window = server.integer("window", DEFAULT_WINDOW)
         controller = server.text("congestion", "newreno")
         idle_timeout = server.number("idle_timeout", limits.IDLE_TIMEOUT)
         max_sessions = server.integer("max_sessions", 100_000)
