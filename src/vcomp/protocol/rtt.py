@@ -1,4 +1,7 @@
-"""Round-trip time estimation and the retransmission timeout (RFC 6298).
+"""Round-trip time estimation, the probe timeout (RFC 9002) and the RTO (RFC 6298).
+
+The reliable sender uses :attr:`RttEstimator.pto` (RFC 9002, 6.2.1); the RFC 6298
+RTO below is still computed (and reported) alongside it.
 
     first sample R:   SRTT = R, RTTVAR = R / 2
     later samples R:  RTTVAR = 3/4 RTTVAR + 1/4 |SRTT - R|, then SRTT = 7/8 SRTT + 1/8 R
