@@ -9,9 +9,11 @@ The engine knows two kinds of numbers (protocol/spec/reliability.md):
   identifies exactly one transmission (no retransmission ambiguity).
 
 :class:`ReliableSender` maps pns back to seqs, detects loss the QUIC way
-(packet and time thresholds, RFC 9002) plus an RFC 6298 retransmission timer,
-and gives up with :class:`~vcomp.errors.TransferFailed` after ``max_retries``
-timeouts of one item. :class:`ReliableReceiver` buffers out-of-order items,
+(packet and time thresholds, RFC 9002 section 6.1), repairs a tail loss with a
+probe timeout (PTO, 6.2), keeps bytes in flight within its congestion controller's
+window and paces them (section 7, :mod:`vcomp.protocol.congestion`), and gives up
+with :class:`~vcomp.errors.TransferFailed` after ``max_retries`` probe timeouts in
+a row without an ACK of anything new. :class:`ReliableReceiver` buffers out-of-order items,
 suppresses duplicates, and decides when to send an ACK of packet-number ranges.
 
 Nothing here does I/O or reads a clock: ``now`` is always passed in.
@@ -40,7 +42,7 @@ T = TypeVar("T")
 PACKET_THRESHOLD = 3
 """A packet is lost once a packet sent this many packet numbers later is acked."""
 PROBE_COUNT = 2
-"""Oldest unacked items resent when the retransmission timer expires."""
+"""Probe packets sent when the probe timeout expires (RFC 9002, 6.2.4)."""
 
 _MISSING = object()
 
