@@ -21,8 +21,8 @@ import os
 from collections.abc import Callable
 
 import pytest
-
 from bench import bench_impaired, common
+
 from tests.netns.bottleneck import Bottleneck
 from vcomp.protocol import limits
 

@@ -322,3 +322,33 @@ def test_giving_up_counts_ptos_in_a_row_and_an_ack_resets_the_count() -> None:
         run_to_next_pto(sender, pns)
     with pytest.raises(TransferFailed, match="3 probe timeouts"):
         run_to_next_pto(sender, pns)
+
+
+def test_probes_still_in_flight_after_their_item_was_acked_never_block_the_sender() -> None:
+    # At the minimum window, the two probes of an item whose first transmission is
+    # acked afterwards fill cwnd with packets no ACK may ever name (their ACK can be
+    # lost, and nothing newer is sent). They must not block the next item forever.
+    sender = sender_with(1)
+    pns = [0]
+    send_all(sender, 0.0, pns)
+    sender.on_ack([(0, 0)], 0.0, 0.04)
+    # cwnd = 2 datagrams in congestion avoidance, as on a very lossy path.
+    sender.cc.on_persistent_congestion()
+    sender.cc.on_congestion(sent_at=0.04, now=0.045)
+    assert (sender.cc.cwnd, sender.cc.ssthresh) == (2 * MSS, MSS)
+    sender.push(1)
+    (first,) = send_all(sender, 0.05, pns)
+    now = run_to_next_pto(sender, pns)  # two probes of seq 1 leave
+    sender.on_ack([(first, first)], 0.0, now + 0.01)  # the first transmission's ACK
+    assert sender.idle
+    sender.push(2)
+    sent: list[int] = []
+    for _ in range(20):  # the peer answers nothing more: honour the timer only
+        sent += send_all(sender, now, pns)
+        if sent:
+            break
+        deadline = sender.timer()
+        assert deadline is not None, "blocked by cwnd with no timer: a deadlock"
+        now = deadline
+        sender.on_timeout(now)
+    assert sent, "the next item never left"

@@ -289,7 +289,7 @@ class ReliableSender(Generic[T]):
                     self._retry.pop(seq, None)
             # unacked is in seq order (seqs enter it in order and never re-enter).
             self._base = next(iter(unacked)) if unacked else self._next_new
-            if not unacked:
+            if not unacked and not sent:
                 self._pto_base = None  # nothing left to probe for
         # Loss detection only has work if a packet older than the largest acked
         # is still in flight, or a time-threshold deadline was pending.
@@ -397,7 +397,10 @@ class ReliableSender(Generic[T]):
         if start is None or now < start + self.rtt.pto:
             return
         if not self._unacked:
-            self._pto_base = None
+            # Only extra transmissions of acknowledged items are left in flight. Their
+            # ACKs may never come (nothing newer elicits one), and counted in flight
+            # they could fill cwnd and block the next item for good: forget them.
+            self._forget_flight()
             return
         rto = self.rtt.pto
         self.rtt.on_timeout()
@@ -425,6 +428,13 @@ class ReliableSender(Generic[T]):
                 f"max_retries={self.max_retries}): the peer is unreachable or the "
                 f"path drops everything"
             )
+
+    def _forget_flight(self) -> None:
+        for record in self._sent.values():
+            self._bytes_in_flight -= record[2]
+        self._sent.clear()
+        self._loss_time = None
+        self._pto_base = None
 
     def _first_sent(self, seq: int, now: float) -> float:
         times = [record[1] for record in self._sent.values() if record[0] == seq]
