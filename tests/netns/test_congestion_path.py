@@ -58,10 +58,12 @@ def test_one_flow_fills_the_bottleneck_without_overrunning_its_queue(
     seconds = asyncio.run(_one_flow(path, SIZE))  # raises unless every byte arrived
     drops = path.queue_drops()
     # The path holds BDP + queue = 200 KB, about 166 datagrams. Slow start overshoots
-    # once by up to that much (the window doubles in the round trip before the first
-    # loss is seen), then NewReno's sawtooth loses a packet or so per cycle. Without
-    # congestion control the 1.2 MB window loses about a megabyte of every flight.
+    # once by about that much (the window doubles in the round trip before the first
+    # loss is seen; 170 drops on an idle machine), then NewReno's sawtooth loses a
+    # packet or so per cycle. On a loaded machine late ACKs stretch the overshoot
+    # (349 seen), hence room for four paths' worth. Without congestion control the
+    # 1.2 MB window loses about a megabyte of every flight: 15290 drops.
     holds = (BDP + QUEUE) // limits.DEFAULT_CHUNK
-    assert drops["b"] <= 2 * holds, (drops, holds, PACKETS)
+    assert drops["b"] <= 4 * holds, (drops, holds, PACKETS)
     assert drops["a"] == 0  # ACKs towards the server never queue up
     print(f"{SIZE >> 20} MiB in {seconds:.2f} s, {drops['b']} queue drops of {PACKETS} packets")
