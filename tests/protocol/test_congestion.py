@@ -145,8 +145,8 @@ def test_cubic_reduces_by_beta_and_regrows_concavely_to_w_max() -> None:
 
 def test_pacer_spaces_packets_at_cwnd_over_srtt_times_the_gain() -> None:
     pacer = Pacer(burst=2 * MSS)
-    pacer.update_rate(cwnd=100 * MSS, srtt=0.1)
-    assert pacer.rate == pytest.approx(PACING_GAIN * 100 * MSS / 0.1)
+    pacer.update_rate(cwnd=100 * MSS, srtt=1.0)  # 184 kB/s: a packet takes 8 ms
+    assert pacer.rate == pytest.approx(PACING_GAIN * 100 * MSS / 1.0)
     now = 0.0
     departures = []
     for _ in range(20):
@@ -158,6 +158,24 @@ def test_pacer_spaces_packets_at_cwnd_over_srtt_times_the_gain() -> None:
     gaps = [b - a for a, b in itertools.pairwise(departures[2:])]
     assert gaps == pytest.approx([MSS / pacer.rate] * len(gaps), rel=1e-6)
     assert departures[:2] == [0.0, 0.0]  # the burst leaves at once
+
+
+def test_at_high_rates_the_pacer_releases_a_millisecond_at_a_time() -> None:
+    pacer = Pacer(burst=initial_window())
+    pacer.update_rate(cwnd=100 * MSS, srtt=0.01)  # 18.4 MB/s: 18.4 kB per ms
+    now = 0.0
+    while pacer.can_send(MSS, now):  # drain the initial burst
+        pacer.on_sent(MSS, now)
+    wakeups, sent = 0, 0
+    while sent < 100:
+        assert pacer.next_send_time is not None
+        now = pacer.next_send_time
+        wakeups += 1
+        while pacer.can_send(MSS, now):
+            pacer.on_sent(MSS, now)
+            sent += 1
+    assert wakeups <= 100 // 9  # about ten packets (the burst cap) per wake-up, not one
+    assert sent * MSS / now == pytest.approx(pacer.rate, rel=0.15)  # still the rate
 
 
 def test_nothing_is_paced_before_the_first_rtt_sample() -> None:

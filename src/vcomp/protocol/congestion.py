@@ -31,6 +31,9 @@ MAX_DATAGRAM: Final = 1472
 LOSS_REDUCTION: Final = 0.5
 PACING_GAIN: Final = 1.25
 PERSISTENT_CONGESTION_THRESHOLD: Final = 3
+PACING_GRANULARITY: Final = 0.001
+"""A paced sender wakes for at least this much of its rate (or one packet): waking per
+packet at loopback rates costs more CPU than the packets themselves."""
 ALGORITHMS: Final = ("newreno", "cubic")
 
 
@@ -246,7 +249,13 @@ class Pacer:
         if budget > size - 1.0:
             self.next_send_time = None
             return True
-        self.next_send_time = now + (size - budget) / rate
+        # Wait for a millisecond's worth (at most a burst) rather than one packet's.
+        quantum = rate * PACING_GRANULARITY
+        if quantum > self.burst:
+            quantum = float(self.burst)
+        if quantum < size:
+            quantum = float(size)
+        self.next_send_time = now + (quantum - budget) / rate
         return False
 
     def on_sent(self, size: int, now: float) -> None:
