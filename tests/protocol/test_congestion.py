@@ -174,7 +174,7 @@ def test_at_high_rates_the_pacer_releases_a_millisecond_at_a_time() -> None:
         while pacer.can_send(MSS, now):
             pacer.on_sent(MSS, now)
             sent += 1
-    assert wakeups <= 100 // 9  # about ten packets (the burst cap) per wake-up, not one
+    assert wakeups <= 100 // 9  # a millisecond of the rate (12 packets) per wake-up, not one
     assert sent * MSS / now == pytest.approx(pacer.rate, rel=0.15)  # still the rate
 
 

@@ -33,7 +33,8 @@ PACING_GAIN: Final = 1.25
 PERSISTENT_CONGESTION_THRESHOLD: Final = 3
 PACING_GRANULARITY: Final = 0.001
 """A paced sender wakes for at least this much of its rate (or one packet): waking per
-packet at loopback rates costs more CPU than the packets themselves."""
+packet at loopback rates costs more CPU than the packets themselves. Timers of event
+loops are about this coarse too (uvloop counts in milliseconds)."""
 ALGORITHMS: Final = ("newreno", "cubic")
 
 
@@ -210,9 +211,10 @@ class Pacer:
     as one burst, as the RFC allows.
     """
 
-    __slots__ = ("_budget", "_last", "_rate", "burst", "next_send_time")
+    __slots__ = ("_budget", "_last", "_rate", "burst", "min_burst", "next_send_time")
 
     def __init__(self, *, burst: int = initial_window()) -> None:
+        self.min_burst = burst
         self.burst = burst
         self._budget = float(burst)
         self._last: float | None = None
@@ -227,8 +229,13 @@ class Pacer:
         """Rate = 1.25 * cwnd / srtt; unpaced before any RTT sample."""
         if srtt is None or srtt <= 0.0:
             self._rate = 0.0
+            self.burst = self.min_burst
         else:
-            self._rate = PACING_GAIN * cwnd / srtt
+            rate = self._rate = PACING_GAIN * cwnd / srtt
+            # Event-loop timers fire late (uvloop: 1 ms steps): the bucket must hold
+            # two steps of the rate, or the timer, not the path, sets the pace.
+            step = int(rate * 2 * PACING_GRANULARITY)
+            self.burst = step if step > self.min_burst else self.min_burst
 
     def can_send(self, size: int, now: float) -> bool:
         """True if ``size`` bytes may leave now; else :attr:`next_send_time` says when."""
