@@ -13,7 +13,8 @@ NewReno as in RFC 9002 section 7 (appendix B), counted in bytes:
   flow-control-limited do not grow the window (section 7.8).
 
 :class:`Pacer` spreads a window over a round trip (section 7.7): a token bucket
-filled at ``1.25 * cwnd / smoothed_rtt`` that holds at most an initial window.
+filled at ``1.25 * cwnd / smoothed_rtt`` that holds an initial window, or two
+milliseconds of the rate where that is more (event-loop timers are that coarse).
 
 Nothing here reads a clock or does I/O: ``now`` is always passed in. Which
 controller a side uses is its own choice (see ``make_controller``); the peer
