@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import itertools
 import os
 import shutil
 import sys
@@ -54,12 +55,13 @@ from vcomp.agent.tpm import SimulatedTpm
 from vcomp.loadgen import LiteAgent
 from vcomp.protocol import events as ev
 from vcomp.protocol import limits
+from vcomp.server import config as config_defaults
 from vcomp.server.config import init_server_home, load_server_config
 from vcomp.server.service import OrganisationServer
 
 MIB = 1 << 20
 KIB = 1 << 10
-DEFAULT_WINDOW = 64
+DEFAULT_WINDOW = config_defaults.DEFAULT_WINDOW  # flow control only: cwnd sizes the flight
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Profile:
     netem: list[str] | None
     path: PathSpec
     link_bytes_s: float | None = None
+    flow_seconds: float | None = None  # full runs: size the blob to this long on the link
 
 
 PROFILES: tuple[Profile, ...] = (
@@ -89,8 +92,13 @@ PROFILES: tuple[Profile, ...] = (
         None,
         PathSpec(rate="20mbit", rtt_ms=40.0, queue_bytes=100_000),
         link_bytes_s=20e6 / 8,
+        flow_seconds=20.0,  # issue 10 test (a): goodput over 20 s
     ),
 )
+# Issue 10 test (d): 2 KB jobs one after another at 40 ms RTT and 1% loss each way.
+SMALL_JOBS_PATH = PathSpec(rate=None, rtt_ms=40.0, loss=0.01)
+SMALL_JOB_BYTES = 2048
+SMALL_JOBS = 200
 RUN_TIMEOUT = 300.0
 TCP_READ = 256 * KIB
 
@@ -212,13 +220,51 @@ class _AgentSide:
         self._tpms: dict[str, SimulatedTpm] = {}
         self._ephemeral = common.ephemeral_pool(1)[0]
 
-    async def handle(self, command: tuple[Any, ...]) -> float:
+    async def handle(self, command: tuple[Any, ...]) -> Any:
         kind, *args = command
         if kind == "vcomp":
             return await self._vcomp(*args)
         if kind == "tcp":
             return await self._tcp(*args)
+        if kind == "small_jobs":
+            return await self._small_jobs(*args)
         raise ValueError(f"unknown command {kind!r}")
+
+    async def _small_jobs(self, identity: common.AgentIdentity, jobs: int) -> Any:
+        """Seconds between consecutive commits (each: READY/ACK -> START, CODE, END,
+        RESULT, committed ACK), and the session's PTO at the end."""
+        tpm = self._tpms.get(identity.tpm_dir)
+        if tpm is None:
+            tpm = self._tpms[identity.tpm_dir] = common.open_agent_tpm(identity.tpm_dir)
+        commits: list[float] = []
+        finished = asyncio.Event()
+
+        def on_event(e: ev.Event) -> None:
+            if isinstance(e, ev.Connected | ev.ResultCommitted):
+                commits.append(time.monotonic())
+                if len(commits) > jobs:
+                    finished.set()
+            elif isinstance(e, ev.Rejected | ev.SessionClosed):
+                finished.set()
+
+        agent = LiteAgent(
+            tpm=tpm,
+            pinned=identity.pinned,
+            server=identity.server,
+            ephemeral=self._ephemeral,
+            compute=_no_work,
+            on_event=on_event,
+        )
+        await agent.start()
+        try:
+            await asyncio.wait_for(finished.wait(), RUN_TIMEOUT)
+            channel = agent.session.channel if agent.session is not None else None
+            pto = channel.stats["rto"] if channel is not None else float("nan")
+        finally:
+            await agent.stop()
+        if len(commits) <= jobs:
+            raise RuntimeError(f"only {len(commits) - 1} of {jobs} small jobs committed")
+        return [b - a for a, b in itertools.pairwise(commits)], pto
 
     async def _vcomp(self, identity: common.AgentIdentity, nbytes: int) -> float:
         tpm = self._tpms.get(identity.tpm_dir)
@@ -330,6 +376,9 @@ async def measure_on(pair: NetnsPair, profile: Profile, impairment: str, **sizes
 
 def measure(profile: Profile, *, netem: bool, **sizes: int) -> list[Row]:
     """One profile in namespaces of its own: netem on a veth pair, else the delay line."""
+    if profile.flow_seconds and profile.link_bytes_s and not sizes.pop("quick", 0):
+        sizes["size"] = int(profile.flow_seconds * profile.link_bytes_s) // MIB * MIB
+    sizes.pop("quick", None)
     if netem and profile.netem is not None:
         with NetnsPair() as pair:
             for side in "ab":
@@ -371,9 +420,48 @@ def run(*, quick: bool = False, runs: int | None = None) -> dict[str, Any]:
             size=size,
             stop_and_wait_size=stop_and_wait_size,
             runs=runs,
+            quick=int(quick),
         )
     figures["rows"] = [r.figures() for r in rows]
+    figures["small_jobs"] = measure_small_jobs(SMALL_JOBS // 4 if quick else SMALL_JOBS)
     return figures
+
+
+async def _small_jobs_on(path: NetnsPair, jobs: int) -> tuple[list[float], float]:
+    server = common.Worker(functools.partial(server_side_main, path.ns["a"]))
+    agent = common.Worker(functools.partial(agent_side_main, path.ns["b"]))
+    try:
+        blob = os.urandom(SMALL_JOB_BYTES)
+        identity = await server.ask(("vcomp_start", DEFAULT_WINDOW, blob, jobs + 2))
+        try:
+            gaps, pto = await agent.ask(("small_jobs", identity, jobs))
+        finally:
+            await server.ask(("stop",))
+    finally:
+        await common.close_all([server, agent])
+    return gaps, pto
+
+
+def measure_small_jobs(jobs: int) -> dict[str, Any]:
+    """Issue 10 test (d) as a row: each job's exchange in RTTs, median and p95."""
+    spec = SMALL_JOBS_PATH
+    with Bottleneck(spec) as path:
+        gaps, pto = asyncio.run(_small_jobs_on(path, jobs))
+    rtt = spec.rtt_ms / 1000
+    median = common.median(gaps)
+    return {
+        "path": dataclasses.asdict(spec),
+        "jobs": jobs,
+        "job_bytes": SMALL_JOB_BYTES,
+        "median_s": median,
+        "p95_s": common.percentile(gaps, 95),
+        "max_s": max(gaps),
+        "median_rtts": median / rtt,
+        "p95_rtts": common.percentile(gaps, 95) / rtt,
+        "pto_s": pto,
+        "median_target_rtts": 4.0,
+        "p95_target_rtts": 4.0 + pto / rtt,
+    }
 
 
 # ---------------------------------------------------------------------- reporting
@@ -418,6 +506,15 @@ def print_report(figures: dict[str, Any]) -> None:
     ]
     if figures["skipped"]:
         notes.insert(0, f"SKIPPED: {figures['skipped']}")
+    small = figures.get("small_jobs")
+    if small:
+        notes.append(
+            f"small jobs ({small['jobs']} x {small['job_bytes']} B, 40 ms RTT, 1% loss each "
+            f"way, commit to commit): median {small['median_rtts']:.2f} RTT (target <= 4 + "
+            f"compute), p95 {small['p95_rtts']:.2f} RTT (target <= 4 + one PTO = "
+            f"{small['p95_target_rtts']:.2f}), max {small['max_s'] * 1000:.0f} ms, "
+            f"PTO {small['pto_s'] * 1000:.0f} ms"
+        )
     common.print_table(
         "Transfer over a real impaired link (veth between two network namespaces), server -> agent",
         columns,

@@ -70,6 +70,7 @@ class ServerApp:
     events: list[ev.Event] = field(default_factory=list)
     commit_count: dict[tuple[int, int], int] = field(default_factory=dict)
     window: int = 64
+    congestion: str = "newreno"
     auto_commit: bool = True
     address: tuple[str, int] = AGENT_ADDR
     idle: set[int] = field(default_factory=set)
@@ -81,6 +82,7 @@ class ServerApp:
             code_source=self._code,
             now=0.0,
             window=self.window,
+            congestion=self.congestion,
         )
 
     def _code(self, job: int, attempt: int, offset: int, length: int) -> bytes:

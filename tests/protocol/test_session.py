@@ -19,9 +19,11 @@ from tests.protocol.sessionsim import (
     make_identity,
     make_trust,
 )
+from vcomp.errors import ConfigError
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol.agent_session import AgentSession, AgentState
+from vcomp.protocol.congestion import Cubic
 from vcomp.protocol.messages import ErrorCode
 from vcomp.protocol.server_endpoint import ServerEndpoint
 from vcomp.protocol.server_session import ServerState
@@ -75,6 +77,33 @@ def test_jobs_survive_loss_duplication_reordering_and_corruption(
     assert server.results == expected
     assert all(count == 1 for count in server.commit_count.values())
     assert [e.description.job for e in agent.received] == [1, 2]
+
+
+def test_a_cubic_server_delivers_through_a_lossy_link(identity: Identity) -> None:
+    link = LinkConfig(delay=0.01, loss=0.05, duplicate=0.02, reorder=0.05, reorder_delay=0.01)
+    server = ServerApp(
+        signing_key=identity.signing_key, trust=make_trust(identity), congestion="cubic"
+    )
+    agent = AgentApp(make_agent(identity))
+    server.queue.extend(jobs(3, code_size=200_000, input_size=1000))
+    expected = {(j.job, j.attempt): job_output(j.code, j.data) for j in server.queue}
+    net = Network(server, agent, a_to_b=link, b_to_a=link, seed=5)
+    sessions = list(server.endpoint.sessions.values())
+
+    def done() -> bool:
+        sessions.extend(s for s in server.endpoint.sessions.values() if s not in sessions)
+        return len(agent.of_type(ev.ResultCommitted)) >= 3
+
+    net.run(done, timeout=600)
+    assert server.results == expected
+    channels = [s.channel for s in sessions if s.channel is not None]
+    assert channels and all(type(ch._sender.cc) is Cubic for ch in channels)
+    assert all(ch._sender.stats["packets_lost"] > 0 for ch in channels)
+
+
+def test_an_unknown_congestion_controller_is_refused_at_start(identity: Identity) -> None:
+    with pytest.raises(ConfigError, match="unknown congestion controller 'bbr'"):
+        ServerApp(signing_key=identity.signing_key, trust=make_trust(identity), congestion="bbr")
 
 
 def test_wrong_pinned_key_refuses_the_session_and_runs_nothing(identity: Identity) -> None:

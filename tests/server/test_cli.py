@@ -393,7 +393,7 @@ def test_config_errors_are_one_line(home: Path, tmp_path: Path) -> None:
     original = toml.read_text()
     toml.write_text(original + "surprise = 1\n")
     assert_clean_error(run("status", "--config", home), f"{toml}")
-    toml.write_text(original.replace("window = 64", 'window = "64"'))
+    toml.write_text(original.replace("window = 1024", 'window = "1024"'))
     assert_clean_error(run("status", "--config", home), f"{toml}: [server] window must be")
     toml.write_text(original)
     assert_clean_error(run("status", "--config", tmp_path / "nowhere"), "")

@@ -69,7 +69,7 @@ def test_init_refuses_a_non_empty_dir_unless_forced(tmp_path: Path) -> None:
     second = init_server_home(tmp_path, force=True)
     assert second == first  # --force alone keeps the organisation key: agents stay pinned
     assert (tmp_path / "server.toml.bak").read_text() == "[server]\nwindow = 8\n"
-    assert load_server_config(tmp_path).window == 64  # the config went back to defaults
+    assert load_server_config(tmp_path).window == 1024  # the config went back to defaults
     store = SqliteStore(tmp_path / "jobs.sqlite")
     assert [m.note for m in store.list_measurements()] == ["kept"]  # the store survives
     store.close()
@@ -101,7 +101,9 @@ def test_default_config_loads_as_documented(home: tuple[Path, str]) -> None:
     config = load_server_config(d)
     assert config == load_server_config(d / "server.toml")
     assert (config.bind_host, config.bind_port) == ("127.0.0.1", 7461)
-    assert (config.window, config.idle_timeout, config.max_sessions) == (64, 60.0, 100000)
+    # The window is flow control only since congestion control sizes the flight (issue 10).
+    assert (config.window, config.idle_timeout, config.max_sessions) == (1024, 60.0, 100000)
+    assert config.congestion == "newreno"
     assert config.jobs == JobDefaults(
         lease_seconds=300.0,
         transfer_seconds=300.0,
@@ -146,7 +148,7 @@ def test_hook_threads_and_stopping_on_the_same_failure_are_read(tmp_path: Path) 
 
 def test_missing_keys_take_defaults(tmp_path: Path) -> None:
     config = load_server_config(write_config(tmp_path, "[server]\nbind = '[::1]:0'\n"))
-    assert (config.bind_host, config.bind_port, config.window) == ("::1", 0, 64)
+    assert (config.bind_host, config.bind_port, config.window) == ("::1", 0, 1024)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +159,8 @@ def test_missing_keys_take_defaults(tmp_path: Path) -> None:
         ("[jobs]\ncpu_seconds = 1.5\n", "cpu_seconds must be an integer"),
         ("[server]\nwindow = true\n", "window must be an integer"),
         ("[server]\nwindow = 0\n", "window must be between 1 and 1024"),
+        ("[server]\ncongestion = 'bbr'\n", "congestion: 'bbr' is not one of newreno, cubic"),
+        ("[server]\ncongestion = 1\n", "congestion must be a string"),
         ("[server]\nbind = 'localhost'\n", "bind must look like HOST:PORT"),
         ("[server]\nbind = 'h:70000'\n", "out of range"),
         ("[jobs]\nreplicas = 2\nquorum = 3\n", "quorum must be between 1 and 2"),
@@ -188,6 +192,11 @@ def test_bad_config_names_the_file_and_key(tmp_path: Path, text: str, message: s
     with pytest.raises(ConfigError, match=message) as info:
         load_server_config(path)
     assert str(path) in str(info.value)
+
+
+def test_the_congestion_controller_is_read(tmp_path: Path) -> None:
+    config = load_server_config(write_config(tmp_path, "[server]\ncongestion = 'cubic'\n"))
+    assert config.congestion == "cubic"
 
 
 def test_leases_per_agent_follow_sessions_per_agent(tmp_path: Path) -> None:

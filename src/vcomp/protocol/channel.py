@@ -20,6 +20,7 @@ from vcomp.errors import (
     TransferFailed,
 )
 from vcomp.protocol import limits
+from vcomp.protocol.congestion import make_controller
 from vcomp.protocol.messages import (
     Ack,
     Code,
@@ -97,6 +98,7 @@ class SecureChannel:
         idle_timeout: float = limits.IDLE_TIMEOUT,
         keepalive: float = limits.KEEPALIVE_INTERVAL,
         max_retries: int = 12,
+        congestion: str = "newreno",
     ) -> None:
         self.session_id = session_id
         self._key = RecordKey(key, send=send)
@@ -104,6 +106,8 @@ class SecureChannel:
         self._next_pn = first_packet_number
         self._window = window
         self._max_retries = max_retries
+        self._congestion = congestion
+        make_controller(congestion)  # an unknown name fails here, not at the first RESET
         self._idle_timeout = idle_timeout
         # At least three PINGs per idle period, whatever the idle timeout is.
         self._keepalive = min(keepalive, idle_timeout / 3)
@@ -129,10 +133,13 @@ class SecureChannel:
         return f"SecureChannel(session_id={self.session_id:#x}, epoch={self.epoch})"
 
     def _new_streams(self) -> None:
-        # A RESET keeps what we learnt about the path.
-        rtt = self._sender.rtt if hasattr(self, "_sender") else RttEstimator()
+        # A RESET keeps what we learnt about the path (RTT and congestion window).
+        if hasattr(self, "_sender"):
+            rtt, cc = self._sender.rtt, self._sender.cc
+        else:
+            rtt, cc = RttEstimator(), make_controller(self._congestion)
         self._sender: ReliableSender[Message] = ReliableSender(
-            window=self._window, rtt=rtt, max_retries=self._max_retries
+            window=self._window, rtt=rtt, max_retries=self._max_retries, congestion=cc
         )
         self._receiver: ReliableReceiver[Message] = ReliableReceiver(
             ack_every=_ack_every(self._window)
@@ -157,6 +164,13 @@ class SecureChannel:
     @property
     def in_flight(self) -> int:
         return self._sender.in_flight
+
+    @property
+    def send_allowance(self) -> int:
+        """Packets the sender may have in flight now: min(flow-control window, cwnd)."""
+        sender = self._sender
+        cc = sender.cc
+        return min(self._window, -(-cc.cwnd // cc.max_datagram))
 
     @property
     def forgeries(self) -> int:
@@ -231,7 +245,7 @@ class SecureChannel:
             except KeyExhausted:
                 self._close("session key usage limit reached", 30)
                 return []
-            self._sender.on_sent(seq, pn, now)
+            self._sender.on_sent(seq, pn, now, len(self._outbox[-1]))
         out = self._outbox
         self._outbox = []
         return out

@@ -9,9 +9,11 @@ The engine knows two kinds of numbers (protocol/spec/reliability.md):
   identifies exactly one transmission (no retransmission ambiguity).
 
 :class:`ReliableSender` maps pns back to seqs, detects loss the QUIC way
-(packet and time thresholds, RFC 9002) plus an RFC 6298 retransmission timer,
-and gives up with :class:`~vcomp.errors.TransferFailed` after ``max_retries``
-timeouts of one item. :class:`ReliableReceiver` buffers out-of-order items,
+(packet and time thresholds, RFC 9002 section 6.1), repairs a tail loss with a
+probe timeout (PTO, 6.2), keeps bytes in flight within its congestion controller's
+window and paces them (section 7, :mod:`vcomp.protocol.congestion`), and gives up
+with :class:`~vcomp.errors.TransferFailed` after ``max_retries`` probe timeouts in
+a row without an ACK of anything new. :class:`ReliableReceiver` buffers out-of-order items,
 suppresses duplicates, and decides when to send an ACK of packet-number ranges.
 
 Nothing here does I/O or reads a clock: ``now`` is always passed in.
@@ -26,6 +28,12 @@ from itertools import islice
 from typing import Generic, TypeVar
 
 from vcomp.errors import LimitExceeded, TransferFailed
+from vcomp.protocol.congestion import (
+    MAX_DATAGRAM,
+    PERSISTENT_CONGESTION_THRESHOLD,
+    NewReno,
+    Pacer,
+)
 from vcomp.protocol.ranges import RangeSet
 from vcomp.protocol.rtt import RttEstimator
 
@@ -34,9 +42,15 @@ T = TypeVar("T")
 PACKET_THRESHOLD = 3
 """A packet is lost once a packet sent this many packet numbers later is acked."""
 PROBE_COUNT = 2
-"""Oldest unacked items resent when the retransmission timer expires."""
+"""Probe packets sent when the probe timeout expires (RFC 9002, 6.2.4)."""
 
 _MISSING = object()
+
+# Why the sender last stopped sending: only a sender stopped by the congestion
+# window or the pacer is using its window (RFC 9002, 7.8).
+_LIMITED_APP = 0
+_LIMITED_CWND = 1
+_LIMITED_PACING = 2
 
 
 class _Retry:
@@ -61,28 +75,37 @@ class ReliableSender(Generic[T]):
     ``window`` bounds the span of the stream in flight: a new seq is sent only
     while ``seq < lowest unacked seq + window``. Window 1 is stop-and-wait, and
     a receiver buffering ``window`` items past its next expected seq never has
-    to drop anything.
+    to drop anything. That is flow control only: the congestion controller
+    (``congestion``, NewReno by default) bounds the bytes in flight, and its
+    pacer says when the next packet may leave (``timer`` includes that time).
     """
 
     __slots__ = (
         "_base",
+        "_bytes_in_flight",
+        "_first_sample_at",
         "_largest_acked",
         "_largest_sent",
+        "_limited",
         "_loss_time",
         "_n_lost",
         "_n_retransmitted",
         "_n_sent",
         "_n_timeouts",
         "_next_new",
+        "_probes",
+        "_pto_base",
+        "_pto_count",
         "_queue",
         "_retry",
-        "_rto_start",
         "_rtx",
         "_rtx_set",
         "_sent",
         "_unacked",
+        "cc",
         "max_queue",
         "max_retries",
+        "pacer",
         "rtt",
         "window",
     )
@@ -94,6 +117,7 @@ class ReliableSender(Generic[T]):
         max_retries: int = 8,
         max_queue: int = 4096,
         rtt: RttEstimator | None = None,
+        congestion: NewReno | None = None,
     ) -> None:
         if window < 1 or max_queue < 1 or max_retries < 0:
             raise ValueError("need window >= 1, max_queue >= 1 and max_retries >= 0")
@@ -101,18 +125,26 @@ class ReliableSender(Generic[T]):
         self.max_retries = max_retries
         self.max_queue = max_queue
         self.rtt = rtt if rtt is not None else RttEstimator()
+        self.cc = congestion if congestion is not None else NewReno()
+        self.pacer = Pacer(burst=self.cc.cwnd)
+        self._bytes_in_flight = 0
+        self._limited = _LIMITED_APP
+        self._first_sample_at: float | None = None
         self._queue: deque[T] = deque()  # pushed, never sent; _queue[0] has seq _next_new
         self._next_new = 0
         self._base = 0  # lowest seq not yet acked
         self._unacked: dict[int, T] = {}  # handed out, not acked; in seq order
-        self._sent: dict[int, tuple[int, float]] = {}  # pn -> (seq, sent at); in pn order
+        # pn -> (seq, sent at, bytes, index among our stream packets); in pn order
+        self._sent: dict[int, tuple[int, float, int, int]] = {}
         self._rtx: list[int] = []  # heap of seqs to resend, lowest first
         self._rtx_set: set[int] = set()
         self._retry: dict[int, _Retry] = {}
         self._largest_sent = -1
         self._largest_acked = -1
         self._loss_time: float | None = None
-        self._rto_start: float | None = None
+        self._pto_base: float | None = None  # last stream packet sent, while any is unacked
+        self._pto_count = 0  # probe timeouts since an ACK last acknowledged something new
+        self._probes = 0  # PTO probes that may bypass the congestion window
         self._n_sent = 0
         self._n_retransmitted = 0
         self._n_lost = 0
@@ -142,34 +174,59 @@ class ReliableSender(Generic[T]):
         it went out under before asking again.
         """
         rtx = self._rtx
-        while rtx:
+        unacked = self._unacked
+        while rtx and rtx[0] not in unacked:
+            self._rtx_set.discard(heappop(rtx))  # acked while it waited
+        new_allowed = bool(self._queue) and self._next_new - self._base < self.window
+        if self._probes and unacked:
+            # A PTO probe is not held back by the window or the pacer (RFC 9002, 7.5).
+            # Queued retransmissions first, then new data, else the oldest item again.
+            if not rtx and not new_allowed:
+                seq = next(iter(unacked))
+                info = self._retry.get(seq)
+                if info is None:
+                    info = self._retry[seq] = _Retry(self._first_sent(seq, now))
+                info.sends += 1
+                self._n_retransmitted += 1
+                return seq, unacked[seq]
+        elif not rtx and not new_allowed:
+            self._limited = _LIMITED_APP
+            return None
+        cc = self.cc
+        if self._probes:
+            pass
+        elif self._bytes_in_flight + cc.max_datagram > cc.cwnd:
+            self._limited = _LIMITED_CWND
+            return None
+        if not self.pacer.can_send(cc.max_datagram, now):
+            self._limited = _LIMITED_PACING
+            return None
+        if rtx:
             seq = heappop(rtx)
             self._rtx_set.discard(seq)
-            if seq not in self._unacked:
-                continue  # acked while it waited
             self._retry[seq].sends += 1
             self._n_retransmitted += 1
-            return seq, self._unacked[seq]
-        if self._queue:
-            seq = self._next_new
-            if seq - self._base < self.window:
-                item = self._queue.popleft()
-                self._next_new = seq + 1
-                self._unacked[seq] = item
-                return seq, item
-        return None
+            return seq, unacked[seq]
+        seq = self._next_new
+        item = self._queue.popleft()
+        self._next_new = seq + 1
+        unacked[seq] = item
+        return seq, item
 
-    def on_sent(self, seq: int, packet_number: int, now: float) -> None:
-        """Record that ``seq`` left in packet ``packet_number`` at ``now``."""
+    def on_sent(self, seq: int, packet_number: int, now: float, size: int = MAX_DATAGRAM) -> None:
+        """Record that ``seq`` left in packet ``packet_number`` (``size`` bytes) at ``now``."""
         if packet_number <= self._largest_sent:
             raise ValueError(f"packet number {packet_number} does not increase")
         if not 0 <= seq < self._next_new:
             raise ValueError(f"seq {seq} was never handed out by next_to_send")
         self._largest_sent = packet_number
-        self._sent[packet_number] = (seq, now)
+        self._sent[packet_number] = (seq, now, size, self._n_sent)
         self._n_sent += 1
-        if self._rto_start is None:
-            self._rto_start = now
+        self._bytes_in_flight += size
+        self.pacer.on_sent(size, now)
+        self._pto_base = now  # RFC 9002, 6.2.1: the PTO runs from the last ack-eliciting send
+        if self._probes:
+            self._probes -= 1
 
     # ---- acknowledgements ------------------------------------------------------
 
@@ -189,6 +246,13 @@ class ReliableSender(Generic[T]):
         newly: list[int] = []
         largest_pn = -1
         largest_time = 0.0
+        cc = self.cc
+        # RFC 9002, 7.8: no growth from a window the sender was not using.
+        app_limited = (
+            self._limited == _LIMITED_APP
+            and self._bytes_in_flight + cc.max_datagram <= cc.cwnd
+            and not (cc.cwnd < cc.ssthresh and 2 * self._bytes_in_flight >= cc.cwnd)
+        )
         for lo, hi in ranges:
             if lo < floor:
                 lo = floor
@@ -205,6 +269,8 @@ class ReliableSender(Generic[T]):
                 if pn > largest_pn:
                     largest_pn = pn
                     largest_time = record[1]
+                self._bytes_in_flight -= record[2]
+                cc.on_acked(record[2], record[1], now, app_limited)
                 seq = record[0]
                 if unacked.pop(seq, missing) is not missing:
                     newly.append(seq)
@@ -214,18 +280,22 @@ class ReliableSender(Generic[T]):
             # Every pn is one transmission, so this sample is unambiguous (no Karn).
             self._largest_acked = largest_pn
             self.rtt.on_sample(now - largest_time, ack_delay)
+            if self._first_sample_at is None:
+                self._first_sample_at = now
         if newly:
+            self._pto_count = 0
             if self._retry:
                 for seq in newly:
                     self._retry.pop(seq, None)
             # unacked is in seq order (seqs enter it in order and never re-enter).
             self._base = next(iter(unacked)) if unacked else self._next_new
-            # RFC 6298 (5.2, 5.3): new data acked restarts the timer or stops it.
-            self._rto_start = now if unacked else None
+            if not unacked and not sent:
+                self._pto_base = None  # nothing left to probe for
         # Loss detection only has work if a packet older than the largest acked
         # is still in flight, or a time-threshold deadline was pending.
         if self._loss_time is not None or (sent and next(iter(sent)) < self._largest_acked):
             self._detect_loss(now)
+        self.pacer.update_rate(cc.cwnd, self.rtt.srtt)
         return newly
 
     def _detect_loss(self, now: float) -> None:
@@ -239,7 +309,7 @@ class ReliableSender(Generic[T]):
         lost: list[int] = []
         # pns and send times both increase in insertion order, so the lost
         # packets are a prefix of it.
-        for pn, (_, sent_at) in sent.items():
+        for pn, (_, sent_at, _, _) in sent.items():
             if pn > largest_acked:
                 break
             # The same expression decides "lost" and sets the timer, so a timer
@@ -250,11 +320,40 @@ class ReliableSender(Generic[T]):
             else:
                 self._loss_time = lost_at
                 break
-        for pn in lost:
-            seq, sent_at = sent.pop(pn)
+        if not lost:
+            return
+        records = [sent.pop(pn) for pn in lost]
+        for seq, sent_at, size, _ in records:
             self._n_lost += 1
+            self._bytes_in_flight -= size
             if seq in self._unacked:
                 self._queue_retransmit(seq, sent_at)
+        self.cc.on_congestion(records[-1][1], now)
+        if self._persistent_congestion(records):
+            self.cc.on_persistent_congestion()
+        self.pacer.update_rate(self.cc.cwnd, self.rtt.srtt)
+
+    def _persistent_congestion(self, lost: list[tuple[int, float, int, int]]) -> bool:
+        """RFC 9002, 7.6: consecutive packets lost over more than 3 PTOs (no backoff)."""
+        rtt = self.rtt
+        first_sample = self._first_sample_at
+        if rtt.srtt is None or first_sample is None or len(lost) < 2:
+            return False
+        var4 = 4.0 * rtt.rttvar
+        duration = (
+            rtt.srtt + (var4 if var4 > rtt.granularity else rtt.granularity) + rtt.max_ack_delay
+        ) * PERSISTENT_CONGESTION_THRESHOLD
+        # A run of consecutive stream packets (by send index), all lost, all sent
+        # after the first RTT sample.
+        run_start = lost[0]
+        previous = lost[0]
+        for record in lost[1:]:
+            if record[3] != previous[3] + 1 or run_start[1] <= first_sample:
+                run_start = record
+            elif record[1] - run_start[1] > duration:
+                return True
+            previous = record
+        return False
 
     def _queue_retransmit(self, seq: int, first_sent: float) -> _Retry:
         info = self._retry.get(seq)
@@ -269,59 +368,84 @@ class ReliableSender(Generic[T]):
     # ---- timers ----------------------------------------------------------------
 
     def timer(self) -> float | None:
-        """The earliest deadline (time-threshold loss or RTO), or None."""
+        """The earliest deadline (time-threshold loss, RTO, or pacing), or None."""
         deadline = self._loss_time
-        start = self._rto_start
+        if self._limited == _LIMITED_PACING:
+            paced = self.pacer.next_send_time
+            if paced is not None and (deadline is None or paced < deadline):
+                deadline = paced
+        start = self._pto_base
         if start is not None:
-            rto_at = start + self.rtt.rto
-            if deadline is None or rto_at < deadline:
-                deadline = rto_at
+            pto_at = start + self.rtt.pto
+            if deadline is None or pto_at < deadline:
+                deadline = pto_at
         return deadline
 
     def on_timeout(self, now: float) -> None:
         """Handle the deadline from :meth:`timer` (calling early does nothing).
 
-        Raises TransferFailed when an item's retransmission timer expired more
-        than ``max_retries`` times.
+        A probe timeout (RFC 9002, 6.2) declares nothing lost and leaves the
+        congestion window alone: it doubles the PTO and sends the two oldest
+        unacknowledged items again as probes, past the congestion window, so
+        a tail loss is repaired by the ACK they elicit. Raises TransferFailed
+        when an item was probed more than ``max_retries`` times.
         """
         if self._loss_time is not None and now >= self._loss_time:
             self._detect_loss(now)
             return
-        start = self._rto_start
-        if start is None or now < start + self.rtt.rto:
+        start = self._pto_base
+        if start is None or now < start + self.rtt.pto:
             return
         if not self._unacked:
-            self._rto_start = None
+            # Only extra transmissions of acknowledged items are left in flight. Their
+            # ACKs may never come (nothing newer elicits one), and counted in flight
+            # they could fill cwnd and block the next item for good: forget them.
+            self._forget_flight()
             return
-        rto = self.rtt.rto
+        rto = self.rtt.pto
         self.rtt.on_timeout()
         self._n_timeouts += 1
-        self._rto_start = now
-        for seq in list(islice(self._unacked, PROBE_COUNT)):
+        self._pto_base = now
+        self._pto_count += 1
+        probes = list(islice(self._unacked, PROBE_COUNT))
+        self._probes = PROBE_COUNT  # with one item unacked, it is sent twice
+        for seq in probes:
             info = self._retry.get(seq)
             if info is None:
                 info = self._queue_retransmit(seq, self._first_sent(seq, now))
             else:
                 self._queue_retransmit(seq, info.first_sent)
             info.timeouts += 1
-            if info.timeouts > self.max_retries:
-                raise TransferFailed(
-                    f"reliable stream item seq {seq} was not acknowledged after "
-                    f"{info.sends} transmissions over {now - info.first_sent:.3f} s "
-                    f"({info.timeouts} retransmission timeouts, last RTO {rto:.3f} s, "
-                    f"max_retries={self.max_retries}): the peer is unreachable or the "
-                    f"path drops everything"
-                )
+        # Give up after max_retries probe timeouts in a row with no ACK of anything
+        # new: the peer is gone. (An ACK of new data proves it alive and resets this.)
+        if self._pto_count > self.max_retries:
+            seq = probes[0]
+            info = self._retry[seq]
+            raise TransferFailed(
+                f"reliable stream item seq {seq} was not acknowledged after "
+                f"{info.sends} transmissions over {now - info.first_sent:.3f} s "
+                f"({self._pto_count} probe timeouts, last PTO {rto:.3f} s, "
+                f"max_retries={self.max_retries}): the peer is unreachable or the "
+                f"path drops everything"
+            )
+
+    def _forget_flight(self) -> None:
+        for record in self._sent.values():
+            self._bytes_in_flight -= record[2]
+        self._sent.clear()
+        self._loss_time = None
+        self._pto_base = None
 
     def _first_sent(self, seq: int, now: float) -> float:
-        times = [sent_at for s, sent_at in self._sent.values() if s == seq]
+        times = [record[1] for record in self._sent.values() if record[0] == seq]
         return min(times) if times else now
 
     # ---- state -----------------------------------------------------------------
 
     @property
     def rto(self) -> float:
-        return self.rtt.rto
+        """The current probe timeout, backoff included (RESET and commit notices use it)."""
+        return self.rtt.pto
 
     @property
     def in_flight(self) -> int:
@@ -358,7 +482,9 @@ class ReliableSender(Generic[T]):
             "packets_lost": self._n_lost,
             "timeouts": self._n_timeouts,
             "srtt": self.rtt.srtt if self.rtt.srtt is not None else 0.0,
-            "rto": self.rtt.rto,
+            "cwnd": self.cc.cwnd,
+            "bytes_in_flight": self._bytes_in_flight,
+            "rto": self.rtt.pto,
         }
 
 

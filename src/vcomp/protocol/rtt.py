@@ -1,4 +1,7 @@
-"""Round-trip time estimation and the retransmission timeout (RFC 6298).
+"""Round-trip time estimation, the probe timeout (RFC 9002) and the RTO (RFC 6298).
+
+The reliable sender uses :attr:`RttEstimator.pto` (RFC 9002, 6.2.1); the RFC 6298
+RTO below is still computed (and reported) alongside it.
 
     first sample R:   SRTT = R, RTTVAR = R / 2
     later samples R:  RTTVAR = 3/4 RTTVAR + 1/4 |SRTT - R|, then SRTT = 7/8 SRTT + 1/8 R
@@ -122,6 +125,24 @@ class RttEstimator:
         """A retransmission timer expired: double the RTO (RFC 6298 rule 5.5)."""
         self._backoff += 1
         self._rto = min(self._rto * 2.0, self.max_rto)
+
+    @property
+    def pto(self) -> float:
+        """RFC 9002, 6.2.1: SRTT + max(4 RTTVAR, G) + max_ack_delay, doubled per backoff.
+
+        Before the first sample it is the initial RTO (doubled likewise); never above
+        ``max_rto``. Unlike the RTO it has no ``min_rto`` floor: a tail loss on a
+        short path costs about one RTT more, not 200 ms.
+        """
+        srtt = self.srtt
+        if srtt is None:
+            base = self.initial_rto
+        else:
+            var4 = 4.0 * self.rttvar
+            base = srtt + (var4 if var4 > self.granularity else self.granularity)
+            base += self.max_ack_delay
+        pto = base * (1 << self._backoff) if self._backoff < 32 else self.max_rto
+        return pto if pto < self.max_rto else self.max_rto
 
     def loss_delay(self) -> float:
         """Time threshold for loss detection: 9/8 * max(SRTT, latest RTT) (RFC 9002)."""

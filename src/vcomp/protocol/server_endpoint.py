@@ -32,6 +32,7 @@ from vcomp.errors import DecodeError
 from vcomp.protocol import events as ev
 from vcomp.protocol import limits
 from vcomp.protocol.attestation import NonceBook
+from vcomp.protocol.congestion import make_controller
 from vcomp.protocol.cookie import CookieJar
 from vcomp.protocol.messages import ErrorCode, Hello, Reject, Retry, decode_body, encode_body
 from vcomp.protocol.server_session import ServerSession, ServerState
@@ -78,6 +79,7 @@ class ServerEndpoint:
         max_pending_per_address: int = PENDING_PER_ADDRESS,
         idle_timeout: float = limits.IDLE_TIMEOUT,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        congestion: str = "newreno",
     ) -> None:
         self._signing_key = signing_key
         self._trust = trust
@@ -92,6 +94,8 @@ class ServerEndpoint:
         self._half_open: dict[int, str] = {}  # session id -> source IP, until verified
         self._half_open_per_ip: Counter[str] = Counter()
         self._idle_timeout = idle_timeout
+        make_controller(congestion)  # refuse an unknown name at start-up
+        self._congestion = congestion
         self._random = random_bytes
         self._cookies = CookieJar(now, random_bytes=random_bytes)
         self._nonces = NonceBook(max_outstanding=max_sessions)
@@ -228,6 +232,7 @@ class ServerEndpoint:
             random_bytes=self._random,
             events=self._events,
             idle_timeout=self._idle_timeout,
+            congestion=self._congestion,
         )
         self.sessions[session_id] = session
         self._half_open[session_id] = ip

@@ -92,6 +92,7 @@ class ServerSession:
         random_bytes: Callable[[int], bytes],
         events: deque[ev.Event],
         idle_timeout: float = limits.IDLE_TIMEOUT,
+        congestion: str = "newreno",
     ) -> None:
         self.session_id = session_id
         self.address = address
@@ -106,6 +107,7 @@ class ServerSession:
         self._random = random_bytes
         self._events = events
         self._idle_timeout = idle_timeout
+        self._congestion = congestion
         self.state = ServerState.CHALLENGED
         self._next_pn = 0
         self._out: deque[bytes] = deque()
@@ -199,6 +201,7 @@ class ServerSession:
             window=self._window,
             now=now,
             idle_timeout=self._idle_timeout,
+            congestion=self._congestion,
         )
         self.state = ServerState.KEYED
 
@@ -372,8 +375,9 @@ class ServerSession:
             return None
         if job.offset >= job.total:
             return None
-        # Keep only about a window's worth queued beyond what is in flight.
-        if ch.queue_space <= 0 or ch.queued >= max(2 * self._window, 8):
+        # Keep only about what the path takes per round trip queued beyond what is in
+        # flight: the congestion window, not the (much larger) flow-control window.
+        if ch.queue_space <= 0 or ch.queued >= max(2 * ch.send_allowance, 8):
             return None
         return job.offset, min(limits.DEFAULT_CHUNK, job.total - job.offset)
 

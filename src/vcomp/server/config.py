@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp.errors import ConfigError, StoreError
-from vcomp.protocol import handshake, limits
+from vcomp.protocol import congestion, handshake, limits
 from vcomp.server.http.settings import DEFAULT_HTTP_BIND, DEFAULT_MAX_REQUEST_BYTES, HttpSettings
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
 from vcomp.server.store.rules import DEFAULT_SAME_FAILURES
@@ -68,13 +68,17 @@ DEFAULT_SESSIONS_PER_AGENT = 16  # an honest agent opens one session per worker 
 DEFAULT_UPLOAD_MEMORY = 64 << 20  # result bytes in flight (buffered or queued), server-wide
 MIN_UPLOAD_MEMORY = 1 << 20  # room for a few 256 KiB write batches
 
+# Flow control only (congestion control sizes the flight): the largest window, so it
+# never caps a long fat path (1024 x 1200 B per RTT: 24 MB/s at 50 ms).
+DEFAULT_WINDOW = limits.MAX_WINDOW
 DEFAULT_PENDING_HANDSHAKES = 1024  # half-open handshakes (HELLO answered, no ATTEST yet)
 
 DEFAULT_CONFIG = f"""\
 # vcomp organisation server. Created by `vcomp-server init`; see server/server.example.toml.
 [server]
 bind = "127.0.0.1:{DEFAULT_PORT}"
-window = 64
+window = 1024
+congestion = "newreno"
 idle_timeout = 60.0
 max_sessions = 100000
 max_sessions_per_agent = 16
@@ -172,6 +176,8 @@ class ServerConfig:
     holds one of them, not dispatch."""
     http: HttpSettings = field(default_factory=HttpSettings)
     """``[http]``: off (bind "") unless server.toml says where to listen."""
+    congestion: str = "newreno"
+    """The congestion controller of the server's sending side: "newreno" or "cubic"."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -188,6 +194,10 @@ class ServerConfig:
         _check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
         _check_seconds("[store] busy_timeout", self.store_busy_timeout)
         _check_int("hook_threads", self.hook_threads, 1, 256)
+        if self.congestion not in congestion.ALGORITHMS:
+            raise ConfigError(
+                f"congestion: {self.congestion!r} is not one of {', '.join(congestion.ALGORITHMS)}"
+            )
 
     @property
     def public_path(self) -> Path:
@@ -370,7 +380,8 @@ def load_server_config(path: Path) -> ServerConfig:
         host, port = parse_host_port(
             server.text("bind", f"127.0.0.1:{DEFAULT_PORT}"), what="bind", allow_zero=True
         )
-        window = server.integer("window", 64)
+        window = server.integer("window", DEFAULT_WINDOW)
+        controller = server.text("congestion", "newreno")
         idle_timeout = server.number("idle_timeout", limits.IDLE_TIMEOUT)
         max_sessions = server.integer("max_sessions", 100_000)
         sessions_per_agent = server.integer("max_sessions_per_agent", DEFAULT_SESSIONS_PER_AGENT)
@@ -416,6 +427,7 @@ def load_server_config(path: Path) -> ServerConfig:
             max_sessions_per_agent=sessions_per_agent,
             max_leases_per_agent=leases_per_agent,
             upload_memory_bytes=upload_memory,
+            congestion=controller,
             max_pending_handshakes=pending,
             store_url=str(where),
             store_busy_timeout=busy_timeout,

@@ -165,6 +165,7 @@ class OrganisationServer:
             max_sessions_per_agent=self.config.max_sessions_per_agent,
             max_pending_handshakes=self.config.max_pending_handshakes,
             idle_timeout=self.config.idle_timeout,
+            congestion=self.config.congestion,
         )
         running: asyncio.Future[None] = loop.create_future()
         self._runner = asyncio.create_task(self._run(running))
@@ -177,7 +178,13 @@ class OrganisationServer:
         if self._lock is not None:
             self._lock.describe(f"pid {os.getpid()}, listening on {host}:{port}")
         self.committer.health.watching = True
-        logfmt.event(log, "server_started", bind=f"{host}:{port}", window=self.config.window)
+        logfmt.event(
+            log,
+            "server_started",
+            bind=f"{host}:{port}",
+            window=self.config.window,
+            congestion=self.config.congestion,
+        )
         return self.address
 
     async def _run(self, running: asyncio.Future[None]) -> None:
