@@ -76,7 +76,9 @@ def count_inside_numpy(points: int, seed: int, progress: Progress) -> tuple[int,
         done, inside, state = saved
         rng.bit_generator.state = state
     started_at = done
-    step = min(points // PROGRESS_STEPS + 1, 1 << 22)
+    # 1 Mi points a step: ~40 MiB of arrays, so the job fits the default 256 MiB limit
+    # beside numpy's own address space (4 Mi points a step ran out of it).
+    step = min(points // PROGRESS_STEPS + 1, 1 << 20)
     while done < points:
         chunk = min(step, points - done)
         xy = rng.random((2, chunk))
