@@ -459,6 +459,7 @@ def _status_json(status: StoreStatus, agents: list[dict[str, Any]]) -> dict[str,
                 "leased": b.leased,
                 "done": b.done,
                 "failed": b.failed,
+                "cancelled": b.cancelled,
                 "disagreements": b.disagreements,
                 "finished": b.finished,
             }
@@ -508,10 +509,12 @@ def status(as_json: bool, config_path: Path) -> None:
     click.echo("jobs: " + ", ".join(f"{s.value} {st.jobs.get(s, 0)}" for s in JobState))
     click.echo(f"batches: {len(st.batches)}")
     for b in st.batches:
-        state = "finished" if b.finished else "running"
+        state = "cancelled" if b.cancelled_at else "finished" if b.finished else "running"
         click.echo(
-            f"  #{b.batch_id}  {b.app_name} v{b.app_version}  {b.done + b.failed}/{b.total}  "
+            f"  #{b.batch_id}  {b.app_name} v{b.app_version}  "
+            f"{b.done + b.failed + b.cancelled}/{b.total}  "
             f"(done {b.done}, failed {b.failed}, leased {b.leased}, queued {b.queued}"
+            + (f", cancelled {b.cancelled}" if b.cancelled else "")
             + (f", disagreements {b.disagreements}" if b.disagreements else "")
             + f")  {state}"
         )
@@ -549,7 +552,7 @@ def wait(
                 )
             shown = 0
             while True:
-                finished = st.done + st.failed
+                finished = st.done + st.failed + st.cancelled
                 if bar is not None and finished > shown:
                     bar.update(finished - shown)
                     shown = finished
@@ -561,6 +564,8 @@ def wait(
                 st = store.batch_status(batch_id)
     elapsed = time.monotonic() - started
     summary = f"batch {batch_id}: {st.done} done, {st.failed} failed of {st.total}"
+    if st.cancelled:
+        summary += f" ({st.cancelled} cancelled)"
     if not st.finished:
         click.echo(f"{summary}; timed out after {elapsed:.1f} s", err=True)
         ctx.exit(EXIT_TIMEOUT)
@@ -676,7 +681,7 @@ def reset(agent: str, config_path: Path) -> None:
     )
 
 
-from vcomp.server import cli_tokens  # noqa: E402,F401  registers `token` on main
+from vcomp.server import cli_batches, cli_tokens  # noqa: E402,F401  register their groups
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -26,6 +26,8 @@ ROUTES = [
     ("GET", "/api/v1/batches/1/results", "read"),
     ("GET", "/api/v1/batches/1/jobs/0", "read"),
     ("GET", "/api/v1/agents", "read"),
+    ("POST", "/api/v1/batches/1/cancel", "submit"),
+    ("POST", "/api/v1/batches/1/retry", "submit"),
 ]
 BELOW = {"read": None, "submit": "read", "admin": "submit"}
 
@@ -56,7 +58,7 @@ async def test_every_route_checks_its_scope(api: Api, method: str, path: str, sc
         async with api.http.request(method, url, headers=api.auth(BELOW[scope])) as r:
             assert (r.status, (await r.json())["error"]) == (403, "wrong_scope")
     headers = {**api.auth(scope), "Content-Type": "application/x-ndjson"}
-    data = ndjson({"app": APP}, {"json": 1}) if method == "POST" else None
+    data = ndjson({"app": APP}, {"json": 1}) if path == "/api/v1/batches" else None
     async with api.http.request(method, url, headers=headers, data=data) as r:
         assert r.status in (200, 201), await r.text()
 
@@ -175,3 +177,29 @@ def test_the_store_keeps_no_token_text(tmp_path) -> None:  # type: ignore[no-unt
     store.close()
     rows = sqlite3.connect(tmp_path / "s.sqlite").execute("SELECT * FROM api_tokens").fetchall()
     assert token not in repr(rows) and len(rows) == 1
+
+
+async def test_cancel_over_http_leaves_nothing_for_a_real_agent(api: Api) -> None:
+    batch = await submit(api, 6)
+    url, headers = f"{api.url}/api/v1/batches/{batch}", api.auth("submit")
+    async with api.http.post(f"{url}/cancel", headers=headers) as r:
+        assert (r.status, await r.json()) == (200, {"batch": batch, "cancelled": 6})
+    agent = api.org.agent()
+    await agent.start()
+    try:
+        later = await submit(api, 1)  # queued behind the cancelled ones: the agent works
+        await until(lambda: api.org.store.batch_status(later).done == 1, 30, "the later job")
+    finally:
+        await agent.stop()
+    assert agent.stats.jobs == 1
+    for index in range(6):
+        job = api.org.store.get_job_by_index(batch, index)
+        assert api.org.store.list_attempts(job.job_id) == []
+    async with api.http.get(url, headers=headers) as r:
+        status = await r.json()
+    assert status["state"] == "cancelled" and status["counts"]["cancelled"] == 6
+    async with api.http.post(f"{api.url}/api/v1/batches/99/cancel", headers=headers) as r:
+        assert (r.status, (await r.json())["error"]) == (404, "unknown_batch")
+    async with api.http.post(f"{url}/retry", headers=headers) as r:
+        answer = await r.json()
+    assert answer == {"batch": batch, "retry_batch": None, "requeued": 0, "indices": []}

@@ -15,11 +15,11 @@ from vcomp.protocol import limits
 from vcomp.server.http.context import HttpContext, context_of
 from vcomp.server.http.errors import ApiError
 from vcomp.server.http.intake import NDJSON, SpooledBatch, read_batch
-from vcomp.server.store.records import BatchStatus, JobState, ResultRecord
+from vcomp.server.store.records import CANCELLED_REASON, BatchStatus, JobState, ResultRecord
 
 FOLLOW_POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
-CANCELLED = "cancelled"  # the reason a cancelled job carries (its state is failed)
+CANCELLED = CANCELLED_REASON  # a cancelled job is failed with this reason
 
 
 def path_int(request: web.Request, key: str) -> int:
@@ -34,13 +34,20 @@ def api_state(state: JobState, reason: str | None) -> str:
 
 
 def status_json(s: BatchStatus) -> dict[str, Any]:
+    state = "cancelled" if s.cancelled_at is not None else "finished" if s.finished else "open"
     return {
         "batch": s.batch_id,
         "app": s.app_name,
         "version": s.app_version,
-        "state": "finished" if s.finished else "open",
+        "state": state,
         "jobs": s.total,
-        "counts": {"queued": s.queued, "leased": s.leased, "done": s.done, "failed": s.failed},
+        "counts": {
+            "queued": s.queued,
+            "leased": s.leased,
+            "done": s.done,
+            "failed": s.failed,
+            "cancelled": s.cancelled,
+        },
         "disagreements": s.disagreements,
         "created": s.created_at,
         "deadline": s.deadline,
@@ -225,9 +232,40 @@ async def get_job(request: web.Request) -> web.Response:
     )
 
 
+async def cancel_batch(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    await ctx.authorize(request, "submit")
+    batch_id = path_int(request, "batch")
+    try:
+        cancelled = await ctx.run(ctx.store.cancel_batch, batch_id)
+    except StoreError:
+        raise ApiError(404, "unknown_batch", f"no batch {batch_id}") from None
+    return web.json_response({"batch": batch_id, "cancelled": cancelled})
+
+
+async def retry_batch(request: web.Request) -> web.Response:
+    """Resubmission: the failed jobs' inputs as a new batch (their attempts stay as they were)."""
+    ctx = context_of(request)
+    await ctx.authorize(request, "submit")
+    batch_id = path_int(request, "batch")
+    try:
+        new, indices = await ctx.run(ctx.store.retry_failed, batch_id)
+    except StoreError as exc:
+        if "unknown batch" in str(exc):
+            raise ApiError(404, "unknown_batch", f"no batch {batch_id}") from None
+        raise ApiError(409, "retired_app", str(exc)) from None
+    if new is not None:
+        ctx.server.spawn(ctx.server.scheduler.offer())
+    return web.json_response(
+        {"batch": batch_id, "retry_batch": new, "requeued": len(indices), "indices": indices}
+    )
+
+
 def register(app: web.Application) -> None:
     app.router.add_get("/api/v1/batches", list_batches)
     app.router.add_post("/api/v1/batches", create_batch)
     app.router.add_get("/api/v1/batches/{batch}", get_batch)
     app.router.add_get("/api/v1/batches/{batch}/results", batch_results)
     app.router.add_get("/api/v1/batches/{batch}/jobs/{index}", get_job)
+    app.router.add_post("/api/v1/batches/{batch}/cancel", cancel_batch)
+    app.router.add_post("/api/v1/batches/{batch}/retry", retry_batch)

@@ -126,6 +126,17 @@ class Store(Protocol):
         disk_bytes: int = DEFAULT_DISK_BYTES,
         deadline: float | None = None,
     ) -> int: ...
+    def cancel_batch(self, batch_id: int) -> int:
+        """Fail the batch's queued and leased jobs with reason ``cancelled``; how many.
+        Results still arriving for them are kept as evidence, never counted."""
+        ...
+
+    def retry_failed(self, batch_id: int) -> tuple[int | None, list[int]]:
+        """Submit the failed (not cancelled) jobs' inputs again as a new batch with the
+        same app version and limits: (its id, or None when none failed; the original
+        indices, in the new batch's order)."""
+        ...
+
     def get_batch(self, batch_id: int) -> Batch: ...
     def list_batches(self) -> list[Batch]: ...
     def newest_batch_id(self) -> int:

@@ -276,10 +276,12 @@ class BatchStatus:
     done: int
     failed: int
     disagreements: int
+    cancelled: int = 0  # jobs cancelled before they finished (counted apart from failed)
+    cancelled_at: float | None = None
 
     @property
     def finished(self) -> bool:
-        return self.done + self.failed == self.total
+        return self.done + self.failed + self.cancelled == self.total
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,3 +390,7 @@ class AgentCredit:
 
     jobs_done: int
     cpu_seconds: float
+
+
+CANCELLED_REASON = "cancelled"
+"""The reason a cancelled job carries: it is ``failed``, but nobody's failure."""

@@ -164,6 +164,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at DOUBLE PRECISION NOT NULL,
             revoked_at DOUBLE PRECISION)""",
     ),
+    (
+        # A cancelled batch: its unfinished jobs were failed with reason 'cancelled'.
+        "ALTER TABLE batches ADD COLUMN cancelled_at DOUBLE PRECISION",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -25,6 +25,7 @@ from vcomp.server.store.checks import (
 )
 from vcomp.server.store.interface import BlobReader, CodeSource
 from vcomp.server.store.records import (
+    CANCELLED_REASON,
     DEFAULT_DISK_BYTES,
     App,
     AppKind,
@@ -380,6 +381,13 @@ class Catalog:
         ):
             counts[JobState(state)] = int(count)
             disagreements += int(disagree or 0)
+        cancelled = int(
+            conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE batch_id = ? AND state = 'failed' AND reason = ?",
+                (batch_id, CANCELLED_REASON),
+            ).fetchone()[0]
+        )
+        row = conn.execute("SELECT cancelled_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return BatchStatus(
             batch_id=batch_id,
             app_name=batch.app.name,
@@ -390,6 +398,8 @@ class Catalog:
             queued=counts[JobState.QUEUED],
             leased=counts[JobState.LEASED],
             done=counts[JobState.DONE],
-            failed=counts[JobState.FAILED],
+            failed=counts[JobState.FAILED] - cancelled,
             disagreements=disagreements,
+            cancelled=cancelled,
+            cancelled_at=None if row is None or row[0] is None else float(row[0]),
         )

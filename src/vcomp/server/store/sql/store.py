@@ -50,6 +50,7 @@ from vcomp.server.store.records import (
 )
 from vcomp.server.store.rules import DEFAULT_SAME_FAILURES, sha256_equal
 from vcomp.server.store.sql.agents import Agents
+from vcomp.server.store.sql.batch_control import BatchControl, SpooledInputs
 from vcomp.server.store.sql.catalog import Catalog
 from vcomp.server.store.sql.database import Blobs, Database, Dialect
 from vcomp.server.store.sql.hooks import HookWork
@@ -86,6 +87,7 @@ class SqlStore:
         self._servers = Servers(db)
         self._hooks = HookWork(db, catalog, replicas)
         self._tokens = Tokens(db)
+        self._batch_control = BatchControl(db, clock)
         self._clock = clock
 
     def schema_version(self) -> int:
@@ -188,6 +190,37 @@ class SqlStore:
             disk_bytes=disk_bytes,
             deadline=deadline,
         )
+
+    def cancel_batch(self, batch_id: int) -> int:
+        return self._batch_control.cancel(batch_id)
+
+    def retry_failed(self, batch_id: int) -> tuple[int | None, list[int]]:
+        failed = self._batch_control.failed_jobs(batch_id)
+        if not failed:
+            return None, []
+        batch = self.get_batch(batch_id)
+        ids = [job_id for _, job_id in failed]
+        spooled = SpooledInputs(
+            ids, self.read_input_chunk, lambda job_id: self.get_job(job_id).input_size
+        )
+        try:
+            lim = batch.limits
+            new = self.create_batch(
+                batch.app.name,
+                spooled.inputs(),
+                app_version=batch.app.version,
+                replicas=batch.replicas,
+                quorum=batch.quorum,
+                max_attempts=batch.max_attempts,
+                cpu_seconds=lim.cpu_seconds,
+                memory_bytes=lim.memory_bytes,
+                wall_seconds=lim.wall_seconds,
+                output_bytes=lim.output_bytes,
+                disk_bytes=lim.disk_bytes,
+            )
+        finally:
+            spooled.close()
+        return new, [index for index, _ in failed]
 
     def get_batch(self, batch_id: int) -> Batch:
         return self._catalog.get_batch(batch_id)

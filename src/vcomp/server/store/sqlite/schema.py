@@ -158,5 +158,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at REAL NOT NULL,
             revoked_at REAL)""",
     ),
+    (
+        # A cancelled batch: its unfinished jobs were failed with reason 'cancelled'.
+        "ALTER TABLE batches ADD COLUMN cancelled_at REAL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
