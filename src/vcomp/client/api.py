@@ -19,7 +19,14 @@ import aiohttp
 from yarl import URL
 
 from vcomp.client.records import as_object, bad_response
-from vcomp.errors import ApiError, ApiUnreachable, AuthError, ConfigError, NotFound
+from vcomp.errors import (
+    ApiError,
+    ApiUnreachable,
+    AuthError,
+    ConfigError,
+    NotFound,
+    VcompError,
+)
 
 MAX_ANSWER_BYTES = 64 << 20
 """Largest JSON answer read into memory (a list of many batches or agents fits easily)."""
@@ -110,7 +117,10 @@ class ApiSession:
         url = URL(self._prefix + path, encoded=True)
         return url.with_query(dict(params)) if params else url
 
-    def _unreachable(self, exc: BaseException, kind: type[ApiUnreachable]) -> ApiUnreachable:
+    def _unreachable(self, exc: BaseException, kind: type[ApiUnreachable]) -> VcompError:
+        cause = _own_cause(exc)
+        if cause is not None:
+            return cause  # e.g. a bad input met while aiohttp was sending the body
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return kind(f"cannot reach the vcomp HTTP API at {self.base}: {reason}")
 
@@ -180,6 +190,19 @@ class ApiSession:
                 raise bad_response(f"a streamed line is over {self._max_line} bytes")
         if pending:
             raise StreamDropped(f"the stream from {self.base} ended inside a line")
+
+
+def _own_cause(exc: BaseException) -> VcompError | None:
+    """The vcomp error behind an aiohttp error, if there is one (aiohttp wraps an error
+    raised by the body generator in its own connection error)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, VcompError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 async def _error_body(response: aiohttp.ClientResponse) -> bytes:

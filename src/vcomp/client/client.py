@@ -7,9 +7,10 @@ so a handle can be dropped and made again later with :meth:`Client.batch`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -63,7 +64,7 @@ class Batch:
         self.jobs = (await self.status()).jobs
         return self.jobs
 
-    def as_completed(self, *, follow: bool = True) -> AsyncIterator[JobResult]:
+    def as_completed(self, *, follow: bool = True) -> AsyncGenerator[JobResult, None]:
         """Each job as it reaches a final state (``done``, ``failed`` or ``cancelled``),
         in the order they finish, every job exactly once.
 
@@ -88,8 +89,9 @@ class Batch:
         job's error text in its message) as soon as a job is failed or cancelled.
         """
         outputs: dict[int, bytes] = {}
-        async for result in self.as_completed():
-            outputs[result.index] = result.value()
+        async with contextlib.aclosing(self.as_completed()) as results:  # closes the stream
+            async for result in results:
+                outputs[result.index] = result.value()
         missing = [i for i in range(self.jobs) if i not in outputs]
         if missing:
             raise bad_response(f"the results of batch {self.id} lack job {missing[0]}")

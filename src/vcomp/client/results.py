@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from vcomp.client.api import RETRYABLE_STATUS, ApiSession, StreamDropped, segment
 from vcomp.client.records import JobResult, as_object, bad_response
@@ -66,7 +66,7 @@ class ResultFollower:
         self._seen: dict[int, tuple[str, int]] = {}  # index -> (state, attempts) yielded
         self.reconnects = 0
 
-    async def __aiter__(self) -> AsyncIterator[JobResult]:
+    async def __aiter__(self) -> AsyncGenerator[JobResult, None]:
         failures = 0
         params = {"follow": "true"} if self._follow else None
         path = f"/api/v1/batches/{segment(self._batch)}/results"
