@@ -46,13 +46,22 @@ async def test_unknown_things_are_not_found(contract: ContractServer) -> None:
     assert "no app 'no-such-app'" in app.value.message
 
 
-async def answering(status: int, body: bytes, content_type: str) -> tuple[web.AppRunner, str]:
+async def agents_error(status: int, body: bytes, content_type: str) -> ApiError:
+    """What ``client.agents()`` raises when the server answers it with ``body``."""
+
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=status, body=body, content_type=content_type)
 
     app = web.Application()
     app.router.add_get("/api/v1/agents", handler)
-    return await serve_app(app)
+    runner, url = await serve_app(app)
+    try:
+        async with Client.connect(url, token="read-tok") as client:
+            with pytest.raises(ApiError) as caught:
+                await client.agents()
+    finally:
+        await runner.cleanup()
+    return caught.value
 
 
 @pytest.mark.parametrize(
@@ -69,29 +78,17 @@ async def answering(status: int, body: bytes, content_type: str) -> tuple[web.Ap
 async def test_answers_that_are_errors_or_not_the_apis_become_api_errors(
     status: int, body: bytes, code: str, says: str
 ) -> None:
-    runner, url = await answering(status, body, "text/html")
-    try:
-        async with Client.connect(url, token="read-tok") as client:
-            with pytest.raises(ApiError) as caught:
-                await client.agents()
-    finally:
-        await runner.cleanup()
-    assert caught.value.code == code
-    assert says in str(caught.value)
+    error = await agents_error(status, body, "text/html")
+    assert error.code == code
+    assert says in str(error)
 
 
 async def test_a_huge_error_body_is_cut_not_read_whole() -> None:
     body = b'{"error": "bad_request", "message": "' + b"x" * (8 << 20) + b'"}'
-    runner, url = await answering(400, body, "application/json")
-    try:
-        async with Client.connect(url, token="read-tok") as client:
-            with pytest.raises(ApiError) as caught:
-                await client.agents()
-    finally:
-        await runner.cleanup()
+    error = await agents_error(400, body, "application/json")
     # only the first 64 KiB were read: not the server's JSON any more, so its start is shown
-    assert caught.value.code == "http_400"
-    assert len(str(caught.value)) < 1000
+    assert error.code == "http_400"
+    assert len(str(error)) < 1000
 
 
 def closed_port() -> int:

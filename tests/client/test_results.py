@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tracemalloc
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -79,6 +80,20 @@ async def test_a_job_retried_while_the_stream_was_down_is_yielded_again(
     assert contract.result_requests == 2
 
 
+async def follow_batch_1(served: tuple[web.AppRunner, str], **options: Any) -> Exception:
+    """Follow batch 1's results on ``served`` to the end; the error that ended it."""
+    runner, url = served
+    try:
+        async with Client.connect(url, token=TOKEN, **options) as client:
+            batch = await client.batch(1)
+            with pytest.raises(Exception) as caught:
+                async for _ in batch.as_completed():
+                    pass
+    finally:
+        await runner.cleanup()
+    return caught.value
+
+
 async def test_a_store_outage_is_waited_out_and_then_given_up_on() -> None:
     calls = [0]
 
@@ -96,18 +111,11 @@ async def test_a_store_outage_is_waited_out_and_then_given_up_on() -> None:
     app = web.Application()
     app.router.add_get("/api/v1/batches/1", status)
     app.router.add_get("/api/v1/batches/1/results", results)
-    runner, url = await serve_app(app)
-    try:
-        async with Client.connect(url, token=TOKEN, reconnect_attempts=3) as client:
-            batch = await client.batch(1)
-            with pytest.raises(ApiUnreachable) as caught:
-                async for _ in batch.as_completed():
-                    pass
-    finally:
-        await runner.cleanup()
+    error = await follow_batch_1(await serve_app(app), reconnect_attempts=3)
+    assert isinstance(error, ApiUnreachable)
     assert calls[0] == 4  # the first try and three reconnects, then it gave up
-    assert "store_unavailable" in str(caught.value)
-    assert "gave up following the results of batch 1" in str(caught.value)
+    assert "store_unavailable" in str(error)
+    assert "gave up following the results of batch 1" in str(error)
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:
@@ -165,17 +173,10 @@ def good_line(index: int) -> bytes:
     ],
 )
 async def test_a_bad_results_line_is_a_clear_api_error(body: bytes, says: str) -> None:
-    runner, url = await stream_server(body)
-    try:
-        async with Client.connect(url, token=TOKEN) as client:
-            batch = await client.batch(1)
-            with pytest.raises(ApiError) as caught:
-                async for _ in batch.as_completed():
-                    pass
-    finally:
-        await runner.cleanup()
-    assert caught.value.code == "bad_response"
-    assert says in str(caught.value)
+    error = await follow_batch_1(await stream_server(body))
+    assert isinstance(error, ApiError)
+    assert error.code == "bad_response"
+    assert says in str(error)
 
 
 async def test_an_endless_line_is_refused_before_it_is_held_in_memory() -> None:
