@@ -70,7 +70,9 @@ class Batch:
 
         With ``follow=False`` only the jobs final now are yielded. The stream survives
         the connection dropping or the server restarting: it reconnects, and the jobs it
-        had already yielded are not yielded again.
+        had already yielded are not yielded again. To leave the loop early and close the
+        stream at once, wrap it: ``async with contextlib.aclosing(batch.as_completed()) as
+        jobs:`` (otherwise it closes when the generator is garbage-collected).
         """
         follower = ResultFollower(
             self._client.api,
