@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -119,3 +120,19 @@ async def test_a_closed_client_says_so() -> None:
     client = Client.connect("http://127.0.0.1:1", token="t")
     with pytest.raises(ConfigError, match="not open"):
         await client.agents()
+
+
+async def test_a_server_that_stays_silent_is_given_up_on_with_a_clear_error() -> None:
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/api/v1/agents", silent)
+    runner, url = await serve_app(app)
+    try:
+        async with Client.connect(url, token="read-tok", timeout=0.3) as client:
+            with pytest.raises(ApiUnreachable, match=r"no answer within 0\.3 s"):
+                await client.agents()
+    finally:
+        await runner.cleanup()

@@ -102,7 +102,11 @@ class ApiSession:
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
+        # a bound on silence, not on the whole request: a large upload may take long
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=timeout
+        )
+        self._timeout_seconds = timeout
         # a followed stream may be quiet for as long as jobs run: no total, no read bound
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
         self._ssl: ssl_module.SSLContext | bool = True if ssl is None else ssl
@@ -122,6 +126,8 @@ class ApiSession:
         if cause is not None:
             return cause  # e.g. a bad input met while aiohttp was sending the body
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {self._timeout_seconds:g} s"
         return kind(f"cannot reach the vcomp HTTP API at {self.base}: {reason}")
 
     async def request(

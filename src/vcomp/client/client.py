@@ -189,7 +189,8 @@ class Client:
     ) -> Client:
         """A client for the API at ``url`` (``http(s)://host:port``), to use in ``async
         with``. ``token`` is a bearer token from ``vcomp-server token create``; ``timeout``
-        bounds each request (not a followed results stream); ``ssl`` verifies a server
+        bounds how long the server may stay silent in a request (not in a followed
+        results stream); ``ssl`` verifies a server
         whose certificate the system does not trust."""
         return cls(url, token, timeout=timeout, ssl=ssl, reconnect_attempts=reconnect_attempts)
 
