@@ -9,6 +9,7 @@ was told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -185,8 +186,9 @@ async def test_cancel_stops_leasing_the_remaining_jobs(lab: Lab) -> None:
     async with Client.connect(api.url, token=api.admin) as client:
         await client.add_app("slow", slow)
         batch = await client.map("slow", [str(i).encode() for i in range(40)])
-        async for _first in batch.as_completed():
-            break  # one job done: the agents are busy with the batch
+        async with contextlib.aclosing(batch.as_completed()) as results:
+            async for _first in results:
+                break  # one job done: the agents are busy with the batch
         cancelled = await batch.cancel()
         after_cancel = time.time()
         status = await batch.status()
