@@ -83,6 +83,9 @@ class Row:
         return out
 
 
+NO_HTTP = ("--http-bind", "")  # two servers on one host: no HTTP port to share
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -135,7 +138,7 @@ async def start_servers(
         out = root / f"{home.name}-serve{i}.out"
         err = root / f"{home.name}-serve{i}.err"
         proc = subprocess.Popen(
-            [SERVER_CLI, "serve", "--config", str(home), "--bind", f"127.0.0.1:{port}"],
+            [SERVER_CLI, "serve", "--config", str(home), "--bind", f"127.0.0.1:{port}", *NO_HTTP],
             stdout=out.open("wb"),
             stderr=err.open("wb"),
             env=env,

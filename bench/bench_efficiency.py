@@ -136,7 +136,7 @@ def deployment(work: Path) -> Iterator[Deployment]:
     try:
         procs.append(
             subprocess.Popen(
-                [tool("vcomp-server"), "serve", "--config", str(srv)],
+                [tool("vcomp-server"), "serve", "--config", str(srv), "--http-bind", ""],
                 stdout=subprocess.DEVNULL,
                 stderr=(work / "server.log").open("wb"),
             )

@@ -1,4 +1,4 @@
-"""Server -> agent transfer over a real impaired link: two namespaces, a veth pair, tc netem.
+"""Server -> agent transfer over a real impaired link: network namespaces, veths, tc.
 
     python bench/bench_impaired.py [--quick] [--json PATH] [--runs N]
 
@@ -6,7 +6,12 @@ The server (:class:`OrganisationServer` on uvloop, SQLite store) runs in a spawn
 process inside namespace a, bound to 10.213.0.1; a protocol-only
 :class:`~vcomp.loadgen.LiteAgent` runs in a spawned process inside namespace b.
 ``tc netem`` on both veth ends (so ACKs suffer too) applies each profile:
-10 ms delay + 1% loss, then 20 ms delay + 5% loss (RTT 20 and 40 ms).
+10 ms delay + 1% loss, then 20 ms delay + 5% loss (RTT 20 and 40 ms). Where the
+kernel has no netem, the same delay and loss come from the user-space delay line of
+``tests/netns/bottleneck.py`` (a router namespace between the two). The last
+profile is always on that path: a 20 Mbit/s bottleneck at 40 ms RTT with a queue
+of one bandwidth-delay product (issue 10's test (a) link); its ``link use`` column
+is the goodput as a share of the link rate.
 
 Rows per profile: vcomp at window 1 (the paper's stop-and-wait), vcomp at its
 default window, and plain TCP (asyncio streams) moving the same bytes between the
@@ -41,7 +46,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable as a package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common
-from bench.netns import A_ADDR, NetnsPair, enter, probe
+from bench.netns import A_ADDR, Bottleneck, NetnsPair, PathSpec, enter, probe
 
 from vcomp.agent.enrolment import format_enrolment, parse_enrolment
 from vcomp.agent.measure import golden_measurement
@@ -55,9 +60,36 @@ from vcomp.server.service import OrganisationServer
 MIB = 1 << 20
 KIB = 1 << 10
 DEFAULT_WINDOW = 64
-PROFILES: tuple[tuple[str, list[str]], ...] = (
-    ("10 ms + 1% loss", ["delay", "10ms", "loss", "1%"]),
-    ("20 ms + 5% loss", ["delay", "20ms", "loss", "5%"]),
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A path: ``netem`` on both egresses where the kernel has it (None: never), else
+    ``path`` through the delay line; ``link_bytes_s`` is the rate limit, if any."""
+
+    name: str
+    netem: list[str] | None
+    path: PathSpec
+    link_bytes_s: float | None = None
+
+
+PROFILES: tuple[Profile, ...] = (
+    Profile(
+        "10 ms + 1% loss",
+        ["delay", "10ms", "loss", "1%"],
+        PathSpec(rate=None, rtt_ms=20.0, loss=0.01),
+    ),
+    Profile(
+        "20 ms + 5% loss",
+        ["delay", "20ms", "loss", "5%"],
+        PathSpec(rate=None, rtt_ms=40.0, loss=0.05),
+    ),
+    Profile(
+        "20 Mbit/s, 40 ms, 1-BDP queue",
+        None,
+        PathSpec(rate="20mbit", rtt_ms=40.0, queue_bytes=100_000),
+        link_bytes_s=20e6 / 8,
+    ),
 )
 RUN_TIMEOUT = 300.0
 TCP_READ = 256 * KIB
@@ -66,11 +98,13 @@ TCP_READ = 256 * KIB
 @dataclass
 class Row:
     profile: str
+    impairment: str
     transport: str
     window: int | None
     size: int
     seconds: list[float] = field(default_factory=list)
     ratio_tcp: float = float("nan")
+    link_use: float | None = None
 
     @property
     def median_seconds(self) -> float:
@@ -96,6 +130,7 @@ class _ServerSide:
         self.home: Path | None = None
         self.server: OrganisationServer | None = None
         self.tcp: asyncio.Server | None = None
+        self.senders: set[asyncio.Task[Any]] = set()
 
     async def handle(self, command: tuple[Any, ...]) -> Any:
         kind, *args = command
@@ -131,6 +166,10 @@ class _ServerSide:
 
     async def _tcp_start(self, payload: bytes) -> int:
         async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.senders.add(task)
+            task.add_done_callback(self.senders.discard)
             await reader.readexactly(1)  # "go": like vcomp's READY before START
             writer.write(payload)
             await writer.drain()
@@ -145,6 +184,8 @@ class _ServerSide:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+        if self.senders:  # the receiver's FIN may still be crossing a slow path
+            await asyncio.wait(self.senders, timeout=RUN_TIMEOUT)
         if self.tcp is not None:
             self.tcp.close()
             await self.tcp.wait_closed()
@@ -240,6 +281,7 @@ def agent_side_main(ns: str, conn: Connection) -> None:
 
 async def measure_profile(
     name: str,
+    impairment: str,
     server: common.Worker,
     agent: common.Worker,
     *,
@@ -250,7 +292,7 @@ async def measure_profile(
     rows = []
     for window, n in ((1, stop_and_wait_size), (DEFAULT_WINDOW, size)):
         blob = os.urandom(n)
-        row = Row(name, "vcomp", window, n)
+        row = Row(name, impairment, "vcomp", window, n)
         identity = await server.ask(("vcomp_start", window, blob, runs + 2))
         try:
             for _ in range(runs):
@@ -260,7 +302,7 @@ async def measure_profile(
         rows.append(row)
     # TCP moves the same bytes as the default-window job: code || input.
     payload = os.urandom(size) + b"{}"
-    tcp = Row(name, "tcp", None, size)
+    tcp = Row(name, impairment, "tcp", None, size)
     port = await server.ask(("tcp_start", payload))
     try:
         for _ in range(runs):
@@ -273,30 +315,28 @@ async def measure_profile(
     return rows
 
 
-async def measure(
-    pair: NetnsPair,
-    profiles: Sequence[tuple[str, list[str]]],
-    *,
-    size: int,
-    stop_and_wait_size: int,
-    runs: int,
-) -> list[Row]:
+async def measure_on(pair: NetnsPair, profile: Profile, impairment: str, **sizes: int) -> list[Row]:
     server = common.Worker(functools.partial(server_side_main, pair.ns["a"]))
     agent = common.Worker(functools.partial(agent_side_main, pair.ns["b"]))
-    rows: list[Row] = []
     try:
-        for name, spec in profiles:
-            for side in "ab":
-                if spec:
-                    pair.netem(side, spec)
-                else:
-                    pair.clear(side)
-            rows += await measure_profile(
-                name, server, agent, size=size, stop_and_wait_size=stop_and_wait_size, runs=runs
-            )
+        rows = await measure_profile(profile.name, impairment, server, agent, **sizes)
     finally:
         await common.close_all([server, agent])
+    if profile.link_bytes_s:
+        for r in rows:
+            r.link_use = r.size / r.median_seconds / profile.link_bytes_s
     return rows
+
+
+def measure(profile: Profile, *, netem: bool, **sizes: int) -> list[Row]:
+    """One profile in namespaces of its own: netem on a veth pair, else the delay line."""
+    if netem and profile.netem is not None:
+        with NetnsPair() as pair:
+            for side in "ab":
+                pair.netem(side, profile.netem)
+            return asyncio.run(measure_on(pair, profile, "netem", **sizes))
+    with Bottleneck(profile.path) as path:
+        return asyncio.run(measure_on(path, profile, "delay line", **sizes))
 
 
 def run(*, quick: bool = False, runs: int | None = None) -> dict[str, Any]:
@@ -310,22 +350,27 @@ def run(*, quick: bool = False, runs: int | None = None) -> dict[str, Any]:
         "chunk": limits.DEFAULT_CHUNK,
         "size": size,
         "stop_and_wait_size": stop_and_wait_size,
-        "profiles": [{"name": n, "netem": " ".join(s)} for n, s in PROFILES],
+        "profiles": [
+            {"name": p.name, "netem": " ".join(p.netem or []), "path": dataclasses.asdict(p.path)}
+            for p in PROFILES
+        ],
         "rows": [],
         "skipped": None,
+        "netem": None,
     }
     support = probe()
     if not support.usable:
         figures["skipped"] = f"network namespaces unavailable: {support.reason}"
         return figures
-    profiles: list[tuple[str, list[str]]] = list(PROFILES)
-    if not support.netem:
-        # The impaired rows cannot run; measure the bare veth so the setup is still checked.
-        figures["skipped"] = f"tc netem unavailable: {support.netem_reason}"
-        profiles = [("veth, no impairment (netem missing)", [])]
-    with NetnsPair() as pair:
-        rows = asyncio.run(
-            measure(pair, profiles, size=size, stop_and_wait_size=stop_and_wait_size, runs=runs)
+    figures["netem"] = support.netem or support.netem_reason
+    rows: list[Row] = []
+    for profile in PROFILES:
+        rows += measure(
+            profile,
+            netem=support.netem,
+            size=size,
+            stop_and_wait_size=stop_and_wait_size,
+            runs=runs,
         )
     figures["rows"] = [r.figures() for r in rows]
     return figures
@@ -335,29 +380,44 @@ def run(*, quick: bool = False, runs: int | None = None) -> dict[str, Any]:
 
 
 def print_report(figures: dict[str, Any]) -> None:
-    columns = ["profile", "transport", "window", "KiB", "seconds", "MB/s", "vs TCP"]
+    columns = [
+        "profile",
+        "by",
+        "transport",
+        "window",
+        "KiB",
+        "seconds",
+        "MB/s",
+        "vs TCP",
+        "link use",
+    ]
     table = [
         [
             r["profile"],
+            r["impairment"],
             r["transport"],
             r["window"] if r["window"] is not None else "-",
             r["size"] // KIB,
             r["median_seconds"],
             r["mb_s"],
             f"{r['ratio_tcp']:.2f}x",
+            "-" if r.get("link_use") is None else f"{r['link_use']:.0%}",
         ]
         for r in figures["rows"]
     ]
-    profiles = "; ".join(f"{p['name']} = {p['netem']}" for p in figures["profiles"])
+    profiles = "; ".join(f"{p['name']} = {p['netem']}" for p in figures["profiles"] if p["netem"])
+    netem = figures.get("netem")
+    how = "netem" if netem is True else f"the delay line (tc netem unavailable: {netem})"
     notes = [
-        f"netem on both veth egresses: {profiles}",
+        f"impairment on both directions by {how}: {profiles}",
+        "the 20 Mbit/s profile: delay line (RTT) + tbf (rate, 100 kB queue) in a router namespace",
         f"MB = 10^6 bytes; {figures['chunk']}-byte CODE payloads; median of {figures['runs']}; "
         "vcomp: Connected -> JobReceived, TCP: 'go' byte -> last byte.",
         f"window 1 moves {figures['stop_and_wait_size'] // KIB} KiB (stop-and-wait is slow "
         "at these RTTs); the other rows move the full blob.",
     ]
     if figures["skipped"]:
-        notes.insert(0, f"SKIPPED impaired rows: {figures['skipped']}")
+        notes.insert(0, f"SKIPPED: {figures['skipped']}")
     common.print_table(
         "Transfer over a real impaired link (veth between two network namespaces), server -> agent",
         columns,

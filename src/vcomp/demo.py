@@ -152,7 +152,8 @@ def main() -> int:
         print(f"job: Monte-Carlo pi, {kind} ({program.name}), {JOBS} jobs x {per_job:,} points")
 
         logs["server"] = work / "server.log"
-        procs.append(start([SERVER, "serve", "--config", str(srv)], logs["server"]))
+        serve = [SERVER, "serve", "--config", str(srv), "--http-bind", "127.0.0.1:0"]
+        procs.append(start(serve, logs["server"]))
         wait_for(logs["server"], "event=server_started", procs[0], "the server")
         for home in agents:
             logs[home.name] = work / f"{home.name}.log"

@@ -107,7 +107,8 @@ def _demo(work: Path, url: str, procs: list[subprocess.Popen[bytes]]) -> int:
 
     server_logs = [work / f"server{i}.log" for i in (1, 2)]
     for address, log in zip(addresses, server_logs, strict=True):
-        procs.append(start([SERVER, "serve", "--config", str(srv), "--bind", address], log))
+        serve = [SERVER, "serve", "--config", str(srv), "--bind", address]
+        procs.append(start([*serve, "--http-bind", "127.0.0.1:0"], log))
         wait_for(log, "event=server_started", procs[-1], f"server on {address}")
         print(f"server listening on {address} (idle timeout 10 s)")
     agent_logs = [work / f"{home.name}.log" for home in agents]

@@ -591,10 +591,11 @@ class Lab:
     # ---- subprocesses ----------------------------------------------------------
 
     async def serve(
-        self, home: Path, name: str, *, bind: str | None = None
+        self, home: Path, name: str, *, bind: str | None = None, http_bind: str = "127.0.0.1:0"
     ) -> tuple[Process, ProcessLog]:
-        """``vcomp-server serve`` on ``home`` (at ``bind``, if given), once it listens."""
-        extra = [] if bind is None else ["--bind", bind]
+        """``vcomp-server serve`` on ``home`` (at ``bind``, if given), once it listens.
+        The HTTP API takes a free port unless ``http_bind`` says otherwise."""
+        extra = ["--http-bind", http_bind] + ([] if bind is None else ["--bind", bind])
         proc, log = self.spawn([SERVER_CLI, "serve", "--config", str(home), *extra], name)
         await wait_until(lambda: "listening on" in proc.stdout, f"{name} to listen", 30)
         return proc, log

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.netns.bottleneck import Bottleneck, PathSpec
 from tests.netns.cluster import Cluster
 from tests.netns.nslib import NetnsPair, Support, probe
 
@@ -30,6 +31,25 @@ def netns_pair(netns_support: Support) -> Iterator[NetnsPair]:
     """Two fresh namespaces joined by a veth pair; deleted afterwards, even on failure."""
     with NetnsPair() as pair:
         yield pair
+
+
+@pytest.fixture
+def make_bottleneck(netns_support: Support) -> Iterator[Callable[..., Bottleneck]]:
+    """``make_bottleneck(rate=..., rtt_ms=..., loss=...)``: a :class:`Bottleneck` path,
+    deleted afterwards, even on failure."""
+    made: list[Bottleneck] = []
+
+    def make(**spec: Any) -> Bottleneck:
+        path = Bottleneck(PathSpec(**spec))
+        made.append(path)
+        path.__enter__()
+        return path
+
+    try:
+        yield make
+    finally:
+        for path in made:
+            path.close()
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ PREFIX_LEN = 30
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 COMMAND_TIMEOUT = 20.0
-_NAME_RE = re.compile(r"vcomp-([0-9a-f]+)-[0-9a-f]+-[ab]")
+_NAME_RE = re.compile(r"vcomp-([0-9a-f]+)-[0-9a-f]+-[abm]")
 
 # emulate_faults: offsets are from the IP header (u32 offsets). With a 20-byte IP
 # header and an 8-byte UDP header the vcomp header starts at 28: byte 32 holds its

@@ -182,7 +182,12 @@ def migrate(config_path: Path) -> None:
     metavar="HOST:PORT",
     help="Listen here instead of the configured [server] bind (two servers, one home).",
 )
-def serve(config_path: Path, bind: str | None) -> None:
+@click.option(
+    "--http-bind",
+    metavar="HOST:PORT",
+    help='Serve the HTTP API here instead of the configured [http] bind ("" turns it off).',
+)
+def serve(config_path: Path, bind: str | None, http_bind: str | None) -> None:
     """Run the server (uvloop) until SIGINT or SIGTERM."""
     from vcomp.server.config import load_signing_key, parse_host_port
     from vcomp.server.service import serve as run_server
@@ -191,6 +196,9 @@ def serve(config_path: Path, bind: str | None) -> None:
     if bind is not None:
         host, port = parse_host_port(bind, what="--bind", allow_zero=True)
         config = dataclasses.replace(config, bind_host=host, bind_port=port)
+    if http_bind is not None:
+        http = dataclasses.replace(config.http, bind=http_bind)  # checked again here
+        config = dataclasses.replace(config, http=http)
     load_signing_key(config.key_path)  # fail here, readably, on a bad or exposed key
     run_server(config)
 
@@ -624,6 +632,8 @@ def reset(agent: str, config_path: Path) -> None:
         "every running server with a session of it resets it within a second"
     )
 
+
+from vcomp.server import cli_tokens  # noqa: E402,F401  registers `token` on main
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vcomp.errors import ConfigError, StoreError
 from vcomp.protocol import handshake, limits
+from vcomp.server.http.settings import DEFAULT_HTTP_BIND, DEFAULT_MAX_REQUEST_BYTES, HttpSettings
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
 from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
 
@@ -96,6 +97,13 @@ refusals_per_hour = 30    # past this, an agent gets no leases until the hour ha
 [store]
 # sqlite:PATH (relative to this directory) or sqlite:///ABS/PATH; $VCOMP_STORE_URL overrides it
 url = {json.dumps(DEFAULT_STORE_URL)}
+
+[http]
+# The HTTP API, /metrics and the dashboard; "" turns it off. A bind that is not
+# loopback needs cert and key (TLS) unless allow_plaintext = true.
+bind = "{DEFAULT_HTTP_BIND}"
+open_metrics = false      # true: /metrics and the dashboard without a token (loopback only)
+max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}
 """
 
 
@@ -152,6 +160,8 @@ class ServerConfig:
     """The job store's URL, absolute; empty means the SQLite file at ``store_path``."""
     store_busy_timeout: float = DEFAULT_BUSY_TIMEOUT
     """Seconds a write waits for the store's lock before the store counts as unavailable."""
+    http: HttpSettings = field(default_factory=HttpSettings)
+    """``[http]``: off (bind "") unless server.toml says where to listen."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -317,6 +327,23 @@ def _store_url(configured: str, home: Path) -> StoreUrl:
         raise ConfigError(f"${STORE_URL_ENV}: {exc}") from None
 
 
+def _http_settings(table: Table, home: Path) -> HttpSettings:
+    def path(key: str) -> Path | None:
+        text = table.text(key, "")
+        return (home / text).absolute() if text else None
+
+    settings = HttpSettings(
+        bind=table.text("bind", ""),
+        open_metrics=table.flag("open_metrics", False),
+        cert=path("cert"),
+        key=path("key"),
+        allow_plaintext=table.flag("allow_plaintext", False),
+        max_request_bytes=table.integer("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+    )
+    table.finish()
+    return settings
+
+
 def load_server_config(path: Path) -> ServerConfig:
     """Load ``server.toml`` from a server home directory or the file itself."""
     path = Path(path).expanduser()
@@ -327,7 +354,7 @@ def load_server_config(path: Path) -> ServerConfig:
     doc = read_toml(file)
     home = file.parent.absolute()
     try:
-        check_sections(doc, ("server", "jobs", "store"))
+        check_sections(doc, ("server", "jobs", "store", "http"))
         server = Table(doc, "server")
         host, port = parse_host_port(
             server.text("bind", f"127.0.0.1:{DEFAULT_PORT}"), what="bind", allow_zero=True
@@ -359,6 +386,7 @@ def load_server_config(path: Path) -> ServerConfig:
         url = store.text("url", DEFAULT_STORE_URL)
         busy_timeout = store.number("busy_timeout", DEFAULT_BUSY_TIMEOUT)
         store.finish()
+        http = _http_settings(Table(doc, "http"), home)
         where = _store_url(url, home)
         return ServerConfig(
             home=home,
@@ -376,6 +404,7 @@ def load_server_config(path: Path) -> ServerConfig:
             max_pending_handshakes=pending,
             store_url=str(where),
             store_busy_timeout=busy_timeout,
+            http=http,
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None

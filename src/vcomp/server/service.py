@@ -470,6 +470,13 @@ class OrganisationServer:
 
     async def _heartbeat(self, now: float) -> None:
         self._heartbeat_at = now
+        # Every live session's agent is seen now: "connected" in status and the API is
+        # an agent seen within CONNECTED_SECONDS, on whichever server holds its session.
+        if self.endpoint is not None:
+            for s in self.endpoint.sessions.values():
+                if s.channel is not None and s.agent_id:
+                    address = f"{s.address[0]}:{s.address[1]}"
+                    self._pending_touches[s.agent_id.hex()] = (now, address)
         host, port = self.address or (self.config.bind_host, self.config.bind_port)
         await self.committer.run(self.store.server_alive, self.server_id, f"{host}:{port}", now)
 
@@ -514,9 +521,19 @@ async def _serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    http = None
+    if config.http.enabled:
+        from vcomp.server.http.app import HttpListener  # aiohttp only when serving HTTP
+
+        http = HttpListener(server, config.http)
     try:
         host, port = await server.start()
         print(f"vcomp-server listening on {host}:{port} key {server.fingerprint}", flush=True)
+        if http is not None:
+            await http.start()
+            print(f"vcomp-server http on {http.url}", flush=True)
         await stop.wait()
     finally:
+        if http is not None:
+            await http.stop()
         await server.stop()

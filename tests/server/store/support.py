@@ -48,6 +48,7 @@ def lease(store: Store, agent: str, now: float = 0.0, seconds: float = 30.0) -> 
 def downgrade_to_v1(path: Path) -> None:
     """Turn a current store file back into schema 1 (before disk_bytes)."""
     raw = sqlite3.connect(path)
+    raw.execute("DROP TABLE api_tokens")  # v4 (tokens)
     raw.execute("DROP INDEX attempts_by_server")  # v3
     raw.execute("ALTER TABLE attempts DROP COLUMN server_id")
     raw.execute("DROP TABLE servers")

@@ -99,6 +99,7 @@ def test_postgresql_migrate_creates_and_open_checks_the_version(
         assert isinstance(store, PostgresStore)
         assert store.schema_version() == SCHEMA_VERSION and store.list_apps() == []
         with store.database.transaction(write=True) as conn:  # back to schema v1
+            conn.execute("DROP TABLE api_tokens")
             conn.execute("DROP INDEX attempts_by_server")
             conn.execute("ALTER TABLE attempts DROP COLUMN server_id")
             conn.execute("DROP TABLE servers")

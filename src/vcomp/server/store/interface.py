@@ -11,7 +11,9 @@ from vcomp.server.store.records import (
     DEFAULT_DISK_BYTES,
     DEFAULT_TRANSFER_SECONDS,
     AgentClock,
+    AgentCredit,
     AgentRecord,
+    ApiToken,
     App,
     AppKind,
     AttemptRecord,
@@ -151,6 +153,20 @@ class Store(Protocol):
         """(id, address, started at, last seen) of the servers heard from lately."""
         ...
 
+    def create_token(self, name: str, scope: str, token_sha256: bytes) -> ApiToken:
+        """Store an API token's digest under ``name`` with ``scope``."""
+        ...
+
+    def find_token(self, token_sha256: bytes) -> ApiToken | None:
+        """The live (not revoked) token with this SHA-256, or None."""
+        ...
+
+    def list_tokens(self) -> list[ApiToken]: ...
+
+    def revoke_token(self, name: str) -> None:
+        """Refuse the token from now on; revoking twice is harmless."""
+        ...
+
     # results
     def attempt_owner(self, job_id: int, attempt: int) -> tuple[str, int] | None: ...
     def begin_result_upload(self, job_id: int, attempt: int, total: int) -> UploadHandle: ...
@@ -171,6 +187,11 @@ class Store(Protocol):
     def get_agent(self, agent_id: str) -> AgentRecord: ...
     def find_agent(self, agent_id: str) -> AgentRecord | None: ...
     def list_agents(self) -> list[AgentRecord]: ...
+
+    def agent_credit(self) -> dict[str, AgentCredit]:
+        """Per agent id: jobs whose ok result counted, and their CPU-seconds."""
+        ...
+
     def set_agent_clock(
         self, agent_id: str, clock: int, reset_count: int, restart_count: int
     ) -> None: ...

@@ -299,3 +299,29 @@ class CandidateResult:
 
 #: Decides whether two results agree. Must be an equivalence relation.
 ResultComparator = Callable[[CandidateResult, CandidateResult], bool]
+
+
+SCOPES = ("read", "submit", "admin")
+"""API token scopes, ordered: each may do everything the ones before it may."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An HTTP API token as stored: its name and scope; the token itself is never kept."""
+
+    name: str
+    scope: str
+    created_at: float
+    revoked_at: float | None
+
+
+CONNECTED_SECONDS = 10.0
+"""An agent seen this recently has a live session: servers touch theirs every 2 s."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCredit:
+    """What an agent gave: jobs whose ok result counted, and their CPU-seconds."""
+
+    jobs_done: int
+    cpu_seconds: float

@@ -15,7 +15,7 @@ from vcomp.server.store.checks import (
     check_text,
     spki_der,
 )
-from vcomp.server.store.records import AgentClock, AgentRecord, Measurement
+from vcomp.server.store.records import AgentClock, AgentCredit, AgentRecord, Measurement
 from vcomp.server.store.sql.database import Connection, Database
 from vcomp.server.store.sql.queries import AGENT_SELECT, agent_from_row
 
@@ -76,6 +76,15 @@ class Agents:
         with self._db.transaction() as conn:
             rows = conn.execute(AGENT_SELECT + " ORDER BY name, id").fetchall()
         return [agent_from_row(r) for r in rows]
+
+    def credit(self) -> dict[str, AgentCredit]:
+        """Per agent: counted ok results and their CPU time (BOINC's credit, in seconds)."""
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT agent_id, COUNT(*), COALESCE(SUM(cpu_ms), 0) FROM results "
+                "WHERE counted = 1 AND status = 'ok' GROUP BY agent_id"
+            ).fetchall()
+        return {r[0]: AgentCredit(int(r[1]), int(r[2]) / 1000) for r in rows}
 
     def set_agent_clock(
         self, agent_id: str, clock: int, reset_count: int, restart_count: int

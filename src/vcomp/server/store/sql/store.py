@@ -21,7 +21,9 @@ from vcomp.server.store.records import (
     DEFAULT_DISK_BYTES,
     DEFAULT_TRANSFER_SECONDS,
     AgentClock,
+    AgentCredit,
     AgentRecord,
+    ApiToken,
     App,
     AppKind,
     AttemptRecord,
@@ -48,6 +50,7 @@ from vcomp.server.store.sql.leases import Leases
 from vcomp.server.store.sql.replicas import Replicas
 from vcomp.server.store.sql.results import Results
 from vcomp.server.store.sql.servers import Servers
+from vcomp.server.store.sql.tokens import Tokens
 from vcomp.server.store.sql.uploads import Uploads
 
 
@@ -71,6 +74,8 @@ class SqlStore:
         self._uploads = uploads = Uploads(db, blobs, catalog, clock)
         self._results = Results(db, dialect, blobs, catalog, replicas, uploads, clock)
         self._servers = Servers(db)
+        self._tokens = Tokens(db)
+        self._clock = clock
 
     def schema_version(self) -> int:
         return self.database.schema_version()
@@ -220,6 +225,20 @@ class SqlStore:
 
     # ------------------------------------------------------------------ results
 
+    # ---- API tokens ------------------------------------------------------------
+
+    def create_token(self, name: str, scope: str, token_sha256: bytes) -> ApiToken:
+        return self._tokens.create(name, scope, token_sha256, self._clock())
+
+    def find_token(self, token_sha256: bytes) -> ApiToken | None:
+        return self._tokens.find(token_sha256)
+
+    def list_tokens(self) -> list[ApiToken]:
+        return self._tokens.list()
+
+    def revoke_token(self, name: str) -> None:
+        self._tokens.revoke(name, self._clock())
+
     def attempt_owner(self, job_id: int, attempt: int) -> tuple[str, int] | None:
         return self._uploads.attempt_owner(job_id, attempt)
 
@@ -268,6 +287,9 @@ class SqlStore:
 
     def list_agents(self) -> list[AgentRecord]:
         return self._agents.list_agents()
+
+    def agent_credit(self) -> dict[str, AgentCredit]:
+        return self._agents.credit()
 
     def set_agent_clock(
         self, agent_id: str, clock: int, reset_count: int, restart_count: int

@@ -126,5 +126,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE attempts ADD COLUMN server_id TEXT",
         "CREATE INDEX attempts_by_server ON attempts(server_id) WHERE state = 'leased'",
     ),
+    (
+        # API tokens for the HTTP API: only a SHA-256 of each token is kept.
+        """CREATE TABLE api_tokens (
+            name TEXT PRIMARY KEY,
+            scope TEXT NOT NULL CHECK (scope IN ('read', 'submit', 'admin')),
+            token_sha256 BLOB NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            revoked_at REAL)""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

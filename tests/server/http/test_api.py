@@ -1,0 +1,177 @@
+"""The HTTP API against a real in-process server, over real TCP, with real tokens.
+
+Judged by what the store holds and what the server still does afterwards, not only
+by the status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sqlite3
+import time
+
+import pytest
+
+from tests.hostile.harness import APP, until
+from tests.server.http.conftest import Api
+
+# (method, path, scope it needs)
+ROUTES = [
+    ("GET", "/api/v1/apps", "read"),
+    ("GET", "/api/v1/batches", "read"),
+    ("POST", "/api/v1/batches", "submit"),
+    ("GET", "/api/v1/batches/1", "read"),
+    ("GET", "/api/v1/batches/1/results", "read"),
+    ("GET", "/api/v1/batches/1/jobs/0", "read"),
+    ("GET", "/api/v1/agents", "read"),
+]
+BELOW = {"read": None, "submit": "read", "admin": "submit"}
+
+
+def ndjson(*lines: object) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+async def submit(api: Api, n: int) -> int:
+    body = ndjson({"app": APP, "wall_seconds": 10}, *({"json": {"i": i}} for i in range(n)))
+    headers = {**api.auth("submit"), "Content-Type": "application/x-ndjson"}
+    async with api.http.post(f"{api.url}/api/v1/batches", data=body, headers=headers) as r:
+        assert r.status == 201, await r.text()
+        answer = await r.json()
+    assert answer["jobs"] == n
+    return int(answer["batch"])
+
+
+@pytest.mark.parametrize(("method", "path", "scope"), ROUTES)
+async def test_every_route_checks_its_scope(api: Api, method: str, path: str, scope: str) -> None:
+    await submit(api, 1)  # batch 1 exists, so the right scope gets past the lookup
+    url = api.url + path
+    async with api.http.request(method, url) as r:
+        assert (r.status, (await r.json())["error"]) == (401, "missing_token")
+    async with api.http.request(method, url, headers={"Authorization": "Bearer vct_nope"}) as r:
+        assert (r.status, (await r.json())["error"]) == (401, "bad_token")
+    if BELOW[scope] is not None:
+        async with api.http.request(method, url, headers=api.auth(BELOW[scope])) as r:
+            assert (r.status, (await r.json())["error"]) == (403, "wrong_scope")
+    headers = {**api.auth(scope), "Content-Type": "application/x-ndjson"}
+    data = ndjson({"app": APP}, {"json": 1}) if method == "POST" else None
+    async with api.http.request(method, url, headers=headers, data=data) as r:
+        assert r.status in (200, 201), await r.text()
+
+
+async def test_a_revoked_token_is_refused_and_tokens_are_stored_hashed(api: Api) -> None:
+    async with api.http.get(f"{api.url}/api/v1/apps", headers=api.auth("read")) as r:
+        assert r.status == 200
+    api.org.store.revoke_token("t-read")
+    async with api.http.get(f"{api.url}/api/v1/apps", headers=api.auth("read")) as r:
+        assert (r.status, (await r.json())["error"]) == (401, "bad_token")
+    raw = (api.org.server.config.store_path).read_bytes()
+    for token in api.tokens.values():
+        assert token.encode() not in raw
+
+
+async def test_submit_follow_and_collect_with_a_real_agent(api: Api) -> None:
+    batch = await submit(api, 5)
+    agent = api.org.agent()
+    await agent.start()
+    try:
+        url = f"{api.url}/api/v1/batches/{batch}/results?follow=true"
+        lines = []
+        async with api.http.get(url, headers=api.auth("read")) as r:
+            assert r.headers["Content-Type"].startswith("application/x-ndjson")
+            async for raw in r.content:
+                if raw.strip():
+                    lines.append(json.loads(raw))
+        assert sorted(line["index"] for line in lines) == list(range(5))
+        for line in lines:
+            assert line["state"] == "done" and line["error"] is None
+            stored = api.org.store.get_job_by_index(batch, line["index"])
+            (result,) = [x for x in api.org.store.list_results(stored.job_id) if x.counted]
+            with api.org.store.open_output(stored.job_id, result.attempt) as blob:
+                assert base64.b64decode(line["output_b64"]) == blob.read(0, blob.size)
+        base, read = f"{api.url}/api/v1/batches/{batch}", api.auth("read")
+        async with api.http.get(base, headers=read) as r:
+            status = await r.json()
+        assert status["state"] == "finished" and status["counts"]["done"] == 5
+        async with api.http.get(f"{base}/jobs/2", headers=read) as r:
+            job = await r.json()
+        assert job["state"] == "done" and job["attempts"][0]["outcome"] == "ok"
+        await api.org.server._heartbeat(time.time())  # touch the live sessions now
+        await until(lambda: _agent_seen(api), 10, "the agent's touch to be written")
+        async with api.http.get(f"{api.url}/api/v1/agents", headers=api.auth("read")) as r:
+            (entry,) = (await r.json())["agents"]
+        assert entry["connected"] is True and entry["jobs_done"] == 5
+    finally:
+        await agent.stop()
+
+
+def _agent_seen(api: Api) -> bool:
+    (agent,) = api.org.store.list_agents()
+    return agent.last_seen is not None
+
+
+BAD = [
+    ("application/x-ndjson", b'{"app": "hostile-app"\n', 400, "bad_json"),
+    ("application/x-ndjson", b"", 400, "bad_request"),
+    ("application/x-ndjson", ndjson({"app": "no-such-app"}, {"json": 1}), 404, "unknown_app"),
+    ("application/x-ndjson", ndjson({"app": APP, "colour": "red"}), 400, "bad_request"),
+    ("application/x-ndjson", ndjson({"app": APP}, {"b64": "***"}), 400, "bad_request"),
+    ("application/x-ndjson", ndjson({"app": APP}, {"json": 1, "b64": ""}), 400, "bad_request"),
+    ("application/x-ndjson", ndjson({"app": APP}, [1, 2]), 400, "bad_request"),
+    ("application/json", b'{"app": "hostile-app", "inputs": 3}', 400, "bad_request"),
+    ("application/json", b"{nope", 400, "bad_json"),
+    ("text/plain", b"hello", 415, "unsupported_media_type"),
+]
+
+
+@pytest.mark.parametrize(("ctype", "body", "status", "code"), BAD)
+async def test_bad_batch_requests_get_their_own_error_and_store_nothing(
+    api: Api, ctype: str, body: bytes, status: int, code: str
+) -> None:
+    headers = {**api.auth("submit"), "Content-Type": ctype}
+    async with api.http.post(f"{api.url}/api/v1/batches", data=body, headers=headers) as r:
+        answer = await r.json()
+        assert (r.status, answer["error"]) == (status, code), answer
+        assert "Traceback" not in answer["message"]
+    assert api.org.store.list_batches() == []
+    await submit(api, 1)  # and the server still takes good requests
+
+
+async def test_an_oversized_body_is_refused_before_it_is_kept(api: Api) -> None:
+    """1 MiB limit, 8 MiB streamed: refused, nothing stored, the server serves on."""
+
+    async def body():  # type: ignore[no-untyped-def]
+        yield json.dumps({"app": APP}).encode() + b"\n"
+        line = json.dumps({"b64": base64.b64encode(bytes(48 << 10)).decode()}).encode() + b"\n"
+        for _ in range(128):
+            yield line
+
+    headers = {**api.auth("submit"), "Content-Type": "application/x-ndjson"}
+    async with api.http.post(f"{api.url}/api/v1/batches", data=body(), headers=headers) as r:
+        assert (r.status, (await r.json())["error"]) == (413, "too_large")
+    assert api.org.store.list_batches() == []
+    await asyncio.sleep(0)
+    await submit(api, 1)
+
+
+async def test_unknown_paths_and_methods_are_json_errors(api: Api) -> None:
+    async with api.http.get(f"{api.url}/api/v1/nothing") as r:
+        assert (r.status, (await r.json())["error"]) == (404, "not_found")
+    async with api.http.delete(f"{api.url}/api/v1/apps") as r:
+        assert (r.status, (await r.json())["error"]) == (405, "method_not_allowed")
+    async with api.http.get(f"{api.url}/api/v1/batches/abc", headers=api.auth("read")) as r:
+        assert r.status == 404
+
+
+def test_the_store_keeps_no_token_text(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vcomp.server.http.auth import new_token, token_digest
+    from vcomp.server.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.sqlite")
+    token = new_token()
+    store.create_token("x", "admin", token_digest(token))
+    store.close()
+    rows = sqlite3.connect(tmp_path / "s.sqlite").execute("SELECT * FROM api_tokens").fetchall()
+    assert token not in repr(rows) and len(rows) == 1
