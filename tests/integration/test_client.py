@@ -50,14 +50,6 @@ def free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def with_http(toml: str, bind: str) -> str:
-    """server.toml with ``[http] bind`` set (the section replaced if init wrote one)."""
-    section = f'[http]\nbind = "{bind}"\n'
-    if re.search(r"^\[http\]", toml, re.M):
-        return re.sub(r'(^\[http\][^\[]*?^bind = )"[^"]*"', rf'\1"{bind}"', toml, flags=re.M | re.S)
-    return toml.rstrip("\n") + "\n\n" + section
-
-
 @dataclass
 class ApiLab:
     home: Path
@@ -82,7 +74,7 @@ async def start_api_lab(lab: Lab, *, agents: int = 2, lease_seconds: float = 300
     udp, http = free_udp_port(), free_tcp_port()
     toml = (home / "server.toml").read_text().replace("127.0.0.1:7461", f"127.0.0.1:{udp}")
     toml = toml.replace("lease_seconds = 300.0", f"lease_seconds = {lease_seconds}")
-    (home / "server.toml").write_text(with_http(toml, f"127.0.0.1:{http}"))
+    (home / "server.toml").write_text(toml)
     homes = [lab.agent_home(f"agent{i}", ("127.0.0.1", udp), fingerprint) for i in range(agents)]
     with SqliteStore(home / STORE_FILE) as store:
         for a in homes:
@@ -91,7 +83,7 @@ async def start_api_lab(lab: Lab, *, agents: int = 2, lease_seconds: float = 300
             store.allow_measurement(golden_measurement(a.policy()).format())
     admin = create_token(home, "admin", "admin")
     submit = create_token(home, "scientist", "submit")
-    await lab.serve(home, "serve")
+    await lab.serve(home, "serve", http_bind=f"127.0.0.1:{http}")
     url = f"http://127.0.0.1:{http}"
     await wait_for_api(url, admin)
     handles = [await lab.run_agent(a) for a in homes]
