@@ -62,6 +62,11 @@ class ApiLab:
         return SqliteStore(self.home / STORE_FILE)
 
 
+def add_app_cli(api: ApiLab, name: str, code: Path) -> None:
+    home = str(api.home)
+    run_cli([SERVER_CLI, "app", "add", name, str(code), "--kind", "python", "--config", home])
+
+
 def create_token(home: Path, name: str, scope: str) -> str:
     out = run_cli([SERVER_CLI, "token", "create", name, "--scope", scope, "--config", str(home)])
     return out.stdout.split()[-1]
@@ -111,9 +116,10 @@ def pi_estimate(counts: list[dict[str, int]]) -> tuple[float, float]:
 @pytest.mark.slow
 async def test_map_as_completed_gather_of_20_pi_jobs(lab: Lab) -> None:
     api = await start_api_lab(lab)
+    add_app_cli(api, "pi", PI_PY)
     async with Client.connect(api.url, token=api.admin) as admin:
-        app = await admin.add_app("pi", PI_PY, kind="python")
-    assert (app.name, app.version, app.size) == ("pi", 1, PI_PY.stat().st_size)
+        apps = await admin.apps()
+    assert [(a.name, a.version, a.kind) for a in apps] == [("pi", 1, "python")]
 
     inputs = [{"points": POINTS, "seed": 100 + i} for i in range(20)]
     async with Client.connect(api.url, token=api.submit) as client:
@@ -154,8 +160,8 @@ async def test_a_failing_job_raises_job_failed_with_its_error_text(lab: Lab) -> 
     api = await start_api_lab(lab)
     code = lab.root / "failing.py"
     code.write_bytes(FAILING)
-    async with Client.connect(api.url, token=api.admin) as client:
-        await client.add_app("failing", code)
+    add_app_cli(api, "failing", code)
+    async with Client.connect(api.url, token=api.submit) as client:
         batch = await client.map("failing", [{"fail": False}, {"fail": True}, {"fail": False}])
         with pytest.raises(JobFailed) as caught:
             await batch.gather()
@@ -176,7 +182,8 @@ async def test_cancel_stops_leasing_the_remaining_jobs(lab: Lab) -> None:
     slow = lab.root / "slow.py"
     slow.write_bytes(python_job("time.sleep(0.5)\nreturn data"))
     async with Client.connect(api.url, token=api.admin) as client:
-        await client.add_app("slow", slow)
+        app = await client.add_app("slow", slow)  # through the API, as an admin
+        assert (app.name, app.version, app.size) == ("slow", 1, slow.stat().st_size)
         batch = await client.map("slow", [str(i).encode() for i in range(40)])
         async with contextlib.aclosing(batch.as_completed()) as results:
             async for _first in results:
@@ -208,8 +215,7 @@ README_EXAMPLE = re.compile(r"<!-- from-python-example -->\n```python\n(.*?)```"
 @pytest.mark.slow
 async def test_the_readme_example_and_the_blocking_client(lab: Lab) -> None:
     api = await start_api_lab(lab)
-    async with Client.connect(api.url, token=api.admin) as admin:
-        await admin.add_app("pi", PI_PY)
+    add_app_cli(api, "pi", PI_PY)
 
     def blocking() -> tuple[list[bytes], int]:
         with connect_sync(api.url, token=api.submit) as client:
