@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     SERVER_CLI,
     AgentHandle,
     Lab,
+    Process,
     free_udp_port,
     python_job,
     run_cli,
@@ -57,6 +58,7 @@ class ApiLab:
     admin: str  # tokens
     submit: str
     agents: list[AgentHandle]
+    serve: Process
 
     def store(self) -> SqliteStore:
         return SqliteStore(self.home / STORE_FILE)
@@ -72,13 +74,16 @@ def create_token(home: Path, name: str, scope: str) -> str:
     return out.stdout.split()[-1]
 
 
-async def start_api_lab(lab: Lab, *, agents: int = 2, lease_seconds: float = 300.0) -> ApiLab:
+async def start_api_lab(
+    lab: Lab, *, agents: int = 2, lease_seconds: float = 300.0, idle_timeout: float = 60.0
+) -> ApiLab:
     """A server home with the HTTP API on, two enrolled agents; serve and the agents running."""
     home = lab.root / "srv"
     fingerprint = init_server_home(home)
     udp, http = free_udp_port(), free_tcp_port()
     toml = (home / "server.toml").read_text().replace("127.0.0.1:7461", f"127.0.0.1:{udp}")
     toml = toml.replace("lease_seconds = 300.0", f"lease_seconds = {lease_seconds}")
+    toml = toml.replace("idle_timeout = 60.0", f"idle_timeout = {idle_timeout}")
     (home / "server.toml").write_text(toml)
     homes = [lab.agent_home(f"agent{i}", ("127.0.0.1", udp), fingerprint) for i in range(agents)]
     with SqliteStore(home / STORE_FILE) as store:
@@ -88,11 +93,11 @@ async def start_api_lab(lab: Lab, *, agents: int = 2, lease_seconds: float = 300
             store.allow_measurement(golden_measurement(a.policy()).format())
     admin = create_token(home, "admin", "admin")
     submit = create_token(home, "scientist", "submit")
-    await lab.serve(home, "serve", http_bind=f"127.0.0.1:{http}")
+    serve, _ = await lab.serve(home, "serve", http_bind=f"127.0.0.1:{http}")
     url = f"http://127.0.0.1:{http}"
     await wait_for_api(url, admin)
     handles = [await lab.run_agent(a) for a in homes]
-    return ApiLab(home, url, admin, submit, handles)
+    return ApiLab(home, url, admin, submit, handles, serve)
 
 
 async def wait_for_api(url: str, token: str) -> None:
@@ -144,6 +149,29 @@ async def test_map_as_completed_gather_of_20_pi_jobs(lab: Lab) -> None:
                 stored[rec.index] = json.loads(blob.read(0, blob.size))
     assert stored == dict(enumerate(counts))
     assert sum(a.jobs_done for a in agents) >= 20
+
+
+@pytest.mark.slow
+async def test_as_completed_survives_the_server_being_killed_and_restarted(lab: Lab) -> None:
+    api = await start_api_lab(lab, lease_seconds=5.0, idle_timeout=10.0)
+    add_app_cli(api, "pi", PI_PY)
+    http_bind = api.url.removeprefix("http://")
+    async with Client.connect(api.url, token=api.submit) as client:
+        batch = await client.map("pi", [{"points": POINTS, "seed": i} for i in range(20)])
+        seen, done_at_kill = [], 20
+        async for job in batch.as_completed():
+            seen.append(job.index)
+            if len(seen) == 3:  # the stream is open: kill the server under it
+                api.serve.killpg()
+                await api.serve.wait(10)
+                with api.store() as store:
+                    done_at_kill = store.batch_status(batch.id).done
+                await lab.serve(api.home, "serve2", http_bind=http_bind)
+    # the rest can only have come through a stream to the restarted server
+    assert done_at_kill < 20, "the kill came too late to test anything"
+    assert sorted(seen) == list(range(20)), seen  # every job once, none lost
+    with api.store() as store:
+        assert store.batch_status(batch.id).done == 20
 
 
 FAILING = python_job(
