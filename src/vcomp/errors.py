@@ -82,6 +82,45 @@ class AgentUnreachable(VcompError):
     """The running agent's status socket could not be reached, or answered wrongly."""
 
 
+class ApiError(VcompError):
+    """The HTTP API answered with an error (``code`` and ``message`` are the server's), or
+    with something that is not the API's answer at all (``code`` ``bad_response``)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        super().__init__(f"{code} (HTTP {status}): {message}" if status else f"{code}: {message}")
+
+
+class AuthError(ApiError):
+    """The API refused the token: missing or unknown (401), or its scope is too low (403)."""
+
+
+class NotFound(ApiError):
+    """The app, batch, job or agent the request named does not exist (404)."""
+
+
+class ApiUnreachable(VcompError):
+    """The HTTP API could not be reached (refused, reset, timed out) or kept dropping."""
+
+
+class JobFailed(VcompError):
+    """A job of a batch ended failed (or cancelled); ``stderr_tail`` is its last stderr."""
+
+    def __init__(self, index: int, kind: str, message: str, stderr_tail: str = "") -> None:
+        self.index = index
+        self.kind = kind
+        self.message = message
+        self.stderr_tail = stderr_tail
+        text = (
+            f"job {index} failed ({kind}): {message}" if message else f"job {index} failed ({kind})"
+        )
+        if stderr_tail:
+            text += "\n--- stderr (tail) ---\n" + stderr_tail
+        super().__init__(text)
+
+
 def loggable(exc: BaseException) -> str:
     """What an unexpected exception may say in a log line: vcomp's own messages, an
     OSError's errno text (not its file names, which a job may have chosen), else the

@@ -28,6 +28,7 @@ ROUTES = [
     ("GET", "/api/v1/agents", "read"),
     ("POST", "/api/v1/batches/1/cancel", "submit"),
     ("POST", "/api/v1/batches/1/retry", "submit"),
+    ("POST", "/api/v1/apps/extra/versions?kind=python", "admin"),
 ]
 BELOW = {"read": None, "submit": "read", "admin": "submit"}
 
@@ -59,6 +60,8 @@ async def test_every_route_checks_its_scope(api: Api, method: str, path: str, sc
             assert (r.status, (await r.json())["error"]) == (403, "wrong_scope")
     headers = {**api.auth(scope), "Content-Type": "application/x-ndjson"}
     data = ndjson({"app": APP}, {"json": 1}) if path == "/api/v1/batches" else None
+    if "/versions" in path:
+        data = b"print('code')\n"
     async with api.http.request(method, url, headers=headers, data=data) as r:
         assert r.status in (200, 201), await r.text()
 
@@ -203,3 +206,21 @@ async def test_cancel_over_http_leaves_nothing_for_a_real_agent(api: Api) -> Non
     async with api.http.post(f"{url}/retry", headers=headers) as r:
         answer = await r.json()
     assert answer == {"batch": batch, "retry_batch": None, "requeued": 0, "indices": []}
+
+
+async def test_add_an_app_version_over_http(api: Api) -> None:
+    url, admin = f"{api.url}/api/v1/apps/fresh/versions", api.auth("admin")
+    code = b"from vcomp.guest import run\nrun(lambda data: data)\n"
+    async with api.http.post(f"{url}?kind=python", data=code, headers=admin) as r:
+        added = await r.json()
+        assert r.status == 201, added
+    stored = api.org.store.get_app("fresh")
+    assert (added["version"], added["size"], stored.size) == (1, len(code), len(code))
+    with api.org.store.open_code(stored.app_id) as blob:
+        assert blob.read(0, blob.size) == code
+    for query in ("kind=ruby", "kind=python&validator=no.such:fn"):
+        async with api.http.post(f"{url}?{query}", data=code, headers=admin) as r:
+            assert (r.status, (await r.json())["error"]) == (400, "bad_request")
+    async with api.http.post(f"{url}?kind=python", data=b"", headers=admin) as r:
+        assert r.status == 400
+    assert [a.version for a in api.org.store.list_apps() if a.name == "fresh"] == [1]
