@@ -37,7 +37,14 @@ from vcomp.server.config import (
     load_server_config,
 )
 from vcomp.server.hooks import load as load_hook
-from vcomp.server.store import RESULT_OK, JobState, ResultRecord, Store, StoreStatus
+from vcomp.server.store import (
+    RESULT_OK,
+    AgentRecord,
+    JobState,
+    ResultRecord,
+    Store,
+    StoreStatus,
+)
 from vcomp.server.store import open_store as open_store_url
 from vcomp.server.store.checks import MAX_BLOB_BYTES
 from vcomp.server.store.url import migrate_store, redact_store_url
@@ -650,6 +657,23 @@ def results(batch_id: int, out_path: Path | None, config_path: Path) -> None:
         click.echo(f"wrote {count} results to {out_path}", err=True)
 
 
+def find_agent(store: Store, text: str) -> AgentRecord:
+    """The one enrolled agent ``text`` names: its id, a unique id prefix, or its name."""
+    agents = store.list_agents()
+    key = text.strip().lower()
+    matches = [a for a in agents if a.agent_id == key]
+    if not matches and re.fullmatch(r"[0-9a-f]{4,64}", key):
+        matches = [a for a in agents if a.agent_id.startswith(key)]
+    if not matches:
+        matches = [a for a in agents if a.name == text.strip()]
+    if not matches:
+        raise ConfigError(f"no enrolled agent matches {text!r}")
+    if len(matches) > 1:
+        names = ", ".join(f"{a.agent_id[:16]} ({a.name})" for a in matches)
+        raise ConfigError(f"{text!r} matches several agents: {names}")
+    return matches[0]
+
+
 @main.command()
 @click.argument("agent")
 @config_option
@@ -661,19 +685,7 @@ def reset(agent: str, config_path: Path) -> None:
     The agent aborts its job, which is re-run or reassigned.
     """
     with open_store(config_path) as (_, store):
-        agents = store.list_agents()
-        key = agent.strip().lower()
-        matches = [a for a in agents if a.agent_id == key]
-        if not matches and re.fullmatch(r"[0-9a-f]{4,64}", key):
-            matches = [a for a in agents if a.agent_id.startswith(key)]
-        if not matches:
-            matches = [a for a in agents if a.name == agent.strip()]
-        if not matches:
-            raise ConfigError(f"no enrolled agent matches {agent!r}")
-        if len(matches) > 1:
-            names = ", ".join(f"{a.agent_id[:16]} ({a.name})" for a in matches)
-            raise ConfigError(f"{agent!r} matches several agents: {names}")
-        target = matches[0]
+        target = find_agent(store, agent)
         store.request_reset(target.agent_id)
     click.echo(
         f"reset requested for agent {target.agent_id} ({target.name}); "
@@ -681,7 +693,7 @@ def reset(agent: str, config_path: Path) -> None:
     )
 
 
-from vcomp.server import cli_batches, cli_tokens  # noqa: E402,F401  register their groups
+from vcomp.server import cli_agents, cli_batches, cli_tokens  # noqa: E402,F401  register them
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -265,7 +265,11 @@ class OrganisationServer:
     def _load_trust(self) -> None:
         """Pick up enrolments and allowlist changes made by the CLI while we run."""
         enrolled: dict[bytes, rsa.RSAPublicKey] = {}
+        revoked: list[bytes] = []
         for agent in self.store.list_agents():
+            if agent.revoked_at is not None:
+                revoked.append(bytes.fromhex(agent.agent_id))
+                continue
             cached = self._ak_cache.get(agent.agent_id)
             if cached is not None and cached[0] == agent.ak_public_pem:
                 key: object = cached[1]
@@ -283,6 +287,14 @@ class OrganisationServer:
                             clock.clock, clock.reset_count, clock.restart_count, True
                         )
         self.trust.enrolled = enrolled
+        if revoked and self.endpoint is not None:
+            gone = set(revoked)
+            for session in list(self.endpoint.sessions.values()):
+                if session.agent_id in gone and session.channel is not None:
+                    # Trust withdrawn: the next handshake is refused as unknown_key.
+                    self.close_session(
+                        session.session_id, "agent revoked", ErrorCode.ATTESTATION_FAILED
+                    )
         self.trust.allowlist = {Measurement.parse(m.text) for m in self.store.list_measurements()}
 
     def _remember_clock(self, agent_id: bytes, clock: ClockInfo) -> None:

@@ -29,6 +29,7 @@ ROUTES = [
     ("POST", "/api/v1/batches/1/cancel", "submit"),
     ("POST", "/api/v1/batches/1/retry", "submit"),
     ("POST", "/api/v1/apps/extra/versions?kind=python", "admin"),
+    ("POST", "/api/v1/agents/AGENT/revoke", "admin"),
 ]
 BELOW = {"read": None, "submit": "read", "admin": "submit"}
 
@@ -50,7 +51,8 @@ async def submit(api: Api, n: int) -> int:
 @pytest.mark.parametrize(("method", "path", "scope"), ROUTES)
 async def test_every_route_checks_its_scope(api: Api, method: str, path: str, scope: str) -> None:
     await submit(api, 1)  # batch 1 exists, so the right scope gets past the lookup
-    url = api.url + path
+    (agent,) = api.org.store.list_agents()
+    url = api.url + path.replace("AGENT", agent.agent_id)
     async with api.http.request(method, url) as r:
         assert (r.status, (await r.json())["error"]) == (401, "missing_token")
     async with api.http.request(method, url, headers={"Authorization": "Bearer vct_nope"}) as r:
@@ -224,3 +226,36 @@ async def test_add_an_app_version_over_http(api: Api) -> None:
     async with api.http.post(f"{url}?kind=python", data=b"", headers=admin) as r:
         assert r.status == 400
     assert [a.version for a in api.org.store.list_apps() if a.name == "fresh"] == [1]
+
+
+async def test_a_revoked_agent_loses_its_session_and_gets_no_more_work(api: Api) -> None:
+    agent = api.org.agent()
+    await agent.start()
+    try:
+        first = await submit(api, 2)
+        await until(lambda: api.org.store.batch_status(first).done == 2, 30, "work before")
+        (record,) = api.org.store.list_agents()
+        url = f"{api.url}/api/v1/agents/{record.agent_id}/revoke"
+        async with api.http.post(url, headers=api.auth("admin")) as r:
+            answer = await r.json()
+        assert r.status == 200 and answer["revoked"] is True
+        api.org.server._load_trust()  # what the next tick does
+        await until(lambda: bool(agent.stats.closed), 10, "the session closed")
+    finally:
+        await agent.stop()
+    later = await submit(api, 3)
+    counters = api.org.endpoint.counters
+    before = counters["rejected_unknown_agent"]
+    again = api.org.agent()  # the same key, trying again
+    await again.start()
+    try:
+        await until(lambda: counters["rejected_unknown_agent"] > before, 30, "a refused HELLO")
+    finally:
+        await again.stop()
+    for index in range(3):
+        job = api.org.store.get_job_by_index(later, index)
+        assert api.org.store.list_attempts(job.job_id) == []
+    assert agent.stats.jobs == 2 and again.stats.jobs == 0
+    nobody = f"{api.url}/api/v1/agents/ffff/revoke"
+    async with api.http.post(nobody, headers=api.auth("admin")) as r:
+        assert (r.status, (await r.json())["error"]) == (404, "unknown_agent")

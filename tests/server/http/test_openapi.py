@@ -50,6 +50,7 @@ def test_every_operation_names_the_scope_the_server_checks() -> None:
     for method, path, scope in ROUTES:
         template = path.split("?")[0].replace("/1", "/{batch}").replace("/0", "/{index}")
         template = template.replace("/apps/extra/", "/apps/{name}/")
+        template = template.replace("/agents/AGENT/", "/agents/{agent}/")
         assert operations[(method, template)]["x-scope"] == scope, (method, path)
     for operation in operations.values():
         assert operation["x-scope"] in {"none", "read", "submit", "admin", "monitoring"}

@@ -247,6 +247,7 @@ class AgentRecord:
     enrolled_at: float
     last_seen: float | None
     address: str | None
+    revoked_at: float | None = None  # revoked: its key is refused from then on
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,19 @@ class Agents:
             rows = conn.execute(AGENT_SELECT + " ORDER BY name, id").fetchall()
         return [agent_from_row(r) for r in rows]
 
+    def revoke(self, agent_id: str, now: float) -> AgentRecord:
+        """Refuse this agent's key from now on (revoking twice keeps the first time)."""
+        check_finite(now, "now")
+        with self._db.transaction(write=True) as conn:
+            cur = conn.execute(
+                "UPDATE agents SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (now, agent_id),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"unknown agent {agent_id[:16]}")
+            row = conn.execute(AGENT_SELECT + " WHERE id = ?", (agent_id,)).fetchone()
+        return agent_from_row(row)
+
     def credit(self) -> dict[str, AgentCredit]:
         """Per agent: counted ok results and their CPU time (BOINC's credit, in seconds)."""
         with self._db.transaction() as conn:

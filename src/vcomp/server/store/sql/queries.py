@@ -152,7 +152,9 @@ ATTEMPTS_WITH_JOB_AND_RESULT = (
     "LEFT JOIN results AS r ON r.job_id = a.job_id AND r.attempt = a.attempt "
     "WHERE {job_in_jobs}"
 )
-AGENT_SELECT = "SELECT id, name, ak_public_pem, enrolled_at, last_seen, address FROM agents"
+AGENT_SELECT = (
+    "SELECT id, name, ak_public_pem, enrolled_at, last_seen, address, revoked_at FROM agents"
+)
 
 
 # ---------------------------------------------------------------------- row mapping
@@ -227,4 +229,5 @@ def agent_from_row(row: Any) -> AgentRecord:
         enrolled_at=float(row[3]),
         last_seen=None if row[4] is None else float(row[4]),
         address=None if row[5] is None else str(row[5]),
+        revoked_at=None if row[6] is None else float(row[6]),
     )

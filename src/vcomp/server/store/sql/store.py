@@ -364,6 +364,9 @@ class SqlStore:
     def list_agents(self) -> list[AgentRecord]:
         return self._agents.list_agents()
 
+    def revoke_agent(self, agent_id: str) -> AgentRecord:
+        return self._agents.revoke(agent_id, self._clock())
+
     def agent_credit(self) -> dict[str, AgentCredit]:
         return self._agents.credit()
 

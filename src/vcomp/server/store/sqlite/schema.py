@@ -161,6 +161,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         # A cancelled batch: its unfinished jobs were failed with reason 'cancelled'.
         "ALTER TABLE batches ADD COLUMN cancelled_at REAL",
+        # A revoked agent: its key is refused at the handshake from then on.
+        "ALTER TABLE agents ADD COLUMN revoked_at REAL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
