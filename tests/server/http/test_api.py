@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import sqlite3
 import time
 
@@ -259,3 +260,24 @@ async def test_a_revoked_agent_loses_its_session_and_gets_no_more_work(api: Api)
     nobody = f"{api.url}/api/v1/agents/ffff/revoke"
     async with api.http.post(nobody, headers=api.auth("admin")) as r:
         assert (r.status, (await r.json())["error"]) == (404, "unknown_agent")
+
+
+async def test_an_overlong_header_is_one_quiet_line_not_a_traceback(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp refuses it before our middleware runs; its log must not carry a traceback
+    a client can repeat at will, and the server must go on serving."""
+    host, port = api.listener.address or ("", 0)
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ")
+            writer.write(b"x" * 10_000 + b"\r\n\r\n")
+            await writer.drain()
+            answer = await reader.read(4096)
+            writer.close()
+            assert answer.split(b" ", 2)[1] == b"400", answer[:100]
+    assert "Traceback" not in caplog.text and "LineTooLong" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    async with api.http.get(f"{api.url}/api/v1/apps", headers=api.auth("read")) as r:
+        assert r.status == 200

@@ -13,6 +13,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vcomp import logfmt
 from vcomp.errors import ConfigError
@@ -25,6 +26,23 @@ if TYPE_CHECKING:
     from vcomp.server.service import OrganisationServer
 
 log = logging.getLogger("vcomp.server.http")
+
+
+class QuietMalformedRequests(logging.Filter):
+    """aiohttp answers a request it cannot parse (an over-long header line, a bad
+    request line) with a plain 400 itself, and logs an ERROR with a traceback. A client
+    can send those at will, so they become one line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "event=http_malformed_request error=%s", (type(exc).__name__,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(QuietMalformedRequests())
 
 
 def build_app(ctx: HttpContext) -> web.Application:
