@@ -80,3 +80,19 @@ def test_agents_lists_and_agent_revoke_refuses(home: Path) -> None:
     finally:
         store.close()
     assert_clean_error(run("agent", "revoke", "bob", "--config", home), "no enrolled agent")
+
+
+def test_app_retire(home: Path, tmp_path: Path) -> None:
+    code = tmp_path / "job.py"
+    code.write_text("print(1)\n")
+    for _ in range(2):
+        ok("app", "add", "echo", code, "--kind", "python", "--config", home)
+    assert "retired" in ok("app", "retire", "echo", "2", "--config", home).stdout
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("{}\n")
+    ok("submit", "echo", "--inputs", inputs, "--config", home)  # v1: the newest not retired
+    assert_clean_error(
+        run("submit", "echo", "--inputs", inputs, "--app-version", "2", "--config", home),
+        "is retired",
+    )
+    assert_clean_error(run("app", "retire", "echo", "7", "--config", home), "unknown app")

@@ -329,6 +329,20 @@ def app_add(
     )
 
 
+@app.command("retire")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(min=1))
+@config_option
+def app_retire(name: str, version: int, config_path: Path) -> None:
+    """Refuse VERSION of app NAME to new batches (batches made with it run on).
+
+    `submit` without --app-version then takes the newest version not retired.
+    """
+    with open_store(config_path) as (_, store):
+        a = store.retire_app(name, version)
+    click.echo(f"app {a.name} version {a.version} retired")
+
+
 @app.command("list")
 @config_option
 def app_list(config_path: Path) -> None:

@@ -31,6 +31,7 @@ ROUTES = [
     ("POST", "/api/v1/batches/1/retry", "submit"),
     ("POST", "/api/v1/apps/extra/versions?kind=python", "admin"),
     ("POST", "/api/v1/agents/AGENT/revoke", "admin"),
+    ("POST", f"/api/v1/apps/{APP}/versions/1/retire", "admin"),
 ]
 BELOW = {"read": None, "submit": "read", "admin": "submit"}
 
@@ -281,3 +282,26 @@ async def test_an_overlong_header_is_one_quiet_line_not_a_traceback(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     async with api.http.get(f"{api.url}/api/v1/apps", headers=api.auth("read")) as r:
         assert r.status == 200
+
+
+async def test_a_retired_version_is_refused_to_new_batches(api: Api) -> None:
+    admin = api.auth("admin")
+    url = f"{api.url}/api/v1/apps/{APP}/versions"
+    async with api.http.post(f"{url}?kind=python", data=b"print(2)\n", headers=admin) as r:
+        assert (await r.json())["version"] == 2
+    async with api.http.post(f"{url}/2/retire", headers=admin) as r:
+        assert (r.status, (await r.json())["retired"]) == (200, True)
+    batch = await submit(api, 1)  # no version named: the newest one not retired
+    assert api.org.store.get_batch(batch).app.version == 1
+    headers = {**api.auth("submit"), "Content-Type": "application/x-ndjson"}
+    body = ndjson({"app": APP, "version": 2}, {"json": 1})
+    async with api.http.post(f"{api.url}/api/v1/batches", data=body, headers=headers) as r:
+        assert (r.status, (await r.json())["error"]) == (409, "retired_app")
+    async with api.http.post(f"{url}/1/retire", headers=admin) as r:
+        assert r.status == 200
+    body = ndjson({"app": APP}, {"json": 1})
+    async with api.http.post(f"{api.url}/api/v1/batches", data=body, headers=headers) as r:
+        assert (r.status, (await r.json())["error"]) == (409, "retired_app")
+    async with api.http.post(f"{url}/9/retire", headers=admin) as r:
+        assert (r.status, (await r.json())["error"]) == (404, "unknown_app")
+    assert len(api.org.store.list_batches()) == 1

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from tests.hostile.harness import APP
 from tests.server.http.test_api import ROUTES
 from vcomp.server.http.app import build_app
 from vcomp.server.http.context import HttpContext
@@ -51,6 +52,8 @@ def test_every_operation_names_the_scope_the_server_checks() -> None:
         template = path.split("?")[0].replace("/1", "/{batch}").replace("/0", "/{index}")
         template = template.replace("/apps/extra/", "/apps/{name}/")
         template = template.replace("/agents/AGENT/", "/agents/{agent}/")
+        retire = f"/apps/{APP}/versions/{{batch}}/"
+        template = template.replace(retire, "/apps/{name}/versions/{version}/")
         assert operations[(method, template)]["x-scope"] == scope, (method, path)
     for operation in operations.values():
         assert operation["x-scope"] in {"none", "read", "submit", "admin", "monitoring"}

@@ -71,6 +71,7 @@ def downgrade_to_v1(path: Path) -> None:
     raw = sqlite3.connect(path)
     raw.execute("ALTER TABLE batches DROP COLUMN cancelled_at")  # v6
     raw.execute("ALTER TABLE agents DROP COLUMN revoked_at")
+    raw.execute("ALTER TABLE apps DROP COLUMN retired_at")
     raw.execute("DROP TABLE api_tokens")  # v5 (tokens)
     for statement in UNDO_V4:
         raw.execute(statement)

@@ -102,6 +102,7 @@ def test_postgresql_migrate_creates_and_open_checks_the_version(
         with store.database.transaction(write=True) as conn:  # back to schema v1
             conn.execute("ALTER TABLE batches DROP COLUMN cancelled_at")  # v6
             conn.execute("ALTER TABLE agents DROP COLUMN revoked_at")
+            conn.execute("ALTER TABLE apps DROP COLUMN retired_at")
             conn.execute("DROP TABLE api_tokens")  # v5
             for statement in UNDO_V4:
                 conn.execute(statement)

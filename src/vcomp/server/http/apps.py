@@ -28,6 +28,7 @@ def app_json(app: App) -> dict[str, Any]:
         "created": app.created_at,
         "validator": app.validator,
         "assimilator": app.assimilator,
+        "retired": app.retired_at is not None,
     }
 
 
@@ -84,6 +85,20 @@ def _add(
     )
 
 
+async def retire_version(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    await ctx.authorize(request, "admin")
+    name, text = request.match_info["name"], request.match_info["version"]
+    if not text.isdigit() or len(text) > 18:
+        raise ApiError(404, "unknown_app", "the version must be a number")
+    try:
+        retired = await ctx.run(ctx.store.retire_app, name, int(text))
+    except StoreError as exc:
+        raise ApiError(404, "unknown_app", str(exc)) from None
+    return web.json_response(app_json(retired))
+
+
 def register(app: web.Application) -> None:
     app.router.add_get("/api/v1/apps", list_apps)
+    app.router.add_post("/api/v1/apps/{name}/versions/{version}/retire", retire_version)
     app.router.add_post("/api/v1/apps/{name}/versions", add_version)

@@ -82,9 +82,12 @@ async def create_batch(request: web.Request) -> web.Response:
     try:
         h = spooled.header
         try:
-            await ctx.run(ctx.store.get_app, h["app"], h.get("version"))
+            app = await ctx.run(ctx.store.get_app, h["app"], h.get("version"))
         except StoreError as exc:
-            raise ApiError(404, "unknown_app", str(exc)) from None
+            code, status = ("retired_app", 409) if "retired" in str(exc) else ("unknown_app", 404)
+            raise ApiError(status, code, str(exc)) from None
+        if app.retired_at is not None:
+            raise ApiError(409, "retired_app", f"app {app.name!r} v{app.version} is retired")
         try:
             batch_id = await ctx.run(_create, ctx, spooled)
         except StoreError as exc:

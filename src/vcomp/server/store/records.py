@@ -75,6 +75,7 @@ class App:
     # replicas agree, and nothing is called after a job is done.
     validator: str | None = None
     assimilator: str | None = None
+    retired_at: float | None = None  # retired: no new batch may use this version
 
 
 @dataclass(frozen=True, slots=True)

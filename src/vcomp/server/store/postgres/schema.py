@@ -169,6 +169,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE batches ADD COLUMN cancelled_at DOUBLE PRECISION",
         # A revoked agent: its key is refused at the handshake from then on.
         "ALTER TABLE agents ADD COLUMN revoked_at DOUBLE PRECISION",
+        # A retired app version: batches made before keep it; no new batch may use it.
+        "ALTER TABLE apps ADD COLUMN retired_at DOUBLE PRECISION",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

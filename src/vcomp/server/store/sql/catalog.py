@@ -112,13 +112,31 @@ class Catalog:
                 app_id = returning_id(cur)
         return App(app_id, name, version, app_kind, total, digest, created, validator, assimilator)
 
+    def retire_app(self, name: str, version: int) -> App:
+        """No new batch may use this version; batches made with it run on."""
+        with self._db.transaction(write=True) as conn:
+            cur = conn.execute(
+                "UPDATE apps SET retired_at = COALESCE(retired_at, ?) "
+                "WHERE name = ? AND version = ?",
+                (self._clock(), name, version),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"unknown app {name!r} v{version}")
+        return self.get_app(name, version)
+
     def get_app(self, name: str, version: int | None = None) -> App:
         with self._db.transaction() as conn:
             if version is None:
                 row = conn.execute(
-                    APP_SELECT + " WHERE a.name = ? ORDER BY a.version DESC LIMIT 1",
+                    APP_SELECT + " WHERE a.name = ? AND a.retired_at IS NULL "
+                    "ORDER BY a.version DESC LIMIT 1",
                     (name,),
                 ).fetchone()
+                if (
+                    row is None
+                    and conn.execute("SELECT 1 FROM apps WHERE name = ?", (name,)).fetchone()
+                ):
+                    raise StoreError(f"every version of app {name!r} is retired")
             else:
                 row = conn.execute(
                     APP_SELECT + " WHERE a.name = ? AND a.version = ?",
@@ -192,6 +210,8 @@ class Catalog:
         if deadline is not None:
             check_positive(deadline, "deadline")
         app = self.get_app(app_name, app_version)
+        if app.retired_at is not None:
+            raise StoreError(f"app {app.name!r} v{app.version} is retired; submit another version")
         with self._db.transaction(write=True) as conn:
             cur = conn.execute(
                 "INSERT INTO batches (app_id, created_at, n_jobs, replicas, quorum, max_attempts, "

@@ -122,7 +122,7 @@ REFUSALS_SINCE = (
 )
 APP_SELECT = (
     "SELECT a.id, a.name, a.version, a.kind, b.size, b.sha256, a.created_at, "
-    "a.validator, a.assimilator "
+    "a.validator, a.assimilator, a.retired_at "
     "FROM apps AS a JOIN blobs AS b ON b.id = a.blob_id"
 )
 JOB_SELECT = (
@@ -171,6 +171,7 @@ def app_from_row(row: Any) -> App:
         created_at=float(row[6]),
         validator=row[7],
         assimilator=row[8],
+        retired_at=None if row[9] is None else float(row[9]),
     )
 
 

@@ -143,6 +143,9 @@ class SqlStore:
     def hook_failures(self, limit: int = 20) -> list[HookFailure]:
         return self._hooks.failures(limit)
 
+    def retire_app(self, name: str, version: int) -> App:
+        return self._catalog.retire_app(name, version)
+
     def get_app(self, name: str, version: int | None = None) -> App:
         return self._catalog.get_app(name, version)
 

@@ -163,6 +163,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE batches ADD COLUMN cancelled_at REAL",
         # A revoked agent: its key is refused at the handshake from then on.
         "ALTER TABLE agents ADD COLUMN revoked_at REAL",
+        # A retired app version: batches made before keep it; no new batch may use it.
+        "ALTER TABLE apps ADD COLUMN retired_at REAL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
