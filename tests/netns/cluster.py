@@ -96,8 +96,9 @@ class Cluster:
         config = self.server_home / "server.toml"
         text = config.read_text()
         for key, value in self.server_settings.items():
-            text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-            assert n == 1, f"server.toml has no single {key!r} line"
+            # The first match: [server] comes first, and [http] has a bind of its own.
+            text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text, count=1)
+            assert n == 1, f"server.toml has no {key!r} line"
         config.write_text(text)
         pub = str(self.server_home / "server.pub")
         for i, home in enumerate(self.agent_homes):
