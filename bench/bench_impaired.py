@@ -38,7 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -233,9 +233,6 @@ class _AgentSide:
     async def _small_jobs(self, identity: common.AgentIdentity, jobs: int) -> Any:
         """Seconds between consecutive commits (each: READY/ACK -> START, CODE, END,
         RESULT, committed ACK), and the session's PTO at the end."""
-        tpm = self._tpms.get(identity.tpm_dir)
-        if tpm is None:
-            tpm = self._tpms[identity.tpm_dir] = common.open_agent_tpm(identity.tpm_dir)
         commits: list[float] = []
         finished = asyncio.Event()
 
@@ -247,14 +244,7 @@ class _AgentSide:
             elif isinstance(e, ev.Rejected | ev.SessionClosed):
                 finished.set()
 
-        agent = LiteAgent(
-            tpm=tpm,
-            pinned=identity.pinned,
-            server=identity.server,
-            ephemeral=self._ephemeral,
-            compute=_no_work,
-            on_event=on_event,
-        )
+        agent = self._agent(identity, on_event)
         await agent.start()
         try:
             await asyncio.wait_for(finished.wait(), RUN_TIMEOUT)
@@ -266,10 +256,23 @@ class _AgentSide:
             raise RuntimeError(f"only {len(commits) - 1} of {jobs} small jobs committed")
         return [b - a for a, b in itertools.pairwise(commits)], pto
 
-    async def _vcomp(self, identity: common.AgentIdentity, nbytes: int) -> float:
+    def _agent(
+        self, identity: common.AgentIdentity, on_event: Callable[[ev.Event], None]
+    ) -> LiteAgent:
+        """A protocol-only agent of ``identity`` (its TPM opened once per run)."""
         tpm = self._tpms.get(identity.tpm_dir)
         if tpm is None:
             tpm = self._tpms[identity.tpm_dir] = common.open_agent_tpm(identity.tpm_dir)
+        return LiteAgent(
+            tpm=tpm,
+            pinned=identity.pinned,
+            server=identity.server,
+            ephemeral=self._ephemeral,
+            compute=_no_work,
+            on_event=on_event,
+        )
+
+    async def _vcomp(self, identity: common.AgentIdentity, nbytes: int) -> float:
         marks: dict[str, Any] = {}
         finished = asyncio.Event()
 
@@ -283,14 +286,7 @@ class _AgentSide:
                 marks["failed"] = repr(e)
                 finished.set()
 
-        agent = LiteAgent(
-            tpm=tpm,
-            pinned=identity.pinned,
-            server=identity.server,
-            ephemeral=self._ephemeral,
-            compute=_no_work,
-            on_event=on_event,
-        )
+        agent = self._agent(identity, on_event)
         await agent.start()
         try:
             await asyncio.wait_for(finished.wait(), RUN_TIMEOUT)
