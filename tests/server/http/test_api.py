@@ -132,6 +132,32 @@ BAD = [
     ("application/json", b'{"app": "hostile-app", "inputs": 3}', 400, "bad_request"),
     ("application/json", b"{nope", 400, "bad_json"),
     ("text/plain", b"hello", 415, "unsupported_media_type"),
+    (
+        "application/x-ndjson",
+        ndjson({"app": APP, "replicas": "5"}, {"json": 1}),
+        400,
+        "bad_request",
+    ),
+    (
+        "application/x-ndjson",
+        ndjson({"app": APP, "replicas": True}, {"json": 1}),
+        400,
+        "bad_request",
+    ),
+    (
+        "application/x-ndjson",
+        ndjson({"app": APP, "deadline": "x"}, {"json": 1}),
+        400,
+        "bad_request",
+    ),
+    ("application/x-ndjson", ndjson({"app": APP, "memory": -1}, {"json": 1}), 400, "bad_request"),
+    ("application/json", b'{"app": "hostile-app", "inputs": ' + b"[" * 100_000, 400, "bad_json"),
+    (
+        "application/json",
+        b'{"app": "hostile-app", "inputs": [' + b'{"json": 1},' * 400_000,
+        413,
+        "too_large",
+    ),
 ]
 
 
@@ -305,3 +331,31 @@ async def test_a_retired_version_is_refused_to_new_batches(api: Api) -> None:
     async with api.http.post(f"{url}/9/retire", headers=admin) as r:
         assert (r.status, (await r.json())["error"]) == (404, "unknown_app")
     assert len(api.org.store.list_batches()) == 1
+
+
+async def test_a_large_output_streams_in_pieces_and_arrives_whole(api: Api) -> None:
+    """2.5 MiB of output: read from the store a chunk at a time, base64 in pieces."""
+    from vcomp.loadgen import LiteAgent
+
+    big = bytes(range(256)) * (10 << 10) + b"tail"
+    body = ndjson({"app": APP, "output_bytes": 8 << 20}, {"json": 1})
+    headers = {**api.auth("submit"), "Content-Type": "application/x-ndjson"}
+    async with api.http.post(f"{api.url}/api/v1/batches", data=body, headers=headers) as r:
+        batch = (await r.json())["batch"]
+    org = api.org
+    agent = LiteAgent(
+        tpm=org.tpm,
+        pinned=org.fingerprint,
+        server=org.address,
+        ephemeral=org.ephemeral,
+        compute=lambda job: big,
+    )
+    await agent.start()
+    try:
+        url = f"{api.url}/api/v1/batches/{batch}/results?follow=true"
+        async with api.http.get(url, headers=api.auth("read")) as r:
+            text = await r.read()  # one line longer than aiohttp's readline allows
+    finally:
+        await agent.stop()
+    (line,) = [json.loads(raw) for raw in text.split(b"\n") if raw.strip()]
+    assert line["state"] == "done" and base64.b64decode(line["output_b64"]) == big

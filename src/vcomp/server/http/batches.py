@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -126,9 +127,20 @@ def _create(ctx: HttpContext, spooled: SpooledBatch) -> int:
     )
 
 
-def _final_lines(ctx: HttpContext, batch_id: int, sent: set[tuple[int, str]]) -> list[bytes]:
-    """On the store's thread: a line per job that is final and not yet in ``sent``."""
-    lines = []
+OUTPUT_CHUNK = 3 << 18  # a multiple of 3: base64 pieces concatenate into one string
+
+
+@dataclass(frozen=True, slots=True)
+class FinalJob:
+    """A final job's results line, without its output (read later in chunks)."""
+
+    head: dict[str, Any]
+    output: tuple[int, int, int] | None  # (job id, attempt, size) of a done job's output
+
+
+def _newly_final(ctx: HttpContext, batch_id: int, sent: set[tuple[int, str]]) -> list[FinalJob]:
+    """On the store's thread: the jobs that became final since ``sent``, outputs not read."""
+    out = []
     for rec in ctx.store.iter_results(batch_id):
         if not rec.state.terminal:
             continue
@@ -136,16 +148,12 @@ def _final_lines(ctx: HttpContext, batch_id: int, sent: set[tuple[int, str]]) ->
         if (rec.index, state) in sent:
             continue
         sent.add((rec.index, state))
-        lines.append(_result_line(ctx, rec, state))
-    return lines
+        out.append(_final_job(ctx, rec, state))
+    return out
 
 
-def _result_line(ctx: HttpContext, rec: ResultRecord, state: str) -> bytes:
+def _final_job(ctx: HttpContext, rec: ResultRecord, state: str) -> FinalJob:
     r = rec.result
-    output = None
-    if r is not None and rec.state is JobState.DONE:
-        with ctx.store.open_output(r.job_id, r.attempt) as blob:
-            output = base64.b64encode(blob.read(0, blob.size)).decode()
     error = None
     if rec.state is JobState.FAILED:
         message = rec.reason or (r.error if r else "") or "failed"
@@ -154,18 +162,35 @@ def _result_line(ctx: HttpContext, rec: ResultRecord, state: str) -> bytes:
             "message": message,
             "stderr_tail": r.error if r else "",
         }
-    attempts = len(ctx.store.list_attempts(rec.job_id))
-    line = {
+    head = {
         "index": rec.index,
         "job": rec.job_id,
         "state": state,
-        "output_b64": output,
         "error": error,
         "agent": r.agent_id if r else None,
         "cpu_seconds": r.cpu_ms / 1000 if r else None,
-        "attempts": attempts,
+        "attempts": len(ctx.store.list_attempts(rec.job_id)),
     }
-    return json.dumps(line).encode() + b"\n"
+    done = r is not None and rec.state is JobState.DONE
+    return FinalJob(head, (r.job_id, r.attempt, r.output_size) if done and r else None)
+
+
+def _read_output(ctx: HttpContext, job_id: int, attempt: int, offset: int, n: int) -> bytes:
+    with ctx.store.open_output(job_id, attempt) as blob:
+        return blob.read(offset, n)
+
+
+async def _write_line(ctx: HttpContext, response: web.StreamResponse, job: FinalJob) -> None:
+    """One results line; a large output goes out in base64 pieces, one chunk in memory."""
+    if job.output is None:
+        await response.write(json.dumps({**job.head, "output_b64": None}).encode() + b"\n")
+        return
+    job_id, attempt, size = job.output
+    await response.write(json.dumps(job.head).encode()[:-1] + b', "output_b64": "')
+    for offset in range(0, size, OUTPUT_CHUNK):
+        piece = await ctx.run(_read_output, ctx, job_id, attempt, offset, OUTPUT_CHUNK)
+        await response.write(base64.b64encode(piece))
+    await response.write(b'"}\n')
 
 
 async def batch_results(request: web.Request) -> web.StreamResponse:
@@ -179,8 +204,8 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
     sent: set[tuple[int, str]] = set()
     quiet_since = time.monotonic()
     while True:
-        for line in await ctx.run(_final_lines, ctx, batch_id, sent):
-            await response.write(line)
+        for job in await ctx.run(_newly_final, ctx, batch_id, sent):
+            await _write_line(ctx, response, job)
             quiet_since = time.monotonic()
         if not follow or (len(sent) >= status.total and _all_final(sent, status.total)):
             break

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +28,9 @@ HEADER_KEYS = frozenset(
      "cpu_seconds", "output_bytes", "disk_bytes", "deadline"}
 )  # fmt: skip
 MAX_HEADER_BYTES = 64 << 10
+MAX_JSON_BODY = 4 << 20  # a JSON document is parsed whole: larger batches come as NDJSON
+INT_KEYS = ("version", "replicas", "quorum", "max_attempts", "memory", "output_bytes", "disk_bytes")
+NUMBER_KEYS = ("wall_seconds", "cpu_seconds", "deadline")
 READ_CHUNK = 1 << 16
 _LENGTH = struct.Struct(">Q")
 
@@ -86,6 +90,21 @@ def check_header(header: object) -> dict[str, Any]:
         raise ApiError(400, "bad_request", f"unknown batch setting {unknown[0]!r}")
     if not isinstance(header.get("app"), str) or not header["app"]:
         raise ApiError(400, "bad_request", '"app" (the app\'s name) is required')
+    for key in INT_KEYS:
+        value = header.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 63
+        ):
+            raise ApiError(400, "bad_request", f'"{key}" must be a positive integer or null')
+    for key in NUMBER_KEYS:
+        value = header.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ApiError(400, "bad_request", f'"{key}" must be a positive number or null')
     return header
 
 
@@ -94,6 +113,8 @@ def parse_json(raw: bytes, where: str) -> object:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "bad_json", f"{where}: not JSON ({exc})") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", f"{where}: nested too deeply") from None
 
 
 async def _lines(request: web.Request, limit: int, max_line: int) -> AsyncIterator[bytes]:
@@ -120,7 +141,16 @@ async def read_batch(request: web.Request, limit: int, max_input: int) -> Spoole
     """The batch in ``request``; ApiError on anything malformed or too large."""
     max_line = max_input * 4 // 3 + 64  # base64 of the largest input, and the wrapper
     if request.content_type == "application/json":
-        body = parse_json(await request.read(), "body")  # bounded by client_max_size
+        raw = bytearray()
+        async for chunk in request.content.iter_chunked(READ_CHUNK):
+            raw += chunk
+            if len(raw) > MAX_JSON_BODY:
+                break
+        if len(raw) > MAX_JSON_BODY:
+            raise ApiError(
+                413, "too_large", f"a JSON body is at most {MAX_JSON_BODY} bytes; send NDJSON"
+            )
+        body = parse_json(bytes(raw), "body")
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
             raise ApiError(400, "bad_request", 'the body is {"app": NAME, "inputs": [...], ...}')
         items = body.pop("inputs")
