@@ -260,6 +260,17 @@ class Worker:
 
     # ---- events --------------------------------------------------------------
 
+    def _drop_spooled(self, job: int, attempt: int) -> None:
+        """The job's spooled result and checkpoint are no longer needed."""
+        self.rt.spool.remove(job, attempt)
+        self.rt.spool.remove_checkpoint(job)
+
+    def _settled(self, job: int, attempt: int) -> None:
+        """The server committed or refused this result, whoever sent it."""
+        self._drop_spooled(job, attempt)
+        self.rt.in_flight.pop((job, attempt), None)
+        self.wake.set()
+
     def _on_event(self, e: ev.Event) -> None:
         session = self.session
         if session is None:
@@ -295,8 +306,7 @@ class Worker:
             ):
                 self.running.task.cancel()
                 self.running = None
-            self.rt.spool.remove(e.job, e.attempt)
-            self.rt.spool.remove_checkpoint(e.job)
+            self._drop_spooled(e.job, e.attempt)
         elif isinstance(e, ev.ResetReceived):
             logfmt.event(log, "reset_received", worker=self.index, epoch=e.epoch)
             # The reset dropped everything in flight: every uncommitted result goes again.
@@ -304,10 +314,7 @@ class Worker:
             self._resend_spool(session)
         elif isinstance(e, ev.ResultCommitted):
             self.stats.committed += 1
-            self.rt.spool.remove(e.job, e.attempt)
-            self.rt.spool.remove_checkpoint(e.job)
-            self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
-            self.wake.set()
+            self._settled(e.job, e.attempt)
             sent = self._result_sent_at.pop((e.job, e.attempt), None)
             result_ms = None if sent is None else int((time.monotonic() - sent) * 1000)
             logfmt.event(
@@ -329,10 +336,7 @@ class Worker:
                 code=e.code,
                 message=logfmt.peer_text(e.message),
             )
-            self.rt.spool.remove(e.job, e.attempt)
-            self.rt.spool.remove_checkpoint(e.job)
-            self.rt.in_flight.pop((e.job, e.attempt), None)  # settled, whoever sent it
-            self.wake.set()
+            self._settled(e.job, e.attempt)
         elif isinstance(e, ev.HandshakeRetry):
             logfmt.event(
                 log,
