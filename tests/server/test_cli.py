@@ -643,7 +643,7 @@ def test_serve_log_file_appends_the_log_there(home: Path, tmp_path: Path) -> Non
     finally:
         proc.terminate()
         _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0
+    assert proc.returncode == 0, err
     lines = log.read_text().splitlines()
     assert lines[0] == "kept" and any("event=server_started" in ln for ln in lines)
     assert any("event=server_stopped" in ln for ln in lines)

@@ -1,18 +1,26 @@
-"""The hook runner's parts: specs, loading, validators as comparators, backoff."""
+"""The hook runner's parts: specs, loading, validators as comparators, backoff, and
+closing while a call runs."""
 
 from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
 
 import pytest
 
 from vcomp.errors import HookError
+from vcomp.server.commit import GroupCommitter
 from vcomp.server.hooks import (
     BACKOFF_MAX,
+    Assimilation,
     hook_error,
     load,
     parse_spec,
     retry_delay,
     validate_pair,
 )
+from vcomp.server.store.sqlite import SqliteStore
 
 HOOKS = "tests.integration.hookfns"
 
@@ -81,3 +89,26 @@ def test_hook_error_text_is_bounded() -> None:
 def test_retry_delay_doubles_up_to_a_bound() -> None:
     assert [retry_delay(n) for n in range(4)] == [1.0, 2.0, 4.0, 8.0]
     assert retry_delay(10**9) == BACKOFF_MAX
+
+
+async def test_close_waits_for_a_call_running_on_the_pool(tmp_path: Path) -> None:
+    """The store closes right after the runners: a read still running on a pool thread
+    must be done by then."""
+    store = SqliteStore(tmp_path / "store.db")
+    committer = GroupCommitter(store)
+    runner = Assimilation(store, committer, lambda work: work.close())
+    started, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def read() -> None:
+        started.set()
+        release.wait(10)
+        returned.set()
+
+    call = asyncio.ensure_future(runner._in_pool(read))
+    assert await asyncio.to_thread(started.wait, 10)
+    call.cancel()  # as the server's stop cancels the task that awaits it
+    threading.Timer(0.3, release.set).start()
+    await runner.close()
+    assert returned.is_set()
+    await committer.close()
+    store.close()

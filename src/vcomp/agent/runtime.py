@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
 import logging
 import os
@@ -817,6 +818,7 @@ class AgentRuntime:
 def join(config: AgentConfig, log_file: Path | None = None) -> None:
     """Run until SIGINT or SIGTERM (``vcomp-agent join``)."""
     logfmt.setup(log_file=log_file)
+    faulthandler.enable()  # a crash in a C extension leaves every thread's stack on stderr
     # The default loop, not uvloop: the sandbox forks its launcher from this
     # process, and libuv's state is not safe to use in a forked child (its
     # fd bookkeeping aborts with an assertion). One session per core needs no

@@ -26,6 +26,7 @@ other hooks' calls while the pool has threads left.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import logging
 import re
@@ -223,6 +224,7 @@ class _HookRunner(Generic[Item]):
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"vcomp-{self.name}")
         self._poll = poll_seconds
         self._running: set[Hashable] = set()
+        self._calls: set[concurrent.futures.Future[Any]] = set()  # on pool threads now
         self.calls = 0
         self.failures = 0
 
@@ -265,11 +267,21 @@ class _HookRunner(Generic[Item]):
             self._running.discard(item.job_id)
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        call = self._pool.submit(fn, *args)
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        return await asyncio.wrap_future(call)
 
-    def close(self) -> None:
-        """Stop taking work; a hook still running keeps its thread until it returns."""
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop taking work and give calls already running ``grace`` seconds to return.
+
+        They read the store, which closes next; one still running after that (a hook
+        that hangs) gets a StoreError from the closed store, and its work stays due.
+        """
         self._pool.shutdown(wait=False, cancel_futures=True)
+        running = [call for call in list(self._calls) if not call.done()]
+        if running:
+            await asyncio.to_thread(concurrent.futures.wait, running, grace)
 
 
 class Validation(_HookRunner[ValidationDue]):

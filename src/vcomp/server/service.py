@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import secrets
@@ -226,8 +227,7 @@ class OrganisationServer:
                 await self.committer.run(
                     self._flush_agent_updates, self._pending_clocks, self._pending_touches
                 )
-        self.validation.close()
-        self.assimilation.close()
+        await asyncio.gather(self.validation.close(), self.assimilation.close())
         await self.committer.close()
         self.store.close()
         if self._lock is not None:
@@ -574,6 +574,7 @@ class OrganisationServer:
 def serve(config: ServerConfig, *, log_file: Path | None = None) -> None:
     """Run until SIGINT or SIGTERM (``vcomp-server serve``)."""
     logfmt.setup(log_file=log_file)
+    faulthandler.enable()  # a crash in a C extension leaves every thread's stack on stderr
     try:
         import uvloop
 

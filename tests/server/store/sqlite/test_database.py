@@ -191,3 +191,70 @@ def test_committed_results_survive_sigkill(tmp_path: Path) -> None:
             with reopened.open_output(job_id, attempt) as reader:
                 assert reader.read(0, 100) == b"out-%d" % job_id
             assert reopened.get_job(job_id).state is JobState.DONE
+
+
+_CLOSE_UNDER_A_READER = textwrap.dedent(
+    """
+    import sys, threading
+    from vcomp.errors import StoreError
+    from vcomp.server.store.sqlite import SqliteStore
+
+    store = SqliteStore(sys.argv[1])
+    db = store.database
+    running, closed = threading.Event(), threading.Event()
+    outcome = []
+
+    def hold() -> int:  # an SQL function: the statement is mid-step while it waits
+        running.set()
+        closed.wait(10)
+        return 1
+
+    def reader() -> None:
+        conn = db.connection()
+        conn.create_function("hold", 0, hold)
+        try:
+            with db.transaction() as conn:
+                rows = conn.execute("SELECT hold() FROM jobs UNION ALL SELECT hold()").fetchall()
+            outcome.append(f"read {len(rows)}")
+        except StoreError as exc:
+            outcome.append(f"store error {exc}")
+        try:
+            with db.transaction() as conn:
+                conn.execute("SELECT 1")
+            outcome.append("read again")
+        except StoreError as exc:
+            outcome.append(f"then {exc}")
+        try:
+            conn.execute("SELECT 1")
+            outcome.append("connection still open")
+        except Exception as exc:
+            outcome.append(f"connection {type(exc).__name__}")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert running.wait(10)
+    store.close()  # the reader's statement is still running
+    closed.set()
+    thread.join(10)
+    print(" | ".join(outcome), flush=True)
+    """
+)
+
+
+def test_closing_the_store_under_a_running_statement_waits_for_it(tmp_path: Path) -> None:
+    """The server closes the store while a hook's read may be running on a pool thread;
+    closing that connection under the statement used to crash the server (SIGSEGV)."""
+    path = tmp_path / "store.db"
+    SqliteStore(path).close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONFAULTHANDLER": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", _CLOSE_UNDER_A_READER, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == (
+        "read 1 | then the job store is closed | connection ProgrammingError"
+    ), child.stdout

@@ -83,14 +83,15 @@ class SqliteBlobReader(WindowedBlobReader):
         self._handle_thread = 0
 
     def _fetch(self, blob_id: int, offset: int, length: int) -> bytes:
+        conn = self._db.connection()
         try:
-            if self._handle is None or self._handle_thread != threading.get_ident():
-                self._drop_handle()
-                conn = self._db.connection()
-                self._handle = conn.blobopen("blobs", "data", blob_id, readonly=True)
-                self._handle_thread = threading.get_ident()
-            self._handle.seek(offset)
-            return self._handle.read(length)
+            with self._db.using(conn):
+                if self._handle is None or self._handle_thread != threading.get_ident():
+                    self._drop_handle()
+                    self._handle = conn.blobopen("blobs", "data", blob_id, readonly=True)
+                    self._handle_thread = threading.get_ident()
+                self._handle.seek(offset)
+                return self._handle.read(length)
         except sqlite3.Error as exc:
             self._drop_handle()
             raise StoreError(f"cannot read stored blob: {exc}") from exc

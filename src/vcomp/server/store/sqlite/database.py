@@ -10,7 +10,9 @@ Thread rules
     :class:`~vcomp.errors.StoreError`.
     WAL lets readers (e.g. the event loop streaming CODE chunks) run while one writer
     (the :class:`~vcomp.server.commit.GroupCommitter` thread) commits. ``close()``
-    closes every connection; call it once no thread uses the store any more.
+    closes every idle connection at once; one that another thread is using (inside
+    :meth:`SqliteDatabase.using`) is closed by that thread when it is done, because
+    closing an SQLite connection under a running statement crashes the process.
 
 Durability
     In WAL mode ``synchronous=NORMAL`` appends a commit to the WAL without fsync and
@@ -68,6 +70,7 @@ class SqliteDatabase:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
+        self._busy: dict[sqlite3.Connection, int] = {}  # statements running, per connection
         self._closed = False
 
     def connection(self) -> sqlite3.Connection:
@@ -106,6 +109,12 @@ class SqliteDatabase:
         """One transaction on this thread's connection; any sqlite3 error becomes a
         StoreError and rolls it back."""
         conn = self.connection()
+        with self.using(conn):
+            yield from self._transaction(conn, write=write, durable=durable)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, *, write: bool, durable: bool
+    ) -> Iterator[sqlite3.Connection]:
         try:
             if write and self._local.durable != durable:
                 conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -146,11 +155,33 @@ class SqliteDatabase:
         with self.transaction() as conn:
             return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
 
+    @contextmanager
+    def using(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """Mark ``conn`` as running statements, so :meth:`close` leaves it to this thread."""
+        self._take(conn)
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._busy.pop(conn) - 1
+                if left:
+                    self._busy[conn] = left
+                elif self._closed:
+                    with suppress(sqlite3.Error):
+                        conn.close()
+
+    def _take(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if self._closed:
+                raise StoreError("the job store is closed")
+            self._busy[conn] = self._busy.get(conn, 0) + 1
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             for conn in self._connections:
-                with suppress(sqlite3.Error):
-                    conn.close()
+                if conn not in self._busy:
+                    with suppress(sqlite3.Error):
+                        conn.close()
             self._connections.clear()
         self._local = threading.local()
