@@ -9,7 +9,7 @@ from aiohttp import web
 
 from vcomp.errors import StoreError
 from vcomp.server.http.context import context_of
-from vcomp.server.http.errors import ApiError
+from vcomp.server.http.errors import HttpError
 from vcomp.server.store.records import CONNECTED_SECONDS, AgentCredit, AgentRecord
 
 
@@ -45,7 +45,7 @@ async def revoke_agent(request: web.Request) -> web.Response:
     try:
         revoked = await ctx.run(ctx.store.revoke_agent, agent_id)
     except StoreError:
-        raise ApiError(404, "unknown_agent", f"no agent {agent_id[:64]!r}") from None
+        raise HttpError(404, "unknown_agent", f"no agent {agent_id[:64]!r}") from None
     credit = (await ctx.run(ctx.store.agent_credit)).get(revoked.agent_id)
     return web.json_response(agent_json(revoked, credit, time.time()))
 

@@ -11,7 +11,7 @@ from vcomp.errors import HookError, StoreError
 from vcomp.protocol import limits
 from vcomp.server.hooks import load as load_hook
 from vcomp.server.http.context import HttpContext, context_of
-from vcomp.server.http.errors import ApiError
+from vcomp.server.http.errors import HttpError
 from vcomp.server.store.records import App
 
 KINDS = ("python", "exec")
@@ -46,7 +46,7 @@ async def add_version(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     kind = request.query.get("kind", "")
     if kind not in KINDS:
-        raise ApiError(400, "bad_request", f"kind must be one of {', '.join(KINDS)}")
+        raise HttpError(400, "bad_request", f"kind must be one of {', '.join(KINDS)}")
     hooks = {key: request.query.get(key) for key in ("validator", "assimilator")}
     for spec in hooks.values():
         if spec is not None:
@@ -54,14 +54,14 @@ async def add_version(request: web.Request) -> web.Response:
                 # Imported off the loop, as `app add` does, so a bad spec fails now.
                 await ctx.run(load_hook, spec)
             except HookError as exc:
-                raise ApiError(400, "bad_request", str(exc)) from None
+                raise HttpError(400, "bad_request", str(exc)) from None
     with tempfile.TemporaryFile(prefix="vcomp-app-") as code:
         size = await _spool(request, code)
         code.seek(0)
         try:
             added = await ctx.run(_add, ctx, name, kind, code, size, hooks)
         except StoreError as exc:
-            raise ApiError(400, "bad_request", str(exc)) from None
+            raise HttpError(400, "bad_request", str(exc)) from None
     return web.json_response(app_json(added), status=201)
 
 
@@ -70,10 +70,10 @@ async def _spool(request: web.Request, out: IO[bytes]) -> int:
     async for chunk in request.content.iter_chunked(READ_CHUNK):
         size += len(chunk)
         if size > limits.MAX_CODE_SIZE:
-            raise ApiError(413, "too_large", f"code over {limits.MAX_CODE_SIZE} bytes")
+            raise HttpError(413, "too_large", f"code over {limits.MAX_CODE_SIZE} bytes")
         out.write(chunk)
     if size == 0:
-        raise ApiError(400, "bad_request", "the body (the app's code) is empty")
+        raise HttpError(400, "bad_request", "the body (the app's code) is empty")
     return size
 
 
@@ -90,11 +90,11 @@ async def retire_version(request: web.Request) -> web.Response:
     await ctx.authorize(request, "admin")
     name, text = request.match_info["name"], request.match_info["version"]
     if not text.isdigit() or len(text) > 18:
-        raise ApiError(404, "unknown_app", "the version must be a number")
+        raise HttpError(404, "unknown_app", "the version must be a number")
     try:
         retired = await ctx.run(ctx.store.retire_app, name, int(text))
     except StoreError as exc:
-        raise ApiError(404, "unknown_app", str(exc)) from None
+        raise HttpError(404, "unknown_app", str(exc)) from None
     return web.json_response(app_json(retired))
 
 

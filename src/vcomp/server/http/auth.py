@@ -12,7 +12,7 @@ import secrets
 
 from aiohttp import web
 
-from vcomp.server.http.errors import ApiError
+from vcomp.server.http.errors import HttpError
 from vcomp.server.store.records import SCOPES, ApiToken
 
 TOKEN_PREFIX = "vct_"  # noqa: S105  a prefix, not a secret
@@ -32,24 +32,24 @@ def scope_allows(held: str, needed: str) -> bool:
 
 
 def presented_token(request: web.Request) -> str:
-    """The bearer token of ``request``; ApiError 401 when there is none or it is malformed."""
+    """The bearer token of ``request``; HttpError 401 when there is none or it is malformed."""
     header = request.headers.get("Authorization")
     if header is None:
-        raise ApiError(401, "missing_token", "send Authorization: Bearer TOKEN")
+        raise HttpError(401, "missing_token", "send Authorization: Bearer TOKEN")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "missing_token", "the Authorization header must be 'Bearer TOKEN'")
+        raise HttpError(401, "missing_token", "the Authorization header must be 'Bearer TOKEN'")
     if len(token) > MAX_TOKEN_CHARS or not token.startswith(TOKEN_PREFIX):
-        raise ApiError(401, "bad_token", "unknown or revoked token")
+        raise HttpError(401, "bad_token", "unknown or revoked token")
     return token
 
 
 def check_scope(token: ApiToken | None, needed: str) -> ApiToken:
     if token is None:
-        raise ApiError(401, "bad_token", "unknown or revoked token")
+        raise HttpError(401, "bad_token", "unknown or revoked token")
     if not scope_allows(token.scope, needed):
-        raise ApiError(
+        raise HttpError(
             403, "wrong_scope", f"this needs a {needed!r} token; {token.name!r} is {token.scope!r}"
         )
     return token

@@ -14,7 +14,7 @@ from aiohttp import web
 from vcomp.errors import StoreError
 from vcomp.protocol import limits
 from vcomp.server.http.context import HttpContext, context_of
-from vcomp.server.http.errors import ApiError
+from vcomp.server.http.errors import HttpError
 from vcomp.server.http.intake import NDJSON, SpooledBatch, read_batch
 from vcomp.server.store.records import CANCELLED_REASON, BatchStatus, JobState, ResultRecord
 
@@ -26,7 +26,7 @@ CANCELLED = CANCELLED_REASON  # a cancelled job is failed with this reason
 def path_int(request: web.Request, key: str) -> int:
     text = request.match_info[key]
     if not text.isdigit() or len(text) > 18:
-        raise ApiError(404, "not_found", f"{key} must be a number")
+        raise HttpError(404, "not_found", f"{key} must be a number")
     return int(text)
 
 
@@ -59,7 +59,7 @@ async def batch_status(ctx: HttpContext, batch_id: int) -> BatchStatus:
     try:
         return await ctx.run(ctx.store.batch_status, batch_id)
     except StoreError:
-        raise ApiError(404, "unknown_batch", f"no batch {batch_id}") from None
+        raise HttpError(404, "unknown_batch", f"no batch {batch_id}") from None
 
 
 async def list_batches(request: web.Request) -> web.Response:
@@ -86,13 +86,13 @@ async def create_batch(request: web.Request) -> web.Response:
             app = await ctx.run(ctx.store.get_app, h["app"], h.get("version"))
         except StoreError as exc:
             code, status = ("retired_app", 409) if "retired" in str(exc) else ("unknown_app", 404)
-            raise ApiError(status, code, str(exc)) from None
+            raise HttpError(status, code, str(exc)) from None
         if app.retired_at is not None:
-            raise ApiError(409, "retired_app", f"app {app.name!r} v{app.version} is retired")
+            raise HttpError(409, "retired_app", f"app {app.name!r} v{app.version} is retired")
         try:
             batch_id = await ctx.run(_create, ctx, spooled)
         except StoreError as exc:
-            raise ApiError(400, "bad_request", str(exc)) from None
+            raise HttpError(400, "bad_request", str(exc)) from None
     finally:
         spooled.close()
     ctx.server.spawn(ctx.server.scheduler.offer())  # hand the new jobs out now
@@ -228,7 +228,7 @@ async def get_job(request: web.Request) -> web.Response:
     try:
         job = await ctx.run(ctx.store.get_job_by_index, batch_id, index)
     except StoreError:
-        raise ApiError(404, "unknown_job", f"no job {index} in batch {batch_id}") from None
+        raise HttpError(404, "unknown_job", f"no job {index} in batch {batch_id}") from None
     attempts = await ctx.run(ctx.store.list_attempts, job.job_id)
     results = {r.attempt: r for r in await ctx.run(ctx.store.list_results, job.job_id)}
     out = []
@@ -267,7 +267,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     try:
         cancelled = await ctx.run(ctx.store.cancel_batch, batch_id)
     except StoreError:
-        raise ApiError(404, "unknown_batch", f"no batch {batch_id}") from None
+        raise HttpError(404, "unknown_batch", f"no batch {batch_id}") from None
     return web.json_response({"batch": batch_id, "cancelled": cancelled})
 
 
@@ -280,8 +280,8 @@ async def retry_batch(request: web.Request) -> web.Response:
         new, indices = await ctx.run(ctx.store.retry_failed, batch_id)
     except StoreError as exc:
         if "unknown batch" in str(exc):
-            raise ApiError(404, "unknown_batch", f"no batch {batch_id}") from None
-        raise ApiError(409, "retired_app", str(exc)) from None
+            raise HttpError(404, "unknown_batch", f"no batch {batch_id}") from None
+        raise HttpError(409, "retired_app", str(exc)) from None
     if new is not None:
         ctx.server.spawn(ctx.server.scheduler.offer())
     return web.json_response(

@@ -35,7 +35,7 @@ class HttpContext:
         return await self.server.committer.run(fn, *args)
 
     async def authorize(self, request: web.Request, scope: str) -> ApiToken:
-        """The request's token if it holds ``scope``; else ApiError 401/403."""
+        """The request's token if it holds ``scope``; else HttpError 401/403."""
         token = presented_token(request)
         found = await self.run(self.store.find_token, token_digest(token))
         return check_scope(found, scope)

@@ -18,7 +18,7 @@ from aiohttp import web
 from vcomp.server.http.agents import agent_json
 from vcomp.server.http.batches import status_json
 from vcomp.server.http.context import HttpContext, context_of
-from vcomp.server.http.errors import ApiError
+from vcomp.server.http.errors import HttpError
 
 STATIC = Path(__file__).resolve().parent / "static"
 RECENT_FAILURES = 20
@@ -55,7 +55,7 @@ async def page(request: web.Request) -> web.Response:
 async def static_file(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in _FILES or name == "index.html":  # a fixed set: no path to walk
-        raise ApiError(404, "not_found", "no such file")
+        raise HttpError(404, "not_found", "no such file")
     return _file(name)
 
 

@@ -1,6 +1,6 @@
 """Every failure of an HTTP request as ``{"error": CODE, "message": ...}``.
 
-Handlers raise :class:`ApiError`; the middleware turns it, aiohttp's own HTTP errors
+Handlers raise :class:`HttpError`; the middleware turns it, aiohttp's own HTTP errors
 (404, 405, 413, ...) and anything unexpected into that body. An unexpected exception is
 logged here with its traceback and shown to the client only as ``internal``.
 """
@@ -30,7 +30,12 @@ _AIOHTTP_CODES = {
 }
 
 
-class ApiError(Exception):
+class HttpError(Exception):
+    """A request the server refuses: ``status``, a stable ``code`` and a message for the client.
+
+    Server side only; the client's view of the same answer is :class:`vcomp.errors.ApiError`.
+    """
+
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -46,7 +51,7 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
+    except HttpError as exc:
         return error_response(exc.status, exc.code, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from aiohttp import web
 
-from vcomp.server.http.errors import ApiError
+from vcomp.server.http.errors import HttpError
 
 NDJSON = "application/x-ndjson"
 HEADER_KEYS = frozenset(
@@ -62,7 +62,7 @@ class SpooledBatch:
 
 def decode_input(item: object, where: str, max_input: int) -> bytes:
     if not isinstance(item, dict) or len(item) != 1 or not ({"json", "b64"} & item.keys()):
-        raise ApiError(
+        raise HttpError(
             400, "bad_request", f'{where}: an input is {{"json": VALUE}} or {{"b64": "..."}}'
         )
     if "json" in item:
@@ -70,13 +70,13 @@ def decode_input(item: object, where: str, max_input: int) -> bytes:
     else:
         text = item["b64"]
         if not isinstance(text, str):
-            raise ApiError(400, "bad_request", f"{where}: b64 must be a string")
+            raise HttpError(400, "bad_request", f"{where}: b64 must be a string")
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, "bad_request", f"{where}: b64 is not valid base64") from None
+            raise HttpError(400, "bad_request", f"{where}: b64 is not valid base64") from None
     if len(data) > max_input:
-        raise ApiError(
+        raise HttpError(
             413, "too_large", f"{where}: input of {len(data)} bytes; at most {max_input}"
         )
     return data
@@ -84,18 +84,20 @@ def decode_input(item: object, where: str, max_input: int) -> bytes:
 
 def check_header(header: object) -> dict[str, Any]:
     if not isinstance(header, dict):
-        raise ApiError(400, "bad_request", "the first line must be a JSON object of batch settings")
+        raise HttpError(
+            400, "bad_request", "the first line must be a JSON object of batch settings"
+        )
     unknown = sorted(set(header) - HEADER_KEYS)
     if unknown:
-        raise ApiError(400, "bad_request", f"unknown batch setting {unknown[0]!r}")
+        raise HttpError(400, "bad_request", f"unknown batch setting {unknown[0]!r}")
     if not isinstance(header.get("app"), str) or not header["app"]:
-        raise ApiError(400, "bad_request", '"app" (the app\'s name) is required')
+        raise HttpError(400, "bad_request", '"app" (the app\'s name) is required')
     for key in INT_KEYS:
         value = header.get(key)
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 63
         ):
-            raise ApiError(400, "bad_request", f'"{key}" must be a positive integer or null')
+            raise HttpError(400, "bad_request", f'"{key}" must be a positive integer or null')
     for key in NUMBER_KEYS:
         value = header.get(key)
         if value is not None and (
@@ -104,7 +106,7 @@ def check_header(header: object) -> dict[str, Any]:
             or not math.isfinite(value)
             or value <= 0
         ):
-            raise ApiError(400, "bad_request", f'"{key}" must be a positive number or null')
+            raise HttpError(400, "bad_request", f'"{key}" must be a positive number or null')
     return header
 
 
@@ -112,9 +114,9 @@ def parse_json(raw: bytes, where: str) -> object:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, "bad_json", f"{where}: not JSON ({exc})") from None
+        raise HttpError(400, "bad_json", f"{where}: not JSON ({exc})") from None
     except RecursionError:
-        raise ApiError(400, "bad_json", f"{where}: nested too deeply") from None
+        raise HttpError(400, "bad_json", f"{where}: nested too deeply") from None
 
 
 async def _lines(request: web.Request, limit: int, max_line: int) -> AsyncIterator[bytes]:
@@ -124,7 +126,7 @@ async def _lines(request: web.Request, limit: int, max_line: int) -> AsyncIterat
     async for chunk in request.content.iter_chunked(READ_CHUNK):
         total += len(chunk)
         if total > limit:
-            raise ApiError(413, "too_large", f"request body over {limit} bytes")
+            raise HttpError(413, "too_large", f"request body over {limit} bytes")
         pending += chunk
         while (end := pending.find(b"\n")) >= 0:
             line = bytes(pending[:end])
@@ -132,13 +134,13 @@ async def _lines(request: web.Request, limit: int, max_line: int) -> AsyncIterat
             if line.strip():
                 yield line
         if len(pending) > max_line:
-            raise ApiError(413, "too_large", f"a line over {max_line} bytes")
+            raise HttpError(413, "too_large", f"a line over {max_line} bytes")
     if pending.strip():
         yield bytes(pending)
 
 
 async def read_batch(request: web.Request, limit: int, max_input: int) -> SpooledBatch:
-    """The batch in ``request``; ApiError on anything malformed or too large."""
+    """The batch in ``request``; HttpError on anything malformed or too large."""
     max_line = max_input * 4 // 3 + 64  # base64 of the largest input, and the wrapper
     if request.content_type == "application/json":
         raw = bytearray()
@@ -147,12 +149,12 @@ async def read_batch(request: web.Request, limit: int, max_input: int) -> Spoole
             if len(raw) > MAX_JSON_BODY:
                 break
         if len(raw) > MAX_JSON_BODY:
-            raise ApiError(
+            raise HttpError(
                 413, "too_large", f"a JSON body is at most {MAX_JSON_BODY} bytes; send NDJSON"
             )
         body = parse_json(bytes(raw), "body")
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
-            raise ApiError(400, "bad_request", 'the body is {"app": NAME, "inputs": [...], ...}')
+            raise HttpError(400, "bad_request", 'the body is {"app": NAME, "inputs": [...], ...}')
         items = body.pop("inputs")
         whole = SpooledBatch(check_header(body))
         try:
@@ -163,7 +165,7 @@ async def read_batch(request: web.Request, limit: int, max_input: int) -> Spoole
             raise
         return whole
     if request.content_type != NDJSON:
-        raise ApiError(415, "unsupported_media_type", f"send {NDJSON} or application/json")
+        raise HttpError(415, "unsupported_media_type", f"send {NDJSON} or application/json")
     spooled: SpooledBatch | None = None
     try:
         number = 0
@@ -175,7 +177,7 @@ async def read_batch(request: web.Request, limit: int, max_input: int) -> Spoole
             else:
                 spooled.add(decode_input(item, f"line {number}", max_input))
         if spooled is None:
-            raise ApiError(400, "bad_request", "empty body: no batch settings line")
+            raise HttpError(400, "bad_request", "empty body: no batch settings line")
         return spooled
     except BaseException:
         if spooled is not None:
