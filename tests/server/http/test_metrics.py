@@ -7,6 +7,7 @@ what the server says about itself elsewhere.
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.hostile.harness import APP
 from tests.integration.conftest import PI_PY, Lab, pi_inputs, wait_until
 from tests.server.http.conftest import Api, start_api
 from tests.udpproxy import Direction, Faults
@@ -37,6 +39,11 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def samples_of(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The series of one sample name that the scrape really holds (absent is not 0 here)."""
+    return {labels: v for (n, labels), v in samples.items() if n == name}
 
 
 async def scrape(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> Samples:
@@ -91,7 +98,7 @@ async def test_a_scrape_shows_the_counters_move_as_real_jobs_complete(lab: Lab) 
     after = await scrape(http, listener.url, {})
     assert value(after, "vcomp_results_total", outcome="accepted") == JOBS
     assert value(after, "vcomp_jobs_leased_total") >= JOBS
-    assert value(after, "vcomp_jobs_queued", app="pi") == 0
+    assert samples_of(after, "vcomp_jobs_queued") == {(("app", "pi"),): 0}  # drained reads 0
     assert value(after, "vcomp_agents_online") == 1
     assert value(after, "vcomp_sessions_active", state="established") >= 1
     assert value(after, "vcomp_handshakes_total", result="established") >= 1
@@ -133,6 +140,28 @@ async def test_retransmissions_are_counted_and_outlive_their_session(lab: Lab) -
     closed = await scrape(http, listener.url, {})
     assert value(closed, "vcomp_retransmissions_total") >= during
     assert value(closed, "vcomp_sessions_active", state="established") == 0
+
+
+async def test_every_registered_app_has_a_queued_series_even_when_it_is_empty(api: Api) -> None:
+    """A series that vanishes when its app runs dry reads as "no data", not 0, to Prometheus;
+    a retired app keeps its series only while jobs of it still wait."""
+    store = api.org.store
+    store.add_app("idle", "python", io.BytesIO(b"print('idle')"))  # never given a batch
+    store.add_app("busy", "python", io.BytesIO(b"print('busy')"))
+    store.create_batch("busy", [b"a", b"b"], max_attempts=1)
+    store.add_app("gone", "python", io.BytesIO(b"print('gone')"))
+    store.retire_app("gone", 1)  # nothing queued and retired: no series
+    store.add_app("winding", "python", io.BytesIO(b"print('winding')"))
+    store.create_batch("winding", [b"x"], max_attempts=1)
+    store.retire_app("winding", 1)  # retired, but its batch still waits
+
+    queued = samples_of(await scrape(api.http, api.url, api.auth("read")), "vcomp_jobs_queued")
+    assert queued == {
+        (("app", APP),): 0,  # the harness's app, also never given a batch
+        (("app", "idle"),): 0,
+        (("app", "busy"),): 2,
+        (("app", "winding"),): 1,
+    }
 
 
 async def test_metrics_need_a_read_token(api: Api) -> None:

@@ -920,7 +920,7 @@ def test_pruned_reset_requests_never_reuse_an_id(make_store: StoreFactory) -> No
 def test_queued_by_app_counts_only_queued_jobs_per_app(
     store: Store, app: str, agents: list[str]
 ) -> None:
-    assert store.queued_by_app() == {}
+    assert store.queued_by_app() == {app: 0}  # registered, nothing submitted yet
     store.add_app("echo", "python", io.BytesIO(b"print('echo')"))
     store.create_batch(app, [b"a", b"b", b"c"], max_attempts=1)
     store.create_batch("echo", [b"x"], max_attempts=1)
@@ -932,7 +932,21 @@ def test_queued_by_app_counts_only_queued_jobs_per_app(
     assert store.queued_by_app() == {app: 2, "echo": 1}  # done is not queued either
     while store.lease_next(agents[2], 0.0, 30.0) is not None:
         pass
-    assert store.queued_by_app() == {}  # apps with nothing queued are left out
+    assert store.queued_by_app() == {app: 0, "echo": 0}  # run dry: still there, at 0
+
+
+def test_queued_by_app_leaves_out_retired_apps_only_once_nothing_of_them_waits(
+    store: Store, app: str
+) -> None:
+    store.add_app(app, "python", io.BytesIO(b"print('pi v2')"))
+    store.retire_app(app, 1)
+    assert store.queued_by_app() == {app: 0}  # v2 is still live
+    store.add_app("old", "python", io.BytesIO(b"print('old')"))
+    batch = store.create_batch("old", [b"a", b"b"], max_attempts=1)
+    store.retire_app("old", 1)
+    assert store.queued_by_app() == {app: 0, "old": 2}  # retired, but its batch runs on
+    store.cancel_batch(batch)
+    assert store.queued_by_app() == {app: 0}
 
 
 def test_recent_failures_lists_failed_jobs_newest_first_with_their_reason(

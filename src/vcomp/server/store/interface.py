@@ -270,5 +270,6 @@ class Store(Protocol):
         ...
 
     def queued_by_app(self) -> dict[str, int]:
-        """Jobs waiting for an agent, per app name (apps with none left out)."""
+        """Jobs waiting for an agent, per app name: every app with a live version (0 when
+        none wait), and a retired one only while jobs of it still wait."""
         ...

@@ -379,12 +379,16 @@ class Catalog:
 
     def queued_by_app(self) -> dict[str, int]:
         # One pass over the partial index of queued jobs: cheap enough for every scrape.
+        # Live apps start at 0 so a metric's series reads 0 when the app runs dry.
         with self._db.transaction() as conn:
+            live = conn.execute("SELECT DISTINCT name FROM apps WHERE retired_at IS NULL")
+            queued = {str(name): 0 for (name,) in live.fetchall()}
             rows = conn.execute(
                 "SELECT a.name, COUNT(*) FROM jobs AS j JOIN batches AS b ON b.id = j.batch_id "
                 "JOIN apps AS a ON a.id = b.app_id WHERE j.state = 'queued' GROUP BY a.name"
             ).fetchall()
-        return {str(name): int(count) for name, count in rows}
+        queued.update((str(name), int(count)) for name, count in rows)
+        return queued
 
     def batch_status(self, batch_id: int) -> BatchStatus:
         with self._db.transaction() as conn:
