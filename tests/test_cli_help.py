@@ -14,3 +14,26 @@ def test_help_exits_zero(module: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
+
+
+def test_every_server_command_is_registered() -> None:
+    """The commands live in vcomp.server.cli_* modules; each must be on the group."""
+    from vcomp.server.cli import main
+
+    assert sorted(main.commands) == [
+        "agent",
+        "agents",
+        "allow-measurement",
+        "app",
+        "batch",
+        "enroll",
+        "init",
+        "migrate",
+        "reset",
+        "results",
+        "serve",
+        "status",
+        "submit",
+        "token",
+        "wait",
+    ]
