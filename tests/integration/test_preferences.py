@@ -366,7 +366,7 @@ async def test_join_flags_set_the_preferences_that_status_shows(lab: Lab) -> Non
             "--mode",
             "full",
             "--max-memory",
-            str(512 << 20),
+            "512M",  # the shared size forms, as on every size option
             "--schedule",
             "Sat-Sun all",
             "--battery-below",

@@ -8,14 +8,15 @@ from typing import Any, TypeVar
 
 import click
 
-from vcomp.agent.preferences.settings import MAX_MEMORY, MAX_RATE, Preferences
+from vcomp.agent.preferences.settings import MAX_RATE, Preferences
+from vcomp.units import SIZE
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 # (option, parameter, click type, help). Parameters are the Preferences field names.
 _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--max-memory", "max_memory", click.IntRange(0, MAX_MEMORY),
-     "Bytes all running jobs may hold together (0: no cap)."),
+    ("--max-memory", "max_memory", SIZE,
+     "Bytes all running jobs may hold together, or 512M, 2G (x1024; 0: no cap)."),
     ("--run-if-user-active/--no-run-if-user-active", "run_if_user_active", bool,
      "With --no-...: run jobs only while keyboard and mouse are idle."),
     ("--user-idle-seconds", "user_idle_seconds", click.IntRange(1, 7 * 24 * 3600),

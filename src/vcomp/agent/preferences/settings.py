@@ -10,9 +10,10 @@ from vcomp.agent.preferences.battery import POWER_SUPPLY_ROOT
 from vcomp.agent.preferences.schedule import Schedule, parse_schedule
 from vcomp.errors import ConfigError
 from vcomp.server.config import Table
+from vcomp.units import MAX_SIZE
 
 MAX_RATE = 1 << 40  # bytes per second; anything above is "no cap" in practice
-MAX_MEMORY = 1 << 62
+MAX_MEMORY = MAX_SIZE  # what --max-memory (vcomp.units.SIZE) can say
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
