@@ -19,7 +19,6 @@ from vcomp.server.config import (
     init_server_home,
     load_server_config,
     load_signing_key,
-    parse_host_port,
 )
 from vcomp.server.store.sqlite import SqliteStore
 
@@ -209,15 +208,6 @@ def test_missing_config_is_a_config_error(tmp_path: Path) -> None:
         load_server_config(tmp_path)
     with pytest.raises(ConfigError, match="no such file"):
         load_server_config(tmp_path / "nope.toml")
-
-
-def test_parse_host_port() -> None:
-    assert parse_host_port("example.org:7461", what="x") == ("example.org", 7461)
-    assert parse_host_port("[2001:db8::1]:9", what="x") == ("2001:db8::1", 9)
-    with pytest.raises(ConfigError):
-        parse_host_port("example.org:0", what="x")
-    with pytest.raises(ConfigError):
-        parse_host_port(":7461", what="x")
 
 
 def test_group_readable_key_is_refused(home: tuple[Path, str], tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from vcomp.domain import DEFAULT_MAX_CHECKPOINT
 from vcomp.errors import ConfigError
 from vcomp.protocol import limits
 from vcomp.protocol.capacity import JobCapacity
-from vcomp.server.config import Table, check_sections, parse_host_port, read_toml
+from vcomp.tomlconfig import Table, check_int, check_sections, parse_host_port, read_toml
 
 if TYPE_CHECKING:
     from vcomp.agent.sandbox import Sandbox
@@ -75,13 +75,6 @@ def default_agent_home() -> Path:
     return Path(os.environ.get("VCOMP_AGENT_HOME") or "~/.vcomp-agent").expanduser()
 
 
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-
-
 @dataclass(frozen=True, slots=True)
 class VolunteerLimits:
     """``[limits]``: the most this volunteer allows any job. Not measured."""
@@ -95,14 +88,14 @@ class VolunteerLimits:
     max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT  # a larger CHECKPOINT ends the job
 
     def __post_init__(self) -> None:
-        _check_int("max_job_bytes", self.max_job_bytes, 1, 1 << 40)
-        _check_int("max_cpu_seconds", self.max_cpu_seconds, 1, 1 << 31)
-        _check_int("max_memory_bytes", self.max_memory_bytes, 1, 1 << 62)
+        check_int("max_job_bytes", self.max_job_bytes, 1, 1 << 40)
+        check_int("max_cpu_seconds", self.max_cpu_seconds, 1, 1 << 31)
+        check_int("max_memory_bytes", self.max_memory_bytes, 1, 1 << 62)
         if not 0 < self.max_wall_seconds < float("inf"):
             raise ConfigError(f"max_wall_seconds must be positive, got {self.max_wall_seconds}")
-        _check_int("max_output_bytes", self.max_output_bytes, 0, limits.MAX_RESULT_SIZE)
-        _check_int("max_disk_bytes", self.max_disk_bytes, 1, 1 << 62)
-        _check_int("max_checkpoint_bytes", self.max_checkpoint_bytes, 0, limits.MAX_RESULT_SIZE)
+        check_int("max_output_bytes", self.max_output_bytes, 0, limits.MAX_RESULT_SIZE)
+        check_int("max_disk_bytes", self.max_disk_bytes, 1, 1 << 62)
+        check_int("max_checkpoint_bytes", self.max_checkpoint_bytes, 0, limits.MAX_RESULT_SIZE)
 
     def capacity(self, max_memory: int = 0) -> JobCapacity:
         """These limits as READY declares them, so the server sends only jobs within them.
@@ -163,12 +156,12 @@ class SandboxPolicy:
     log_bytes: int = _SANDBOX_DEFAULTS.log_bytes
 
     def __post_init__(self) -> None:
-        _check_int("job_uid", self.job_uid, 1, (1 << 32) - 2)  # never root
-        _check_int("job_gid", self.job_gid, 1, (1 << 32) - 2)
-        _check_int("max_processes", self.max_processes, 1, 1 << 20)
-        _check_int("max_open_files", self.max_open_files, 8, 1 << 20)
-        _check_int("max_file_bytes", self.max_file_bytes, 0, 1 << 40)
-        _check_int("log_bytes", self.log_bytes, 0, 1 << 30)
+        check_int("job_uid", self.job_uid, 1, (1 << 32) - 2)  # never root
+        check_int("job_gid", self.job_gid, 1, (1 << 32) - 2)
+        check_int("max_processes", self.max_processes, 1, 1 << 20)
+        check_int("max_open_files", self.max_open_files, 8, 1 << 20)
+        check_int("max_file_bytes", self.max_file_bytes, 0, 1 << 40)
+        check_int("log_bytes", self.log_bytes, 0, 1 << 30)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -201,9 +194,9 @@ class AgentConfig:
             raise ConfigError("server_key must be the 64-hex-digit fingerprint of the server key")
         if self.mode not in MODE_KINDS:
             raise ConfigError(f"mode must be one of {', '.join(MODE_KINDS)}, got {self.mode!r}")
-        _check_int("cpu_percent", self.cpu_percent, 1, 100)
-        _check_int("core", self.core, -1, 4095)
-        _check_int("cores", self.cores, 1, 1024)
+        check_int("cpu_percent", self.cpu_percent, 1, 100)
+        check_int("core", self.core, -1, 4095)
+        check_int("cores", self.cores, 1, 1024)
         if self.mode == "throttle" and self.cpu_percent >= 100:
             raise ConfigError(
                 "mode throttle needs cpu_percent between 1 and 99 (join --cpu-percent N, "

@@ -121,8 +121,9 @@ def serve(
     config_path: Path, bind: str | None, log_file: Path | None, http_bind: str | None
 ) -> None:
     """Run the server (uvloop) until SIGINT or SIGTERM."""
-    from vcomp.server.config import load_signing_key, parse_host_port
+    from vcomp.server.config import load_signing_key
     from vcomp.server.service import serve as run_server
+    from vcomp.tomlconfig import parse_host_port
 
     config = load_server_config(config_path)
     if bind is not None:

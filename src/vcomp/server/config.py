@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from vcomp.server.http.settings import DEFAULT_HTTP_BIND, DEFAULT_MAX_REQUEST_BY
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
 from vcomp.server.store.rules import DEFAULT_SAME_FAILURES
 from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
+from vcomp.tomlconfig import Table, check_int, check_sections, parse_host_port, read_toml
 
 __all__ = [
     "CONFIG_FILE",
@@ -43,13 +43,9 @@ __all__ = [
     "STORE_URL_ENV",
     "JobDefaults",
     "ServerConfig",
-    "Table",
-    "check_sections",
     "init_server_home",
     "load_server_config",
     "load_signing_key",
-    "parse_host_port",
-    "read_toml",
 ]
 
 CONFIG_FILE = "server.toml"
@@ -60,7 +56,6 @@ DEFAULT_STORE_URL = f"sqlite:{STORE_FILE}"  # relative to the server home
 DEFAULT_BUSY_TIMEOUT = 30.0  # [store] busy_timeout: a write waiting longer finds the store away
 STORE_URL_ENV = "VCOMP_STORE_URL"  # overrides [store] url
 DEFAULT_PORT = 7461
-MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; refuse anything huge
 # An honest agent opens one session per worker (one per core by default), so 64
 # serves a 64-core volunteer; beyond that one key is hoarding, not computing.
 # One job per session, so the same number bounds its leases.
@@ -137,16 +132,16 @@ class JobDefaults:
     def __post_init__(self) -> None:
         _check_seconds("lease_seconds", self.lease_seconds)
         _check_seconds("transfer_seconds", self.transfer_seconds)
-        _check_int("replicas", self.replicas, 1, 100)
-        _check_int("quorum", self.quorum, 1, self.replicas)
-        _check_int("max_attempts", self.max_attempts, 1, 1000)
-        _check_int("cpu_seconds", self.cpu_seconds, 1, 1 << 31)
-        _check_int("memory_bytes", self.memory_bytes, 1, 1 << 62)
+        check_int("replicas", self.replicas, 1, 100)
+        check_int("quorum", self.quorum, 1, self.replicas)
+        check_int("max_attempts", self.max_attempts, 1, 1000)
+        check_int("cpu_seconds", self.cpu_seconds, 1, 1 << 31)
+        check_int("memory_bytes", self.memory_bytes, 1, 1 << 62)
         _check_seconds("wall_seconds", self.wall_seconds)
-        _check_int("output_bytes", self.output_bytes, 0, limits.MAX_RESULT_SIZE)
-        _check_int("disk_bytes", self.disk_bytes, 1, 1 << 62)
-        _check_int("refusals_per_hour", self.refusals_per_hour, 1, 1_000_000)
-        _check_int("stop_after_same_failures", self.stop_after_same_failures, 0, 1000)
+        check_int("output_bytes", self.output_bytes, 0, limits.MAX_RESULT_SIZE)
+        check_int("disk_bytes", self.disk_bytes, 1, 1 << 62)
+        check_int("refusals_per_hour", self.refusals_per_hour, 1, 1_000_000)
+        check_int("stop_after_same_failures", self.stop_after_same_failures, 0, 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,16 +179,16 @@ class ServerConfig:
             object.__setattr__(self, "store_url", sqlite_url(self.store_path))
         if not self.bind_host:
             raise ConfigError("bind: the host is empty")
-        _check_int("bind port", self.bind_port, 0, 65535)
-        _check_int("window", self.window, limits.MIN_WINDOW, limits.MAX_WINDOW)
+        check_int("bind port", self.bind_port, 0, 65535)
+        check_int("window", self.window, limits.MIN_WINDOW, limits.MAX_WINDOW)
         _check_seconds("idle_timeout", self.idle_timeout)
-        _check_int("max_sessions", self.max_sessions, 1, 10_000_000)
-        _check_int("max_sessions_per_agent", self.max_sessions_per_agent, 1, self.max_sessions)
-        _check_int("max_leases_per_agent", self.max_leases_per_agent, 1, 10_000_000)
-        _check_int("max_pending_handshakes", self.max_pending_handshakes, 1, 1_000_000)
-        _check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
+        check_int("max_sessions", self.max_sessions, 1, 10_000_000)
+        check_int("max_sessions_per_agent", self.max_sessions_per_agent, 1, self.max_sessions)
+        check_int("max_leases_per_agent", self.max_leases_per_agent, 1, 10_000_000)
+        check_int("max_pending_handshakes", self.max_pending_handshakes, 1, 1_000_000)
+        check_int("upload_memory_bytes", self.upload_memory_bytes, MIN_UPLOAD_MEMORY, 1 << 40)
         _check_seconds("[store] busy_timeout", self.store_busy_timeout)
-        _check_int("hook_threads", self.hook_threads, 1, 256)
+        check_int("hook_threads", self.hook_threads, 1, 256)
         if self.congestion not in congestion.ALGORITHMS:
             raise ConfigError(
                 f"congestion: {self.congestion!r} is not one of {', '.join(congestion.ALGORITHMS)}"
@@ -207,130 +202,11 @@ class ServerConfig:
 # ---------------------------------------------------------------------- value checks
 
 
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-
-
 def _check_seconds(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{name} must be positive and finite, got {value}")
-
-
-def parse_host_port(text: str, *, what: str, allow_zero: bool = False) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
-    host, sep, port_text = text.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit():
-        raise ConfigError(f"{what} must look like HOST:PORT, got {text!r}")
-    port = int(port_text)
-    if not (0 if allow_zero else 1) <= port <= 65535:
-        raise ConfigError(f"{what}: port {port} is out of range")
-    return host, port
-
-
-# ---------------------------------------------------------------------- TOML reading
-
-
-def read_toml(path: Path) -> dict[str, object]:
-    """Parse a TOML file, turning every failure into a ConfigError naming it."""
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-
-
-class Table:
-    """One ``[section]`` of a TOML document, read with type checks.
-
-    Missing keys take the given default; a value of the wrong type is an error; after
-    reading, :meth:`finish` rejects keys nobody asked for (typos must not pass silently).
-    """
-
-    def __init__(self, doc: dict[str, object], section: str) -> None:
-        table = doc.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"[{section}] must be a table")
-        self._table: dict[str, object] = table
-        self._section = section
-        self._read: list[str] = []
-
-    def _take(self, key: str) -> object | None:
-        self._read.append(key)
-        return self._table.get(key)
-
-    def _wrong(self, key: str, what: str, value: object) -> ConfigError:
-        return ConfigError(f"[{self._section}] {key} must be {what}, got {value!r}")
-
-    def integer(self, key: str, default: int) -> int:
-        value = self._take(key)
-        if value is None:
-            return default
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise self._wrong(key, "an integer", value)
-
-    def number(self, key: str, default: float) -> float:
-        value = self._take(key)
-        if value is None:
-            return default
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise self._wrong(key, "a number", value)
-
-    def text(self, key: str, default: str) -> str:
-        value = self._take(key)
-        if value is None:
-            return default
-        if isinstance(value, str):
-            return value
-        raise self._wrong(key, "a string", value)
-
-    def texts(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self._take(key)
-        if value is None:
-            return default
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise self._wrong(key, "a list of strings", value)
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._take(key)
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            return value
-        raise self._wrong(key, "true or false", value)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self._table) - set(self._read))
-        if unknown:
-            raise ConfigError(
-                f"[{self._section}] unknown key {unknown[0]!r}; known: {', '.join(self._read)}"
-            )
-
-
-def check_sections(doc: dict[str, object], known: tuple[str, ...]) -> None:
-    unknown = sorted(set(doc) - set(known))
-    if unknown:
-        names = ", ".join(f"[{k}]" for k in known)
-        raise ConfigError(f"unknown section or key {unknown[0]!r} at top level; known: {names}")
 
 
 def _config_file(path: Path) -> Path:

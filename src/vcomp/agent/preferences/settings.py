@@ -9,18 +9,11 @@ from dataclasses import dataclass
 from vcomp.agent.preferences.battery import POWER_SUPPLY_ROOT
 from vcomp.agent.preferences.schedule import Schedule, parse_schedule
 from vcomp.errors import ConfigError
-from vcomp.server.config import Table
+from vcomp.tomlconfig import Table, check_int
 from vcomp.units import MAX_SIZE
 
 MAX_RATE = 1 << 40  # bytes per second; anything above is "no cap" in practice
 MAX_MEMORY = MAX_SIZE  # what --max-memory (vcomp.units.SIZE) can say
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,19 +31,19 @@ class Preferences:
     max_download_rate: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("max_memory", self.max_memory, 0, MAX_MEMORY)
+        check_int("max_memory", self.max_memory, 0, MAX_MEMORY)
         if not isinstance(self.run_if_user_active, bool):
             raise ConfigError("run_if_user_active must be true or false")
-        _check_int("user_idle_seconds", self.user_idle_seconds, 1, 7 * 24 * 3600)
-        _check_int("battery_below", self.battery_below, 0, 100)
-        _check_int("battery_hysteresis", self.battery_hysteresis, 0, 100)
+        check_int("user_idle_seconds", self.user_idle_seconds, 1, 7 * 24 * 3600)
+        check_int("battery_below", self.battery_below, 0, 100)
+        check_int("battery_hysteresis", self.battery_hysteresis, 0, 100)
         if self.battery_below and self.battery_below + self.battery_hysteresis > 100:
             raise ConfigError("battery_below + battery_hysteresis must be at most 100")
         if not self.power_supply:
             raise ConfigError("power_supply must be a directory path")
         self.parsed_schedule()
-        _check_int("max_upload_rate", self.max_upload_rate, 0, MAX_RATE)
-        _check_int("max_download_rate", self.max_download_rate, 0, MAX_RATE)
+        check_int("max_upload_rate", self.max_upload_rate, 0, MAX_RATE)
+        check_int("max_download_rate", self.max_download_rate, 0, MAX_RATE)
 
     def parsed_schedule(self) -> Schedule:
         return parse_schedule(self.schedule)

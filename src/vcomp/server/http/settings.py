@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vcomp.errors import ConfigError
+from vcomp.tomlconfig import parse_host_port
 
 DEFAULT_HTTP_BIND = "127.0.0.1:7462"
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
@@ -55,8 +56,6 @@ class HttpSettings:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        from vcomp.server.config import parse_host_port  # config imports this module
-
         return parse_host_port(self.bind, what="[http] bind", allow_zero=True)
 
     @property
