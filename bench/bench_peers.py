@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import ssl
 import sys
 import tempfile
@@ -43,11 +41,6 @@ from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable as a package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -66,6 +59,7 @@ from bench.common import (
     udp_drops,
     write_json,
 )
+from tests.tlscert import SelfSigned, self_signed
 
 from vcomp.loadgen import LiteAgent
 from vcomp.protocol import events as ev
@@ -92,55 +86,6 @@ try:
     QUIC_MISSING = ""
 except ImportError:  # pragma: no cover - the bench extra installs it
     QUIC_MISSING = "aioquic is not installed (pip install -e '.[bench]')"
-
-
-# ---------------------------------------------------------------------- certificates
-
-
-@dataclass(frozen=True)
-class Cert:
-    cert_pem: bytes
-    key_pem: bytes
-
-
-def self_signed() -> Cert:
-    """A throw-away ECDSA P-256 certificate for localhost / 127.0.0.1 (TLS and QUIC rows)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return Cert(
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-
-
-def write_cert(cert: Cert, directory: Path) -> tuple[str, str]:
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.cert_pem)
-    key_path.write_bytes(cert.key_pem)
-    key_path.chmod(0o600)
-    return str(cert_path), str(key_path)
 
 
 # ---------------------------------------------------------------------- senders (this process)
@@ -170,7 +115,7 @@ async def tcp_sender(blob: bytes, tls: ssl.SSLContext | None) -> AsyncIterator[i
         await server.wait_closed()
 
 
-def tls_server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+def tls_server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert_path, key_path)
@@ -178,7 +123,7 @@ def tls_server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
 
 
 @contextlib.asynccontextmanager
-async def quic_sender(blob: bytes, cert_path: str, key_path: str) -> AsyncIterator[int]:
+async def quic_sender(blob: bytes, cert_path: Path, key_path: Path) -> AsyncIterator[int]:
     """An aioquic server answering each request stream (a length n) with n bytes and FIN."""
     from aioquic.asyncio.protocol import QuicConnectionProtocol
     from aioquic.asyncio.server import serve
@@ -417,17 +362,17 @@ async def vcomp_once(worker: Worker, blob: bytes, window: int) -> Measured:
         return Measured(at - bench.starts[(job, attempt)], cpu, nbytes, drops)
 
 
-async def stream_once(worker: Worker, blob: bytes, kind: str, cert: Cert | None) -> Measured:
+async def stream_once(worker: Worker, blob: bytes, kind: str, cert: SelfSigned | None) -> Measured:
     """A fresh TCP, TLS or QUIC connection: an untimed warm-up fetch, then the blob."""
     sizes = [min(WARMUP_BYTES, len(blob)), len(blob)]
     ca = cert.cert_pem.decode() if cert else None
     with tempfile.TemporaryDirectory() as d:
         if kind == "quic":
             assert cert is not None
-            async with quic_sender(blob, *write_cert(cert, Path(d))) as port:
+            async with quic_sender(blob, *cert.write(Path(d))) as port:
                 times, cpu = await measured_ask(worker, ("quic", port, sizes, ca), TRANSFER_TIMEOUT)
         else:
-            tls = tls_server_context(*write_cert(cert, Path(d))) if cert else None
+            tls = tls_server_context(*cert.write(Path(d))) if cert else None
             async with tcp_sender(blob, tls) as port:
                 times, cpu = await measured_ask(worker, ("tcp", port, sizes, ca), TRANSFER_TIMEOUT)
     return Measured(times[-1], cpu, sum(sizes))

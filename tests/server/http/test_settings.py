@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
 import ssl
 from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.server.http.conftest import start_api
+from tests.tlscert import self_signed
 from vcomp.errors import ConfigError
 from vcomp.server.config import load_server_config
 from vcomp.server.http.settings import HttpSettings
@@ -49,36 +45,8 @@ def test_server_toml_http_section(tmp_path: Path) -> None:
         load_server_config(tmp_path / "srv")
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
-
-
 async def test_tls_serves_the_api_and_plain_http_gets_nothing(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed().write(tmp_path)
     api = await start_api(tmp_path, HttpSettings(bind="127.0.0.1:0", cert=cert, key=key))
     try:
         assert api.url.startswith("https://")
