@@ -15,11 +15,7 @@ from typing import Any, BinaryIO
 import click
 
 from vcomp.server.cli import config_option, main, open_store
-from vcomp.server.store import (
-    RESULT_OK,
-    ResultRecord,
-    Store,
-)
+from vcomp.server.store import RESULT_OK, ResultRecord, Store
 
 OUTPUT_CHUNK = 3 << 18  # a multiple of 3, so base64 chunks concatenate cleanly
 

@@ -11,10 +11,7 @@ import click
 
 from vcomp.server import status_notes
 from vcomp.server.cli import config_option, main, open_store
-from vcomp.server.store import (
-    JobState,
-    StoreStatus,
-)
+from vcomp.server.store import JobState, StoreStatus
 
 
 def _status_json(status: StoreStatus, agents: list[dict[str, Any]]) -> dict[str, Any]:
