@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from vcomp.agent import checkpoints
 from vcomp.agent.checkpoints import (
+    UPLOAD_INTERVAL,
     JobCheckpoints,
+    Resume,
     interrupted_attempts,
     job_binding,
     sweep_stale,
@@ -53,7 +56,8 @@ async def test_first_checkpoint_is_written_at_once_and_later_ones_are_coalesced(
     jc.keep(b"after the end")  # ignored
     assert spool.checkpoint(4, binding, 1024) == b"state 49"
     again = JobCheckpoints(spool, 4, 2, binding, max_bytes=1024)
-    assert again.resume() == b"state 49"
+    resume = again.resume()
+    assert resume is not None and (resume.state, resume.source) == (b"state 49", "spool")
 
 
 async def test_a_tampered_checkpoint_is_not_used(spool: ResultSpool) -> None:
@@ -67,6 +71,47 @@ async def test_a_tampered_checkpoint_is_not_used(spool: ResultSpool) -> None:
     path.write_bytes(bytes(blob))
     assert JobCheckpoints(spool, 6, 2, binding).resume() is None
     assert not path.exists()
+
+
+async def test_the_later_attempts_state_wins_between_own_and_uploaded(
+    spool: ResultSpool,
+) -> None:
+    binding = job_binding("python", b"code", b"input")
+    spool.put_checkpoint(8, 2, binding, b"own, attempt 2")
+    jc = JobCheckpoints(spool, 8, 5, binding, max_bytes=64)
+    older, newer = jc.resume(b"uploaded by attempt 1", 1), jc.resume(b"uploaded by 4", 4)
+    assert older == Resume(b"own, attempt 2", "spool", 2)
+    assert newer == Resume(b"uploaded by 4", "server", 4)
+    # Over this agent's bound: not used (the job would refuse a RESUME that large).
+    assert jc.resume(b"x" * 65, 4) == Resume(b"own, attempt 2", "spool", 2)
+    spool.remove_checkpoint(8)
+    assert jc.resume(b"x" * 65, 4) is None
+    assert jc.resume(b"only the upload", 3) == Resume(b"only the upload", "server", 3)
+
+
+async def test_uploads_go_at_most_once_per_interval_and_only_when_taken(
+    spool: ResultSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[bytes] = []
+    taking = [False]
+
+    def upload(state: bytes) -> bool:
+        if taking[0]:
+            sent.append(state)
+        return taking[0]
+
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    jc = JobCheckpoints(spool, 9, 1, b"\0" * 32, upload=upload)
+    jc.keep(b"no session yet")  # not taken: tried again at the next checkpoint
+    taking[0] = True
+    jc.keep(b"first")
+    clock[0] += UPLOAD_INTERVAL - 1
+    jc.keep(b"too soon")
+    clock[0] += 1
+    jc.keep(b"second")
+    await jc.close()
+    assert sent == [b"first", b"second"] and jc.uploaded == 2
 
 
 def test_interrupted_attempts_are_those_without_a_result(spool: ResultSpool) -> None:

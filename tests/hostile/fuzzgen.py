@@ -98,7 +98,7 @@ class DatagramFuzzer:
 
     def random_after_magic(self) -> bytes:
         """Past the magic/version check, random everything else (mostly bad lengths)."""
-        return b"VC\x02" + self.rng.randbytes(self.rng.randint(0, 1497))
+        return b"VC\x03" + self.rng.randbytes(self.rng.randint(0, 1497))
 
     def truncated_real(self) -> bytes:
         real = self.rng.choice(self.corpus)

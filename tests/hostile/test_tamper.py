@@ -42,12 +42,12 @@ from .harness import (
 
 KNOWN_TYPES = {int(t) for t in PacketType}
 PLAINTEXT_ONLY = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06}
-ENCRYPTED_ONLY = {0x07, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x20, 0x21}
+ENCRYPTED_ONLY = {0x07, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x20, 0x21}
 
 
 def predicted_drop(d: bytes, session_id: int, seen: set[int]) -> str:
     """Which check of PROTOCOL.md 3.1 (or of record.md) throws ``d`` away."""
-    if not 24 <= len(d) <= 1472 or d[:3] != b"VC\x02" or d[5] != 0:
+    if not 24 <= len(d) <= 1472 or d[:3] != b"VC\x03" or d[5] != 0:
         return "dropped_malformed"
     if d[4] not in (0, 1) or d[3] not in KNOWN_TYPES:
         return "dropped_malformed"

@@ -426,6 +426,7 @@ class Lab:
         idle_timeout: float | None = None,
         per_agent: int | None = None,
         store_busy_timeout: float | None = None,
+        upload_checkpoints: bool = False,
     ) -> Org:
         """A server home and an (unstarted) in-process server bound to 127.0.0.1:0.
 
@@ -440,8 +441,12 @@ class Lab:
             changes["window"] = window
         if idle_timeout is not None:
             changes["idle_timeout"] = idle_timeout
+        jobs = config.jobs
         if lease_seconds is not None:
-            changes["jobs"] = dataclasses.replace(config.jobs, lease_seconds=lease_seconds)
+            jobs = dataclasses.replace(jobs, lease_seconds=lease_seconds)
+        if upload_checkpoints:
+            jobs = dataclasses.replace(jobs, upload_checkpoints=True)
+        changes["jobs"] = jobs
         if per_agent is not None:
             changes["max_sessions_per_agent"] = changes["max_leases_per_agent"] = per_agent
         if store_busy_timeout is not None:

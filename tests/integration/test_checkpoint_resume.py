@@ -129,6 +129,62 @@ async def test_killed_agent_resumes_from_its_checkpoint(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["python", "exec"])
+async def test_another_agent_resumes_from_the_uploaded_checkpoint(
+    lab: Lab, tmp_path: Path, kind: str
+) -> None:
+    """[jobs] upload_checkpoints: the first agent is SIGKILLed for good after its
+    checkpoint reached the server; a second volunteer (another TPM, another spool) gets
+    the job when the lease expires and resumes from the server's copy."""
+    if kind == "python":
+        app: Path | bytes = PI_PY
+        points = 400_000_000 if importlib.util.find_spec("numpy") else 8_000_000
+    else:
+        app = _pi_c(tmp_path)
+        points = 1_500_000_000
+    data = json.dumps({"points": points, "seed": 9, "report_resume": True}).encode()
+    expected = (
+        _uninterrupted_pi_py(data) if kind == "python" else _uninterrupted_pi_c(app, data)  # type: ignore[arg-type]
+    )
+    org = lab.org(lease_seconds=5, idle_timeout=10, upload_checkpoints=True)
+    await lab.start(org)
+    first_home = lab.agent_config(org, "first")
+    second_home = lab.agent_config(org, "second")
+    await org.synced()
+    org.add_app("pi", app, kind=kind)
+    batch = org.submit("pi", [data], cpu_seconds=120, wall_seconds=300)
+    job_id = org.store.get_job_by_index(batch, 0).job_id
+
+    first, first_log = lab.spawn(
+        [AGENT_CLI, "join", "--config", str(first_home.home), "--mode", "full"], "first"
+    )
+    await wait_until(
+        lambda: org.store.latest_checkpoint(job_id) is not None, "an uploaded checkpoint", 120
+    )
+    first.killpg()  # gone for good: its spool never comes back
+    assert await first.wait(10) == -signal.SIGKILL
+    assert first_log.events("job_finished") == []  # it really died mid-job
+    uploaded = org.store.latest_checkpoint(job_id)
+    assert uploaded is not None and uploaded.attempt == 1
+
+    second, second_log = lab.spawn(
+        [AGENT_CLI, "join", "--config", str(second_home.home), "--mode", "full"], "second"
+    )
+    await org.wait_batch(batch, timeout=180)
+    _result, output = org.outputs(batch)[0]
+    answer = json.loads(output)
+    resumed_at = answer.pop("resumed_at", 0)
+    assert 0 < resumed_at < points  # it did not start from zero
+    assert answer == expected  # and the π counts are exact
+    [resumed] = second_log.events("job_resumed", job=str(job_id))
+    assert resumed["source"] == "server" and resumed["from_attempt"] == "1"
+    attempts = {a.attempt: a for a in org.store.list_attempts(job_id)}
+    assert attempts[1].agent_id != attempts[max(attempts)].agent_id
+    second.signal(signal.SIGTERM)
+    await second.wait(30)
+
+
+@pytest.mark.slow
 async def test_lease_is_renewed_while_the_job_makes_no_progress(lab: Lab) -> None:
     """Renewal follows the session, not the job: a job silent (or suspended) for four
     lease periods keeps its one lease and its result is committed as attempt 1."""

@@ -38,6 +38,9 @@ class SimJob:
     code: bytes
     data: bytes
     kind: str = "python"
+    checkpoint_bytes: int = 0  # offered for uploads
+    resume: bytes | None = None  # an earlier attempt's state, sent after the input
+    resume_attempt: int = 0
 
     def description(self) -> ev.JobDescription:
         return ev.JobDescription(
@@ -53,7 +56,15 @@ class SimJob:
             wall_seconds=10,
             output_bytes=1 << 20,
             disk_bytes=1 << 26,
+            checkpoint_bytes=self.checkpoint_bytes,
+            resume_attempt=self.resume_attempt if self.resume is not None else 0,
+            resume_size=len(self.resume) if self.resume is not None else 0,
+            resume_sha256=hashlib.sha256(self.resume).digest() if self.resume is not None else b"",
         )
+
+    @property
+    def stream(self) -> bytes:
+        return self.code + self.data + (self.resume or b"")
 
 
 @dataclass
@@ -67,6 +78,8 @@ class ServerApp:
     jobs: dict[tuple[int, int], SimJob] = field(default_factory=dict)
     results: dict[tuple[int, int], bytes] = field(default_factory=dict)
     uploads: dict[tuple[int, int], bytearray] = field(default_factory=dict)
+    checkpoint_parts: dict[tuple[int, int], bytearray] = field(default_factory=dict)
+    checkpoints: list[tuple[tuple[int, int], bytes]] = field(default_factory=list)
     events: list[ev.Event] = field(default_factory=list)
     commit_count: dict[tuple[int, int], int] = field(default_factory=dict)
     window: int = 64
@@ -86,9 +99,7 @@ class ServerApp:
         )
 
     def _code(self, job: int, attempt: int, offset: int, length: int) -> bytes:
-        j = self.jobs[(job, attempt)]
-        blob = j.code + j.data
-        return blob[offset : offset + length]
+        return self.jobs[(job, attempt)].stream[offset : offset + length]
 
     def receive(self, datagram: bytes, now: float) -> None:
         self.endpoint.receive_datagram(datagram, self.address, now)
@@ -112,6 +123,13 @@ class ServerApp:
                 buf = self.uploads.setdefault((e.job, e.attempt), bytearray())
                 assert len(buf) == e.offset
                 buf += e.data
+            elif isinstance(e, ev.CheckpointChunk):
+                buf = self.checkpoint_parts.setdefault((e.job, e.attempt), bytearray())
+                assert len(buf) == e.offset
+                buf += e.data
+            elif isinstance(e, ev.CheckpointComplete):
+                key = (e.job, e.attempt)
+                self.checkpoints.append((key, bytes(self.checkpoint_parts.pop(key, b""))))
             elif isinstance(e, ev.ResultComplete):
                 key = (e.job, e.attempt)
                 self.results[key] = bytes(self.uploads.pop(key, b""))
@@ -147,6 +165,10 @@ class AgentApp:
     compute: Callable[[bytes, bytes], bytes] = job_output
     run_jobs: bool = True
     started: bool = False
+    # Checkpoints the "job" saves before its result, and whether the session took each.
+    checkpoint_states: list[bytes] = field(default_factory=list)
+    checkpoints_taken: list[bool] = field(default_factory=list)
+    while_running: Callable[[AgentSession, ev.JobReceived], None] | None = None
 
     def receive(self, datagram: bytes, now: float) -> None:
         self.session.receive_datagram(datagram, now)
@@ -159,8 +181,15 @@ class AgentApp:
             self.events.append(e)
             if isinstance(e, ev.JobReceived):
                 self.received.append(e)
+                d = e.description
+                for state in self.checkpoint_states:
+                    taken = self.session.submit_checkpoint(
+                        job=d.job, attempt=d.attempt, state=state
+                    )
+                    self.checkpoints_taken.append(taken)
+                if self.while_running is not None:
+                    self.while_running(self.session, e)
                 if self.run_jobs:
-                    d = e.description
                     self.session.submit_result(
                         job=d.job,
                         attempt=d.attempt,

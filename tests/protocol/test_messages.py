@@ -17,6 +17,7 @@ from vcomp.protocol.messages import (
     Ack,
     Attest,
     Challenge,
+    Checkpoint,
     Code,
     End,
     Error,
@@ -103,6 +104,55 @@ def results(draw: st.DrawFn) -> Result:
 
 
 @st.composite
+def checkpoints(draw: st.DrawFn) -> Checkpoint:
+    common: dict[str, Any] = {
+        "seq": draw(u64),
+        "epoch": draw(u32),
+        "job": draw(u64),
+        "attempt": draw(u32),
+    }
+    if draw(st.booleans()):
+        total = draw(st.integers(0, limits.MAX_CHECKPOINT_SIZE))
+        return Checkpoint(
+            **common, offset=total, total=total, data=b"", fin=True, sha256=draw(digest)
+        )
+    data = draw(st.binary(min_size=1, max_size=limits.MAX_CHUNK))
+    total = draw(st.integers(len(data), limits.MAX_CHECKPOINT_SIZE))
+    offset = draw(st.integers(0, total - len(data)))
+    return Checkpoint(**common, offset=offset, total=total, data=data, fin=False)
+
+
+@st.composite
+def starts(draw: st.DrawFn) -> Start:
+    attempt = draw(st.integers(1, U32))
+    resume: dict[str, Any] = {}
+    if draw(st.booleans()):
+        resume = {
+            "resume_attempt": draw(st.integers(0, attempt - 1)),
+            "resume_size": draw(st.integers(0, limits.MAX_CHECKPOINT_SIZE)),
+            "resume_sha256": draw(digest),
+        }
+    return Start(
+        seq=draw(u64),
+        epoch=draw(u32),
+        job=draw(u64),
+        attempt=attempt,
+        kind=draw(st.sampled_from(["python", "exec"])),
+        code_size=draw(st.integers(1, limits.MAX_CODE_SIZE)),
+        code_sha256=draw(digest),
+        input_size=draw(st.integers(0, limits.MAX_INPUT_SIZE)),
+        input_sha256=draw(digest),
+        cpu_seconds=draw(st.integers(1, U32)),
+        memory_bytes=draw(st.integers(1, U64)),
+        wall_seconds=draw(st.integers(1, U32)),
+        output_bytes=draw(st.integers(0, limits.MAX_RESULT_SIZE)),
+        disk_bytes=draw(st.integers(1, U64)),
+        checkpoint_bytes=draw(st.none() | st.integers(1, limits.MAX_CHECKPOINT_SIZE)),
+        **resume,
+    )
+
+
+@st.composite
 def errors(draw: st.DrawFn) -> Error:
     seq_epoch = draw(st.none() | st.tuples(u64, u32))
     job_attempt = draw(st.none() | st.tuples(u64, u32))
@@ -180,23 +230,7 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Any]] = {
         max_disk_bytes=st.integers(1, U64),
         kinds=st.sampled_from([("python",), ("exec",), ("python", "exec"), ("exec", "python")]),
     ),
-    Start: st.builds(
-        Start,
-        seq=u64,
-        epoch=u32,
-        job=u64,
-        attempt=u32,
-        kind=st.sampled_from(["python", "exec"]),
-        code_size=st.integers(1, limits.MAX_CODE_SIZE),
-        code_sha256=digest,
-        input_size=st.integers(0, limits.MAX_INPUT_SIZE),
-        input_sha256=digest,
-        cpu_seconds=st.integers(1, U32),
-        memory_bytes=st.integers(1, U64),
-        wall_seconds=st.integers(1, U32),
-        output_bytes=st.integers(0, limits.MAX_RESULT_SIZE),
-        disk_bytes=st.integers(1, U64),
-    ),
+    Start: starts(),
     Code: codes(),
     End: st.builds(
         End,
@@ -207,6 +241,7 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Any]] = {
         total=st.integers(0, limits.MAX_CODE_SIZE + limits.MAX_INPUT_SIZE),
     ),
     Result: results(),
+    Checkpoint: checkpoints(),
     Ack: st.builds(
         Ack,
         ranges=ack_ranges(),
@@ -269,6 +304,10 @@ def test_largest_messages_fit_in_one_datagram() -> None:
             wall_seconds=U32,
             output_bytes=limits.MAX_RESULT_SIZE,
             disk_bytes=U64,
+            checkpoint_bytes=limits.MAX_CHECKPOINT_SIZE,
+            resume_attempt=U32 - 1,
+            resume_size=limits.MAX_CHECKPOINT_SIZE,
+            resume_sha256=bytes(32),
         ),
         Code(seq=U64, epoch=U32, job=U64, attempt=U32, offset=2**20, data=bytes(1280)),
         End(seq=U64, epoch=U32, job=U64, attempt=U32, total=2**29),
@@ -296,6 +335,27 @@ def test_largest_messages_fit_in_one_datagram() -> None:
             detail=text_max,
             cpu_ms=U32,
             wall_ms=U32,
+        ),
+        Checkpoint(
+            seq=U64,
+            epoch=U32,
+            job=U64,
+            attempt=U32,
+            offset=0,
+            total=limits.MAX_CHECKPOINT_SIZE,
+            data=bytes(limits.MAX_CHUNK),
+            fin=False,
+        ),
+        Checkpoint(
+            seq=U64,
+            epoch=U32,
+            job=U64,
+            attempt=U32,
+            offset=limits.MAX_CHECKPOINT_SIZE,
+            total=limits.MAX_CHECKPOINT_SIZE,
+            data=b"",
+            fin=True,
+            sha256=bytes(32),
         ),
         Ack(
             ranges=tuple((U64 - 2 * i - 1, U64 - 2 * i) for i in range(limits.MAX_ACK_RANGES)),

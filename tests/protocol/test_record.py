@@ -33,7 +33,7 @@ A2S = Direction.AGENT_TO_SERVER
 def header_for(packet_number: int, body_length: int, ptype: int = 0x11) -> bytes:
     """A 24-byte header laid out as in CONTRACT.md (built here, not by wire.py)."""
     return (
-        b"VC\x02"
+        b"VC\x03"
         + bytes([ptype, 0x01, 0x00])
         + (0xABCDEF).to_bytes(8, "big")
         + packet_number.to_bytes(8, "big")

@@ -32,6 +32,7 @@ BIN_FIELDS = {
     "input_sha256",
     "data",
     "sha256",
+    "resume_sha256",
 }
 
 

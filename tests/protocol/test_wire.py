@@ -32,7 +32,7 @@ PN = 0x0000000000000102
 # Written out by hand from the layout table in PROTOCOL.md, not produced by the code.
 CODE_HEADER_HEX = (
     "5643"  # magic "VC"
-    "02"  # version
+    "03"  # version
     "11"  # type CODE
     "01"  # flags: ENCRYPTED
     "00"  # reserved
@@ -60,7 +60,7 @@ def datagram(body: bytes = b"", **fields: int) -> bytes:
 def test_constants_match_the_spec() -> None:
     assert HEADER_LEN == 24 == limits.HEADER_LEN
     assert MAGIC.to_bytes(2, "big") == b"VC"
-    assert VERSION == 2
+    assert VERSION == 3
     assert {t.name: t.value for t in PacketType} == {
         "HELLO": 0x01,
         "RETRY": 0x02,
@@ -75,6 +75,7 @@ def test_constants_match_the_spec() -> None:
         "RESULT": 0x13,
         "ACK": 0x14,
         "RESET": 0x15,
+        "CHECKPOINT": 0x16,
         "PING": 0x20,
         "PONG": 0x21,
         "ERROR": 0x30,
@@ -120,7 +121,8 @@ def test_longest_datagram_is_accepted_and_one_more_byte_is_not() -> None:
         {"magic": 0x4356},
         {"version": 0},
         {"version": 1},  # vcomp/1, before READY declared maxima
-        {"version": 3},
+        {"version": 2},  # vcomp/2, before checkpoints travelled
+        {"version": 4},
         {"ptype": 0x00},
         {"ptype": 0x08},
         {"ptype": 0x22},
@@ -192,6 +194,7 @@ def test_reliability_predicate() -> None:
         PacketType.CODE,
         PacketType.END,
         PacketType.RESULT,
+        PacketType.CHECKPOINT,
         PacketType.ERROR,
     }
     assert not is_reliable(Header(PacketType.ERROR, Flag(0), 1, 1, 0))

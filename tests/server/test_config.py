@@ -145,6 +145,14 @@ def test_hook_threads_and_stopping_on_the_same_failure_are_read(tmp_path: Path) 
     assert (config.hook_threads, config.jobs.stop_after_same_failures) == (4, 0)
 
 
+def test_checkpoint_upload_is_off_by_default_and_read(tmp_path: Path) -> None:
+    assert JobDefaults().upload_checkpoints is False
+    assert JobDefaults().checkpoint_bytes == 4 << 20
+    text = "[jobs]\nupload_checkpoints = true\ncheckpoint_bytes = 65536\n"
+    jobs = load_server_config(write_config(tmp_path, text)).jobs
+    assert (jobs.upload_checkpoints, jobs.checkpoint_bytes) == (True, 65536)
+
+
 def test_missing_keys_take_defaults(tmp_path: Path) -> None:
     config = load_server_config(write_config(tmp_path, "[server]\nbind = '[::1]:0'\n"))
     assert (config.bind_host, config.bind_port, config.window) == ("::1", 0, 1024)
@@ -170,6 +178,8 @@ def test_missing_keys_take_defaults(tmp_path: Path) -> None:
         ("[jobs]\nstop_after_same_failures = -1\n", "stop_after_same_failures must be between"),
         ("[jobs]\nstop_after_same_failures = true\n", "stop_after_same_failures must be an"),
         ("[server]\nhook_threads = 0\n", "hook_threads must be between 1"),
+        ("[jobs]\nupload_checkpoints = 1\n", "upload_checkpoints must be"),
+        ("[jobs]\ncheckpoint_bytes = 0\n", "checkpoint_bytes must be between 1"),
         ("[server]\nmax_sessions_per_agent = 0\n", "max_sessions_per_agent must be between 1"),
         (
             "[server]\nmax_sessions = 10\nmax_sessions_per_agent = 11\n",

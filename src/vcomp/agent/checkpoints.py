@@ -19,6 +19,8 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from vcomp import logfmt
 from vcomp.agent.sandbox import Checkpointing
@@ -29,6 +31,7 @@ from vcomp.errors import loggable
 log = logging.getLogger("vcomp.agent")
 
 WRITE_INTERVAL = 1.0
+UPLOAD_INTERVAL = 10.0  # to the server, when it asks for them: a state every 10 s at most
 MAX_AGE_SECONDS = 7 * 24 * 3600  # a job not seen again in a week went elsewhere
 
 
@@ -51,8 +54,12 @@ class JobCheckpoints:
         attempt: int,
         binding: bytes,
         max_bytes: int = DEFAULT_MAX_CHECKPOINT,
+        upload: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.spool = spool
+        self._upload = upload  # hands a state to the session; False: not sent
+        self._uploaded_at = -UPLOAD_INTERVAL
+        self.uploaded = 0
         self.job = job
         self.attempt = attempt
         self.binding = binding
@@ -65,8 +72,29 @@ class JobCheckpoints:
         self._writing: asyncio.Future[None] | None = None
         self._closed = False
 
-    def resume(self) -> bytes | None:
-        """The state to resume from, if this agent kept a valid one for this job."""
+    def resume(self, uploaded: bytes | None = None, uploaded_attempt: int = 0) -> Resume | None:
+        """The state to resume from: this agent's own, or the one the server sent
+        (another agent's upload), whichever an attempt wrote later."""
+        own = self._own()
+        own_attempt = max(
+            (a for job, a in self.spool.checkpoint_holdings() if job == self.job), default=0
+        )
+        if uploaded is not None and len(uploaded) > self.max_bytes:
+            logfmt.event(
+                log,
+                "checkpoint_unusable",
+                logging.WARNING,
+                job=self.job,
+                error=f"the server's is {len(uploaded)} bytes, over {self.max_bytes}",
+            )
+            uploaded = None
+        if own is not None and (uploaded is None or own_attempt >= uploaded_attempt):
+            return Resume(own, "spool", own_attempt)
+        if uploaded is not None:
+            return Resume(uploaded, "server", uploaded_attempt)
+        return None
+
+    def _own(self) -> bytes | None:
         try:
             return self.spool.checkpoint(self.job, self.binding, self.max_bytes)
         except (SpoolError, OSError) as exc:
@@ -85,6 +113,11 @@ class JobCheckpoints:
         self.received += 1
         self._pending = state  # a later one replaces one not yet written
         self._schedule()
+        now = time.monotonic()
+        due = self._upload is not None and now >= self._uploaded_at + UPLOAD_INTERVAL
+        if due and self._upload is not None and self._upload(state):
+            self._uploaded_at = now
+            self.uploaded += 1
 
     def _schedule(self) -> None:
         if self._writing is not None or self._timer is not None:
@@ -137,6 +170,15 @@ class JobCheckpoints:
         if self._writing is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._writing)
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """A state to resume from, where it came from, and the attempt that wrote it."""
+
+    state: bytes
+    source: str  # "spool" (this agent's) or "server" (uploaded by an earlier attempt)
+    attempt: int
 
 
 def interrupted_attempts(spool: ResultSpool) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ import random
 import signal
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -528,8 +528,9 @@ class Worker:
             d.attempt,
             job_binding(kind, e.code, e.input),
             max_bytes=self.rt.config.limits.max_checkpoint_bytes,
+            upload=self._uploader(d) if d.checkpoint_bytes else None,
         )
-        resume = checkpoints.resume()
+        resume = checkpoints.resume(e.resume, d.resume_attempt)
         if resume is not None:
             logfmt.event(
                 log,
@@ -537,7 +538,9 @@ class Worker:
                 worker=self.index,
                 job=d.job,
                 attempt=d.attempt,
-                state_bytes=len(resume),
+                state_bytes=len(resume.state),
+                source=resume.source,
+                from_attempt=resume.attempt,
             )
         # Waits while other jobs hold the memory this one needs (max_memory).
         if running is not None:
@@ -547,12 +550,31 @@ class Worker:
                 if running is not None:
                     running.waiting_for_memory = False
                 outcome = await self._sandbox_run(
-                    e, kind, checkpoints.sandbox_side(resume), control
+                    e,
+                    kind,
+                    checkpoints.sandbox_side(None if resume is None else resume.state),
+                    control,
                 )
         finally:
             await checkpoints.close()
         output = (outcome.result or b"") if outcome.kind is OutcomeKind.OK else b""
         return str(outcome.kind), output, describe(outcome), int(outcome.cpu_seconds * 1000)
+
+    def _uploader(self, d: ev.JobDescription) -> Callable[[bytes], bool]:
+        """Hands a checkpoint of job ``d`` to the session of the moment (the server
+        asked for them in START); False when there is none to take it."""
+
+        def upload(state: bytes) -> bool:
+            session = self.session
+            if session is None or not session.submit_checkpoint(
+                job=d.job, attempt=d.attempt, state=state
+            ):
+                return False
+            if self.adapter is not None:
+                self.adapter.kick()
+            return True
+
+        return upload
 
     async def _sandbox_run(
         self, e: ev.JobReceived, kind: JobKind, checkpoints: Checkpointing, control: JobControl

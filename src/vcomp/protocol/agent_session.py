@@ -27,6 +27,7 @@ from vcomp.protocol.messages import (
     Ack,
     Attest,
     Challenge,
+    Checkpoint,
     Code,
     End,
     Error,
@@ -77,25 +78,42 @@ class _Inbound:
 
     def __init__(self, start: Start) -> None:
         self.start = start
-        self.expected = start.code_size + start.input_size
+        self.expected = start.transfer_size
         self.buffer = bytearray(self.expected)
         self.received = 0
         # Hashed as chunks arrive, so END costs no pass over a large job.
         self.code_hash = hashlib.sha256()
         self.input_hash = hashlib.sha256()
+        self.resume_hash = hashlib.sha256()
+        self._parts = (
+            (start.code_size, self.code_hash),
+            (start.code_size + start.input_size, self.input_hash),
+            (self.expected, self.resume_hash),
+        )
 
     def append(self, data: bytes) -> None:
         offset, end = self.received, self.received + len(data)
         self.buffer[offset:end] = data
-        split = self.start.code_size - offset
-        if split >= len(data):
-            self.code_hash.update(data)
-        elif split <= 0:
-            self.input_hash.update(data)
-        else:
-            self.code_hash.update(data[:split])
-            self.input_hash.update(data[split:])
+        view, at = memoryview(data), offset
+        for part_end, hasher in self._parts:
+            if at < part_end and at < end:
+                upto = min(part_end, end)
+                hasher.update(view[at - offset : upto - offset])
+                at = upto
         self.received = end
+
+    def parts(self) -> tuple[bytes, bytes, bytes | None]:
+        """Code, input and (if START announced one) the resume state."""
+        start = self.start
+        code_end = start.code_size
+        input_end = code_end + start.input_size
+        view = memoryview(self.buffer)
+        try:
+            code, data = bytes(view[:code_end]), bytes(view[code_end:input_end])
+            resume = bytes(view[input_end:]) if start.resume_size is not None else None
+        finally:
+            view.release()
+        return code, data, resume
 
 
 class AgentSession:
@@ -133,6 +151,7 @@ class AgentSession:
         self.channel: SecureChannel | None = None
         self._inbound: _Inbound | None = None
         self._running: tuple[int, int] | None = None
+        self._checkpoint_bytes = 0  # what the running job's START offered to take
         self._committed_seen: dict[tuple[int, int], None] = {}
         self._started = now
 
@@ -194,6 +213,41 @@ class AgentSession:
         if self._running == (job, attempt):
             self._running = None
             self.state = AgentState.READY
+
+    def submit_checkpoint(self, *, job: int, attempt: int, state: bytes) -> bool:
+        """Upload the running job's latest checkpoint, if its START asked for them and
+        it fits the bound; False (nothing sent) otherwise."""
+        ch = self.channel
+        if ch is None or self.state is AgentState.CLOSED or self._running != (job, attempt):
+            return False
+        if len(state) > self._checkpoint_bytes:
+            return False
+        view = memoryview(state)
+        chunk = limits.DEFAULT_CHUNK
+        for offset in range(0, len(state), chunk):
+            ch.send_reliable(
+                Checkpoint(
+                    job=job,
+                    attempt=attempt,
+                    offset=offset,
+                    total=len(state),
+                    data=bytes(view[offset : offset + chunk]),
+                    fin=False,
+                )
+            )
+        digest = hashlib.sha256(state).digest()
+        ch.send_reliable(
+            Checkpoint(
+                job=job,
+                attempt=attempt,
+                offset=len(state),
+                total=len(state),
+                data=b"",
+                fin=True,
+                sha256=digest,
+            )
+        )
+        return True
 
     def abandon_job(self, *, job: int, attempt: int, reason: str) -> None:
         """Hand a job back unfinished (shutdown): the server requeues it at once."""
@@ -443,7 +497,7 @@ class AgentSession:
         if self.state is not AgentState.READY:
             self._refuse(start.job, start.attempt, ErrorCode.BUSY, "agent is busy with a job")
             return
-        total = start.code_size + start.input_size
+        total = start.transfer_size
         if total > self._capacity.job_bytes:
             self._refuse(
                 start.job,
@@ -484,9 +538,12 @@ class AgentSession:
         if not hmac.compare_digest(inb.input_hash.digest(), start.input_sha256):
             self._refuse_inbound(ErrorCode.HASH_MISMATCH, "input SHA-256 differs from START")
             return
-        view = memoryview(inb.buffer)
-        code, data = bytes(view[: start.code_size]), bytes(view[start.code_size :])
-        view.release()
+        if start.resume_sha256 is not None and not hmac.compare_digest(
+            inb.resume_hash.digest(), start.resume_sha256
+        ):
+            self._refuse_inbound(ErrorCode.HASH_MISMATCH, "resume SHA-256 differs from START")
+            return
+        code, data, resume = inb.parts()
         self._inbound = None
         self.state = AgentState.RUNNING
         self._running = (start.job, start.attempt)
@@ -503,8 +560,13 @@ class AgentSession:
             wall_seconds=start.wall_seconds,
             output_bytes=start.output_bytes,
             disk_bytes=start.disk_bytes,
+            checkpoint_bytes=start.checkpoint_bytes or 0,
+            resume_attempt=start.resume_attempt or 0,
+            resume_size=start.resume_size or 0,
+            resume_sha256=start.resume_sha256 or b"",
         )
-        self._events.append(ev.JobReceived(desc, code, data))
+        self._checkpoint_bytes = desc.checkpoint_bytes
+        self._events.append(ev.JobReceived(desc, code, data, resume))
 
     def _refuse(self, job: int, attempt: int, code: ErrorCode, message: str) -> None:
         assert self.channel is not None

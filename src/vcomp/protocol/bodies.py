@@ -45,6 +45,7 @@ __all__ = [
     "JOB_KINDS",
     "Attest",
     "Challenge",
+    "Checkpoint",
     "End",
     "Error",
     "ErrorCode",
@@ -264,6 +265,9 @@ class Ready(Body):
         )
 
 
+_RESUME_FIELDS: Final = ("resume_attempt", "resume_size", "resume_sha256")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Start(Body):
     """Server -> agent: a job follows; sizes, digests and resource limits."""
@@ -283,6 +287,10 @@ class Start(Body):
     wall_seconds: int
     output_bytes: int
     disk_bytes: int
+    checkpoint_bytes: int | None = None
+    resume_attempt: int | None = None
+    resume_size: int | None = None
+    resume_sha256: bytes | None = None
 
     _schema = (
         *SEQ_EPOCH,
@@ -297,7 +305,25 @@ class Start(Body):
         ("wall_seconds", uint(U32, 1)),
         ("output_bytes", uint(limits.MAX_RESULT_SIZE)),
         ("disk_bytes", uint(U64, 1)),
+        ("checkpoint_bytes", optional(uint(limits.MAX_CHECKPOINT_SIZE, 1))),
+        ("resume_attempt", optional(u32)),
+        ("resume_size", optional(uint(limits.MAX_CHECKPOINT_SIZE))),
+        ("resume_sha256", optional(digest)),
     )
+    _omit_if_none = frozenset((*_RESUME_FIELDS, "checkpoint_bytes"))
+
+    def __post_init__(self) -> None:
+        validate(self)
+        resume = (self.resume_attempt, self.resume_size, self.resume_sha256)
+        if None in resume and resume != (None,) * 3:
+            raise DecodeError("Start: resume_attempt, resume_size and resume_sha256 go together")
+        if self.resume_attempt is not None and self.resume_attempt >= self.attempt:
+            raise DecodeError("Start: resume_attempt must be an earlier attempt")
+
+    @property
+    def transfer_size(self) -> int:
+        """Bytes the CODE stream carries: code, input, then any resume state."""
+        return self.code_size + self.input_size + (self.resume_size or 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -369,6 +395,44 @@ class Result(Body):
                 raise DecodeError("Result: a data chunk is non-empty and ends within total")
             if summary != (None,) * 5:
                 raise DecodeError("Result: summary fields are only allowed with fin")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint(Body):
+    """Agent -> server: one chunk of a running job's latest checkpoint, or (``fin``)
+    its SHA-256. Sent only when START offered ``checkpoint_bytes``, whole and in order,
+    one checkpoint at a time; the fin chunk carries no data and ``offset == total``.
+    """
+
+    ptype: ClassVar[PacketType] = PacketType.CHECKPOINT
+    seq: int = 0
+    epoch: int = 0
+    job: int
+    attempt: int
+    offset: int
+    total: int
+    data: bytes
+    fin: bool
+    sha256: bytes | None = None
+
+    _schema = (
+        *SEQ_EPOCH,
+        *JOB_ATTEMPT,
+        ("offset", u64),
+        ("total", uint(limits.MAX_CHECKPOINT_SIZE)),
+        ("data", binary(0, limits.MAX_CHUNK)),
+        ("fin", boolean),
+        ("sha256", optional(digest)),
+    )
+    _omit_if_none = frozenset({"sha256"})
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.fin:
+            if self.data or self.offset != self.total or self.sha256 is None:
+                raise DecodeError("Checkpoint: the fin chunk is sha256 alone, at offset == total")
+        elif not self.data or self.offset + len(self.data) > self.total or self.sha256:
+            raise DecodeError("Checkpoint: a data chunk is non-empty, ends within total, no sha256")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

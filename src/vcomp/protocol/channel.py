@@ -23,6 +23,7 @@ from vcomp.protocol import limits
 from vcomp.protocol.congestion import make_controller
 from vcomp.protocol.messages import (
     Ack,
+    Checkpoint,
     Code,
     End,
     Error,
@@ -50,7 +51,7 @@ COMMIT_RETRY_LIMIT = 8
 M = TypeVar("M", bound=Message)
 
 # Types whose seq/epoch are always ints: the per-packet paths skip the generic checks.
-_STREAM_TYPES: frozenset[type[Message]] = frozenset({Ready, Start, Code, End, Result})
+_STREAM_TYPES: frozenset[type[Message]] = frozenset({Ready, Start, Code, End, Result, Checkpoint})
 _SEQUENCED_TYPES: frozenset[type[Message]] = _STREAM_TYPES | {Error}
 _with_sequence: Any = with_sequence  # typed per call site below
 _ENCRYPTED = Flag.ENCRYPTED

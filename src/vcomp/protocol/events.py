@@ -21,6 +21,18 @@ class JobDescription:
     wall_seconds: int
     output_bytes: int
     disk_bytes: int
+    checkpoint_bytes: int = 0
+    """Largest checkpoint the server takes for this attempt; 0: it takes none."""
+    resume_attempt: int = 0
+    """The earlier attempt the resume state comes from (when ``resume_size``)."""
+    resume_size: int = 0
+    resume_sha256: bytes = b""
+    """Set exactly when a resume state follows the input (which may be empty)."""
+
+    @property
+    def transfer_size(self) -> int:
+        """Bytes of the CODE stream: code, input, then the resume state."""
+        return self.code_size + self.input_size + self.resume_size
 
 
 # ---- both sides -------------------------------------------------------------
@@ -96,6 +108,29 @@ class ResultComplete:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointChunk:
+    """Part of a running job's checkpoint; the whole is only good once it completes."""
+
+    session_id: int
+    job: int
+    attempt: int
+    offset: int
+    total: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointComplete:
+    """A checkpoint's chunks all arrived and their SHA-256 matched its fin chunk."""
+
+    session_id: int
+    agent_id: bytes
+    job: int
+    attempt: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
 class JobRefused:
     """The agent reported an ERROR about a job (size/hash mismatch, sandbox...)."""
 
@@ -159,6 +194,8 @@ class JobReceived:
     description: JobDescription
     code: bytes
     input: bytes
+    resume: bytes | None = None
+    """The checkpoint of an earlier attempt the server sent, to resume from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +246,8 @@ Event = (
     | JobDelivered
     | ResultChunk
     | ResultComplete
+    | CheckpointChunk
+    | CheckpointComplete
     | JobRefused
     | ResultUnverified
     | ResetDone

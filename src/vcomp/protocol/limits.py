@@ -21,7 +21,7 @@ MAX_PLAINTEXT_BODY: Final = MAX_BODY - AEAD_TAG_LEN
 MIN_HELLO_DATAGRAM: Final = 1200
 """A HELLO datagram shorter than this is dropped (anti-amplification)."""
 MIN_HELLO_BODY: Final = MIN_HELLO_DATAGRAM - HEADER_LEN
-MAX_BODY_KEYS: Final = 16
+MAX_BODY_KEYS: Final = 20
 """No body schema has more keys than this; the decoder refuses larger maps."""
 
 # ---- job transfer -------------------------------------------------------------
@@ -32,6 +32,8 @@ MIB: Final = 1 << 20
 MAX_CODE_SIZE: Final = 256 * MIB
 MAX_INPUT_SIZE: Final = 256 * MIB
 MAX_RESULT_SIZE: Final = 64 * MIB
+MAX_CHECKPOINT_SIZE: Final = 64 * MIB
+"""Largest checkpoint a START may offer to take or to resume from."""
 
 # ---- field bounds -------------------------------------------------------------
 MAX_VERSIONS: Final = 8

@@ -26,6 +26,7 @@ from vcomp.protocol.bodies import JOB_KINDS as JOB_KINDS
 from vcomp.protocol.bodies import (
     Attest,
     Challenge,
+    Checkpoint,
     End,
     Error,
     ErrorCode,
@@ -65,6 +66,7 @@ __all__ = [
     "Ack",
     "Attest",
     "Challenge",
+    "Checkpoint",
     "Code",
     "End",
     "Error",
@@ -91,7 +93,7 @@ __all__ = [
 
 Message: TypeAlias = (
     Hello | Retry | Challenge | Attest | Key | Reject | Ready | Start | Code | End | Result
-    | Ack | Reset | Ping | Pong | Error
+    | Checkpoint | Ack | Reset | Ping | Pong | Error
 )  # fmt: skip
 
 _CLASSES: Final[tuple[type[Message], ...]] = get_args(Message)
@@ -267,7 +269,7 @@ def _key_mismatch(layout: _Layout, obj: dict[object, object]) -> DecodeError:
     return DecodeError(f"{layout.cls.__name__}: unknown keys {unknown}, missing keys {missing}")
 
 
-Sequenced = TypeVar("Sequenced", Ready, Start, Code, End, Result, Error)
+Sequenced = TypeVar("Sequenced", Ready, Start, Code, End, Result, Checkpoint, Error)
 
 
 def with_sequence(message: Sequenced, seq: int, epoch: int) -> Sequenced:

@@ -15,6 +15,7 @@ import hmac
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -29,6 +30,7 @@ from vcomp.protocol.messages import (
     Ack,
     Attest,
     Challenge,
+    Checkpoint,
     Code,
     End,
     Error,
@@ -63,7 +65,7 @@ class ServerState(Enum):
 class _Outbound:
     def __init__(self, desc: ev.JobDescription) -> None:
         self.desc = desc
-        self.total = desc.code_size + desc.input_size
+        self.total = desc.transfer_size
         self.offset = 0
         self.end_sent = False
         self.delivered = False
@@ -74,6 +76,16 @@ class _Upload:
         self.total = total
         self.next_offset = 0
         self.hasher = hashlib.sha256()
+
+
+def _resume_fields(desc: ev.JobDescription) -> dict[str, Any]:
+    if not desc.resume_sha256:  # a state may be empty; its digest never is
+        return {}
+    return {
+        "resume_attempt": desc.resume_attempt,
+        "resume_size": desc.resume_size,
+        "resume_sha256": desc.resume_sha256,
+    }
 
 
 class ServerSession:
@@ -120,6 +132,7 @@ class ServerSession:
         self.channel: SecureChannel | None = None
         self._job: _Outbound | None = None
         self._uploads: dict[tuple[int, int], _Upload] = {}
+        self._checkpoint: _Upload | None = None  # the one being uploaded, of the current job
         self.public_key_ops = 0
         self.close_reason: str | None = None
         self._out.append(self._challenge)
@@ -258,6 +271,8 @@ class ServerSession:
                 self._events.append(ev.AgentIdle(self.session_id))
         elif isinstance(message, Result):
             self._on_result(message, now)
+        elif isinstance(message, Checkpoint):
+            self._on_checkpoint(message, now)
         elif isinstance(message, Error):
             self._on_error(message)
         elif isinstance(message, Ack):
@@ -316,6 +331,43 @@ class ServerSession:
             )
         )
 
+    def _on_checkpoint(self, c: Checkpoint, now: float) -> None:
+        job = self._job
+        if job is None or (job.desc.job, job.desc.attempt) != (c.job, c.attempt):
+            # The job was reset or refused meanwhile: chunks still in flight are moot.
+            self._checkpoint = None
+            return
+        if c.total > job.desc.checkpoint_bytes:
+            self._violation(
+                f"CHECKPOINT of {c.total} bytes; START offered {job.desc.checkpoint_bytes}", now
+            )
+            return
+        up = self._checkpoint
+        if up is None:
+            if c.offset != 0:
+                self._violation("CHECKPOINT chunks out of order", now)
+                return
+            up = self._checkpoint = _Upload(c.total)
+        if c.total != up.total or c.offset != up.next_offset:
+            self._violation("CHECKPOINT chunk does not continue its checkpoint", now)
+            return
+        up.hasher.update(c.data)
+        up.next_offset += len(c.data)
+        if c.data:
+            self._events.append(
+                ev.CheckpointChunk(self.session_id, c.job, c.attempt, c.offset, c.total, c.data)
+            )
+        if not c.fin:
+            return
+        self._checkpoint = None
+        assert c.sha256 is not None
+        if not hmac.compare_digest(up.hasher.digest(), c.sha256):
+            self._violation("CHECKPOINT SHA-256 does not match its chunks", now)
+            return
+        self._events.append(
+            ev.CheckpointComplete(self.session_id, self.agent_id, c.job, c.attempt, c.total)
+        )
+
     def _on_error(self, e: Error) -> None:
         if e.job is not None and e.attempt is not None:
             current = self._job is not None and (self._job.desc.job, self._job.desc.attempt) == (
@@ -363,6 +415,8 @@ class ServerSession:
                 wall_seconds=desc.wall_seconds,
                 output_bytes=desc.output_bytes,
                 disk_bytes=desc.disk_bytes,
+                checkpoint_bytes=desc.checkpoint_bytes or None,
+                **_resume_fields(desc),
             )
         )
         self.state = ServerState.SENDING_JOB
@@ -424,6 +478,7 @@ class ServerSession:
             return
         self.channel.start_reset(reason, now)
         self._uploads.clear()
+        self._checkpoint = None
         self._job = None
         self.state = ServerState.RESETTING
 
@@ -494,6 +549,7 @@ class ServerSession:
         self.state = ServerState.CLOSED
         self.close_reason = reason
         self._uploads.clear()
+        self._checkpoint = None
         if self.channel is not None:
             self.channel.close(reason, code)
         if emit:

@@ -34,7 +34,7 @@ __all__ = [
 
 MAGIC: Final = 0x5643
 """The two bytes ``b"VC"`` read as a big-endian u16."""
-VERSION: Final = 2
+VERSION: Final = 3
 
 
 class PacketType(IntEnum):
@@ -51,6 +51,7 @@ class PacketType(IntEnum):
     RESULT = 0x13
     ACK = 0x14
     RESET = 0x15
+    CHECKPOINT = 0x16
     PING = 0x20
     PONG = 0x21
     ERROR = 0x30
@@ -79,6 +80,7 @@ ENCRYPTED_TYPES: Final = frozenset(
         PacketType.CODE,
         PacketType.END,
         PacketType.RESULT,
+        PacketType.CHECKPOINT,
         PacketType.ACK,
         PacketType.RESET,
         PacketType.PING,
@@ -88,7 +90,14 @@ ENCRYPTED_TYPES: Final = frozenset(
 """Types that must carry the ENCRYPTED flag. ERROR is in neither set: it may be both."""
 
 RELIABLE_TYPES: Final = frozenset(
-    {PacketType.READY, PacketType.START, PacketType.CODE, PacketType.END, PacketType.RESULT}
+    {
+        PacketType.READY,
+        PacketType.START,
+        PacketType.CODE,
+        PacketType.END,
+        PacketType.RESULT,
+        PacketType.CHECKPOINT,
+    }
 )
 """Types in the reliable stream (``seq``/``epoch``); encrypted ERROR is reliable too."""
 

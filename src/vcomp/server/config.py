@@ -31,6 +31,7 @@ from vcomp.protocol import congestion, handshake, limits
 from vcomp.server.http.settings import DEFAULT_HTTP_BIND, DEFAULT_MAX_REQUEST_BYTES, HttpSettings
 from vcomp.server.store import DEFAULT_DISK_BYTES, DEFAULT_TRANSFER_SECONDS
 from vcomp.server.store.rules import DEFAULT_SAME_FAILURES
+from vcomp.server.store.sql.checkpoints import MAX_CHECKPOINT_BYTES
 from vcomp.server.store.url import StoreUrl, parse_store_url, sqlite_url
 from vcomp.tomlconfig import Table, check_int, check_sections, parse_host_port, read_toml
 
@@ -95,6 +96,8 @@ output_bytes = 16777216
 disk_bytes = 67108864     # the job's work directory
 refusals_per_hour = 30    # past this, an agent gets no leases until the hour has passed
 stop_after_same_failures = 2  # a job failing alike this often is not retried; 0: never
+upload_checkpoints = false  # true: agents upload jobs' checkpoints; another agent resumes from them
+checkpoint_bytes = 4194304  # the largest uploaded checkpoint kept
 
 [store]
 # sqlite:PATH (relative to this directory) or sqlite:///ABS/PATH; $VCOMP_STORE_URL overrides it
@@ -128,6 +131,11 @@ class JobDefaults:
     stop_after_same_failures: int = DEFAULT_SAME_FAILURES
     """A job whose attempts failed with the same status and error this many times is
     failed, not retried (a deterministic failure); 0 retries up to max_attempts."""
+    upload_checkpoints: bool = False
+    """Keep each job's latest checkpoint in the store, so a later attempt on any agent
+    resumes from it; off, agents keep checkpoints in their own spool only."""
+    checkpoint_bytes: int = MAX_CHECKPOINT_BYTES
+    """The largest uploaded checkpoint the server keeps (larger ones are refused)."""
 
     def __post_init__(self) -> None:
         _check_seconds("lease_seconds", self.lease_seconds)
@@ -142,6 +150,7 @@ class JobDefaults:
         check_int("disk_bytes", self.disk_bytes, 1, 1 << 62)
         check_int("refusals_per_hour", self.refusals_per_hour, 1, 1_000_000)
         check_int("stop_after_same_failures", self.stop_after_same_failures, 0, 1000)
+        check_int("checkpoint_bytes", self.checkpoint_bytes, 1, limits.MAX_CHECKPOINT_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +291,8 @@ def load_server_config(path: Path) -> ServerConfig:
             stop_after_same_failures=jobs.integer(
                 "stop_after_same_failures", DEFAULT_SAME_FAILURES
             ),
+            upload_checkpoints=jobs.flag("upload_checkpoints", False),
+            checkpoint_bytes=jobs.integer("checkpoint_bytes", MAX_CHECKPOINT_BYTES),
         )
         jobs.finish()
         store = Table(doc, "store")

@@ -33,6 +33,7 @@ assignment is dropped here; the agent's later result is taken as late or as evid
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ from vcomp.protocol.server_session import ServerSession, ServerState
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig
 from vcomp.server.outage import RETRY_MAX
-from vcomp.server.store import REFUSAL_WINDOW, BlobReader, Lease, Store
+from vcomp.server.store import REFUSAL_WINDOW, BlobReader, Lease, Store, StoredCheckpoint
 
 log = logging.getLogger("vcomp.server")
 
@@ -104,6 +105,16 @@ class ServerStats:
     started_at: float = field(default_factory=time.monotonic)
 
 
+def _resume_fields(stored: StoredCheckpoint | None) -> dict[str, Any]:
+    if stored is None:
+        return {}
+    return {
+        "resume_attempt": stored.attempt,
+        "resume_size": len(stored.data),
+        "resume_sha256": hashlib.sha256(stored.data).digest(),
+    }
+
+
 @dataclass
 class _Assignment:
     lease: Lease
@@ -111,6 +122,8 @@ class _Assignment:
     code: BlobReader
     data: BlobReader
     code_size: int
+    input_size: int = 0
+    resume: bytes = b""  # an earlier attempt's uploaded checkpoint, sent after the input
     leased_at: float = field(default_factory=time.monotonic)
     renewed_at: float = field(default_factory=time.monotonic)
 
@@ -136,6 +149,7 @@ class Scheduler:
         self._spawn = spawn
         self._stats = stats
         self._assignments: dict[Key, _Assignment] = {}
+        self._single_result: dict[int, bool] = {}  # batch -> quorum is 1 (batches never change)
         self._idle: set[int] = set()
         self._leases_held: Counter[str] = Counter()  # assignments per agent (hex id)
         self._cooling: dict[str, float] = {}  # agent -> monotonic time its cool-down ends
@@ -272,8 +286,13 @@ class Scheduler:
                 take = min(length, a.code_size - offset)
                 out = a.code.read(offset, take)
                 offset, length = offset + take, length - take
+            input_end = a.code_size + a.input_size
+            if length > 0 and offset < input_end:
+                take = min(length, input_end - offset)
+                out += a.data.read(offset - a.code_size, take)
+                offset, length = offset + take, length - take
             if length > 0:
-                out += a.data.read(offset - a.code_size, length)
+                out += a.resume[offset - input_end : offset - input_end + length]
         except StoreUnavailable as exc:
             # A backend whose reads fail in an outage (SQLite's do not): the endpoint
             # closes this one session (short code) rather than the error escaping it.
@@ -402,8 +421,12 @@ class Scheduler:
             code=self._store.open_code(app.app_id),
             data=self._store.open_input(lease.job_id),
             code_size=app.size,
+            input_size=lease.input_size,
         )
-        limits = lease.limits
+        resume = self._resume_state(lease)
+        if resume is not None:
+            self._assignments[(lease.job_id, lease.attempt)].resume = resume.data
+        limits, jobs = lease.limits, self._config.jobs
         job = ev.JobDescription(
             job=lease.job_id,
             attempt=lease.attempt,
@@ -417,6 +440,8 @@ class Scheduler:
             wall_seconds=max(1, int(limits.wall_seconds)),
             output_bytes=limits.output_bytes,
             disk_bytes=limits.disk_bytes,
+            checkpoint_bytes=jobs.checkpoint_bytes if self._uploads_checkpoints(lease) else 0,
+            **_resume_fields(resume),
         )
         self._stats.leases += 1
         logfmt.event(
@@ -429,6 +454,46 @@ class Scheduler:
             agent=session.agent_id.hex()[:16],
         )
         self._sessions.start_job(session, job)
+
+    def _uploads_checkpoints(self, lease: Lease) -> bool:
+        """Whether this job's attempts upload checkpoints and resume from them.
+
+        Only for jobs that want one result (quorum 1): a replica resumed from another
+        agent's state would not be an independent result, so one hostile agent could
+        make two replicas agree on its answer.
+        """
+        if not self._config.jobs.upload_checkpoints:
+            return False
+        single = self._single_result.get(lease.batch_id)
+        if single is None:
+            if len(self._single_result) >= 4096:
+                self._single_result.clear()
+            single = self._store.get_batch(lease.batch_id).quorum == 1
+            self._single_result[lease.batch_id] = single
+        return single
+
+    def _resume_state(self, lease: Lease) -> StoredCheckpoint | None:
+        """The checkpoint an earlier attempt of this job uploaded, if uploads are on."""
+        if lease.attempt <= 1 or not self._uploads_checkpoints(lease):
+            return None
+        try:
+            stored = self._store.latest_checkpoint(lease.job_id)
+        except StoreError as exc:  # the job still runs, from the start
+            logfmt.event(
+                log, "checkpoint_unreadable", logging.ERROR, job=lease.job_id, error=str(exc)
+            )
+            return None
+        if stored is None or stored.attempt >= lease.attempt:
+            return None
+        logfmt.event(
+            log,
+            "job_resumes_from_upload",
+            job=lease.job_id,
+            attempt=lease.attempt,
+            from_attempt=stored.attempt,
+            state_bytes=len(stored.data),
+        )
+        return stored
 
     def _reserve_lease(self, agent_id: bytes) -> bool:
         """Count a lease ``agent_id`` is about to get; False at its cap.

@@ -54,6 +54,7 @@ from vcomp.protocol.server_endpoint import ServerEndpoint
 from vcomp.protocol.server_session import ServerSession
 from vcomp.protocol.tpm_format import ClockInfo
 from vcomp.protocol.trust import TrustPolicy
+from vcomp.server.checkpoint_intake import CheckpointIntake
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig, load_signing_key
 from vcomp.server.hooks import Assimilation, Validation
@@ -71,6 +72,7 @@ log = logging.getLogger("vcomp.server")
 RESET_REQUEST_TTL = 300.0  # seconds every server has to see a reset request
 RESET_PRUNE_SECONDS = 60.0
 UPLOAD_SWEEP_SECONDS = 300.0
+CHECKPOINT_SWEEP = 1000  # finished jobs whose checkpoints one sweep forgets
 HEARTBEAT_SECONDS = 2.0
 # JOB_LOST reports a session may make. An honest worker sends at most one per session
 # (it runs one job at a time and reports at its next session); each report costs a
@@ -104,6 +106,9 @@ class OrganisationServer:
             self.spawn,
             self.stats,
             config.upload_memory_bytes,
+        )
+        self.checkpoints = CheckpointIntake(
+            self.store, self.committer, self.spawn, max_bytes=config.jobs.checkpoint_bytes
         )
         self.validation = Validation(
             self.store,
@@ -318,6 +323,10 @@ class OrganisationServer:
             self.intake.on_chunk(e)
         elif isinstance(e, ev.ResultComplete):
             self.spawn(self.intake.commit(e))
+        elif isinstance(e, ev.CheckpointChunk):
+            self.checkpoints.on_chunk(e)
+        elif isinstance(e, ev.CheckpointComplete):
+            self.checkpoints.on_complete(e)
         elif isinstance(e, ev.AgentIdle):
             self.scheduler.agent_idle(e.session_id)
         elif isinstance(e, ev.SessionEstablished):
@@ -351,6 +360,7 @@ class OrganisationServer:
             self._lost_reports.pop(e.session_id, None)
             self.scheduler.session_closed(e.session_id)
             self.intake.abandon(e.session_id)
+            self.checkpoints.abandon(e.session_id)
             logfmt.event(
                 log,
                 "session_closed",
@@ -464,6 +474,7 @@ class OrganisationServer:
         session.reset(reason, asyncio.get_running_loop().time())
         # The agent resends uncommitted results from offset 0 after a reset.
         self.intake.abandon(session.session_id)
+        self.checkpoints.abandon(session.session_id)
         self.send(session)
 
     def close_session(self, sid: int, reason: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
@@ -567,6 +578,8 @@ class OrganisationServer:
         if now >= self._uploads_swept + UPLOAD_SWEEP_SECONDS:
             self._uploads_swept = now  # uploads whose server died mid-transfer
             await self.committer.run(self.store.discard_stale_uploads, now - self._upload_ttl)
+            # Checkpoints of jobs that are done or failed: no attempt resumes from them.
+            await self.committer.run(self.store.drop_finished_checkpoints, CHECKPOINT_SWEEP)
         self._load_trust()
         await self.scheduler.offer()
 

@@ -69,6 +69,7 @@ UNDO_V4 = (
 def downgrade_to_v1(path: Path) -> None:
     """Turn a current store file back into schema 1 (before disk_bytes)."""
     raw = sqlite3.connect(path)
+    raw.execute("DROP TABLE job_checkpoints")  # v7 (uploaded checkpoints)
     raw.execute("ALTER TABLE batches DROP COLUMN cancelled_at")  # v6
     raw.execute("ALTER TABLE agents DROP COLUMN revoked_at")
     raw.execute("ALTER TABLE apps DROP COLUMN retired_at")

@@ -100,6 +100,7 @@ def test_postgresql_migrate_creates_and_open_checks_the_version(
         assert isinstance(store, PostgresStore)
         assert store.schema_version() == SCHEMA_VERSION and store.list_apps() == []
         with store.database.transaction(write=True) as conn:  # back to schema v1
+            conn.execute("DROP TABLE job_checkpoints")  # v7
             conn.execute("ALTER TABLE batches DROP COLUMN cancelled_at")  # v6
             conn.execute("ALTER TABLE agents DROP COLUMN revoked_at")
             conn.execute("ALTER TABLE apps DROP COLUMN retired_at")

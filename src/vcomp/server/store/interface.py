@@ -32,6 +32,7 @@ from vcomp.server.store.records import (
     RecordOutcome,
     ResultRecord,
     ResultSubmission,
+    StoredCheckpoint,
     StoredResult,
     StoreStatus,
     UploadHandle,
@@ -201,6 +202,19 @@ class Store(Protocol):
         ...
 
     def list_tokens(self) -> list[ApiToken]: ...
+
+    def save_checkpoint(
+        self, job_id: int, attempt: int, agent_id: str, data: bytes, *, max_bytes: int = ...
+    ) -> None:
+        """Keep ``data`` as the job's latest checkpoint; StoreError (nothing kept) unless
+        ``agent_id`` holds the live lease of (job, attempt) and ``data`` is within bounds."""
+        ...
+
+    def latest_checkpoint(self, job_id: int) -> StoredCheckpoint | None: ...
+
+    def drop_finished_checkpoints(self, limit: int = ...) -> int:
+        """Forget checkpoints of jobs no attempt will resume (done or failed)."""
+        ...
 
     def revoke_token(self, name: str) -> None:
         """Refuse the token from now on; revoking twice is harmless."""

@@ -396,3 +396,13 @@ class AgentCredit:
 
 CANCELLED_REASON = "cancelled"
 """The reason a cancelled job carries: it is ``failed``, but nobody's failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    """A job's latest uploaded checkpoint and the attempt that wrote it."""
+
+    job_id: int
+    attempt: int
+    saved_at: float
+    data: bytes

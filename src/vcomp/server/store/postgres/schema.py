@@ -172,6 +172,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # A retired app version: batches made before keep it; no new batch may use it.
         "ALTER TABLE apps ADD COLUMN retired_at DOUBLE PRECISION",
     ),
+    (
+        # The latest checkpoint a job's attempt uploaded (``[jobs] upload_checkpoints``),
+        # one row per job, so another agent's attempt resumes from it.
+        """CREATE TABLE job_checkpoints (
+            job_id BIGINT PRIMARY KEY REFERENCES jobs(id),
+            attempt BIGINT NOT NULL,
+            blob_id BIGINT NOT NULL REFERENCES blobs(id),
+            size BIGINT NOT NULL CHECK (size >= 0),
+            saved_at DOUBLE PRECISION NOT NULL)""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -43,6 +43,7 @@ from vcomp.server.store.records import (
     ResultComparator,
     ResultRecord,
     ResultSubmission,
+    StoredCheckpoint,
     StoredResult,
     StoreStatus,
     UploadHandle,
@@ -52,6 +53,7 @@ from vcomp.server.store.rules import DEFAULT_SAME_FAILURES, sha256_equal
 from vcomp.server.store.sql.agents import Agents
 from vcomp.server.store.sql.batch_control import BatchControl, SpooledInputs
 from vcomp.server.store.sql.catalog import Catalog
+from vcomp.server.store.sql.checkpoints import MAX_CHECKPOINT_BYTES, Checkpoints
 from vcomp.server.store.sql.database import Blobs, Database, Dialect
 from vcomp.server.store.sql.hooks import HookWork
 from vcomp.server.store.sql.leases import Leases
@@ -88,6 +90,7 @@ class SqlStore:
         self._hooks = HookWork(db, catalog, replicas)
         self._tokens = Tokens(db)
         self._batch_control = BatchControl(db, clock)
+        self._checkpoints = Checkpoints(db, blobs)
         self._clock = clock
 
     def schema_version(self) -> int:
@@ -303,6 +306,25 @@ class SqlStore:
         return self._servers.list()
 
     # ------------------------------------------------------------------ results
+
+    # ---- uploaded checkpoints --------------------------------------------------
+
+    def save_checkpoint(
+        self,
+        job_id: int,
+        attempt: int,
+        agent_id: str,
+        data: bytes,
+        *,
+        max_bytes: int = MAX_CHECKPOINT_BYTES,
+    ) -> None:
+        self._checkpoints.save(job_id, attempt, agent_id, data, self._clock(), max_bytes=max_bytes)
+
+    def latest_checkpoint(self, job_id: int) -> StoredCheckpoint | None:
+        return self._checkpoints.latest(job_id)
+
+    def drop_finished_checkpoints(self, limit: int = 1000) -> int:
+        return self._checkpoints.drop_finished(limit)
 
     # ---- API tokens ------------------------------------------------------------
 

@@ -166,5 +166,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # A retired app version: batches made before keep it; no new batch may use it.
         "ALTER TABLE apps ADD COLUMN retired_at REAL",
     ),
+    (
+        # The latest checkpoint a job's attempt uploaded (``[jobs] upload_checkpoints``),
+        # one row per job, so another agent's attempt resumes from it.
+        """CREATE TABLE job_checkpoints (
+            job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+            attempt INTEGER NOT NULL,
+            blob_id INTEGER NOT NULL REFERENCES blobs(id),
+            size INTEGER NOT NULL CHECK (size >= 0),
+            saved_at REAL NOT NULL)""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
