@@ -178,6 +178,7 @@ async def test_another_agent_resumes_from_the_uploaded_checkpoint(
     assert answer == expected  # and the π counts are exact
     [resumed] = second_log.events("job_resumed", job=str(job_id))
     assert resumed["source"] == "server" and resumed["from_attempt"] == "1"
+    print(f"{kind}: resumed on the second agent at {resumed_at:,} of {points:,} points")
     attempts = {a.attempt: a for a in org.store.list_attempts(job_id)}
     assert attempts[1].agent_id != attempts[max(attempts)].agent_id
     second.signal(signal.SIGTERM)
