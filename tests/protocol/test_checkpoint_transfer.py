@@ -176,3 +176,33 @@ def test_an_upload_for_another_job_is_ignored(identity: Identity) -> None:
     Network(server, agent, seed=11).run(lambda: bool(server.results), timeout=60)
     assert server.checkpoints == [] and not server.of_type(ev.CheckpointChunk)
     assert not server.of_type(ev.SessionClosed)
+
+
+def test_an_upload_when_none_was_offered_closes_the_session(identity: Identity) -> None:
+    """Even an empty one: each would cost the server a store write."""
+
+    def empty(d: ev.JobDescription) -> Checkpoint:
+        return _fin(d, 0, hashlib.sha256(b"").digest())
+
+    server, agent = pair(identity, while_running=_sends(empty), run_jobs=False)
+    server.queue.append(job())
+    Network(server, agent, seed=12).run(lambda: bool(server.of_type(ev.SessionClosed)), timeout=60)
+    [closed] = server.of_type(ev.SessionClosed)
+    assert closed.code == ErrorCode.PROTOCOL_VIOLATION and "not offered" in closed.reason
+    assert server.checkpoints == []
+
+
+def test_a_big_checkpoint_never_holds_up_the_result(identity: Identity) -> None:
+    """A 4 MiB checkpoint, then at once a 2 MiB result: the checkpoint, not yet sent
+    whole, is dropped for the result, and the next job's checkpoint starts cleanly."""
+    output = os.urandom(2 << 20)
+    server, agent = pair(
+        identity, checkpoint_states=[os.urandom(4 << 20)], compute=lambda c, d: output
+    )
+    server.queue.extend(
+        SimJob(job=j, attempt=1, code=b"c", data=b"d", checkpoint_bytes=8 << 20) for j in (1, 2)
+    )
+    Network(server, agent, seed=13).run(lambda: len(server.results) == 2, timeout=600)
+    assert server.results == {(1, 1): output, (2, 1): output}
+    assert agent.checkpoints_taken == [True, True]
+    assert not server.of_type(ev.SessionClosed)

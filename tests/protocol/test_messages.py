@@ -40,6 +40,7 @@ from vcomp.protocol.messages import (
     pad_hello,
     with_sequence,
 )
+from vcomp.protocol.schema import MAX_TRANSFER
 from vcomp.protocol.wire import Flag, PacketType, pack_header
 
 U32 = 2**32 - 1
@@ -125,11 +126,14 @@ def checkpoints(draw: st.DrawFn) -> Checkpoint:
 @st.composite
 def starts(draw: st.DrawFn) -> Start:
     attempt = draw(st.integers(1, U32))
+    code_size = draw(st.integers(1, limits.MAX_CODE_SIZE))
+    input_size = draw(st.integers(0, limits.MAX_INPUT_SIZE))
+    room = min(limits.MAX_CHECKPOINT_SIZE, MAX_TRANSFER - code_size - input_size)
     resume: dict[str, Any] = {}
     if draw(st.booleans()):
         resume = {
             "resume_attempt": draw(st.integers(0, attempt - 1)),
-            "resume_size": draw(st.integers(0, limits.MAX_CHECKPOINT_SIZE)),
+            "resume_size": draw(st.integers(0, room)),
             "resume_sha256": draw(digest),
         }
     return Start(
@@ -138,9 +142,9 @@ def starts(draw: st.DrawFn) -> Start:
         job=draw(u64),
         attempt=attempt,
         kind=draw(st.sampled_from(["python", "exec"])),
-        code_size=draw(st.integers(1, limits.MAX_CODE_SIZE)),
+        code_size=code_size,
         code_sha256=draw(digest),
-        input_size=draw(st.integers(0, limits.MAX_INPUT_SIZE)),
+        input_size=input_size,
         input_sha256=draw(digest),
         cpu_seconds=draw(st.integers(1, U32)),
         memory_bytes=draw(st.integers(1, U64)),
@@ -297,7 +301,8 @@ def test_largest_messages_fit_in_one_datagram() -> None:
             kind="python",
             code_size=limits.MAX_CODE_SIZE,
             code_sha256=bytes(32),
-            input_size=limits.MAX_INPUT_SIZE,
+            # The stream is at most MAX_TRANSFER: input gives way to the resume state.
+            input_size=limits.MAX_INPUT_SIZE - limits.MAX_CHECKPOINT_SIZE,
             input_sha256=bytes(32),
             cpu_seconds=U32,
             memory_bytes=U64,
@@ -862,3 +867,27 @@ def test_int_subclasses_are_accepted_and_sent_as_plain_ints() -> None:
     assert Code(seq=ErrorCode.BUSY, epoch=0, job=1, attempt=1, offset=0, data=b"x").seq == 41
     with pytest.raises(LimitExceeded):
         Code(seq=ErrorCode.BUSY, epoch=0, job=1, attempt=1, offset=2**29, data=b"x")
+
+
+def test_a_start_whose_stream_would_pass_the_transfer_bound_is_refused() -> None:
+    fields: dict[str, Any] = dict(
+        job=1,
+        attempt=2,
+        kind="python",
+        code_size=limits.MAX_CODE_SIZE,
+        code_sha256=bytes(32),
+        input_size=limits.MAX_INPUT_SIZE,
+        input_sha256=bytes(32),
+        cpu_seconds=1,
+        memory_bytes=1,
+        wall_seconds=1,
+        output_bytes=0,
+        disk_bytes=1,
+    )
+    Start(**fields, resume_attempt=1, resume_size=0, resume_sha256=bytes(32))
+    with pytest.raises(DecodeError, match="exceed"):
+        Start(**fields, resume_attempt=1, resume_size=1, resume_sha256=bytes(32))
+    with pytest.raises(DecodeError, match="go together"):
+        Start(**fields, resume_attempt=1)
+    with pytest.raises(DecodeError, match="earlier attempt"):
+        Start(**fields, resume_attempt=2, resume_size=0, resume_sha256=bytes(32))

@@ -437,3 +437,14 @@ def test_a_hello_for_an_id_not_enrolled_gets_no_session(identity: Identity) -> N
     rejected = [e for e in events if isinstance(e, ev.Rejected)]
     assert [(e.code, e.reason) for e in rejected] == [(ErrorCode.ATTESTATION_FAILED, "unknown_key")]
     assert endpoint.counters["sessions_created"] == 0 and not endpoint.sessions
+
+
+def test_a_result_larger_than_the_send_queue_is_delivered_whole(identity: Identity) -> None:
+    """6 MiB is 5,243 chunks, more than the stream's 4,096-place queue: they go in as
+    the path takes them (this raised LimitExceeded in submit_result before)."""
+    output = os.urandom(6 << 20)
+    server, agent = pair(identity)
+    agent.compute = lambda code, data: output
+    server.queue.extend(jobs(1))
+    Network(server, agent, seed=21).run(lambda: bool(server.results), timeout=600)
+    assert list(server.results.values()) == [output]

@@ -86,3 +86,25 @@ async def test_a_checkpoint_from_an_agent_without_the_lease_is_not_kept(tmp_path
     assert h.store.latest_checkpoint(held.job_id) is None
     assert (h.intake.saved, h.intake.dropped, h.intake.held_bytes) == (0, 1, 0)
     await h.close()
+
+
+async def test_a_session_holds_one_unfinished_checkpoint_and_saves_are_spaced(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, budget=1 << 20)
+    h.store.add_app("pi", "python", io.BytesIO(b"code"))
+    agent = enroll(h.store, "volunteer")
+    h.store.create_batch("pi", [b"a", b"b"])
+    one, two = lease(h.store, agent, 1.0, 600.0), lease(h.store, agent, 1.0, 600.0)
+    # Job one's upload stops part-way (its result came); job two's starts: one part held.
+    h.intake.on_chunk(ev.CheckpointChunk(1, one.job_id, one.attempt, 0, 5000, b"x" * 1000))
+    h.intake.on_chunk(ev.CheckpointChunk(1, two.job_id, two.attempt, 0, 3000, b"y" * 1000))
+    assert h.intake.held_bytes == 1000
+    # Two whole checkpoints of one attempt in quick succession: the second is not written.
+    h.upload(1, agent, two.job_id, two.attempt, b"first")
+    h.upload(1, agent, two.job_id, two.attempt, b"second")
+    await h.settle()
+    kept = h.store.latest_checkpoint(two.job_id)
+    assert kept is not None and kept.data == b"first"
+    assert (h.intake.saved, h.intake.dropped, h.intake.held_bytes) == (1, 1, 0)
+    await h.close()

@@ -76,9 +76,6 @@ class JobCheckpoints:
         """The state to resume from: this agent's own, or the one the server sent
         (another agent's upload), whichever an attempt wrote later."""
         own = self._own()
-        own_attempt = max(
-            (a for job, a in self.spool.checkpoint_holdings() if job == self.job), default=0
-        )
         if uploaded is not None and len(uploaded) > self.max_bytes:
             logfmt.event(
                 log,
@@ -88,15 +85,15 @@ class JobCheckpoints:
                 error=f"the server's is {len(uploaded)} bytes, over {self.max_bytes}",
             )
             uploaded = None
-        if own is not None and (uploaded is None or own_attempt >= uploaded_attempt):
-            return Resume(own, "spool", own_attempt)
+        if own is not None and (uploaded is None or own[0] >= uploaded_attempt):
+            return Resume(own[1], "spool", own[0])
         if uploaded is not None:
             return Resume(uploaded, "server", uploaded_attempt)
         return None
 
-    def _own(self) -> bytes | None:
+    def _own(self) -> tuple[int, bytes] | None:
         try:
-            return self.spool.checkpoint(self.job, self.binding, self.max_bytes)
+            return self.spool.checkpoint_of(self.job, self.binding, self.max_bytes)
         except (SpoolError, OSError) as exc:
             logfmt.event(
                 log, "checkpoint_unusable", logging.WARNING, job=self.job, error=loggable(exc)

@@ -194,10 +194,20 @@ class ResultSpool:
         Raises SpoolError (and removes the file) when the file is larger than
         ``max_bytes`` allows, was tampered with, or belongs to another job's content.
         """
+        found = self.checkpoint_of(job, binding, max_bytes)
+        return None if found is None else found[1]
+
+    def checkpoint_of(self, job: int, binding: bytes, max_bytes: int) -> tuple[int, bytes] | None:
+        """As :meth:`checkpoint`, with the attempt that wrote it (from the sealed name)."""
         paths = sorted(self._checkpoint_paths(job), key=_mtime, reverse=True)
         if not paths:
             return None
         path = paths[0]
+        try:
+            attempt = int(path.name[: -len(CHECKPOINT_SUFFIX)].partition("-")[2])
+        except ValueError:
+            self.remove_checkpoint(job)
+            raise SpoolError(f"checkpoint {path.name} has no attempt in its name") from None
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -215,7 +225,7 @@ class ResultSpool:
             self.remove_checkpoint(job)
             raise SpoolError(f"checkpoint {path.name} is over {max_bytes} bytes")
         try:
-            return self._aead.decrypt(
+            return attempt, self._aead.decrypt(
                 blob[:12], blob[12:], self._checkpoint_aad(path.name, binding)
             )
         except (InvalidTag, ValueError):

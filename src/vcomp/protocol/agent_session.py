@@ -60,6 +60,7 @@ QuoteFn = Callable[[bytes, Sequence[int]], tuple[bytes, bytes, list[bytes]]]
 MAX_RETRIES_PER_HANDSHAKE = 3
 COMMITTED_MEMORY = 4096
 MIN_IDLE, MAX_IDLE = 10.0, 600.0  # sane bounds on the server's idle timeout
+_HEADROOM = 64  # stream queue places kept free of result and checkpoint chunks
 
 
 class AgentState(Enum):
@@ -116,6 +117,33 @@ class _Inbound:
         return code, data, resume
 
 
+class _Outgoing:
+    """A result or checkpoint handed to the stream chunk by chunk as the path takes
+    them, so one of any size never overruns the stream's queue (ahead of the path by
+    about two windows, like the server's CODE)."""
+
+    __slots__ = ("attempt", "data", "fin", "job", "kind", "offset")
+
+    def __init__(self, kind: type[Result | Checkpoint], data: bytes, fin: Result | Checkpoint):
+        self.kind, self.data, self.fin = kind, data, fin
+        self.job, self.attempt = fin.job, fin.attempt
+        self.offset = 0
+
+    def next_message(self) -> Result | Checkpoint | None:
+        """The next chunk, then the fin, then None."""
+        total, offset = len(self.data), self.offset
+        if offset > total:
+            return None
+        if offset == total:
+            self.offset += 1
+            return self.fin
+        data = self.data[offset : offset + limits.DEFAULT_CHUNK]
+        self.offset += len(data)
+        return self.kind(
+            job=self.job, attempt=self.attempt, offset=offset, total=total, data=data, fin=False
+        )
+
+
 class AgentSession:
     def __init__(
         self,
@@ -152,6 +180,8 @@ class AgentSession:
         self._inbound: _Inbound | None = None
         self._running: tuple[int, int] | None = None
         self._checkpoint_bytes = 0  # what the running job's START offered to take
+        self._results: deque[_Outgoing] = deque()  # in order, one after another
+        self._checkpoint_out: _Outgoing | None = None  # after the results, one at a time
         self._committed_seen: dict[tuple[int, int], None] = {}
         self._started = now
 
@@ -179,37 +209,26 @@ class AgentSession:
         ch = self.channel
         if ch is None or self.state is AgentState.CLOSED:
             raise SessionClosed("no established session to send the result on")
-        digest = hashlib.sha256(output).digest()
         total = len(output)
-        view = memoryview(output)
-        chunk = limits.DEFAULT_CHUNK
-        for offset in range(0, total, chunk):
-            ch.send_reliable(
-                Result(
-                    job=job,
-                    attempt=attempt,
-                    offset=offset,
-                    total=total,
-                    data=bytes(view[offset : offset + chunk]),
-                    fin=False,
-                )
-            )
         # The summary travels alone so it always fits one datagram.
-        ch.send_reliable(
-            Result(
-                job=job,
-                attempt=attempt,
-                offset=total,
-                total=total,
-                data=b"",
-                fin=True,
-                sha256=digest,
-                status=clip_text(status, limits.MAX_STATUS),
-                detail=clip_text(detail, limits.MAX_TEXT),
-                cpu_ms=min(max(cpu_ms, 0), 0xFFFFFFFF),
-                wall_ms=min(max(wall_ms, 0), 0xFFFFFFFF),
-            )
+        summary = Result(
+            job=job,
+            attempt=attempt,
+            offset=total,
+            total=total,
+            data=b"",
+            fin=True,
+            sha256=hashlib.sha256(output).digest(),
+            status=clip_text(status, limits.MAX_STATUS),
+            detail=clip_text(detail, limits.MAX_TEXT),
+            cpu_ms=min(max(cpu_ms, 0), 0xFFFFFFFF),
+            wall_ms=min(max(wall_ms, 0), 0xFFFFFFFF),
         )
+        self._results.append(_Outgoing(Result, output, summary))
+        out = self._checkpoint_out
+        if out is not None and (out.job, out.attempt) == (job, attempt):
+            self._checkpoint_out = None  # the job is over: its state no longer matters
+        self._pump()
         if self._running == (job, attempt):
             self._running = None
             self.state = AgentState.READY
@@ -222,32 +241,39 @@ class AgentSession:
             return False
         if len(state) > self._checkpoint_bytes:
             return False
-        view = memoryview(state)
-        chunk = limits.DEFAULT_CHUNK
-        for offset in range(0, len(state), chunk):
-            ch.send_reliable(
-                Checkpoint(
-                    job=job,
-                    attempt=attempt,
-                    offset=offset,
-                    total=len(state),
-                    data=bytes(view[offset : offset + chunk]),
-                    fin=False,
-                )
-            )
-        digest = hashlib.sha256(state).digest()
-        ch.send_reliable(
-            Checkpoint(
-                job=job,
-                attempt=attempt,
-                offset=len(state),
-                total=len(state),
-                data=b"",
-                fin=True,
-                sha256=digest,
-            )
+        if self._checkpoint_out is not None or self._results:
+            return False  # one at a time, and never ahead of a result
+        fin = Checkpoint(
+            job=job,
+            attempt=attempt,
+            offset=len(state),
+            total=len(state),
+            data=b"",
+            fin=True,
+            sha256=hashlib.sha256(state).digest(),
         )
+        self._checkpoint_out = _Outgoing(Checkpoint, state, fin)
+        self._pump()
         return True
+
+    def _pump(self) -> None:
+        """Move result and checkpoint chunks into the stream as far as the path takes."""
+        ch = self.channel
+        if ch is None or self.state is AgentState.CLOSED:
+            return
+        # Headroom: READY, ERRORs and refusals go straight to the stream.
+        while ch.queue_space > _HEADROOM and ch.queued < max(2 * ch.send_allowance, 8):
+            out = self._results[0] if self._results else self._checkpoint_out
+            if out is None:
+                return
+            message = out.next_message()
+            if message is None:
+                if out is self._checkpoint_out:
+                    self._checkpoint_out = None
+                else:
+                    self._results.popleft()
+                continue
+            ch.send_reliable(message)
 
     def abandon_job(self, *, job: int, attempt: int, reason: str) -> None:
         """Hand a job back unfinished (shutdown): the server requeues it at once."""
@@ -465,6 +491,9 @@ class AgentSession:
         elif isinstance(message, Reset):
             if ch.accept_reset(message.epoch):
                 self._abort_inbound("reset by server")
+                # The old epoch's stream is gone; spooled results are resent after READY.
+                self._results.clear()
+                self._checkpoint_out = None
                 if self._running is not None:
                     job, attempt = self._running
                     self._running = None
@@ -616,6 +645,7 @@ class AgentSession:
         out = list(self._out)
         self._out.clear()
         if self.channel is not None:
+            self._pump()
             out.extend(self.channel.datagrams_to_send(now))
             self._check_channel()
         return out

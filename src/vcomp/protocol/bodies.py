@@ -319,6 +319,8 @@ class Start(Body):
             raise DecodeError("Start: resume_attempt, resume_size and resume_sha256 go together")
         if self.resume_attempt is not None and self.resume_attempt >= self.attempt:
             raise DecodeError("Start: resume_attempt must be an earlier attempt")
+        if self.transfer_size > MAX_TRANSFER:
+            raise DecodeError(f"Start: code, input and resume state exceed {MAX_TRANSFER} bytes")
 
     @property
     def transfer_size(self) -> int:

@@ -72,8 +72,9 @@ class _Outbound:
 
 
 class _Upload:
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, key: tuple[int, int] = (0, 0)) -> None:
         self.total = total
+        self.key = key
         self.next_offset = 0
         self.hasher = hashlib.sha256()
 
@@ -333,21 +334,21 @@ class ServerSession:
 
     def _on_checkpoint(self, c: Checkpoint, now: float) -> None:
         job = self._job
-        if job is None or (job.desc.job, job.desc.attempt) != (c.job, c.attempt):
-            # The job was reset or refused meanwhile: chunks still in flight are moot.
-            self._checkpoint = None
-            return
-        if c.total > job.desc.checkpoint_bytes:
-            self._violation(
-                f"CHECKPOINT of {c.total} bytes; START offered {job.desc.checkpoint_bytes}", now
-            )
+        key = (c.job, c.attempt)
+        if job is None or (job.desc.job, job.desc.attempt) != key:
+            return  # the job was reset, refused or committed meanwhile: moot
+        offered = job.desc.checkpoint_bytes
+        if not offered or c.total > offered:
+            what = "not offered" if not offered else f"offered {offered} bytes"
+            self._violation(f"CHECKPOINT of {c.total} bytes; START {what}", now)
             return
         up = self._checkpoint
-        if up is None:
-            if c.offset != 0:
-                self._violation("CHECKPOINT chunks out of order", now)
-                return
-            up = self._checkpoint = _Upload(c.total)
+        if c.offset == 0 and (up is None or up.next_offset > 0 or up.key != key):
+            # A new checkpoint; one the agent stopped part-way (its job ended) is dropped.
+            up = self._checkpoint = _Upload(c.total, key)
+        elif up is None or up.key != key:
+            self._violation("CHECKPOINT chunks out of order", now)
+            return
         if c.total != up.total or c.offset != up.next_offset:
             self._violation("CHECKPOINT chunk does not continue its checkpoint", now)
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -25,8 +26,21 @@ log = logging.getLogger("vcomp.server")
 
 MEMORY_BUDGET = 64 * 1024 * 1024
 """Bytes of checkpoints being assembled, over every session together."""
+SAVE_INTERVAL = 5.0
+"""Seconds between two saves of one attempt's checkpoints (agents upload every 10 s)."""
 
-_Key = tuple[int, int, int]  # session, job, attempt
+_Attempt = tuple[int, int]  # job, attempt
+
+
+class _Part:
+    """The checkpoint a session is uploading: the protocol sends one at a time."""
+
+    __slots__ = ("attempt", "data", "dropped")
+
+    def __init__(self, attempt: _Attempt) -> None:
+        self.attempt = attempt
+        self.data = bytearray()
+        self.dropped = False  # over the budget: ignored until the next one starts
 
 
 class CheckpointIntake:
@@ -45,8 +59,8 @@ class CheckpointIntake:
         self._max_bytes = max_bytes
         self._budget = budget
         self._held = 0
-        self._parts: dict[_Key, bytearray] = {}
-        self._dropped: set[_Key] = set()  # over the budget: ignored until complete
+        self._parts: dict[int, _Part] = {}  # by session
+        self._saved_at: dict[_Attempt, float] = {}  # monotonic time of the last save
         self.saved = 0
         self.dropped = 0
 
@@ -55,14 +69,17 @@ class CheckpointIntake:
         return self._held
 
     def on_chunk(self, e: ev.CheckpointChunk) -> None:
-        key = (e.session_id, e.job, e.attempt)
-        if e.offset == 0:
-            self._forget(key)  # a new checkpoint replaces one cut off mid-way
-        if key in self._dropped:
+        attempt = (e.job, e.attempt)
+        part = self._parts.get(e.session_id)
+        if e.offset == 0 or part is None or part.attempt != attempt:
+            # A new checkpoint replaces whatever this session left unfinished.
+            self.abandon(e.session_id)
+            part = self._parts[e.session_id] = _Part(attempt)
+        if part.dropped:
             return
         if self._held + len(e.data) > self._budget:
-            self._forget(key)
-            self._dropped.add(key)
+            self._held -= len(part.data)
+            part.data, part.dropped = bytearray(), True
             self.dropped += 1
             logfmt.event(
                 log,
@@ -73,30 +90,33 @@ class CheckpointIntake:
                 reason="server checkpoint memory budget",
             )
             return
-        part = self._parts.setdefault(key, bytearray())
-        part += e.data
+        part.data += e.data
         self._held += len(e.data)
 
     def on_complete(self, e: ev.CheckpointComplete) -> None:
-        key = (e.session_id, e.job, e.attempt)
-        if key in self._dropped:
-            self._dropped.discard(key)
+        attempt = (e.job, e.attempt)
+        part = self._parts.get(e.session_id)
+        if part is None or part.attempt != attempt:
+            if e.total:
+                return  # its chunks went to a checkpoint already dropped
+            part = _Part(attempt)  # an empty checkpoint is its fin alone
+        self.abandon(e.session_id)
+        if part.dropped or len(part.data) != e.total:
             return
-        data = bytes(self._forget(key))
-        if len(data) != e.total:
-            return  # its first chunks went to a session state we already dropped
-        self._spawn(self._save(e, data))
+        now = time.monotonic()
+        if now < self._saved_at.get(attempt, -SAVE_INTERVAL) + SAVE_INTERVAL:
+            self.dropped += 1  # faster than any honest agent uploads: a store write saved
+            return
+        if len(self._saved_at) >= 65536:
+            self._saved_at = {k: t for k, t in self._saved_at.items() if now < t + SAVE_INTERVAL}
+        self._saved_at[attempt] = now
+        self._spawn(self._save(e, bytes(part.data)))
 
     def abandon(self, sid: int) -> None:
-        """The session closed: its half-uploaded checkpoints go."""
-        for key in [k for k in self._parts if k[0] == sid]:
-            self._forget(key)
-        self._dropped = {k for k in self._dropped if k[0] != sid}
-
-    def _forget(self, key: _Key) -> bytearray:
-        part = self._parts.pop(key, bytearray())
-        self._held -= len(part)
-        return part
+        """The session closed, or started another checkpoint: its unfinished one goes."""
+        part = self._parts.pop(sid, None)
+        if part is not None:
+            self._held -= len(part.data)
 
     async def _save(self, e: ev.CheckpointComplete, data: bytes) -> None:
         try:

@@ -33,7 +33,6 @@ assignment is dropped here; the agent's later result is taken as late or as evid
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -49,7 +48,7 @@ from vcomp.protocol.server_session import ServerSession, ServerState
 from vcomp.server.commit import GroupCommitter
 from vcomp.server.config import ServerConfig
 from vcomp.server.outage import RETRY_MAX
-from vcomp.server.store import REFUSAL_WINDOW, BlobReader, Lease, Store, StoredCheckpoint
+from vcomp.server.store import REFUSAL_WINDOW, BlobReader, Lease, Store
 
 log = logging.getLogger("vcomp.server")
 
@@ -105,14 +104,11 @@ class ServerStats:
     started_at: float = field(default_factory=time.monotonic)
 
 
-def _resume_fields(stored: StoredCheckpoint | None) -> dict[str, Any]:
-    if stored is None:
+def _resume_fields(resume: tuple[int, BlobReader] | None) -> dict[str, Any]:
+    if resume is None:
         return {}
-    return {
-        "resume_attempt": stored.attempt,
-        "resume_size": len(stored.data),
-        "resume_sha256": hashlib.sha256(stored.data).digest(),
-    }
+    attempt, reader = resume
+    return {"resume_attempt": attempt, "resume_size": reader.size, "resume_sha256": reader.sha256}
 
 
 @dataclass
@@ -123,13 +119,15 @@ class _Assignment:
     data: BlobReader
     code_size: int
     input_size: int = 0
-    resume: bytes = b""  # an earlier attempt's uploaded checkpoint, sent after the input
+    resume: BlobReader | None = None  # an earlier attempt's checkpoint, sent after the input
     leased_at: float = field(default_factory=time.monotonic)
     renewed_at: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
         self.code.close()
         self.data.close()
+        if self.resume is not None:
+            self.resume.close()
 
 
 class Scheduler:
@@ -149,7 +147,7 @@ class Scheduler:
         self._spawn = spawn
         self._stats = stats
         self._assignments: dict[Key, _Assignment] = {}
-        self._single_result: dict[int, bool] = {}  # batch -> quorum is 1 (batches never change)
+        self._single_result: dict[int, bool] = {}  # batch -> one replica (batches never change)
         self._idle: set[int] = set()
         self._leases_held: Counter[str] = Counter()  # assignments per agent (hex id)
         self._cooling: dict[str, float] = {}  # agent -> monotonic time its cool-down ends
@@ -291,8 +289,8 @@ class Scheduler:
                 take = min(length, input_end - offset)
                 out += a.data.read(offset - a.code_size, take)
                 offset, length = offset + take, length - take
-            if length > 0:
-                out += a.resume[offset - input_end : offset - input_end + length]
+            if length > 0 and a.resume is not None:
+                out += a.resume.read(offset - input_end, length)
         except StoreUnavailable as exc:
             # A backend whose reads fail in an outage (SQLite's do not): the endpoint
             # closes this one session (short code) rather than the error escaping it.
@@ -415,17 +413,24 @@ class Scheduler:
 
     def _start(self, session: ServerSession, lease: Lease) -> None:
         app = lease.app
+        # Store reads first: one that fails leaves no assignment behind.
+        uploads = self._uploads_checkpoints(lease)
+        resume = self._resume_state(lease, session) if uploads else None
+        try:
+            code, data = self._store.open_code(app.app_id), self._store.open_input(lease.job_id)
+        except BaseException:
+            if resume is not None:
+                resume[1].close()
+            raise
         self._assignments[(lease.job_id, lease.attempt)] = _Assignment(
             lease=lease,
             session_id=session.session_id,
-            code=self._store.open_code(app.app_id),
-            data=self._store.open_input(lease.job_id),
+            code=code,
+            data=data,
             code_size=app.size,
             input_size=lease.input_size,
+            resume=None if resume is None else resume[1],
         )
-        resume = self._resume_state(lease)
-        if resume is not None:
-            self._assignments[(lease.job_id, lease.attempt)].resume = resume.data
         limits, jobs = lease.limits, self._config.jobs
         job = ev.JobDescription(
             job=lease.job_id,
@@ -440,7 +445,7 @@ class Scheduler:
             wall_seconds=max(1, int(limits.wall_seconds)),
             output_bytes=limits.output_bytes,
             disk_bytes=limits.disk_bytes,
-            checkpoint_bytes=jobs.checkpoint_bytes if self._uploads_checkpoints(lease) else 0,
+            checkpoint_bytes=jobs.checkpoint_bytes if uploads else 0,
             **_resume_fields(resume),
         )
         self._stats.leases += 1
@@ -458,9 +463,10 @@ class Scheduler:
     def _uploads_checkpoints(self, lease: Lease) -> bool:
         """Whether this job's attempts upload checkpoints and resume from them.
 
-        Only for jobs that want one result (quorum 1): a replica resumed from another
-        agent's state would not be an independent result, so one hostile agent could
-        make two replicas agree on its answer.
+        Only for jobs with one replica: a replica resumed from another agent's state
+        would not be an independent result (one hostile agent could make two replicas
+        agree on its answer), and replicas running side by side would overwrite each
+        other's checkpoints.
         """
         if not self._config.jobs.upload_checkpoints:
             return False
@@ -468,32 +474,40 @@ class Scheduler:
         if single is None:
             if len(self._single_result) >= 4096:
                 self._single_result.clear()
-            single = self._store.get_batch(lease.batch_id).quorum == 1
+            single = self._store.get_batch(lease.batch_id).replicas == 1
             self._single_result[lease.batch_id] = single
         return single
 
-    def _resume_state(self, lease: Lease) -> StoredCheckpoint | None:
-        """The checkpoint an earlier attempt of this job uploaded, if uploads are on."""
-        if lease.attempt <= 1 or not self._uploads_checkpoints(lease):
+    def _resume_state(self, lease: Lease, session: ServerSession) -> tuple[int, BlobReader] | None:
+        """An earlier attempt's uploaded checkpoint to send after the input, if any fits."""
+        if lease.attempt <= 1:
             return None
         try:
-            stored = self._store.latest_checkpoint(lease.job_id)
+            stored = self._store.open_checkpoint(lease.job_id)
+        except StoreUnavailable:
+            raise
         except StoreError as exc:  # the job still runs, from the start
             logfmt.event(
                 log, "checkpoint_unreadable", logging.ERROR, job=lease.job_id, error=str(exc)
             )
             return None
-        if stored is None or stored.attempt >= lease.attempt:
+        if stored is None:
+            return None
+        attempt, reader = stored
+        total = lease.app.size + lease.input_size + reader.size
+        if attempt >= lease.attempt or total > session.capacity.job_bytes:
+            # The agent would refuse a job that large: better a fresh start than none.
+            reader.close()
             return None
         logfmt.event(
             log,
             "job_resumes_from_upload",
             job=lease.job_id,
             attempt=lease.attempt,
-            from_attempt=stored.attempt,
-            state_bytes=len(stored.data),
+            from_attempt=attempt,
+            state_bytes=reader.size,
         )
-        return stored
+        return attempt, reader
 
     def _reserve_lease(self, agent_id: bytes) -> bool:
         """Count a lease ``agent_id`` is about to get; False at its cap.

@@ -86,3 +86,23 @@ def test_checkpoints_of_finished_jobs_are_dropped_with_their_blobs(
     assert kept is not None and kept.data == b"r"  # still running: kept for a resume
     assert count_rows("blobs") == blobs + 2  # the kept checkpoint and the stored output
     assert store.drop_finished_checkpoints() == 0
+
+
+def test_an_earlier_attempt_never_replaces_a_later_attempts_checkpoint(
+    store: Store, app: str, agents: list[str]
+) -> None:
+    """Two live attempts of one job (replicas): the later one's state is the one kept,
+    and reading it opens a range reader over the same bytes."""
+    store.create_batch(app, [b"1"], replicas=2, quorum=2)
+    first = lease(store, agents[0], now=0.0, seconds=600.0)
+    second = lease(store, agents[1], now=0.0, seconds=600.0)
+    assert (first.job_id, first.attempt + 1) == (second.job_id, second.attempt)
+    store.save_checkpoint(second.job_id, second.attempt, agents[1], b"later")
+    with pytest.raises(StoreError, match="later attempt"):
+        store.save_checkpoint(first.job_id, first.attempt, agents[0], b"earlier")
+    opened = store.open_checkpoint(first.job_id)
+    assert opened is not None
+    attempt, reader = opened
+    with reader:
+        assert (attempt, reader.size, reader.read(0, 100)) == (second.attempt, 5, b"later")
+    assert store.open_checkpoint(10**9) is None

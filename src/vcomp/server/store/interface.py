@@ -207,10 +207,15 @@ class Store(Protocol):
         self, job_id: int, attempt: int, agent_id: str, data: bytes, *, max_bytes: int = ...
     ) -> None:
         """Keep ``data`` as the job's latest checkpoint; StoreError (nothing kept) unless
-        ``agent_id`` holds the live lease of (job, attempt) and ``data`` is within bounds."""
+        ``agent_id`` holds the live lease of (job, attempt), ``data`` is within bounds
+        and no later attempt's checkpoint is kept."""
         ...
 
     def latest_checkpoint(self, job_id: int) -> StoredCheckpoint | None: ...
+
+    def open_checkpoint(self, job_id: int) -> tuple[int, BlobReader] | None:
+        """(attempt that wrote it, range reader) of the job's latest checkpoint."""
+        ...
 
     def drop_finished_checkpoints(self, limit: int = ...) -> int:
         """Forget checkpoints of jobs no attempt will resume (done or failed)."""

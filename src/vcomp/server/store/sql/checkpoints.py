@@ -12,6 +12,7 @@ import hashlib
 
 from vcomp.errors import StoreError
 from vcomp.server.store.checks import check_finite
+from vcomp.server.store.interface import BlobReader
 from vcomp.server.store.records import StoredCheckpoint
 from vcomp.server.store.sql.database import Blobs, Database
 
@@ -51,8 +52,13 @@ class Checkpoints:
                     "checkpoint refused"
                 )
             old = conn.execute(
-                "SELECT blob_id FROM job_checkpoints WHERE job_id = ?", (job_id,)
+                "SELECT blob_id, attempt FROM job_checkpoints WHERE job_id = ?", (job_id,)
             ).fetchone()
+            if old is not None and int(old[1]) > attempt:
+                raise StoreError(
+                    f"job {job_id} keeps attempt {int(old[1])}'s checkpoint, a later attempt "
+                    f"than {attempt}; checkpoint refused"
+                )
             blob_id = self._blobs.insert(conn, data, hashlib.sha256(data).digest())
             conn.execute(
                 "INSERT INTO job_checkpoints (job_id, attempt, blob_id, size, saved_at) "
@@ -74,6 +80,18 @@ class Checkpoints:
             return None
         data = self._blobs.loader(int(row[1]), int(row[2]))()
         return StoredCheckpoint(job_id, int(row[0]), float(row[3]), data)
+
+    def open_latest(self, job_id: int) -> tuple[int, BlobReader] | None:
+        """(attempt, range reader) of the job's latest checkpoint, read as it is sent."""
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT c.attempt, b.id, b.size, b.sha256 FROM job_checkpoints AS c "
+                "JOIN blobs AS b ON b.id = c.blob_id WHERE c.job_id = ?",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return int(row[0]), self._blobs.reader(int(row[1]), int(row[2]), bytes(row[3]))
 
     def drop_finished(self, limit: int) -> int:
         """Forget the checkpoints of up to ``limit`` jobs that are no longer queued or

@@ -323,6 +323,9 @@ class SqlStore:
     def latest_checkpoint(self, job_id: int) -> StoredCheckpoint | None:
         return self._checkpoints.latest(job_id)
 
+    def open_checkpoint(self, job_id: int) -> tuple[int, BlobReader] | None:
+        return self._checkpoints.open_latest(job_id)
+
     def drop_finished_checkpoints(self, limit: int = 1000) -> int:
         return self._checkpoints.drop_finished(limit)
 
