@@ -6,7 +6,14 @@ import hashlib
 import json
 import math
 
-from tests.integration.conftest import PI_PY, Lab, pi_inputs, pi_reference, wait_until
+from tests.integration.conftest import (
+    PI_PY,
+    Lab,
+    pi_inputs,
+    pi_reference,
+    python_job,
+    wait_until,
+)
 from vcomp.server.store import AttemptState
 
 JOBS = 20
@@ -53,3 +60,17 @@ async def test_pi_batch_across_three_agents(lab: Lab) -> None:
     sigma = 4 * math.sqrt(p * (1 - p) / points)
     assert abs(estimate - math.pi) < 4 * sigma, (estimate, sigma)
     assert producers == ids, "every agent ran part of the batch"
+
+
+async def test_a_result_of_several_megabytes_comes_back_whole(lab: Lab) -> None:
+    """8 MiB is 6,991 RESULT chunks, more than the stream's 4,096-place queue: the
+    agent feeds them in as the path takes them (it used to fail the job's upload)."""
+    org = lab.org()
+    await lab.start(org)
+    config = lab.agent_config(org, "big")
+    await lab.run_agent(config, org)
+    org.add_app("big", python_job("return hashlib.sha256(data).digest() * (1 << 18)"))
+    batch = org.submit("big", [b"seed"], output_bytes=16 << 20)
+    await org.wait_batch(batch, timeout=120)
+    [(_result, output)] = org.outputs(batch).values()
+    assert output == hashlib.sha256(b"seed").digest() * (1 << 18)
