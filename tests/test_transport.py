@@ -11,6 +11,7 @@ import pytest
 
 from vcomp import udp_offload
 from vcomp.agent.measure import measured_launch
+from vcomp.agent.preferences.rate import TokenBucket
 from vcomp.agent.tpm import SimulatedTpm
 from vcomp.protocol import events as ev
 from vcomp.protocol.agent_session import AgentSession
@@ -86,6 +87,8 @@ def _train(count: int, size: int, last: int, tag: int = 0) -> list[bytes]:
 
 def _gro_socket() -> socket.socket:
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # Room for every datagram a test sends before it reads (the kernel may cap this).
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     rx.bind(("127.0.0.1", 0))
     rx.settimeout(5.0)
     return rx
@@ -202,3 +205,54 @@ async def test_the_adapter_splits_coalesced_reads_and_drops_oversize_segments() 
     finally:
         adapter.close()
         peer.close()
+
+
+class RecordingAgentCore:
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.outgoing: list[bytes] = []
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        self.received.append(data)
+
+    def port_unreachable(self, now: float) -> None:
+        pass
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        out, self.outgoing = self.outgoing, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        pass
+
+    def next_event(self) -> ev.Event | None:
+        return None
+
+
+async def test_rate_capped_agent_trains_stay_within_the_cap_and_lose_nothing() -> None:
+    """An upload cap cuts trains where the bucket says wait (each datagram charged
+    once); a download cap turns GRO off, since one coalesced read could be 64 KB."""
+    loop = asyncio.get_running_loop()
+    rx = _gro_socket()
+    upload, download = TokenBucket(200_000, loop.time()), TokenBucket(200_000, loop.time())
+    core = RecordingAgentCore()
+    adapter = await open_agent(
+        core, lambda e: None, *rx.getsockname(), upload=upload, download=download
+    )
+    try:
+        assert adapter.gro.status == "off" and "max_download_rate" in adapter.gro.reason
+        sent = _train(200, 1200, 1200)  # 240 kB: past the 200 kB burst, so it waits
+        core.outgoing = list(sent)
+        started = loop.time()
+        adapter.flush()
+        got, _ = await asyncio.to_thread(_read_all, rx, len(sent))
+        elapsed = loop.time() - started
+        assert got == sent
+        assert upload.taken == sum(map(len, sent))  # charged once each, none twice
+        assert upload.taken <= upload.burst + 200_000 * elapsed + 2048
+    finally:
+        adapter.close()
+        rx.close()

@@ -422,6 +422,11 @@ class AgentAdapter(_Driver):
         self.core = core
         self._upload, self._download = upload, download
         super().__init__(sock, on_event)
+        if download is not None and self.gro.active:
+            # A coalesced read is up to 64 KB at once, past what the cap allows.
+            sock.setsockopt(udp_offload.SOL_UDP, udp_offload.UDP_GRO, 0)
+            self.gro = Offload("off", "max_download_rate reads one datagram at a time")
+            self._gro_buffer = memoryview(bytearray(0))
 
     def _send_delay(self, size: int, now: float) -> float:
         if self._upload is None:
