@@ -97,6 +97,8 @@ class _Driver:
         self.datagrams_sent = 0
         self.bytes_sent = 0
         self.datagrams_oversize = 0  # dropped: longer than any datagram the core accepts
+        self.trains_sent = 0  # sendmsg calls that carried a GSO train
+        self.reads_coalesced = 0  # GRO reads that held more than one datagram
         self.gso, self.gro = _offload(sock)
         self._gro_buffer = memoryview(bytearray(udp_offload.GRO_BUFFER if self.gro.active else 0))
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -189,6 +191,8 @@ class _Driver:
                 break
             peer = (str(address[0]), int(address[1]))
             segment = udp_offload.gro_segment_size(ancdata)
+            if segment is not None and segment < n:
+                self.reads_coalesced += 1
             for view in udp_offload.split_segments(buffer[:n], segment):
                 if len(view) > MAX_DATAGRAM:
                     self.datagrams_oversize += 1
@@ -291,6 +295,7 @@ class _Driver:
                     return True
                 # else: fall through and send this train singly
             else:
+                self.trains_sent += 1
                 self.datagrams_sent += count
                 self.bytes_sent += sum(len(d) for d in train)
                 for _ in range(count):
