@@ -18,6 +18,8 @@ from vcomp.protocol.agent_session import AgentSession
 from vcomp.protocol.limits import HANDSHAKE_GIVE_UP
 from vcomp.transport import MAX_DATAGRAM, open_agent, open_server
 
+SO_NO_CHECK = getattr(socket, "SO_NO_CHECK", 11)  # Linux; not exported by Python 3.11
+
 
 def closed_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -253,6 +255,33 @@ async def test_rate_capped_agent_trains_stay_within_the_cap_and_lose_nothing() -
         assert got == sent
         assert upload.taken == sum(map(len, sent))  # charged once each, none twice
         assert upload.taken <= upload.burst + 200_000 * elapsed + 2048
+    finally:
+        adapter.close()
+        rx.close()
+
+
+async def test_a_train_the_kernel_refuses_falls_back_to_single_sends_and_is_remembered() -> None:
+    """GSO known to the kernel but refused on first use (here: SO_NO_CHECK, which the
+    kernel will not segment, EINVAL): the train goes datagram by datagram, nothing is
+    lost, and the adapter stops trying trains."""
+    core = RecordingCore()
+    adapter = await open_server(core, lambda e: None, "127.0.0.1", 0)
+    rx = _gro_socket()
+    try:
+        if not adapter.gso.active:
+            pytest.skip(f"no UDP GSO here: {adapter.gso.reason}")
+        adapter.sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+        first, second = _train(10, 1200, 50, tag=1), _train(10, 1200, 50, tag=2)
+        core.outgoing = [(d, rx.getsockname()) for d in first]
+        adapter.flush()
+        assert adapter.gso.status == "unavailable"
+        assert "UDP_SEGMENT" in adapter.gso.reason
+        core.outgoing = [(d, rx.getsockname()) for d in second]
+        adapter.flush()
+        got, _ = _read_all(rx, len(first) + len(second))
+        assert got == first + second
+        assert adapter.trains_sent == 0
+        assert adapter.datagrams_sent == len(first) + len(second)
     finally:
         adapter.close()
         rx.close()
