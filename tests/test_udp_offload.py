@@ -62,7 +62,6 @@ def test_a_gso_train_arrives_as_separate_datagrams_with_the_right_bytes(
     tx, rx = pair
     need_gso(tx)
     sent = train(40, 1200, 77)
-    assert uo.train_segment(sent) == 1200
     assert uo.send_train(tx, sent, 1200, rx.getsockname()) == sum(map(len, sent))
     got = [rx.recv(2048) for _ in sent]  # no GRO on rx: the kernel cut the train
     assert got == sent
@@ -151,18 +150,6 @@ def test_split_segments_bounds() -> None:
         bytes([8, 9]),
     ]
     assert list(uo.split_segments(memoryview(b""), 4)) == [memoryview(b"")]
-
-
-def test_train_segment_rules() -> None:
-    assert uo.train_segment([b"a" * 10]) is None  # one datagram is not a train
-    assert uo.train_segment([b"a" * 10, b"b" * 10]) == 10
-    assert uo.train_segment([b"a" * 10, b"b" * 3]) == 10
-    assert uo.train_segment([b"a" * 10, b"b" * 11]) is None  # the last may only be shorter
-    assert uo.train_segment([b"a" * 10, b"b" * 3, b"c" * 10]) is None
-    assert uo.train_segment([b"a"] * uo.MAX_SEGMENTS) == 1
-    assert uo.train_segment([b"a"] * (uo.MAX_SEGMENTS + 1)) is None
-    assert uo.train_segment([b"a" * 1472] * 45) is None  # over MAX_TRAIN_BYTES
-    assert uo.train_segment([b"", b""]) is None
 
 
 def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:

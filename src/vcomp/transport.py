@@ -7,6 +7,10 @@ armed at the core's next deadline and hands events to the application.
 It reads with ``add_reader`` and drains the socket on each wake-up (asyncio's
 datagram transport reads one datagram per loop iteration), so a burst is fed
 to the core at once and answered with one flush: fewer ACKs, fewer wake-ups.
+
+Where the kernel has them (:mod:`vcomp.udp_offload`), a run of equal-size datagrams
+for one peer leaves as one GSO ``sendmsg``, and a GRO read holding several datagrams
+is cut back into them before the core sees any.
 """
 
 from __future__ import annotations

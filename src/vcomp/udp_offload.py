@@ -103,18 +103,6 @@ def split_segments(buffer: memoryview, segment: int | None) -> Iterator[memoryvi
         yield buffer[start : start + segment]
 
 
-def train_segment(datagrams: Sequence[bytes]) -> int | None:
-    """The segment size if ``datagrams`` can go as one GSO train, else None."""
-    if len(datagrams) < 2 or len(datagrams) > MAX_SEGMENTS:
-        return None
-    size = len(datagrams[0])
-    if size == 0 or any(len(d) != size for d in datagrams[:-1]) or len(datagrams[-1]) > size:
-        return None
-    if sum(len(d) for d in datagrams) > MAX_TRAIN_BYTES:
-        return None
-    return size
-
-
 def send_train(
     sock: socket.socket,
     datagrams: Sequence[bytes],
