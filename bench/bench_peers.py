@@ -11,7 +11,8 @@ process (a spawned worker). Each repetition runs every row once, in a rotated or
   :class:`LiteAgent` (the real protocol over real UDP, no sandbox). Time = the server
   issuing START .. the agent's JobReceived (every CODE packet in, size and SHA-256
   checked at END); the handshake comes before and is not timed. The blob is streamed
-  out of the SQLite store, as in production.
+  out of the SQLite store, as in production. The default window is measured twice: with
+  UDP GSO/GRO as detected (the default) and with ``VCOMP_UDP_OFFLOAD=off`` on both sides.
 - plain TCP with asyncio streams; TLS 1.3 over TCP (asyncio + ssl, a self-signed
   ECDSA P-256 certificate made at run time); one QUIC stream with aioquic (same kind of
   certificate). A fresh connection per repetition, an untimed 1 MiB warm-up fetch (out
@@ -30,12 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
@@ -65,6 +67,7 @@ from vcomp.loadgen import LiteAgent
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.server.config import DEFAULT_CONFIG
+from vcomp.udp_offload import OFFLOAD_ENV, probe_loopback
 
 MIB = 1 << 20
 ALPN = "vcomp-bench"
@@ -76,6 +79,7 @@ TRANSFER_TIMEOUT = 300.0
 GOAL_VS_QUIC = 3.0
 GOAL_VS_TLS = 0.40
 STOP_AND_WAIT = "vcomp window 1 (stop-and-wait)"
+OFFLOAD_OFF = f"vcomp window {DEFAULT_WINDOW}, udp offload off"
 TCP = "TCP (asyncio streams)"
 TLS = "TLS 1.3 over TCP"
 QUIC = "QUIC stream (aioquic)"
@@ -232,7 +236,21 @@ def prepare_vcomp(identity: AgentIdentity) -> bool:
     return True
 
 
-async def receive_vcomp(count: int) -> list[tuple[int, int, float, int]]:
+@contextlib.contextmanager
+def udp_offload(on: bool) -> Iterator[None]:
+    """VCOMP_UDP_OFFLOAD for the sockets opened inside (GSO/GRO on, or off to compare)."""
+    before = os.environ.get(OFFLOAD_ENV)
+    os.environ[OFFLOAD_ENV] = "on" if on else "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[OFFLOAD_ENV]
+        else:
+            os.environ[OFFLOAD_ENV] = before
+
+
+async def receive_vcomp(count: int, offload: bool = True) -> list[tuple[int, int, float, int]]:
     """Join with one LiteAgent; note (job, attempt, monotonic time, bytes) per JobReceived."""
     identity: AgentIdentity = _prepared["identity"]
     received: list[tuple[int, int, float, int]] = []
@@ -258,7 +276,8 @@ async def receive_vcomp(count: int) -> list[tuple[int, int, float, int]]:
         ephemeral=_prepared["key"],
         on_event=tap,
     )
-    await agent.start()
+    with udp_offload(offload):
+        await agent.start()
     try:
         await asyncio.wait_for(enough.wait(), TRANSFER_TIMEOUT)
     finally:
@@ -344,22 +363,23 @@ async def measured_ask(
     return reply, (time.process_time() - sender0, process_cpu_seconds(worker.pid) - receiver0)
 
 
-async def vcomp_once(worker: Worker, blob: bytes, window: int) -> Measured:
+async def vcomp_once(worker: Worker, blob: bytes, window: int, offload: bool = True) -> Measured:
     """A fresh server and session; one job whose code is ``blob``; START -> JobReceived."""
-    async with bench_server(window=window) as bench:
-        with tempfile.NamedTemporaryFile() as f:
-            f.write(blob)
-            f.flush()
-            bench.server.store.add_app("blob", "exec", f.name)
-        bench.server.store.create_batch("blob", [b"0"], cpu_seconds=60, wall_seconds=60)
-        await worker.ask(("vcomp_prepare", bench.identities[0]))
-        before = udp_counters()
-        received, cpu = await measured_ask(worker, ("vcomp", 1), TRANSFER_TIMEOUT + 30)
-        drops = udp_drops(before, udp_counters())
-        ((job, attempt, at, nbytes),) = received
-        if nbytes < len(blob):
-            raise RuntimeError("the agent received fewer bytes than the blob")
-        return Measured(at - bench.starts[(job, attempt)], cpu, nbytes, drops)
+    with udp_offload(offload):  # read when the server's socket opens
+        async with bench_server(window=window) as bench:
+            with tempfile.NamedTemporaryFile() as f:
+                f.write(blob)
+                f.flush()
+                bench.server.store.add_app("blob", "exec", f.name)
+            bench.server.store.create_batch("blob", [b"0"], cpu_seconds=60, wall_seconds=60)
+            await worker.ask(("vcomp_prepare", bench.identities[0]))
+            before = udp_counters()
+            received, cpu = await measured_ask(worker, ("vcomp", 1, offload), TRANSFER_TIMEOUT + 30)
+            drops = udp_drops(before, udp_counters())
+            ((job, attempt, at, nbytes),) = received
+            if nbytes < len(blob):
+                raise RuntimeError("the agent received fewer bytes than the blob")
+            return Measured(at - bench.starts[(job, attempt)], cpu, nbytes, drops)
 
 
 async def stream_once(worker: Worker, blob: bytes, kind: str, cert: SelfSigned | None) -> Measured:
@@ -440,6 +460,11 @@ async def run(quick: bool, reps: int | None = None) -> dict[str, Any]:
         for size in (1 * MIB, 16 * MIB):
             specs = [
                 Spec(default, partial(vcomp_once, worker, window=DEFAULT_WINDOW), reps),
+                Spec(
+                    OFFLOAD_OFF,
+                    partial(vcomp_once, worker, window=DEFAULT_WINDOW, offload=False),
+                    reps,
+                ),
                 Spec(STOP_AND_WAIT, partial(vcomp_once, worker, window=1), w1_reps[size]),
                 Spec(TCP, partial(stream_once, worker, kind="tcp", cert=None), reps),
                 Spec(TLS, partial(stream_once, worker, kind="tcp", cert=cert), reps),
@@ -458,9 +483,12 @@ async def run(quick: bool, reps: int | None = None) -> dict[str, Any]:
         )
     finally:
         await worker.close()
-    order = [default, STOP_AND_WAIT, TCP, TLS, QUIC]
+    order = [default, OFFLOAD_OFF, STOP_AND_WAIT, TCP, TLS, QUIC]
     rows.sort(key=lambda r: (r.size, order.index(r.name)))
-    return {"rows": rows, "sweep": sweep, "reps": reps, "goals": goals(rows)}
+    with udp_offload(True):
+        gso, gro = probe_loopback()
+    offload = f"gso {gso.status}, gro {gro.status}"
+    return {"rows": rows, "sweep": sweep, "reps": reps, "goals": goals(rows), "offload": offload}
 
 
 def _find(rows: list[Row], prefix: str, size: int) -> Row | None:
@@ -518,6 +546,8 @@ def report(result: dict[str, Any]) -> None:
             "handshake and warm-up fetch included). Rows interleaved round-robin.",
             "vcomp time: server START -> agent JobReceived (SHA-256 checked); others: request -> "
             "last byte. MB = 10^6 bytes. Both processes run uvloop.",
+            f"UDP offload on this host: {result['offload']}; the 'udp offload off' row sets "
+            f"{OFFLOAD_ENV}=off on both sides.",
         ],
     )
     sweep: list[Row] = result["sweep"]
@@ -557,6 +587,7 @@ def main(argv: list[str] | None = None) -> None:
                 "benchmark": "peers",
                 "quick": args.quick,
                 "reps": result["reps"],
+                "udp_offload": result["offload"],
                 "rows": [r.as_dict() for r in result["rows"]],
                 "sweep": [
                     dict(r.as_dict(), window=SWEEP_WINDOWS[i])

@@ -7,6 +7,10 @@ armed at the core's next deadline and hands events to the application.
 It reads with ``add_reader`` and drains the socket on each wake-up (asyncio's
 datagram transport reads one datagram per loop iteration), so a burst is fed
 to the core at once and answered with one flush: fewer ACKs, fewer wake-ups.
+
+Where the kernel has them (:mod:`vcomp.udp_offload`), a run of equal-size datagrams
+for one peer leaves as one GSO ``sendmsg``, and a GRO read holding several datagrams
+is cut back into them before the core sees any.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from vcomp import udp_offload
 from vcomp.protocol.events import Event
+from vcomp.udp_offload import Offload
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,13 @@ def _udp_socket(family: int) -> socket.socket:
     return sock
 
 
+def _offload(sock: socket.socket) -> tuple[Offload, Offload]:
+    """(gso, gro) for this socket: probed now, unless VCOMP_UDP_OFFLOAD=off."""
+    if not udp_offload.offload_wanted():
+        return udp_offload.switched_off(), udp_offload.switched_off()
+    return udp_offload.probe_gso(sock), udp_offload.enable_gro(sock)
+
+
 class _Driver:
     """Socket + timer plumbing shared by both sides."""
 
@@ -86,6 +100,11 @@ class _Driver:
         self.bytes_received = 0
         self.datagrams_sent = 0
         self.bytes_sent = 0
+        self.datagrams_oversize = 0  # dropped: longer than any datagram the core accepts
+        self.trains_sent = 0  # sendmsg calls that carried a GSO train
+        self.reads_coalesced = 0  # GRO reads that held more than one datagram
+        self.gso, self.gro = _offload(sock)
+        self._gro_buffer = memoryview(bytearray(udp_offload.GRO_BUFFER if self.gro.active else 0))
         self._loop.add_reader(sock.fileno(), self._readable)
 
     # ---- subclass hooks ------------------------------------------------------
@@ -125,6 +144,9 @@ class _Driver:
     # ---- reading -------------------------------------------------------------
 
     def _readable(self) -> None:
+        if self.gro.active:
+            self._readable_coalesced()
+            return
         now = self._loop.time()
         count = size = 0
         for _ in range(BATCH):
@@ -147,6 +169,42 @@ class _Driver:
             count += 1
             size += len(data)
             self._feed(data, (str(address[0]), int(address[1])), now)
+        self.datagrams_received += count
+        self.bytes_received += size
+        self.flush()
+
+    def _readable_coalesced(self) -> None:
+        """The GRO path: each recvmsg may hold a train; cut it at the segment size."""
+        now = self._loop.time()
+        count = size = 0
+        buffer = self._gro_buffer
+        for _ in range(BATCH):
+            wait = self._receive_delay(now)
+            if wait > 0:
+                self._pause_reading(wait)
+                break
+            try:
+                n, ancdata, _, address = self.sock.recvmsg_into([buffer], udp_offload.GRO_CONTROL)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno == errno.ECONNREFUSED:
+                    self._refused(now)
+                elif exc.errno not in _QUIET_ERRORS:
+                    log.debug("udp receive error: %s", exc)
+                break
+            peer = (str(address[0]), int(address[1]))
+            segment = udp_offload.gro_segment_size(ancdata)
+            if segment is not None and segment < n:
+                self.reads_coalesced += 1
+            for view in udp_offload.split_segments(buffer[:n], segment):
+                if len(view) > MAX_DATAGRAM:
+                    self.datagrams_oversize += 1
+                    continue
+                self._received(len(view), now)
+                count += 1
+                size += len(view)
+                self._feed(bytes(view), peer, now)
         self.datagrams_received += count
         self.bytes_received += size
         self.flush()
@@ -181,37 +239,94 @@ class _Driver:
         self._arm()
 
     def _write_backlog(self) -> None:
-        sock, backlog = self.sock, self._backlog
+        backlog = self._backlog
         if self._paced_write is not None:
             return  # a paced write is due; it sends the backlog in order
-        count = size = 0
-        try:
-            while backlog:
-                data, address = backlog[0]
-                wait = self._send_delay(len(data), self._loop.time())
+        while backlog:
+            run = self._train_at_head() if self.gso.active else 1
+            # Charge the rate cap datagram by datagram; a train is cut where it says wait.
+            now, ready, wait = self._loop.time(), 0, 0.0
+            for data, _ in itertools.islice(backlog, run):
+                wait = self._send_delay(len(data), now)
                 if wait > 0:
-                    self._paced_write = self._loop.call_later(wait, self._paced_send)
-                    return
-                try:
-                    if address is None:
-                        sock.send(data)
-                    else:
-                        sock.sendto(data, address)
-                except (BlockingIOError, InterruptedError):
-                    if not self._writing:
-                        self._writing = True
-                        self._loop.add_writer(sock.fileno(), self._writable)
-                    return
-                except OSError as exc:
+                    break
+                ready += 1
+            if ready == 0:
+                self._paced_write = self._loop.call_later(wait, self._paced_send)
+                return
+            if not self._send_head(ready):
+                self._wait_writable()
+                return
+
+    def _train_at_head(self) -> int:
+        """How many datagrams at the backlog's head form one GSO train: same peer, the
+        first one's size (the last may be shorter), at most 64 and MAX_TRAIN_BYTES."""
+        backlog = self._backlog
+        segment, address = len(backlog[0][0]), backlog[0][1]
+        count = total = 0
+        for data, to in itertools.islice(backlog, udp_offload.MAX_SEGMENTS):
+            if to != address or len(data) > segment:
+                break
+            if total + len(data) > udp_offload.MAX_TRAIN_BYTES:
+                break
+            count += 1
+            total += len(data)
+            if len(data) < segment:
+                break  # a shorter datagram ends a train
+        return count
+
+    def _send_head(self, count: int) -> bool:
+        """Send the backlog's first ``count`` datagrams (one train if count > 1) and drop
+        them from it; False if the socket buffer is full (the rest stays queued)."""
+        backlog = self._backlog
+        if count > 1:
+            train = [data for data, _ in itertools.islice(backlog, count)]
+            address = backlog[0][1]
+            try:
+                udp_offload.send_train(self.sock, train, len(train[0]), address)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                if exc.errno in udp_offload.GSO_UNSUPPORTED:
+                    # This socket's path cannot segment: remember, send singly from now on.
+                    self.gso = Offload("unavailable", f"sendmsg with UDP_SEGMENT: {exc.strerror}")
+                    log.info("udp gso unavailable, sending datagrams singly: %s", exc.strerror)
+                elif exc.errno != errno.EMSGSIZE:
                     if exc.errno not in _QUIET_ERRORS:
                         log.debug("udp send error: %s", exc)
+                    for _ in range(count):
+                        backlog.popleft()
+                    return True
+                # else: fall through and send this train singly
+            else:
+                self.trains_sent += 1
+                self.datagrams_sent += count
+                self.bytes_sent += sum(len(d) for d in train)
+                for _ in range(count):
+                    backlog.popleft()
+                return True
+        for _ in range(count):
+            data, address = backlog[0]
+            try:
+                if address is None:
+                    self.sock.send(data)
                 else:
-                    count += 1
-                    size += len(data)
-                backlog.popleft()
-        finally:
-            self.datagrams_sent += count
-            self.bytes_sent += size
+                    self.sock.sendto(data, address)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                if exc.errno not in _QUIET_ERRORS:
+                    log.debug("udp send error: %s", exc)
+            else:
+                self.datagrams_sent += 1
+                self.bytes_sent += len(data)
+            backlog.popleft()
+        return True
+
+    def _wait_writable(self) -> None:
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self.sock.fileno(), self._writable)
 
     def _paced_send(self) -> None:
         self._paced_write = None
@@ -266,6 +381,11 @@ class _Driver:
         self.sock.close()
 
     @property
+    def offload_summary(self) -> str:
+        """For start-up lines and logs, e.g. ``gso=active gro=off``."""
+        return f"gso={self.gso.status} gro={self.gro.status}"
+
+    @property
     def local_address(self) -> Address:
         host, port = self.sock.getsockname()[:2]
         return str(host), int(port)
@@ -311,6 +431,11 @@ class AgentAdapter(_Driver):
         self.core = core
         self._upload, self._download = upload, download
         super().__init__(sock, on_event)
+        if download is not None and self.gro.active:
+            # A coalesced read is up to 64 KB at once, past what the cap allows.
+            sock.setsockopt(udp_offload.SOL_UDP, udp_offload.UDP_GRO, 0)
+            self.gro = Offload("off", "max_download_rate reads one datagram at a time")
+            self._gro_buffer = memoryview(bytearray(0))
 
     def _send_delay(self, size: int, now: float) -> float:
         if self._upload is None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -628,6 +629,7 @@ def test_serve_bind_overrides_the_configured_address(home: Path) -> None:
     try:
         line = _first_line(proc)
         assert f"listening on 127.0.0.1:{port} " in line, line
+        assert re.search(r" udp gso=(active|unavailable|off) gro=(active|unavailable|off)$", line)
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
@@ -646,6 +648,8 @@ def test_serve_log_file_appends_the_log_there(home: Path, tmp_path: Path) -> Non
     assert proc.returncode == 0, err
     lines = log.read_text().splitlines()
     assert lines[0] == "kept" and any("event=server_started" in ln for ln in lines)
+    started = next(ln for ln in lines if "event=server_started" in ln)
+    assert "udp_gso=" in started and "udp_gro=" in started, started
     assert any("event=server_stopped" in ln for ln in lines)
     assert "event=" not in err  # the log went to the file, not stderr
     line = _one_error_line(_serve(home, "--log-file", str(tmp_path / "no" / "dir.log")))

@@ -190,6 +190,8 @@ class OrganisationServer:
             bind=f"{host}:{port}",
             window=self.config.window,
             congestion=self.config.congestion,
+            udp_gso=self._adapter.gso.status,
+            udp_gro=self._adapter.gro.status,
         )
         return self.address
 
@@ -610,7 +612,11 @@ async def _serve(config: ServerConfig) -> None:
         http = HttpListener(server, config.http)
     try:
         host, port = await server.start()
-        print(f"vcomp-server listening on {host}:{port} key {server.fingerprint}", flush=True)
+        udp = server.adapter.offload_summary if server.adapter is not None else "closed"
+        print(
+            f"vcomp-server listening on {host}:{port} key {server.fingerprint} udp {udp}",
+            flush=True,
+        )
         if http is not None:
             await http.start()
             print(f"vcomp-server http on {http.url}", flush=True)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vcomp.agent.sandbox.commands import doctor, minimum_missing, sandbox_run
 from vcomp.agent.sandbox.outcome import EXIT_CODES, OutcomeKind, Protection
+from vcomp.udp_offload import OFFLOAD_ENV, probe_gso
 
 from .conftest import EXAMPLES
 
@@ -28,6 +32,26 @@ def test_doctor_lists_protections_and_passes_here() -> None:
         assert cgroup[2].startswith(("v1: memory", "v2: memory")), cgroup
     else:
         assert "only per process" in cgroup[2], cgroup
+
+
+def test_doctor_reports_udp_offload_as_probed_and_the_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        gso_here = probe_gso(s).active
+    out = io.StringIO()
+    doctor(out)
+    rows = {
+        ln[:7]: ln.split(None, 3) for ln in out.getvalue().splitlines() if ln.startswith("udp ")
+    }
+    assert set(rows) == {"udp gso", "udp gro"}
+    assert rows["udp gso"][2] == ("active" if gso_here else "unavailable"), rows
+    assert all(len(r) == 4 and r[3] for r in rows.values()), rows  # each says why
+    monkeypatch.setenv(OFFLOAD_ENV, "off")
+    out = io.StringIO()
+    doctor(out)
+    off = [ln.split(None, 3) for ln in out.getvalue().splitlines() if ln.startswith("udp ")]
+    assert [r[2] for r in off] == ["off", "off"] and all(OFFLOAD_ENV in r[3] for r in off)
 
 
 def test_minimum_missing() -> None:

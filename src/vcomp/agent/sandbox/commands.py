@@ -20,6 +20,7 @@ from vcomp.agent.sandbox.policy import JobLimits, MiB
 from vcomp.agent.sandbox.protections import REQUIRED_PROTECTIONS
 from vcomp.agent.sandbox.runner import JobKind, Sandbox
 from vcomp.agent.sandbox.seccomp import libseccomp_version
+from vcomp.udp_offload import probe_loopback
 
 EXIT_DOCTOR_INSUFFICIENT = 1
 EXIT_USAGE = 2
@@ -51,6 +52,7 @@ def doctor(
     for p in prots:
         out.write(f"{p.name:<{width}}  {p.status:<11}  {p.reason}\n")
     _write_preferences(out, preferences or Preferences())
+    _write_network(out)
     missing = minimum_missing(prots)
     if missing:
         out.write(f"\nINSUFFICIENT: not active: {', '.join(missing)}\n")
@@ -65,6 +67,14 @@ def _write_preferences(out: IO[str], prefs: Preferences) -> None:
     width = max(len(name) for name, _, _ in rows)
     for name, status, reason in rows:
         out.write(f"{name:<{width}}  {status:<11}  {reason}\n")
+
+
+def _write_network(out: IO[str]) -> None:
+    # Probed with a real train over loopback; the agent's socket probes again at join.
+    gso, gro = probe_loopback()
+    out.write("\nnetwork\n")
+    for name, state in (("udp gso", gso), ("udp gro", gro)):
+        out.write(f"{name:<7}  {state.status:<11}  {state.reason}\n")
 
 
 def minimum_missing(prots: Sequence[Protection]) -> list[str]:
