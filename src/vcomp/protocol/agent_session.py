@@ -43,6 +43,7 @@ from vcomp.protocol.messages import (
     encode_body,
 )
 from vcomp.protocol.record import Direction
+from vcomp.protocol.rtt import handshake_timer
 from vcomp.protocol.wire import (
     HEADER_LEN,
     VERSION,
@@ -126,6 +127,7 @@ class AgentSession:
         self._events: deque[ev.Event] = deque()
         self._retry_at: float | None = None
         self._tries = 0
+        self._handshake_timer = handshake_timer()
         self._last_handshake: bytes = b""
         self._hello_dgram = b""
         self._challenge_dgram = b""
@@ -277,8 +279,12 @@ class AgentSession:
         self._tries += 1
         self._last_handshake = dgram
         self._out.append(dgram)
-        backoff = limits.HANDSHAKE_RETRANSMIT * (2 ** (self._tries - 1))
-        self._retry_at = now + min(backoff, limits.HANDSHAKE_RETRANSMIT_MAX)
+        if fresh:
+            self._handshake_timer = handshake_timer()
+        else:
+            self._handshake_timer.on_timeout()
+        # The same probe timeout and backoff as the channel's (rtt.RttEstimator.pto).
+        self._retry_at = now + self._handshake_timer.pto
 
     def _on_retry(self, body: bytes, now: float) -> None:
         # A second RETRY is legitimate (the cookie expired or our address
