@@ -172,6 +172,11 @@ class SecureChannel:
         return min(self._window, -(-cc.cwnd // cc.max_datagram))
 
     @property
+    def unacknowledged_commits(self) -> int:
+        """Committed entries announced to the peer and not yet acknowledged by it."""
+        return len(self._commits)
+
+    @property
     def forgeries(self) -> int:
         """Datagrams that failed authentication under this session's key."""
         return self._key.forgeries
