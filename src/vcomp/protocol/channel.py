@@ -252,7 +252,7 @@ class SecureChannel:
             return out
         if self._receiver.should_ack_now(now):
             self._send_ack(now)
-        if self._sender.frames_pending:
+        if self._sender.frame_queue:
             try:
                 self._send_frames(now)
             except KeyExhausted:

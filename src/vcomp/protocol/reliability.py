@@ -113,7 +113,6 @@ class ReliableSender(Generic[T]):
         "_base",
         "_bytes_in_flight",
         "_first_sample_at",
-        "_frame_queue",
         "_frames",
         "_largest_acked",
         "_largest_sent",
@@ -134,6 +133,7 @@ class ReliableSender(Generic[T]):
         "_sent",
         "_unacked",
         "cc",
+        "frame_queue",
         "max_queue",
         "max_retries",
         "pacer",
@@ -180,7 +180,7 @@ class ReliableSender(Generic[T]):
         self._n_retransmitted = 0
         self._n_lost = 0
         self._n_timeouts = 0
-        self._frame_queue: deque[Frame] = deque()  # control frames waiting to be sent
+        self.frame_queue: deque[Frame] = deque()  # control frames waiting to be sent
         self._frames: dict[int, tuple[Frame, float]] = {}  # pn -> (frame, sent at), in flight
 
     # ---- queue -----------------------------------------------------------------
@@ -202,11 +202,11 @@ class ReliableSender(Generic[T]):
 
     def send_frame(self, payload: Any, on_delivery: DeliveryCallback) -> None:
         """Queue a control frame; ``on_delivery(payload, delivered)`` reports its fate."""
-        self._frame_queue.append(Frame(payload, on_delivery))
+        self.frame_queue.append(Frame(payload, on_delivery))
 
     def next_frame(self) -> Frame | None:
         """The next control frame to send (taken: report it with :meth:`on_frame_sent`)."""
-        return self._frame_queue.popleft() if self._frame_queue else None
+        return self.frame_queue.popleft() if self.frame_queue else None
 
     def on_frame_sent(self, frame: Frame, packet_number: int, now: float) -> None:
         if packet_number <= self._largest_sent:
@@ -218,17 +218,17 @@ class ReliableSender(Generic[T]):
     @property
     def frames_pending(self) -> int:
         """Control frames queued or in flight."""
-        return len(self._frame_queue) + len(self._frames)
+        return len(self.frame_queue) + len(self._frames)
 
     def adopt_frames(self, old: ReliableSender[Any]) -> None:
         """Take over ``old``'s control frames (a RESET restarts the stream, not them)."""
-        self._frame_queue.extend(old._frame_queue)
+        self.frame_queue.extend(old.frame_queue)
         self._frames.update(old._frames)
         if old._largest_sent > self._largest_sent:
             self._largest_sent = old._largest_sent
         if self._frames:
             self._pto_base = old._pto_base
-        old._frame_queue.clear()
+        old.frame_queue.clear()
         old._frames.clear()
 
     def _ack_frames(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, float]:
