@@ -200,3 +200,16 @@ def test_unacknowledged_commits_and_stream_share_one_give_up_rule() -> None:
     times, _ = _probe_until_closed(server)
     assert len(times) == MAX_PROBE_TIMEOUTS + 1
     assert server.close_code == 40
+
+
+def test_the_agent_acknowledges_the_reset_it_accepts() -> None:
+    """Packet numbers belong to the key, not the epoch: adopting the RESET's epoch
+    must not forget that the RESET's own packet is owed an ACK."""
+    server, agent = channels()
+    server.start_reset("operator asked", 0.0)
+    got = deliver(server.datagrams_to_send(0.0), agent, 0.001)
+    assert [type(m) for m in got] == [Reset]
+    assert agent.accept_reset(server.epoch)  # as AgentSession does, in the same receive
+    deliver(agent.datagrams_to_send(0.01), server, 0.02)
+    assert server.send_idle  # the first RESET was acknowledged: no retransmission needed
+    assert_only_keepalive_pending(server)

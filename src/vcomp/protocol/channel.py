@@ -140,9 +140,12 @@ class SecureChannel:
         )
         if old is not None:
             self._sender.adopt_frames(old)  # committed notices outlive the epoch
+        old_receiver: ReliableReceiver[Message] | None = getattr(self, "_receiver", None)
         self._receiver: ReliableReceiver[Message] = ReliableReceiver(
             ack_every=_ack_every(self._window)
         )
+        if old_receiver is not None:
+            self._receiver.adopt_acks(old_receiver)  # e.g. the ACK owed for the RESET
         self._send_seq = 0
 
     # ---- sending -------------------------------------------------------------

@@ -697,6 +697,15 @@ class ReliableReceiver(Generic[T]):
             elif self._deadline is None:
                 self._deadline = now + self.max_ack_delay
 
+    def adopt_acks(self, old: ReliableReceiver[Any]) -> None:
+        """Take over ``old``'s packet-number record and owed ACK (a RESET restarts the
+        stream, not the packet numbers, which belong to the key)."""
+        self._received = old._received
+        self._largest_pn = old._largest_pn
+        self._largest_time = old._largest_time
+        self._pending = old._pending
+        self._deadline = old._deadline
+
     def _drain(self) -> None:
         buffer = self._buffer
         ready = self._ready
