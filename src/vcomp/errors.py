@@ -61,6 +61,10 @@ class SessionClosed(ProtocolError):
     """The session ended (idle expiry, key exhausted, peer error)."""
 
 
+class IllegalTransition(ProtocolError):
+    """An event the session's transition table does not allow in its current state."""
+
+
 class SandboxError(VcompError):
     """The sandbox could not be set up or the job broke the domain interface."""
 

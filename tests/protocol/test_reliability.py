@@ -16,7 +16,12 @@ from tests.netsim import (
     encode_data,
 )
 from vcomp.errors import LimitExceeded, TransferFailed
-from vcomp.protocol.reliability import PROBE_COUNT, ReliableReceiver, ReliableSender
+from vcomp.protocol.reliability import (
+    MAX_PROBE_TIMEOUTS,
+    PROBE_COUNT,
+    ReliableReceiver,
+    ReliableSender,
+)
 
 
 def send_all(sender: ReliableSender[str], now: float, pns: list[int]) -> list[tuple[int, int]]:
@@ -188,6 +193,130 @@ def test_retry_limit_raises_a_clear_error() -> None:
     assert "unreachable" in message
     assert f"over {now:.3f} s" in message
     assert now == pytest.approx(1 + 2 + 4 + 8)
+
+
+# ---- control frames (the same mechanism) ------------------------------------------
+
+
+class FrameLog:
+    """Delivery callbacks as the channel writes them: a lost frame is re-queued."""
+
+    def __init__(self, sender: ReliableSender[str]) -> None:
+        self.sender = sender
+        self.fates: list[tuple[str, bool]] = []
+
+    def __call__(self, payload: str, delivered: bool) -> None:
+        self.fates.append((payload, delivered))
+        if not delivered:
+            self.sender.send_frame(payload, self)
+
+
+def send_frames(sender: ReliableSender[str], now: float, pns: list[int]) -> list[tuple[str, int]]:
+    out = []
+    while (frame := sender.next_frame()) is not None:
+        sender.on_frame_sent(frame, pns[0], now)
+        out.append((frame.payload, pns[0]))
+        pns[0] += 1
+    return out
+
+
+def test_an_acked_frame_is_delivered_once_and_needs_no_timer() -> None:
+    sender: ReliableSender[str] = ReliableSender()
+    log = FrameLog(sender)
+    sender.send_frame("reset", log)
+    pns = [0]
+    assert send_frames(sender, 0.0, pns) == [("reset", 0)]
+    assert sender.timer() == pytest.approx(sender.rto)
+    sender.on_ack([(0, 0)], 0.0, 0.1)
+    sender.on_ack([(0, 0)], 0.0, 0.2)  # a duplicate ACK delivers nothing more
+    assert log.fates == [("reset", True)]
+    assert sender.frames_pending == 0 and sender.timer() is None
+    assert sender.rtt.srtt == pytest.approx(0.1)  # its ACK is an RTT sample like any other
+
+
+def test_a_frame_lost_at_the_probe_timeout_is_requeued_by_its_callback() -> None:
+    sender: ReliableSender[str] = ReliableSender()
+    log = FrameLog(sender)
+    sender.send_frame("commit", log)
+    pns = [0]
+    send_frames(sender, 0.0, pns)
+    sender.on_ack([(5, 9)], 0.0, 0.5)  # acks nothing we sent
+    assert log.fates == []
+    deadline = sender.timer()
+    assert deadline is not None
+    sender.on_timeout(deadline)
+    assert log.fates == [("commit", False)]
+    assert send_frames(sender, deadline, pns) == [("commit", 1)]
+    sender.on_ack([(0, 0)], 0.0, deadline + 0.1)  # the lost copy: already given up on
+    assert log.fates == [("commit", False)]
+    sender.on_ack([(1, 1)], 0.0, deadline + 0.1)
+    assert log.fates == [("commit", False), ("commit", True)]
+
+
+def test_frames_and_stream_items_share_the_probe_timer_and_its_backoff() -> None:
+    sender = filled(1)
+    log = FrameLog(sender)
+    pns = [0]
+    send_all(sender, 0.0, pns)
+    sender.send_frame("reset", log)
+    send_frames(sender, 0.0, pns)
+    first = sender.timer()
+    assert first is not None
+    sender.on_timeout(first)
+    # One timeout handled both: the item is probed, the frame re-queued, and the
+    # PTO doubled once (not once per mechanism).
+    assert log.fates == [("reset", False)]
+    assert sender.rtt.backoff == 1
+    assert [p for p, _ in send_frames(sender, first, pns)] == ["reset"]
+    send_all(sender, first, pns)
+    assert sender.timer() == pytest.approx(first + 2 * first)
+
+
+def test_an_unacked_frame_gives_up_by_the_same_rule_as_the_stream() -> None:
+    sender: ReliableSender[str] = ReliableSender(max_retries=3)
+    log = FrameLog(sender)
+    sender.send_frame("reset", log)
+    pns = [0]
+    send_frames(sender, 0.0, pns)
+    timeouts = 0
+    with pytest.raises(TransferFailed, match=r"4 probe timeouts .*max_retries=3"):
+        while True:
+            deadline = sender.timer()
+            assert deadline is not None
+            timeouts += 1
+            sender.on_timeout(deadline)
+            send_frames(sender, deadline, pns)
+    assert timeouts == 4
+    assert ReliableSender[str]().max_retries == MAX_PROBE_TIMEOUTS
+
+
+def test_an_ack_of_a_frame_proves_the_peer_alive() -> None:
+    sender: ReliableSender[str] = ReliableSender(max_retries=1)
+    log = FrameLog(sender)
+    pns = [0]
+    for _ in range(5):  # each frame lost once, then acked: never two timeouts in a row
+        sender.send_frame("commit", log)
+        send_frames(sender, 0.0, pns)
+        deadline = sender.timer()
+        assert deadline is not None
+        sender.on_timeout(deadline)
+        sent = send_frames(sender, deadline, pns)
+        sender.on_ack([(sent[0][1], sent[0][1])], 0.0, deadline + 0.01)
+    assert log.fates.count(("commit", True)) == 5
+
+
+def test_frames_outlive_a_new_stream() -> None:
+    old: ReliableSender[str] = ReliableSender()
+    log = FrameLog(old)
+    old.send_frame("commit", log)
+    pns = [0]
+    send_frames(old, 0.0, pns)
+    new: ReliableSender[str] = ReliableSender()
+    new.adopt_frames(old)
+    assert old.frames_pending == 0 and new.frames_pending == 1
+    assert new.timer() is not None
+    new.on_ack([(0, 0)], 0.0, 0.1)
+    assert log.fates == [("commit", True)]
 
 
 def test_fast_retransmits_do_not_count_against_the_retry_limit() -> None:

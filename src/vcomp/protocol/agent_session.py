@@ -13,11 +13,15 @@ import hmac
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from enum import Enum
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from vcomp.errors import AuthenticationFailed, CryptoError, DecodeError, SessionClosed
+from vcomp.errors import (
+    AuthenticationFailed,
+    CryptoError,
+    DecodeError,
+    SessionClosed,
+)
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol import limits
@@ -44,6 +48,8 @@ from vcomp.protocol.messages import (
     encode_body,
 )
 from vcomp.protocol.record import Direction
+from vcomp.protocol.rtt import handshake_timer
+from vcomp.protocol.states import AGENT, AgentEvent, AgentState
 from vcomp.protocol.wire import (
     HEADER_LEN,
     VERSION,
@@ -63,15 +69,11 @@ MIN_IDLE, MAX_IDLE = 10.0, 600.0  # sane bounds on the server's idle timeout
 _HEADROOM = 64  # stream queue places kept free of result and checkpoint chunks
 
 
-class AgentState(Enum):
-    START = "start"
-    HELLO_SENT = "hello_sent"
-    COOKIE_SENT = "cookie_sent"
-    ATTEST_SENT = "attest_sent"
-    READY = "ready"
-    RECEIVING = "receiving"
-    RUNNING = "running"
-    CLOSED = "closed"
+__all__ = ["AgentSession", "AgentState", "QuoteFn"]
+
+# States in which the channel exists and carries jobs.
+_ESTABLISHED = frozenset({AgentState.READY, AgentState.RECEIVING, AgentState.RUNNING})
+_HANDSHAKE = frozenset({AgentState.HELLO_SENT, AgentState.COOKIE_SENT, AgentState.ATTEST_SENT})
 
 
 class _Inbound:
@@ -172,13 +174,15 @@ class AgentSession:
         self._events: deque[ev.Event] = deque()
         self._retry_at: float | None = None
         self._tries = 0
+        self._handshake_timer = handshake_timer()
         self._last_handshake: bytes = b""
         self._hello_dgram = b""
         self._challenge_dgram = b""
         self._attest_dgram = b""
+        # Set in ATTEST_SENT -> READY; kept after CLOSED so a closing notice still leaves.
         self.channel: SecureChannel | None = None
-        self._inbound: _Inbound | None = None
-        self._running: tuple[int, int] | None = None
+        self._inbound: _Inbound | None = None  # the job being received, in RECEIVING
+        self._running: tuple[int, int] | None = None  # (job, attempt), in RUNNING
         self._checkpoint_bytes = 0  # what the running job's START offered to take
         self._results: deque[_Outgoing] = deque()  # in order, one after another
         self._checkpoint_out: _Outgoing | None = None  # after the results, one at a time
@@ -187,7 +191,22 @@ class AgentSession:
 
     # ---- application API -----------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self.state is AgentState.CLOSED
+
+    def _move(self, event: AgentEvent) -> None:
+        self.state = AGENT.next(self.state, event)
+
+    def _established(self) -> SecureChannel:
+        """The channel, or SessionClosed if the session is not established (or over)."""
+        ch = self.channel
+        if self.state not in _ESTABLISHED or ch is None:
+            raise SessionClosed(f"no established session (state {self.state.value})")
+        return ch
+
     def connect(self, now: float) -> None:
+        self._move(AgentEvent.CONNECT)
         self._started = now
         self._send_hello(now)
 
@@ -206,9 +225,10 @@ class AgentSession:
         wall_ms: int = 0,
     ) -> None:
         """Queue a result (a fresh one or a spooled one after reconnect)."""
-        ch = self.channel
-        if ch is None or self.state is AgentState.CLOSED:
-            raise SessionClosed("no established session to send the result on")
+        try:
+            self._established()
+        except SessionClosed:
+            raise SessionClosed("no established session to send the result on") from None
         total = len(output)
         # The summary travels alone so it always fits one datagram.
         summary = Result(
@@ -229,9 +249,12 @@ class AgentSession:
         if out is not None and (out.job, out.attempt) == (job, attempt):
             self._checkpoint_out = None  # the job is over: its state no longer matters
         self._pump()
-        if self._running == (job, attempt):
+        self._job_done(job, attempt)
+
+    def _job_done(self, job: int, attempt: int) -> None:
+        if self.state is AgentState.RUNNING and self._running == (job, attempt):
+            self._move(AgentEvent.JOB_DONE)
             self._running = None
-            self.state = AgentState.READY
 
     def submit_checkpoint(self, *, job: int, attempt: int, state: bytes) -> bool:
         """Upload the running job's latest checkpoint, if its START asked for them and
@@ -277,11 +300,8 @@ class AgentSession:
 
     def abandon_job(self, *, job: int, attempt: int, reason: str) -> None:
         """Hand a job back unfinished (shutdown): the server requeues it at once."""
-        if not self._send_job_error(ErrorCode.JOB_ABANDONED, job, attempt, reason):
-            return
-        if self._running == (job, attempt):
-            self._running = None
-            self.state = AgentState.READY
+        if self._send_job_error(ErrorCode.JOB_ABANDONED, job, attempt, reason):
+            self._job_done(job, attempt)
 
     def report_lost_job(self, *, job: int, attempt: int, reason: str) -> None:
         """Report a job that an earlier session held and lost (that session ended, and
@@ -289,9 +309,9 @@ class AgentSession:
         self._send_job_error(ErrorCode.JOB_LOST, job, attempt, reason)
 
     def _send_job_error(self, code: ErrorCode, job: int, attempt: int, reason: str) -> bool:
-        ch = self.channel
-        if ch is None or self.state is AgentState.CLOSED:
+        if self.state not in _ESTABLISHED or self.channel is None:
             return False
+        ch = self.channel
         message = clip_text(reason, limits.MAX_TEXT)
         ch.send_reliable(Error(code=code, message=message, job=job, attempt=attempt))
         return True
@@ -304,12 +324,16 @@ class AgentSession:
         session ignores it: ICMP is not authenticated, and a stray one must not cost a
         running job; the idle timeout decides there.
         """
-        if self.state is AgentState.CLOSED or self.channel is not None:
+        if self.state not in _HANDSHAKE:
             return
         self._events.append(
             ev.Rejected(ErrorCode.TRANSFER_FAILED, "server unreachable: its port is closed")
         )
-        self._finish("handshake failed: the server's port is closed", ErrorCode.TRANSFER_FAILED)
+        self._finish(
+            "handshake failed: the server's port is closed",
+            ErrorCode.TRANSFER_FAILED,
+            AgentEvent.REJECT,
+        )
 
     def close(self, reason: str, now: float) -> None:
         """Leave politely: the server learns at once instead of at idle expiry."""
@@ -348,7 +372,6 @@ class AgentSession:
             body = encode_body(hello)
         dgram = self._plain(PacketType.HELLO, body, 0)
         self._hello_dgram = dgram
-        self.state = AgentState.COOKIE_SENT if self._cookie else AgentState.HELLO_SENT
         self._send_handshake(dgram, now, fresh=True)
 
     def _send_handshake(self, dgram: bytes, now: float, *, fresh: bool) -> None:
@@ -357,24 +380,30 @@ class AgentSession:
         self._tries += 1
         self._last_handshake = dgram
         self._out.append(dgram)
-        backoff = limits.HANDSHAKE_RETRANSMIT * (2 ** (self._tries - 1))
-        self._retry_at = now + min(backoff, limits.HANDSHAKE_RETRANSMIT_MAX)
+        if fresh:
+            self._handshake_timer = handshake_timer()
+        else:
+            self._handshake_timer.on_timeout()
+        # The same probe timeout and backoff as the channel's (rtt.RttEstimator.pto).
+        self._retry_at = now + self._handshake_timer.pto
 
     def _on_retry(self, body: bytes, now: float) -> None:
         # A second RETRY is legitimate (the cookie expired or our address
         # changed), but a bounded number of them, so a forger cannot loop us.
-        if self.state not in (AgentState.HELLO_SENT, AgentState.COOKIE_SENT):
+        if not AGENT.allows(self.state, AgentEvent.RETRY):
             return
         if self._retries_seen >= MAX_RETRIES_PER_HANDSHAKE:
             return
         retry = decode_body(PacketType.RETRY, body)
         assert isinstance(retry, Retry)
+        self._move(AgentEvent.RETRY)
         self._retries_seen += 1
         self._cookie = retry.cookie
         self._send_hello(now)
 
     def _on_challenge(self, dgram: bytes, session_id: int, body: bytes, now: float) -> None:
-        if self.state is not AgentState.COOKIE_SENT:
+        # Unauthenticated: an out-of-order one is dropped, not answered.
+        if not AGENT.allows(self.state, AgentEvent.CHALLENGE):
             return
         challenge = decode_body(PacketType.CHALLENGE, body)
         assert isinstance(challenge, Challenge)
@@ -389,11 +418,11 @@ class AgentSession:
         self.session_id = session_id
         self._challenge_dgram = dgram
         self._attest_dgram = self._plain(PacketType.ATTEST, encode_body(attest), session_id)
-        self.state = AgentState.ATTEST_SENT
+        self._move(AgentEvent.CHALLENGE)
         self._send_handshake(self._attest_dgram, now, fresh=True)
 
     def _on_key(self, body: bytes, now: float) -> None:
-        if self.state is not AgentState.ATTEST_SENT or self._ephemeral is None:
+        if not AGENT.allows(self.state, AgentEvent.KEY) or self._ephemeral is None:
             return
         key = decode_body(PacketType.KEY, body)
         assert isinstance(key, Key)
@@ -418,7 +447,7 @@ class AgentSession:
         except (AuthenticationFailed, CryptoError) as exc:
             offered = b"" if hs.key_fingerprint(key.server_key) == self._pinned else key.server_key
             self._events.append(ev.Rejected(ErrorCode.SERVER_KEY_MISMATCH, str(exc), offered))
-            self._finish(str(exc), ErrorCode.SERVER_KEY_MISMATCH)
+            self._finish(str(exc), ErrorCode.SERVER_KEY_MISMATCH, AgentEvent.REJECT)
             return
         self._ephemeral = None
         self._retry_at = None
@@ -432,21 +461,17 @@ class AgentSession:
             idle_timeout=min(max(key.idle_timeout_ms / 1000, MIN_IDLE), MAX_IDLE),
         )
         self.channel.send_reliable(Ready.declaring(self._capacity))
-        self.state = AgentState.READY
+        self._move(AgentEvent.KEY)
         self._events.append(ev.Connected(self.session_id))
 
     def _on_reject(self, body: bytes) -> None:
-        if self.state not in (
-            AgentState.COOKIE_SENT,
-            AgentState.ATTEST_SENT,
-            AgentState.HELLO_SENT,
-        ):
+        if not AGENT.allows(self.state, AgentEvent.REJECT):
             return
         reject = decode_body(PacketType.REJECT, body)
         assert isinstance(reject, Reject)
         # REJECT is unauthenticated: it only ends this attempt, it proves nothing.
         self._events.append(ev.Rejected(reject.code, reject.reason))
-        self._finish(f"rejected by server: {reject.reason}", reject.code)
+        self._finish(f"rejected by server: {reject.reason}", reject.code, AgentEvent.REJECT)
 
     # ---- datagrams -----------------------------------------------------------
 
@@ -460,9 +485,14 @@ class AgentSession:
             return
         try:
             if header.flags & Flag.ENCRYPTED:
-                if self.channel is None or header.session_id != self.session_id:
+                ch = self.channel
+                if self.state not in _ESTABLISHED or ch is None:
                     return
-                for message in self.channel.receive(header, data, now) or ():
+                if header.session_id != self.session_id:
+                    return
+                for message in ch.receive(header, data, now) or ():
+                    if self.closed:
+                        break  # an ERROR earlier in this batch ended the session
                     self._on_message(message, now)
                 self._check_channel()
                 return
@@ -499,7 +529,7 @@ class AgentSession:
                     self._running = None
                     self._events.append(ev.JobAborted(job, attempt, "reset by server"))
                 ch.send_reliable(Ready.declaring(self._capacity))
-                self.state = AgentState.READY
+                self._move(AgentEvent.RESET)
                 self._events.append(ev.ResetReceived(message.epoch))
         elif isinstance(message, Ack):
             for entry in message.committed:
@@ -522,9 +552,13 @@ class AgentSession:
             ch.close(f"server sent {type(message).__name__}, which only agents send", 1)
 
     def _on_start(self, start: Start) -> None:
-        assert self.channel is not None
-        if self.state is not AgentState.READY:
-            self._refuse(start.job, start.attempt, ErrorCode.BUSY, "agent is busy with a job")
+        if not AGENT.allows(self.state, AgentEvent.START):
+            self._refuse(
+                start.job,
+                start.attempt,
+                ErrorCode.BUSY,
+                f"agent is busy with a job (state {self.state.value})",
+            )
             return
         total = start.transfer_size
         if total > self._capacity.job_bytes:
@@ -536,11 +570,13 @@ class AgentSession:
             )
             return
         self._inbound = _Inbound(start)
-        self.state = AgentState.RECEIVING
+        self._move(AgentEvent.START)
 
     def _on_code(self, code: Code) -> None:
         inb = self._inbound
-        if inb is None or (code.job, code.attempt) != (inb.start.job, inb.start.attempt):
+        if not AGENT.allows(self.state, AgentEvent.CODE) or inb is None:
+            return  # a late chunk of a job refused mid-transfer
+        if (code.job, code.attempt) != (inb.start.job, inb.start.attempt):
             return
         if code.offset != inb.received:
             self._refuse_inbound(ErrorCode.SIZE_MISMATCH, "CODE chunks are not contiguous")
@@ -552,7 +588,9 @@ class AgentSession:
 
     def _on_end(self, end: End) -> None:
         inb = self._inbound
-        if inb is None or (end.job, end.attempt) != (inb.start.job, inb.start.attempt):
+        if not AGENT.allows(self.state, AgentEvent.END) or inb is None:
+            return  # the END of a job refused mid-transfer
+        if (end.job, end.attempt) != (inb.start.job, inb.start.attempt):
             return
         start = inb.start
         if end.total != inb.expected or inb.received != inb.expected:
@@ -574,7 +612,7 @@ class AgentSession:
             return
         code, data, resume = inb.parts()
         self._inbound = None
-        self.state = AgentState.RUNNING
+        self._move(AgentEvent.END)
         self._running = (start.job, start.attempt)
         desc = ev.JobDescription(
             job=start.job,
@@ -608,7 +646,7 @@ class AgentSession:
         assert inb is not None
         self._refuse(inb.start.job, inb.start.attempt, code, message)
         self._abort_inbound(message)
-        self.state = AgentState.READY
+        self._move(AgentEvent.REFUSE_INBOUND)
 
     def _abort_inbound(self, reason: str) -> None:
         if self._inbound is not None:
@@ -619,23 +657,27 @@ class AgentSession:
     # ---- timers and output ---------------------------------------------------
 
     def get_timer(self) -> float | None:
-        if self.state is AgentState.CLOSED:
-            return None
-        if self.channel is not None:
+        if self.state in _ESTABLISHED and self.channel is not None:
             return self.channel.timer()
-        return self._retry_at
+        if self.state in _HANDSHAKE:
+            return self._retry_at
+        return None
 
     def handle_timer(self, now: float) -> None:
-        if self.state is AgentState.CLOSED:
-            return
-        if self.channel is not None:
+        if self.state in _ESTABLISHED and self.channel is not None:
             self.channel.handle_timer(now)
             self._check_channel()
+            return
+        if self.state not in _HANDSHAKE:
             return
         if self._retry_at is not None and now >= self._retry_at:
             if now - self._started >= limits.HANDSHAKE_GIVE_UP:
                 self._events.append(ev.Rejected(ErrorCode.TRANSFER_FAILED, "server unreachable"))
-                self._finish("handshake timed out: server unreachable", ErrorCode.TRANSFER_FAILED)
+                self._finish(
+                    "handshake timed out: server unreachable",
+                    ErrorCode.TRANSFER_FAILED,
+                    AgentEvent.REJECT,
+                )
                 return
             self._send_handshake(self._last_handshake, now, fresh=False)
             assert self._retry_at is not None
@@ -655,7 +697,7 @@ class AgentSession:
         if ch is not None and ch.close_reason is not None and self.state is not AgentState.CLOSED:
             self._finish(ch.close_reason, ch.close_code)
 
-    def _finish(self, reason: str, code: int) -> None:
+    def _finish(self, reason: str, code: int, event: AgentEvent = AgentEvent.CLOSE) -> None:
         if self.state is AgentState.CLOSED:
             return
         self._abort_inbound(reason)
@@ -663,6 +705,6 @@ class AgentSession:
             self.channel.close(reason, code)
         self._running = None
         self._ephemeral = None
-        self.state = AgentState.CLOSED
+        self._move(event)
         self._retry_at = None
         self._events.append(ev.SessionClosed(self.session_id, reason, int(code)))

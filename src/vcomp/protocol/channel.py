@@ -4,6 +4,10 @@ Both sides use one :class:`SecureChannel` once the session key exists. It turns
 authenticated datagrams into in-order messages, and queued messages into
 encrypted datagrams, with acknowledgements, retransmission, keepalive, idle
 expiry and the RESET epoch handled here so the session machines stay small.
+
+Everything that must arrive (stream items, RESET, the committed notices) is
+retransmitted by one mechanism, :class:`~vcomp.protocol.reliability.ReliableSender`:
+RESET and the notices are control frames whose delivery callbacks live here.
 """
 
 from __future__ import annotations
@@ -39,14 +43,12 @@ from vcomp.protocol.messages import (
     with_sequence,
 )
 from vcomp.protocol.record import Direction, RecordKey
-from vcomp.protocol.reliability import ReliableReceiver, ReliableSender
+from vcomp.protocol.reliability import MAX_PROBE_TIMEOUTS, ReliableReceiver, ReliableSender
 from vcomp.protocol.replay import ReplayWindow
 from vcomp.protocol.rtt import RttEstimator
 from vcomp.protocol.wire import HEADER_LEN, Flag, Header, pack_header
 
 TAG_LEN = 16
-RESET_RETRY_LIMIT = 8
-COMMIT_RETRY_LIMIT = 8
 
 M = TypeVar("M", bound=Message)
 
@@ -98,7 +100,7 @@ class SecureChannel:
         now: float,
         idle_timeout: float = limits.IDLE_TIMEOUT,
         keepalive: float = limits.KEEPALIVE_INTERVAL,
-        max_retries: int = 12,
+        max_retries: int = MAX_PROBE_TIMEOUTS,
         congestion: str = "newreno",
     ) -> None:
         self.session_id = session_id
@@ -117,13 +119,7 @@ class SecureChannel:
         self._outbox: list[bytes] = []  # handed out whole by datagrams_to_send
         self.epoch = 0
         self._pending_reset: Reset | None = None
-        self._commits: dict[tuple[int, int], None] = {}
-        self._commit_pns: dict[int, tuple[tuple[int, int], ...]] = {}
-        self._commit_deadline = 0.0
-        self._commit_tries = 0
-        self._reset_pn = -1
-        self._reset_deadline = 0.0
-        self._reset_tries = 0
+        self._commits: dict[tuple[int, int], None] = {}  # announced, not yet acknowledged
         self._ping_token = 0
         self._ping_outstanding = False
         self.close_reason: str | None = None
@@ -135,16 +131,22 @@ class SecureChannel:
 
     def _new_streams(self) -> None:
         # A RESET keeps what we learnt about the path (RTT and congestion window).
-        if hasattr(self, "_sender"):
-            rtt, cc = self._sender.rtt, self._sender.cc
+        old: ReliableSender[Message] | None = getattr(self, "_sender", None)
+        if old is not None:
+            rtt, cc = old.rtt, old.cc
         else:
             rtt, cc = RttEstimator(), make_controller(self._congestion)
         self._sender: ReliableSender[Message] = ReliableSender(
             window=self._window, rtt=rtt, max_retries=self._max_retries, congestion=cc
         )
+        if old is not None:
+            self._sender.adopt_frames(old)  # committed notices outlive the epoch
+        old_receiver: ReliableReceiver[Message] | None = getattr(self, "_receiver", None)
         self._receiver: ReliableReceiver[Message] = ReliableReceiver(
             ack_every=_ack_every(self._window)
         )
+        if old_receiver is not None:
+            self._receiver.adopt_acks(old_receiver)  # e.g. the ACK owed for the RESET
         self._send_seq = 0
 
     # ---- sending -------------------------------------------------------------
@@ -174,6 +176,11 @@ class SecureChannel:
         return min(self._window, -(-cc.cwnd // cc.max_datagram))
 
     @property
+    def unacknowledged_commits(self) -> int:
+        """Committed entries announced to the peer and not yet acknowledged by it."""
+        return len(self._commits)
+
+    @property
     def forgeries(self) -> int:
         """Datagrams that failed authentication under this session's key."""
         return self._key.forgeries
@@ -199,10 +206,19 @@ class SecureChannel:
         """Begin a new epoch: our stream restarts and RESET is sent until acked."""
         self.epoch += 1
         self._new_streams()
-        self._pending_reset = Reset(epoch=self.epoch, reason=clip_text(reason, limits.MAX_TEXT))
-        self._reset_tries = 0
-        self._send_reset(now)
+        reset = Reset(epoch=self.epoch, reason=clip_text(reason, limits.MAX_TEXT))
+        self._pending_reset = reset
+        self._sender.send_frame(reset, self._on_reset_delivery)
+        self._send_frames(now)
         return self.epoch
+
+    def _on_reset_delivery(self, reset: Reset, delivered: bool) -> None:
+        if reset is not self._pending_reset:
+            return  # superseded by a newer RESET
+        if delivered:
+            self._pending_reset = None
+        else:
+            self._sender.send_frame(reset, self._on_reset_delivery)
 
     def accept_reset(self, epoch: int) -> bool:
         """Peer side of RESET: adopt ``epoch`` once. False if it is not newer."""
@@ -212,12 +228,16 @@ class SecureChannel:
         self._new_streams()
         return True
 
-    def _send_reset(self, now: float) -> None:
-        assert self._pending_reset is not None
-        self._reset_pn = self._emit(self._pending_reset, now)
-        self._reset_tries += 1
-        rto = self._sender.rto
-        self._reset_deadline = now + rto * (2 ** min(self._reset_tries - 1, 6))
+    def _send_frames(self, now: float) -> None:
+        """Send the queued control frames now, each in a datagram of its own."""
+        sender = self._sender
+        while (frame := sender.next_frame()) is not None:
+            payload = frame.payload
+            if isinstance(payload, Reset):
+                pn = self._emit(payload, now)
+            else:
+                pn = self._send_ack(now, payload)
+            sender.on_frame_sent(frame, pn, now)
 
     def _emit(self, message: Message, now: float) -> int:
         pn = self._next_pn
@@ -236,6 +256,12 @@ class SecureChannel:
             return out
         if self._receiver.should_ack_now(now):
             self._send_ack(now)
+        if self._sender.frame_queue:
+            try:
+                self._send_frames(now)
+            except KeyExhausted:
+                self._close("session key usage limit reached", 30)
+                return []
         while True:
             nxt = self._sender.next_to_send(now)
             if nxt is None:
@@ -270,30 +296,29 @@ class SecureChannel:
     def send_committed(self, entries: list[tuple[int, int]], now: float) -> None:
         """The final ACK: tell the agent these results are durable.
 
-        An ACK carrying ``committed`` is ack-eliciting; its entries are sent again
-        in a new ACK until one that carried them is acknowledged, so a lost
-        datagram cannot leave a stored result spooled on the agent.
+        An ACK carrying ``committed`` is ack-eliciting; each group of entries is a
+        control frame, sent again in a new ACK until one that carried it is
+        acknowledged, so a lost datagram cannot leave a stored result spooled on
+        the agent.
         """
-        for entry in entries:
+        fresh = [entry for entry in dict.fromkeys(entries) if entry not in self._commits]
+        for entry in fresh:
             self._commits[entry] = None
-        self._send_commits(now)
+        for i in range(0, len(fresh), limits.MAX_COMMITTED):
+            group = tuple(fresh[i : i + limits.MAX_COMMITTED])
+            self._sender.send_frame(group, self._on_commit_delivery)
+        self._send_frames(now)
 
-    def _send_commits(self, now: float) -> None:
-        pending = list(self._commits)
-        for i in range(0, len(pending), limits.MAX_COMMITTED):
-            group = tuple(pending[i : i + limits.MAX_COMMITTED])
-            self._commit_pns[self._send_ack(now, group)] = group
-        self._commit_tries += 1
-        backoff = self._sender.rto * (2 ** min(self._commit_tries - 1, 6))
-        self._commit_deadline = now + backoff
-
-    def _on_commits_acked(self, ranges: tuple[tuple[int, int], ...]) -> None:
-        for pn in [pn for pn in self._commit_pns if any(lo <= pn <= hi for lo, hi in ranges)]:
-            for entry in self._commit_pns.pop(pn):
-                self._commits.pop(entry, None)
-        if not self._commits:
-            self._commit_pns.clear()
-            self._commit_tries = 0
+    def _on_commit_delivery(self, group: tuple[tuple[int, int], ...], delivered: bool) -> None:
+        commits = self._commits
+        if delivered:
+            for entry in group:
+                commits.pop(entry, None)
+            return
+        # Lost: send again what no other copy has delivered meanwhile.
+        still = tuple(entry for entry in group if entry in commits)
+        if still:
+            self._sender.send_frame(still, self._on_commit_delivery)
 
     # ---- receiving -----------------------------------------------------------
 
@@ -374,12 +399,8 @@ class SecureChannel:
         return None
 
     def _on_ack(self, ack: Ack, now: float) -> None:
-        ranges = ack.ranges  # validated when decoded; on_ack only reads it
-        if self._pending_reset is not None and any(lo <= self._reset_pn <= hi for lo, hi in ranges):
-            self._pending_reset = None
-        if self._commit_pns:
-            self._on_commits_acked(ranges)
-        self._sender.on_ack(ranges, ack.delay_us / 1e6, now)
+        # The ranges were validated when decoded; on_ack only reads them.
+        self._sender.on_ack(ack.ranges, ack.delay_us / 1e6, now)
 
     # ---- timers --------------------------------------------------------------
 
@@ -402,10 +423,6 @@ class SecureChannel:
         t = self._receiver.ack_deadline()
         if t is not None and t < deadline:
             deadline = t
-        if self._pending_reset is not None and self._reset_deadline < deadline:
-            deadline = self._reset_deadline
-        if self._commits and self._commit_deadline < deadline:
-            deadline = self._commit_deadline
         return deadline
 
     def handle_timer(self, now: float) -> None:
@@ -414,20 +431,6 @@ class SecureChannel:
         if now >= self._last_received + self._idle_timeout:
             self._close("idle timeout: no authenticated packet from the peer", 31)
             return
-        if self._pending_reset is not None and now >= self._reset_deadline:
-            if self._reset_tries >= RESET_RETRY_LIMIT:
-                self._close("RESET was never acknowledged", 40)
-                return
-            self._send_reset(now)
-        if self._commits and now >= self._commit_deadline:
-            if self._commit_tries >= COMMIT_RETRY_LIMIT:
-                # Give up quietly: the agent resends the result next session and
-                # the server acknowledges it as a duplicate.
-                self._commits.clear()
-                self._commit_pns.clear()
-                self._commit_tries = 0
-            else:
-                self._send_commits(now)
         t = self._sender.timer()
         if t is not None and now >= t:
             try:

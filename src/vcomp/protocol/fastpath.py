@@ -1,10 +1,16 @@
-"""CODE and ACK, the per-datagram messages, with their hand-written hot paths.
+"""CODE and ACK, the per-datagram messages: the one codec of each, hot paths included.
 
 A job travels as one CODE per 1200 bytes, answered by one ACK per one or two
-packets, so these two classes skip the generic machinery of the other bodies:
-construction checks every rule in one expression, :func:`decode_code` and
-:func:`decode_ack` fill the slots directly, and the ``set_*`` slot setters let
-:func:`vcomp.protocol.messages.with_sequence` renumber a CODE without ``__init__``.
+packets, so these two classes skip the generic machinery of the other bodies.
+Everything about each lives here, once:
+
+* its rules: ``_schema`` (which names a failure) and one predicate, :func:`_code_ok`
+  / :func:`_ack_ok`, that construction and decoding both use (tests check that the
+  predicate accepts exactly what the schema accepts);
+* its map: ``_to_map`` (encoding, :func:`vcomp.protocol.messages.encode_body`) and
+  :func:`decode_code` / :func:`decode_ack` (the same keys, back into the slots);
+* renumbering a CODE for the reliable stream: :func:`code_with_sequence`.
+
 Each fast path accepts exactly what the generic path accepts and leaves naming
 every error to it.
 """
@@ -41,21 +47,16 @@ from vcomp.protocol.wire import PacketType
 __all__ = [
     "Ack",
     "Code",
+    "code_with_sequence",
     "decode_ack",
     "decode_code",
-    "set_code_attempt",
-    "set_code_data",
-    "set_code_epoch",
-    "set_code_job",
-    "set_code_offset",
-    "set_code_seq",
 ]
 
 
 def _code_ok(
     seq: object, epoch: object, job: object, attempt: object, offset: object, data: object
 ) -> bool:
-    """All of CODE's rules in one expression (the per-packet fast path)."""
+    """All of CODE's rules in one expression: the one statement of them besides ``_schema``."""
     return (
         type(seq) is int
         and type(epoch) is int
@@ -117,6 +118,7 @@ class Code(Body):
             raise LimitExceeded("Code: chunk ends beyond the largest code + input")
 
     def _to_map(self) -> dict[str, object]:
+        # CODE's map: decode_code reads the same keys back.
         return {
             "seq": self.seq,
             "epoch": self.epoch,
@@ -203,6 +205,10 @@ class Ack(Body):
         if not _ack_ok(self.ranges, self.delay_us, self.committed):
             validate(self)
 
+    def _to_map(self) -> dict[str, object]:
+        # ACK's map: decode_ack reads the same keys back.
+        return {"ranges": self.ranges, "delay_us": self.delay_us, "committed": self.committed}
+
 
 # Slot setters fill a frozen instance without the keyword __init__.
 set_code_seq = Code.__dict__["seq"].__set__
@@ -217,7 +223,6 @@ _set_ack_committed = Ack.__dict__["committed"].__set__
 _new: Final = object.__new__
 _unpackb: Final = msgpack.unpackb
 
-_MAX_CHUNK: Final = limits.MAX_CHUNK
 _MAX_PLAINTEXT_BODY: Final = limits.MAX_PLAINTEXT_BODY
 _FIXMAP_OF_3: Final = 0x83
 _FIXMAP_OF_6: Final = 0x86
@@ -258,22 +263,7 @@ def decode_code(body: bytes) -> Code | None:
         offset, data = obj["offset"], obj["data"]
     except KeyError:
         return None
-    # The rules of _code_ok, inlined: a call here costs a sixth of the whole decode.
-    if not (
-        type(seq) is int
-        and type(epoch) is int
-        and type(job) is int
-        and type(attempt) is int
-        and type(offset) is int
-        and type(data) is bytes
-        and 0 <= seq <= U64
-        and 0 <= epoch <= U32
-        and 0 <= job <= U64
-        and 0 <= attempt <= U32
-        and offset >= 0
-        and 1 <= len(data) <= _MAX_CHUNK
-        and offset + len(data) <= MAX_TRANSFER
-    ):
+    if not _code_ok(seq, epoch, job, attempt, offset, data):
         return None
     message: Code = _new(Code)
     set_code_seq(message, seq)
@@ -283,6 +273,18 @@ def decode_code(body: bytes) -> Code | None:
     set_code_offset(message, offset)
     set_code_data(message, data)
     return message
+
+
+def code_with_sequence(code: Code, seq: int, epoch: int) -> Code:
+    """``code`` numbered ``seq`` in ``epoch`` (both already checked by the caller)."""
+    copy: Code = _new(Code)
+    set_code_seq(copy, seq)
+    set_code_epoch(copy, epoch)
+    set_code_job(copy, code.job)
+    set_code_attempt(copy, code.attempt)
+    set_code_offset(copy, code.offset)
+    set_code_data(copy, code.data)
+    return copy
 
 
 def decode_ack(body: bytes) -> Ack | None:

@@ -41,18 +41,7 @@ from vcomp.protocol.bodies import (
     Retry,
     Start,
 )
-from vcomp.protocol.fastpath import (
-    Ack,
-    Code,
-    decode_ack,
-    decode_code,
-    set_code_attempt,
-    set_code_data,
-    set_code_epoch,
-    set_code_job,
-    set_code_offset,
-    set_code_seq,
-)
+from vcomp.protocol.fastpath import Ack, Code, code_with_sequence, decode_ack, decode_code
 from vcomp.protocol.schema import MAX_ARRAY, MAX_BIN, MAX_MAP, MAX_STR, u32, u64, validate_field
 from vcomp.protocol.schema import MAX_TRANSFER as MAX_TRANSFER
 from vcomp.protocol.schema import U8 as U8
@@ -158,24 +147,11 @@ def encode_body(message: Message) -> bytes:
     A HELLO too short for the anti-amplification minimum is sent as
     :func:`pad_hello` of itself, so an unpadded HELLO can never leave.
     """
-    # One CODE or ACK per datagram: their maps inline, no layout look-up (same bytes
-    # as _to_map; both types have only the maximum size, asserted in fastpath).
+    # One CODE or ACK per datagram: no layout look-up (both have only the maximum
+    # size, asserted in fastpath, which also owns their maps).
     body: bytes
-    if type(message) is Code:
-        body = _pack(
-            {
-                "seq": message.seq,
-                "epoch": message.epoch,
-                "job": message.job,
-                "attempt": message.attempt,
-                "offset": message.offset,
-                "data": message.data,
-            }
-        )
-    elif type(message) is Ack:
-        body = _pack(
-            {"ranges": message.ranges, "delay_us": message.delay_us, "committed": message.committed}
-        )
+    if type(message) is Code or type(message) is Ack:
+        body = _pack(message._to_map())
     else:
         return _encode_other(message)
     if len(body) > _MAX_PLAINTEXT_BODY:
@@ -283,17 +259,12 @@ def with_sequence(message: Sequenced, seq: int, epoch: int) -> Sequenced:
         # Off the fast path: int subclasses pass here, anything else is named.
         validate_field(cls, "seq", u64, seq)
         validate_field(cls, "epoch", u32, epoch)
-    copy: Sequenced = _new(cls)
     if cls is Code:
-        # Once per CODE packet sent: the six slots directly (Any: no isinstance cost).
+        # Once per CODE packet sent (Any: no isinstance cost).
         code: Any = message
-        set_code_seq(copy, seq)
-        set_code_epoch(copy, epoch)
-        set_code_job(copy, code.job)
-        set_code_attempt(copy, code.attempt)
-        set_code_offset(copy, code.offset)
-        set_code_data(copy, code.data)
-        return copy
+        renumbered: Sequenced = code_with_sequence(code, seq, epoch)
+        return renumbered
+    copy: Sequenced = _new(cls)
     for name, setter in _BY_CLASS[cls].setters:
         if name == "seq":
             setter(copy, seq)

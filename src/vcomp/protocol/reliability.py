@@ -1,4 +1,4 @@
-"""Reliable, in-order delivery over an unreliable datagram path (sans-I/O).
+"""The session's one recovery mechanism: reliable delivery over datagrams (sans-I/O).
 
 The engine knows two kinds of numbers (protocol/spec/reliability.md):
 
@@ -16,16 +16,23 @@ with :class:`~vcomp.errors.TransferFailed` after ``max_retries`` probe timeouts 
 a row without an ACK of anything new. :class:`ReliableReceiver` buffers out-of-order items,
 suppresses duplicates, and decides when to send an ACK of packet-number ranges.
 
+Besides stream items the sender carries **control frames** (RESET, the committed
+notices), as aioquic does: each frame sent has a delivery callback, called with
+True when a packet that carried it is acknowledged and with False when the probe
+timeout declares it lost (the callback re-queues it if it still matters). Frames
+share the stream's packet numbers, PTO, backoff and give-up rule, so there is one
+retransmission timer and one retry limit per session: :data:`MAX_PROBE_TIMEOUTS`.
+
 Nothing here does I/O or reads a clock: ``now`` is always passed in.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from heapq import heappop, heappush
 from itertools import islice
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from vcomp.errors import LimitExceeded, TransferFailed
 from vcomp.protocol.congestion import (
@@ -43,6 +50,13 @@ PACKET_THRESHOLD = 3
 """A packet is lost once a packet sent this many packet numbers later is acked."""
 PROBE_COUNT = 2
 """Probe packets sent when the probe timeout expires (RFC 9002, 6.2.4)."""
+MAX_PROBE_TIMEOUTS = 12
+"""The give-up rule: probe timeouts in a row with no ACK of anything new (stream item
+or control frame) after which the peer is taken to be gone. With the PTO doubling
+each time (capped at the RTT estimator's ``max_rto``) that is minutes, not seconds."""
+
+DeliveryCallback = Callable[[Any, bool], None]
+"""``callback(payload, delivered)``: True when acked, False when declared lost."""
 
 _MISSING = object()
 
@@ -64,6 +78,16 @@ class _Retry:
         self.timeouts = 0
 
 
+class Frame:
+    """A control frame handed to the sender, with its delivery callback."""
+
+    __slots__ = ("on_delivery", "payload")
+
+    def __init__(self, payload: Any, on_delivery: DeliveryCallback) -> None:
+        self.payload = payload
+        self.on_delivery = on_delivery
+
+
 class ReliableSender(Generic[T]):
     """The sending half of one reliable stream.
 
@@ -71,6 +95,11 @@ class ReliableSender(Generic[T]):
     ``(seq, item)``, put the item in a datagram with a fresh packet number and
     call :meth:`on_sent`; feed every ACK to :meth:`on_ack`; call :meth:`on_timeout`
     when ``now >= timer()``.
+
+    Control frames: :meth:`send_frame`; while :meth:`next_frame` returns one, send it
+    in a datagram of its own and call :meth:`on_frame_sent`. Frames are small and
+    rare: they bypass the flow-control window, the congestion window and the pacer
+    (and are not counted in flight), as RESET and the committed notices always did.
 
     ``window`` bounds the span of the stream in flight: a new seq is sent only
     while ``seq < lowest unacked seq + window``. Window 1 is stop-and-wait, and
@@ -84,6 +113,7 @@ class ReliableSender(Generic[T]):
         "_base",
         "_bytes_in_flight",
         "_first_sample_at",
+        "_frames",
         "_largest_acked",
         "_largest_sent",
         "_limited",
@@ -103,6 +133,7 @@ class ReliableSender(Generic[T]):
         "_sent",
         "_unacked",
         "cc",
+        "frame_queue",
         "max_queue",
         "max_retries",
         "pacer",
@@ -114,7 +145,7 @@ class ReliableSender(Generic[T]):
         self,
         *,
         window: int = 64,
-        max_retries: int = 8,
+        max_retries: int = MAX_PROBE_TIMEOUTS,
         max_queue: int = 4096,
         rtt: RttEstimator | None = None,
         congestion: NewReno | None = None,
@@ -149,6 +180,8 @@ class ReliableSender(Generic[T]):
         self._n_retransmitted = 0
         self._n_lost = 0
         self._n_timeouts = 0
+        self.frame_queue: deque[Frame] = deque()  # control frames waiting to be sent
+        self._frames: dict[int, tuple[Frame, float]] = {}  # pn -> (frame, sent at), in flight
 
     # ---- queue -----------------------------------------------------------------
 
@@ -164,6 +197,54 @@ class ReliableSender(Generic[T]):
             raise LimitExceeded(f"send queue full ({self.max_queue} items waiting)")
         queue.append(item)
         return self._next_new + len(queue) - 1
+
+    # ---- control frames --------------------------------------------------------
+
+    def send_frame(self, payload: Any, on_delivery: DeliveryCallback) -> None:
+        """Queue a control frame; ``on_delivery(payload, delivered)`` reports its fate."""
+        self.frame_queue.append(Frame(payload, on_delivery))
+
+    def next_frame(self) -> Frame | None:
+        """The next control frame to send (taken: report it with :meth:`on_frame_sent`)."""
+        return self.frame_queue.popleft() if self.frame_queue else None
+
+    def on_frame_sent(self, frame: Frame, packet_number: int, now: float) -> None:
+        if packet_number <= self._largest_sent:
+            raise ValueError(f"packet number {packet_number} does not increase")
+        self._largest_sent = packet_number
+        self._frames[packet_number] = (frame, now)
+        self._pto_base = now
+
+    @property
+    def frames_pending(self) -> int:
+        """Control frames queued or in flight."""
+        return len(self.frame_queue) + len(self._frames)
+
+    def adopt_frames(self, old: ReliableSender[Any]) -> None:
+        """Take over ``old``'s control frames (a RESET restarts the stream, not them)."""
+        self.frame_queue.extend(old.frame_queue)
+        self._frames.update(old._frames)
+        if old._largest_sent > self._largest_sent:
+            self._largest_sent = old._largest_sent
+        if self._frames:
+            self._pto_base = old._pto_base
+        old.frame_queue.clear()
+        old._frames.clear()
+
+    def _ack_frames(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, float]:
+        """Deliver the frames ``ranges`` acknowledge; return the largest pn and its send time."""
+        frames = self._frames
+        largest_pn, largest_time = -1, 0.0
+        for pn in [pn for pn in frames if any(lo <= pn <= hi for lo, hi in ranges)]:
+            frame, sent_at = frames.pop(pn)
+            if pn > largest_pn:
+                largest_pn, largest_time = pn, sent_at
+            frame.on_delivery(frame.payload, True)
+        if largest_pn >= 0:
+            self._pto_count = 0  # the peer is alive
+            if not frames and not self._unacked and not self._sent:
+                self._pto_base = None
+        return largest_pn, largest_time
 
     # ---- sending ---------------------------------------------------------------
 
@@ -237,15 +318,20 @@ class ReliableSender(Generic[T]):
         ranges only ever match packets we actually have in flight.
         """
         sent = self._sent
+        largest_pn = -1
+        largest_time = 0.0
+        if self._frames:
+            largest_pn, largest_time = self._ack_frames(ranges)
         if not sent:
+            if largest_pn > self._largest_acked:
+                self._largest_acked = largest_pn
+                self.rtt.on_sample(now - largest_time, ack_delay)
             return []
         floor = next(iter(sent))  # oldest packet in flight
         ceiling = self._largest_sent
         unacked = self._unacked
         missing = _MISSING
         newly: list[int] = []
-        largest_pn = -1
-        largest_time = 0.0
         cc = self.cc
         # RFC 9002, 7.8: no growth from a window the sender was not using.
         app_limited = (
@@ -289,7 +375,7 @@ class ReliableSender(Generic[T]):
                     self._retry.pop(seq, None)
             # unacked is in seq order (seqs enter it in order and never re-enter).
             self._base = next(iter(unacked)) if unacked else self._next_new
-            if not unacked and not sent:
+            if not unacked and not sent and not self._frames:
                 self._pto_base = None  # nothing left to probe for
         # Loss detection only has work if a packet older than the largest acked
         # is still in flight, or a time-threshold deadline was pending.
@@ -401,12 +487,27 @@ class ReliableSender(Generic[T]):
             # ACKs may never come (nothing newer elicits one), and counted in flight
             # they could fill cwnd and block the next item for good: forget them.
             self._forget_flight()
-            return
+            if not self._frames:
+                return
         rto = self.rtt.pto
         self.rtt.on_timeout()
         self._n_timeouts += 1
         self._pto_base = now
         self._pto_count += 1
+        if self._frames:
+            # A control frame unacknowledged for a PTO is lost: its callback re-queues it.
+            lost = list(self._frames.values())
+            self._frames.clear()
+            for frame, _ in lost:
+                frame.on_delivery(frame.payload, False)
+            if not self._unacked:
+                if self._pto_count > self.max_retries:
+                    raise TransferFailed(
+                        f"a control frame was not acknowledged after {self._pto_count} "
+                        f"probe timeouts (last PTO {rto:.3f} s, max_retries={self.max_retries}): "
+                        f"the peer is unreachable or the path drops everything"
+                    )
+                return
         probes = list(islice(self._unacked, PROBE_COUNT))
         self._probes = PROBE_COUNT  # with one item unacked, it is sent twice
         for seq in probes:
@@ -595,6 +696,15 @@ class ReliableReceiver(Generic[T]):
                 self._deadline = now
             elif self._deadline is None:
                 self._deadline = now + self.max_ack_delay
+
+    def adopt_acks(self, old: ReliableReceiver[Any]) -> None:
+        """Take over ``old``'s packet-number record and owed ACK (a RESET restarts the
+        stream, not the packet numbers, which belong to the key)."""
+        self._received = old._received
+        self._largest_pn = old._largest_pn
+        self._largest_time = old._largest_time
+        self._pending = old._pending
+        self._deadline = old._deadline
 
     def _drain(self) -> None:
         buffer = self._buffer

@@ -24,6 +24,8 @@ Exponential backoff: every retransmission timeout doubles the RTO (up to
 
 from __future__ import annotations
 
+from vcomp.protocol import limits
+
 DEFAULT_INITIAL_RTO = 1.0
 DEFAULT_MIN_RTO = 0.2
 DEFAULT_MAX_RTO = 60.0
@@ -155,3 +157,14 @@ class RttEstimator:
             f"RttEstimator(srtt={self.srtt}, rttvar={self.rttvar}, rto={self._rto}, "
             f"backoff={self._backoff})"
         )
+
+
+def handshake_timer() -> RttEstimator:
+    """The handshake's retransmission timer: no RTT sample yet, so the PTO is the
+    initial one (``HANDSHAKE_RETRANSMIT``) doubled per timeout up to
+    ``HANDSHAKE_RETRANSMIT_MAX``, by the same expression as the channel's."""
+    return RttEstimator(
+        initial_rto=limits.HANDSHAKE_RETRANSMIT,
+        min_rto=limits.HANDSHAKE_RETRANSMIT,
+        max_rto=limits.HANDSHAKE_RETRANSMIT_MAX,
+    )

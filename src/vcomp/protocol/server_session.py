@@ -14,12 +14,11 @@ import hashlib
 import hmac
 from collections import deque
 from collections.abc import Callable
-from enum import Enum
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from vcomp.errors import AttestationError, CryptoError, DecodeError
+from vcomp.errors import AttestationError, CryptoError, DecodeError, IllegalTransition
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol import limits
@@ -45,21 +44,14 @@ from vcomp.protocol.messages import (
     encode_body,
 )
 from vcomp.protocol.record import Direction
+from vcomp.protocol.states import SERVER, ServerEvent, ServerState
 from vcomp.protocol.trust import TrustPolicy
 from vcomp.protocol.wire import HEADER_LEN, Flag, Header, PacketType, pack_header
 
 REQUESTED_PCRS = (17, 18)
 
 
-class ServerState(Enum):
-    CHALLENGED = "challenged"
-    KEYED = "keyed"
-    IDLE = "idle"
-    SENDING_JOB = "sending_job"
-    RUNNING = "running"
-    COMMITTING = "committing"
-    RESETTING = "resetting"
-    CLOSED = "closed"
+__all__ = ["REQUESTED_PCRS", "ServerSession", "ServerState"]
 
 
 class _Outbound:
@@ -130,8 +122,8 @@ class ServerSession:
         self._attest: bytes | None = None
         self._key_dgram: bytes | None = None
         self._created = now
-        self.channel: SecureChannel | None = None
-        self._job: _Outbound | None = None
+        self.channel: SecureChannel | None = None  # set on CHALLENGED -> KEYED
+        self._job: _Outbound | None = None  # the leased job, in SENDING_JOB/RUNNING/COMMITTING
         self._uploads: dict[tuple[int, int], _Upload] = {}
         self._checkpoint: _Upload | None = None  # the one being uploaded, of the current job
         self.public_key_ops = 0
@@ -140,6 +132,13 @@ class ServerSession:
 
     def __repr__(self) -> str:
         return f"ServerSession({self.session_id:#x}, {self.state.value})"
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ServerState.CLOSED
+
+    def _move(self, event: ServerEvent) -> None:
+        self.state = SERVER.next(self.state, event)
 
     def _plain(self, ptype: PacketType, body: bytes) -> bytes:
         pn = self._next_pn
@@ -153,7 +152,7 @@ class ServerSession:
             self._out.append(self._challenge)
 
     def on_attest(self, datagram: bytes, now: float) -> None:
-        if self.state is not ServerState.CHALLENGED:
+        if not SERVER.allows(self.state, ServerEvent.ATTEST_OK):
             # A retransmitted ATTEST: repeat the same KEY, never a second key.
             if self._key_dgram is not None and datagram == self._attest:
                 self._out.append(self._key_dgram)
@@ -217,11 +216,11 @@ class ServerSession:
             idle_timeout=self._idle_timeout,
             congestion=self._congestion,
         )
-        self.state = ServerState.KEYED
+        self._move(ServerEvent.ATTEST_OK)
 
     def refuse_handshake(self, reason: str, detail: str, code: ErrorCode) -> None:
         """REJECT a handshake that is still waiting for its ATTEST, without checking it."""
-        if self.state is ServerState.CHALLENGED:
+        if SERVER.allows(self.state, ServerEvent.REJECT):
             self._reject(reason, detail, code)
 
     def _reject(
@@ -231,7 +230,7 @@ class ServerSession:
         self._out.append(self._plain(PacketType.REJECT, body))
         self._events.append(ev.HandshakeRejected(self.agent_id, self.address, reason, detail))
         what = "attestation failed" if code is ErrorCode.ATTESTATION_FAILED else "refused"
-        self._close(f"{what}: {reason}", code, emit=False)
+        self._close(f"{what}: {reason}", code, emit=False, event=ServerEvent.REJECT)
 
     # ---- established ---------------------------------------------------------
 
@@ -239,7 +238,7 @@ class ServerSession:
         self, header: Header, datagram: bytes, address: tuple[str, int], now: float
     ) -> bool:
         ch = self.channel
-        if ch is None or self.state is ServerState.CLOSED:
+        if self.state is ServerState.CLOSED or ch is None:  # no channel: CHALLENGED
             return False
         messages = ch.receive(header, datagram, now)
         if messages is None:
@@ -247,6 +246,8 @@ class ServerSession:
         if address != self.address:
             self.address = address  # NAT rebinding, proven by the AEAD tag
         for message in messages:
+            if self.closed:
+                break  # an earlier message in this batch ended the session
             self._on_message(message, now)
         self.poll()
         return True
@@ -255,19 +256,23 @@ class ServerSession:
         ch = self.channel
         assert ch is not None
         if isinstance(message, Ready):
+            before = self.state
+            try:
+                self._move(ServerEvent.READY)
+            except IllegalTransition as exc:
+                self._violation(str(exc), now)
+                return
             self.capacity = message.capacity
-            if self.state is ServerState.KEYED:
+            if before is ServerState.KEYED:
                 self._events.append(
                     ev.SessionEstablished(self.session_id, self.agent_id, self.address)
                 )
-            if self.state is ServerState.RESETTING:
-                self._events.append(ev.ResetDone(self.session_id, message.epoch))
-            if self.state is ServerState.KEYED:
                 # The handshake is over: its datagrams are no longer needed.
                 self._hello = self._challenge = b""
                 self._attest = self._key_dgram = None
-            if self.state in (ServerState.KEYED, ServerState.RESETTING):
-                self.state = ServerState.IDLE
+            elif before is ServerState.RESETTING:
+                self._events.append(ev.ResetDone(self.session_id, message.epoch))
+            if before is not self.state:
                 self._job = None
                 self._events.append(ev.AgentIdle(self.session_id))
         elif isinstance(message, Result):
@@ -316,7 +321,7 @@ class ServerSession:
                 )
             return
         if self._job is not None and (self._job.desc.job, self._job.desc.attempt) == key:
-            self.state = ServerState.COMMITTING
+            self._move(ServerEvent.RESULT)
         self._events.append(
             ev.ResultComplete(
                 session_id=self.session_id,
@@ -377,9 +382,7 @@ class ServerSession:
             )
             self._events.append(ev.JobRefused(self.session_id, e.job, e.attempt, e.code, e.message))
             if current:
-                self._job = None
-                self.state = ServerState.IDLE
-                self._events.append(ev.AgentIdle(self.session_id))
+                self._settle_job()
             return
         self._close(f"agent closed the session: {e.message}", e.code)
 
@@ -396,9 +399,16 @@ class ServerSession:
 
     # ---- application API -----------------------------------------------------
 
+    def _settle_job(self) -> None:
+        """The leased job is done with here (committed or refused): the agent is free."""
+        self._move(ServerEvent.JOB_SETTLED)
+        self._job = None
+        self._events.append(ev.AgentIdle(self.session_id))
+
     def start_job(self, desc: ev.JobDescription) -> None:
-        if self.state is not ServerState.IDLE or self.channel is None:
-            raise RuntimeError(f"session {self.session_id:#x} is {self.state.value}, not idle")
+        """Lease ``desc`` to this agent; IllegalTransition unless the session is idle."""
+        self._move(ServerEvent.START_JOB)
+        assert self.channel is not None  # IDLE implies the channel
         self._job = _Outbound(desc)
         self.channel.send_reliable(
             Start(
@@ -420,7 +430,6 @@ class ServerSession:
                 **_resume_fields(desc),
             )
         )
-        self.state = ServerState.SENDING_JOB
         self.poll()
 
     def code_wanted(self) -> tuple[int, int] | None:
@@ -456,11 +465,10 @@ class ServerSession:
         if (
             self._job is not None
             and (self._job.desc.job, self._job.desc.attempt) in entries
+            # Not while still sending: a commit then is of a result from another session.
             and self.state in (ServerState.COMMITTING, ServerState.RUNNING)
         ):
-            self._job = None
-            self.state = ServerState.IDLE
-            self._events.append(ev.AgentIdle(self.session_id))
+            self._settle_job()
 
     def refuse_result(self, job: int, attempt: int, code: int, message: str) -> None:
         """The store will never accept this result: the agent must drop it."""
@@ -470,18 +478,16 @@ class ServerSession:
             Error(code=code, message=clip_text(message, limits.MAX_TEXT), job=job, attempt=attempt)
         )
         if self._job is not None and (self._job.desc.job, self._job.desc.attempt) == (job, attempt):
-            self._job = None
-            self.state = ServerState.IDLE
-            self._events.append(ev.AgentIdle(self.session_id))
+            self._settle_job()
 
     def reset(self, reason: str, now: float) -> None:
-        if self.channel is None or self.state in (ServerState.CLOSED, ServerState.CHALLENGED):
+        if not SERVER.allows(self.state, ServerEvent.RESET) or self.channel is None:
             return
         self.channel.start_reset(reason, now)
         self._uploads.clear()
         self._checkpoint = None
         self._job = None
-        self.state = ServerState.RESETTING
+        self._move(ServerEvent.RESET)
 
     def close(self, reason: str, code: int, now: float) -> None:
         if self.channel is not None:
@@ -507,7 +513,7 @@ class ServerSession:
                 job.end_sent = True
             if job.end_sent and ch.send_idle and not job.delivered:
                 job.delivered = True
-                self.state = ServerState.RUNNING
+                self._move(ServerEvent.DELIVERED)
                 self._events.append(
                     ev.JobDelivered(self.session_id, job.desc.job, job.desc.attempt)
                 )
@@ -515,17 +521,19 @@ class ServerSession:
     def get_timer(self) -> float | None:
         if self.state is ServerState.CLOSED:
             return None
-        if self.channel is not None:
-            return self.channel.timer()
-        return self._created + limits.HANDSHAKE_GIVE_UP
+        if self.state is ServerState.CHALLENGED:
+            return self._created + limits.HANDSHAKE_GIVE_UP
+        assert self.channel is not None
+        return self.channel.timer()
 
     def handle_timer(self, now: float) -> None:
         if self.state is ServerState.CLOSED:
             return
-        if self.channel is None:
+        if self.state is ServerState.CHALLENGED:
             if now >= self._created + limits.HANDSHAKE_GIVE_UP:
                 self._close("handshake not completed in time", ErrorCode.IDLE_TIMEOUT)
             return
+        assert self.channel is not None
         self.channel.handle_timer(now)
         self._check_channel()
         self.poll()
@@ -544,10 +552,12 @@ class ServerSession:
         if ch is not None and ch.close_reason is not None and self.state is not ServerState.CLOSED:
             self._close(ch.close_reason, ch.close_code)
 
-    def _close(self, reason: str, code: int, *, emit: bool = True) -> None:
+    def _close(
+        self, reason: str, code: int, *, emit: bool = True, event: ServerEvent = ServerEvent.CLOSE
+    ) -> None:
         if self.state is ServerState.CLOSED:
             return
-        self.state = ServerState.CLOSED
+        self._move(event)
         self.close_reason = reason
         self._uploads.clear()
         self._checkpoint = None
