@@ -17,6 +17,7 @@ across it unchanged. Stdlib only, like nslib, so ``bench/`` can use it.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class Bottleneck(NetnsPair):
         self.addr = {"a": A_ADDR, "b": B_SIDE_ADDR}
         self._delayline: subprocess.Popen[str] | None = None
         self.delayline_report = ""
+        self.offloads = "on"  # GRO/GSO/TSO of the path's veths: see _offloads_off
 
     def create(self) -> None:
         for side in ("a", "m", "b"):
@@ -81,11 +83,25 @@ class Bottleneck(NetnsPair):
             _run([*ip, "route", "add", "default", "via", m_addr])
             _run(["ip", "-n", m, "addr", "add", f"{m_addr}/{PREFIX_LEN}", "dev", self.dev[m_dev]])
             _run(["ip", "-n", m, "link", "set", self.dev[m_dev], "up"])
+        self._offloads_off()
         self._start_delayline()
         self._route_through_delayline()
         if self.spec.rate is not None:
             for m_dev in ("ma", "mb"):
                 self._shape(self.dev[m_dev], self.spec.rate)
+
+    def _offloads_off(self) -> None:
+        """GRO, GSO and TSO off on every veth of the path, so each packet crosses the
+        delay line and the queues as itself, as on a real link (TSO would hand the path
+        64 KB TCP super-packets). Without ethtool they stay on: :attr:`offloads` says so
+        (the TUN device segments them anyway: the delay line's ``largest`` shows it)."""
+        if shutil.which("ethtool") is None:
+            self.offloads = "on (ethtool not installed)"
+            return
+        for side, dev in (("a", "a"), ("m", "ma"), ("m", "mb"), ("b", "b")):
+            off = ["gro", "off", "gso", "off", "tso", "off"]
+            self.run(side, ["ethtool", "-K", self.dev[dev], *off])
+        self.offloads = "off"
 
     def _start_delayline(self) -> None:
         spec = self.spec
@@ -137,22 +153,33 @@ class Bottleneck(NetnsPair):
         super().close()
 
     def delayline_counts(self) -> dict[str, int]:
-        """``passed`` and ``dropped`` as the delay line reported them at :meth:`close`."""
+        """``passed``, ``dropped`` and ``largest`` (bytes) as the delay line reported
+        them at :meth:`close`."""
         words = self.delayline_report.split()
         return {k: int(v) for k, v in (w.split("=", 1) for w in words if "=" in w)}
 
     def queue_drops(self) -> dict[str, int]:
         """Packets each of m's ``tbf`` queues dropped so far (towards a, towards b)."""
-        drops = {}
+        return {side: counts["dropped"] for side, counts in self.queue_counts().items()}
+
+    def queue_counts(self) -> dict[str, dict[str, int]]:
+        """What each of m's ``tbf`` queues did so far (towards a, towards b): ``bytes``
+        and ``packets`` it sent on, ``dropped`` packets."""
+        counts = {}
         for side, m_dev in (("a", "ma"), ("b", "mb")):
             text = self.tc("m", "-s", "qdisc", "show", "dev", self.dev[m_dev])
-            drops[side] = _dropped(text)
-        return drops
+            counts[side] = _queue_counts(text)
+        return counts
 
 
-def _dropped(tc_stats: str) -> int:
+def _queue_counts(tc_stats: str) -> dict[str, int]:
+    """`` Sent 8771710 bytes 5803 pkt (dropped 151, overlimits ...`` -> the three numbers."""
     for line in tc_stats.splitlines():
-        if "dropped" in line:
-            after = line.split("dropped", 1)[1].strip()
-            return int(after.split(",", 1)[0])
-    return 0
+        words = line.replace("(", " ").replace(",", " ").split()
+        if words[:1] == ["Sent"] and "dropped" in words:
+            return {
+                "bytes": int(words[1]),
+                "packets": int(words[3]),
+                "dropped": int(words[words.index("dropped") + 1]),
+            }
+    return {"bytes": 0, "packets": 0, "dropped": 0}
