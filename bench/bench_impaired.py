@@ -555,15 +555,16 @@ async def _compete_on(path: NetnsPair, *, tcp: str | None, window: float) -> flo
         blob = os.urandom(size)
         identity = await server.ask(("vcomp_start", DEFAULT_WINDOW, blob, 2))
         try:
+            specs: list[tuple[Any, ...]]
             if tcp is None:
-                specs: list[tuple[Any, ...]] = [("vcomp", identity, 0.0)]
+                specs = [("vcomp", identity, 0.0), ("vcomp", identity, FLOW_GAP)]
             else:
                 port = await server.ask(("tcp_start", blob))
                 tcp_at = 0.0 if tcp == "first" else FLOW_GAP
-                vcomp_at = FLOW_GAP - tcp_at
-                specs = [("vcomp", identity, vcomp_at), ("tcp", A_ADDR, port, size, tcp_at)]
-            if tcp is None:
-                specs.append(("vcomp", identity, FLOW_GAP))
+                specs = [
+                    ("vcomp", identity, FLOW_GAP - tcp_at),
+                    ("tcp", A_ADDR, port, size, tcp_at),
+                ]
             seconds = FLOW_GAP + SETTLE + window
             samples: flows.Samples = await agent.ask(("compete", specs, seconds))
         finally:
@@ -645,7 +646,10 @@ def measure_many_agents(
 ) -> dict[str, Any]:
     """Issue 10 test (e): ``agents`` protocol-only agents (one process, one UDP socket
     and session each) start at once against one server, one job of ``job_bytes`` each.
-    Goodput: all job bytes over the time from the start to the last job received."""
+    Goodput: all job bytes over the time from the start to the last job received.
+    Each agent's UDP flow leaves with a source address of its own (``many_hosts``),
+    as from 200 machines: the server limits half-open handshakes per address."""
+    path.many_hosts(agents)
     before = path.queue_counts()
     run, batch = asyncio.run(_many_agents_on(path, agents, job_bytes))
     queue = _queue_delta(path, before)
@@ -661,6 +665,8 @@ def measure_many_agents(
         "store": batch,
         "seconds": seconds,
         "first_job_s": run.received_at[0] - run.begin if run.received_at else float("nan"),
+        "connected_s": sorted(t - run.begin for t in run.connected_at if t is not None),
+        "received_s": [t - run.begin for t in run.received_at],
         "goodput_bytes_s": run.job_bytes / seconds,
         "link_use": run.job_bytes / seconds / LINK_BYTES_S,
         "delivered_bytes": run.job_bytes,
@@ -669,6 +675,7 @@ def measure_many_agents(
         # ACKs and retransmissions are the rest): low when the link carries waste.
         "useful_share": run.job_bytes / queue["bytes"] if queue["bytes"] else float("nan"),
         "target": MANY_AGENTS_TARGET,
+        "samples": dataclasses.asdict(run.samples),
     }
 
 

@@ -53,13 +53,16 @@ class VcompFlow(Flow):
 
     def __init__(self, name: str, make_agent: MakeAgent) -> None:
         super().__init__(name)
+        self.connected_at: float | None = None  # the handshake done (attested, keyed)
         self.received_at: list[float] = []  # JobReceived: code and input complete, END checked
         self.committed = 0
         self.jobs_bytes = 0
         self.agent = make_agent(self.on_event)
 
     def on_event(self, e: ev.Event) -> None:
-        if isinstance(e, ev.JobReceived):
+        if isinstance(e, ev.Connected) and self.connected_at is None:
+            self.connected_at = time.monotonic()
+        elif isinstance(e, ev.JobReceived):
             now = time.monotonic()
             self.received_at.append(now)
             self.jobs_bytes += len(e.code) + len(e.input)
@@ -187,6 +190,7 @@ class FleetRun:
 
     begin: float
     received_at: list[float]  # every JobReceived of every agent
+    connected_at: list[float | None]  # per agent
     job_bytes: int  # application bytes of all jobs received
     committed: int
     failed: list[str]
@@ -208,6 +212,7 @@ async def fleet(agents: Sequence[VcompFlow], jobs: int, timeout: float) -> Fleet
         run = FleetRun(  # before stopping: a stop closes sessions on purpose
             begin=begin,
             received_at=sorted(t for a in agents for t in a.received_at),
+            connected_at=[a.connected_at for a in agents],
             job_bytes=sum(a.jobs_bytes for a in agents),
             committed=sum(a.committed for a in agents),
             failed=[a.failed for a in agents if a.failed is not None],

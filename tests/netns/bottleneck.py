@@ -31,6 +31,8 @@ M_B_ADDR = "10.213.0.6"
 PREFIX_LEN = 30
 ROUTE_TABLE = "100"
 DELAYLINE = Path(__file__).with_name("delayline.py")
+HOSTS_PREFIX = "10.214.0.0/16"  # source addresses of Bottleneck.many_hosts
+MAX_HOSTS = 250 * 250
 READY_TIMEOUT = 10.0
 
 
@@ -139,6 +141,31 @@ class Bottleneck(NetnsPair):
             "burst", "4500", "limit", str(self.spec.queue_bytes),
         )  # fmt: skip
 
+    def many_hosts(self, count: int) -> None:
+        """Make namespace b look like ``count`` hosts to the server: each new UDP flow
+        (a socket's address pair) from b to a leaves with the next of ``count`` source
+        addresses, round robin (nftables SNAT; conntrack maps the replies back), and m
+        routes those addresses to b. One process's many agents then pass per-address
+        limits as many machines would. Needs ``nft``."""
+        if not 0 < count <= MAX_HOSTS:
+            raise ValueError(f"count must be 1..{MAX_HOSTS}")
+        if shutil.which("nft") is None:
+            raise RuntimeError("nft not installed (package nftables): cannot emulate many hosts")
+        hosts = ", ".join(f"{i} : {host_address(i)}" for i in range(count))
+        rules = f"""
+            table ip hosts {{
+                chain out {{
+                    type nat hook postrouting priority srcnat; policy accept;
+                    ip daddr {self.addr["a"]} meta l4proto udp snat to numgen inc mod {count} map {{ {hosts} }}
+                }}
+            }}
+        """  # fmt: skip
+        subprocess.run(
+            self.argv("b", ["nft", "-f", "-"]), input=rules, text=True, check=True,
+            capture_output=True,
+        )  # fmt: skip
+        self.run("m", ["ip", "route", "add", HOSTS_PREFIX, "via", B_SIDE_ADDR])
+
     def close(self) -> None:
         line, self._delayline = self._delayline, None
         if line is not None:
@@ -170,6 +197,11 @@ class Bottleneck(NetnsPair):
             text = self.tc("m", "-s", "qdisc", "show", "dev", self.dev[m_dev])
             counts[side] = _queue_counts(text)
         return counts
+
+
+def host_address(i: int) -> str:
+    """The i-th source address of :meth:`Bottleneck.many_hosts` (10.214.0.1, ...)."""
+    return f"10.214.{i // 250}.{i % 250 + 1}"
 
 
 def _queue_counts(tc_stats: str) -> dict[str, int]:
