@@ -310,9 +310,7 @@ class _AgentSide:
             on_event=on_event,
         )
 
-    async def _compete(
-        self, specs: Sequence[tuple[Any, ...]], seconds: float
-    ) -> flows.Samples:
+    async def _compete(self, specs: Sequence[tuple[Any, ...]], seconds: float) -> flows.Samples:
         """Flows started at their offsets and sampled together: each spec is
         ``("vcomp", identity, at)`` or ``("tcp", host, port, nbytes, at)``."""
         competing: list[flows.Flow] = []
@@ -481,6 +479,7 @@ def run(*, quick: bool = False, runs: int | None = None) -> dict[str, Any]:
         )
     figures["rows"] = [r.figures() for r in rows]
     figures["small_jobs"] = measure_small_jobs(SMALL_JOBS // 4 if quick else SMALL_JOBS)
+    figures["competing"] = measure_competing(quick=quick)
     return figures
 
 
@@ -688,6 +687,9 @@ def measure_competing(*, quick: bool = False) -> dict[str, Any]:
     for tcp in ("first", "second"):
         with Bottleneck(COMPETING_PATH) as path:
             out[f"tcp_{tcp}"] = measure_tcp_friendliness(path, tcp=tcp, window=window)
+    if shutil.which("nft") is None:
+        out["many_agents"] = {"skipped": "nft not installed (package nftables)"}
+        return out
     with Bottleneck(COMPETING_PATH) as path:
         agents = MANY_AGENTS // 4 if quick else MANY_AGENTS
         out["many_agents"] = measure_many_agents(path, agents=agents)
@@ -695,6 +697,39 @@ def measure_competing(*, quick: bool = False) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- reporting
+
+
+def competing_table(competing: dict[str, Any]) -> list[list[object]]:
+    """Issue 10 tests (b), (c) and (e) as rows: what, flows' Mbit/s, link use, figure,
+    target, verdict."""
+    rows: list[list[object]] = []
+    fair = competing["fairness"]
+    rates = " / ".join(f"{r:.1f}" for r in fair["mbit_s"])
+    rows.append(
+        ["(b) 2 vcomp, 5 s apart", rates, f"{fair['link_use']:.0%}", "Jain",
+         fair["jain"], f">= {fair['target']}", common.verdict(fair["jain"], fair["target"])]
+    )  # fmt: skip
+    for tcp in ("first", "second"):
+        f = competing[f"tcp_{tcp}"]
+        rates = " / ".join(f"{r:.1f}" for r in f["mbit_s"])
+        low, high = f["bounds"]
+        ok = "met" if low <= f["ratio"] <= high else "MISSED"
+        rows.append(
+            [f"(c) vcomp + TCP cubic, TCP {tcp}", rates, f"{f['link_use']:.0%}",
+             "vcomp:TCP", f["ratio"], f"{low}-{high}x", ok]
+        )  # fmt: skip
+    many = competing["many_agents"]
+    if "skipped" in many:
+        rows.append(["(e) 200 agents at once", "-", "-", "goodput", "-", "-", many["skipped"]])
+    else:
+        done = many["store"]["done"]
+        rows.append(
+            [f"(e) {many['agents']} agents at once ({done} jobs done)",
+             f"{many['goodput_bytes_s'] * 8 / 1e6:.1f} total",
+             f"{many['link_use']:.0%}", "goodput/link", many["link_use"],
+             f">= {many['target']}", common.verdict(many["link_use"], many["target"])]
+        )  # fmt: skip
+    return rows
 
 
 def print_report(figures: dict[str, Any]) -> None:
@@ -749,6 +784,34 @@ def print_report(figures: dict[str, Any]) -> None:
         "Transfer over a real impaired link (veth between two network namespaces), server -> agent",
         columns,
         table,
+        notes,
+    )
+    competing = figures.get("competing")
+    if competing:
+        print_competing(competing)
+
+
+def print_competing(competing: dict[str, Any]) -> None:
+    many = competing["many_agents"]
+    notes = [
+        f"flows sampled every {flows.SAMPLE_INTERVAL} s on the receiving side (application "
+        f"bytes: job bytes taken in order, TCP bytes read); shares over the last "
+        f"{competing['fairness']['window_s']:.0f} s of the overlap; GRO/GSO/TSO "
+        f"{competing['tcp_first']['offloads']} on the path's veths",
+    ]
+    if "skipped" not in many:
+        c = many["connected_s"]
+        notes.append(
+            f"(e): {many['agents']} protocol-only agents in one process, one UDP socket, "
+            f"session and source address each; {many['job_bytes'] // KIB} KiB jobs; all "
+            f"connected within {c[-1]:.1f} s; last job at {many['seconds']:.1f} s; "
+            f"job bytes / link bytes {many['useful_share']:.2f}; queue dropped "
+            f"{many['queue']['dropped']} of {many['queue']['packets'] + many['queue']['dropped']}"
+        )
+    common.print_table(
+        "Competing flows on 20 Mbit/s, 40 ms RTT, 1-BDP queue (issue 10 tests b, c, e)",
+        ["test", "flows Mbit/s", "link use", "figure", "value", "target", "verdict"],
+        competing_table(competing),
         notes,
     )
 

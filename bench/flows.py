@@ -264,7 +264,9 @@ def window_bytes(samples: Samples, seconds: float) -> list[int]:
             raise OverlapTooShort(f"flow {name} finished before the window closed")
         if samples.delivered[first][k] == 0:
             raise OverlapTooShort(f"flow {name} had delivered nothing when the window opened")
-    return [samples.delivered[end][k] - samples.delivered[first][k] for k in range(len(samples.names))]
+    return [
+        samples.delivered[end][k] - samples.delivered[first][k] for k in range(len(samples.names))
+    ]
 
 
 def window_seconds(samples: Samples, seconds: float) -> float:

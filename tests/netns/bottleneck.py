@@ -152,14 +152,15 @@ class Bottleneck(NetnsPair):
         if shutil.which("nft") is None:
             raise RuntimeError("nft not installed (package nftables): cannot emulate many hosts")
         hosts = ", ".join(f"{i} : {host_address(i)}" for i in range(count))
+        snat = f"snat to numgen inc mod {count} map {{ {hosts} }}"
         rules = f"""
             table ip hosts {{
                 chain out {{
                     type nat hook postrouting priority srcnat; policy accept;
-                    ip daddr {self.addr["a"]} meta l4proto udp snat to numgen inc mod {count} map {{ {hosts} }}
+                    ip daddr {self.addr["a"]} meta l4proto udp {snat}
                 }}
             }}
-        """  # fmt: skip
+        """
         subprocess.run(
             self.argv("b", ["nft", "-f", "-"]), input=rules, text=True, check=True,
             capture_output=True,
