@@ -196,7 +196,7 @@ class Bottleneck(NetnsPair):
         counts = {}
         for side, m_dev in (("a", "ma"), ("b", "mb")):
             text = self.tc("m", "-s", "qdisc", "show", "dev", self.dev[m_dev])
-            counts[side] = _queue_counts(text)
+            counts[side] = tc_queue_counts(text)
         return counts
 
 
@@ -205,7 +205,7 @@ def host_address(i: int) -> str:
     return f"10.214.{i // 250}.{i % 250 + 1}"
 
 
-def _queue_counts(tc_stats: str) -> dict[str, int]:
+def tc_queue_counts(tc_stats: str) -> dict[str, int]:
     """`` Sent 8771710 bytes 5803 pkt (dropped 151, overlimits ...`` -> the three numbers."""
     for line in tc_stats.splitlines():
         words = line.replace("(", " ").replace(",", " ").split()

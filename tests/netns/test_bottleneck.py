@@ -9,6 +9,7 @@ fairness figures of vcomp flows across this path are benchmarks
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.bottleneck import Bottleneck
+from tests.netns.bottleneck import Bottleneck, host_address, tc_queue_counts
 from tests.netns.cluster import Cluster
 from tests.netns.test_pi_batch import run_pi_batch
 
@@ -91,6 +92,37 @@ for i in range(int(sys.argv[3])):
     s.sendto(b"x" * 100, (sys.argv[1], int(sys.argv[2])))
     time.sleep(0.001)
 """
+HOSTS_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5102))
+s.settimeout(3.0)
+print("ready", flush=True)
+seen = set()
+try:
+    while True:
+        data, peer = s.recvfrom(100)
+        seen.add(peer[0])
+        s.sendto(data, peer)
+except TimeoutError:
+    pass
+print(" ".join(sorted(seen)))
+"""
+HOSTS_CLIENTS = """
+import socket, sys
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(int(sys.argv[2]))]
+for s in socks:
+    s.connect((sys.argv[1], 5102))
+    s.settimeout(3.0)
+    s.send(b"x")
+replies = 0
+for s in socks:
+    try:
+        replies += s.recv(10) == b"x"
+    except TimeoutError:
+        pass
+print(replies)
+"""
 UDP_END = """
 import socket, sys
 socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"end", (sys.argv[1], int(sys.argv[2])))
@@ -152,6 +184,31 @@ def test_seeded_loss_drops_what_the_delay_line_reports(
     print(f"\n500 datagrams at 20% loss: {received} arrived, delay line {counts}")
     assert received + counts["dropped"] in (500, 501)  # 501 when "end" itself was lost
     assert 300 <= received <= 450  # 20% of 500 = 100 +- about 5 sigma
+
+
+def test_many_hosts_gives_each_flow_its_own_source_address(
+    make_bottleneck: Callable[..., Bottleneck],
+) -> None:
+    path = make_bottleneck(rtt_ms=2.0)
+    if shutil.which("nft") is None:
+        pytest.skip("nft not installed (package nftables)")
+    path.many_hosts(50)
+    server = start(path, "a", HOSTS_SERVER, path.addr["a"])
+    # 60 sockets: the 51st flow wraps round to the first address.
+    replies = int(path.run("b", [sys.executable, "-c", HOSTS_CLIENTS, path.addr["a"], "60"]))
+    seen = server.communicate(timeout=30)[0].split()
+    assert replies == 60  # every reply found its socket back through the NAT
+    assert sorted(seen) == sorted(host_address(i) for i in range(50))
+
+
+def test_queue_counts_read_tc_statistics() -> None:
+    text = (
+        "qdisc tbf 80f7: root refcnt 3 rate 20Mbit burst 4500b lat 38.2ms \n"
+        " Sent 8771710 bytes 5803 pkt (dropped 151, overlimits 17178 requeues 0) \n"
+        " backlog 0b 0p requeues 0\n"
+    )
+    assert tc_queue_counts(text) == {"bytes": 8771710, "packets": 5803, "dropped": 151}
+    assert tc_queue_counts("") == {"bytes": 0, "packets": 0, "dropped": 0}
 
 
 def test_pi_batch_across_a_lossy_bottleneck(
