@@ -123,6 +123,28 @@ for s in socks:
         pass
 print(replies)
 """
+SIZES_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5103))
+s.settimeout(2.0)
+print("ready", flush=True)
+sizes = []
+try:
+    while True:
+        sizes.append(len(s.recv(65535)))
+except TimeoutError:
+    pass
+print(" ".join(map(str, sizes)))
+"""
+OVERSIZE_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 5103))
+s.send(bytes(3000))  # one datagram over the MTU: the sender's IP fragments it
+s.setsockopt(socket.SOL_UDP, 103, 1200)  # UDP_SEGMENT: one 12000-byte send, ten datagrams
+s.send(bytes(12000))
+"""
 UDP_END = """
 import socket, sys
 socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"end", (sys.argv[1], int(sys.argv[2])))
@@ -199,6 +221,20 @@ def test_many_hosts_gives_each_flow_its_own_source_address(
     seen = server.communicate(timeout=30)[0].split()
     assert replies == 60  # every reply found its socket back through the NAT
     assert sorted(seen) == sorted(host_address(i) for i in range(50))
+
+
+def test_no_packet_crosses_the_delay_line_bigger_than_the_mtu(
+    make_bottleneck: Callable[..., Bottleneck],
+) -> None:
+    """A datagram over the MTU crosses as IP fragments, a UDP GSO send as its segments:
+    each is delayed (and could be lost or queued) on its own, as on a real link."""
+    path = make_bottleneck(rate=None, rtt_ms=4.0)
+    sink = start(path, "a", SIZES_SINK, path.addr["a"])
+    path.run("b", [sys.executable, "-c", OVERSIZE_SEND, path.addr["a"]])
+    sizes = [int(word) for word in sink.communicate(timeout=30)[0].split()]
+    path.close()
+    assert sizes == [3000] + [1200] * 10
+    assert path.delayline_counts()["largest"] <= 1500, path.delayline_report
 
 
 def test_queue_counts_read_tc_statistics() -> None:
