@@ -25,6 +25,13 @@ one-byte "go" on the established connection to the last byte. Both include one
 round trip before the first data byte (READY -> START; "go" -> first segment), and
 neither includes connection setup. Median of ``--runs``
 (3; ``--quick``: 1). Without root, namespaces or netem it prints why and skips.
+
+A second table puts competing flows on the 20 Mbit/s path (issue 10 tests (b), (c)
+and (e); the same measurements as ``tests/netns/test_competing_flows.py``), counted
+where the bytes arrive (``bench/flows.py``): two vcomp flows 5 s apart (Jain's
+index over the last 20 s), vcomp against Linux CUBIC each way round (vcomp:TCP),
+and 200 agents started at once, one 256 KiB job each (goodput to the last job as a
+share of the link). ``--quick`` halves the window and runs 50 agents.
 """
 
 from __future__ import annotations
@@ -654,6 +661,12 @@ def measure_many_agents(
     queue = _queue_delta(path, before)
     last = run.received_at[-1] if run.received_at else float("nan")
     seconds = last - run.begin
+    # The bulk: until 90% of the job bytes were in (the last jobs' tail shows apart).
+    totals = [row[0] for row in run.samples.delivered]
+    bulk = next(
+        (t for t, d in zip(run.samples.times, totals, strict=True) if d >= 0.9 * run.job_bytes),
+        float("nan"),
+    )
     return {
         "agents": agents,
         "jobs": agents,
@@ -668,6 +681,7 @@ def measure_many_agents(
         "received_s": [t - run.begin for t in run.received_at],
         "goodput_bytes_s": run.job_bytes / seconds,
         "link_use": run.job_bytes / seconds / LINK_BYTES_S,
+        "bulk_link_use": 0.9 * run.job_bytes / (bulk - run.begin) / LINK_BYTES_S,
         "delivered_bytes": run.job_bytes,
         "queue": queue,
         # What the link carried that was the jobs themselves (headers, handshakes,
@@ -804,7 +818,8 @@ def print_competing(competing: dict[str, Any]) -> None:
         notes.append(
             f"(e): {many['agents']} protocol-only agents in one process, one UDP socket, "
             f"session and source address each; {many['job_bytes'] // KIB} KiB jobs; all "
-            f"connected within {c[-1]:.1f} s; last job at {many['seconds']:.1f} s; "
+            f"connected within {c[-1]:.1f} s; last job at {many['seconds']:.1f} s; the first "
+            f"90% of the bytes at {many['bulk_link_use']:.0%} of the link; "
             f"job bytes / link bytes {many['useful_share']:.2f}; queue dropped "
             f"{many['queue']['dropped']} of {many['queue']['packets'] + many['queue']['dropped']}"
         )

@@ -79,9 +79,12 @@ class VcompFlow(Flow):
 
     def delivered(self) -> int:
         session = self.agent.session
+        if session is None:
+            return 0
         # The job being received: AgentSession has no public progress counter, and the
-        # bench must not change the core for a measurement. One place to fix if it moves.
-        inbound = getattr(session, "_inbound", None) if session is not None else None
+        # bench must not change the core for a measurement. Read directly (not getattr)
+        # so that a rename fails loudly here instead of counting nothing.
+        inbound = session._inbound
         return self.jobs_bytes + (inbound.received if inbound is not None else 0)
 
     async def stop(self) -> None:

@@ -4,7 +4,8 @@ The figures checked are bounds the path guarantees whatever the machine's load:
 a round trip never beats the delay line, a transfer never beats the rate limit,
 and the seeded loss drops exactly what the delay line reports. The goodput and
 fairness figures of vcomp flows across this path are benchmarks
-(``bench/bench_bottleneck.py``), not tests.
+(``bench/bench_impaired.py``); the fairness tests judge byte shares
+(``test_competing_flows.py``).
 """
 
 from __future__ import annotations
