@@ -55,7 +55,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable as a package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common, flows
-from bench.netns import A_ADDR, Bottleneck, NetnsPair, PathSpec, enter, probe
+from bench.netns import A_ADDR, Bottleneck, NetnsPair, PathSpec, enter, probe, tcp_counters
 
 from vcomp.agent.enrolment import format_enrolment, parse_enrolment
 from vcomp.agent.measure import golden_measurement
@@ -552,9 +552,12 @@ def _workers(path: NetnsPair) -> tuple[common.Worker, common.Worker]:
     return server, agent
 
 
-async def _compete_on(path: NetnsPair, *, tcp: str | None, window: float) -> flows.Samples:
+async def _compete_on(
+    path: NetnsPair, *, tcp: str | None, window: float
+) -> tuple[flows.Samples, int]:
     """Two flows, the second FLOW_GAP s after the first: two vcomp flows (``tcp`` None),
-    or vcomp and TCP (``tcp``: "first" or "second", when the TCP flow starts)."""
+    or vcomp and TCP (``tcp``: "first" or "second", when the TCP flow starts). Returns
+    the samples and the packets the vcomp server sent again."""
     size = competing_bytes(window)
     server, agent = _workers(path)
     try:
@@ -573,11 +576,12 @@ async def _compete_on(path: NetnsPair, *, tcp: str | None, window: float) -> flo
                 ]
             seconds = FLOW_GAP + SETTLE + window
             samples: flows.Samples = await agent.ask(("compete", specs, seconds))
+            retransmissions = (await server.ask(("batch",)))["retransmissions"]
         finally:
             await server.ask(("stop",))
     finally:
         await common.close_all([server, agent])
-    return samples
+    return samples, retransmissions
 
 
 def _queue_delta(path: Bottleneck, before: dict[str, dict[str, int]]) -> dict[str, int]:
@@ -607,9 +611,11 @@ def measure_fairness(path: Bottleneck, *, window: float = WINDOW) -> dict[str, A
     """Issue 10 test (b): two vcomp flows FLOW_GAP s apart, Jain's index over the last
     ``window`` s (from the bytes each agent took in, sampled together)."""
     before = path.queue_counts()
-    samples = asyncio.run(_compete_on(path, tcp=None, window=window))
+    samples, retransmissions = asyncio.run(_compete_on(path, tcp=None, window=window))
     out = _shares(samples, window)
-    out.update(queue=_queue_delta(path, before), target=JAIN_TARGET)
+    out.update(
+        queue=_queue_delta(path, before), vcomp_retransmissions=retransmissions, target=JAIN_TARGET
+    )
     return out
 
 
@@ -619,11 +625,15 @@ def measure_tcp_friendliness(
     """Issue 10 test (c): one vcomp flow against one Linux CUBIC flow, the one named by
     ``tcp`` ("first" or "second") starting first; vcomp's bytes / TCP's over the window."""
     before = path.queue_counts()
-    samples = asyncio.run(_compete_on(path, tcp=tcp, window=window))
+    tcp_before = tcp_counters(path, "a")
+    samples, retransmissions = asyncio.run(_compete_on(path, tcp=tcp, window=window))
     out = _shares(samples, window)
     vcomp_bytes, tcp_bytes = out["bytes"]
+    tcp_after = tcp_counters(path, "a")
     out.update(
         tcp=tcp,
+        tcp_sender={k: tcp_after[k] - tcp_before.get(k, 0) for k in tcp_after},
+        vcomp_retransmissions=retransmissions,
         ratio=vcomp_bytes / tcp_bytes if tcp_bytes else float("inf"),
         queue=_queue_delta(path, before),
         offloads=path.offloads,

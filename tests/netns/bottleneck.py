@@ -200,6 +200,16 @@ class Bottleneck(NetnsPair):
         return counts
 
 
+TCP_COUNTERS = ("TcpOutSegs", "TcpRetransSegs", "TcpExtTCPTimeouts", "TcpExtTCPLossProbes")
+
+
+def tcp_counters(path: NetnsPair, side: str) -> dict[str, int]:
+    """The kernel's TCP counters of one namespace (``nstat``; absolute, history untouched)."""
+    out = path.run(side, ["nstat", "-asz", *TCP_COUNTERS])
+    words = [line.split() for line in out.splitlines() if not line.startswith("#")]
+    return {w[0]: int(w[1]) for w in words if len(w) >= 2}
+
+
 def host_address(i: int) -> str:
     """The i-th source address of :meth:`Bottleneck.many_hosts` (10.214.0.1, ...)."""
     return f"10.214.{i // 250}.{i % 250 + 1}"
