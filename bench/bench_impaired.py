@@ -25,6 +25,13 @@ one-byte "go" on the established connection to the last byte. Both include one
 round trip before the first data byte (READY -> START; "go" -> first segment), and
 neither includes connection setup. Median of ``--runs``
 (3; ``--quick``: 1). Without root, namespaces or netem it prints why and skips.
+
+A second table puts competing flows on the 20 Mbit/s path (issue 10 tests (b), (c)
+and (e); the same measurements as ``tests/netns/test_competing_flows.py``), counted
+where the bytes arrive (``bench/flows.py``): two vcomp flows 5 s apart (Jain's
+index over the last 20 s), vcomp against Linux CUBIC each way round (vcomp:TCP),
+and 200 agents started at once, one 256 KiB job each (goodput to the last job as a
+share of the link). ``--quick`` halves the window and runs 50 agents.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import functools
 import itertools
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -46,8 +54,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable as a package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import common
-from bench.netns import A_ADDR, Bottleneck, NetnsPair, PathSpec, enter, probe
+from bench import common, flows
+from bench.netns import A_ADDR, Bottleneck, NetnsPair, PathSpec, enter, probe, tcp_counters
 
 from vcomp.agent.enrolment import format_enrolment, parse_enrolment
 from vcomp.agent.measure import golden_measurement
@@ -101,6 +109,7 @@ SMALL_JOB_BYTES = 2048
 SMALL_JOBS = 200
 RUN_TIMEOUT = 300.0
 TCP_READ = 256 * KIB
+TCP_CONGESTION = b"cubic"
 
 
 @dataclass
@@ -146,19 +155,28 @@ class _ServerSide:
             return await self._vcomp_start(*args)
         if kind == "tcp_start":
             return await self._tcp_start(*args)
+        if kind == "batch":
+            return await self._batch()
         if kind == "stop":
             await self._stop()
             return None
         raise ValueError(f"unknown command {kind!r}")
 
-    async def _vcomp_start(self, window: int, blob: bytes, jobs: int) -> common.AgentIdentity:
+    async def _vcomp_start(
+        self, window: int, blob: bytes, jobs: int, sessions: int = 1
+    ) -> common.AgentIdentity:
+        """A server with ``jobs`` jobs of ``blob``; one enrolled TPM for ``sessions``
+        agents at once (a bench shortcut: enrolling 200 TPMs costs 25 s)."""
         self.home = Path(tempfile.mkdtemp(prefix="vcomp-impaired-"))
         fingerprint = init_server_home(self.home / "server")
+        config = load_server_config(self.home / "server")
         config = dataclasses.replace(
-            load_server_config(self.home / "server"),
+            config,
             bind_host=A_ADDR,
             bind_port=0,
             window=window,
+            max_sessions_per_agent=max(sessions, config.max_sessions_per_agent),
+            max_leases_per_agent=max(sessions, config.max_leases_per_agent),
         )
         server = self.server = OrganisationServer(config)
         server.store.allow_measurement(golden_measurement(common.POLICY).format(), "bench")
@@ -178,15 +196,38 @@ class _ServerSide:
             assert task is not None
             self.senders.add(task)
             task.add_done_callback(self.senders.discard)
-            await reader.readexactly(1)  # "go": like vcomp's READY before START
-            writer.write(payload)
-            await writer.drain()
-            await reader.read(1)  # the receiver closes once it has everything
-            writer.close()
+            try:
+                await reader.readexactly(1)  # "go": like vcomp's READY before START
+                writer.write(payload)
+                await writer.drain()
+                await reader.read(1)  # the receiver closes once it has everything
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass  # a competing-flows run stops its receivers mid-transfer
+            finally:
+                writer.close()
 
         self.tcp = await asyncio.start_server(send, A_ADDR, 0)
-        port: int = self.tcp.sockets[0].getsockname()[1]
+        listener = self.tcp.sockets[0]
+        # Linux CUBIC, whatever the host's default; accepted connections inherit it.
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, TCP_CONGESTION)
+        port: int = listener.getsockname()[1]
         return port
+
+    async def _batch(self) -> dict[str, int]:
+        """The store's count of the batch's jobs (done, failed, queued, leased, total)
+        and the packets the server sent again."""
+        server = self.server
+        assert server is not None and server.endpoint is not None
+        store = server.store
+        status = await server.committer.run(lambda: store.batch_status(store.newest_batch_id()))
+        return {
+            "total": status.total,
+            "done": status.done,
+            "failed": status.failed,
+            "queued": status.queued,
+            "leased": status.leased,
+            "retransmissions": server.endpoint.retransmissions(),
+        }
 
     async def _stop(self) -> None:
         if self.server is not None:
@@ -228,6 +269,10 @@ class _AgentSide:
             return await self._tcp(*args)
         if kind == "small_jobs":
             return await self._small_jobs(*args)
+        if kind == "compete":
+            return await self._compete(*args)
+        if kind == "fleet":
+            return await self._fleet(*args)
         raise ValueError(f"unknown command {kind!r}")
 
     async def _small_jobs(self, identity: common.AgentIdentity, jobs: int) -> Any:
@@ -271,6 +316,27 @@ class _AgentSide:
             compute=_no_work,
             on_event=on_event,
         )
+
+    async def _compete(self, specs: Sequence[tuple[Any, ...]], seconds: float) -> flows.Samples:
+        """Flows started at their offsets and sampled together: each spec is
+        ``("vcomp", identity, at)`` or ``("tcp", host, port, nbytes, at)``."""
+        competing: list[flows.Flow] = []
+        for i, (kind, *args) in enumerate(specs):
+            if kind == "vcomp":
+                make = functools.partial(self._agent, args[0])
+                competing.append(flows.VcompFlow(f"vcomp{i}", make))
+            else:
+                competing.append(flows.TcpFlow(f"tcp{i}", *args[:3]))
+        return await flows.compete(competing, [spec[-1] for spec in specs], seconds)
+
+    async def _fleet(self, identity: common.AgentIdentity, agents: int, jobs: int) -> Any:
+        """``agents`` protocol-only agents (own UDP socket and session each) started at
+        once, until ``jobs`` results are committed."""
+        fleet = [
+            flows.VcompFlow(f"agent{i}", functools.partial(self._agent, identity))
+            for i in range(agents)
+        ]
+        return await flows.fleet(fleet, jobs, RUN_TIMEOUT)
 
     async def _vcomp(self, identity: common.AgentIdentity, nbytes: int) -> float:
         marks: dict[str, Any] = {}
@@ -420,6 +486,7 @@ def run(*, quick: bool = False, runs: int | None = None) -> dict[str, Any]:
         )
     figures["rows"] = [r.figures() for r in rows]
     figures["small_jobs"] = measure_small_jobs(SMALL_JOBS // 4 if quick else SMALL_JOBS)
+    figures["competing"] = measure_competing(quick=quick)
     return figures
 
 
@@ -460,7 +527,233 @@ def measure_small_jobs(jobs: int) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------- competing flows
+
+COMPETING_PATH = PathSpec(rate="20mbit", rtt_ms=40.0, queue_bytes=100_000)
+LINK_BYTES_S = 20e6 / 8
+FLOW_GAP = 5.0  # issue 10 (b): the second flow starts 5 s after the first
+SETTLE = 2.0  # after the later flow starts (handshake, slow start), before the window opens
+WINDOW = 20.0  # shares over the last 20 s of the overlap
+JAIN_TARGET = 0.9
+TCP_RATIO_BOUNDS = (0.5, 2.0)  # vcomp's share against TCP's
+MANY_AGENTS = 200
+MANY_AGENTS_JOB = 256 * KIB  # 200 of them: 52 MB, about 21 s of the link
+MANY_AGENTS_TARGET = 0.70
+
+
+def competing_bytes(window: float) -> int:
+    """More than the link carries in the whole run: no flow can end inside the window."""
+    return int(LINK_BYTES_S * (FLOW_GAP + SETTLE + window) * 1.2)
+
+
+def _workers(path: NetnsPair) -> tuple[common.Worker, common.Worker]:
+    server = common.Worker(functools.partial(server_side_main, path.ns["a"]))
+    agent = common.Worker(functools.partial(agent_side_main, path.ns["b"]))
+    return server, agent
+
+
+async def _compete_on(
+    path: NetnsPair, *, tcp: str | None, window: float
+) -> tuple[flows.Samples, int]:
+    """Two flows, the second FLOW_GAP s after the first: two vcomp flows (``tcp`` None),
+    or vcomp and TCP (``tcp``: "first" or "second", when the TCP flow starts). Returns
+    the samples and the packets the vcomp server sent again."""
+    size = competing_bytes(window)
+    server, agent = _workers(path)
+    try:
+        blob = os.urandom(size)
+        identity = await server.ask(("vcomp_start", DEFAULT_WINDOW, blob, 2))
+        try:
+            specs: list[tuple[Any, ...]]
+            if tcp is None:
+                specs = [("vcomp", identity, 0.0), ("vcomp", identity, FLOW_GAP)]
+            else:
+                port = await server.ask(("tcp_start", blob))
+                tcp_at = 0.0 if tcp == "first" else FLOW_GAP
+                specs = [
+                    ("vcomp", identity, FLOW_GAP - tcp_at),
+                    ("tcp", A_ADDR, port, size, tcp_at),
+                ]
+            seconds = FLOW_GAP + SETTLE + window
+            samples: flows.Samples = await agent.ask(("compete", specs, seconds))
+            retransmissions = (await server.ask(("batch",)))["retransmissions"]
+        finally:
+            await server.ask(("stop",))
+    finally:
+        await common.close_all([server, agent])
+    return samples, retransmissions
+
+
+def _queue_delta(path: Bottleneck, before: dict[str, dict[str, int]]) -> dict[str, int]:
+    """What m's queue towards the agents did since ``before``."""
+    after = path.queue_counts()["b"]
+    return {k: after[k] - before["b"][k] for k in after}
+
+
+def _shares(samples: flows.Samples, window: float) -> dict[str, Any]:
+    shares = flows.window_bytes(samples, window)
+    seconds = flows.window_seconds(samples, window)
+    intervals = flows.interval_jain(samples, window)
+    return {
+        "flows": samples.names,
+        "window_s": seconds,
+        "bytes": shares,
+        "mbit_s": [b * 8 / seconds / 1e6 for b in shares],
+        "link_use": sum(shares) / seconds / LINK_BYTES_S,
+        "jain": flows.jain_index(shares),
+        "interval_jain_median": common.median(intervals),
+        "interval_jain_min": min(intervals, default=float("nan")),
+        "samples": dataclasses.asdict(samples),
+    }
+
+
+def measure_fairness(path: Bottleneck, *, window: float = WINDOW) -> dict[str, Any]:
+    """Issue 10 test (b): two vcomp flows FLOW_GAP s apart, Jain's index over the last
+    ``window`` s (from the bytes each agent took in, sampled together)."""
+    before = path.queue_counts()
+    samples, retransmissions = asyncio.run(_compete_on(path, tcp=None, window=window))
+    out = _shares(samples, window)
+    out.update(
+        queue=_queue_delta(path, before), vcomp_retransmissions=retransmissions, target=JAIN_TARGET
+    )
+    return out
+
+
+def measure_tcp_friendliness(
+    path: Bottleneck, *, tcp: str = "first", window: float = WINDOW
+) -> dict[str, Any]:
+    """Issue 10 test (c): one vcomp flow against one Linux CUBIC flow, the one named by
+    ``tcp`` ("first" or "second") starting first; vcomp's bytes / TCP's over the window."""
+    before = path.queue_counts()
+    tcp_before = tcp_counters(path, "a")
+    samples, retransmissions = asyncio.run(_compete_on(path, tcp=tcp, window=window))
+    out = _shares(samples, window)
+    vcomp_bytes, tcp_bytes = out["bytes"]
+    tcp_after = tcp_counters(path, "a")
+    out.update(
+        tcp=tcp,
+        tcp_sender={k: tcp_after[k] - tcp_before.get(k, 0) for k in tcp_after},
+        vcomp_retransmissions=retransmissions,
+        ratio=vcomp_bytes / tcp_bytes if tcp_bytes else float("inf"),
+        queue=_queue_delta(path, before),
+        offloads=path.offloads,
+        bounds=TCP_RATIO_BOUNDS,
+    )
+    return out
+
+
+async def _many_agents_on(path: NetnsPair, agents: int, job_bytes: int) -> Any:
+    server, agent = _workers(path)
+    try:
+        blob = os.urandom(job_bytes - 2)  # the input, b"{}", makes up the rest
+        identity = await server.ask(("vcomp_start", DEFAULT_WINDOW, blob, agents, agents))
+        try:
+            run: flows.FleetRun = await agent.ask(("fleet", identity, agents, agents))
+            batch = await server.ask(("batch",))
+        finally:
+            await server.ask(("stop",))
+    finally:
+        await common.close_all([server, agent])
+    return run, batch
+
+
+def measure_many_agents(
+    path: Bottleneck, *, agents: int = MANY_AGENTS, job_bytes: int = MANY_AGENTS_JOB
+) -> dict[str, Any]:
+    """Issue 10 test (e): ``agents`` protocol-only agents (one process, one UDP socket
+    and session each) start at once against one server, one job of ``job_bytes`` each.
+    Goodput: all job bytes over the time from the start to the last job received.
+    Each agent's UDP flow leaves with a source address of its own (``many_hosts``),
+    as from 200 machines: the server limits half-open handshakes per address."""
+    path.many_hosts(agents)
+    before = path.queue_counts()
+    run, batch = asyncio.run(_many_agents_on(path, agents, job_bytes))
+    queue = _queue_delta(path, before)
+    last = run.received_at[-1] if run.received_at else float("nan")
+    seconds = last - run.begin
+    # The bulk: until 90% of the job bytes were in (the last jobs' tail shows apart).
+    totals = [row[0] for row in run.samples.delivered]
+    bulk = next(
+        (t for t, d in zip(run.samples.times, totals, strict=True) if d >= 0.9 * run.job_bytes),
+        float("nan"),
+    )
+    return {
+        "agents": agents,
+        "jobs": agents,
+        "job_bytes": job_bytes,
+        "received": len(run.received_at),
+        "committed": run.committed,
+        "failed": run.failed,
+        "store": batch,
+        "seconds": seconds,
+        "first_job_s": run.received_at[0] - run.begin if run.received_at else float("nan"),
+        "connected_s": sorted(t - run.begin for t in run.connected_at if t is not None),
+        "received_s": [t - run.begin for t in run.received_at],
+        "goodput_bytes_s": run.job_bytes / seconds,
+        "link_use": run.job_bytes / seconds / LINK_BYTES_S,
+        "bulk_link_use": 0.9 * run.job_bytes / (bulk - run.begin) / LINK_BYTES_S,
+        "delivered_bytes": run.job_bytes,
+        "queue": queue,
+        # What the link carried that was the jobs themselves (headers, handshakes,
+        # ACKs and retransmissions are the rest): low when the link carries waste.
+        "useful_share": run.job_bytes / queue["bytes"] if queue["bytes"] else float("nan"),
+        "target": MANY_AGENTS_TARGET,
+        "samples": dataclasses.asdict(run.samples),
+    }
+
+
+def measure_competing(*, quick: bool = False) -> dict[str, Any]:
+    """Tests (b), (c) both ways round and (e) as bench rows, each on a fresh path."""
+    window = WINDOW / 2 if quick else WINDOW
+    out: dict[str, Any] = {"path": dataclasses.asdict(COMPETING_PATH)}
+    with Bottleneck(COMPETING_PATH) as path:
+        out["fairness"] = measure_fairness(path, window=window)
+    for tcp in ("first", "second"):
+        with Bottleneck(COMPETING_PATH) as path:
+            out[f"tcp_{tcp}"] = measure_tcp_friendliness(path, tcp=tcp, window=window)
+    if shutil.which("nft") is None:
+        out["many_agents"] = {"skipped": "nft not installed (package nftables)"}
+        return out
+    with Bottleneck(COMPETING_PATH) as path:
+        agents = MANY_AGENTS // 4 if quick else MANY_AGENTS
+        out["many_agents"] = measure_many_agents(path, agents=agents)
+    return out
+
+
 # ---------------------------------------------------------------------- reporting
+
+
+def competing_table(competing: dict[str, Any]) -> list[list[object]]:
+    """Issue 10 tests (b), (c) and (e) as rows: what, flows' Mbit/s, link use, figure,
+    target, verdict."""
+    rows: list[list[object]] = []
+    fair = competing["fairness"]
+    rates = " / ".join(f"{r:.1f}" for r in fair["mbit_s"])
+    rows.append(
+        ["(b) 2 vcomp, 5 s apart", rates, f"{fair['link_use']:.0%}", "Jain",
+         fair["jain"], f">= {fair['target']}", common.verdict(fair["jain"], fair["target"])]
+    )  # fmt: skip
+    for tcp in ("first", "second"):
+        f = competing[f"tcp_{tcp}"]
+        rates = " / ".join(f"{r:.1f}" for r in f["mbit_s"])
+        low, high = f["bounds"]
+        ok = "met" if low <= f["ratio"] <= high else "MISSED"
+        rows.append(
+            [f"(c) vcomp + TCP cubic, TCP {tcp}", rates, f"{f['link_use']:.0%}",
+             "vcomp:TCP", f["ratio"], f"{low}-{high}x", ok]
+        )  # fmt: skip
+    many = competing["many_agents"]
+    if "skipped" in many:
+        rows.append(["(e) 200 agents at once", "-", "-", "goodput", "-", "-", many["skipped"]])
+    else:
+        done = many["store"]["done"]
+        rows.append(
+            [f"(e) {many['agents']} agents at once ({done} jobs done)",
+             f"{many['goodput_bytes_s'] * 8 / 1e6:.1f} total",
+             f"{many['link_use']:.0%}", "goodput/link", many["link_use"],
+             f">= {many['target']}", common.verdict(many["link_use"], many["target"])]
+        )  # fmt: skip
+    return rows
 
 
 def print_report(figures: dict[str, Any]) -> None:
@@ -515,6 +808,35 @@ def print_report(figures: dict[str, Any]) -> None:
         "Transfer over a real impaired link (veth between two network namespaces), server -> agent",
         columns,
         table,
+        notes,
+    )
+    competing = figures.get("competing")
+    if competing:
+        print_competing(competing)
+
+
+def print_competing(competing: dict[str, Any]) -> None:
+    many = competing["many_agents"]
+    notes = [
+        f"flows sampled every {flows.SAMPLE_INTERVAL} s on the receiving side (application "
+        f"bytes: job bytes taken in order, TCP bytes read); shares over the last "
+        f"{competing['fairness']['window_s']:.0f} s of the overlap; GRO/GSO/TSO "
+        f"{competing['tcp_first']['offloads']} on the path's veths",
+    ]
+    if "skipped" not in many:
+        c = many["connected_s"]
+        notes.append(
+            f"(e): {many['agents']} protocol-only agents in one process, one UDP socket, "
+            f"session and source address each; {many['job_bytes'] // KIB} KiB jobs; all "
+            f"connected within {c[-1]:.1f} s; last job at {many['seconds']:.1f} s; the first "
+            f"90% of the bytes at {many['bulk_link_use']:.0%} of the link; "
+            f"job bytes / link bytes {many['useful_share']:.2f}; queue dropped "
+            f"{many['queue']['dropped']} of {many['queue']['packets'] + many['queue']['dropped']}"
+        )
+    common.print_table(
+        "Competing flows on 20 Mbit/s, 40 ms RTT, 1-BDP queue (issue 10 tests b, c, e)",
+        ["test", "flows Mbit/s", "link use", "figure", "value", "target", "verdict"],
+        competing_table(competing),
         notes,
     )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # imported from a script in bench/: make `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.netns.bottleneck import Bottleneck, PathSpec
+from tests.netns.bottleneck import Bottleneck, PathSpec, tcp_counters
 from tests.netns.nslib import A_ADDR, B_ADDR, NetnsPair, Support, enter, probe, sweep_stale
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "enter",
     "probe",
     "sweep_stale",
+    "tcp_counters",
 ]

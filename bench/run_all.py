@@ -181,7 +181,41 @@ def impaired_goals(d: dict[str, Any]) -> list[Goal]:
     return [
         {"issue": 5, "goal": text, "status": "measured", "note": "no numeric target"},
         goal(10, utilisation, bottleneck["link_use"], 0.85),
+        *competing_goals(d.get("competing")),
     ]
+
+
+FAIRNESS = "(b) two vcomp flows 5 s apart: Jain's fairness >= 0.9 over the last 20 s"
+FRIENDLY = "(c) one vcomp flow against Linux CUBIC, TCP {}: vcomp's share 0.5x-2x TCP's"
+MANY = "(e) 200 agents (quick: 50) at once through 20 Mbit/s: goodput >= 70% of the link"
+
+
+def competing_goals(c: dict[str, Any] | None) -> list[Goal]:
+    """Issue 10 tests (b), (c) both orders and (e), from bench_impaired's competing flows."""
+    texts = [FAIRNESS, FRIENDLY.format("first"), FRIENDLY.format("second"), MANY]
+    if not c:
+        return [not_run(10, t, "competing flows missing") for t in texts]
+    out = [goal(10, FAIRNESS, c["fairness"]["jain"], c["fairness"]["target"])]
+    for tcp in ("first", "second"):
+        f = c[f"tcp_{tcp}"]
+        low, high = f["bounds"]
+        status = "met" if low <= f["ratio"] <= high else "missed"
+        text = FRIENDLY.format(tcp)
+        out.append(
+            {
+                "issue": 10,
+                "goal": text,
+                "value": f["ratio"],
+                "target": f"{low}-{high}",
+                "status": status,
+            }
+        )
+    many = c["many_agents"]
+    if "skipped" in many:
+        out.append(not_run(10, MANY, many["skipped"]))
+    else:
+        out.append(goal(10, MANY, many["link_use"], many["target"]))
+    return out
 
 
 def own_goals(issue: int) -> GoalReader:
@@ -311,9 +345,13 @@ SUITE: tuple[Bench, ...] = (
         (
             "transfer over an impaired veth path (10 ms/1%, 20 ms/5%; netem or the delay line)",
             "one vcomp flow through 20 Mbit/s at 40 ms RTT: goodput >= 85% of the link",
+            FAIRNESS,
+            FRIENDLY.format("first"),
+            FRIENDLY.format("second"),
+            MANY,
         ),
-        120,
-        600,
+        300,  # the competing flows (issue 10 b, c, e) add about 1 minute quick, 3 full
+        900,
     ),
     Bench(
         "efficiency",

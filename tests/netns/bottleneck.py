@@ -17,6 +17,7 @@ across it unchanged. Stdlib only, like nslib, so ``bench/`` can use it.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ M_B_ADDR = "10.213.0.6"
 PREFIX_LEN = 30
 ROUTE_TABLE = "100"
 DELAYLINE = Path(__file__).with_name("delayline.py")
+HOSTS_PREFIX = "10.214.0.0/16"  # source addresses of Bottleneck.many_hosts
+MAX_HOSTS = 250 * 250
 READY_TIMEOUT = 10.0
 
 
@@ -65,6 +68,7 @@ class Bottleneck(NetnsPair):
         self.addr = {"a": A_ADDR, "b": B_SIDE_ADDR}
         self._delayline: subprocess.Popen[str] | None = None
         self.delayline_report = ""
+        self.offloads = "on"  # GRO/GSO/TSO of the path's veths: see _offloads_off
 
     def create(self) -> None:
         for side in ("a", "m", "b"):
@@ -81,11 +85,25 @@ class Bottleneck(NetnsPair):
             _run([*ip, "route", "add", "default", "via", m_addr])
             _run(["ip", "-n", m, "addr", "add", f"{m_addr}/{PREFIX_LEN}", "dev", self.dev[m_dev]])
             _run(["ip", "-n", m, "link", "set", self.dev[m_dev], "up"])
+        self._offloads_off()
         self._start_delayline()
         self._route_through_delayline()
         if self.spec.rate is not None:
             for m_dev in ("ma", "mb"):
                 self._shape(self.dev[m_dev], self.spec.rate)
+
+    def _offloads_off(self) -> None:
+        """GRO, GSO and TSO off on every veth of the path, so each packet crosses the
+        delay line and the queues as itself, as on a real link (TSO would hand the path
+        64 KB TCP super-packets). Without ethtool they stay on: :attr:`offloads` says so
+        (the TUN device segments them anyway: the delay line's ``largest`` shows it)."""
+        if shutil.which("ethtool") is None:
+            self.offloads = "on (ethtool not installed)"
+            return
+        for side, dev in (("a", "a"), ("m", "ma"), ("m", "mb"), ("b", "b")):
+            off = ["gro", "off", "gso", "off", "tso", "off"]
+            self.run(side, ["ethtool", "-K", self.dev[dev], *off])
+        self.offloads = "off"
 
     def _start_delayline(self) -> None:
         spec = self.spec
@@ -123,6 +141,32 @@ class Bottleneck(NetnsPair):
             "burst", "4500", "limit", str(self.spec.queue_bytes),
         )  # fmt: skip
 
+    def many_hosts(self, count: int) -> None:
+        """Make namespace b look like ``count`` hosts to the server: each new UDP flow
+        (a socket's address pair) from b to a leaves with the next of ``count`` source
+        addresses, round robin (nftables SNAT; conntrack maps the replies back), and m
+        routes those addresses to b. One process's many agents then pass per-address
+        limits as many machines would. Needs ``nft``."""
+        if not 0 < count <= MAX_HOSTS:
+            raise ValueError(f"count must be 1..{MAX_HOSTS}")
+        if shutil.which("nft") is None:
+            raise RuntimeError("nft not installed (package nftables): cannot emulate many hosts")
+        hosts = ", ".join(f"{i} : {host_address(i)}" for i in range(count))
+        snat = f"snat to numgen inc mod {count} map {{ {hosts} }}"
+        rules = f"""
+            table ip hosts {{
+                chain out {{
+                    type nat hook postrouting priority srcnat; policy accept;
+                    ip daddr {self.addr["a"]} meta l4proto udp {snat}
+                }}
+            }}
+        """
+        subprocess.run(
+            self.argv("b", ["nft", "-f", "-"]), input=rules, text=True, check=True,
+            capture_output=True,
+        )  # fmt: skip
+        self.run("m", ["ip", "route", "add", HOSTS_PREFIX, "via", B_SIDE_ADDR])
+
     def close(self) -> None:
         line, self._delayline = self._delayline, None
         if line is not None:
@@ -137,22 +181,48 @@ class Bottleneck(NetnsPair):
         super().close()
 
     def delayline_counts(self) -> dict[str, int]:
-        """``passed`` and ``dropped`` as the delay line reported them at :meth:`close`."""
+        """``passed``, ``dropped`` and ``largest`` (bytes) as the delay line reported
+        them at :meth:`close`."""
         words = self.delayline_report.split()
         return {k: int(v) for k, v in (w.split("=", 1) for w in words if "=" in w)}
 
     def queue_drops(self) -> dict[str, int]:
         """Packets each of m's ``tbf`` queues dropped so far (towards a, towards b)."""
-        drops = {}
+        return {side: counts["dropped"] for side, counts in self.queue_counts().items()}
+
+    def queue_counts(self) -> dict[str, dict[str, int]]:
+        """What each of m's ``tbf`` queues did so far (towards a, towards b): ``bytes``
+        and ``packets`` it sent on, ``dropped`` packets."""
+        counts = {}
         for side, m_dev in (("a", "ma"), ("b", "mb")):
             text = self.tc("m", "-s", "qdisc", "show", "dev", self.dev[m_dev])
-            drops[side] = _dropped(text)
-        return drops
+            counts[side] = tc_queue_counts(text)
+        return counts
 
 
-def _dropped(tc_stats: str) -> int:
+TCP_COUNTERS = ("TcpOutSegs", "TcpRetransSegs", "TcpExtTCPTimeouts", "TcpExtTCPLossProbes")
+
+
+def tcp_counters(path: NetnsPair, side: str) -> dict[str, int]:
+    """The kernel's TCP counters of one namespace (``nstat``; absolute, history untouched)."""
+    out = path.run(side, ["nstat", "-asz", *TCP_COUNTERS])
+    words = [line.split() for line in out.splitlines() if not line.startswith("#")]
+    return {w[0]: int(w[1]) for w in words if len(w) >= 2}
+
+
+def host_address(i: int) -> str:
+    """The i-th source address of :meth:`Bottleneck.many_hosts` (10.214.0.1, ...)."""
+    return f"10.214.{i // 250}.{i % 250 + 1}"
+
+
+def tc_queue_counts(tc_stats: str) -> dict[str, int]:
+    """`` Sent 8771710 bytes 5803 pkt (dropped 151, overlimits ...`` -> the three numbers."""
     for line in tc_stats.splitlines():
-        if "dropped" in line:
-            after = line.split("dropped", 1)[1].strip()
-            return int(after.split(",", 1)[0])
-    return 0
+        words = line.replace("(", " ").replace(",", " ").split()
+        if words[:1] == ["Sent"] and "dropped" in words:
+            return {
+                "bytes": int(words[1]),
+                "packets": int(words[3]),
+                "dropped": int(words[words.index("dropped") + 1]),
+            }
+    return {"bytes": 0, "packets": 0, "dropped": 0}

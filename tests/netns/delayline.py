@@ -9,7 +9,9 @@ IP packet the kernel routes into the device for D ms (plus a uniform draw from
 of them at random, and writes the rest back into the device, where the kernel
 forwards them on. Both directions pass through it, so the path's RTT is 2 * D.
 
-SIGTERM or SIGINT prints ``passed=N dropped=M`` and exits 0. Stdlib only.
+SIGTERM or SIGINT prints ``passed=N dropped=M largest=L`` (L: the largest packet
+admitted, in bytes: above the MTU means offloads merged segments upstream) and exits
+0. Stdlib only.
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ class DelayLine:
         self.sequence = 0
         self.passed = 0
         self.dropped = 0
+        self.largest = 0
 
     def admit(self, packet: bytes, now: float) -> None:
+        if len(packet) > self.largest:
+            self.largest = len(packet)
         if self.loss and self.rng.random() < self.loss:
             self.dropped += 1
             return
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         args.delay_ms / 1000, args.jitter_ms / 1000, args.loss, random.Random(args.seed)
     )
     serve(fd, line, stop)
-    print(f"passed={line.passed} dropped={line.dropped}", flush=True)
+    print(f"passed={line.passed} dropped={line.dropped} largest={line.largest}", flush=True)
     return 0
 
 

@@ -4,11 +4,13 @@ The figures checked are bounds the path guarantees whatever the machine's load:
 a round trip never beats the delay line, a transfer never beats the rate limit,
 and the seeded loss drops exactly what the delay line reports. The goodput and
 fairness figures of vcomp flows across this path are benchmarks
-(``bench/bench_bottleneck.py``), not tests.
+(``bench/bench_impaired.py``); the fairness tests judge byte shares
+(``test_competing_flows.py``).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.bottleneck import Bottleneck
+from tests.netns.bottleneck import Bottleneck, host_address, tc_queue_counts
 from tests.netns.cluster import Cluster
 from tests.netns.test_pi_batch import run_pi_batch
 
@@ -91,6 +93,59 @@ for i in range(int(sys.argv[3])):
     s.sendto(b"x" * 100, (sys.argv[1], int(sys.argv[2])))
     time.sleep(0.001)
 """
+HOSTS_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5102))
+s.settimeout(3.0)
+print("ready", flush=True)
+seen = set()
+try:
+    while True:
+        data, peer = s.recvfrom(100)
+        seen.add(peer[0])
+        s.sendto(data, peer)
+except TimeoutError:
+    pass
+print(" ".join(sorted(seen)))
+"""
+HOSTS_CLIENTS = """
+import socket, sys
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(int(sys.argv[2]))]
+for s in socks:
+    s.connect((sys.argv[1], 5102))
+    s.settimeout(3.0)
+    s.send(b"x")
+replies = 0
+for s in socks:
+    try:
+        replies += s.recv(10) == b"x"
+    except TimeoutError:
+        pass
+print(replies)
+"""
+SIZES_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5103))
+s.settimeout(2.0)
+print("ready", flush=True)
+sizes = []
+try:
+    while True:
+        sizes.append(len(s.recv(65535)))
+except TimeoutError:
+    pass
+print(" ".join(map(str, sizes)))
+"""
+OVERSIZE_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 5103))
+s.send(bytes(3000))  # one datagram over the MTU: the sender's IP fragments it
+s.setsockopt(socket.SOL_UDP, 103, 1200)  # UDP_SEGMENT: one 12000-byte send, ten datagrams
+s.send(bytes(12000))
+"""
 UDP_END = """
 import socket, sys
 socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"end", (sys.argv[1], int(sys.argv[2])))
@@ -152,6 +207,45 @@ def test_seeded_loss_drops_what_the_delay_line_reports(
     print(f"\n500 datagrams at 20% loss: {received} arrived, delay line {counts}")
     assert received + counts["dropped"] in (500, 501)  # 501 when "end" itself was lost
     assert 300 <= received <= 450  # 20% of 500 = 100 +- about 5 sigma
+
+
+def test_many_hosts_gives_each_flow_its_own_source_address(
+    make_bottleneck: Callable[..., Bottleneck],
+) -> None:
+    path = make_bottleneck(rtt_ms=2.0)
+    if shutil.which("nft") is None:
+        pytest.skip("nft not installed (package nftables)")
+    path.many_hosts(50)
+    server = start(path, "a", HOSTS_SERVER, path.addr["a"])
+    # 60 sockets: the 51st flow wraps round to the first address.
+    replies = int(path.run("b", [sys.executable, "-c", HOSTS_CLIENTS, path.addr["a"], "60"]))
+    seen = server.communicate(timeout=30)[0].split()
+    assert replies == 60  # every reply found its socket back through the NAT
+    assert sorted(seen) == sorted(host_address(i) for i in range(50))
+
+
+def test_no_packet_crosses_the_delay_line_bigger_than_the_mtu(
+    make_bottleneck: Callable[..., Bottleneck],
+) -> None:
+    """A datagram over the MTU crosses as IP fragments, a UDP GSO send as its segments:
+    each is delayed (and could be lost or queued) on its own, as on a real link."""
+    path = make_bottleneck(rate=None, rtt_ms=4.0)
+    sink = start(path, "a", SIZES_SINK, path.addr["a"])
+    path.run("b", [sys.executable, "-c", OVERSIZE_SEND, path.addr["a"]])
+    sizes = [int(word) for word in sink.communicate(timeout=30)[0].split()]
+    path.close()
+    assert sizes == [3000] + [1200] * 10
+    assert path.delayline_counts()["largest"] <= 1500, path.delayline_report
+
+
+def test_queue_counts_read_tc_statistics() -> None:
+    text = (
+        "qdisc tbf 80f7: root refcnt 3 rate 20Mbit burst 4500b lat 38.2ms \n"
+        " Sent 8771710 bytes 5803 pkt (dropped 151, overlimits 17178 requeues 0) \n"
+        " backlog 0b 0p requeues 0\n"
+    )
+    assert tc_queue_counts(text) == {"bytes": 8771710, "packets": 5803, "dropped": 151}
+    assert tc_queue_counts("") == {"bytes": 0, "packets": 0, "dropped": 0}
 
 
 def test_pi_batch_across_a_lossy_bottleneck(

@@ -35,3 +35,11 @@ def test_loss_drops_about_the_configured_fraction() -> None:
     released = line.release(0.0)
     assert line.dropped + len(released) == 4000
     assert 900 <= line.dropped <= 1100  # 1000 +- about 7 sigma
+
+
+def test_the_largest_packet_admitted_is_reported() -> None:
+    """How a test sees that offloads merged segments before the delay line."""
+    line = DelayLine(0.0, 0.0, 0.5, random.Random(2))
+    for size in (60, 1500, 40, 1200):
+        line.admit(bytes(size), now=0.0)
+    assert line.largest == 1500  # dropped packets count too: they reached the line
