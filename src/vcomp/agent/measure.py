@@ -2,18 +2,21 @@
 
 Like a DRTM launch, both PCRs start at zero and are extended exactly once, so their
 values are predictable and can be allow-listed by the server as a golden measurement.
+A real TPM's backend measures into one resettable PCR (23): reset, then the code digest,
+then the policy digest. The golden measurement names the PCRs, so the two differ.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import vcomp
-from vcomp.agent.tpm import SimulatedTpm, TpmError
+from vcomp.agent.tpm import TpmError
+from vcomp.agent.tpm_backend import SIMULATED_PCRS, Tpm
 from vcomp.errors import ConfigError
 from vcomp.protocol import tpm_format as tf
 from vcomp.protocol.attestation import Measurement
@@ -54,19 +57,36 @@ def policy_digest(policy: Mapping[str, Any]) -> bytes:
     return hashlib.sha256(canonical_policy(policy)).digest()
 
 
-def golden_measurement(policy: Mapping[str, Any], code: bytes | None = None) -> Measurement:
-    """The PCR 17/18 values :func:`measured_launch` yields; the server's allowlist entry."""
+def _plan(pcrs: Sequence[int]) -> tuple[int, int]:
+    """(PCR for the code digest, PCR for the policy digest); one PCR takes both in turn."""
+    if len(pcrs) == 2:
+        return pcrs[0], pcrs[1]
+    if len(pcrs) == 1:
+        return pcrs[0], pcrs[0]
+    raise TpmError(f"measured launch needs one or two PCRs, not {list(pcrs)}")
+
+
+def golden_measurement(
+    policy: Mapping[str, Any],
+    code: bytes | None = None,
+    pcrs: Sequence[int] = SIMULATED_PCRS,
+) -> Measurement:
+    """The values :func:`measured_launch` yields in ``pcrs``; the server's allowlist entry."""
     code = code_digest() if code is None else code
-    return Measurement.of(
-        (CODE_PCR, POLICY_PCR),
-        (tf.extend(tf.EMPTY_PCR, code), tf.extend(tf.EMPTY_PCR, policy_digest(policy))),
-    )
+    code_pcr, policy_pcr = _plan(pcrs)
+    values = dict.fromkeys(pcrs, tf.EMPTY_PCR)
+    values[code_pcr] = tf.extend(values[code_pcr], code)
+    values[policy_pcr] = tf.extend(values[policy_pcr], policy_digest(policy))
+    return Measurement.of(tuple(values), tuple(values.values()))
 
 
-def measured_launch(tpm: SimulatedTpm, policy: Mapping[str, Any]) -> Measurement:
-    """Extend PCR 17 with the code digest and PCR 18 with the policy digest, once."""
-    if tpm.read_pcr(CODE_PCR) != tf.EMPTY_PCR or tpm.read_pcr(POLICY_PCR) != tf.EMPTY_PCR:
+def measured_launch(tpm: Tpm, policy: Mapping[str, Any]) -> Measurement:
+    """Extend the TPM's measured PCRs with the code digest, then the policy digest, once."""
+    pcrs = tpm.measured_pcrs
+    code_pcr, policy_pcr = _plan(pcrs)
+    tpm.reset_measured_pcrs()
+    if any(tpm.read_pcr(i) != tf.EMPTY_PCR for i in pcrs):
         raise TpmError("measured launch already done in this TPM power cycle")
-    pcr17 = tpm.extend(CODE_PCR, code_digest())
-    pcr18 = tpm.extend(POLICY_PCR, policy_digest(policy))
-    return Measurement.of((CODE_PCR, POLICY_PCR), (pcr17, pcr18))
+    tpm.extend(code_pcr, code_digest())
+    tpm.extend(policy_pcr, policy_digest(policy))
+    return Measurement.of(pcrs, [tpm.read_pcr(i) for i in pcrs])

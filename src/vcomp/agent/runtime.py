@@ -165,7 +165,8 @@ class Worker:
         session = AgentSession(
             agent_id=self.rt.tpm.agent_id,
             pinned_server=self.rt.pinned,
-            quote=lambda extra, pcrs: self.rt.tpm.quote(extra, pcrs),
+            # The TPM quotes the PCRs its backend measures (17+18 simulated, 23 real).
+            quote=lambda extra, pcrs: self.rt.tpm.quote(extra, self.rt.tpm.measured_pcrs),
             now=loop.time(),
             capacity=cfg.limits.capacity(cfg.preferences.max_memory),
         )

@@ -180,6 +180,13 @@ class SimulatedTpm:
 
     # ------------------------------------------------------------ PCRs and clock
 
+    @property
+    def measured_pcrs(self) -> tuple[int, ...]:
+        return attestation.MEASURED_PCRS
+
+    def reset_measured_pcrs(self) -> None:
+        """PCR 17 and 18 reset only in a DRTM launch; here that is :meth:`open`."""
+
     def read_pcr(self, index: int) -> bytes:
         return self._pcrs[index]
 

@@ -211,6 +211,26 @@ def _check_clock(new: ClockInfo, prev: ClockInfo) -> None:
         raise AttestationError("clock_regressed", f"clock {new.clock} < {prev.clock}")
 
 
+def _quoted_pcrs(
+    quoted: tuple[tf.PcrSelection, ...],
+    requested: Sequence[int],
+    allowlist: Collection[Measurement] | None,
+) -> tuple[int, ...]:
+    """The PCR indices the quote covers: the requested ones or (``allowlist`` given)
+    a selection an allowlisted measurement records."""
+    wanted = (tf.PcrSelection.sha256(requested),)
+    if quoted == wanted:
+        return wanted[0].pcrs
+    known = set() if allowlist is None else {tuple(i for i, _ in m.pcrs) for m in allowlist}
+    if len(quoted) == 1 and quoted[0].hash_alg == tf.TPM_ALG_SHA256 and quoted[0].pcrs in known:
+        return quoted[0].pcrs
+    raise AttestationError(
+        "pcr_selection_mismatch",
+        f"quoted {quoted}, requested {wanted}"
+        + ("" if allowlist is None else f" or an allowlisted selection {sorted(known)}"),
+    )
+
+
 def verify_quote(
     *,
     ak_public_key: rsa.RSAPublicKey | None,
@@ -222,6 +242,7 @@ def verify_quote(
     nonce_book: NonceBook,
     now: float,
     requested_pcrs: Sequence[int] = MEASURED_PCRS,
+    selection_from_allowlist: bool = False,
     allowlist: Collection[Measurement],
     previous_clock: ClockInfo | None,
 ) -> VerifiedQuote:
@@ -230,6 +251,8 @@ def verify_quote(
     ``ak_public_key`` is the enrolled AK looked up by the caller (None: not enrolled).
     ``server_nonce`` is the nonce this session's CHALLENGE carried; it is consumed from
     ``nonce_book`` once the quote is known to be signed and bound to it.
+    ``selection_from_allowlist``: besides ``requested_pcrs``, accept any selection that an
+    allowlisted measurement records (a real TPM measures into PCR 23, not 17+18).
     ``previous_clock`` is this AK's clock info from its last accepted quote; the caller
     stores ``VerifiedQuote.clock_info`` for next time.
     """
@@ -257,12 +280,9 @@ def verify_quote(
         raise AttestationError("nonce_mismatch", "extraData is not H(nonce || ephemeral key)")
     nonce_book.consume(server_nonce, now)
 
-    wanted = (tf.PcrSelection.sha256(requested_pcrs),)
-    if attest.pcr_select != wanted:
-        raise AttestationError(
-            "pcr_selection_mismatch", f"quoted {attest.pcr_select}, requested {wanted}"
-        )
-    indices = wanted[0].pcrs
+    indices = _quoted_pcrs(
+        attest.pcr_select, requested_pcrs, allowlist if selection_from_allowlist else None
+    )
     if len(pcr_values) != len(indices) or any(len(v) != tf.SHA256_SIZE for v in pcr_values):
         raise AttestationError("pcr_digest_mismatch", f"expected {len(indices)} SHA-256 PCR values")
     if not hmac.compare_digest(attest.pcr_digest, tf.pcr_digest(pcr_values)):

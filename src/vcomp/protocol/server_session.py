@@ -175,6 +175,7 @@ class ServerSession:
                 nonce_book=self._nonces,
                 now=now,
                 requested_pcrs=REQUESTED_PCRS,
+                selection_from_allowlist=True,  # a real TPM's agent quotes PCR 23
             )
             session_key = self._random(hs.SESSION_KEY_LEN)
             wrapped = hs.wrap_session_key(attest.ephemeral, session_key)

@@ -42,6 +42,7 @@ class TrustPolicy:
         nonce_book: NonceBook,
         now: float,
         requested_pcrs: Sequence[int] = MEASURED_PCRS,
+        selection_from_allowlist: bool = False,
     ) -> VerifiedQuote:
         """Verify and, on success, remember the quote's clock for next time."""
         verified = verify_quote(
@@ -54,6 +55,7 @@ class TrustPolicy:
             nonce_book=nonce_book,
             now=now,
             requested_pcrs=requested_pcrs,
+            selection_from_allowlist=selection_from_allowlist,
             allowlist=self.allowlist,
             previous_clock=self.clocks.get(agent_id),
         )
