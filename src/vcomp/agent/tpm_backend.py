@@ -91,7 +91,7 @@ class TpmSpec:
         return SIMULATED
 
     def tcti(self) -> tuple[str, str]:
-        """(TCTI name, TCTI config) for the TSS; the swtpm port is its command port."""
+        """(TCTI name, TCTI config) for the TSS; swtpm's control port is PORT + 1."""
         if self.kind == "swtpm":
             return "swtpm", f"host={self.host},port={self.port}"
         if self.kind == "device":
