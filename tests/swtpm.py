@@ -87,7 +87,7 @@ class Swtpm:
                 f"dir={self.state_dir}",
                 "--flags",
                 "not-need-init,startup-clear",
-            ],  # fmt: skip
+            ],
             stdout=log,
             stderr=log,
         )

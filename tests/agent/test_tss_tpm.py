@@ -122,9 +122,11 @@ def test_reopening_keeps_the_identity(sw: swtpm.Swtpm, tmp_path: Path) -> None:
 def test_ak_blob_is_useless_in_another_tpm(sw: swtpm.Swtpm, tmp_path: Path) -> None:
     first = TssTpm.open(sw.spec, tmp_path / "a")
     first.close()
-    with swtpm.running_swtpm(tmp_path / "other-state") as other:
-        with pytest.raises(TpmError, match="refused to load the AK"):
-            TssTpm.open(other.spec, tmp_path / "a")
+    with (
+        swtpm.running_swtpm(tmp_path / "other-state") as other,
+        pytest.raises(TpmError, match="refused to load the AK"),
+    ):
+        TssTpm.open(other.spec, tmp_path / "a")
 
 
 # ---------------------------------------------------------------- PCRs and launch
@@ -183,7 +185,7 @@ def test_tpm2_checkquote_accepts_a_swtpm_quote(tpm: TssTpm, tmp_path: Path) -> N
     args += ["-f", "pcrs.bin", "-l", "sha256:23", "-g", "sha256", "-q", nonce.hex()]
     ok = subprocess.run(args, cwd=out, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(args[:-1] + [bytes(32).hex()], cwd=out, capture_output=True, text=True)
+    bad = subprocess.run([*args[:-1], bytes(32).hex()], cwd=out, capture_output=True, text=True)
     assert bad.returncode != 0  # the check can fail: a different nonce is refused
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -248,9 +249,9 @@ class TssTpm:
                 self._esys.flush_context(session)
             self._esys.flush_context(obj)
 
-    def _call(self, what: str, fn: object, *args: object) -> object:
+    def _call(self, what: str, fn: Callable[..., Any], *args: object) -> Any:
         try:
-            return fn(*args)  # type: ignore[operator]
+            return fn(*args)
         except TSS2_Exception as exc:
             raise TpmError(f"TPM2_{what} failed: {exc}") from None
 
@@ -266,7 +267,7 @@ def _flush_transients(esys: ESAPI) -> None:
 def _create_srk(esys: ESAPI) -> ESYS_TR:
     template = TPM2B_PUBLIC.parse(SRK_TEMPLATE, objectAttributes=SRK_ATTRIBUTES)
     handle, *_ = esys.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)
-    return handle  # type: ignore[no-any-return]
+    return handle
 
 
 def _load_ak(esys: ESAPI, state_dir: Path) -> ESYS_TR:
@@ -280,7 +281,7 @@ def _load_ak(esys: ESAPI, state_dir: Path) -> ESYS_TR:
             _write_private(pub_path, bytes(public.marshal()))
         public = TPM2B_PUBLIC.unmarshal(pub_path.read_bytes())[0]
         private = TPM2B_PRIVATE.unmarshal(priv_path.read_bytes())[0]
-        return esys.load(srk, private, public)  # type: ignore[no-any-return]
+        return esys.load(srk, private, public)
     finally:
         esys.flush_context(srk)
 
