@@ -11,6 +11,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	@# The real-TPM backend builds against libtss2-dev; without it the simulated TPM
+	@# (the default, all `make demo` needs) still works and swtpm tests skip, saying why.
+	if pkg-config --exists tss2-esys 2>/dev/null; then \
+		$(BIN)/python -m pip install -q -e '.[tpm]'; \
+	else echo "note: libtss2-dev missing, tpm2-pytss not installed (only --tpm simulated)"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)
