@@ -65,15 +65,18 @@ def main() -> None:
 def _print_identity(config: AgentConfig) -> None:
     from vcomp.agent.enrolment import format_enrolment
     from vcomp.agent.measure import golden_measurement
-    from vcomp.agent.tpm import SimulatedTpm
 
-    tpm = SimulatedTpm.open(config.tpm_dir)
-    click.echo(f"agent home: {config.home}")
-    click.echo(f"agent id:   {tpm.agent_id.hex()}")
-    click.echo("enrolment line (the organisation runs: vcomp-server enroll LINE):")
-    click.echo(format_enrolment(tpm, config.name))
+    tpm = config.open_tpm()
+    try:
+        click.echo(f"agent home: {config.home}")
+        click.echo(f"tpm:        {config.tpm}")
+        click.echo(f"agent id:   {tpm.agent_id.hex()}")
+        click.echo("enrolment line (the organisation runs: vcomp-server enroll LINE):")
+        click.echo(format_enrolment(tpm, config.name))
+    finally:
+        tpm.close()
     click.echo("golden measurement (vcomp-server allow-measurement TEXT):")
-    click.echo(golden_measurement(config.policy()).format())
+    click.echo(golden_measurement(config.policy(), pcrs=config.measured_pcrs()).format())
 
 
 @main.command()
@@ -94,8 +97,21 @@ def _print_identity(config: AgentConfig) -> None:
     "prints and server.pub holds) or the path of server.pub.",
 )
 @click.option("--force", is_flag=True, help="Rewrite agent.toml in a non-empty DIR; keeps the TPM.")
+@click.option(
+    "--tpm",
+    default="simulated",
+    show_default=True,
+    metavar="simulated|swtpm:HOST:PORT|device[:PATH]",
+    help="Where the attestation key lives: the simulated TPM, a swtpm (control port "
+    "PORT+1) or a TPM device [default device: /dev/tpmrm0]. Real TPMs need the tpm extra.",
+)
 def init(
-    directory: Path, name: str | None, servers: tuple[str, ...], server_key: str, force: bool
+    directory: Path,
+    name: str | None,
+    servers: tuple[str, ...],
+    server_key: str,
+    force: bool,
+    tpm: str,
 ) -> None:
     """Create an agent home in DIRECTORY.
 
@@ -103,7 +119,7 @@ def init(
     prints the enrolment line and the golden measurement to hand to the organisation.
     """
     config = init_agent_home(
-        directory, name=name, servers=servers, server_key=server_key, force=force
+        directory, name=name, servers=servers, server_key=server_key, force=force, tpm=tpm
     )
     _print_identity(config)
     if not (config.servers and config.server_key):
@@ -132,9 +148,12 @@ def enrolment(config_path: Path | None, line_only: bool) -> None:
     config = load_config(config_path)
     if line_only or not sys.stdout.isatty():
         from vcomp.agent.enrolment import format_enrolment
-        from vcomp.agent.tpm import SimulatedTpm
 
-        click.echo(format_enrolment(SimulatedTpm.open(config.tpm_dir), config.name))
+        tpm = config.open_tpm()
+        try:
+            click.echo(format_enrolment(tpm, config.name))
+        finally:
+            tpm.close()
         return
     _print_identity(config)
 
@@ -144,11 +163,13 @@ def enrolment(config_path: Path | None, line_only: bool) -> None:
 def measure(config_path: Path | None) -> None:
     """Print this install's golden measurement.
 
-    PCR 17 measures the agent's code, PCR 18 its sandbox policy.
+    Simulated TPM: PCR 17 measures the agent's code, PCR 18 its sandbox policy. A real
+    TPM: PCR 23 measures both, in that order.
     """
     from vcomp.agent.measure import golden_measurement
 
-    click.echo(golden_measurement(load_config(config_path).policy()).format())
+    config = load_config(config_path)
+    click.echo(golden_measurement(config.policy(), pcrs=config.measured_pcrs()).format())
 
 
 @main.command()
@@ -287,7 +308,7 @@ def resume(config_path: Path | None) -> None:
     "--state",
     "state_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Simulated TPM state directory [default: the agent home's tpm/].",
+    help="Simulated TPM state directory [default: the agent home's TPM].",
 )
 @click.option(
     "--policy",
@@ -312,6 +333,7 @@ def quote(
     """
     from vcomp.agent.measure import measured_launch
     from vcomp.agent.tpm import SimulatedTpm, default_state_dir, write_quote_files
+    from vcomp.agent.tpm_backend import Tpm
 
     try:
         qualifying_data = bytes.fromhex(qualifying_hex)
@@ -326,12 +348,17 @@ def quote(
         policy = policy_override
     else:
         policy = config.policy() if config is not None else {}
-    if state_dir is None:
-        state_dir = config.tpm_dir if config is not None else default_state_dir()
-    tpm = SimulatedTpm.open(state_dir)
-    measured_launch(tpm, policy)
-    write_quote_files(tpm, qualifying_data, out_dir)
-    click.echo(f"quote written to {out_dir}; pcr list sha256:17,18")
+    if state_dir is not None or config is None:
+        tpm: Tpm = SimulatedTpm.open(state_dir or default_state_dir())
+    else:
+        tpm = config.open_tpm()
+    try:
+        measured_launch(tpm, policy)
+        write_quote_files(tpm, qualifying_data, out_dir)
+    finally:
+        tpm.close()
+    pcr_list = ",".join(str(i) for i in tpm.measured_pcrs)
+    click.echo(f"quote written to {out_dir}; pcr list sha256:{pcr_list}")
 
 
 @main.command()

@@ -3,8 +3,10 @@
 Layout of an agent home (``vcomp-agent init DIR``)::
 
     agent.toml   volunteer preferences and limits (see agent/agent.example.toml)
-    tpm/         simulated TPM state: the attestation key (the agent's identity)
-    spool/       0700, unacknowledged results, sealed to PCR 17 and 18
+    tpm/         TPM state: the attestation key (the agent's identity); for a real TPM
+                 (``tpm = "swtpm:HOST:PORT"`` or ``"device:PATH"``) only the AK's
+                 public area and its SRK-wrapped private blob
+    spool/       0700, unacknowledged results, sealed to the measured PCRs
     work/        0700, the sandbox's work root (one directory per running job)
 
 :meth:`AgentConfig.policy` is what PCR 18 measures. It holds only the sandbox's
@@ -32,6 +34,7 @@ from vcomp.agent.modes import MODE_KINDS, ExecutionMode, parse_mode
 from vcomp.agent.preferences.settings import Preferences, render_preferences
 from vcomp.agent.sandbox import REQUIRED_PROTECTIONS, JobLimits
 from vcomp.agent.sandbox.policy import NOBODY
+from vcomp.agent.tpm_backend import SIMULATED, Tpm, TpmSpec, open_tpm
 from vcomp.domain import DEFAULT_MAX_CHECKPOINT
 from vcomp.errors import ConfigError
 from vcomp.protocol import limits
@@ -185,8 +188,10 @@ class AgentConfig:
     limits: VolunteerLimits = field(default_factory=VolunteerLimits)
     sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
     preferences: Preferences = field(default_factory=Preferences)
+    tpm: str = SIMULATED  # simulated | swtpm:HOST:PORT | device:PATH
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tpm", TpmSpec.parse(self.tpm).format())
         if not self.name or len(self.name) > MAX_NAME or not self.name.isprintable():
             raise ConfigError(f"name must be 1-{MAX_NAME} printable characters, got {self.name!r}")
         check_servers(self.servers)
@@ -230,6 +235,17 @@ class AgentConfig:
     @property
     def stats_path(self) -> Path:
         return self.home / STATS_FILE
+
+    # ---- the TPM
+    def tpm_spec(self) -> TpmSpec:
+        return TpmSpec.parse(self.tpm)
+
+    def open_tpm(self) -> Tpm:
+        """Open this agent's TPM backend (close it when done)."""
+        return open_tpm(self.tpm_spec(), self.tpm_dir)
+
+    def measured_pcrs(self) -> tuple[int, ...]:
+        return self.tpm_spec().measured_pcrs
 
     # ---- derived values
     def server_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -389,9 +405,10 @@ def load_agent_config(path: Path) -> AgentConfig:
     try:
         check_sections(doc, ("agent", "limits", "sandbox", "preferences"))
         agent = Table(doc, "agent")
+        tpm = agent.text("tpm", SIMULATED)
         name = agent.text("name", _UNSET)
         if name == _UNSET:  # absent (an empty name stays an error)
-            name = default_name(_agent_id_if_any(file.parent))
+            name = default_name(_agent_id_if_any(file.parent) if tpm == SIMULATED else None)
         servers = _servers_of(agent)
         server_key = agent.text("server_key", "").lower()
         mode = agent.text("mode", "background")
@@ -441,6 +458,7 @@ def load_agent_config(path: Path) -> AgentConfig:
             limits=volunteer,
             sandbox=sandbox,
             preferences=preferences,
+            tpm=tpm,
         )
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None
@@ -504,6 +522,7 @@ def render_agent_toml(config: AgentConfig) -> str:
         _line(f"cpu_percent = {config.cpu_percent}", "throttle"),
         _line(f"core = {config.core}", "dedicated (-1 = unset)"),
         _line(f"cores = {config.cores}", "concurrent jobs (one session per core)"),
+        _line(f"tpm = {_toml_string(config.tpm)}", "simulated | swtpm:HOST:PORT | device:PATH"),
         "",
         _line("[limits]", "the most this volunteer allows any job"),
         f"max_job_bytes = {lim.max_job_bytes}",
@@ -526,6 +545,7 @@ def init_agent_home(
     servers: Sequence[str] = (),
     server_key: str = "",
     force: bool = False,
+    tpm: str = SIMULATED,
 ) -> AgentConfig:
     """Create an agent home (config, TPM identity, spool and work dirs); returns its config.
 
@@ -533,14 +553,13 @@ def init_agent_home(
     keeps an existing TPM, so the agent keeps its identity and enrolment.
     ``server_key`` is a fingerprint or a path to the server's ``server.pub``.
     """
-    from vcomp.agent.tpm import SimulatedTpm
-
     home = Path(dir).expanduser().absolute()
     config = AgentConfig(
         home=home,
         name="agent" if name is None else re.sub(r"\s+", "-", name.strip()),
         servers=normalise_servers(servers),
         server_key=resolve_server_key(server_key) if server_key.strip() else "",
+        tpm=tpm,
     )
     try:
         if home.exists() and not home.is_dir():
@@ -556,9 +575,11 @@ def init_agent_home(
         os.replace(tmp, config.config_path)
     except OSError as exc:
         raise ConfigError(f"cannot initialise {home}: {exc}") from None
-    tpm = SimulatedTpm.open(config.tpm_dir)  # creates the attestation key on first use
+    opened = config.open_tpm()  # creates the attestation key on first use
+    agent_id = opened.agent_id
+    opened.close()
     if name is None:  # the default name needs the agent id, so it is written now
-        named = dataclasses.replace(config, name=default_name(tpm.agent_id))
+        named = dataclasses.replace(config, name=default_name(agent_id))
         try:
             tmp.write_text(render_agent_toml(named), encoding="utf-8")
             os.replace(tmp, config.config_path)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from vcomp.agent.tpm import SimulatedTpm
+from vcomp.agent.tpm_backend import Tpm
 from vcomp.errors import ConfigError
 
 __all__ = ["ENROLMENT_TAG", "Enrolment", "format_enrolment", "parse_enrolment"]
@@ -48,7 +48,7 @@ def enrolment_name(name: str) -> str:
     return cleaned
 
 
-def format_enrolment(tpm: SimulatedTpm, name: str) -> str:
+def format_enrolment(tpm: Tpm, name: str) -> str:
     spki = base64.b64encode(tpm.ak_spki_der).decode("ascii")
     return f"{ENROLMENT_TAG} {tpm.agent_id.hex()} {enrolment_name(name)} {spki}"
 

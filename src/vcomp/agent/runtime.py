@@ -50,7 +50,7 @@ from vcomp.agent.sandbox.hold import Hold, JobControl
 from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
 from vcomp.agent.status import AgentTotals, StatusServer, runtime_status
-from vcomp.agent.tpm import SimulatedTpm
+from vcomp.agent.tpm_backend import Tpm
 from vcomp.errors import ConfigError, SessionClosed, loggable
 from vcomp.protocol import events as ev
 from vcomp.protocol.agent_session import AgentSession, AgentState
@@ -695,9 +695,13 @@ class AgentRuntime:
         self._unlock = weakref.finalize(self, os.close, lock)
         self.fatal: str | None = None  # a configuration error found while running
         self.key_mismatches = 0
-        self.tpm = SimulatedTpm.open(config.tpm_dir)
-        self.measurement = measured_launch(self.tpm, config.policy())
-        self.spool = ResultSpool(config.spool_dir, self.tpm)
+        self.tpm: Tpm = config.open_tpm()
+        try:
+            self.measurement = measured_launch(self.tpm, config.policy())
+            self.spool = ResultSpool(config.spool_dir, self.tpm)
+        except BaseException:
+            self.tpm.close()
+            raise
         if self.spool.set_aside is not None:
             logfmt.event(
                 log,
@@ -811,7 +815,8 @@ class AgentRuntime:
         self.stopping.set()
 
     def close(self) -> None:
-        """Release the agent home (run() does it when it ends)."""
+        """Release the TPM and the agent home (run() does it when it ends)."""
+        self.tpm.close()
         self._unlock()
 
     def wrong_server_key(self, server: str, offered: bytes) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from vcomp.agent.tpm import SimulatedTpm
+from vcomp.agent.tpm_backend import Tpm
 from vcomp.errors import VcompError
 
 KEY_FILE = "spool.key.sealed"
@@ -81,7 +81,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class ResultSpool:
-    def __init__(self, directory: Path, tpm: SimulatedTpm) -> None:
+    def __init__(self, directory: Path, tpm: Tpm) -> None:
         self.directory = directory
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.set_aside: Path | None = None

@@ -22,6 +22,7 @@ import struct
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -32,6 +33,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from vcomp.errors import ConfigError, DecodeError, VcompError
 from vcomp.protocol import attestation
 from vcomp.protocol import tpm_format as tf
+
+if TYPE_CHECKING:
+    from vcomp.agent.tpm_backend import Tpm
 
 AK_FILE = "ak.pem"
 SEED_FILE = "seed.bin"
@@ -187,6 +191,9 @@ class SimulatedTpm:
     def reset_measured_pcrs(self) -> None:
         """PCR 17 and 18 reset only in a DRTM launch; here that is :meth:`open`."""
 
+    def close(self) -> None:
+        """Nothing to release: every change is already in the state directory."""
+
     def read_pcr(self, index: int) -> bytes:
         return self._pcrs[index]
 
@@ -283,16 +290,17 @@ class SimulatedTpm:
 
 
 def write_quote_files(
-    tpm: SimulatedTpm,
+    tpm: Tpm,
     qualifying_data: bytes,
     out_dir: Path | str,
-    pcrs: Sequence[int] = attestation.MEASURED_PCRS,
+    pcrs: Sequence[int] | None = None,
 ) -> None:
     """Write a quote as tpm2-tools expects it, for ``tpm2_checkquote``.
 
     ak.pub.pem (SPKI PEM), quote.msg (TPMS_ATTEST), quote.sig (TPMT_SIGNATURE),
     pcrs.bin (selected values concatenated, like ``tpm2_pcrread -o``), pcr-list.txt.
     """
+    pcrs = tpm.measured_pcrs if pcrs is None else pcrs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     attest, sig, values = tpm.quote(qualifying_data, pcrs)

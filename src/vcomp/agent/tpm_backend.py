@@ -54,6 +54,8 @@ class Tpm(Protocol):
 
     def unseal(self, blob: bytes) -> bytes: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class TpmSpec:

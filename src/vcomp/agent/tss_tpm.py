@@ -87,6 +87,7 @@ class TssTpm:
         self.state_dir = state_dir
         self._esys = esys
         self._ak = ak
+        self._closed = False
         public = TPM2B_PUBLIC.unmarshal((state_dir / AK_PUBLIC_FILE).read_bytes())[0]
         modulus = bytes(public.publicArea.unique.rsa)
         self.ak_public_key = rsa.RSAPublicNumbers(
@@ -128,6 +129,10 @@ class TssTpm:
             raise
 
     def close(self) -> None:
+        """Unload the AK and disconnect; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(TSS2_Exception):
             self._esys.flush_context(self._ak)
         self._esys.close()
