@@ -367,17 +367,23 @@ def doctor(config_path: Path | None) -> None:
     """Show every sandbox protection as active, unavailable or failed, with the reason.
 
     Then the volunteer's preferences from agent.toml (if there is one), with where user
-    activity and the battery are read from. Exits 1 if the sandbox cannot give at least
-    the rlimit, cleared-environment, process-tree-kill and unprivileged-uid guarantees.
+    activity and the battery are read from, and the TPM backend (a hardware root of
+    trust or the simulation). Exits 1 if the sandbox cannot give at least the rlimit,
+    cleared-environment, process-tree-kill and unprivileged-uid guarantees.
     """
 
     from vcomp.agent.sandbox.commands import doctor as run_doctor
+    from vcomp.agent.tpm_backend import tpm_report
 
     home = default_agent_home() if config_path is None else config_path
-    prefs = None
+    config = None
     if config_path is not None or (home / CONFIG_FILE).is_file():
-        prefs = load_agent_config(home).preferences
-    raise SystemExit(run_doctor(sys.stdout, preferences=prefs))
+        config = load_agent_config(home)
+    code = run_doctor(sys.stdout, preferences=None if config is None else config.preferences)
+    if config is not None:
+        status, reason = tpm_report(config.tpm_spec(), config.tpm_dir)
+        click.echo(f"\ntpm      {status:<11}  {reason}")
+    raise SystemExit(code)
 
 
 @main.command(

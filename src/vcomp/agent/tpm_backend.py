@@ -18,7 +18,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from vcomp.errors import ConfigError
+from vcomp.errors import ConfigError, VcompError
 from vcomp.protocol import tpm_format as tf
 
 SIMULATED = "simulated"
@@ -103,6 +103,26 @@ class TpmSpec:
     @property
     def measured_pcrs(self) -> tuple[int, ...]:
         return SIMULATED_PCRS if self.kind == SIMULATED else TSS_PCRS
+
+
+def tpm_report(spec: TpmSpec, state_dir: Path) -> tuple[str, str]:
+    """(active | unavailable | failed, reason) for ``vcomp-agent doctor``."""
+    if spec.kind == SIMULATED:
+        return "unavailable", (
+            "simulated TPM (key in files, PCRs 17+18): quotes prove only what the agent "
+            "says about itself; init --tpm swtpm:HOST:PORT or device for a real TPM"
+        )
+    try:
+        tpm = open_tpm(spec, state_dir)
+    except VcompError as exc:
+        return "failed", f"{spec.format()}: {exc}"
+    try:
+        return "active", (
+            f"{spec.format()}: AK {tpm.agent_id.hex()[:16]} inside the TPM, measured "
+            f"launch in PCR {'+'.join(map(str, tpm.measured_pcrs))}"
+        )
+    finally:
+        tpm.close()
 
 
 def open_tpm(spec: TpmSpec, state_dir: Path) -> Tpm:
