@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import pytest
+
 from tests.integration.conftest import (
     PI_PY,
     Lab,
@@ -19,6 +21,7 @@ from tests.integration.conftest import (
 )
 from tests.udpproxy import Direction
 from vcomp.agent.measure import CODE_PCR
+from vcomp.agent.tpm import SimulatedTpm
 from vcomp.loadgen import LiteAgent
 from vcomp.protocol import handshake as hs
 from vcomp.protocol.messages import Attest, ErrorCode, decode_body
@@ -156,4 +159,34 @@ async def test_agent_refuses_a_server_with_the_wrong_key(lab: Lab, logs: LogReco
     assert "pinned" in worker.stats.last_reject
     # The server verified the agent and sent KEY, but never saw READY: no lease.
     assert logs.events("session_established", logger="vcomp.server") == []
+    assert_no_code_left(org, batch)
+
+
+class SelectiveTpm:
+    """A genuine, enrolled AK whose owner chooses the PCR selection of every quote."""
+
+    def __init__(self, tpm: SimulatedTpm, pcrs: Sequence[int]) -> None:
+        self.agent_id = tpm.agent_id
+        self._tpm = tpm
+        self._pcrs = pcrs
+
+    def quote(self, extra: bytes, pcrs: Sequence[int]) -> tuple[bytes, bytes, list[bytes]]:
+        return self._tpm.quote(extra, self._pcrs)
+
+
+@pytest.mark.parametrize("pcrs", [(18,), (17, 18, 23)])
+async def test_quote_leaving_out_the_modified_pcr_gets_no_code(
+    lab: Lab, logs: LogRecorder, pcrs: tuple[int, ...]
+) -> None:
+    """The server takes the selection from the quote (a real TPM's agent quotes PCR 23),
+    so a patched agent might quote only the PCRs that still look right. Only selections
+    an allowlisted measurement records are accepted."""
+    org, batch = await org_with_work(lab)
+    tpm = lab.lite_tpm(org, "patched")  # enrolled; the 17+18 golden is allowlisted
+    tpm.extend(CODE_PCR, hashlib.sha256(b"a patched agent build").digest())
+    agent = await lab.lite(SelectiveTpm(tpm, pcrs), org.address, org.fingerprint, org=org)
+
+    assert await rejected(agent) == "pcr_selection_mismatch"
+    assert server_reasons(logs) == ["pcr_selection_mismatch"]
+    assert agent.stats.jobs == 0 and not agent.stats.connected_at
     assert_no_code_left(org, batch)

@@ -52,6 +52,7 @@ class Case:
     server_nonce: bytes = b""
     now: float = NOW + 1
     requested: tuple[int, ...] = (17, 18)
+    from_allowlist: bool = False
     allowlist: frozenset[Measurement] = frozenset({GOLDEN})
     previous_clock: tf.ClockInfo | None = None
 
@@ -71,6 +72,7 @@ class Case:
             nonce_book=self.book,
             now=self.now,
             requested_pcrs=self.requested,
+            selection_from_allowlist=self.from_allowlist,
             allowlist=self.allowlist,
             previous_clock=self.previous_clock,
         )
@@ -232,6 +234,62 @@ def test_different_selection(case: Case) -> None:
 def test_requested_other_selection(case: Case) -> None:
     case.requested = (17,)
     assert reason_of(case) == "pcr_selection_mismatch"
+
+
+# ---- a real TPM's agent quotes PCR 23: the selection an allowlisted measurement records
+
+PCR23 = tf.extend(tf.EMPTY_PCR, hashlib.sha256(b"agent on a real TPM").digest())
+GOLDEN23 = Measurement.of((23,), (PCR23,))
+
+
+def quote_pcr23(case: Case, bank: tuple[tf.PcrSelection, ...] | None = None) -> None:
+    case.resign(
+        pcr_select=bank or (tf.PcrSelection.sha256([23]),), pcr_digest=tf.pcr_digest([PCR23])
+    )
+    case.pcr_values = [PCR23]
+    case.allowlist = frozenset({GOLDEN, GOLDEN23})
+
+
+def test_selection_recorded_by_the_allowlist_is_accepted(case: Case) -> None:
+    quote_pcr23(case)
+    case.from_allowlist = True
+    assert case.verify().measurement == GOLDEN23
+
+
+def test_without_selection_from_allowlist_only_the_request_counts(case: Case) -> None:
+    quote_pcr23(case)
+    assert reason_of(case) == "pcr_selection_mismatch"
+
+
+def test_selection_no_allowlist_entry_records(case: Case) -> None:
+    quote_pcr23(case)
+    case.from_allowlist = True
+    case.allowlist = frozenset({GOLDEN})
+    assert reason_of(case) == "pcr_selection_mismatch"
+
+
+@pytest.mark.parametrize(
+    "bank",
+    [
+        (tf.PcrSelection(0x0004, (23,)),),  # SHA-1 bank, same index
+        (tf.PcrSelection.sha256([23]), tf.PcrSelection(0x0004, (23,))),  # two banks
+    ],
+)
+def test_allowlisted_index_in_another_bank_is_refused(
+    case: Case, bank: tuple[tf.PcrSelection, ...]
+) -> None:
+    quote_pcr23(case, bank)
+    case.from_allowlist = True
+    assert reason_of(case) == "pcr_selection_mismatch"
+
+
+def test_allowlisted_selection_with_other_values(case: Case) -> None:
+    other = tf.extend(tf.EMPTY_PCR, hashlib.sha256(b"patched").digest())
+    quote_pcr23(case)
+    case.resign(pcr_digest=tf.pcr_digest([other]))
+    case.pcr_values = [other]
+    case.from_allowlist = True
+    assert reason_of(case) == "measurement_not_allowed"
 
 
 def test_measurement_not_allowed(case: Case) -> None:
