@@ -24,7 +24,7 @@ HOST = "127.0.0.1"
 
 def missing() -> str:
     """Why swtpm-backed tests cannot run here, or "" when they can."""
-    for tool in ("swtpm", "swtpm_ioctl"):
+    for tool in ("swtpm", "swtpm_ioctl", "swtpm_setup", "swtpm_localca"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (apt-get install swtpm swtpm-tools)"
     from vcomp.agent.tss_tpm import TSS_IMPORT_ERROR
@@ -67,6 +67,39 @@ class Swtpm:
     @property
     def spec(self) -> TpmSpec:
         return TpmSpec("swtpm", host=HOST, port=self.port)
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.state_dir.parent / f"{self.state_dir.name}-ca"
+
+    @property
+    def ca_root_pem(self) -> Path:
+        """The manufacturer root CA that ``provision_ek`` made (swtpm_localca's)."""
+        return self.ca_dir / "swtpm-localca-rootca-cert.pem"
+
+    def provision_ek(self) -> None:
+        """Manufacture the TPM before first start: RSA and ECC EKs, their certificates
+        in NV (RSA 0x1c00002, ECC P-384 0x1c00016) issued by a local CA (swtpm_localca) under
+        ``ca_dir``."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ca_dir.mkdir(parents=True, exist_ok=True)
+        setup, localca, options = (self.ca_dir / n for n in ("setup.conf", "ca.conf", "ca.opts"))
+        setup.write_text(
+            f"create_certs_tool = {shutil.which('swtpm_localca')}\n"
+            f"create_certs_tool_config = {localca}\n"
+            f"create_certs_tool_options = {options}\n"
+        )
+        localca.write_text(
+            f"statedir = {self.ca_dir}\n"
+            f"signingkey = {self.ca_dir / 'signkey.pem'}\n"
+            f"issuercert = {self.ca_dir / 'issuercert.pem'}\n"
+            f"certserial = {self.ca_dir / 'certserial'}\n"
+        )
+        options.write_text("--platform-manufacturer vcomp-test\n--platform-model swtpm\n")
+        args = ["swtpm_setup", "--tpm2", "--tpmstate", str(self.state_dir), "--create-ek-cert"]
+        subprocess.run(
+            [*args, "--config", str(setup), "--overwrite"], check=True, capture_output=True
+        )
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +152,23 @@ class Swtpm:
         finally:
             esys.close()
 
+    def read_nv(self, index: int) -> bytes:
+        """An NV index's whole contents (e.g. an EK certificate), read through the TSS."""
+        from tpm2_pytss import ESAPI, TCTILdr
+
+        esys = ESAPI(TCTILdr(*self.spec.tcti()))
+        try:
+            handle = esys.tr_from_tpmpublic(index)
+            nv_public, _ = esys.nv_read_public(handle)
+            size = int(nv_public.nvPublic.dataSize)
+            out = b""
+            while len(out) < size:
+                chunk = min(512, size - len(out))
+                out += bytes(esys.nv_read(handle, chunk, len(out), auth_handle=handle))
+            return out
+        finally:
+            esys.close()
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -133,8 +183,11 @@ class Swtpm:
 
 
 @contextlib.contextmanager
-def running_swtpm(state_dir: Path) -> Iterator[Swtpm]:
+def running_swtpm(state_dir: Path, *, ek: bool = False) -> Iterator[Swtpm]:
+    """A started swtpm; ``ek``: manufactured first, with EK certificates from a local CA."""
     tpm = Swtpm(state_dir)
+    if ek:
+        tpm.provision_ek()
     tpm.start()
     try:
         yield tpm

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests import swtpm
 from vcomp.agent import measure
@@ -127,6 +128,32 @@ def test_ak_blob_is_useless_in_another_tpm(sw: swtpm.Swtpm, tmp_path: Path) -> N
         pytest.raises(TpmError, match="refused to load the AK"),
     ):
         TssTpm.open(other.spec, tmp_path / "a")
+
+
+def test_fixture_provisions_an_ek_certificate_from_a_local_ca(tmp_path: Path) -> None:
+    """For EK-based enrolment (next round): swtpm_setup + swtpm_localca give the TPM an
+    RSA EK certificate in NV that chains to the CA root the fixture keeps."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import padding as rsa_padding
+
+    with swtpm.running_swtpm(tmp_path / "ek-state", ek=True) as sw:
+        der = sw.read_nv(0x01C00002)
+        root = x509.load_pem_x509_certificate(sw.ca_root_pem.read_bytes())
+        issuer = x509.load_pem_x509_certificate((sw.ca_dir / "issuercert.pem").read_bytes())
+    # The NV index is padded past the DER; a DER reader takes the first certificate.
+    length = int.from_bytes(der[2:4], "big") + 4
+    ek_cert = x509.load_der_x509_certificate(der[:length])
+    for cert, signer in ((ek_cert, issuer), (issuer, root)):
+        assert cert.issuer == signer.subject
+        key = signer.public_key()
+        assert isinstance(key, rsa.RSAPublicKey)
+        assert cert.signature_hash_algorithm is not None
+        key.verify(
+            cert.signature,
+            cert.tbs_certificate_bytes,
+            rsa_padding.PKCS1v15(),
+            cert.signature_hash_algorithm,
+        )
 
 
 # ---------------------------------------------------------------- PCRs and launch

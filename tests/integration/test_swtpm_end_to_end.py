@@ -1,6 +1,7 @@
 """End to end on a real software TPM: `vcomp-agent init --tpm swtpm:...`, the manual
 enrolment line (it carries the AK made inside swtpm), a pi batch over real UDP, quotes
-made by swtpm and verified by the server. EK-based enrolment is the next round."""
+made by swtpm and verified by the server. The swtpm is manufactured with an EK
+certificate from a local CA; EK-based enrolment that uses it is the next round."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ AGENT_CLI = str(Path(sys.executable).with_name("vcomp-agent"))
 @pytest.fixture
 def sw(tmp_path: Path) -> Iterator[swtpm.Swtpm]:
     swtpm.require()
-    with swtpm.running_swtpm(tmp_path / "swtpm-state") as running:
+    with swtpm.running_swtpm(tmp_path / "swtpm-state", ek=True) as running:
         yield running
 
 
