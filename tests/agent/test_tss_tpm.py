@@ -18,7 +18,7 @@ from tests import swtpm
 from vcomp.agent import measure
 from vcomp.agent.tpm import TpmError, UnsealError
 from vcomp.agent.tpm_backend import Tpm, open_tpm
-from vcomp.errors import AttestationError
+from vcomp.errors import AttestationError, ConfigError
 from vcomp.protocol import attestation as at
 from vcomp.protocol import tpm_format as tf
 from vcomp.protocol.attestation import Measurement, NonceBook
@@ -154,6 +154,34 @@ def test_fixture_provisions_an_ek_certificate_from_a_local_ca(tmp_path: Path) ->
             rsa_padding.PKCS1v15(),
             cert.signature_hash_algorithm,
         )
+
+
+def test_unrestricted_key_swapped_in_for_the_ak_is_refused(sw: swtpm.Swtpm, tmp_path: Path) -> None:
+    """An unrestricted signing key can sign forged TPMS_ATTEST bytes; the agent refuses
+    to use one in place of the AK. (The server's own check of the AK's attributes comes
+    with credential activation, next round.)"""
+    from tpm2_pytss import ESAPI, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TCTILdr
+
+    from vcomp.agent.tss_tpm import _create_srk
+
+    home = tmp_path / "home"
+    TssTpm.open(sw.spec, home).close()
+    esys = ESAPI(TCTILdr(*sw.spec.tcti()))
+    try:
+        srk = _create_srk(esys)
+        loose = TPM2B_PUBLIC.parse(
+            "rsa2048:rsassa-sha256:null",
+            objectAttributes="fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign",
+        )
+        private, public, *_ = esys.create(srk, TPM2B_SENSITIVE_CREATE(), loose)
+        esys.flush_context(srk)
+    finally:
+        esys.close()
+    for name, blob in ((AK_PUBLIC_FILE, public), (AK_PRIVATE_FILE, private)):
+        (home / name).unlink()
+        (home / name).write_bytes(bytes(blob.marshal()))
+    with pytest.raises(ConfigError, match="not an AK of the vcomp template"):
+        TssTpm.open(sw.spec, home)
 
 
 # ---------------------------------------------------------------- PCRs and launch

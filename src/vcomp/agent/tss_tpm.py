@@ -66,7 +66,7 @@ SEALED_ATTRIBUTES = "fixedtpm|fixedparent|noda"
 SEAL_MAGIC = b"VCTS"
 MAX_SEALED_SIZE = 128  # MAX_SYM_DATA: a TPM seals a key, not a payload
 MAX_BLOB_PART = 4096  # a TPM2B_PUBLIC or TPM2B_PRIVATE is far below this
-_PCR_HANDLES = {16: "PCR16", 23: "PCR23"}  # the PCRs locality 0 may reset
+RESETTABLE_PCRS = frozenset({16, 23})  # PC Client profile: locality 0 may reset these
 
 
 def _selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
@@ -145,7 +145,7 @@ class TssTpm:
 
     def reset_measured_pcrs(self) -> None:
         for index in self.measured_pcrs:
-            if index not in _PCR_HANDLES:
+            if index not in RESETTABLE_PCRS:
                 raise TpmError(f"PCR {index} cannot be reset at locality 0")
             self._call("PCR_Reset", self._esys.pcr_reset, _pcr_handle(index))
 
