@@ -89,6 +89,7 @@ def test_init_with_an_unreachable_swtpm_is_a_clean_error(tmp_path: Path) -> None
     port = swtpm._free_port_pair()  # nobody listens there
     result = run("init", tmp_path / "a", "--tpm", f"swtpm:127.0.0.1:{port}")
     assert_clean_error(result, "cannot reach the TPM at swtpm:127.0.0.1")
+    assert "run init again with --force" in result.stderr
 
 
 @pytest.fixture

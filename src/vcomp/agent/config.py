@@ -36,7 +36,7 @@ from vcomp.agent.sandbox import REQUIRED_PROTECTIONS, JobLimits
 from vcomp.agent.sandbox.policy import NOBODY
 from vcomp.agent.tpm_backend import SIMULATED, Tpm, TpmSpec, open_tpm
 from vcomp.domain import DEFAULT_MAX_CHECKPOINT
-from vcomp.errors import ConfigError
+from vcomp.errors import ConfigError, VcompError
 from vcomp.protocol import limits
 from vcomp.protocol.capacity import JobCapacity
 from vcomp.tomlconfig import Table, check_int, check_sections, parse_host_port, read_toml
@@ -575,7 +575,10 @@ def init_agent_home(
         os.replace(tmp, config.config_path)
     except OSError as exc:
         raise ConfigError(f"cannot initialise {home}: {exc}") from None
-    opened = config.open_tpm()  # creates the attestation key on first use
+    try:
+        opened = config.open_tpm()  # creates the attestation key on first use
+    except VcompError as exc:
+        raise ConfigError(f"{exc} (then run init again with --force)") from None
     agent_id = opened.agent_id
     opened.close()
     if name is None:  # the default name needs the agent id, so it is written now
