@@ -5,8 +5,11 @@ certificate from a local CA; EK-based enrolment that uses it is the next round."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +19,10 @@ import pytest
 from tests import swtpm
 from tests.integration.conftest import (
     PI_PY,
+    AgentHandle,
     Lab,
     LogRecorder,
+    free_udp_port,
     pi_inputs,
     pi_reference,
     run_cli,
@@ -26,7 +31,11 @@ from tests.integration.conftest import (
 from vcomp.agent.config import AgentConfig, load_agent_config
 from vcomp.agent.enrolment import parse_enrolment
 from vcomp.agent.measure import golden_measurement
+from vcomp.agent.runtime import AgentRuntime
+from vcomp.errors import ConfigError
 from vcomp.protocol.attestation import Measurement
+from vcomp.server.config import STORE_FILE, init_server_home
+from vcomp.server.store.sqlite import SqliteStore
 
 JOBS = 6
 POINTS = 20_000
@@ -109,3 +118,42 @@ async def test_swtpm_agent_with_only_the_simulated_golden_gets_no_code(
     for rec in org.store.iter_results(batch):
         assert org.store.list_attempts(rec.job_id) == []
     assert org.server.stats.leases == 0
+
+
+async def test_tpm_reset_under_a_running_agent_stops_it_with_one_line(
+    lab: Lab, sw: swtpm.Swtpm, logs: LogRecorder
+) -> None:
+    """swtpm is reset while the agent runs (on hardware a reset is a reboot): the AK is
+    unloaded and PCR 23 cleared. At its next handshake the agent stops, saying why,
+    instead of retrying a quote that cannot succeed."""
+    home = lab.root / "srv"
+    fingerprint = init_server_home(home)
+    port = free_udp_port()
+    text = (home / "server.toml").read_text().replace("127.0.0.1:7461", f"127.0.0.1:{port}")
+    (home / "server.toml").write_text(text)
+    config = init_swtpm_agent(lab, sw, f"127.0.0.1:{port}", fingerprint)
+    line, golden = enrol(config)
+    e = parse_enrolment(line)
+    with SqliteStore(home / STORE_FILE) as store:
+        store.enroll_agent(e.agent_id, e.ak_public_pem, e.name)
+        store.allow_measurement(golden.format(), "swtpm agent")
+    first, _ = await lab.serve(home, "serve1")
+    runtime = AgentRuntime(config, shutdown_grace=1.0)
+    agent = AgentHandle(config, runtime, asyncio.ensure_future(runtime.run()), e.agent_id)
+
+    async def stop() -> None:  # the run ends in the ConfigError this test expects
+        runtime.stop()
+        with contextlib.suppress(ConfigError):
+            await asyncio.wait_for(agent.task, 15)
+
+    lab.on_close(stop)
+    await wait_until(lambda: agent.connected_sessions, "the swtpm agent to attest")
+
+    sw.reset()
+    first.signal(signal.SIGTERM)  # a clean stop: the agent hears SERVER_SHUTDOWN
+    assert await first.wait(30) == 0
+    await lab.serve(home, "serve2")
+
+    with pytest.raises(ConfigError, match="the TPM could not quote"):
+        await asyncio.wait_for(asyncio.shield(agent.task), 60)
+    assert logs.events("tpm_failed", logger="vcomp.agent")

@@ -50,6 +50,7 @@ from vcomp.agent.sandbox.hold import Hold, JobControl
 from vcomp.agent.sandbox.wipe import empty_dir
 from vcomp.agent.spool import ResultSpool, SpooledResult, SpoolError
 from vcomp.agent.status import AgentTotals, StatusServer, runtime_status
+from vcomp.agent.tpm import TpmError
 from vcomp.agent.tpm_backend import Tpm
 from vcomp.errors import ConfigError, SessionClosed, loggable
 from vcomp.protocol import events as ev
@@ -165,8 +166,7 @@ class Worker:
         session = AgentSession(
             agent_id=self.rt.tpm.agent_id,
             pinned_server=self.rt.pinned,
-            # The TPM quotes the PCRs its backend measures (17+18 simulated, 23 real).
-            quote=lambda extra, pcrs: self.rt.tpm.quote(extra, self.rt.tpm.measured_pcrs),
+            quote=lambda extra, pcrs: self.rt.quote(extra),
             now=loop.time(),
             capacity=cfg.limits.capacity(cfg.preferences.max_memory),
         )
@@ -818,6 +818,24 @@ class AgentRuntime:
         """Release the TPM and the agent home (run() does it when it ends)."""
         self.tpm.close()
         self._unlock()
+
+    def quote(self, extra: bytes) -> tuple[bytes, bytes, list[bytes]]:
+        """Quote the PCRs this TPM backend measures (17+18 simulated, 23 real).
+
+        A TPM reset under a running agent unloads the AK and clears the PCRs: the
+        measured launch is gone, so stop with one line instead of retrying forever.
+        """
+        try:
+            return self.tpm.quote(extra, self.tpm.measured_pcrs)
+        except TpmError as exc:
+            if self.fatal is None:
+                self.fatal = (
+                    f"the TPM could not quote ({exc}); if it was reset, the measured "
+                    "launch is lost: start the agent again"
+                )
+                logfmt.event(log, "tpm_failed", logging.ERROR, error=self.fatal)
+                self.stop()
+            raise
 
     def wrong_server_key(self, server: str, offered: bytes) -> None:
         """A server proved a key other than the pinned one. That is configuration, not
