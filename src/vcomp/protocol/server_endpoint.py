@@ -48,14 +48,20 @@ from vcomp.protocol.wire import (
 )
 
 Address = tuple[str, int]
+# REJECT reasons are single tokens (PROTOCOL.md section 6.1): agents act on them by
+# exact comparison, so no free text goes with them.
+UNSUPPORTED_VERSION = "unsupported_version"
+"""REJECT reason (code UNSUPPORTED_VERSION) for a HELLO whose ``versions`` lacks ours."""
+SERVER_FULL = "server_full"
+"""REJECT reason (code BUSY) when the established sessions are at the server's cap."""
 TOO_MANY_SESSIONS = "too_many_sessions"
+"""REJECT reason (code BUSY) for an agent at its concurrent-session cap."""
 TOO_MANY_HANDSHAKES = "too_many_handshakes"
 """REJECT reason (code BUSY) when the half-open handshake caps are reached."""
 UNKNOWN_KEY = "unknown_key"
 """REJECT reason (code ATTESTATION_FAILED) for a HELLO from an agent id not enrolled."""
 PENDING_PER_ADDRESS = 16
 """Half-open handshakes one source IP address may have at once."""
-"""REJECT reason (code BUSY) for an agent at its concurrent-session cap."""
 CodeSource = Callable[[int, int, int, int], bytes]
 """(job, attempt, offset, length) -> that slice of code || input.
 
@@ -138,7 +144,7 @@ class ServerEndpoint:
             if session.state is ServerState.CHALLENGED and self._agent_full(session.agent_id):
                 session.refuse_handshake(TOO_MANY_SESSIONS, self._cap_detail(), ErrorCode.BUSY)
             elif session.state is ServerState.CHALLENGED and self._server_full():
-                session.refuse_handshake("server full", "no room for a session", ErrorCode.BUSY)
+                session.refuse_handshake(SERVER_FULL, "no room for a session", ErrorCode.BUSY)
             else:
                 before = session.public_key_ops
                 session.on_attest(data, now)
@@ -166,10 +172,7 @@ class ServerEndpoint:
             self.counters["rejected_version"] += 1
             self._reply(
                 PacketType.REJECT,
-                Reject(
-                    code=ErrorCode.UNSUPPORTED_VERSION,
-                    reason=f"this server speaks version {VERSION}",
-                ),
+                Reject(code=ErrorCode.UNSUPPORTED_VERSION, reason=UNSUPPORTED_VERSION),
                 address,
             )
             return
@@ -204,9 +207,7 @@ class ServerEndpoint:
             return
         if self._server_full():
             self.counters["rejected_busy"] += 1
-            self._reply(
-                PacketType.REJECT, Reject(code=ErrorCode.BUSY, reason="server full"), address
-            )
+            self._reply(PacketType.REJECT, Reject(code=ErrorCode.BUSY, reason=SERVER_FULL), address)
             return
         ip = address[0]
         if (
