@@ -483,7 +483,8 @@ def test_an_unsupported_version_is_rejected_with_its_token_before_any_cookie(
         header, reject = decode_plaintext_packet(replies[0][0])
         assert (header.ptype, header.session_id) == (PacketType.REJECT, 0)
         assert isinstance(reject, Reject)
-        assert (reject.code, reject.reason) == (ErrorCode.UNSUPPORTED_VERSION, "unsupported_version")
+        assert reject.code == ErrorCode.UNSUPPORTED_VERSION
+        assert reject.reason == "unsupported_version"
     assert endpoint.counters["retry_sent"] == 0 and not endpoint.sessions
 
 
