@@ -514,8 +514,7 @@ def test_a_full_server_rejects_with_the_server_full_token(identity: Identity) ->
                     agent.receive_datagram(datagram, 0.1)
     assert len(attests) == 2
     reasons = []
-    # The later ATTEST first: a server of max_sessions = 1 keeps one outstanding nonce.
-    for datagram, address in reversed(attests):
+    for datagram, address in attests:
         endpoint.receive_datagram(datagram, address, 0.2)
         for reply, _ in endpoint.datagrams_to_send(0.2):
             if unpack_header(reply).ptype is PacketType.REJECT:
@@ -565,3 +564,34 @@ def test_the_spec_lists_every_reject_reason_the_server_sends() -> None:
     # Every verifier reason goes out with ATTESTATION_FAILED.
     verifier = {t for t, name in _reasons_sent(attestation).items() if name == "AttestationError"}
     assert {published[t] for t in verifier} == {ErrorCode.ATTESTATION_FAILED}
+
+
+def test_a_small_server_keeps_the_nonce_of_every_pending_handshake(identity: Identity) -> None:
+    """Outstanding CHALLENGE nonces are bounded apart from sessions (attestation.md 8):
+    a server of max_sessions = 1 with two handshakes pending once evicted the older
+    nonce, and the honest agent that attested first was refused ``nonce_reused``."""
+    endpoint = ServerEndpoint(
+        signing_key=identity.signing_key,
+        trust=make_trust(identity),
+        code_source=lambda *_: b"",
+        now=0.0,
+        max_sessions=1,
+        max_sessions_per_agent=4,
+    )
+    agents = [(make_agent(identity), ("127.0.0.13", port)) for port in (1, 2)]
+    attests: list[tuple[bytes, tuple[str, int]]] = []
+    for agent, address in agents:
+        agent.connect(0.1)
+        for _ in range(4):
+            for datagram in agent.datagrams_to_send(0.1):
+                if unpack_header(datagram).ptype is PacketType.ATTEST:
+                    attests.append((datagram, address))
+                else:
+                    endpoint.receive_datagram(datagram, address, 0.1)
+            for datagram, to in endpoint.datagrams_to_send(0.1):
+                if to == address:
+                    agent.receive_datagram(datagram, 0.1)
+    first_attest, first_address = attests[0]
+    endpoint.receive_datagram(first_attest, first_address, 0.2)
+    [(reply, _)] = endpoint.datagrams_to_send(0.2)
+    assert unpack_header(reply).ptype is PacketType.KEY, decode_plaintext_packet(reply)[1]

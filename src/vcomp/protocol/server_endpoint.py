@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vcomp.errors import DecodeError
 from vcomp.protocol import events as ev
 from vcomp.protocol import limits
-from vcomp.protocol.attestation import NonceBook
+from vcomp.protocol.attestation import MAX_OUTSTANDING_NONCES, NonceBook
 from vcomp.protocol.congestion import make_controller
 from vcomp.protocol.cookie import CookieJar
 from vcomp.protocol.messages import ErrorCode, Hello, Reject, Retry, decode_body, encode_body
@@ -104,7 +104,11 @@ class ServerEndpoint:
         self._congestion = congestion
         self._random = random_bytes
         self._cookies = CookieJar(now, random_bytes=random_bytes)
-        self._nonces = NonceBook(max_outstanding=max_sessions)
+        # One nonce per half-open handshake: bounded by those, not by sessions, so a
+        # small server never evicts the nonce of a handshake it still waits for.
+        self._nonces = NonceBook(
+            max_outstanding=max(MAX_OUTSTANDING_NONCES, max_pending_handshakes)
+        )
         self.sessions: dict[int, ServerSession] = {}
         self._pending: dict[tuple[Address, bytes], int] = {}
         self._pending_key: dict[int, tuple[Address, bytes]] = {}
