@@ -55,6 +55,34 @@ def test_decoder_reassembles_any_split(payloads: list[bytes], step: int) -> None
     assert decoder.pending == 0
 
 
+@pytest.mark.parametrize(
+    ("fraction", "millionths"),
+    [
+        # domain.md 8.2: clamp to [0, 1], multiply by 1e6 in IEEE-754 double precision,
+        # round half to even (C: nearbyint() in the default rounding mode).
+        (0.1, 100_000),
+        (2 / 3, 666_667),
+        (1 / 3, 333_333),
+        (5e-07, 0),  # 0.5 exactly: to even
+        (1.5e-06, 2),  # 1.5: to even
+        (2.5e-06, 2),  # 2.5: to even, down
+        (3.5e-06, 4),
+        (0.9999995, 1_000_000),  # 999999.5: to even, up
+        (0.9999994999, 999_999),
+        (5e-324, 0),
+        (1.0000000001, 1_000_000),
+        (float("inf"), 1_000_000),
+        (-0.0, 0),
+        (float("-inf"), 0),
+        (-1e-9, 0),
+    ],
+)
+def test_progress_millionths_are_rounded_half_to_even_after_clamping(
+    fraction: float, millionths: int
+) -> None:
+    assert encode_progress(fraction) == b"\x03\x00\x00\x00\x04" + millionths.to_bytes(4, "big")
+
+
 def test_progress_round_trip_and_clamping() -> None:
     (frame,) = FrameDecoder(10).feed(encode_progress(0.25))
     assert decode_progress(frame.payload) == 0.25

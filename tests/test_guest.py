@@ -224,3 +224,38 @@ def test_incompatible_handler_is_a_clear_error(body: str) -> None:
     assert status == EXIT_ERROR
     assert len(frames) == 1 and frames[0].type == ERROR
     assert b"handler must take (data) or (data, progress)" in frames[0].payload, frames
+
+
+def test_progress_takes_any_real_number_and_refuses_nan() -> None:
+    """domain.md 8.2: progress() converts with float() (an int or a bool works), clamps,
+    and a NaN fails the job with one ERROR frame, as any exception in the handler."""
+    status, frames = run_guest(
+        """
+        def handler(data, progress):
+            progress(1)
+            progress(-3)
+            progress(True)
+            progress(float("nan"))
+            return b"never"
+        run(handler)
+        """,
+        b"",
+    )
+    assert status == EXIT_ERROR
+    assert [int.from_bytes(f.payload, "big") for f in frames[:3]] == [1_000_000, 0, 1_000_000]
+    assert frames[3:] == [Frame(ERROR, b"DomainProtocolError: progress fraction is NaN")]
+
+
+def test_a_handler_that_exits_still_sends_one_error_frame() -> None:
+    """SystemExit is caught like any exception: the agent always gets RESULT or ERROR."""
+    status, frames = run_guest(
+        """
+        import sys
+        def handler(data):
+            sys.exit(0)
+        run(handler)
+        """,
+        b"",
+    )
+    assert status == EXIT_ERROR
+    assert frames == [Frame(ERROR, b"SystemExit: 0")]

@@ -79,3 +79,14 @@ def test_measured_launch_yields_the_golden_measurement(tmp_path: Path) -> None:
     assert measure.golden_measurement({"other": 1}) != golden
     with pytest.raises(TpmError, match="already"):
         measure.measured_launch(tpm, POLICY)
+
+
+def test_the_spec_shows_this_release_default_policy() -> None:
+    """attestation.md 3 prints the canonical JSON that PCR 18 measures by default; an
+    implementer checks their canonical JSON against it, so it must not drift."""
+    from vcomp.agent.config import POLICY_VERSION, SandboxPolicy
+
+    spec = Path(__file__).resolve().parents[2] / "protocol" / "spec" / "attestation.md"
+    shown = [ln for ln in spec.read_text().splitlines() if ln.startswith('{"policy_version":')]
+    policy = {"policy_version": POLICY_VERSION, "sandbox": SandboxPolicy().as_dict()}
+    assert shown == [measure.canonical_policy(policy).decode()]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import os
+import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -20,11 +24,19 @@ from tests.protocol.sessionsim import (
     make_trust,
 )
 from vcomp.errors import ConfigError
+from vcomp.protocol import attestation, server_endpoint, server_session
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol.agent_session import AgentSession, AgentState
 from vcomp.protocol.congestion import Cubic
-from vcomp.protocol.messages import ErrorCode
+from vcomp.protocol.messages import (
+    ErrorCode,
+    Hello,
+    Reject,
+    decode_plaintext_packet,
+    encode_plaintext_packet,
+    pad_hello,
+)
 from vcomp.protocol.server_endpoint import ServerEndpoint
 from vcomp.protocol.server_session import ServerState
 from vcomp.protocol.wire import Flag, PacketType, unpack_header
@@ -448,3 +460,138 @@ def test_a_result_larger_than_the_send_queue_is_delivered_whole(identity: Identi
     server.queue.extend(jobs(1))
     Network(server, agent, seed=21).run(lambda: bool(server.results), timeout=600)
     assert list(server.results.values()) == [output]
+
+
+def test_an_unsupported_version_is_rejected_with_its_token_before_any_cookie(
+    identity: Identity,
+) -> None:
+    """PROTOCOL.md 7.3: the version check comes first, on a HELLO without a cookie too;
+    the REJECT's reason is the token ``unsupported_version`` (section 6.1), no free text."""
+    endpoint = ServerEndpoint(
+        signing_key=identity.signing_key,
+        trust=make_trust(identity),
+        code_source=lambda *_: b"",
+        now=0.0,
+    )
+    for cookie in (b"", b"\x01" * 20):  # no cookie, and a cookie that is not valid
+        hello = pad_hello(
+            Hello(versions=(2, 4), agent=identity.tpm.agent_id, nonce=os.urandom(32), cookie=cookie)
+        )
+        endpoint.receive_datagram(encode_plaintext_packet(hello, 0, 0), ("127.0.0.11", 1), 0.1)
+        replies = endpoint.datagrams_to_send(0.1)
+        assert len(replies) == 1
+        header, reject = decode_plaintext_packet(replies[0][0])
+        assert (header.ptype, header.session_id) == (PacketType.REJECT, 0)
+        assert isinstance(reject, Reject)
+        assert reject.code == ErrorCode.UNSUPPORTED_VERSION
+        assert reject.reason == "unsupported_version"
+    assert endpoint.counters["retry_sent"] == 0 and not endpoint.sessions
+
+
+def test_a_full_server_rejects_with_the_server_full_token(identity: Identity) -> None:
+    """BUSY at HELLO and at ATTEST both carry the token ``server_full``."""
+    endpoint = ServerEndpoint(
+        signing_key=identity.signing_key,
+        trust=make_trust(identity),
+        code_source=lambda *_: b"",
+        now=0.0,
+        max_sessions=1,
+        max_sessions_per_agent=4,
+    )
+    # Two handshakes reach CHALLENGE while the server is empty; the first ATTEST fills it.
+    agents = [(make_agent(identity), ("127.0.0.12", port)) for port in (1, 2)]
+    attests: list[tuple[bytes, tuple[str, int]]] = []
+    for agent, address in agents:
+        agent.connect(0.1)
+        for _ in range(4):
+            for datagram in agent.datagrams_to_send(0.1):
+                if unpack_header(datagram).ptype is PacketType.ATTEST:
+                    attests.append((datagram, address))
+                else:
+                    endpoint.receive_datagram(datagram, address, 0.1)
+            for datagram, to in endpoint.datagrams_to_send(0.1):
+                if to == address:
+                    agent.receive_datagram(datagram, 0.1)
+    assert len(attests) == 2
+    reasons = []
+    for datagram, address in attests:
+        endpoint.receive_datagram(datagram, address, 0.2)
+        for reply, _ in endpoint.datagrams_to_send(0.2):
+            if unpack_header(reply).ptype is PacketType.REJECT:
+                reasons.append(decode_plaintext_packet(reply)[1])
+    # A third agent's HELLO finds the server full.
+    events = _handshake(endpoint, make_agent(identity), ("127.0.0.12", 3), 0.3)
+    reasons += [Reject(code=e.code, reason=e.reason) for e in events if isinstance(e, ev.Rejected)]
+    assert reasons == [Reject(code=ErrorCode.BUSY, reason="server_full")] * 2
+
+
+def _reasons_sent(module: ModuleType) -> dict[str, str]:
+    """REJECT reason tokens a module's source can send, with the function sending them:
+    the first argument of AttestationError, _reject and refuse_handshake, and Reject's
+    ``reason``, where it is a string literal or a module constant."""
+    tree = ast.parse(inspect.getsource(module))
+    found: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        args: list[ast.expr] = []
+        if name in {"AttestationError", "_reject", "refuse_handshake"} and node.args:
+            args.append(node.args[0])
+        if name == "Reject":
+            args += [k.value for k in node.keywords if k.arg == "reason"]
+        for arg in args:
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found[arg.value] = name
+            elif isinstance(arg, ast.Name) and isinstance(getattr(module, arg.id, None), str):
+                found[getattr(module, arg.id)] = name
+    return found
+
+
+def test_the_spec_lists_every_reject_reason_the_server_sends() -> None:
+    """PROTOCOL.md section 6.1 is the whole vocabulary of REJECT reasons, no more, no less."""
+    spec = (Path(__file__).resolve().parents[2] / "protocol" / "PROTOCOL.md").read_text()
+    section = spec.split("### 6.1 REJECT reasons", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| ([A-Z_]+) ", section, re.MULTILINE)
+    published = {token: ErrorCode[code] for token, code in rows}
+    assert len(published) == len(rows) >= 15
+    sent: dict[str, str] = {}
+    for module in (attestation, server_endpoint, server_session):
+        sent |= _reasons_sent(module)
+    assert sent.keys() == published.keys()
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", token) for token in published)
+    # Every verifier reason goes out with ATTESTATION_FAILED.
+    verifier = {t for t, name in _reasons_sent(attestation).items() if name == "AttestationError"}
+    assert {published[t] for t in verifier} == {ErrorCode.ATTESTATION_FAILED}
+
+
+def test_a_small_server_keeps_the_nonce_of_every_pending_handshake(identity: Identity) -> None:
+    """Outstanding CHALLENGE nonces are bounded apart from sessions (attestation.md 8):
+    a server of max_sessions = 1 with two handshakes pending once evicted the older
+    nonce, and the honest agent that attested first was refused ``nonce_reused``."""
+    endpoint = ServerEndpoint(
+        signing_key=identity.signing_key,
+        trust=make_trust(identity),
+        code_source=lambda *_: b"",
+        now=0.0,
+        max_sessions=1,
+        max_sessions_per_agent=4,
+    )
+    agents = [(make_agent(identity), ("127.0.0.13", port)) for port in (1, 2)]
+    attests: list[tuple[bytes, tuple[str, int]]] = []
+    for agent, address in agents:
+        agent.connect(0.1)
+        for _ in range(4):
+            for datagram in agent.datagrams_to_send(0.1):
+                if unpack_header(datagram).ptype is PacketType.ATTEST:
+                    attests.append((datagram, address))
+                else:
+                    endpoint.receive_datagram(datagram, address, 0.1)
+            for datagram, to in endpoint.datagrams_to_send(0.1):
+                if to == address:
+                    agent.receive_datagram(datagram, 0.1)
+    first_attest, first_address = attests[0]
+    endpoint.receive_datagram(first_attest, first_address, 0.2)
+    [(reply, _)] = endpoint.datagrams_to_send(0.2)
+    assert unpack_header(reply).ptype is PacketType.KEY, decode_plaintext_packet(reply)[1]

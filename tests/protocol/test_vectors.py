@@ -98,3 +98,23 @@ def test_hello_vectors_are_exactly_the_minimum_size() -> None:
     for vector in VECTORS:
         if vector["type"] == "HELLO":
             assert len(bytes.fromhex(vector["datagram"])) == 1200
+
+
+def test_the_hand_decoded_examples_in_the_spec_are_the_vectors() -> None:
+    """PROTOCOL.md section 15 decodes `ping` and `retry` byte by byte; those bytes must
+    be the vectors' (they once kept version 1 after the vectors moved on)."""
+    spec = (Path(__file__).resolve().parents[2] / "protocol" / "PROTOCOL.md").read_text()
+    section = spec.split("## 15. Test vectors", 1)[1]
+    blocks = section.split("```")[1::2]
+    by_name = {v["name"]: v for v in VECTORS}
+
+    def hex_of(line: str) -> str:
+        words = line.split()
+        return "".join(w for w in words if all(c in "0123456789abcdef" for c in w))
+
+    ping_lines = blocks[0].strip("\n").splitlines()
+    assert hex_of(ping_lines[0].removeprefix("header")) == by_name["ping"]["header"]
+    body = "".join(hex_of(ln.removeprefix("body").strip().split("  ")[0]) for ln in ping_lines[2:])
+    assert body == by_name["ping"]["body"]
+    retry = "".join(hex_of(ln[:60]) for ln in blocks[1].strip("\n").splitlines())
+    assert retry == by_name["retry"]["datagram"]

@@ -1,6 +1,7 @@
 """The enrolment line: how a volunteer hands the agent's attestation key to the organisation.
 
-Format, one line of four space-separated fields::
+Format, one line of four space-separated fields (the grammar is in
+protocol/spec/attestation.md section 1.1)::
 
     vcomp-enrol/1 <agent id, 64 hex> <name> <base64 of the AK's SubjectPublicKeyInfo DER>
 
@@ -28,6 +29,7 @@ __all__ = ["ENROLMENT_TAG", "Enrolment", "format_enrolment", "parse_enrolment"]
 
 ENROLMENT_TAG = "vcomp-enrol/1"
 AK_BITS = 2048
+AK_EXPONENT = 65537
 MAX_NAME = 64
 MAX_LINE = 2048  # an RSA-2048 SPKI is 294 bytes, 392 in base64
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -78,6 +80,8 @@ def parse_enrolment(line: str) -> Enrolment:
         raise ConfigError("enrolment line: the key is not a base64 DER public key") from None
     if not isinstance(key, rsa.RSAPublicKey) or key.key_size != AK_BITS:
         raise ConfigError("enrolment line: the attestation key must be RSA-2048")
+    if key.public_numbers().e != AK_EXPONENT:  # a TPM's AK (TPMT_PUBLIC exponent 0)
+        raise ConfigError(f"enrolment line: the attestation key's exponent must be {AK_EXPONENT}")
     # Re-encode, so a non-canonical DER cannot smuggle in a different id.
     canonical = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -54,7 +54,9 @@ from vcomp.agent.tpm import TpmError
 from vcomp.agent.tpm_backend import Tpm
 from vcomp.errors import ConfigError, SessionClosed, loggable
 from vcomp.protocol import events as ev
+from vcomp.protocol import limits
 from vcomp.protocol.agent_session import AgentSession, AgentState
+from vcomp.protocol.channel import clip_text
 from vcomp.protocol.handshake import key_fingerprint
 from vcomp.protocol.messages import ErrorCode
 from vcomp.transport import AgentAdapter, open_agent
@@ -480,7 +482,8 @@ class Worker:
             )
             status, output, detail, cpu_ms = AGENT_ERROR, b"", f"agent error: {error}", 0
         wall_ms = int((time.monotonic() - started) * 1000)
-        result = SpooledResult(d.job, d.attempt, status, detail[:256], cpu_ms, wall_ms, output)
+        detail = clip_text(detail, limits.MAX_TEXT)  # as it goes on the wire, in bytes
+        result = SpooledResult(d.job, d.attempt, status, detail, cpu_ms, wall_ms, output)
         try:
             self.rt.spool.put(result)
         except Exception as exc:  # send it anyway, only not crash-safe
@@ -652,7 +655,10 @@ def clear_work_root(work_root: Path, worker: int) -> None:
 
 
 def describe(outcome: JobOutcome) -> str:
-    """A short reason for the organisation (never logged here: it may echo job output)."""
+    """RESULT's ``detail`` for a finished job (PROTOCOL.md section 5, RESULT): the
+    outcome, exit code, signal, the job's ERROR text and the last stderr line, joined
+    by "; ", cut to 256 UTF-8 bytes on a character boundary. Never logged here: it may
+    echo job output."""
     parts = [str(outcome.kind)]
     if outcome.exit_code is not None and outcome.exit_code != 0:
         parts.append(f"exit code {outcome.exit_code}")
@@ -663,7 +669,7 @@ def describe(outcome: JobOutcome) -> str:
     tail = outcome.stderr_tail.decode("utf-8", "replace").strip().splitlines()
     if tail and outcome.kind is not OutcomeKind.OK:
         parts.append(f"stderr: {tail[-1]}")
-    return "; ".join(parts)
+    return clip_text("; ".join(parts), limits.MAX_TEXT)
 
 
 def lock_home(home: Path) -> int:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vcomp.errors import DecodeError
 from vcomp.protocol import events as ev
 from vcomp.protocol import limits
-from vcomp.protocol.attestation import NonceBook
+from vcomp.protocol.attestation import MAX_OUTSTANDING_NONCES, NonceBook
 from vcomp.protocol.congestion import make_controller
 from vcomp.protocol.cookie import CookieJar
 from vcomp.protocol.messages import ErrorCode, Hello, Reject, Retry, decode_body, encode_body
@@ -48,14 +48,20 @@ from vcomp.protocol.wire import (
 )
 
 Address = tuple[str, int]
+# REJECT reasons are single tokens (PROTOCOL.md section 6.1): agents act on them by
+# exact comparison, so no free text goes with them.
+UNSUPPORTED_VERSION = "unsupported_version"
+"""REJECT reason (code UNSUPPORTED_VERSION) for a HELLO whose ``versions`` lacks ours."""
+SERVER_FULL = "server_full"
+"""REJECT reason (code BUSY) when the established sessions are at the server's cap."""
 TOO_MANY_SESSIONS = "too_many_sessions"
+"""REJECT reason (code BUSY) for an agent at its concurrent-session cap."""
 TOO_MANY_HANDSHAKES = "too_many_handshakes"
 """REJECT reason (code BUSY) when the half-open handshake caps are reached."""
 UNKNOWN_KEY = "unknown_key"
 """REJECT reason (code ATTESTATION_FAILED) for a HELLO from an agent id not enrolled."""
 PENDING_PER_ADDRESS = 16
 """Half-open handshakes one source IP address may have at once."""
-"""REJECT reason (code BUSY) for an agent at its concurrent-session cap."""
 CodeSource = Callable[[int, int, int, int], bytes]
 """(job, attempt, offset, length) -> that slice of code || input.
 
@@ -98,7 +104,11 @@ class ServerEndpoint:
         self._congestion = congestion
         self._random = random_bytes
         self._cookies = CookieJar(now, random_bytes=random_bytes)
-        self._nonces = NonceBook(max_outstanding=max_sessions)
+        # One nonce per half-open handshake: bounded by those, not by sessions, so a
+        # small server never evicts the nonce of a handshake it still waits for.
+        self._nonces = NonceBook(
+            max_outstanding=max(MAX_OUTSTANDING_NONCES, max_pending_handshakes)
+        )
         self.sessions: dict[int, ServerSession] = {}
         self._pending: dict[tuple[Address, bytes], int] = {}
         self._pending_key: dict[int, tuple[Address, bytes]] = {}
@@ -138,7 +148,7 @@ class ServerEndpoint:
             if session.state is ServerState.CHALLENGED and self._agent_full(session.agent_id):
                 session.refuse_handshake(TOO_MANY_SESSIONS, self._cap_detail(), ErrorCode.BUSY)
             elif session.state is ServerState.CHALLENGED and self._server_full():
-                session.refuse_handshake("server full", "no room for a session", ErrorCode.BUSY)
+                session.refuse_handshake(SERVER_FULL, "no room for a session", ErrorCode.BUSY)
             else:
                 before = session.public_key_ops
                 session.on_attest(data, now)
@@ -166,10 +176,7 @@ class ServerEndpoint:
             self.counters["rejected_version"] += 1
             self._reply(
                 PacketType.REJECT,
-                Reject(
-                    code=ErrorCode.UNSUPPORTED_VERSION,
-                    reason=f"this server speaks version {VERSION}",
-                ),
+                Reject(code=ErrorCode.UNSUPPORTED_VERSION, reason=UNSUPPORTED_VERSION),
                 address,
             )
             return
@@ -204,9 +211,7 @@ class ServerEndpoint:
             return
         if self._server_full():
             self.counters["rejected_busy"] += 1
-            self._reply(
-                PacketType.REJECT, Reject(code=ErrorCode.BUSY, reason="server full"), address
-            )
+            self._reply(PacketType.REJECT, Reject(code=ErrorCode.BUSY, reason=SERVER_FULL), address)
             return
         ip = address[0]
         if (

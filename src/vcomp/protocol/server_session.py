@@ -49,6 +49,10 @@ from vcomp.protocol.trust import TrustPolicy
 from vcomp.protocol.wire import HEADER_LEN, Flag, Header, PacketType, pack_header
 
 REQUESTED_PCRS = (17, 18)
+MALFORMED_ATTEST = "malformed_attest"
+"""REJECT reason (code ATTESTATION_FAILED): the ATTEST body does not decode."""
+BAD_EPHEMERAL_KEY = "bad_ephemeral_key"
+"""REJECT reason (code ATTESTATION_FAILED): ATTEST.ephemeral is not an RSA-2048 SPKI."""
 
 
 __all__ = ["REQUESTED_PCRS", "ServerSession", "ServerState"]
@@ -160,7 +164,7 @@ class ServerSession:
         try:
             attest = decode_body(PacketType.ATTEST, datagram[HEADER_LEN:])
         except DecodeError as exc:
-            self._reject("malformed_attest", str(exc))
+            self._reject(MALFORMED_ATTEST, str(exc))
             return
         assert isinstance(attest, Attest)
         self.public_key_ops += 1
@@ -183,7 +187,7 @@ class ServerSession:
             self._reject(exc.reason, exc.detail)
             return
         except CryptoError as exc:
-            self._reject("bad_ephemeral_key", str(exc))
+            self._reject(BAD_EPHEMERAL_KEY, str(exc))
             return
         self._attest = datagram
         server_key = hs.raw_public(self._signing_key)

@@ -399,7 +399,7 @@ class Scheduler:
         if session is None or session.state is not ServerState.IDLE:
             # The agent vanished while we leased: hand the job straight back.
             self._unreserve_lease(lease.agent_id)
-            await self._release((lease.job_id, lease.attempt), "agent left before START")
+            await self._release_unstarted(lease, "agent left before START")
             return
         self._idle.discard(sid)
         try:
@@ -409,7 +409,20 @@ class Scheduler:
             self._health.lost(exc)
             self._unreserve_lease(lease.agent_id)
             self._idle.add(sid)
-            await self._release((lease.job_id, lease.attempt), "store unavailable at START")
+            await self._release_unstarted(lease, "store unavailable at START")
+
+    async def _release_unstarted(self, lease: Lease, reason: str) -> None:
+        """Release a lease whose START was never sent. Its attempt number is used up
+        (the next lease takes the next one), so the log says which and why."""
+        await self._release((lease.job_id, lease.attempt), reason)
+        logfmt.event(
+            log,
+            "lease_unstarted",
+            job=lease.job_id,
+            attempt=lease.attempt,
+            agent=lease.agent_id[:16],
+            reason=reason,
+        )
 
     def _start(self, session: ServerSession, lease: Lease) -> None:
         app = lease.app
