@@ -246,7 +246,6 @@ class _ServerSide:
 
 def server_side_main(ns: str, conn: Connection) -> None:
     enter(ns)  # before the event loop and its executor threads exist
-    sys.path.insert(0, "/tmp/c10"); import diag; diag.install()  # DIAG-TEMP
     common.serve_commands(conn, _ServerSide().handle)
 
 
