@@ -525,7 +525,8 @@ class ReliableSender(Generic[T]):
                         f"the peer is unreachable or the path drops everything"
                     )
                 return
-        count = 1 if self.rtt.backoff_capped else PROBE_COUNT
+        # Two probes at a stall's first expiry (RFC 9002); one per expiry at the cap.
+        count = 1 if self._pto_count > 1 and self.rtt.backoff_capped else PROBE_COUNT
         probes = list(islice(self._unacked, count))
         self._probes = count  # with one item unacked and two probes, it is sent twice
         for seq in probes:
