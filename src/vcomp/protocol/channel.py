@@ -50,7 +50,7 @@ from vcomp.protocol.reliability import (
     ReliableSender,
 )
 from vcomp.protocol.replay import ReplayWindow
-from vcomp.protocol.rtt import RttEstimator
+from vcomp.protocol.rtt import session_timer
 from vcomp.protocol.wire import HEADER_LEN, Flag, Header, pack_header
 
 TAG_LEN = 16
@@ -142,7 +142,7 @@ class SecureChannel:
         if old is not None:
             rtt, cc = old.rtt, old.cc
         else:
-            rtt, cc = RttEstimator(), make_controller(self._congestion)
+            rtt, cc = session_timer(), make_controller(self._congestion)
         self._sender: ReliableSender[Message] = ReliableSender(
             window=self._window,
             rtt=rtt,

@@ -24,11 +24,11 @@ Exponential backoff: every retransmission timeout doubles the RTO (up to
 The backed-off PTO differs from RFC 9002 in two ways, both so that many flows that
 lost their whole windows in one congested queue recover soon after it drains:
 
-* it stops doubling at ``max_backoff_pto`` (1 s, RFC 6298's classic minimum RTO),
-  never below the PTO without backoff: a flow probes at least that often, so it
-  notices a drained queue within about a second rather than after a doubling that
-  may have reached tens of seconds;
-* each expiry draws a factor j in [1/2, 1] (``rng``, seeded in tests) that scales
+* it stops doubling at ``max_backoff_pto`` (sessions: 1 s, RFC 6298's classic
+  minimum RTO; see :func:`session_timer`), never below the PTO without backoff: a
+  flow probes at least that often, so it notices a drained queue within about a
+  second rather than after a doubling that may have reached tens of seconds;
+* each expiry draws a factor j in [1/2, 1] (from ``rng``, if given) that scales
   the backed-off PTO, again never below the PTO without backoff: flows that lost
   their packets to the same overflow do not probe in step and overflow it again.
 
@@ -44,7 +44,7 @@ from vcomp.protocol import limits
 DEFAULT_INITIAL_RTO = 1.0
 DEFAULT_MIN_RTO = 0.2
 DEFAULT_MAX_RTO = 60.0
-DEFAULT_MAX_BACKOFF_PTO = 1.0
+SESSION_MAX_BACKOFF_PTO = 1.0
 DEFAULT_GRANULARITY = 0.001
 DEFAULT_MAX_ACK_DELAY = 0.025
 JITTER_LOW = 0.5
@@ -79,12 +79,12 @@ class RttEstimator:
         max_rto: float = DEFAULT_MAX_RTO,
         granularity: float = DEFAULT_GRANULARITY,
         max_ack_delay: float = DEFAULT_MAX_ACK_DELAY,
-        max_backoff_pto: float = DEFAULT_MAX_BACKOFF_PTO,
+        max_backoff_pto: float | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if not 0 < min_rto <= max_rto:
             raise ValueError("need 0 < min_rto <= max_rto")
-        if not max_backoff_pto > 0:
+        if max_backoff_pto is not None and not max_backoff_pto > 0:
             raise ValueError("max_backoff_pto must be positive")
         if not initial_rto > 0:
             raise ValueError("initial_rto must be positive")
@@ -95,8 +95,9 @@ class RttEstimator:
         self.max_rto = max_rto
         self.granularity = granularity
         self.max_ack_delay = max_ack_delay
-        self.max_backoff_pto = max_backoff_pto
-        self._rng = rng if rng is not None else random.Random()
+        # None: the PTO doubles up to max_rto, as in RFC 9002; no rng: no jitter.
+        self.max_backoff_pto = max_backoff_pto if max_backoff_pto is not None else max_rto
+        self._rng = rng
         self._jitter = 1.0  # drawn at each expiry; 1 without backoff
         self.srtt: float | None = None
         self.rttvar = 0.0  # meaningful once srtt is set
@@ -161,7 +162,8 @@ class RttEstimator:
         PTO (up to ``max_backoff_pto``), and draw the PTO's jitter for the next wait."""
         self._backoff += 1
         self._rto = min(self._rto * 2.0, self.max_rto)
-        self._jitter = self._rng.uniform(JITTER_LOW, 1.0)
+        if self._rng is not None:
+            self._jitter = self._rng.uniform(JITTER_LOW, 1.0)
 
     @property
     def base_pto(self) -> float:
@@ -179,11 +181,13 @@ class RttEstimator:
 
     @property
     def backoff_capped(self) -> bool:
-        """True once doubling no longer lengthens the PTO (``max_backoff_pto`` reached)."""
+        """True once doubling no longer lengthens the PTO (``max_backoff_pto`` reached,
+        when it is below ``max_rto``)."""
         base = self.base_pto
-        return self._backoff > 0 and base * (1 << min(self._backoff, 32)) >= max(
-            self.max_backoff_pto, base
-        )
+        cap = self.max_backoff_pto
+        if self._backoff == 0 or cap >= self.max_rto:
+            return False
+        return base * (1 << min(self._backoff, 32)) >= max(cap, base)
 
     @property
     def pto(self) -> float:
@@ -217,6 +221,14 @@ class RttEstimator:
         )
 
 
+def session_timer(rng: random.Random | None = None) -> RttEstimator:
+    """A session's estimator: the backed-off PTO capped at ``SESSION_MAX_BACKOFF_PTO``
+    and jittered (``rng``; a fresh one seeded by the OS when None)."""
+    return RttEstimator(
+        max_backoff_pto=SESSION_MAX_BACKOFF_PTO, rng=rng if rng is not None else random.Random()
+    )
+
+
 def handshake_timer(rng: random.Random | None = None) -> RttEstimator:
     """The handshake's retransmission timer, by the same expression as the channel's:
     before an RTT sample the PTO is ``HANDSHAKE_RETRANSMIT``; after one (a handshake
@@ -227,5 +239,5 @@ def handshake_timer(rng: random.Random | None = None) -> RttEstimator:
         min_rto=limits.HANDSHAKE_RETRANSMIT,
         max_rto=limits.HANDSHAKE_RETRANSMIT_MAX,
         max_backoff_pto=limits.HANDSHAKE_RETRANSMIT_MAX,
-        rng=rng,
+        rng=rng if rng is not None else random.Random(),
     )
