@@ -8,14 +8,7 @@ NewReno as in RFC 9002 section 7 (appendix B), counted in bytes:
 * the first loss of a packet sent after the current recovery period started
   halves the window once (a recovery period ends with the first acknowledgement
   of a packet sent after it began);
-* persistent congestion (section 7.6) collapses the window to one datagram, the
-  loss window of TCP after a retransmission timeout (RFC 5681, 3.1), below RFC
-  9002's recommended ``2 * max_datagram`` (7.2: a RECOMMENDED value, not a MUST):
-  when many flows share a queue that holds fewer than two datagrams per flow (200
-  flows, 20 Mbit/s, 40 ms, one BDP of queue: about 0.7 per flow), flows that all
-  hold two keep it overflowing. The receiver acknowledges a lone datagram after at
-  most its 5 ms ack delay, so one datagram costs no delayed-ACK stall. An ordinary
-  loss still leaves at least ``2 * max_datagram``;
+* persistent congestion (section 7.6) collapses the window to ``2 * max_datagram``;
 * acknowledgements that arrive while the sender was application- or
   flow-control-limited do not grow the window (section 7.8).
 
@@ -125,7 +118,7 @@ class NewReno:
         self.acked_in_ca = 0
 
     def on_persistent_congestion(self) -> None:
-        self._cwnd = self.max_datagram  # the loss window (see the module docstring)
+        self._cwnd = self.minimum_window
         self._recovery_start = None
         self.acked_in_ca = 0
 
