@@ -513,3 +513,34 @@ def test_an_answer_to_a_retransmitted_hello_gives_no_rtt_sample(identity: Identi
     # the cookie, sent once, gives the only one: PTO = 3 * 0.04 + 0.025, not 0.125.
     assert gaps[0] == pytest.approx(3 * 0.040 + 0.025)
     assert all(g <= limits.HANDSHAKE_RETRANSMIT_MAX for g in gaps)
+
+
+def test_an_instant_forged_answer_cannot_make_the_handshake_retry_fast_for_long(
+    identity: Identity,
+) -> None:
+    """An on-path forger answers HELLO at once (a 0 ms RTT sample), then drops all:
+    the agent's retransmissions still back off to the 1-2 s cap, and the attempt
+    ends at HANDSHAKE_GIVE_UP. Judged by the datagrams the agent sent."""
+    server = ServerApp(signing_key=identity.signing_key, trust=make_trust(identity))
+    agent = _seeded_agent(identity, 9)
+    address = ("127.0.0.9", 4000)
+    agent.connect(0.0)
+    for datagram in agent.datagrams_to_send(0.0):
+        server.endpoint.receive_datagram(datagram, address, 0.0)
+    answers = server.endpoint.datagrams_to_send(0.0)
+    assert answers
+    for datagram, _ in answers:
+        agent.receive_datagram(datagram, 0.0)  # answered in 0 s
+    sent = len(agent.datagrams_to_send(0.0))
+    now = 0.0
+    while not agent.closed:
+        deadline = agent.get_timer()
+        assert deadline is not None
+        now = deadline
+        agent.handle_timer(now)
+        sent += len(agent.datagrams_to_send(now))
+    print(f"\nforged instant answer: {sent} handshake datagrams until give-up at {now:.1f} s")
+    assert limits.HANDSHAKE_GIVE_UP <= now <= limits.HANDSHAKE_GIVE_UP + 2.0
+    # The backoff from a 25 ms PTO passes 7 doublings before the cap, then at least
+    # 1 s apart (half the 2 s cap): about 35 datagrams at most in 30 s, not hundreds.
+    assert sent <= 8 + limits.HANDSHAKE_GIVE_UP / (limits.HANDSHAKE_RETRANSMIT_MAX / 2)
