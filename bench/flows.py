@@ -22,6 +22,8 @@ from vcomp.loadgen import LiteAgent
 from vcomp.protocol import events as ev
 
 SAMPLE_INTERVAL = 0.5
+FIRST_BYTE_INTERVAL = 0.1
+"""A fleet notes each agent's first job byte this often (its per-agent timeline)."""
 TCP_READ = 256 * 1024
 
 
@@ -54,6 +56,8 @@ class VcompFlow(Flow):
     def __init__(self, name: str, make_agent: MakeAgent) -> None:
         super().__init__(name)
         self.connected_at: float | None = None  # the handshake done (attested, keyed)
+        self.first_byte_at: float | None = None  # first job byte seen (fleet: per sample)
+        self.handshake_retries = 0  # handshake datagrams sent again
         self.received_at: list[float] = []  # JobReceived: code and input complete, END checked
         self.committed = 0
         self.jobs_bytes = 0
@@ -62,6 +66,8 @@ class VcompFlow(Flow):
     def on_event(self, e: ev.Event) -> None:
         if isinstance(e, ev.Connected) and self.connected_at is None:
             self.connected_at = time.monotonic()
+        elif isinstance(e, ev.HandshakeRetry):
+            self.handshake_retries += 1
         elif isinstance(e, ev.JobReceived):
             now = time.monotonic()
             self.received_at.append(now)
@@ -198,6 +204,18 @@ class FleetRun:
     committed: int
     failed: list[str]
     samples: Samples  # the fleet's total delivered bytes (one column)
+    timeline: list[AgentTimeline] = field(default_factory=list)  # per agent
+
+
+@dataclass
+class AgentTimeline:
+    """One fleet agent's run (``time.monotonic()``; None: never happened)."""
+
+    name: str
+    connected: float | None  # handshake done
+    first_byte: float | None  # first job byte in (within FIRST_BYTE_INTERVAL)
+    received: float | None  # its job complete
+    handshake_retries: int
 
 
 async def fleet(agents: Sequence[VcompFlow], jobs: int, timeout: float) -> FleetRun:
@@ -206,12 +224,24 @@ async def fleet(agents: Sequence[VcompFlow], jobs: int, timeout: float) -> Fleet
     total = _Total(agents)
     sampler = Sampler([total])
     begin = time.monotonic()
+
+    def first_bytes() -> None:
+        now = time.monotonic()
+        for a in agents:
+            if a.first_byte_at is None and a.delivered() > 0:
+                a.first_byte_at = now
+
     try:
         await asyncio.gather(*(a.start() for a in agents))
         sampler.sample()
+        every = round(SAMPLE_INTERVAL / FIRST_BYTE_INTERVAL)
+        ticks = 0
         while sum(a.committed for a in agents) < jobs and time.monotonic() - begin < timeout:
-            await asyncio.sleep(SAMPLE_INTERVAL)
-            sampler.sample()
+            await asyncio.sleep(FIRST_BYTE_INTERVAL)
+            first_bytes()
+            ticks += 1
+            if ticks % every == 0:
+                sampler.sample()
         run = FleetRun(  # before stopping: a stop closes sessions on purpose
             begin=begin,
             received_at=sorted(t for a in agents for t in a.received_at),
@@ -220,6 +250,16 @@ async def fleet(agents: Sequence[VcompFlow], jobs: int, timeout: float) -> Fleet
             committed=sum(a.committed for a in agents),
             failed=[a.failed for a in agents if a.failed is not None],
             samples=sampler.result(),
+            timeline=[
+                AgentTimeline(
+                    a.name,
+                    a.connected_at,
+                    a.first_byte_at,
+                    a.received_at[0] if a.received_at else None,
+                    a.handshake_retries,
+                )
+                for a in agents
+            ],
         )
     finally:
         await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)

@@ -13,7 +13,7 @@ import pytest
 from vcomp.protocol.channel import SecureChannel
 from vcomp.protocol.messages import Ack, Code, Message, Reset, decode_body
 from vcomp.protocol.record import Direction, RecordKey
-from vcomp.protocol.reliability import MAX_PROBE_TIMEOUTS
+from vcomp.protocol.reliability import GIVE_UP_AFTER, MAX_PROBE_TIMEOUTS
 from vcomp.protocol.wire import HEADER_LEN, PacketType, unpack_header
 
 KEY = bytes(range(32))
@@ -171,7 +171,7 @@ def _probe_until_closed(server: SecureChannel) -> tuple[list[float], list[list[b
         now, out = fire(server)
         times.append(now)
         sent.append(out)
-        assert len(times) <= 4 * MAX_PROBE_TIMEOUTS, "never gave up"
+        assert times[-1] <= 2 * GIVE_UP_AFTER, "never gave up"
     return times, sent
 
 
@@ -180,14 +180,18 @@ def test_an_unacknowledged_reset_closes_the_session_by_the_one_give_up_rule() ->
     server.start_reset("operator asked", 0.0)
     server.datagrams_to_send(0.0)
     times, sent = _probe_until_closed(server)
-    # Resent once per probe timeout, then given up at the one limit.
-    assert sum(resets(out) for out in sent) == MAX_PROBE_TIMEOUTS
+    # Resent once per probe timeout, then given up at the one limit: more than
+    # MAX_PROBE_TIMEOUTS expiries, and GIVE_UP_AFTER seconds since the RESET left.
+    expiries = len(times)
+    assert expiries > MAX_PROBE_TIMEOUTS
+    assert sum(resets(out) for out in sent) == expiries - 1
     assert server.close_code == 40
-    assert f"{MAX_PROBE_TIMEOUTS + 1} probe timeouts" in (server.close_reason or "")
-    # The one backoff: each gap is double the one before, until the cap.
+    assert f"{expiries} probe timeouts" in (server.close_reason or "")
+    assert times[-2] < GIVE_UP_AFTER <= times[-1]
+    # The one backoff: before an RTT sample the PTO is 1 s, already the session's
+    # cap, so every gap is between that and the cap (the jitter never goes below it).
     gaps = [b - a for a, b in itertools.pairwise([0.0, *times])]
-    for earlier, later in itertools.pairwise(gaps):
-        assert later == pytest.approx(min(2 * earlier, 60.0))
+    assert all(g == pytest.approx(1.0) for g in gaps)
 
 
 def test_unacknowledged_commits_and_stream_share_one_give_up_rule() -> None:
@@ -196,7 +200,8 @@ def test_unacknowledged_commits_and_stream_share_one_give_up_rule() -> None:
     server.send_committed([(7, 1)], 0.0)
     server.datagrams_to_send(0.0)
     times, _ = _probe_until_closed(server)
-    assert len(times) == MAX_PROBE_TIMEOUTS + 1
+    assert len(times) > MAX_PROBE_TIMEOUTS
+    assert times[-2] < GIVE_UP_AFTER <= times[-1]
     assert server.close_code == 40
 
 

@@ -22,6 +22,7 @@ from vcomp.protocol.reliability import (
     ReliableReceiver,
     ReliableSender,
 )
+from vcomp.protocol.rtt import SESSION_MAX_BACKOFF_PTO, session_timer
 
 
 def send_all(sender: ReliableSender[str], now: float, pns: list[int]) -> list[tuple[int, int]]:
@@ -710,3 +711,66 @@ def test_run_without_a_goal_stops_at_the_timeout_or_when_quiet() -> None:
     quiet = Network(*make_pair(4, 2, 8), seed=1)
     quiet.run()
     assert quiet.now == 0.0
+
+
+# ---- many flows in one full queue: capped PTO, one probe at the cap, give-up time ------
+
+
+def capped_sender(n: int, *, seed: int, give_up_after: float = 0.0) -> ReliableSender[str]:
+    sender: ReliableSender[str] = ReliableSender(
+        window=64, rtt=session_timer(random.Random(seed)), give_up_after=give_up_after
+    )
+    for i in range(n):
+        sender.push(f"item{i}")
+    return sender
+
+
+def test_a_flow_that_lost_everything_probes_at_the_cap_and_recovers_soon_after() -> None:
+    sender = capped_sender(50, seed=4, give_up_after=60.0)
+    pns = [0]
+    send_all(sender, 0.0, pns)
+    sender.on_ack([(0, 0)], 0.0, 0.08)  # one sample, then the rest of the flight is lost
+    send_all(sender, 0.08, pns)
+    probes_per_expiry = []
+    now = 0.08
+    for _ in range(30):  # 30 expiries in a row: the queue stays full, every probe lost
+        deadline = sender.timer()
+        assert deadline is not None
+        assert deadline - now <= SESSION_MAX_BACKOFF_PTO + 1e-9  # never a long sleep
+        now = deadline
+        sender.on_timeout(now)
+        probes_per_expiry.append(len(send_all(sender, now, pns)))
+    # Two probes at the stall's first expiry (RFC 9002), one per expiry at the cap.
+    assert probes_per_expiry[0] == PROBE_COUNT
+    assert probes_per_expiry[-20:] == [1] * 20
+    # The queue drains: the next probe is at most one capped PTO away, and its ACK
+    # ends the backoff.
+    deadline = sender.timer()
+    assert deadline is not None and deadline - now <= SESSION_MAX_BACKOFF_PTO + 1e-9
+    sender.on_timeout(deadline)
+    ((_, pn),) = send_all(sender, deadline, pns)
+    assert sender.on_ack([(pn, pn)], 0.0, deadline + 0.08)
+    assert sender.rtt.backoff == 0
+
+
+def test_giving_up_takes_the_count_and_the_time() -> None:
+    sender = capped_sender(1, seed=5, give_up_after=60.0)
+    pns = [0]
+    send_all(sender, 0.0, pns)
+    now, expiries = 0.0, 0
+    with pytest.raises(TransferFailed, match="seq 0 was not acknowledged"):
+        while True:
+            deadline = sender.timer()
+            assert deadline is not None
+            now = deadline
+            expiries += 1
+            sender.on_timeout(now)
+            send_all(sender, now, pns)
+    # Capped at 1 s, MAX_PROBE_TIMEOUTS expiries are 12 s: the time floor decides.
+    assert expiries > MAX_PROBE_TIMEOUTS
+    assert 60.0 <= now <= 60.0 + SESSION_MAX_BACKOFF_PTO
+
+
+def test_the_give_up_time_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="give_up_after"):
+        ReliableSender[str](give_up_after=-1.0)

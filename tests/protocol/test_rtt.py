@@ -1,10 +1,17 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from vcomp.protocol.rtt import RttEstimator
+from vcomp.protocol import limits
+from vcomp.protocol.rtt import (
+    SESSION_MAX_BACKOFF_PTO,
+    RttEstimator,
+    handshake_timer,
+    session_timer,
+)
 
 
 def test_defaults_before_any_sample() -> None:
@@ -152,3 +159,65 @@ def test_loss_delay_is_nine_eighths_of_the_larger_rtt() -> None:
 def test_bad_configuration(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RttEstimator(**kwargs)
+
+
+# ---- the session's backed-off PTO: capped and jittered --------------------------------
+
+
+def test_session_pto_stops_doubling_at_the_cap_and_jitter_stays_within_bounds() -> None:
+    rtt = session_timer(random.Random(1))
+    rtt.on_sample(0.080)  # base PTO = 0.08 + 4 * 0.04 + 0.025 = 0.265
+    base = rtt.base_pto
+    assert rtt.pto == pytest.approx(0.265)  # no backoff: RFC 9002 exactly
+    seen = []
+    for k in range(1, 40):
+        rtt.on_timeout()
+        # Never below the PTO without backoff, never above the cap (1 s here).
+        assert base <= rtt.pto <= max(SESSION_MAX_BACKOFF_PTO, base)
+        assert rtt.pto <= base * 2**k
+        seen.append(rtt.pto)
+    assert rtt.backoff_capped
+    assert len(set(seen)) > 30  # jittered: expiries do not repeat one interval
+    rtt.clear_backoff()
+    assert rtt.pto == pytest.approx(base) and not rtt.backoff_capped
+
+
+def test_session_pto_jitter_is_deterministic_with_a_seeded_rng() -> None:
+    def schedule(seed: int) -> list[float]:
+        rtt = session_timer(random.Random(seed))
+        rtt.on_sample(0.050)
+        out = []
+        for _ in range(10):
+            rtt.on_timeout()
+            out.append(rtt.pto)
+        return out
+
+    assert schedule(7) == schedule(7)
+    assert schedule(7) != schedule(8)
+
+
+def test_a_pto_above_the_cap_is_never_shortened_by_it() -> None:
+    rtt = session_timer(random.Random(2))
+    rtt.on_sample(2.0)  # a long path: base PTO 2 + 4 + 0.025 s, above the 1 s cap
+    base = rtt.base_pto
+    for _ in range(5):
+        rtt.on_timeout()
+        assert rtt.pto == pytest.approx(base)
+
+
+def test_without_a_cap_the_pto_doubles_as_in_rfc_9002() -> None:
+    rtt = RttEstimator()
+    for k in range(1, 8):
+        rtt.on_timeout()
+        assert rtt.pto == min(2.0**k, 60.0)
+    assert not rtt.backoff_capped
+
+
+def test_handshake_timer_uses_a_measured_rtt_and_caps_its_backoff() -> None:
+    timer = handshake_timer(random.Random(3))
+    assert timer.pto == limits.HANDSHAKE_RETRANSMIT  # no sample yet
+    timer.on_sample(0.080)
+    assert timer.pto == pytest.approx(3 * 0.080 + 0.025)  # RFC 9002 after one sample
+    for _ in range(20):
+        timer.on_timeout()
+        assert 3 * 0.080 + 0.025 <= timer.pto <= limits.HANDSHAKE_RETRANSMIT_MAX

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import random
 import re
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +25,7 @@ from tests.protocol.sessionsim import (
     make_trust,
 )
 from vcomp.errors import ConfigError
-from vcomp.protocol import attestation, server_endpoint, server_session
+from vcomp.protocol import attestation, limits, server_endpoint, server_session
 from vcomp.protocol import events as ev
 from vcomp.protocol import handshake as hs
 from vcomp.protocol.agent_session import AgentSession, AgentState
@@ -595,3 +596,97 @@ def test_a_small_server_keeps_the_nonce_of_every_pending_handshake(identity: Ide
     endpoint.receive_datagram(first_attest, first_address, 0.2)
     [(reply, _)] = endpoint.datagrams_to_send(0.2)
     assert unpack_header(reply).ptype is PacketType.KEY, decode_plaintext_packet(reply)[1]
+
+
+def _seeded_agent(identity: Identity, seed: int) -> AgentSession:
+    return AgentSession(
+        agent_id=identity.tpm.agent_id,
+        pinned_server=identity.fingerprint,
+        quote=lambda extra, pcrs: identity.tpm.quote(extra, pcrs),
+        now=0.0,
+        rng=random.Random(seed),
+    )
+
+
+def _attest_retries(identity: Identity, seed: int, *, lose_first_hello: bool) -> list[float]:
+    """Run the handshake to ATTEST over a 40 ms path, then lose every ATTEST: the
+    agent's retransmission times."""
+    server = ServerApp(signing_key=identity.signing_key, trust=make_trust(identity))
+    agent = _seeded_agent(identity, seed)
+    address = ("127.0.0.9", 4000)
+    agent.connect(0.0)
+    now = 0.0
+    if lose_first_hello:
+        agent.datagrams_to_send(now)
+        now = agent.get_timer() or 0.0
+        agent.handle_timer(now)
+    while agent.state is not AgentState.ATTEST_SENT:
+        for datagram in agent.datagrams_to_send(now):
+            server.endpoint.receive_datagram(datagram, address, now)
+        now += 0.040
+        for datagram, _ in server.endpoint.datagrams_to_send(now):
+            agent.receive_datagram(datagram, now)
+    sent_at = now
+    agent.datagrams_to_send(now)  # the ATTEST, lost
+    times = []
+    for _ in range(12):
+        deadline = agent.get_timer()
+        assert deadline is not None
+        agent.handle_timer(deadline)
+        assert len(agent.datagrams_to_send(deadline)) == 1  # the same ATTEST again
+        times.append(deadline - sent_at)
+        sent_at = deadline
+    return times
+
+
+def test_handshake_retransmission_uses_the_measured_rtt_jittered_within_bounds(
+    identity: Identity,
+) -> None:
+    gaps = _attest_retries(identity, 1, lose_first_hello=False)
+    # Two 40 ms samples (HELLO -> RETRY, HELLO with cookie -> CHALLENGE): SRTT 0.04,
+    # RTTVAR 0.015, so RFC 9002's PTO is 0.04 + 4 * 0.015 + 0.025.
+    pto = 0.040 + 4 * 0.015 + 0.025
+    assert gaps[0] == pytest.approx(pto)  # the first wait: no backoff, no jitter
+    assert all(pto - 1e-9 <= g <= limits.HANDSHAKE_RETRANSMIT_MAX for g in gaps)
+    assert len({round(g, 6) for g in gaps[4:]}) > 4  # jittered at the cap: not in step
+    assert _attest_retries(identity, 1, lose_first_hello=False) == gaps  # seeded
+    assert _attest_retries(identity, 2, lose_first_hello=False) != gaps
+
+
+def test_an_answer_to_a_retransmitted_hello_gives_no_rtt_sample(identity: Identity) -> None:
+    gaps = _attest_retries(identity, 3, lose_first_hello=True)
+    # Karn: the RETRY may answer either HELLO, so it gives no sample; the HELLO with
+    # the cookie, sent once, gives the only one: PTO = 3 * 0.04 + 0.025, not 0.125.
+    assert gaps[0] == pytest.approx(3 * 0.040 + 0.025)
+    assert all(g <= limits.HANDSHAKE_RETRANSMIT_MAX for g in gaps)
+
+
+def test_an_instant_forged_answer_cannot_make_the_handshake_retry_fast_for_long(
+    identity: Identity,
+) -> None:
+    """An on-path forger answers HELLO at once (a 0 ms RTT sample), then drops all:
+    the agent's retransmissions still back off to the 1-2 s cap, and the attempt
+    ends at HANDSHAKE_GIVE_UP. Judged by the datagrams the agent sent."""
+    server = ServerApp(signing_key=identity.signing_key, trust=make_trust(identity))
+    agent = _seeded_agent(identity, 9)
+    address = ("127.0.0.9", 4000)
+    agent.connect(0.0)
+    for datagram in agent.datagrams_to_send(0.0):
+        server.endpoint.receive_datagram(datagram, address, 0.0)
+    answers = server.endpoint.datagrams_to_send(0.0)
+    assert answers
+    for datagram, _ in answers:
+        agent.receive_datagram(datagram, 0.0)  # answered in 0 s
+    sent = len(agent.datagrams_to_send(0.0))
+    now = 0.0
+    while not agent.closed:
+        deadline = agent.get_timer()
+        assert deadline is not None
+        now = deadline
+        agent.handle_timer(now)
+        sent += len(agent.datagrams_to_send(now))
+    print(f"\nforged instant answer: {sent} handshake datagrams until give-up at {now:.1f} s")
+    assert limits.HANDSHAKE_GIVE_UP <= now <= limits.HANDSHAKE_GIVE_UP + 2.0
+    # The backoff from a 25 ms PTO passes 7 doublings before the cap, then at least
+    # 1 s apart (half the 2 s cap): about 35 datagrams at most in 30 s, not hundreds.
+    assert sent <= 8 + limits.HANDSHAKE_GIVE_UP / (limits.HANDSHAKE_RETRANSMIT_MAX / 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -157,6 +158,7 @@ class AgentSession:
         capacity: JobCapacity = UNLIMITED,
         ephemeral: tuple[rsa.RSAPrivateKey, bytes] | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        rng: random.Random | None = None,
     ) -> None:
         self.agent_id = agent_id
         self._pinned = pinned_server
@@ -174,7 +176,9 @@ class AgentSession:
         self._events: deque[ev.Event] = deque()
         self._retry_at: float | None = None
         self._tries = 0
-        self._handshake_timer = handshake_timer()
+        self._sent_at = now  # when the current handshake datagram first went
+        # One timer for the whole handshake: its RTT sample and jitter carry over.
+        self._handshake_timer = handshake_timer(rng)
         self._last_handshake: bytes = b""
         self._hello_dgram = b""
         self._challenge_dgram = b""
@@ -377,15 +381,24 @@ class AgentSession:
     def _send_handshake(self, dgram: bytes, now: float, *, fresh: bool) -> None:
         if fresh:
             self._tries = 0
+            self._sent_at = now
+        else:
+            self._handshake_timer.on_timeout()
         self._tries += 1
         self._last_handshake = dgram
         self._out.append(dgram)
-        if fresh:
-            self._handshake_timer = handshake_timer()
-        else:
-            self._handshake_timer.on_timeout()
-        # The same probe timeout and backoff as the channel's (rtt.RttEstimator.pto).
+        # The same probe timeout, backoff cap and jitter as the channel's
+        # (rtt.RttEstimator.pto), from the RTT measured so far if there is a sample.
         self._retry_at = now + self._handshake_timer.pto
+
+    def _answered(self, now: float) -> None:
+        """The server answered the current handshake datagram. Sent once, it gives an
+        RTT sample (sent again, the answer may be to any copy: no sample, as Karn's
+        rule says); either way the path works, so the backoff ends."""
+        timer = self._handshake_timer
+        if self._tries == 1:
+            timer.on_sample(now - self._sent_at)
+        timer.clear_backoff()
 
     def _on_retry(self, body: bytes, now: float) -> None:
         # A second RETRY is legitimate (the cookie expired or our address
@@ -398,6 +411,7 @@ class AgentSession:
         assert isinstance(retry, Retry)
         self._move(AgentEvent.RETRY)
         self._retries_seen += 1
+        self._answered(now)
         self._cookie = retry.cookie
         self._send_hello(now)
 
@@ -419,6 +433,7 @@ class AgentSession:
         self._challenge_dgram = dgram
         self._attest_dgram = self._plain(PacketType.ATTEST, encode_body(attest), session_id)
         self._move(AgentEvent.CHALLENGE)
+        self._answered(now)
         self._send_handshake(self._attest_dgram, now, fresh=True)
 
     def _on_key(self, body: bytes, now: float) -> None:

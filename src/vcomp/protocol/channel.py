@@ -43,9 +43,14 @@ from vcomp.protocol.messages import (
     with_sequence,
 )
 from vcomp.protocol.record import Direction, RecordKey
-from vcomp.protocol.reliability import MAX_PROBE_TIMEOUTS, ReliableReceiver, ReliableSender
+from vcomp.protocol.reliability import (
+    GIVE_UP_AFTER,
+    MAX_PROBE_TIMEOUTS,
+    ReliableReceiver,
+    ReliableSender,
+)
 from vcomp.protocol.replay import ReplayWindow
-from vcomp.protocol.rtt import RttEstimator
+from vcomp.protocol.rtt import session_timer
 from vcomp.protocol.wire import HEADER_LEN, Flag, Header, pack_header
 
 TAG_LEN = 16
@@ -102,6 +107,7 @@ class SecureChannel:
         keepalive: float = limits.KEEPALIVE_INTERVAL,
         max_retries: int = MAX_PROBE_TIMEOUTS,
         congestion: str = "newreno",
+        give_up_after: float = GIVE_UP_AFTER,
     ) -> None:
         self.session_id = session_id
         self._key = RecordKey(key, send=send)
@@ -109,6 +115,7 @@ class SecureChannel:
         self._next_pn = first_packet_number
         self._window = window
         self._max_retries = max_retries
+        self._give_up_after = give_up_after
         self._congestion = congestion
         make_controller(congestion)  # an unknown name fails here, not at the first RESET
         self._idle_timeout = idle_timeout
@@ -135,9 +142,15 @@ class SecureChannel:
         if old is not None:
             rtt, cc = old.rtt, old.cc
         else:
-            rtt, cc = RttEstimator(), make_controller(self._congestion)
+            rtt, cc = session_timer(), make_controller(self._congestion)
         self._sender: ReliableSender[Message] = ReliableSender(
-            window=self._window, rtt=rtt, max_retries=self._max_retries, congestion=cc
+            window=self._window,
+            rtt=rtt,
+            max_retries=self._max_retries,
+            congestion=cc,
+            # The probe timeout stops doubling at about a second: the retry count alone
+            # would end a session within seconds; give up no sooner than this.
+            give_up_after=self._give_up_after,
         )
         if old is not None:
             self._sender.adopt_frames(old)  # committed notices outlive the epoch

@@ -64,8 +64,10 @@ MAX_STATUS: Final = 32
 
 # ---- timers -------------------------------------------------------------------
 HANDSHAKE_RETRANSMIT: Final = 1.0
-"""First handshake retransmission delay; doubles on every retry."""
-HANDSHAKE_RETRANSMIT_MAX: Final = 8.0
+"""First handshake retransmission delay before any RTT sample; doubles on every retry."""
+HANDSHAKE_RETRANSMIT_MAX: Final = 2.0
+"""Handshake retransmissions stop doubling here (each wait jittered down to half): an
+agent whose datagrams were lost in a queue that has since drained connects soon."""
 HANDSHAKE_GIVE_UP: Final = 30.0
 """The agent abandons a handshake that has not completed after this long."""
 RECONNECT_BACKOFF: Final = 5.0

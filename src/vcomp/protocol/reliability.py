@@ -49,11 +49,18 @@ T = TypeVar("T")
 PACKET_THRESHOLD = 3
 """A packet is lost once a packet sent this many packet numbers later is acked."""
 PROBE_COUNT = 2
-"""Probe packets sent when the probe timeout expires (RFC 9002, 6.2.4)."""
+"""Probe packets sent when the probe timeout expires (RFC 9002, 6.2.4), until the PTO
+stops doubling at its cap; from then on one (the RFC allows one or two): a flow that
+keeps probing a full queue adds one packet per capped PTO, not two."""
 MAX_PROBE_TIMEOUTS = 12
 """The give-up rule: probe timeouts in a row with no ACK of anything new (stream item
-or control frame) after which the peer is taken to be gone. With the PTO doubling
-each time (capped at the RTT estimator's ``max_rto``) that is minutes, not seconds."""
+or control frame) after which the peer is taken to be gone, once ``give_up_after``
+seconds have also passed since the last send before the first of them (the PTO
+stops doubling at about a second, so a count alone would give up within seconds)."""
+
+GIVE_UP_AFTER = 60.0
+"""A session's sender gives up no sooner than this after its stall began (the old
+doubling schedule reached 60 s intervals; the idle timeout is 60 s too)."""
 
 DeliveryCallback = Callable[[Any, bool], None]
 """``callback(payload, delivered)``: True when acked, False when declared lost."""
@@ -131,9 +138,11 @@ class ReliableSender(Generic[T]):
         "_rtx",
         "_rtx_set",
         "_sent",
+        "_stall_since",
         "_unacked",
         "cc",
         "frame_queue",
+        "give_up_after",
         "max_queue",
         "max_retries",
         "pacer",
@@ -149,11 +158,15 @@ class ReliableSender(Generic[T]):
         max_queue: int = 4096,
         rtt: RttEstimator | None = None,
         congestion: NewReno | None = None,
+        give_up_after: float = 0.0,
     ) -> None:
-        if window < 1 or max_queue < 1 or max_retries < 0:
-            raise ValueError("need window >= 1, max_queue >= 1 and max_retries >= 0")
+        if window < 1 or max_queue < 1 or max_retries < 0 or not give_up_after >= 0:
+            raise ValueError(
+                "need window >= 1, max_queue >= 1, max_retries >= 0 and give_up_after >= 0"
+            )
         self.window = window
         self.max_retries = max_retries
+        self.give_up_after = give_up_after
         self.max_queue = max_queue
         self.rtt = rtt if rtt is not None else RttEstimator()
         self.cc = congestion if congestion is not None else NewReno()
@@ -175,6 +188,7 @@ class ReliableSender(Generic[T]):
         self._loss_time: float | None = None
         self._pto_base: float | None = None  # last stream packet sent, while any is unacked
         self._pto_count = 0  # probe timeouts since an ACK last acknowledged something new
+        self._stall_since = 0.0  # the last send before the first of those timeouts
         self._probes = 0  # PTO probes that may bypass the congestion window
         self._n_sent = 0
         self._n_retransmitted = 0
@@ -493,7 +507,10 @@ class ReliableSender(Generic[T]):
         self.rtt.on_timeout()
         self._n_timeouts += 1
         self._pto_base = now
+        if self._pto_count == 0:
+            self._stall_since = start
         self._pto_count += 1
+        gone = self._pto_count > self.max_retries and now - self._stall_since >= self.give_up_after
         if self._frames:
             # A control frame unacknowledged for a PTO is lost: its callback re-queues it.
             lost = list(self._frames.values())
@@ -501,15 +518,17 @@ class ReliableSender(Generic[T]):
             for frame, _ in lost:
                 frame.on_delivery(frame.payload, False)
             if not self._unacked:
-                if self._pto_count > self.max_retries:
+                if gone:
                     raise TransferFailed(
                         f"a control frame was not acknowledged after {self._pto_count} "
                         f"probe timeouts (last PTO {rto:.3f} s, max_retries={self.max_retries}): "
                         f"the peer is unreachable or the path drops everything"
                     )
                 return
-        probes = list(islice(self._unacked, PROBE_COUNT))
-        self._probes = PROBE_COUNT  # with one item unacked, it is sent twice
+        # Two probes at a stall's first expiry (RFC 9002); one per expiry at the cap.
+        count = 1 if self._pto_count > 1 and self.rtt.backoff_capped else PROBE_COUNT
+        probes = list(islice(self._unacked, count))
+        self._probes = count  # with one item unacked and two probes, it is sent twice
         for seq in probes:
             info = self._retry.get(seq)
             if info is None:
@@ -518,8 +537,9 @@ class ReliableSender(Generic[T]):
                 self._queue_retransmit(seq, info.first_sent)
             info.timeouts += 1
         # Give up after max_retries probe timeouts in a row with no ACK of anything
-        # new: the peer is gone. (An ACK of new data proves it alive and resets this.)
-        if self._pto_count > self.max_retries:
+        # new (and give_up_after s): the peer is gone. (An ACK of new data proves it
+        # alive and resets this.)
+        if gone:
             seq = probes[0]
             info = self._retry[seq]
             raise TransferFailed(

@@ -20,17 +20,35 @@ Deviations from RFC 6298, all deliberate:
 
 Exponential backoff: every retransmission timeout doubles the RTO (up to
 ``max_rto``); the next valid sample removes the backoff.
+
+The backed-off PTO differs from RFC 9002 in two ways, both so that many flows that
+lost their whole windows in one congested queue recover soon after it drains:
+
+* it stops doubling at ``max_backoff_pto`` (sessions: 1 s, RFC 6298's classic
+  minimum RTO; see :func:`session_timer`), never below the PTO without backoff: a
+  flow probes at least that often, so it notices a drained queue within about a
+  second rather than after a doubling that may have reached tens of seconds;
+* each expiry draws a factor j in [1/2, 1] (from ``rng``, if given) that scales
+  the backed-off PTO, again never below the PTO without backoff: flows that lost
+  their packets to the same overflow do not probe in step and overflow it again.
+
+The PTO without backoff, and so the first probe after a loss, is RFC 9002's.
 """
 
 from __future__ import annotations
+
+import random
 
 from vcomp.protocol import limits
 
 DEFAULT_INITIAL_RTO = 1.0
 DEFAULT_MIN_RTO = 0.2
 DEFAULT_MAX_RTO = 60.0
+SESSION_MAX_BACKOFF_PTO = 1.0
 DEFAULT_GRANULARITY = 0.001
 DEFAULT_MAX_ACK_DELAY = 0.025
+JITTER_LOW = 0.5
+"""A backed-off PTO is scaled by a factor drawn from [JITTER_LOW, 1] at each expiry."""
 
 
 class RttEstimator:
@@ -38,11 +56,14 @@ class RttEstimator:
 
     __slots__ = (
         "_backoff",
+        "_jitter",
+        "_rng",
         "_rto",
         "granularity",
         "initial_rto",
         "latest_rtt",
         "max_ack_delay",
+        "max_backoff_pto",
         "max_rto",
         "min_rto",
         "min_rtt",
@@ -58,9 +79,13 @@ class RttEstimator:
         max_rto: float = DEFAULT_MAX_RTO,
         granularity: float = DEFAULT_GRANULARITY,
         max_ack_delay: float = DEFAULT_MAX_ACK_DELAY,
+        max_backoff_pto: float | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         if not 0 < min_rto <= max_rto:
             raise ValueError("need 0 < min_rto <= max_rto")
+        if max_backoff_pto is not None and not max_backoff_pto > 0:
+            raise ValueError("max_backoff_pto must be positive")
         if not initial_rto > 0:
             raise ValueError("initial_rto must be positive")
         if granularity < 0 or max_ack_delay < 0:
@@ -70,6 +95,10 @@ class RttEstimator:
         self.max_rto = max_rto
         self.granularity = granularity
         self.max_ack_delay = max_ack_delay
+        # None: the PTO doubles up to max_rto, as in RFC 9002; no rng: no jitter.
+        self.max_backoff_pto = max_backoff_pto if max_backoff_pto is not None else max_rto
+        self._rng = rng
+        self._jitter = 1.0  # drawn at each expiry; 1 without backoff
         self.srtt: float | None = None
         self.rttvar = 0.0  # meaningful once srtt is set
         self.latest_rtt: float | None = None
@@ -121,29 +150,62 @@ class RttEstimator:
             rto = self.max_rto
         self._rto = rto
         if self._backoff:
-            self._backoff = 0
+            self.clear_backoff()
+
+    def clear_backoff(self) -> None:
+        """The peer answered: the next timeout is the PTO without backoff again."""
+        self._backoff = 0
+        self._jitter = 1.0
 
     def on_timeout(self) -> None:
-        """A retransmission timer expired: double the RTO (RFC 6298 rule 5.5)."""
+        """A retransmission timer expired: double the RTO (RFC 6298 rule 5.5) and the
+        PTO (up to ``max_backoff_pto``), and draw the PTO's jitter for the next wait."""
         self._backoff += 1
         self._rto = min(self._rto * 2.0, self.max_rto)
+        if self._rng is not None:
+            self._jitter = self._rng.uniform(JITTER_LOW, 1.0)
 
     @property
-    def pto(self) -> float:
-        """RFC 9002, 6.2.1: SRTT + max(4 RTTVAR, G) + max_ack_delay, doubled per backoff.
+    def base_pto(self) -> float:
+        """RFC 9002, 6.2.1: SRTT + max(4 RTTVAR, G) + max_ack_delay, without backoff.
 
-        Before the first sample it is the initial RTO (doubled likewise); never above
-        ``max_rto``. Unlike the RTO it has no ``min_rto`` floor: a tail loss on a
-        short path costs about one RTT more, not 200 ms.
+        Before the first sample it is the initial RTO. Unlike the RTO it has no
+        ``min_rto`` floor: a tail loss on a short path costs about one RTT more, not 200 ms.
         """
         srtt = self.srtt
         if srtt is None:
-            base = self.initial_rto
+            return self.initial_rto
+        var4 = 4.0 * self.rttvar
+        base = srtt + (var4 if var4 > self.granularity else self.granularity)
+        return base + self.max_ack_delay
+
+    @property
+    def backoff_capped(self) -> bool:
+        """True once doubling no longer lengthens the PTO (``max_backoff_pto`` reached,
+        when it is below ``max_rto``)."""
+        base = self.base_pto
+        cap = self.max_backoff_pto
+        if self._backoff == 0 or cap >= self.max_rto:
+            return False
+        return base * (1 << min(self._backoff, 32)) >= max(cap, base)
+
+    @property
+    def pto(self) -> float:
+        """The probe timeout with backoff: ``base_pto`` doubled per timeout but at most
+        ``max(max_backoff_pto, base_pto)``, scaled by the expiry's jitter but never
+        below ``base_pto``; never above ``max_rto``."""
+        base = self.base_pto
+        backoff = self._backoff
+        if backoff:
+            cap = self.max_backoff_pto if self.max_backoff_pto > base else base
+            pto = base * (1 << backoff) if backoff < 32 else cap
+            if pto > cap:
+                pto = cap
+            pto *= self._jitter
+            if pto < base:
+                pto = base
         else:
-            var4 = 4.0 * self.rttvar
-            base = srtt + (var4 if var4 > self.granularity else self.granularity)
-            base += self.max_ack_delay
-        pto = base * (1 << self._backoff) if self._backoff < 32 else self.max_rto
+            pto = base
         return pto if pto < self.max_rto else self.max_rto
 
     def loss_delay(self) -> float:
@@ -159,12 +221,23 @@ class RttEstimator:
         )
 
 
-def handshake_timer() -> RttEstimator:
-    """The handshake's retransmission timer: no RTT sample yet, so the PTO is the
-    initial one (``HANDSHAKE_RETRANSMIT``) doubled per timeout up to
-    ``HANDSHAKE_RETRANSMIT_MAX``, by the same expression as the channel's."""
+def session_timer(rng: random.Random | None = None) -> RttEstimator:
+    """A session's estimator: the backed-off PTO capped at ``SESSION_MAX_BACKOFF_PTO``
+    and jittered (``rng``; a fresh one seeded by the OS when None)."""
+    return RttEstimator(
+        max_backoff_pto=SESSION_MAX_BACKOFF_PTO, rng=rng if rng is not None else random.Random()
+    )
+
+
+def handshake_timer(rng: random.Random | None = None) -> RttEstimator:
+    """The handshake's retransmission timer, by the same expression as the channel's:
+    before an RTT sample the PTO is ``HANDSHAKE_RETRANSMIT``; after one (a handshake
+    datagram answered at its first try) it is RFC 9002's from that sample (6.2.2);
+    it doubles per timeout, jittered, up to ``HANDSHAKE_RETRANSMIT_MAX``."""
     return RttEstimator(
         initial_rto=limits.HANDSHAKE_RETRANSMIT,
         min_rto=limits.HANDSHAKE_RETRANSMIT,
         max_rto=limits.HANDSHAKE_RETRANSMIT_MAX,
+        max_backoff_pto=limits.HANDSHAKE_RETRANSMIT_MAX,
+        rng=rng if rng is not None else random.Random(),
     )
