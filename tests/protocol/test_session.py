@@ -489,8 +489,10 @@ def test_an_unsupported_version_is_rejected_with_its_token_before_any_cookie(
     assert endpoint.counters["retry_sent"] == 0 and not endpoint.sessions
 
 
-def test_a_full_server_rejects_with_the_server_full_token(identity: Identity) -> None:
-    """BUSY at HELLO and at ATTEST both carry the token ``server_full``."""
+def _two_pending_attests(
+    identity: Identity, host: str
+) -> tuple[ServerEndpoint, list[tuple[bytes, tuple[str, int]]]]:
+    """A server of one session, and two agents' ATTESTs held back after CHALLENGE."""
     endpoint = ServerEndpoint(
         signing_key=identity.signing_key,
         trust=make_trust(identity),
@@ -499,8 +501,7 @@ def test_a_full_server_rejects_with_the_server_full_token(identity: Identity) ->
         max_sessions=1,
         max_sessions_per_agent=4,
     )
-    # Two handshakes reach CHALLENGE while the server is empty; the first ATTEST fills it.
-    agents = [(make_agent(identity), ("127.0.0.12", port)) for port in (1, 2)]
+    agents = [(make_agent(identity), (host, port)) for port in (1, 2)]
     attests: list[tuple[bytes, tuple[str, int]]] = []
     for agent, address in agents:
         agent.connect(0.1)
@@ -513,6 +514,13 @@ def test_a_full_server_rejects_with_the_server_full_token(identity: Identity) ->
             for datagram, to in endpoint.datagrams_to_send(0.1):
                 if to == address:
                     agent.receive_datagram(datagram, 0.1)
+    return endpoint, attests
+
+
+def test_a_full_server_rejects_with_the_server_full_token(identity: Identity) -> None:
+    """BUSY at HELLO and at ATTEST both carry the token ``server_full``."""
+    # Two handshakes reach CHALLENGE while the server is empty; the first ATTEST fills it.
+    endpoint, attests = _two_pending_attests(identity, "127.0.0.12")
     assert len(attests) == 2
     reasons = []
     for datagram, address in attests:
@@ -571,27 +579,7 @@ def test_a_small_server_keeps_the_nonce_of_every_pending_handshake(identity: Ide
     """Outstanding CHALLENGE nonces are bounded apart from sessions (attestation.md 8):
     a server of max_sessions = 1 with two handshakes pending once evicted the older
     nonce, and the honest agent that attested first was refused ``nonce_reused``."""
-    endpoint = ServerEndpoint(
-        signing_key=identity.signing_key,
-        trust=make_trust(identity),
-        code_source=lambda *_: b"",
-        now=0.0,
-        max_sessions=1,
-        max_sessions_per_agent=4,
-    )
-    agents = [(make_agent(identity), ("127.0.0.13", port)) for port in (1, 2)]
-    attests: list[tuple[bytes, tuple[str, int]]] = []
-    for agent, address in agents:
-        agent.connect(0.1)
-        for _ in range(4):
-            for datagram in agent.datagrams_to_send(0.1):
-                if unpack_header(datagram).ptype is PacketType.ATTEST:
-                    attests.append((datagram, address))
-                else:
-                    endpoint.receive_datagram(datagram, address, 0.1)
-            for datagram, to in endpoint.datagrams_to_send(0.1):
-                if to == address:
-                    agent.receive_datagram(datagram, 0.1)
+    endpoint, attests = _two_pending_attests(identity, "127.0.0.13")
     first_attest, first_address = attests[0]
     endpoint.receive_datagram(first_attest, first_address, 0.2)
     [(reply, _)] = endpoint.datagrams_to_send(0.2)
