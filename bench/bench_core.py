@@ -116,9 +116,8 @@ def transfer(payload: bytes, window: int, burst: bool = False) -> Run:
     while True:
         space = server.queue_space
         while offset < total and space > 0:
-            server.send_reliable(
-                Code(job=1, attempt=1, offset=offset, data=payload[offset : offset + CHUNK])
-            )
+            # As ServerSession.supply_code does: the chunk's fields, no Code object.
+            server.send_code(1, 1, offset, payload[offset : offset + CHUNK])
             offset += CHUNK
             space -= 1
         sa.extend(server.datagrams_to_send(now))

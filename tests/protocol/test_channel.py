@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 
+from vcomp.errors import DecodeError
 from vcomp.protocol.channel import SecureChannel
 from vcomp.protocol.messages import Ack, Code, Message, Reset, decode_body
 from vcomp.protocol.record import Direction, RecordKey
@@ -211,3 +212,52 @@ def test_the_agent_acknowledges_the_reset_it_accepts() -> None:
     deliver(agent.datagrams_to_send(0.01), server, 0.02)
     assert server.send_idle  # the first RESET was acknowledged: no retransmission needed
     assert_only_keepalive_pending(server)
+
+
+# ---- the train data path ----------------------------------------------------------
+
+
+def test_send_code_puts_the_same_bytes_on_the_wire_as_a_code_message() -> None:
+    by_fields, _ = channels()
+    by_message, _ = channels()
+    for i in range(40):
+        data = bytes([i]) * (1200 - i)
+        assert by_fields.send_code(9, 2, 1200 * i, data) == i
+        by_message.send_reliable(Code(job=9, attempt=2, offset=1200 * i, data=data))
+    sent = by_fields.datagrams_to_send(0.0)
+    assert 1 < len(sent) < 40  # what the initial congestion window allows: one train
+    assert sent == by_message.datagrams_to_send(0.0)
+    assert peek(sent[3], Direction.SERVER_TO_AGENT) == Code(
+        seq=3, epoch=0, job=9, attempt=2, offset=3600, data=bytes([3]) * 1197
+    )
+
+
+def test_a_corrupted_datagram_inside_a_train_is_dropped_alone_and_resent() -> None:
+    server, agent = channels()
+    for i in range(8):
+        server.send_code(1, 1, 100 * i, bytes([i]) * 100)
+    train = server.datagrams_to_send(0.0)
+    assert len(train) == 8
+    bad = bytearray(train[4])
+    bad[HEADER_LEN + 10] ^= 0x01
+    train[4] = bytes(bad)
+    got = deliver(train, agent, 0.001)
+    # 0..3 in order; 5..7 wait for 4, which failed authentication and was not acked.
+    assert [m.offset for m in got if isinstance(m, Code)] == [0, 100, 200, 300]
+    assert agent.forgeries == 1
+    deliver(agent.datagrams_to_send(0.001), server, 0.002)
+    resent = server.datagrams_to_send(0.002)
+    assert [peek(d, Direction.SERVER_TO_AGENT) for d in resent] == [
+        Code(seq=4, epoch=0, job=1, attempt=1, offset=400, data=bytes([4]) * 100)
+    ]
+    got = deliver(resent, agent, 0.003)
+    assert [m.offset for m in got if isinstance(m, Code)] == [400, 500, 600, 700]
+    assert server.close_reason is None and agent.close_reason is None
+
+
+def test_a_code_that_breaks_the_rules_is_refused_when_queued() -> None:
+    server, _ = channels()
+    with pytest.raises(DecodeError):
+        server.send_code(1, 1, 0, b"")
+    assert server.next_seq == 0 and server.queued == 0
+    assert server.send_code(1, 1, 0, b"x") == 0
