@@ -11,12 +11,14 @@ datagram delivered).
 Judged rows ("datagram"): each side flushes after every datagram it receives and
 asks for its next timer, as the asyncio adapter would if every datagram woke it up,
 so the ACK count is what the channel sends at most (window 1: one per packet;
-larger windows: one per two packets). The "burst" row flushes once per batch of
-datagrams in flight (one ACK per window): an informational lower bound.
+larger windows: one ACK per eight packets). The "train" row hands each side the
+datagrams in flight towards it as one train (:meth:`SecureChannel.receive_train`, as
+an adapter with a GRO read would) and flushes once after it, so a flush seals a whole
+train (GSO): the channel's batch path, informational next to the judged row.
 
 "µs/pkt" is the CPU time (time.process_time) of the whole loop, both sides,
 including building the CODE messages and the harness itself, divided by the number
-of CODE packets: an upper bound on the protocol core's cost. Target: <= 8 µs. The
+of CODE packets: an upper bound on the protocol core's cost. Target: <= 6 µs. The
 median of ``--reps`` runs is reported, the fastest in "(min)": on a shared machine
 the gap between them is noise from other processes.
 
@@ -53,7 +55,7 @@ TAG_LEN = limits.AEAD_TAG_LEN
 STEP = 1e-6  # virtual seconds per datagram delivered
 SESSION_ID = 0x0123_4567_89AB_CDEF
 KEY = bytes(range(32))
-TARGET_US = 8.0
+TARGET_US = 6.0
 WINDOWS = (1, 64)
 
 
@@ -98,9 +100,9 @@ def make_channels(window: int) -> tuple[SecureChannel, SecureChannel]:
 def transfer(payload: bytes, window: int, burst: bool = False) -> Run:
     """Move ``payload`` server -> agent once; check it arrived intact.
 
-    Each side flushes after every datagram it receives, or (``burst``) once after
-    all the datagrams that were in flight towards it, as an event loop that reads
-    several datagrams per wake-up would.
+    Each side flushes after every datagram it receives, or (``burst``) takes all
+    the datagrams that were in flight towards it as one train and flushes once after
+    it, as an adapter reading a coalesced (GRO) train would.
     """
     server, agent = make_channels(window)
     total = len(payload)
@@ -136,6 +138,15 @@ def transfer(payload: bytes, window: int, burst: bool = False) -> Run:
             out = agent.datagrams_to_send(now)
             acks += len(out)
             as_.extend(out)
+        if burst and sa:
+            now += STEP * len(sa)
+            for message in agent.receive_train([(unpack_header(d), d) for d in sa], now) or ():
+                received += message.data  # type: ignore[union-attr]
+            sa.clear()
+            out = agent.datagrams_to_send(now)
+            acks += len(out)
+            as_.extend(out)
+            agent.timer()
         while sa:
             datagram = sa.popleft()
             now += STEP
@@ -143,18 +154,22 @@ def transfer(payload: bytes, window: int, burst: bool = False) -> Run:
             if messages:
                 for message in messages:
                     received += message.data  # type: ignore[union-attr]
-            if not burst or not sa:
-                out = agent.datagrams_to_send(now)
-                acks += len(out)
-                as_.extend(out)
-                agent.timer()
+            out = agent.datagrams_to_send(now)
+            acks += len(out)
+            as_.extend(out)
+            agent.timer()
+        if burst and as_:
+            now += STEP * len(as_)
+            server.receive_train([(unpack_header(d), d) for d in as_], now)
+            as_.clear()
+            sa.extend(server.datagrams_to_send(now))
+            server.timer()
         while as_:
             datagram = as_.popleft()
             now += STEP
             server.receive(unpack_header(datagram), datagram, now)
-            if not burst or not as_:
-                sa.extend(server.datagrams_to_send(now))
-                server.timer()
+            sa.extend(server.datagrams_to_send(now))
+            server.timer()
     cpu = time.process_time() - start
     if server.close_reason or agent.close_reason:
         raise RuntimeError(f"channel closed: {server.close_reason or agent.close_reason}")
@@ -344,15 +359,15 @@ def main() -> None:
     print("{:>6} {:>9} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6}".format(*header))
     results: list[Run] = []
     fastest: list[float] = []
-    # The per-datagram flush is the judged figure; "burst" (one flush per batch of
-    # datagrams in flight, so one ACK per window) is an informational lower bound.
+    # The per-datagram flush is the judged figure; "train" (each batch in flight is
+    # one train in, one flush out) is the batch path, informational.
     for window, burst in [(w, False) for w in WINDOWS] + [(WINDOWS[-1], True)]:
         run, best = measure(payload, window, burst, args.reps)
         results.append(run)
         fastest.append(best)
         verdict = ("ok" if run.us_per_packet <= TARGET_US else "OVER") if not burst else "-"
         print(
-            f"{window:>6} {'burst' if burst else 'datagram':>9} {run.mb_per_s:>7.1f} "
+            f"{window:>6} {'train' if burst else 'datagram':>9} {run.mb_per_s:>7.1f} "
             f"{run.us_per_packet:>7.2f} {best:>7.2f} {run.data_packets:>8} {run.acks:>7} "
             f"{verdict:>6}"
         )

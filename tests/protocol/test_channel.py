@@ -15,7 +15,7 @@ from vcomp.protocol.channel import SecureChannel
 from vcomp.protocol.messages import Ack, Code, Message, Reset, decode_body
 from vcomp.protocol.record import Direction, RecordKey
 from vcomp.protocol.reliability import MAX_PROBE_TIMEOUTS
-from vcomp.protocol.wire import HEADER_LEN, PacketType, unpack_header
+from vcomp.protocol.wire import HEADER_LEN, Header, PacketType, unpack_header
 
 KEY = bytes(range(32))
 SESSION_ID = 0x0102_0304_0506_0708
@@ -261,3 +261,51 @@ def test_a_code_that_breaks_the_rules_is_refused_when_queued() -> None:
         server.send_code(1, 1, 0, b"")
     assert server.next_seq == 0 and server.queued == 0
     assert server.send_code(1, 1, 0, b"x") == 0
+
+
+def as_train(datagrams: list[bytes]) -> list[tuple[Header, bytes]]:
+    return [(unpack_header(d), d) for d in datagrams]
+
+
+def test_a_train_sealed_in_one_flush_opens_as_one_train_or_packet_by_packet() -> None:
+    server, by_train = channels()
+    _, by_packet = channels()
+    for i in range(8):
+        server.send_code(1, 1, 100 * i, bytes([i]) * 100)
+    train = server.datagrams_to_send(0.0)
+    got = by_train.receive_train(as_train(train), 0.001)
+    assert got == deliver(train, by_packet, 0.001)
+    assert [m.offset for m in got or () if isinstance(m, Code)] == [100 * i for i in range(8)]
+    # Both owe the same ACK for the same packets.
+    assert [peek(d, Direction.AGENT_TO_SERVER) for d in by_train.datagrams_to_send(0.001)] == [
+        peek(d, Direction.AGENT_TO_SERVER) for d in by_packet.datagrams_to_send(0.001)
+    ]
+
+
+def test_forged_and_replayed_datagrams_in_a_train_are_dropped_alone() -> None:
+    server, agent = channels()
+    for i in range(6):
+        server.send_code(1, 1, 10 * i, bytes([i]) * 10)
+    train = server.datagrams_to_send(0.0)
+    forged = bytearray(train[1])
+    forged[-1] ^= 0x80  # the tag
+    hostile = [train[0], bytes(forged), train[2], train[2], train[0], *train[3:]]
+    got = agent.receive_train(as_train(hostile), 0.001)
+    # 0 at once; 2..5 wait for 1, which is sent again and then releases them.
+    assert [m.offset for m in got or () if isinstance(m, Code)] == [0]
+    assert agent.forgeries == 1
+    assert agent.receive_train(as_train([train[0], bytes(forged)]), 0.002) is None
+    deliver(agent.datagrams_to_send(0.002), server, 0.003)
+    got = agent.receive_train(as_train(server.datagrams_to_send(0.003)), 0.004)
+    assert [m.offset for m in got or () if isinstance(m, Code)] == [10, 20, 30, 40, 50]
+    assert agent.close_reason is None
+
+
+def test_an_undecodable_packet_in_a_train_closes_the_channel_and_stops_there() -> None:
+    server, agent = channels()
+    server.send_code(1, 1, 0, b"a")
+    server._push(PacketType.CODE, b"\x80", server.next_seq)  # an authentic, empty map
+    server.send_code(1, 1, 2, b"c")
+    got = agent.receive_train(as_train(server.datagrams_to_send(0.0)), 0.001)
+    assert [m.offset for m in got or () if isinstance(m, Code)] == [0]
+    assert agent.close_code == 1 and "undecodable CODE" in (agent.close_reason or "")

@@ -19,6 +19,7 @@ from its fields (:meth:`SecureChannel.send_code`): no ``Code`` per chunk.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -194,6 +195,10 @@ class SecureChannel:
         sender = self._sender
         cc = sender.cc
         return min(self._window, -(-cc.cwnd // cc.max_datagram))
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
 
     @property
     def unacknowledged_commits(self) -> int:
@@ -389,10 +394,60 @@ class SecureChannel:
         self._replay.update(pn)
         self._last_received = now
         self._ping_outstanding = False
+        return self._accept(header.ptype, pn, plaintext, now)
+
+    def receive_train(
+        self, packets: Sequence[tuple[Header, bytes]], now: float
+    ) -> list[Message] | None:
+        """:meth:`receive` for a train of datagrams from one peer (a coalesced read).
+
+        Opened in one :meth:`~vcomp.protocol.record.RecordKey.open_train` call; each
+        datagram is judged alone, so a forged or replayed one is dropped and the
+        rest still count. None if none of them authenticated.
+        """
+        if self.close_reason is not None:
+            return None
+        replay, check = self._replay, self._replay.check
+        fresh: list[tuple[bytes, int]] = []
+        kinds: list[PacketType] = []
+        for header, datagram in packets:
+            try:
+                check(header.packet_number)  # no decryption for a replay
+            except ReplayDetected:
+                continue
+            fresh.append((datagram, header.packet_number))
+            kinds.append(header.ptype)
         try:
-            message = decode_body(header.ptype, plaintext)
+            plaintexts = self._key.open_train(fresh)
+        except KeyExhausted:
+            self._close("too many forged packets", 30)
+            return None
+        out: list[Message] = []
+        authenticated = False
+        for (_, pn), ptype, plaintext in zip(fresh, kinds, plaintexts, strict=True):
+            if plaintext is None:
+                continue
+            try:
+                check(pn)  # the same packet twice in one train
+            except ReplayDetected:
+                continue
+            replay.update(pn)
+            authenticated = True
+            out += self._accept(ptype, pn, plaintext, now)
+            if self.closed:
+                break  # an undecodable packet ended the session
+        if not authenticated:
+            return None
+        self._last_received = now
+        self._ping_outstanding = False
+        return out
+
+    def _accept(self, ptype: PacketType, pn: int, plaintext: bytes, now: float) -> list[Message]:
+        """An authenticated packet's messages for the session machine."""
+        try:
+            message = decode_body(ptype, plaintext)
         except DecodeError as exc:
-            self._close(f"peer sent an undecodable {header.ptype.name}: {exc}", 1)
+            self._close(f"peer sent an undecodable {ptype.name}: {exc}", 1)
             return []
         return self._dispatch(pn, message, now)
 
