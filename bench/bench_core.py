@@ -1,6 +1,6 @@
 """Protocol-core throughput: an in-memory CODE transfer through two SecureChannels.
 
-    python bench/bench_core.py [--quick] [--json PATH] [--reps N] [--profile]
+    python bench/bench_core.py [--quick] [--json PATH] [--reps N] [--profile] [--baseline PATH]
 
 The server-side channel encrypts and sends 64 MiB (``--quick``: 8 MiB) of CODE
 messages with 1200-byte payloads; the agent-side channel checks the replay window,
@@ -20,7 +20,8 @@ train (GSO): the channel's batch path, informational next to the judged row.
 including building the CODE messages and the harness itself, divided by the number
 of CODE packets: an upper bound on the protocol core's cost. Target: <= 6 µs. The
 median of ``--reps`` runs is reported, the fastest in "(min)": on a shared machine
-the gap between them is noise from other processes.
+the gap between them is noise from other processes. ``--baseline`` reads the JSON of an
+earlier run (say, of the previous commit) and prints before/after side by side.
 
 The breakdown times each component alone on the same kind of inputs and scales it
 by how often the transfer uses it; "channel overhead + harness" is what is left.
@@ -337,12 +338,30 @@ def _cpu(run: Run) -> float:
     return run.cpu_seconds
 
 
+def compare(path: str, results: list[Run], fastest: list[float]) -> None:
+    """Before (the JSON at ``path``) and after (this run), row by row."""
+    with open(path) as fh:
+        before = {(r["window"], r["burst"]): r for r in json.load(fh)["runs"]}
+    print(f"\nbefore ({path}) and after (this run), µs per data packet, median (min):")
+    print(f"{'window':>6} {'flush':>9} {'before':>15} {'after':>15} {'change':>7}")
+    for run, best in zip(results, fastest, strict=True):
+        old = before.get((run.window, run.burst))
+        if old is None:
+            continue
+        then = f"{old['us_per_packet']:.2f} ({old['us_per_packet_min']:.2f})"
+        now = f"{run.us_per_packet:.2f} ({best:.2f})"
+        change = run.us_per_packet / old["us_per_packet"] - 1
+        flush = "train" if run.burst else "datagram"
+        print(f"{run.window:>6} {flush:>9} {then:>15} {now:>15} {change:>+7.0%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 MiB instead of 64 MiB")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (median is reported)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile listing")
+    parser.add_argument("--baseline", metavar="PATH", help="JSON of an earlier run to compare")
     args = parser.parse_args()
 
     size = (8 if args.quick else 64) * limits.MIB
@@ -380,6 +399,9 @@ def main() -> None:
         cells = "".join(f"{breakdowns[r.window][i][1]:>11.2f}" for r in judged)
         print(f"{name:<36}{cells}")
     print(f"{'total (measured median)':<36}" + "".join(f"{r.us_per_packet:>11.2f}" for r in judged))
+
+    if args.baseline:
+        compare(args.baseline, results, fastest)
 
     if args.profile:
         for window in WINDOWS:
