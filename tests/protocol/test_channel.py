@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from vcomp.errors import DecodeError
+from vcomp.errors import DecodeError, LimitExceeded
 from vcomp.protocol.channel import SecureChannel
 from vcomp.protocol.messages import Ack, Code, Message, Reset, decode_body
 from vcomp.protocol.record import Direction, RecordKey
@@ -309,3 +309,16 @@ def test_an_undecodable_packet_in_a_train_closes_the_channel_and_stops_there() -
     got = agent.receive_train(as_train(server.datagrams_to_send(0.0)), 0.001)
     assert [m.offset for m in got or () if isinstance(m, Code)] == [0]
     assert agent.close_code == 1 and "undecodable CODE" in (agent.close_reason or "")
+
+
+def test_a_first_packet_number_the_header_could_not_carry_is_refused() -> None:
+    for bad in (-1, 2**64 - 1):
+        with pytest.raises(LimitExceeded):
+            SecureChannel(
+                session_id=SESSION_ID,
+                key=KEY,
+                send=Direction.SERVER_TO_AGENT,
+                first_packet_number=bad,
+                window=64,
+                now=0.0,
+            )

@@ -27,6 +27,7 @@ from vcomp.errors import (
     AuthenticationFailed,
     DecodeError,
     KeyExhausted,
+    LimitExceeded,
     ReplayDetected,
     TransferFailed,
 )
@@ -50,7 +51,7 @@ from vcomp.protocol.messages import (
     encode_body,
     with_sequence,
 )
-from vcomp.protocol.record import Direction, RecordKey
+from vcomp.protocol.record import PACKET_NUMBER_MAX, Direction, RecordKey
 from vcomp.protocol.reliability import MAX_PROBE_TIMEOUTS, ReliableReceiver, ReliableSender
 from vcomp.protocol.replay import ReplayWindow
 from vcomp.protocol.rtt import RttEstimator
@@ -124,6 +125,10 @@ class SecureChannel:
     ) -> None:
         self.session_id = session_id
         self._key = RecordKey(key, send=send)
+        # Every packet number this key may seal fits the header's u64: the per-packet
+        # path packs it without a range check.
+        if not 0 <= first_packet_number <= PACKET_NUMBER_MAX - self._key.packet_limit:
+            raise LimitExceeded(f"first packet number {first_packet_number} is out of range")
         self._replay = ReplayWindow()
         self._next_pn = first_packet_number
         self._window = window
