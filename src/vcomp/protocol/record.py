@@ -4,6 +4,8 @@ The nonce is the direction (u32) followed by the packet number (u64), so a nonce
 repeats only if a packet number repeats in one direction; :meth:`RecordKey.seal`
 refuses that. The 24-byte packet header is the associated data. This module never
 parses the header: callers pass its bytes and the packet number they put in it.
+:meth:`RecordKey.seal_train` and :meth:`RecordKey.open_train` do the same for a train
+of packets per call (one flush, one coalesced read), with the checks made once.
 """
 
 from __future__ import annotations
