@@ -70,10 +70,10 @@ def core_goals(d: dict[str, Any]) -> list[Goal]:
         run = next(r for r in d["runs"] if r["window"] == window and not r["burst"])
         out.append(
             goal(
-                2,
-                f"protocol core <= 8 us CPU per 1200-byte packet, window {window}",
+                10,  # issue 2 asked for 8 us; issue 10 (section 8) for 6 us
+                f"protocol core <= 6 us CPU per 1200-byte packet, window {window}",
                 run["us_per_packet"],
-                float(d.get("target_us_per_packet", 8.0)),
+                float(d.get("target_us_per_packet", 6.0)),
                 higher=False,
             )
         )
@@ -262,7 +262,7 @@ SUITE: tuple[Bench, ...] = (
         "Protocol core: in-memory transfer, CPU per packet",
         2,
         core_goals,
-        ("protocol core <= 8 us CPU per 1200-byte packet",),
+        ("protocol core <= 6 us CPU per 1200-byte packet",),
         60,
         300,
     ),

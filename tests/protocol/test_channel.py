@@ -10,11 +10,12 @@ import itertools
 
 import pytest
 
+from vcomp.errors import DecodeError, LimitExceeded
 from vcomp.protocol.channel import SecureChannel
 from vcomp.protocol.messages import Ack, Code, Message, Reset, decode_body
 from vcomp.protocol.record import Direction, RecordKey
 from vcomp.protocol.reliability import GIVE_UP_AFTER, MAX_PROBE_TIMEOUTS
-from vcomp.protocol.wire import HEADER_LEN, PacketType, unpack_header
+from vcomp.protocol.wire import HEADER_LEN, Header, PacketType, unpack_header
 
 KEY = bytes(range(32))
 SESSION_ID = 0x0102_0304_0506_0708
@@ -216,3 +217,113 @@ def test_the_agent_acknowledges_the_reset_it_accepts() -> None:
     deliver(agent.datagrams_to_send(0.01), server, 0.02)
     assert server.send_idle  # the first RESET was acknowledged: no retransmission needed
     assert_only_keepalive_pending(server)
+
+
+# ---- the train data path ----------------------------------------------------------
+
+
+def test_send_code_puts_the_same_bytes_on_the_wire_as_a_code_message() -> None:
+    by_fields, _ = channels()
+    by_message, _ = channels()
+    for i in range(40):
+        data = bytes([i]) * (1200 - i)
+        assert by_fields.send_code(9, 2, 1200 * i, data) == i
+        by_message.send_reliable(Code(job=9, attempt=2, offset=1200 * i, data=data))
+    sent = by_fields.datagrams_to_send(0.0)
+    assert 1 < len(sent) < 40  # what the initial congestion window allows: one train
+    assert sent == by_message.datagrams_to_send(0.0)
+    assert peek(sent[3], Direction.SERVER_TO_AGENT) == Code(
+        seq=3, epoch=0, job=9, attempt=2, offset=3600, data=bytes([3]) * 1197
+    )
+
+
+def test_a_corrupted_datagram_inside_a_train_is_dropped_alone_and_resent() -> None:
+    server, agent = channels()
+    for i in range(8):
+        server.send_code(1, 1, 100 * i, bytes([i]) * 100)
+    train = server.datagrams_to_send(0.0)
+    assert len(train) == 8
+    bad = bytearray(train[4])
+    bad[HEADER_LEN + 10] ^= 0x01
+    train[4] = bytes(bad)
+    got = deliver(train, agent, 0.001)
+    # 0..3 in order; 5..7 wait for 4, which failed authentication and was not acked.
+    assert [m.offset for m in got if isinstance(m, Code)] == [0, 100, 200, 300]
+    assert agent.forgeries == 1
+    deliver(agent.datagrams_to_send(0.001), server, 0.002)
+    resent = server.datagrams_to_send(0.002)
+    assert [peek(d, Direction.SERVER_TO_AGENT) for d in resent] == [
+        Code(seq=4, epoch=0, job=1, attempt=1, offset=400, data=bytes([4]) * 100)
+    ]
+    got = deliver(resent, agent, 0.003)
+    assert [m.offset for m in got if isinstance(m, Code)] == [400, 500, 600, 700]
+    assert server.close_reason is None and agent.close_reason is None
+
+
+def test_a_code_that_breaks_the_rules_is_refused_when_queued() -> None:
+    server, _ = channels()
+    with pytest.raises(DecodeError):
+        server.send_code(1, 1, 0, b"")
+    assert server.next_seq == 0 and server.queued == 0
+    assert server.send_code(1, 1, 0, b"x") == 0
+
+
+def as_train(datagrams: list[bytes]) -> list[tuple[Header, bytes]]:
+    return [(unpack_header(d), d) for d in datagrams]
+
+
+def test_a_train_sealed_in_one_flush_opens_as_one_train_or_packet_by_packet() -> None:
+    server, by_train = channels()
+    _, by_packet = channels()
+    for i in range(8):
+        server.send_code(1, 1, 100 * i, bytes([i]) * 100)
+    train = server.datagrams_to_send(0.0)
+    got = by_train.receive_train(as_train(train), 0.001)
+    assert got == deliver(train, by_packet, 0.001)
+    assert [m.offset for m in got or () if isinstance(m, Code)] == [100 * i for i in range(8)]
+    # Both owe the same ACK for the same packets.
+    assert [peek(d, Direction.AGENT_TO_SERVER) for d in by_train.datagrams_to_send(0.001)] == [
+        peek(d, Direction.AGENT_TO_SERVER) for d in by_packet.datagrams_to_send(0.001)
+    ]
+
+
+def test_forged_and_replayed_datagrams_in_a_train_are_dropped_alone() -> None:
+    server, agent = channels()
+    for i in range(6):
+        server.send_code(1, 1, 10 * i, bytes([i]) * 10)
+    train = server.datagrams_to_send(0.0)
+    forged = bytearray(train[1])
+    forged[-1] ^= 0x80  # the tag
+    hostile = [train[0], bytes(forged), train[2], train[2], train[0], *train[3:]]
+    got = agent.receive_train(as_train(hostile), 0.001)
+    # 0 at once; 2..5 wait for 1, which is sent again and then releases them.
+    assert [m.offset for m in got or () if isinstance(m, Code)] == [0]
+    assert agent.forgeries == 1
+    assert agent.receive_train(as_train([train[0], bytes(forged)]), 0.002) is None
+    deliver(agent.datagrams_to_send(0.002), server, 0.003)
+    got = agent.receive_train(as_train(server.datagrams_to_send(0.003)), 0.004)
+    assert [m.offset for m in got or () if isinstance(m, Code)] == [10, 20, 30, 40, 50]
+    assert agent.close_reason is None
+
+
+def test_an_undecodable_packet_in_a_train_closes_the_channel_and_stops_there() -> None:
+    server, agent = channels()
+    server.send_code(1, 1, 0, b"a")
+    server._push(PacketType.CODE, b"\x80", server.next_seq)  # an authentic, empty map
+    server.send_code(1, 1, 2, b"c")
+    got = agent.receive_train(as_train(server.datagrams_to_send(0.0)), 0.001)
+    assert [m.offset for m in got or () if isinstance(m, Code)] == [0]
+    assert agent.close_code == 1 and "undecodable CODE" in (agent.close_reason or "")
+
+
+def test_a_first_packet_number_the_header_could_not_carry_is_refused() -> None:
+    for bad in (-1, 2**64 - 1):
+        with pytest.raises(LimitExceeded):
+            SecureChannel(
+                session_id=SESSION_ID,
+                key=KEY,
+                send=Direction.SERVER_TO_AGENT,
+                first_packet_number=bad,
+                window=64,
+                now=0.0,
+            )

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vcomp.errors import DecodeError
+from vcomp.errors import DecodeError, LimitExceeded
 from vcomp.protocol import limits
-from vcomp.protocol.fastpath import Ack, Code, _ack_ok, _code_ok, code_with_sequence
+from vcomp.protocol.fastpath import (
+    Ack,
+    Code,
+    _ack_ok,
+    _code_ok,
+    code_with_sequence,
+    encode_code,
+)
 from vcomp.protocol.messages import decode_body, encode_body
 from vcomp.protocol.schema import MAX_TRANSFER, U32, U64, validate
 from vcomp.protocol.wire import PacketType
@@ -85,3 +94,49 @@ def test_one_map_each_round_trips_through_the_fast_decoders() -> None:
     assert code_with_sequence(code, 7, 4) == Code(
         seq=7, epoch=4, job=9, attempt=1, offset=1200, data=b"x" * 1200
     )
+
+
+def in_range(top: int) -> st.SearchStrategy[int]:
+    """0..top, with every msgpack integer width's edges (where the encoding changes)."""
+    edges = [e for b in (0, 127, 255, 2**16 - 1, 2**32 - 1, top) for e in (b, b + 1)]
+    return st.integers(0, top) | st.sampled_from([e for e in edges if e <= top])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    seq=in_range(U64),
+    epoch=in_range(U32),
+    job=in_range(U64),
+    attempt=in_range(U32),
+    offset=in_range(MAX_TRANSFER - limits.MAX_CHUNK),
+    size=st.integers(1, limits.MAX_CHUNK),
+)
+def test_encode_code_is_the_body_of_the_code_byte_for_byte(
+    seq: int, epoch: int, job: int, attempt: int, offset: int, size: int
+) -> None:
+    fields = dict(seq=seq, epoch=epoch, job=job, attempt=attempt, offset=offset)
+    code = Code(**fields, data=bytes(size))
+    body = encode_code(**fields, data=bytes(size))  # type: ignore[arg-type]
+    assert body == encode_body(code)
+    assert decode_body(PacketType.CODE, body) == code
+
+
+def test_encode_code_refuses_what_code_refuses_with_the_same_error() -> None:
+    good: dict[str, Any] = dict(seq=0, epoch=0, job=1, attempt=1, offset=0, data=b"x")
+    for name, bad in [
+        ("seq", -1),
+        ("epoch", U32 + 1),
+        ("job", U64 + 1),
+        ("attempt", "1"),
+        ("offset", -1),
+        ("data", b""),
+        ("data", bytes(limits.MAX_CHUNK + 1)),
+        ("data", bytearray(4)),
+    ]:
+        fields = {**good, name: bad}
+        with pytest.raises(DecodeError) as from_code:
+            Code(**fields)
+        with pytest.raises(type(from_code.value), match=re.escape(str(from_code.value))):
+            encode_code(**fields)
+    with pytest.raises(LimitExceeded):
+        encode_code(**{**good, "offset": MAX_TRANSFER})

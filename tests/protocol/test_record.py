@@ -347,3 +347,87 @@ def test_wipe_disables_the_key() -> None:
         server.seal(header_for(1, TAG_LEN), 1, b"")
     with pytest.raises(CryptoError):
         agent.open(header, 0, sealed)
+
+
+# ---- trains: many packets per call -------------------------------------------------
+
+
+def train_of(first_pn: int, count: int) -> list[tuple[bytes, int, bytes]]:
+    return [
+        (header_for(pn, 100 + pn % 7 + TAG_LEN), pn, bytes([pn % 256]) * (100 + pn % 7))
+        for pn in range(first_pn, first_pn + count)
+    ]
+
+
+def test_a_train_sealed_in_one_call_opens_packet_by_packet() -> None:
+    server, agent = pair()
+    packets = train_of(5, 64)
+    datagrams = server.seal_train(packets)
+    assert server.packets_sealed == 64
+    for (header, pn, plaintext), datagram in zip(packets, datagrams, strict=True):
+        assert datagram[:24] == header
+        assert agent.open(datagram[:24], pn, datagram[24:]) == plaintext
+
+
+def test_packets_sealed_one_by_one_open_as_a_train_and_match_seal() -> None:
+    server, agent = pair()
+    packets = train_of(0, 16)
+    singly = [header + server.seal(header, pn, plaintext) for header, pn, plaintext in packets]
+    assert pair()[0].seal_train(packets) == singly  # the same bytes either way
+    assert agent.open_train([(d, pn) for d, (_, pn, _) in zip(singly, packets, strict=True)]) == [
+        plaintext for _, _, plaintext in packets
+    ]
+
+
+def test_a_corrupted_packet_inside_a_train_is_dropped_alone() -> None:
+    server, agent = pair()
+    packets = train_of(0, 8)
+    datagrams = server.seal_train(packets)
+    datagrams[3] = flipped(datagrams[3], 8 * 30)  # a ciphertext bit
+    datagrams[5] = datagrams[5][:30]  # too short for a tag: not counted as a forgery
+    opened = agent.open_train([(d, pn) for d, (_, pn, _) in zip(datagrams, packets, strict=True)])
+    assert [i for i, p in enumerate(opened) if p is None] == [3, 5]
+    for i in (0, 1, 2, 4, 6, 7):
+        assert opened[i] == packets[i][2]
+    assert agent.forgeries == 1
+
+
+def test_a_train_reaching_the_forgery_limit_ends_opening() -> None:
+    server, agent = pair(forgery_limit=2)
+    packets = train_of(0, 4)
+    datagrams = [flipped(d, 8 * 40) for d in server.seal_train(packets)]
+    with pytest.raises(KeyExhausted):
+        agent.open_train([(d, pn) for d, (_, pn, _) in zip(datagrams, packets, strict=True)])
+    assert (agent.forgeries, agent.exhausted) == (2, True)
+    with pytest.raises(KeyExhausted):
+        agent.open_train([(server.seal_train(train_of(10, 1))[0], 10)])
+
+
+def test_a_refused_train_seals_nothing_and_names_the_first_bad_packet() -> None:
+    server, _ = pair(packet_limit=10)
+    server.seal_train(train_of(0, 2))
+    reused = train_of(2, 3) + train_of(3, 1)  # 2, 3, 4, then 3 again
+    with pytest.raises(PacketNumberReused, match=r"packet number 3 is not above .* \(4\)"):
+        server.seal_train(reused)
+    with pytest.raises(PacketNumberReused):
+        server.seal_train(train_of(1, 2))
+    bad_header = train_of(2, 3)
+    bad_header[1] = (bad_header[1][0][:23], bad_header[1][1], bad_header[1][2])
+    with pytest.raises(CryptoError, match="header must be 24 bytes"):
+        server.seal_train(bad_header)
+    with pytest.raises(KeyExhausted):
+        server.seal_train(train_of(2, 9))  # 2 + 9 > 10
+    assert server.packets_sealed == 2
+    assert len(server.seal_train(train_of(2, 8))) == 8  # exactly up to the limit
+    assert server.exhausted
+    assert server.seal_train([]) == []
+
+
+def test_wiped_keys_refuse_trains() -> None:
+    server, agent = pair()
+    server.wipe()
+    agent.wipe()
+    with pytest.raises(CryptoError, match="wiped"):
+        server.seal_train(train_of(0, 1))
+    with pytest.raises(CryptoError, match="wiped"):
+        agent.open_train([(bytes(64), 0)])

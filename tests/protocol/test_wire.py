@@ -21,8 +21,10 @@ from vcomp.protocol.wire import (
     Header,
     PacketType,
     check_protection,
+    header_prefix,
     is_reliable,
     pack_header,
+    pack_header_tail,
     unpack_header,
 )
 
@@ -248,3 +250,32 @@ def test_flipped_header_bit_is_rejected_or_parsed_consistently(
         header.ptype, header.flags, header.session_id, header.packet_number, header.body_length
     )
     assert repacked == bytes(raw[:HEADER_LEN])
+
+
+def test_template_plus_tail_is_the_hand_written_header() -> None:
+    header = header_prefix(PacketType.CODE, Flag.ENCRYPTED, SESSION) + pack_header_tail(PN, 4)
+    assert header.hex() == CODE_HEADER_HEX
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ptype=st.sampled_from(PacketType),
+    flags=st.sampled_from([Flag(0), Flag.ENCRYPTED]),
+    session_id=st.integers(0, 2**64 - 1),
+    packet_number=st.integers(0, 2**64 - 1),
+    body_length=st.integers(0, limits.MAX_BODY),
+)
+def test_template_plus_tail_equals_pack_header(
+    ptype: PacketType, flags: Flag, session_id: int, packet_number: int, body_length: int
+) -> None:
+    prefix = header_prefix(ptype, flags, session_id)
+    assert prefix + pack_header_tail(packet_number, body_length) == pack_header(
+        ptype, flags, session_id, packet_number, body_length
+    )
+
+
+def test_template_refuses_what_pack_header_refuses() -> None:
+    with pytest.raises(DecodeError):
+        header_prefix(PacketType.CODE, 2, SESSION)
+    with pytest.raises(LimitExceeded):
+        header_prefix(PacketType.CODE, 1, 2**64)

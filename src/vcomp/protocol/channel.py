@@ -8,11 +8,18 @@ expiry and the RESET epoch handled here so the session machines stay small.
 Everything that must arrive (stream items, RESET, the committed notices) is
 retransmitted by one mechanism, :class:`~vcomp.protocol.reliability.ReliableSender`:
 RESET and the notices are control frames whose delivery callbacks live here.
+
+The data path works on trains: a stream item is encoded once, when it is queued
+(its body is what the sender keeps and retransmits), and every flush seals the
+packets it may send in one :meth:`~vcomp.protocol.record.RecordKey.seal_train`
+call, each header completed from a per-type template. CODE is queued straight
+from its fields (:meth:`SecureChannel.send_code`): no ``Code`` per chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -20,11 +27,13 @@ from vcomp.errors import (
     AuthenticationFailed,
     DecodeError,
     KeyExhausted,
+    LimitExceeded,
     ReplayDetected,
     TransferFailed,
 )
 from vcomp.protocol import limits
 from vcomp.protocol.congestion import make_controller
+from vcomp.protocol.fastpath import encode_code
 from vcomp.protocol.messages import (
     Ack,
     Checkpoint,
@@ -42,7 +51,7 @@ from vcomp.protocol.messages import (
     encode_body,
     with_sequence,
 )
-from vcomp.protocol.record import Direction, RecordKey
+from vcomp.protocol.record import PACKET_NUMBER_MAX, Direction, RecordKey
 from vcomp.protocol.reliability import (
     GIVE_UP_AFTER,
     MAX_PROBE_TIMEOUTS,
@@ -51,7 +60,14 @@ from vcomp.protocol.reliability import (
 )
 from vcomp.protocol.replay import ReplayWindow
 from vcomp.protocol.rtt import session_timer
-from vcomp.protocol.wire import HEADER_LEN, Flag, Header, pack_header
+from vcomp.protocol.wire import (
+    HEADER_LEN,
+    Flag,
+    Header,
+    PacketType,
+    header_prefix,
+    pack_header_tail,
+)
 
 TAG_LEN = 16
 
@@ -62,6 +78,10 @@ _STREAM_TYPES: frozenset[type[Message]] = frozenset({Ready, Start, Code, End, Re
 _SEQUENCED_TYPES: frozenset[type[Message]] = _STREAM_TYPES | {Error}
 _with_sequence: Any = with_sequence  # typed per call site below
 _ENCRYPTED = Flag.ENCRYPTED
+_CODE = PacketType.CODE
+
+Outgoing = tuple[PacketType, bytes]
+"""A stream item as the sender keeps it: its packet type and its encoded body."""
 
 
 def clip_text(text: str, max_bytes: int) -> str:
@@ -111,6 +131,10 @@ class SecureChannel:
     ) -> None:
         self.session_id = session_id
         self._key = RecordKey(key, send=send)
+        # Every packet number this key may seal fits the header's u64: the per-packet
+        # path packs it without a range check.
+        if not 0 <= first_packet_number <= PACKET_NUMBER_MAX - self._key.packet_limit:
+            raise LimitExceeded(f"first packet number {first_packet_number} is out of range")
         self._replay = ReplayWindow()
         self._next_pn = first_packet_number
         self._window = window
@@ -124,6 +148,8 @@ class SecureChannel:
         self._last_received = now
         self._last_sent = now
         self._outbox: list[bytes] = []  # handed out whole by datagrams_to_send
+        # Header templates: each packet only adds its packet number and body length.
+        self._prefixes = {t: header_prefix(t, _ENCRYPTED, session_id) for t in PacketType}
         self.epoch = 0
         self._pending_reset: Reset | None = None
         self._commits: dict[tuple[int, int], None] = {}  # announced, not yet acknowledged
@@ -138,12 +164,12 @@ class SecureChannel:
 
     def _new_streams(self) -> None:
         # A RESET keeps what we learnt about the path (RTT and congestion window).
-        old: ReliableSender[Message] | None = getattr(self, "_sender", None)
+        old: ReliableSender[Outgoing] | None = getattr(self, "_sender", None)
         if old is not None:
             rtt, cc = old.rtt, old.cc
         else:
             rtt, cc = session_timer(), make_controller(self._congestion)
-        self._sender: ReliableSender[Message] = ReliableSender(
+        self._sender: ReliableSender[Outgoing] = ReliableSender(
             window=self._window,
             rtt=rtt,
             max_retries=self._max_retries,
@@ -189,6 +215,10 @@ class SecureChannel:
         return min(self._window, -(-cc.cwnd // cc.max_datagram))
 
     @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    @property
     def unacknowledged_commits(self) -> int:
         """Committed entries announced to the peer and not yet acknowledged by it."""
         return len(self._commits)
@@ -204,12 +234,24 @@ class SecureChannel:
         return self._sender.queued
 
     def send_reliable(self, message: Message) -> int:
-        """Queue a message whose ``seq``/``epoch`` this channel fills in."""
+        """Queue a message whose ``seq``/``epoch`` this channel fills in.
+
+        It is encoded now: a message too large for a datagram raises here, and
+        nothing is queued.
+        """
         seq = self._send_seq
-        message = _stamp(message, seq, self.epoch)
-        pushed = self._sender.push(message)
+        return self._push(message.ptype, encode_body(_stamp(message, seq, self.epoch)), seq)
+
+    def send_code(self, job: int, attempt: int, offset: int, data: bytes) -> int:
+        """Queue ``Code(job=job, attempt=attempt, offset=offset, data=data)`` in the
+        stream, encoded from the fields (the per-chunk path: no message object)."""
+        seq = self._send_seq
+        return self._push(_CODE, encode_code(seq, self.epoch, job, attempt, offset, data), seq)
+
+    def _push(self, ptype: PacketType, body: bytes, seq: int) -> int:
+        pushed = self._sender.push((ptype, body))
         assert pushed == seq
-        self._send_seq += 1
+        self._send_seq = seq + 1
         return seq
 
     def send_unreliable(self, message: Message, now: float) -> None:
@@ -253,13 +295,34 @@ class SecureChannel:
             sender.on_frame_sent(frame, pn, now)
 
     def _emit(self, message: Message, now: float) -> int:
+        """Seal one message outside the stream (ACK, PING, PONG, RESET, a notice) now."""
         pn = self._next_pn
         self._next_pn = pn + 1
         body = encode_body(message)
-        header = pack_header(message.ptype, _ENCRYPTED, self.session_id, pn, len(body) + TAG_LEN)
+        header = self._prefixes[message.ptype] + pack_header_tail(pn, len(body) + TAG_LEN)
         self._outbox.append(header + self._key.seal(header, pn, body))
         self._last_sent = now
         return pn
+
+    def _send_stream(self, now: float) -> None:
+        """Send every stream packet the sender allows now, sealed as one train."""
+        sender = self._sender
+        next_to_send, on_sent = sender.next_to_send, sender.on_sent
+        prefixes = self._prefixes
+        pn = first = self._next_pn
+        train: list[tuple[bytes, int, bytes]] = []
+        while (nxt := next_to_send(now)) is not None:
+            seq, (ptype, body) = nxt
+            length = len(body) + TAG_LEN
+            header = prefixes[ptype] + pack_header_tail(pn, length)
+            on_sent(seq, pn, now, HEADER_LEN + length)
+            train.append((header, pn, body))
+            pn += 1
+        if pn == first:
+            return
+        self._next_pn = pn
+        self._outbox += self._key.seal_train(train)
+        self._last_sent = now
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         if self.close_reason is not None:
@@ -275,17 +338,11 @@ class SecureChannel:
             except KeyExhausted:
                 self._close("session key usage limit reached", 30)
                 return []
-        while True:
-            nxt = self._sender.next_to_send(now)
-            if nxt is None:
-                break
-            seq, message = nxt
-            try:
-                pn = self._emit(message, now)
-            except KeyExhausted:
-                self._close("session key usage limit reached", 30)
-                return []
-            self._sender.on_sent(seq, pn, now, len(self._outbox[-1]))
+        try:
+            self._send_stream(now)
+        except KeyExhausted:
+            self._close("session key usage limit reached", 30)
+            return []
         out = self._outbox
         self._outbox = []
         return out
@@ -355,10 +412,60 @@ class SecureChannel:
         self._replay.update(pn)
         self._last_received = now
         self._ping_outstanding = False
+        return self._accept(header.ptype, pn, plaintext, now)
+
+    def receive_train(
+        self, packets: Sequence[tuple[Header, bytes]], now: float
+    ) -> list[Message] | None:
+        """:meth:`receive` for a train of datagrams from one peer (a coalesced read).
+
+        Opened in one :meth:`~vcomp.protocol.record.RecordKey.open_train` call; each
+        datagram is judged alone, so a forged or replayed one is dropped and the
+        rest still count. None if none of them authenticated.
+        """
+        if self.close_reason is not None:
+            return None
+        replay, check = self._replay, self._replay.check
+        fresh: list[tuple[bytes, int]] = []
+        kinds: list[PacketType] = []
+        for header, datagram in packets:
+            try:
+                check(header.packet_number)  # no decryption for a replay
+            except ReplayDetected:
+                continue
+            fresh.append((datagram, header.packet_number))
+            kinds.append(header.ptype)
         try:
-            message = decode_body(header.ptype, plaintext)
+            plaintexts = self._key.open_train(fresh)
+        except KeyExhausted:
+            self._close("too many forged packets", 30)
+            return None
+        out: list[Message] = []
+        authenticated = False
+        for (_, pn), ptype, plaintext in zip(fresh, kinds, plaintexts, strict=True):
+            if plaintext is None:
+                continue
+            try:
+                check(pn)  # the same packet twice in one train
+            except ReplayDetected:
+                continue
+            replay.update(pn)
+            authenticated = True
+            out += self._accept(ptype, pn, plaintext, now)
+            if self.closed:
+                break  # an undecodable packet ended the session
+        if not authenticated:
+            return None
+        self._last_received = now
+        self._ping_outstanding = False
+        return out
+
+    def _accept(self, ptype: PacketType, pn: int, plaintext: bytes, now: float) -> list[Message]:
+        """An authenticated packet's messages for the session machine."""
+        try:
+            message = decode_body(ptype, plaintext)
         except DecodeError as exc:
-            self._close(f"peer sent an undecodable {header.ptype.name}: {exc}", 1)
+            self._close(f"peer sent an undecodable {ptype.name}: {exc}", 1)
             return []
         return self._dispatch(pn, message, now)
 

@@ -9,6 +9,8 @@ Everything about each lives here, once:
   predicate accepts exactly what the schema accepts);
 * its map: ``_to_map`` (encoding, :func:`vcomp.protocol.messages.encode_body`) and
   :func:`decode_code` / :func:`decode_ack` (the same keys, back into the slots);
+  :func:`encode_code` packs CODE's map straight from the fields, so the sender's
+  data path builds no ``Code`` per chunk;
 * renumbering a CODE for the reliable stream: :func:`code_with_sequence`.
 
 Each fast path accepts exactly what the generic path accepts and leaves naming
@@ -50,6 +52,7 @@ __all__ = [
     "code_with_sequence",
     "decode_ack",
     "decode_code",
+    "encode_code",
 ]
 
 
@@ -118,15 +121,21 @@ class Code(Body):
             raise LimitExceeded("Code: chunk ends beyond the largest code + input")
 
     def _to_map(self) -> dict[str, object]:
-        # CODE's map: decode_code reads the same keys back.
-        return {
-            "seq": self.seq,
-            "epoch": self.epoch,
-            "job": self.job,
-            "attempt": self.attempt,
-            "offset": self.offset,
-            "data": self.data,
-        }
+        return _code_map(self.seq, self.epoch, self.job, self.attempt, self.offset, self.data)
+
+
+def _code_map(
+    seq: int, epoch: int, job: int, attempt: int, offset: int, data: bytes
+) -> dict[str, object]:
+    """CODE's map, the one place its keys are written: decode_code reads them back."""
+    return {
+        "seq": seq,
+        "epoch": epoch,
+        "job": job,
+        "attempt": attempt,
+        "offset": offset,
+        "data": data,
+    }
 
 
 _range_list = array(pair(u64, u64), 1, limits.MAX_ACK_RANGES)
@@ -222,6 +231,9 @@ _set_ack_delay_us = Ack.__dict__["delay_us"].__set__
 _set_ack_committed = Ack.__dict__["committed"].__set__
 _new: Final = object.__new__
 _unpackb: Final = msgpack.unpackb
+# The codec's packer (messages.encode_body uses it too): reusing one saves its set-up.
+PACKER: Final = msgpack.Packer(use_bin_type=True, autoreset=True)
+_pack: Final = PACKER.pack
 
 _MAX_PLAINTEXT_BODY: Final = limits.MAX_PLAINTEXT_BODY
 _FIXMAP_OF_3: Final = 0x83
@@ -231,6 +243,8 @@ _FIXMAP_OF_6: Final = 0x86
 assert Code._max_body == Ack._max_body == _MAX_PLAINTEXT_BODY
 assert Code._min_body == Ack._min_body == 1
 assert not Code._omit_if_none and not Ack._omit_if_none
+# The largest CODE body: a fixmap, six short keys, six u64 values, a bin16 of MAX_CHUNK.
+assert 1 + 6 * (1 + 7) + 6 * 9 + 3 + limits.MAX_CHUNK <= _MAX_PLAINTEXT_BODY
 
 
 def decode_code(body: bytes) -> Code | None:
@@ -273,6 +287,20 @@ def decode_code(body: bytes) -> Code | None:
     set_code_offset(message, offset)
     set_code_data(message, data)
     return message
+
+
+def encode_code(seq: int, epoch: int, job: int, attempt: int, offset: int, data: bytes) -> bytes:
+    """The body of ``Code(seq=seq, ..., data=data)``, byte for byte, without building it.
+
+    The sender's per-chunk path. Fields that break CODE's rules raise what
+    ``Code(...)`` raises (it names the failure).
+    """
+    if not _code_ok(seq, epoch, job, attempt, offset, data):
+        code = Code(seq=seq, epoch=epoch, job=job, attempt=attempt, offset=offset, data=data)
+        seq, epoch, job, attempt, offset = code.seq, code.epoch, code.job, code.attempt, code.offset
+    # MAX_CHUNK bytes and six u64 fields always fit (asserted below): no size check.
+    body: bytes = _pack(_code_map(seq, epoch, job, attempt, offset, data))
+    return body
 
 
 def code_with_sequence(code: Code, seq: int, epoch: int) -> Code:

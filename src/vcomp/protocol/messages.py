@@ -41,7 +41,14 @@ from vcomp.protocol.bodies import (
     Retry,
     Start,
 )
-from vcomp.protocol.fastpath import Ack, Code, code_with_sequence, decode_ack, decode_code
+from vcomp.protocol.fastpath import (
+    PACKER,
+    Ack,
+    Code,
+    code_with_sequence,
+    decode_ack,
+    decode_code,
+)
 from vcomp.protocol.schema import MAX_ARRAY, MAX_BIN, MAX_MAP, MAX_STR, u32, u64, validate_field
 from vcomp.protocol.schema import MAX_TRANSFER as MAX_TRANSFER
 from vcomp.protocol.schema import U8 as U8
@@ -126,10 +133,9 @@ _BY_CLASS: Final = {cls: _layout(cls) for cls in _CLASSES}
 _BY_TYPE: Final[dict[int, _Layout]] = {cls.ptype: _BY_CLASS[cls] for cls in _CLASSES}
 assert set(_BY_TYPE) == {int(t) for t in PacketType}
 
-# One packer for the module: Packer.pack runs entirely under the GIL for the
-# plain types a validated message holds, and reusing it saves its set-up cost.
-_PACKER: Final = msgpack.Packer(use_bin_type=True, autoreset=True)
-_pack = _PACKER.pack
+# One packer for the codec (fastpath's): Packer.pack runs entirely under the GIL
+# for the plain types a validated message holds, and reusing it saves its set-up cost.
+_pack = PACKER.pack
 _unpackb: Final = msgpack.unpackb
 _new: Final = object.__new__
 

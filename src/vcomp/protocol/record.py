@@ -4,10 +4,13 @@ The nonce is the direction (u32) followed by the packet number (u64), so a nonce
 repeats only if a packet number repeats in one direction; :meth:`RecordKey.seal`
 refuses that. The 24-byte packet header is the associated data. This module never
 parses the header: callers pass its bytes and the packet number they put in it.
+:meth:`RecordKey.seal_train` and :meth:`RecordKey.open_train` do the same for a train
+of packets per call (one flush, one coalesced read), with the checks made once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Final, NoReturn
 
@@ -157,6 +160,59 @@ class RecordKey:
         nonce = (self._send_base + packet_number).to_bytes(NONCE_LEN, "big")
         return aead.encrypt(nonce, plaintext, header)
 
+    def seal_train(self, packets: Sequence[tuple[bytes, int, bytes]]) -> list[bytes]:
+        """Seal a train of ``(header, packet number, plaintext)``; return whole datagrams.
+
+        The same packets as :meth:`seal` one by one (``header + seal(...)`` each), with
+        the checks made once per train: the packet numbers must rise strictly from
+        the next one :meth:`seal` accepts. A refused train seals nothing.
+        """
+        aead = self._aead
+        count = len(packets)
+        if not count:
+            return []
+        first, last = packets[0][1], packets[-1][1]
+        if (
+            aead is None
+            or not self._next_packet_number <= first <= last <= PACKET_NUMBER_MAX
+            or self._packets_sealed + count > self._packet_limit
+        ):
+            # Name the failure as seal() would for the first packet it would refuse.
+            raise self._train_refusal(packets)
+        previous = first - 1
+        for header, packet_number, _ in packets:
+            if packet_number <= previous or len(header) != AAD_LEN:
+                raise self._train_refusal(packets)
+            previous = packet_number
+        # Claim the numbers before encrypting, as seal() does.
+        self._next_packet_number = last + 1
+        self._packets_sealed += count
+        encrypt, base = aead.encrypt, self._send_base
+        return [
+            header + encrypt((base + pn).to_bytes(NONCE_LEN, "big"), plaintext, header)
+            for header, pn, plaintext in packets
+        ]
+
+    def _train_refusal(self, packets: Sequence[tuple[bytes, int, bytes]]) -> CryptoError:
+        """Why seal_train() refused: what seal() says of the first packet it would refuse."""
+        if self._aead is None:
+            return CryptoError("record key was wiped")
+        expected, sealed = self._next_packet_number, self._packets_sealed
+        for header, packet_number, _ in packets:
+            if len(header) != AAD_LEN:
+                return CryptoError(f"header must be {AAD_LEN} bytes, got {len(header)}")
+            if packet_number < expected:
+                return PacketNumberReused(
+                    f"packet number {packet_number} is not above the last one sealed "
+                    f"({expected - 1})"
+                )
+            if packet_number > PACKET_NUMBER_MAX:
+                return CryptoError(f"packet number out of range: {packet_number}")
+            if sealed >= self._packet_limit:
+                break
+            expected, sealed = packet_number + 1, sealed + 1
+        return KeyExhausted(f"{self._packet_limit} packets were sealed under this key")
+
     def _seal_refusal(self, header: bytes, packet_number: int) -> CryptoError:
         """Say why seal() refused (kept off the fast path)."""
         if self._aead is None:
@@ -197,6 +253,37 @@ class RecordKey:
             if self._forgeries >= self._forgery_limit:
                 raise KeyExhausted(f"{self._forgery_limit} forged packets under this key") from None
             raise AuthenticationFailed("packet failed authentication") from None
+
+    def open_train(self, packets: Sequence[tuple[bytes, int]]) -> list[bytes | None]:
+        """Open a train of ``(datagram, packet number)``: the plaintext of each, or None.
+
+        Each datagram is the 24-byte header followed by ciphertext || tag, as
+        :meth:`seal_train` returns them. A datagram that fails authentication (or
+        is too short to hold a header and a tag) is None, dropped alone; forgeries
+        count as in :meth:`open`, which raises :class:`KeyExhausted` at the limit.
+        """
+        aead = self._aead
+        out: list[bytes | None] = []
+        if aead is None:
+            raise CryptoError("record key was wiped")
+        decrypt, base = aead.decrypt, self._open_base
+        if self._forgeries >= self._forgery_limit:
+            raise KeyExhausted(f"{self._forgery_limit} forged packets under this key")
+        for datagram, packet_number in packets:
+            if len(datagram) < AAD_LEN + TAG_LEN or not 0 <= packet_number <= PACKET_NUMBER_MAX:
+                out.append(None)  # never reached the cipher: not a forgery
+                continue
+            nonce = (base + packet_number).to_bytes(NONCE_LEN, "big")
+            try:
+                out.append(decrypt(nonce, datagram[AAD_LEN:], datagram[:AAD_LEN]))
+            except InvalidTag:
+                self._forgeries += 1
+                if self._forgeries >= self._forgery_limit:
+                    raise KeyExhausted(
+                        f"{self._forgery_limit} forged packets under this key"
+                    ) from None
+                out.append(None)
+        return out
 
     def _open_refusal(self, header: bytes, packet_number: int, ciphertext: bytes) -> CryptoError:
         """Say why open() refused before decrypting (kept off the fast path)."""

@@ -30,7 +30,6 @@ from vcomp.protocol.messages import (
     Attest,
     Challenge,
     Checkpoint,
-    Code,
     End,
     Error,
     ErrorCode,
@@ -456,9 +455,7 @@ class ServerSession:
         if not data or job.offset + len(data) > job.total:
             raise ValueError("supplied chunk does not fit the job")
         d = job.desc
-        ch.send_reliable(
-            Code(seq=0, epoch=0, job=d.job, attempt=d.attempt, offset=job.offset, data=data)
-        )
+        ch.send_code(d.job, d.attempt, job.offset, data)
         job.offset += len(data)
         self.poll()
 

@@ -27,8 +27,10 @@ __all__ = [
     "Header",
     "PacketType",
     "check_protection",
+    "header_prefix",
     "is_reliable",
     "pack_header",
+    "pack_header_tail",
     "unpack_header",
 ]
 
@@ -145,6 +147,26 @@ def pack_header(
         return _HEADER.pack(MAGIC, VERSION, ptype, flags, 0, session_id, packet_number, body_length)
     except struct.error:
         raise LimitExceeded("packet type, session id or packet number out of range") from None
+
+
+HEADER_PREFIX_LEN: Final = 14
+"""Magic, version, type, flags, reserved and session id: fixed for a session's packets."""
+_TAIL: Final = struct.Struct(">QH")
+assert HEADER_PREFIX_LEN + _TAIL.size == HEADER_LEN
+
+pack_header_tail: Final = _TAIL.pack
+"""``pack_header_tail(packet_number, body_length)``: the last 10 header bytes.
+
+``header_prefix(t, f, s) + pack_header_tail(pn, n) == pack_header(t, f, s, pn, n)``
+for every packet number and body length :func:`pack_header` accepts; the caller
+checks both ranges (the record layer refuses packet numbers above u64, the codec
+bodies longer than a datagram holds)."""
+
+
+def header_prefix(ptype: PacketType, flags: Flag | int, session_id: int) -> bytes:
+    """The first 14 header bytes of every ``ptype`` packet of one session: a template
+    the per-packet path completes with :data:`pack_header_tail`."""
+    return pack_header(ptype, flags, session_id, 0, 0)[:HEADER_PREFIX_LEN]
 
 
 def unpack_header(datagram: bytes) -> Header:
