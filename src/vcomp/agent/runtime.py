@@ -348,7 +348,7 @@ class Worker:
                 worker=self.index,
                 server=self._server,
                 tries=e.tries,
-                retry_in=f"{e.next_in:g}s",
+                retry_in=f"{e.next_in:.1f}s",
             )
         elif isinstance(e, ev.Rejected):
             self.stats.rejected += 1

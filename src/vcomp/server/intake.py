@@ -92,7 +92,7 @@ class ResultIntake:
     def abandon(self, sid: int) -> None:
         """Drop the half-received results of session ``sid`` (the agent resends them)."""
         for key in [k for k in self._sinks if k[0] == sid]:
-            self._spawn(self._sinks.pop(key).abandon())
+            self._drop(key)
         self._unheld.pop(sid, None)
         self._reported.pop(sid, None)
 
@@ -150,7 +150,7 @@ class ResultIntake:
         if not sink.feed(e.offset, e.data):
             # Past the server-wide budget: cut this upload off. Nothing was acknowledged
             # as committed, so the agent resends the spooled result on a later session.
-            self._spawn(self._sinks.pop(key).abandon())
+            self._drop(key)
             logfmt.event(
                 log,
                 "upload_aborted",
@@ -163,6 +163,11 @@ class ResultIntake:
             self._replies.close_session(
                 e.session_id, "server busy: too many results in flight", ErrorCode.BUSY
             )
+
+    def _drop(self, key: tuple[int, int, int]) -> None:
+        sink = self._sinks.pop(key)
+        sink.drop_buffer()  # at once: the abandon task runs only after this batch
+        self._spawn(sink.abandon())
 
     def _sink(self, job: int, attempt: int, total: int) -> ResultSink:
         return ResultSink(self._store, self._committer, job, attempt, total, self.budget)

@@ -169,7 +169,14 @@ class ResultSink:
                 continue
             return None, upload
 
+    def drop_buffer(self) -> None:
+        """Give the budget back what this sink buffers, now: the upload is being dropped,
+        and uploads arriving in the same batch of datagrams must see the room."""
+        self._release(len(self._buffer))
+        self._buffer.clear()
+
     async def abandon(self) -> None:
+        self.drop_buffer()
         if self._writer is not None and self._writes is not None:
             self._writes.put_nowait(None)
             await asyncio.gather(self._writer, return_exceptions=True)
