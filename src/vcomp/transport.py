@@ -159,11 +159,7 @@ class _Driver:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                # ICMP errors surface here on a connected socket; retransmission copes.
-                if exc.errno == errno.ECONNREFUSED:
-                    self._refused(now)
-                elif exc.errno not in _QUIET_ERRORS:
-                    log.debug("udp receive error: %s", exc)
+                self._receive_error(exc, now)
                 break
             self._received(len(data), now)
             count += 1
@@ -188,10 +184,7 @@ class _Driver:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                if exc.errno == errno.ECONNREFUSED:
-                    self._refused(now)
-                elif exc.errno not in _QUIET_ERRORS:
-                    log.debug("udp receive error: %s", exc)
+                self._receive_error(exc, now)
                 break
             peer = (str(address[0]), int(address[1]))
             segment = udp_offload.gro_segment_size(ancdata)
@@ -208,6 +201,13 @@ class _Driver:
         self.datagrams_received += count
         self.bytes_received += size
         self.flush()
+
+    def _receive_error(self, exc: OSError, now: float) -> None:
+        # ICMP errors surface here on a connected socket; retransmission copes.
+        if exc.errno == errno.ECONNREFUSED:
+            self._refused(now)
+        elif exc.errno not in _QUIET_ERRORS:
+            log.debug("udp receive error: %s", exc)
 
     def _pause_reading(self, wait: float) -> None:
         # Unread datagrams wait in the kernel buffer; the peer's window stops on our ACKs.
